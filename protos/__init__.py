@@ -1,0 +1,1 @@
+"""The versioned gRPC API (`pdserve.v1`) and its generated stubs."""
