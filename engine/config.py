@@ -128,7 +128,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     block_size: int = 16
-    kv_cache_bytes: int = 256 * 1024 * 1024
+    kv_cache_bytes: int = 512 * 1024 * 1024
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings

@@ -1,0 +1,63 @@
+"""Per-sequence block tables on top of the block pool.
+
+The scheduler asks it three things: how much of a new prompt is already cached
+(`match_prefix`), to grow a sequence's table so the next chunk fits (`grow`), and to
+give a sequence's blocks back (`free`). After a step it publishes each newly full
+block's chained hash (`cache_full_blocks`), so later requests can reuse it.
+"""
+
+from __future__ import annotations
+
+from engine.block_pool import BlockPool
+from engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.prefix_caching = enable_prefix_caching
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Attach cached blocks for the sequence's longest cached prefix.
+
+        At least one token is left to compute, since its logits pick the next token.
+        """
+        if not self.prefix_caching or seq.block_table:
+            return
+        limit = (seq.num_tokens - 1) // self.block_size
+        for block_hash in seq.block_hashes(limit * self.block_size):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            self.pool.acquire(block_id)
+            seq.block_table.append(block_id)
+        seq.num_computed = len(seq.block_table) * self.block_size
+        seq.num_published_blocks = len(seq.block_table)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Ensure blocks for the first `num_tokens` tokens; False if the pool is short."""
+        need = self.blocks_for(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        if not self.prefix_caching:
+            return
+        hashes = seq.block_hashes(seq.num_computed)
+        for i in range(seq.num_published_blocks, len(hashes)):
+            self.pool.cache(seq.block_table[i], hashes[i])
+        seq.num_published_blocks = len(hashes)
+
+    def free(self, seq: Sequence) -> None:
+        self.pool.release(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.num_published_blocks = 0

@@ -1,0 +1,248 @@
+"""The stepwise engine that both pools drive.
+
+Lifecycle of a request:
+1. `add_request` validates it (a bad field raises ValueError and changes nothing)
+   and queues it as WAITING.
+2. Each `step()` schedules a batch, runs it, samples, and returns a RequestOutput
+   for every request that produced a token or finished in that step.
+3. A request finishes on EOS, a stop token, a stop string, max_tokens or
+   max_model_len, or by `abort_request`; its blocks return to the pool at once.
+
+On a decode instance of a disaggregated cluster, `reserve_remote_prefill` holds
+blocks for a prompt that a prefill instance fills; `commit_remote_prefill` then adds
+the sequence to the running batch with its first token, and `fail_remote_prefill`
+falls back to computing the prompt locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.block_pool import BlockPool, CacheListener
+from engine.config import EngineConfig, ModelConfig
+from engine.forward_hooks import LayerHook
+from engine.kv_cache import KVCache, KVCacheLayout
+from engine.model import LlamaModel
+from engine.model_runner import ModelRunner
+from engine.model_source import load_state_dict, resolve_model
+from engine.outputs import RequestMetrics, RequestOutput
+from engine.sampling import Sampler, SamplingParams, TokenLogprob
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, Status
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+KVStorage = Callable[[KVCacheLayout], torch.Tensor]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, layer_hook: LayerHook | None = None,
+                 kv_storage: KVStorage | None = None,
+                 cache_listener: CacheListener | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        model_dir = resolve_model(config.model)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({mc.max_position_embeddings})")
+        self.tokenizer = Tokenizer(model_dir)
+        self.eos_token_ids = mc.eos_token_ids or self.tokenizer.eos_token_ids
+
+        dtype = config.torch_dtype
+        self.model = LlamaModel(mc, self.max_model_len).to(dtype)
+        self.model.load_hf_weights(load_state_dict(model_dir, dtype))
+        self.model.rotary.float()  # cos/sin tables stay fp32 whatever the weights' dtype
+        self.model.to(self.device).eval()
+
+        layout = KVCacheLayout.from_budget(mc, config.block_size, config.kv_cache_bytes, dtype)
+        if layout.num_blocks * layout.block_size < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_bytes ({config.kv_cache_bytes}) holds "
+                f"{layout.num_blocks * layout.block_size} tokens, fewer than max_model_len "
+                f"({self.max_model_len}); raise kv_cache_bytes or lower max_model_len")
+        storage = kv_storage(layout) if kv_storage else None
+        self.kv_cache = KVCache(layout, self.device, storage)
+        self.block_pool = BlockPool(layout.num_blocks, cache_listener)
+        self.scheduler = Scheduler(
+            BlockManager(self.block_pool, config.block_size, config.enable_prefix_caching),
+            config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, Sampler(), layer_hook)
+        self._seqs: dict[str, Sequence] = {}
+        self.num_remote_prefill_fallbacks = 0
+        log.info("engine ready: %s, %s, %d KV blocks of %d tokens", model_dir.name, dtype,
+                 layout.num_blocks, layout.block_size)
+
+    # -- requests -------------------------------------------------------------------
+
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the first bad field; side-effect free."""
+        params.validate(self.model_config.vocab_size, self.config.max_stop_strings,
+                        self.config.max_logprobs)
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt_token_ids: every id must be in [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt)} tokens, but max_model_len is "
+                             f"{self.max_model_len} (prompt plus at least one output token)")
+
+    def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.validate(prompt, params)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
+        seq = Sequence(request_id, list(prompt), params, self.config.block_size, detok, gen)
+        return seq
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        seq = self._new_seq(request_id, prompt, params)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.status is Status.REMOTE_PREFILL:
+            self.scheduler.blocks.free(seq)
+            seq.status = Status.FINISHED
+            seq.finish_reason = "abort"
+        else:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._seqs)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._seqs)
+
+    # -- disaggregated prefill, decode side ------------------------------------------
+
+    def reserve_remote_prefill(self, request_id: str, prompt: list[int],
+                               params: SamplingParams) -> list[int]:
+        """Hold blocks for the whole prompt; a prefill instance fills them.
+
+        Raises OutOfBlocksError if the pool cannot hold the prompt now.
+        """
+        seq = self._new_seq(request_id, prompt, params)
+        seq.block_table = self.block_pool.allocate(self.scheduler.blocks.blocks_for(len(prompt)))
+        seq.status = Status.REMOTE_PREFILL
+        self._seqs[request_id] = seq
+        return list(seq.block_table)
+
+    def commit_remote_prefill(self, request_id: str, first_token_id: int) -> RequestOutput:
+        """The prompt's KV has landed: run the sequence from its first token."""
+        seq = self._remote(request_id)
+        now = time.monotonic()
+        seq.timings.first_scheduled = seq.timings.first_scheduled or now
+        seq.num_computed = len(seq.prompt)
+        self.scheduler.blocks.cache_full_blocks(seq)
+        self.scheduler.join_running(seq)
+        out = self._append_token(seq, first_token_id, None, now)
+        if out.finished:
+            self._seqs.pop(request_id, None)
+        return out
+
+    def fail_remote_prefill(self, request_id: str) -> None:
+        """The transfer failed: drop the blocks and compute the prompt here."""
+        seq = self._remote(request_id)
+        self.scheduler.blocks.free(seq)
+        self.num_remote_prefill_fallbacks += 1
+        self.scheduler.add(seq)
+
+    def _remote(self, request_id: str) -> Sequence:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not Status.REMOTE_PREFILL:
+            raise KeyError(f"no remote prefill pending for {request_id!r}")
+        return seq
+
+    # -- the step ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        tokens, logprobs = self.runner.execute(sched)
+        self.scheduler.advance(sched)
+        now = time.monotonic()
+        outputs = []
+        for seq, tok, lp in zip(sampling, tokens, logprobs, strict=True):
+            out = self._append_token(seq, tok, lp, now)
+            outputs.append(out)
+            if out.finished:
+                self._seqs.pop(seq.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprob | None,
+                      now: float) -> RequestOutput:
+        seq.output.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        if seq.timings.first_token is None:
+            seq.timings.first_token = now
+        reason, stop_reason = self._check_stop(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return self._output(seq, stop_reason)
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, str | int | None]:
+        p = seq.params
+        assert seq.detok is not None
+        if seq.detok.push(token):
+            return "stop", seq.detok.stop_reason
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return "stop", token
+        if token in p.stop_token_ids:
+            return "stop", token
+        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _output(self, seq: Sequence, stop_reason: str | int | None) -> RequestOutput:
+        assert seq.detok is not None
+        finished = seq.finished
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt,
+            token_ids=list(seq.output),
+            text=seq.detok.text,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=stop_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            new_token_ids=seq.take_new_tokens(),
+            new_text=seq.detok.delta(finished),
+            metrics=_metrics(seq) if finished else None,
+        )
+
+
+def _metrics(seq: Sequence) -> RequestMetrics:
+    t = seq.timings
+    first = t.first_token or t.arrival
+    sched = t.first_scheduled or t.arrival
+    end = t.finished or first
+    n = len(seq.output)
+    return RequestMetrics(
+        queue_s=sched - t.arrival,
+        prefill_s=first - sched,
+        ttft_s=first - t.arrival,
+        tpot_s=(end - first) / (n - 1) if n > 1 else 0.0,
+        num_cached_tokens=seq.num_cached_prompt_tokens,
+    )

@@ -1,0 +1,188 @@
+"""A Llama-family decoder in plain torch (Llama 2/3, Mistral, Qwen2, SmolLM).
+
+RMSNorm, RoPE (with linear or llama3 scaling), grouped-query attention over the
+paged KV cache, SwiGLU, optional tied embeddings. Q/K/V and gate/up projections are
+stored merged, so a layer runs four matmuls. HF checkpoint names are mapped in
+`load_hf_weights`; parallel sharding is applied from outside this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention, write_kv
+from engine.config import ModelConfig, RopeConfig
+from engine.kv_cache import KVCache
+
+LayerDone = Callable[[int], None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as the reference implementation, for bit-faithful fp32.
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
+def rope_inv_freq(dim: int, rope: RopeConfig) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope.kind == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.kind == "llama3":
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    """Half-split rotary embedding with a precomputed cos/sin table."""
+
+    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions).float(), rope_inv_freq(head_dim, rope))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, dim]
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = num_heads * cfg.head_dim, num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                meta: AttentionMetadata, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rotary(q.view(t, self.num_heads, self.head_dim), positions)
+        k = rotary(k.view(t, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int,
+                 intermediate: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, num_heads, num_kv_heads)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, intermediate)
+
+
+class LlamaModel(nn.Module):
+    """The decoder. `layers` may be a contiguous slice of the model (a PP stage)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size)
+            for _ in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(cfg.head_dim, max_positions, cfg.rope)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata, kv: KVCache,
+                layer_done: LayerDone | None = None) -> torch.Tensor:
+        """Packed tokens [T] -> final hidden states [T, hidden]."""
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn(layer.input_layernorm(h), positions, self.rotary, meta,
+                                kv.keys(i), kv.values(i))
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if layer_done is not None:
+                layer_done(i)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy an HF Llama state dict in, merging Q/K/V and gate/up."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def put(name: str, value: torch.Tensor) -> None:
+            dst = params[name]
+            if dst.shape != value.shape:
+                raise ValueError(f"weight {name}: shape {tuple(value.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            dst.copy_(value)
+            loaded.add(name)
+
+        for i in range(self.cfg.num_layers):
+            p = f"model.layers.{i}."
+            attn = p + "self_attn."
+            put(f"layers.{i}.self_attn.qkv_proj.weight", torch.cat(
+                [weights[attn + f"{n}_proj.weight"] for n in "qkv"]))
+            if self.cfg.qkv_bias:
+                put(f"layers.{i}.self_attn.qkv_proj.bias", torch.cat(
+                    [weights[attn + f"{n}_proj.bias"] for n in "qkv"]))
+            put(f"layers.{i}.self_attn.o_proj.weight", weights[attn + "o_proj.weight"])
+            put(f"layers.{i}.mlp.gate_up_proj.weight", torch.cat(
+                [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]))
+            put(f"layers.{i}.mlp.down_proj.weight", weights[p + "mlp.down_proj.weight"])
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                put(f"layers.{i}.{norm}.weight", weights[p + norm + ".weight"])
+        put("embed_tokens.weight", weights["model.embed_tokens.weight"])
+        put("norm.weight", weights["model.norm.weight"])
+        if not self.cfg.tie_word_embeddings:
+            put("lm_head.weight", weights["lm_head.weight"])
+        else:
+            loaded.add("lm_head.weight")
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"weights missing for: {sorted(missing)[:5]}")

@@ -1,0 +1,31 @@
+"""What the engine returns for a request after a step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling import TokenLogprob
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    queue_s: float  # arrival to first scheduled
+    prefill_s: float  # first scheduled to first token
+    ttft_s: float  # arrival to first token
+    tpot_s: float  # mean time per output token after the first
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # every output token so far
+    text: str  # the output text so far (stop strings cut)
+    finished: bool
+    finish_reason: str | None  # stop | length | abort
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    logprobs: list[TokenLogprob] | None = None
+    new_token_ids: list[int] = field(default_factory=list)  # since the previous output
+    new_text: str = ""
+    metrics: RequestMetrics | None = None
