@@ -1,0 +1,1 @@
+"""The `pdserve` proto package; each API version is a subpackage."""
