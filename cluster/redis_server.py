@@ -143,12 +143,14 @@ def _one_shot_client(url: str, timeout_s: float) -> redis.Redis:
     )
 
 
-def _ping(url: str, timeout_s: float) -> bool:
+def _serving_pid(url: str, timeout_s: float) -> int | None:
+    """The pid of the redis-server answering at `url`, or None if none answers (or it
+    rejects our credentials). Tells our server apart from another one on the port."""
     client = _one_shot_client(url, timeout_s)
     try:
-        return bool(client.ping())
-    except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-        return False
+        return int(client.info("server")["process_id"])
+    except (redis.RedisError, KeyError, ValueError):
+        return None
     finally:
         client.close()
 
@@ -240,7 +242,7 @@ class RedisServer:
                 raise RedisServerError(
                     f"redis-server exited during startup on port {port}; log tail:\n{tail}"
                 )
-            if _ping(url, timeout_s=0.5):
+            if _serving_pid(url, timeout_s=0.5) == self._proc.pid:
                 return True
             time.sleep(0.02)
         raise RedisServerError(
@@ -387,21 +389,22 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
 
 def stop_from_state(run_dir: Path, timeout_s: float = 5.0) -> bool:
     """Stop the server recorded in `run_dir`, from any process. Returns False when there
-    was no state file. It asks the server to SHUTDOWN over its url (proving it is the
-    recorded server), then falls back to SIGTERM/SIGKILL on the recorded pid, but only
+    was no state file. If the server at the recorded url reports the recorded pid, it is
+    asked to SHUTDOWN; then SIGTERM and SIGKILL follow on the recorded pid, but only
     while that pid is still a redis-server."""
     state = read_state(run_dir)
     if state is None:
         return False
-    client = _one_shot_client(state.url, timeout_s=1.0)
-    try:
-        client.shutdown(nosave=True)
-    except (redis.ConnectionError, redis.TimeoutError):
-        pass  # shutdown closes the connection; or the server is already gone
-    except redis.ResponseError as exc:
-        logger.warning("redis SHUTDOWN refused (%s); signalling pid %d", exc, state.pid)
-    finally:
-        client.close()
+    if _serving_pid(state.url, timeout_s=1.0) == state.pid:
+        client = _one_shot_client(state.url, timeout_s=1.0)
+        try:
+            client.shutdown(nosave=True)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # shutdown closes the connection
+        except redis.ResponseError as exc:
+            logger.warning("redis SHUTDOWN refused (%s); signalling pid %d", exc, state.pid)
+        finally:
+            client.close()
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if _wait_gone(state.pid, timeout_s):
             break

@@ -65,14 +65,19 @@ def test_taken_port_fails_with_log_tail(redis_server: RedisServer) -> None:
         RedisServer(port=redis_server.port).start()
 
 
+@pytest.mark.parametrize("other_password", [None, "pdserve-test"])
 def test_lost_port_race_is_retried(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, other_password: str | None
 ) -> None:
-    ports = iter([redis_server.port, rs.free_port()])
-    monkeypatch.setattr(rs, "free_port", lambda host=rs.HOST: next(ports))
-    with RedisServer() as server:
-        assert server.port != redis_server.port
-        assert redis.Redis.from_url(server.url, socket_timeout=2.0).ping()
+    """The picked port is taken by another redis-server (one that answers PING for us
+    too, when it has no password): the new server must not mistake it for itself."""
+    with RedisServer(password=other_password) as other:
+        ports = iter([other.port, rs.free_port()])
+        monkeypatch.setattr(rs, "free_port", lambda host=rs.HOST: next(ports))
+        with RedisServer(password=other_password) as server:
+            assert server.port != other.port
+            info = redis.Redis.from_url(server.url, socket_timeout=2.0).info("server")
+            assert info["process_id"] == server.pid
 
 
 def test_binary_that_exits_reports_it(tmp_path: Path) -> None:
