@@ -1,0 +1,250 @@
+"""The vocabulary both roles share: states, specs, rank identities and the role interfaces.
+
+A transfer moves one request's prompt KV from a prefill instance into blocks that a
+decode instance preallocated. Each rank of each side holds one role object:
+
+* a **sender** (prefill rank): `open(spec)` once, `send_layer(...)` as each layer's KV
+  is written (possibly several times per layer under chunked prefill), then
+  `finish(transfer_id)` once the prompt is complete;
+* a **receiver** (decode rank): `expect(spec)` before the sender starts.
+
+Both sides answer `poll(transfer_id)` without blocking and accept `abort`. A transfer
+is PENDING until its first slice moves, TRANSFERRING while slices move, then DONE or
+FAILED(reason). The receiver's state is the one that decides the request: DONE there
+means every block of every layer it owns has landed (and passed its checksum). DONE on
+the sender means every slice was handed over and the source blocks may be reused.
+
+A terminal transfer releases its resources at once (slot, staging buffers); `poll`
+keeps answering for it from a bounded history. `num_active` counts the transfers that
+still hold resources, for leak checks.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+MAX_TRANSFER_ID_BYTES = 64
+MAX_INSTANCE_NAME_BYTES = 64
+
+
+class TransferState(enum.Enum):
+    PENDING = "pending"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TransferStatus:
+    state: TransferState
+    reason: str | None = None  # set when FAILED
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in (TransferState.DONE, TransferState.FAILED)
+
+
+PENDING = TransferStatus(TransferState.PENDING)
+TRANSFERRING = TransferStatus(TransferState.TRANSFERRING)
+DONE = TransferStatus(TransferState.DONE)
+
+
+def failed(reason: str) -> TransferStatus:
+    return TransferStatus(TransferState.FAILED, reason)
+
+
+class TransferError(RuntimeError):
+    """A transport-level failure: the transfers it touches become FAILED."""
+
+
+class ProtocolError(TransferError):
+    """A peer sent something malformed; the connection to it is dropped."""
+
+
+def _check_name(kind: str, value: str, limit: int) -> None:
+    if not value:
+        raise ValueError(f"{kind} must not be empty")
+    if len(value.encode()) > limit:
+        raise ValueError(f"{kind} {value!r} is longer than {limit} bytes")
+    if "\x00" in value:
+        raise ValueError(f"{kind} must not contain NUL")
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """An instance's sharding: `tp` ranks split the KV heads, `pp` stages split the layers.
+
+    Ranks are numbered `pp_rank * tp + tp_rank`.
+    """
+
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def rank(self, tp_rank: int, pp_rank: int) -> int:
+        if not (0 <= tp_rank < self.tp and 0 <= pp_rank < self.pp):
+            raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) is outside {self}")
+        return pp_rank * self.tp + tp_rank
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(tp_rank, pp_rank) of a flat rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside {self}")
+        return rank % self.tp, rank // self.tp
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """The other side of a transfer: an instance's name and its parallel layout."""
+
+    name: str
+    parallel: Parallelism = Parallelism()
+
+    def __post_init__(self) -> None:
+        _check_name("instance name", self.name, MAX_INSTANCE_NAME_BYTES)
+
+
+@dataclass(frozen=True)
+class RankId:
+    """One rank of one instance, as peers and the rendezvous store know it."""
+
+    instance: str
+    rank: int
+
+    def __post_init__(self) -> None:
+        _check_name("instance name", self.instance, MAX_INSTANCE_NAME_BYTES)
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+
+    def __str__(self) -> str:
+        return f"{self.instance}/{self.rank}"
+
+
+@dataclass(frozen=True)
+class LocalRank:
+    """Who a role object is: its instance, that instance's layout, and its coordinates."""
+
+    instance: str
+    parallel: Parallelism = Parallelism()
+    tp_rank: int = 0
+    pp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        _check_name("instance name", self.instance, MAX_INSTANCE_NAME_BYTES)
+        self.parallel.rank(self.tp_rank, self.pp_rank)  # validates the coordinates
+
+    @property
+    def rank(self) -> int:
+        return self.parallel.rank(self.tp_rank, self.pp_rank)
+
+    @property
+    def id(self) -> RankId:
+        return RankId(self.instance, self.rank)
+
+    @property
+    def ref(self) -> InstanceRef:
+        return InstanceRef(self.instance, self.parallel)
+
+
+@dataclass(frozen=True)
+class RecvSpec:
+    """What a decode rank expects: `block_ids[i]` receives prompt block `first_block + i`.
+
+    `first_block` > 0 when the decode instance already holds the prompt's first blocks
+    (a prefix-cache hit); the sender then skips them. The timeout runs from `expect`.
+    """
+
+    transfer_id: str
+    block_ids: tuple[int, ...]
+    source: InstanceRef
+    first_block: int = 0
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_name("transfer_id", self.transfer_id, MAX_TRANSFER_ID_BYTES)
+        if not self.block_ids:
+            raise ValueError("block_ids must not be empty")
+        if len(set(self.block_ids)) != len(self.block_ids):
+            raise ValueError("block_ids must be distinct")
+        if min(self.block_ids) < 0:
+            raise ValueError("block_ids must be >= 0")
+        if self.first_block < 0:
+            raise ValueError(f"first_block must be >= 0, got {self.first_block}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class SendSpec:
+    """What a prefill rank sends: the prompt's blocks from `first_block` on, to `dest`.
+
+    The timeout runs from `open` and covers the whole transfer, `finish` included.
+    """
+
+    transfer_id: str
+    dest: InstanceRef
+    first_block: int = 0
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_name("transfer_id", self.transfer_id, MAX_TRANSFER_ID_BYTES)
+        if self.first_block < 0:
+            raise ValueError(f"first_block must be >= 0, got {self.first_block}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+class TransferSender(Protocol):
+    """The prefill side of one rank. `send_layer` and `finish` never wait on the network."""
+
+    def open(self, spec: SendSpec) -> None: ...
+
+    def send_layer(
+        self, transfer_id: str, layer: int, block_ids: Sequence[int], first_block: int
+    ) -> None:
+        """Queue `layer`'s K/V of prompt blocks `first_block...` held in local `block_ids`.
+
+        `layer` is the model's (global) layer index. Called on the engine thread right
+        after the layer wrote them; the blocks must stay unchanged until `finish` returns.
+        """
+        ...
+
+    def finish(self, transfer_id: str) -> None:
+        """No more slices. Returns once the source blocks are no longer read."""
+        ...
+
+    def poll(self, transfer_id: str) -> TransferStatus: ...
+
+    def abort(self, transfer_id: str, reason: str = "aborted") -> None: ...
+
+    @property
+    def num_active(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class TransferReceiver(Protocol):
+    """The decode side of one rank. Nothing here waits on the network."""
+
+    def expect(self, spec: RecvSpec) -> None: ...
+
+    def poll(self, transfer_id: str) -> TransferStatus: ...
+
+    def abort(self, transfer_id: str, reason: str = "aborted") -> None:
+        """FAILED now; once this returns no write into the transfer's blocks can follow."""
+        ...
+
+    @property
+    def num_active(self) -> int: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,215 @@
+"""Fixed-layout messages: packed with `struct`, never pickled.
+
+Every message on a control channel is exactly `MESSAGE_SIZE` bytes, little-endian, and
+ends with a CRC32 of the bytes before it. The kinds:
+
+* HELLO opens a connection: the sender's instance, rank and layout, plus a random
+  token that names the pair's process group in the receiver's store.
+* DATA announces one slice: transfer id, layer, KV-head range, block range, dtype,
+  shape, payload size and an optional payload checksum. Its payload follows on the
+  transport's data path (a torch.distributed recv, or already in shared memory).
+* END says a sender rank has sent everything it will send for a transfer.
+* ABORT says a sender rank gave up on a transfer.
+
+`seq` numbers DATA/END/ABORT per connection from 0, so a lost message shows as a gap.
+Decoding validates every field it can without context and raises ProtocolError.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from kv_transfer.base import (
+    MAX_INSTANCE_NAME_BYTES,
+    MAX_TRANSFER_ID_BYTES,
+    ProtocolError,
+)
+
+MAGIC = b"PDKV"
+VERSION = 1
+MAX_DIMS = 6
+
+_DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.bfloat16: 2,
+    torch.float16: 3,
+    torch.float64: 4,
+    torch.uint8: 5,
+    torch.int8: 6,
+    torch.float8_e4m3fn: 7,
+    torch.float8_e5m2: 8,
+}
+_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+class MessageKind(enum.IntEnum):
+    HELLO = 1
+    DATA = 2
+    END = 3
+    ABORT = 4
+
+
+_FLAG_CHECKSUM = 1
+
+# magic, version, kind, dtype, flags, transfer id, src rank, seq, layer, head start,
+# head count, block start, block count, ndim, shape[6], payload bytes, checksum.
+_HEADER = struct.Struct(f"<4sBBBB{MAX_TRANSFER_ID_BYTES}s8I{MAX_DIMS}IQQ")
+# magic, version, kind, two pad bytes, instance, rank, tp, pp, group token.
+_HELLO = struct.Struct(f"<4sBB2x{MAX_INSTANCE_NAME_BYTES}s3I16s")
+_CRC = struct.Struct("<I")
+MESSAGE_SIZE = _HEADER.size + _CRC.size
+TOKEN_BYTES = 16
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    try:
+        return _DTYPE_CODES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot be transferred") from None
+
+
+@dataclass(frozen=True)
+class Header:
+    """A DATA, END or ABORT message. Layer and heads are global indices."""
+
+    kind: MessageKind
+    transfer_id: str
+    src_rank: int
+    seq: int = 0
+    layer: int = 0
+    head_start: int = 0
+    head_count: int = 0
+    block_start: int = 0
+    block_count: int = 0
+    dtype: torch.dtype = torch.uint8
+    shape: tuple[int, ...] = ()
+    nbytes: int = 0
+    checksum: int | None = None
+
+    def with_seq(self, seq: int) -> Header:
+        return Header(
+            self.kind,
+            self.transfer_id,
+            self.src_rank,
+            seq,
+            self.layer,
+            self.head_start,
+            self.head_count,
+            self.block_start,
+            self.block_count,
+            self.dtype,
+            self.shape,
+            self.nbytes,
+            self.checksum,
+        )
+
+    def pack(self) -> bytes:
+        if self.kind is MessageKind.HELLO:
+            raise ValueError("use Hello for HELLO messages")
+        if len(self.shape) > MAX_DIMS:
+            raise ValueError(f"shape {self.shape} has more than {MAX_DIMS} dims")
+        shape = (*self.shape, *([0] * (MAX_DIMS - len(self.shape))))
+        body = _HEADER.pack(
+            MAGIC,
+            VERSION,
+            int(self.kind),
+            dtype_code(self.dtype),
+            _FLAG_CHECKSUM if self.checksum is not None else 0,
+            self.transfer_id.encode(),
+            self.src_rank,
+            self.seq,
+            self.layer,
+            self.head_start,
+            self.head_count,
+            self.block_start,
+            self.block_count,
+            len(self.shape),
+            *shape,
+            self.nbytes,
+            self.checksum or 0,
+        )
+        return body + _CRC.pack(zlib.crc32(body))
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Opens a connection from sender rank `rank` of `instance` (laid out `tp` x `pp`)."""
+
+    instance: str
+    rank: int
+    tp: int
+    pp: int
+    token: bytes  # TOKEN_BYTES random bytes naming the pair's process group
+
+    def pack(self) -> bytes:
+        if len(self.token) != TOKEN_BYTES:
+            raise ValueError(f"token must be {TOKEN_BYTES} bytes")
+        body = _HELLO.pack(
+            MAGIC,
+            VERSION,
+            int(MessageKind.HELLO),
+            self.instance.encode(),
+            self.rank,
+            self.tp,
+            self.pp,
+            self.token,
+        )
+        body = body.ljust(_HEADER.size, b"\x00")
+        return body + _CRC.pack(zlib.crc32(body))
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        text = raw.rstrip(b"\x00").decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8") from None
+    if not text or "\x00" in text:
+        raise ProtocolError(f"{what} is empty or malformed")
+    return text
+
+
+def decode(buf: bytes) -> Header | Hello:
+    """Parse one message; raise ProtocolError on anything malformed."""
+    if len(buf) != MESSAGE_SIZE:
+        raise ProtocolError(f"message is {len(buf)} bytes, expected {MESSAGE_SIZE}")
+    body, (crc,) = buf[: _HEADER.size], _CRC.unpack(buf[_HEADER.size :])
+    if zlib.crc32(body) != crc:
+        raise ProtocolError("message CRC mismatch")
+    if body[:4] != MAGIC or body[4] != VERSION:
+        raise ProtocolError(f"bad magic/version {body[:5]!r}")
+    try:
+        kind = MessageKind(body[5])
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {body[5]}") from None
+    if kind is MessageKind.HELLO:
+        _, _, _, name, rank, tp, pp, token = _HELLO.unpack(body[: _HELLO.size])
+        if tp < 1 or pp < 1 or rank >= tp * pp:
+            raise ProtocolError(f"HELLO with rank {rank} outside tp={tp} pp={pp}")
+        return Hello(_text(name, "instance name"), rank, tp, pp, token)
+    fields = _HEADER.unpack(body)
+    _, _, _, code, flags, tid, src, seq, layer, h0, hn, b0, bn, ndim = fields[:14]
+    shape_all, nbytes, checksum = fields[14 : 14 + MAX_DIMS], fields[-2], fields[-1]
+    if code not in _DTYPES:
+        raise ProtocolError(f"unknown dtype code {code}")
+    if ndim > MAX_DIMS or any(shape_all[ndim:]):
+        raise ProtocolError(f"bad shape rank {ndim}")
+    return Header(
+        kind,
+        _text(tid, "transfer id"),
+        src,
+        seq,
+        layer,
+        h0,
+        hn,
+        b0,
+        bn,
+        _DTYPES[code],
+        tuple(shape_all[:ndim]),
+        nbytes,
+        checksum if flags & _FLAG_CHECKSUM else None,
+    )

@@ -1,0 +1,316 @@
+"""The receiver role: one per decode rank, over any transport's `Endpoint`.
+
+Lifecycle of one transfer on one receiver rank:
+
+    expect(spec)          PENDING: the plan says which (sender rank, layer) slices with
+                          which heads will come; each starts with a cursor at
+                          `spec.first_block`. The deadline starts.
+    DATA (endpoint)       validated against the plan and the cursor (a gap means a lost
+                          message), checksum verified, written into the destination
+                          blocks (or verified in place) -> TRANSFERRING
+    every cursor at end   DONE
+    mismatch / ABORT /    FAILED(reason)
+    END with gaps /
+    connection lost /
+    deadline / abort()
+
+A terminal transfer is revoked at the endpoint before its state changes, so once
+`poll` reports DONE or FAILED no sender can write into its blocks any more and the
+caller may free or reuse them. Messages for unknown or terminal transfers are dropped.
+A watchdog thread enforces deadlines even when nobody polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kv_cache import KVCache
+from kv_transfer.base import (
+    DONE,
+    PENDING,
+    TRANSFERRING,
+    LocalRank,
+    RecvSpec,
+    TransferStatus,
+    failed,
+)
+from kv_transfer.header import Header, MessageKind
+from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
+from kv_transfer.regions import BlockRegion, checksum
+from kv_transfer.transport import Endpoint, Peer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    verify: bool | None = None  # verify checksums that senders send; None: on for CPU
+    tick_s: float = 0.05  # watchdog period
+    history: int = 4096  # terminal states remembered for poll()
+
+    def __post_init__(self) -> None:
+        if self.tick_s <= 0 or self.history < 1:
+            raise ValueError(f"invalid ReceiverConfig {self}")
+
+
+@dataclass(eq=False)
+class _Inbound:
+    spec: RecvSpec
+    routes: dict[tuple[int, int], Route]  # (sender rank, layer) -> route
+    cursor: dict[tuple[int, int], int]  # next prompt block expected
+    remaining: int  # (sender rank, layer) pairs not complete
+    deadline: float
+    status: TransferStatus = PENDING
+    peers: set[Peer] = field(default_factory=set)  # connections that delivered data
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def missing_from(self, rank: int) -> int:
+        end = self.spec.first_block + len(self.spec.block_ids)
+        return sum(1 for (src, _), at in self.cursor.items() if src == rank and at < end)
+
+
+class KVReceiver:
+    """Lands KV slices from prefill ranks in this decode rank's preallocated blocks."""
+
+    def __init__(
+        self,
+        me: LocalRank,
+        cache: KVCache,
+        geometry: KVGeometry,
+        endpoint: Endpoint,
+        config: ReceiverConfig = ReceiverConfig(),
+    ) -> None:
+        self.me, self._geo, self._endpoint, self._cfg = me, geometry, endpoint, config
+        self._cache = cache.tensor
+        self._layers = geometry.layers(me.parallel, me.pp_rank)
+        self._heads = geometry.heads(me.parallel, me.tp_rank)
+        if (cache.layout.num_layers, cache.layout.num_kv_heads) != (
+            len(self._layers),
+            len(self._heads),
+        ):
+            raise ValueError(
+                f"cache holds {cache.layout.num_layers} layers x {cache.layout.num_kv_heads} "
+                f"heads; rank {me} owns {len(self._layers)} x {len(self._heads)}"
+            )
+        self._verify = self._cache.device.type == "cpu" if config.verify is None else config.verify
+        layer_bytes = self._cache[0].numel() * self._cache.element_size()
+        self._max_payload = layer_bytes
+        self._lock = threading.Lock()
+        self._active: dict[str, _Inbound] = {}
+        self._history: OrderedDict[str, TransferStatus] = OrderedDict()
+        self._closed = threading.Event()
+        endpoint.start(me, self._cache, self)
+        self._watchdog = threading.Thread(target=self._watch, name="kv-receiver", daemon=True)
+        self._watchdog.start()
+
+    # ---- the role's surface -------------------------------------------------------
+
+    def expect(self, spec: RecvSpec) -> None:
+        num_blocks = self._cache.shape[2]
+        if max(spec.block_ids) >= num_blocks:
+            raise ValueError(f"block id {max(spec.block_ids)} >= num_blocks {num_blocks}")
+        routes = routes_to(plan(self._geo, spec.source.parallel, self.me.parallel), self.me.rank)
+        keyed = {(r.src, layer): r for r in routes for layer in r.layers}
+        inb = _Inbound(
+            spec,
+            keyed,
+            dict.fromkeys(keyed, spec.first_block),
+            len(keyed),
+            time.monotonic() + spec.timeout_s,
+        )
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("receiver is closed")
+            if spec.transfer_id in self._active or spec.transfer_id in self._history:
+                raise ValueError(f"transfer {spec.transfer_id!r} already exists")
+            self._endpoint.expect(spec)
+            self._active[spec.transfer_id] = inb
+
+    def poll(self, transfer_id: str) -> TransferStatus:
+        with self._lock:
+            inb = self._active.get(transfer_id)
+            if inb is None:
+                if transfer_id not in self._history:
+                    raise KeyError(f"unknown transfer {transfer_id!r}")
+                return self._history[transfer_id]
+        if time.monotonic() > inb.deadline and inb.lock.acquire(blocking=False):
+            try:
+                self._end_locked(inb, self._timeout_status(inb))
+            finally:
+                inb.lock.release()
+        return inb.status
+
+    def abort(self, transfer_id: str, reason: str = "aborted") -> None:
+        with self._lock:
+            inb = self._active.get(transfer_id)
+        if inb is not None:
+            self._fail(inb, reason)
+
+    @property
+    def num_active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._watchdog.join(timeout=5 * self._cfg.tick_s + 1.0)
+        with self._lock:
+            inbs = list(self._active.values())
+        for inb in inbs:
+            self._fail(inb, "receiver closed")
+        self._endpoint.close()
+
+    # ---- the Inbox the endpoint calls ----------------------------------------------
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self._max_payload
+
+    def on_message(self, peer: Peer, header: Header, payload: torch.Tensor | None) -> None:
+        with self._lock:
+            inb = self._active.get(header.transfer_id)
+        if inb is None:
+            logger.debug(
+                "dropping %s for inactive transfer %s from %s",
+                header.kind.name,
+                header.transfer_id,
+                peer.id,
+            )
+            return
+        if (peer.id.instance, peer.parallel) != (inb.spec.source.name, inb.spec.source.parallel):
+            self._fail(inb, f"unexpected sender {peer.id} ({peer.parallel})")
+        elif header.kind is MessageKind.ABORT:
+            self._fail(inb, f"sender {peer.id} aborted")
+        elif header.kind is MessageKind.END:
+            with inb.lock:
+                missing = inb.missing_from(peer.id.rank)
+                if missing and not inb.status.terminal:
+                    self._end_locked(
+                        inb,
+                        failed(f"sender {peer.id} ended with {missing} layer slices incomplete"),
+                    )
+        elif header.kind is MessageKind.DATA:
+            self._land(inb, peer, header, payload)
+
+    def on_peer_lost(self, peer: Peer, reason: str) -> None:
+        with self._lock:
+            inbs = [inb for inb in self._active.values() if peer in inb.peers]
+        for inb in inbs:
+            with inb.lock:
+                if inb.missing_from(peer.id.rank) and not inb.status.terminal:
+                    self._end_locked(inb, failed(f"lost sender {peer.id}: {reason}"))
+
+    # ---- landing ----------------------------------------------------------------------
+
+    def _land(self, inb: _Inbound, peer: Peer, h: Header, payload: torch.Tensor | None) -> None:
+        with inb.lock:
+            if inb.status.terminal:
+                return
+            inb.peers.add(peer)
+            found = self._check(inb, peer, h)
+            if isinstance(found, str):
+                self._end_locked(inb, failed(f"from {peer.id}: {found}"))
+                return
+            region, key = found
+            if self._verify and h.checksum is not None:
+                got = region.checksum() if payload is None else checksum(payload)
+                if got != h.checksum:
+                    self._end_locked(
+                        inb,
+                        failed(
+                            f"checksum mismatch in layer {h.layer} blocks {h.block_start}.."
+                            f"{h.block_start + h.block_count - 1} from {peer.id}"
+                        ),
+                    )
+                    return
+            if payload is not None:
+                region.scatter(payload)
+            inb.cursor[key] += h.block_count
+            if inb.cursor[key] == inb.spec.first_block + len(inb.spec.block_ids):
+                inb.remaining -= 1
+            if inb.remaining == 0:
+                self._end_locked(inb, DONE)
+            else:
+                inb.status = TRANSFERRING
+
+    def _check(
+        self, inb: _Inbound, peer: Peer, h: Header
+    ) -> tuple[BlockRegion, tuple[int, int]] | str:
+        """The destination of a DATA message, or why it does not belong here."""
+        key = (peer.id.rank, h.layer)
+        route = inb.routes.get(key)
+        if route is None or (h.head_start, h.head_count) != (route.head_start, route.num_heads):
+            return f"unexpected slice: layer {h.layer} heads {h.head_start}+{h.head_count}"
+        if h.block_start != inb.cursor[key]:
+            return (
+                f"layer {h.layer}: expected block {inb.cursor[key]}, got {h.block_start} "
+                "(lost or repeated message)"
+            )
+        first = h.block_start - inb.spec.first_block
+        if h.block_count < 1 or first + h.block_count > len(inb.spec.block_ids):
+            return f"blocks {h.block_start}+{h.block_count} outside the reserved blocks"
+        heads = h.head_start - self._heads.start
+        region = BlockRegion(
+            self._cache,
+            h.layer - self._layers.start,
+            heads,
+            heads + h.head_count,
+            inb.spec.block_ids[first : first + h.block_count],
+        )
+        if (h.dtype, h.shape, h.nbytes) != (region.dtype, region.shape, region.nbytes):
+            return f"payload {h.dtype} {h.shape} does not match {region.dtype} {region.shape}"
+        return region, key
+
+    # ---- endings ------------------------------------------------------------------------
+
+    def _end_locked(self, inb: _Inbound, status: TransferStatus) -> None:
+        """Revoke, then publish the terminal state. Holds `inb.lock`."""
+        if inb.status.terminal:
+            return
+        try:
+            self._endpoint.revoke(inb.spec.transfer_id)
+        except Exception:
+            logger.exception("revoking transfer %s", inb.spec.transfer_id)
+        inb.status = status
+        with self._lock:
+            self._active.pop(inb.spec.transfer_id, None)
+            self._history[inb.spec.transfer_id] = status
+            while len(self._history) > self._cfg.history:
+                self._history.popitem(last=False)
+        if status.reason is not None:
+            logger.warning(
+                "transfer %s failed on receiver %s: %s",
+                inb.spec.transfer_id,
+                self.me.id,
+                status.reason,
+            )
+
+    def _fail(self, inb: _Inbound, reason: str) -> None:
+        with inb.lock:
+            self._end_locked(inb, failed(reason))
+
+    @staticmethod
+    def _timeout_status(inb: _Inbound) -> TransferStatus:
+        end = inb.spec.first_block + len(inb.spec.block_ids)
+        missing = sum(1 for at in inb.cursor.values() if at < end)
+        return failed(
+            f"timed out after {inb.spec.timeout_s:g}s with {missing} of "
+            f"{len(inb.cursor)} layer slices incomplete"
+        )
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self._cfg.tick_s):
+            now = time.monotonic()
+            with self._lock:
+                late = [inb for inb in self._active.values() if now > inb.deadline]
+            for inb in late:
+                with inb.lock:
+                    self._end_locked(inb, self._timeout_status(inb))

@@ -1,0 +1,168 @@
+"""Block regions of a paged KV cache, and the copies and checksums over them.
+
+A `BlockRegion` names one layer's K and V for a range of local KV heads over a list of
+blocks of a cache tensor `[layer, kv, block, slot, head, dim]` (engine/kv_cache.py).
+Its contiguous form, the payload of a DATA message, has shape
+`[2, num_blocks, block_size, num_heads, head_dim]`.
+
+Copies read runs of consecutive block ids as plain strided views, so a region of
+contiguous blocks moves with one copy per run; a fragmented region falls back to
+index_select/index_copy_.
+
+The checksum sums the region's bytes as 64-bit (or narrower) words per (K/V, block)
+and weights each sum by its position. It costs one read pass at memory bandwidth,
+catches any changed word and any misplaced block, and gives the same value for a
+region and for its gathered copy. It is an integrity check, not a MAC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+# Below this mean run length, a region->region copy gathers and scatters instead.
+_MIN_MEAN_RUN = 4
+_MASK64 = (1 << 64) - 1
+
+
+def runs(block_ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(position, first block id, length) for each run of consecutive block ids."""
+    out: list[tuple[int, int, int]] = []
+    for pos, block in enumerate(block_ids):
+        if out and out[-1][1] + out[-1][2] == block:
+            p, b, n = out[-1]
+            out[-1] = (p, b, n + 1)
+        else:
+            out.append((pos, block, 1))
+    return out
+
+
+def _paired_runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(id in a, id in b, length) for each run consecutive in both."""
+    out: list[tuple[int, int, int]] = []
+    for x, y in zip(a, b, strict=True):
+        if out and out[-1][0] + out[-1][2] == x and out[-1][1] + out[-1][2] == y:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((x, y, 1))
+    return out
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """`t` reinterpreted as the widest integer words its last dim allows (a view)."""
+    row = t.shape[-1] * t.element_size()
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row % size == 0:
+            return t.view(dtype)
+    return t.view(torch.uint8)
+
+
+def _block_sums(t: torch.Tensor) -> torch.Tensor:
+    """[2, n] int64 word sums of a [2, n, slot, head, dim] tensor (wrapping)."""
+    return _words(t).sum(dim=(2, 3, 4), dtype=torch.int64)
+
+
+def _fold(sums: torch.Tensor) -> int:
+    weights = torch.arange(1, 2 * sums.numel(), 2, dtype=torch.int64, device=sums.device)
+    return int((sums.reshape(-1) * weights).sum().item()) & _MASK64
+
+
+def checksum(payload: torch.Tensor) -> int:
+    """Checksum of a [2, n, slot, head, dim] tensor; equals its source region's."""
+    return _fold(_block_sums(payload))
+
+
+@dataclass(frozen=True)
+class BlockRegion:
+    """`cache[layer, :, block_ids, :, head_start:head_stop, :]` (local indices)."""
+
+    cache: torch.Tensor
+    layer: int
+    head_start: int
+    head_stop: int
+    block_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        num_layers, _, num_blocks, _, num_heads, _ = self.cache.shape
+        if not 0 <= self.layer < num_layers:
+            raise IndexError(f"layer {self.layer} outside [0, {num_layers})")
+        if not 0 <= self.head_start < self.head_stop <= num_heads:
+            raise IndexError(f"heads [{self.head_start}, {self.head_stop}) outside {num_heads}")
+        if not self.block_ids or min(self.block_ids) < 0 or max(self.block_ids) >= num_blocks:
+            raise IndexError(f"block ids outside [0, {num_blocks})")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        _, _, _, slots, _, dim = self.cache.shape
+        return (2, len(self.block_ids), slots, self.head_stop - self.head_start, dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.cache.element_size()
+
+    @cached_property
+    def _layer(self) -> torch.Tensor:
+        return self.cache[self.layer, :, :, :, self.head_start : self.head_stop]
+
+    @cached_property
+    def _index(self) -> torch.Tensor:
+        return torch.tensor(self.block_ids, dtype=torch.long, device=self.cache.device)
+
+    def run_view(self, first_block: int, length: int) -> torch.Tensor:
+        """A strided view of blocks `first_block ... first_block + length - 1`."""
+        return self._layer[:, first_block : first_block + length]
+
+    def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The region's contiguous copy (into `out` when given)."""
+        block_runs = runs(self.block_ids)
+        if len(block_runs) == 1:
+            view = self.run_view(block_runs[0][1], block_runs[0][2])
+            if out is None:
+                return view.clone(memory_format=torch.contiguous_format)
+            return out.copy_(view)
+        if out is None:
+            return torch.index_select(self._layer, 1, self._index)
+        return torch.index_select(self._layer, 1, self._index, out=out)
+
+    def scatter(self, payload: torch.Tensor) -> None:
+        """Write a contiguous [2, n, slot, head, dim] payload into the region."""
+        if tuple(payload.shape) != self.shape or payload.dtype != self.dtype:
+            raise ValueError(
+                f"payload {tuple(payload.shape)} {payload.dtype} does not fit "
+                f"region {self.shape} {self.dtype}"
+            )
+        block_runs = runs(self.block_ids)
+        if len(block_runs) * _MIN_MEAN_RUN <= len(self.block_ids) or len(block_runs) == 1:
+            for pos, block, n in block_runs:
+                self.run_view(block, n).copy_(payload[:, pos : pos + n])
+        else:
+            self._layer.index_copy_(1, self._index, payload)
+
+    def copy_from(self, src: BlockRegion) -> None:
+        """Copy `src` (same shape) into this region: one copy when runs are long."""
+        if src.shape != self.shape or src.dtype != self.dtype:
+            raise ValueError(f"region {src.shape} {src.dtype} does not fit {self.shape}")
+        pairs = _paired_runs(src.block_ids, self.block_ids)
+        if len(pairs) * _MIN_MEAN_RUN <= len(self.block_ids) or len(pairs) == 1:
+            for s, d, n in pairs:
+                self.run_view(d, n).copy_(src.run_view(s, n))
+        else:
+            self.scatter(src.gather())
+
+    def checksum(self) -> int:
+        parts = [_block_sums(self.run_view(b, n)) for _, b, n in runs(self.block_ids)]
+        return _fold(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+
+    def flip_byte(self) -> None:
+        """Invert one byte of the region (fault injection only)."""
+        first = self.run_view(self.block_ids[0], 1)
+        first.view(torch.uint8)[0, 0, 0, 0, 0].bitwise_not_()

@@ -1,0 +1,405 @@
+"""The sender role: one per prefill rank, over any transport's `Connector`.
+
+Lifecycle of one transfer on one sender rank:
+
+    open(spec)                  PENDING; the deadline starts
+    send_layer(...) x N         engine thread: queue a job per call, return at once
+        pump thread             for each route that wants the layer: checksum the source
+                                region, Link.send it (the link copies it out) -> TRANSFERRING
+    finish()                    engine thread: queue END, return once the pump has read
+                                every source block of the transfer
+        pump thread             send END to every receiver rank the routes reach
+    completions resolve         all ok and END sent -> DONE
+    error / abort / deadline    FAILED; ABORT goes to the receivers (best effort), and a
+                                link with sends stuck past the deadline is torn down
+
+Sending a layer overlaps computing the next one: the engine thread only queues, the
+pump copies, and the transport moves bytes on its own threads. Links are created
+lazily per receiver rank and reused; a broken link is dropped and the next transfer
+that needs the pair connects again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kv_cache import KVCache
+from kv_transfer.base import (
+    PENDING,
+    TRANSFERRING,
+    LocalRank,
+    RankId,
+    SendSpec,
+    TransferError,
+    TransferState,
+    TransferStatus,
+    failed,
+)
+from kv_transfer.header import Header, MessageKind
+from kv_transfer.mapping import KVGeometry, Route, plan, routes_from
+from kv_transfer.regions import BlockRegion
+from kv_transfer.transport import Completion, Connector, Link
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    checksum: bool | None = None  # per-slice checksum; None: on for CPU caches
+    max_inflight_bytes: int = 512 << 20  # staged bytes in flight before the pump waits
+    op_timeout_s: float = 10.0  # extra bound on finish() after the deadline
+    tick_s: float = 0.05  # deadline check period
+    history: int = 4096  # terminal states remembered for poll()
+
+    def __post_init__(self) -> None:
+        if self.max_inflight_bytes < 1 or self.op_timeout_s <= 0 or self.tick_s <= 0:
+            raise ValueError(f"invalid SenderConfig {self}")
+
+
+@dataclass(eq=False)
+class _Outbound:
+    spec: SendSpec
+    by_layer: dict[int, list[Route]]
+    deadline: float
+    status: TransferStatus = PENDING
+    inflight: int = 0
+    finishing: bool = False
+    ended: bool = False
+    links: set[Link] = field(default_factory=set)
+    released: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class _Slice:
+    out: _Outbound
+    layer: int
+    block_ids: tuple[int, ...]
+    first_block: int
+    ready: torch.cuda.Event | None
+
+
+@dataclass(frozen=True)
+class _Finish:
+    out: _Outbound
+
+
+@dataclass(frozen=True)
+class _Abort:
+    out: _Outbound
+
+
+_Job = _Slice | _Finish | _Abort | None
+
+
+class KVSender:
+    """Pushes this prefill rank's KV slices to the decode ranks that own them."""
+
+    def __init__(
+        self,
+        me: LocalRank,
+        cache: KVCache,
+        geometry: KVGeometry,
+        connector: Connector,
+        config: SenderConfig = SenderConfig(),
+    ) -> None:
+        self.me, self._geo, self._connector, self._cfg = me, geometry, connector, config
+        self._cache = cache.tensor
+        self._layers = geometry.layers(me.parallel, me.pp_rank)
+        self._heads = geometry.heads(me.parallel, me.tp_rank)
+        if (cache.layout.num_layers, cache.layout.num_kv_heads) != (
+            len(self._layers),
+            len(self._heads),
+        ):
+            raise ValueError(
+                f"cache holds {cache.layout.num_layers} layers x {cache.layout.num_kv_heads} "
+                f"heads; rank {me} owns {len(self._layers)} x {len(self._heads)}"
+            )
+        self._checksum = (
+            self._cache.device.type == "cpu" if config.checksum is None else config.checksum
+        )
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._active: dict[str, _Outbound] = {}
+        self._history: OrderedDict[str, TransferStatus] = OrderedDict()
+        self._links: dict[RankId, Link] = {}
+        self._inflight_bytes = 0
+        self._current: _Outbound | None = None
+        self._closed = False
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._pump_thread = threading.Thread(target=self._pump, name="kv-sender", daemon=True)
+        self._pump_thread.start()
+
+    # ---- the role's surface -------------------------------------------------------
+
+    def open(self, spec: SendSpec) -> None:
+        routes = routes_from(plan(self._geo, self.me.parallel, spec.dest.parallel), self.me.rank)
+        by_layer: dict[int, list[Route]] = {}
+        for route in routes:
+            for layer in route.layers:
+                by_layer.setdefault(layer, []).append(route)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("sender is closed")
+            if spec.transfer_id in self._active or spec.transfer_id in self._history:
+                raise ValueError(f"transfer {spec.transfer_id!r} already exists")
+            self._active[spec.transfer_id] = _Outbound(
+                spec, by_layer, time.monotonic() + spec.timeout_s
+            )
+
+    def send_layer(
+        self, transfer_id: str, layer: int, block_ids: Sequence[int], first_block: int
+    ) -> None:
+        if layer not in self._layers:
+            raise ValueError(f"layer {layer} is not on rank {self.me} ({self._layers})")
+        with self._lock:
+            out = self._get(transfer_id)
+            if out is None or out.status.terminal or not out.by_layer.get(layer):
+                return  # failed already, or nothing of this layer goes anywhere
+            if out.finishing:
+                raise RuntimeError(f"send_layer after finish for {transfer_id!r}")
+            skip = max(0, out.spec.first_block - first_block)
+            ids = tuple(block_ids[skip:])
+            if not ids:
+                return
+            out.status = TRANSFERRING
+        ready = None
+        if self._cache.device.type == "cuda":
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+        self._jobs.put(_Slice(out, layer, ids, first_block + skip, ready))
+
+    def finish(self, transfer_id: str) -> None:
+        with self._lock:
+            out = self._get(transfer_id)
+            if out is None:
+                return  # already terminal
+            if out.finishing:
+                raise RuntimeError(f"finish called twice for {transfer_id!r}")
+            out.finishing = True
+        self._jobs.put(_Finish(out))
+        wait = max(0.0, out.deadline - time.monotonic()) + self._cfg.op_timeout_s
+        if not out.released.wait(wait):
+            self._fail(out, f"finish timed out after {wait:.1f}s")
+            logger.error("transfer %s: source blocks may still be read", transfer_id)
+
+    def poll(self, transfer_id: str) -> TransferStatus:
+        self._reap_deadlines()
+        with self._lock:
+            out = self._get(transfer_id)
+            if out is not None:
+                return out.status
+            return self._history[transfer_id]
+
+    def abort(self, transfer_id: str, reason: str = "aborted") -> None:
+        with self._lock:
+            out = self._active.get(transfer_id)
+        if out is not None:
+            self._fail(out, reason)
+
+    @property
+    def num_active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            outs = list(self._active.values())
+        for out in outs:
+            self._fail(out, "sender closed", notify=False)
+        self._jobs.put(None)
+        self._pump_thread.join(timeout=self._cfg.op_timeout_s)
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+        self._connector.close()
+
+    # ---- state ----------------------------------------------------------------------
+
+    def _get(self, transfer_id: str) -> _Outbound | None:
+        """The active transfer, None if terminal; KeyError if never opened. Locked."""
+        out = self._active.get(transfer_id)
+        if out is None and transfer_id not in self._history:
+            raise KeyError(f"unknown transfer {transfer_id!r}")
+        return out
+
+    def _terminate_locked(self, out: _Outbound, status: TransferStatus) -> bool:
+        if out.status.terminal:
+            return False
+        out.status = status
+        if self._current is not out:
+            out.released.set()
+        self._active.pop(out.spec.transfer_id, None)
+        self._history[out.spec.transfer_id] = status
+        while len(self._history) > self._cfg.history:
+            self._history.popitem(last=False)
+        self._room.notify_all()
+        return True
+
+    def _fail(self, out: _Outbound, reason: str, notify: bool = True) -> None:
+        with self._lock:
+            if not self._terminate_locked(out, failed(reason)):
+                return
+            stuck = list(out.links) if out.inflight else []
+        logger.warning(
+            "transfer %s failed on sender %s: %s", out.spec.transfer_id, self.me.id, reason
+        )
+        for link in stuck:
+            self._drop_link(link)
+        if notify and not stuck:
+            self._jobs.put(_Abort(out))
+
+    def _maybe_done_locked(self, out: _Outbound) -> None:
+        if out.ended and out.inflight == 0 and not out.status.terminal:
+            self._terminate_locked(out, TransferStatus(TransferState.DONE))
+
+    def _on_sent(self, out: _Outbound, link: Link, nbytes: int, done: Completion) -> None:
+        with self._lock:
+            out.inflight -= 1
+            self._inflight_bytes -= nbytes
+            self._room.notify_all()
+            if done.error is None:
+                self._maybe_done_locked(out)
+        if done.error is not None:
+            self._drop_link(link)
+            self._fail(out, f"send to {link.peer} failed: {done.error}", notify=False)
+
+    def _drop_link(self, link: Link) -> None:
+        with self._lock:
+            if self._links.get(link.peer) is link:
+                del self._links[link.peer]
+        link.close()
+
+    def _reap_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [out for out in self._active.values() if now > out.deadline]
+        for out in late:
+            self._fail(out, f"timed out after {out.spec.timeout_s:g}s")
+
+    # ---- the pump thread ------------------------------------------------------------
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._cfg.tick_s)
+            except queue.Empty:
+                self._reap_deadlines()
+                continue
+            if job is None:
+                return
+            with self._lock:
+                self._current = job.out
+            try:
+                if isinstance(job, _Slice):
+                    self._send_slice(job)
+                elif isinstance(job, _Finish):
+                    self._send_control(job.out, MessageKind.END)
+                else:
+                    self._send_control(job.out, MessageKind.ABORT)
+            except TransferError as e:
+                self._fail(job.out, str(e), notify=False)
+            except Exception as e:  # a bug must not kill the pump
+                logger.exception("sender %s: unexpected error", self.me.id)
+                self._fail(job.out, f"internal error: {e!r}")
+            finally:
+                with self._lock:
+                    self._current = None
+                    if job.out.status.terminal or isinstance(job, _Finish):
+                        job.out.released.set()
+            self._reap_deadlines()
+
+    def _link(self, out: _Outbound, dst_rank: int) -> Link:
+        peer = RankId(out.spec.dest.name, dst_rank)
+        with self._lock:
+            link = self._links.get(peer)
+        if link is None or link.broken:
+            if link is not None:
+                self._drop_link(link)
+            link = self._connector.connect(self.me, peer)
+            with self._lock:
+                self._links[peer] = link
+        return link
+
+    def _send(self, out: _Outbound, link: Link, header: Header, region: BlockRegion | None) -> None:
+        try:
+            done = link.send(header, region)
+        except TransferError:
+            self._drop_link(link)
+            raise
+        with self._lock:
+            out.inflight += 1
+            out.links.add(link)
+            self._inflight_bytes += header.nbytes
+        done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d))
+
+    def _wait_for_room(self, out: _Outbound) -> None:
+        with self._room:
+            while (
+                self._inflight_bytes > self._cfg.max_inflight_bytes
+                and not out.status.terminal
+                and time.monotonic() < out.deadline
+            ):
+                self._room.wait(self._cfg.tick_s)
+
+    def _send_slice(self, job: _Slice) -> None:
+        out = job.out
+        if out.status.terminal:
+            return
+        if job.ready is not None:
+            job.ready.synchronize()
+        for route in out.by_layer[job.layer]:
+            region = BlockRegion(
+                self._cache,
+                job.layer - self._layers.start,
+                route.head_start - self._heads.start,
+                route.head_stop - self._heads.start,
+                job.block_ids,
+            )
+            header = Header(
+                MessageKind.DATA,
+                out.spec.transfer_id,
+                self.me.rank,
+                layer=job.layer,
+                head_start=route.head_start,
+                head_count=route.num_heads,
+                block_start=job.first_block,
+                block_count=len(job.block_ids),
+                dtype=region.dtype,
+                shape=region.shape,
+                nbytes=region.nbytes,
+                checksum=region.checksum() if self._checksum else None,
+            )
+            self._wait_for_room(out)
+            if out.status.terminal:
+                return
+            self._send(out, self._link(out, route.dst), header, region)
+
+    def _send_control(self, out: _Outbound, kind: MessageKind) -> None:
+        if kind is MessageKind.END and out.status.terminal:
+            return
+        dsts = sorted({r.dst for routes in out.by_layer.values() for r in routes})
+        for dst in dsts:
+            header = Header(kind, out.spec.transfer_id, self.me.rank)
+            if kind is MessageKind.END:
+                self._send(out, self._link(out, dst), header, None)
+                continue
+            try:  # ABORT is best effort: the receiver's deadline is the backstop
+                self._link(out, dst).send(header, None)
+            except TransferError as e:
+                logger.info("ABORT for %s not delivered: %s", out.spec.transfer_id, e)
+        if kind is MessageKind.END:
+            with self._lock:
+                out.ended = True
+                self._maybe_done_locked(out)

@@ -1,0 +1,175 @@
+"""What a transport plugs into: links on the sender side, an endpoint on the receiver side.
+
+The roles (`sender.KVSender`, `receiver.KVReceiver`) own every rule about transfers:
+routes, ordering, checksums, deadlines and states. A transport only moves messages:
+
+* A `Connector` opens a `Link` from this sender rank to one receiver rank. Links are
+  created lazily on a transfer's first slice to that rank and reused until they break.
+  `Link.send` moves one message; a DATA message's source region has been read by the
+  time it returns (copied to staging, or written into the destination), and its
+  `Completion` resolves once the message has been handed over.
+* An `Endpoint` accepts connections on the receiver rank and hands each message to the
+  receiver's `Inbox`. An in-place endpoint (shared memory) announces DATA whose bytes
+  already sit in the destination blocks; the others pass a staged payload.
+
+Completions replace blocking waits: transports resolve them from their own threads and
+the roles react in callbacks, so no caller ever waits on the network.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from kv_transfer.base import LocalRank, Parallelism, ProtocolError, RankId, RecvSpec
+from kv_transfer.header import Header, MessageKind
+from kv_transfer.regions import BlockRegion
+
+
+class Completion:
+    """The outcome of one sent message: pending, done, or failed with a reason."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._error: str | None = None
+        self._callbacks: list[Callable[[Completion], None]] = []
+
+    @classmethod
+    def resolved(cls, error: str | None = None) -> Completion:
+        c = cls()
+        c.resolve(error)
+        return c
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def resolve(self, error: str | None = None) -> None:
+        """Mark done (or failed when `error` is set); the first call wins."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._error = error
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(self)
+
+    def add_done_callback(self, cb: Callable[[Completion], None]) -> None:
+        """Run `cb` once resolved (at once, on this thread, if it already is)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(cb)
+                return
+        cb(self)
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+class Link(ABC):
+    """The sender's end of one (sender rank -> receiver rank) pair."""
+
+    peer: RankId
+
+    @abstractmethod
+    def send(self, header: Header, region: BlockRegion | None) -> Completion:
+        """Move one message (`region` is the source of a DATA message, else None).
+
+        The link assigns `header.seq`. Raises TransferError when the link is broken;
+        a later failure resolves the completion with an error instead.
+        """
+
+    @property
+    @abstractmethod
+    def broken(self) -> bool:
+        """True once the link failed; the sender then drops it and reconnects."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Tear the pair down (idempotent). Pending completions fail."""
+
+
+class Connector(ABC):
+    """A transport's sender side: opens links from one sender rank."""
+
+    @abstractmethod
+    def connect(self, me: LocalRank, peer: RankId) -> Link:
+        """A fresh link to `peer`. Blocks for at most the transport's connect timeout."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the connector itself holds (links are closed by their owner)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One connection from a sender rank, as its HELLO described it.
+
+    `token` is random per connection, so a reconnecting rank is a new peer.
+    """
+
+    id: RankId
+    parallel: Parallelism
+    token: bytes
+
+
+def staging_for(header: Header, max_bytes: int, device: torch.device) -> torch.Tensor:
+    """An empty tensor to receive a DATA payload into; ProtocolError if implausible."""
+    numel = 1
+    for d in header.shape:
+        numel *= d
+    elem = torch.empty((), dtype=header.dtype).element_size()
+    if header.kind is not MessageKind.DATA or len(header.shape) != 5:
+        raise ProtocolError(f"not a DATA header: {header.kind.name} {header.shape}")
+    if numel * elem != header.nbytes or not 0 < header.nbytes <= max_bytes:
+        raise ProtocolError(
+            f"payload of {header.nbytes} bytes for shape {header.shape} (limit {max_bytes})"
+        )
+    return torch.empty(header.shape, dtype=header.dtype, device=device)
+
+
+class Inbox(Protocol):
+    """The receiver role as endpoints see it. Called on endpoint threads."""
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """No valid DATA payload is larger; endpoints reject larger ones."""
+        ...
+
+    def on_message(self, peer: Peer, header: Header, payload: torch.Tensor | None) -> None:
+        """DATA (`payload` staged, or None when in place), END or ABORT from `peer`."""
+        ...
+
+    def on_peer_lost(self, peer: Peer, reason: str) -> None:
+        """`peer`'s connection ended; what it still owed will never come."""
+        ...
+
+
+class Endpoint(ABC):
+    """A transport's receiver side for one receiver rank."""
+
+    in_place: bool = False
+
+    @abstractmethod
+    def start(self, me: LocalRank, cache: torch.Tensor, inbox: Inbox) -> None:
+        """Start accepting senders and publish this rank's address."""
+
+    def expect(self, spec: RecvSpec) -> None:  # noqa: B027 - optional hook
+        """A transfer was registered (shared memory opens a slot for it)."""
+
+    def revoke(self, transfer_id: str) -> None:  # noqa: B027 - optional hook
+        """The transfer ended: once this returns no sender can write into its blocks."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Withdraw the address, drop every connection and stop threads."""

@@ -1,0 +1,76 @@
+"""The fixed-layout header: round trips, and every malformed message is rejected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kv_transfer.base import ProtocolError
+from kv_transfer.header import MESSAGE_SIZE, Header, Hello, MessageKind, decode
+
+
+def _data(**kw: object) -> Header:
+    fields: dict[str, object] = dict(
+        kind=MessageKind.DATA,
+        transfer_id="req-1/xfer",
+        src_rank=3,
+        seq=7,
+        layer=29,
+        head_start=2,
+        head_count=1,
+        block_start=5,
+        block_count=64,
+        dtype=torch.bfloat16,
+        shape=(2, 64, 16, 1, 64),
+        nbytes=2 * 64 * 16 * 64 * 2,
+        checksum=(1 << 64) - 3,
+    )
+    fields.update(kw)
+    return Header(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        _data(),
+        _data(checksum=None, dtype=torch.float32),
+        _data(checksum=0),
+        Header(MessageKind.END, "t" * 64, 0, seq=1),
+        Header(MessageKind.ABORT, "é-id", 1),
+        Hello("prefill-0", 3, 2, 2, bytes(range(16))),
+    ],
+)
+def test_round_trip(msg: Header | Hello) -> None:
+    buf = msg.pack()
+    assert len(buf) == MESSAGE_SIZE
+    assert decode(buf) == msg
+
+
+def test_checksum_none_and_zero_differ() -> None:
+    assert decode(_data(checksum=None).pack()) != decode(_data(checksum=0).pack())
+
+
+def test_with_seq() -> None:
+    assert _data().with_seq(99) == _data(seq=99)
+
+
+@pytest.mark.parametrize("offset", [0, 5, 6, 10, 80, MESSAGE_SIZE - 1])
+def test_any_flipped_byte_is_rejected(offset: int) -> None:
+    buf = bytearray(_data().pack())
+    buf[offset] ^= 0x40
+    with pytest.raises(ProtocolError):
+        decode(bytes(buf))
+
+
+def test_wrong_size_is_rejected() -> None:
+    with pytest.raises(ProtocolError):
+        decode(_data().pack()[:-1])
+
+
+def test_unencodable_values_are_refused() -> None:
+    with pytest.raises(ValueError):
+        _data(dtype=torch.complex64).pack()
+    with pytest.raises(ValueError):
+        _data(shape=(1,) * 7).pack()
+    with pytest.raises(ValueError):
+        Hello("x", 0, 1, 1, b"short").pack()
