@@ -200,9 +200,14 @@ class KVReceiver:
         elif header.kind is MessageKind.DATA:
             self._land(inb, peer, header, payload)
 
-    def on_peer_lost(self, peer: Peer, reason: str) -> None:
+    def on_peer_lost(self, peer: Peer, reason: str, in_flight: Header | None = None) -> None:
         with self._lock:
-            inbs = [inb for inb in self._active.values() if peer in inb.peers]
+            inbs = [
+                inb
+                for inb in self._active.values()
+                if peer in inb.peers
+                or (in_flight is not None and inb.spec.transfer_id == in_flight.transfer_id)
+            ]
         for inb in inbs:
             with inb.lock:
                 if inb.missing_from(peer.id.rank) and not inb.status.terminal:

@@ -272,7 +272,8 @@ class KVSender:
             if done.error is None:
                 self._maybe_done_locked(out)
         if done.error is not None:
-            self._drop_link(link)
+            if link.broken:
+                self._drop_link(link)
             self._fail(out, f"send to {link.peer} failed: {done.error}", notify=False)
 
     def _drop_link(self, link: Link) -> None:

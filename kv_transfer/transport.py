@@ -150,8 +150,11 @@ class Inbox(Protocol):
         """DATA (`payload` staged, or None when in place), END or ABORT from `peer`."""
         ...
 
-    def on_peer_lost(self, peer: Peer, reason: str) -> None:
-        """`peer`'s connection ended; what it still owed will never come."""
+    def on_peer_lost(self, peer: Peer, reason: str, in_flight: Header | None = None) -> None:
+        """`peer`'s connection ended; what it still owed will never come.
+
+        `in_flight` is the DATA header whose payload was being received, if any.
+        """
         ...
 
 

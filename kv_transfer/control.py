@@ -1,0 +1,237 @@
+"""Control channels: one stream socket per (sender rank, receiver rank) pair.
+
+The socket carries fixed-size messages (header.py) from sender to receiver: a HELLO,
+then DATA/END/ABORT headers numbered by `seq`. Payloads travel on the transport's own
+data path; the control channel only says what arrives and where it belongs. A closed
+socket is how each side learns that the other one died.
+
+Receiver side, `ControlServer`:
+
+    accept thread     accepts connections on the listening socket
+    reader thread     one per connection:
+                        HELLO (within the handshake timeout) -> open_session(peer)
+                        loop: header -> seq check -> session.receive(DATA) -> inbox
+                        EOF, error or bad message -> inbox.on_peer_lost, session.close()
+
+Sender side, `ControlClient`: connect, send the HELLO, then `send` headers with a
+bounded blocking write. Addresses are `tcp://host:port` or `unix:@name` (a Linux
+abstract socket, which needs no file and vanishes with its owner).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from kv_transfer.base import Parallelism, ProtocolError, RankId, TransferError
+from kv_transfer.header import MESSAGE_SIZE, Header, Hello, MessageKind, decode
+from kv_transfer.transport import Inbox, Peer
+
+logger = logging.getLogger(__name__)
+
+
+class Session(Protocol):
+    """A transport's per-connection state on the receiver."""
+
+    def receive(self, header: Header) -> torch.Tensor | None:
+        """The payload of a DATA message (None when it is already in place).
+
+        Raises TransferError or ProtocolError, which ends the connection.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+OpenSession = Callable[[Peer], Session]
+
+
+def _socket_for(address: str) -> tuple[socket.socket, str | tuple[str, int]]:
+    if address.startswith("tcp://"):
+        host, _, port = address[len("tcp://") :].rpartition(":")
+        if not host or not port.isdigit():
+            raise TransferError(f"bad control address {address!r}")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, (host.strip("[]"), int(port))
+    if address.startswith("unix:@"):
+        return socket.socket(socket.AF_UNIX), "\0" + address[len("unix:@") :]
+    raise TransferError(f"unsupported control address {address!r}")
+
+
+def listen(address: str) -> tuple[socket.socket, str]:
+    """A listening socket for `tcp://host:0` or `unix:@name`, and its actual address."""
+    sock, target = _socket_for(address)
+    try:
+        if isinstance(target, tuple):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(target)
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise TransferError(f"cannot listen on {address}: {e}") from e
+    if isinstance(target, tuple):
+        host, port = sock.getsockname()[:2]
+        return sock, f"tcp://{host}:{port}"
+    return sock, address
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """`n` bytes, or None on a clean EOF before the first byte."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got == 0:
+                return None
+            raise ProtocolError(f"connection closed mid-message ({got}/{n} bytes)")
+        got += k
+    return bytes(buf)
+
+
+class ControlClient:
+    """The sender's end of a control channel."""
+
+    def __init__(self, address: str, hello: Hello, timeout_s: float) -> None:
+        self.address = address
+        self._lock = threading.Lock()
+        self._sock, target = _socket_for(address)
+        self._sock.settimeout(timeout_s)  # bounds connect and every write
+        try:
+            self._sock.connect(target)
+            self._sock.sendall(hello.pack())
+        except OSError as e:
+            self._sock.close()
+            raise TransferError(f"cannot connect to {address}: {e}") from e
+
+    def send(self, message: bytes) -> None:
+        with self._lock:
+            try:
+                self._sock.sendall(message)
+            except OSError as e:
+                raise TransferError(f"control channel to {self.address} failed: {e}") from e
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+class ControlServer:
+    """Accepts sender ranks on `listener` and feeds their messages to `inbox`."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        inbox: Inbox,
+        open_session: OpenSession,
+        handshake_timeout_s: float,
+        name: str,
+    ) -> None:
+        self._listener, self._inbox, self._open = listener, inbox, open_session
+        self._handshake_timeout = handshake_timeout_s
+        self._name = name
+        self._lock = threading.Lock()
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._closing = threading.Event()
+        self._listener.settimeout(0.2)
+        self._accept_thread = threading.Thread(
+            target=self._accept, name=f"kv-accept-{name}", daemon=True
+        )
+        self._accept_thread.start()
+
+    @property
+    def num_connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def close(self, timeout_s: float) -> None:
+        """Stop accepting, end every connection, and join the threads (bounded)."""
+        self._closing.set()
+        self._accept_thread.join(timeout=timeout_s)
+        self._listener.close()
+        with self._lock:
+            conns = dict(self._conns)
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in conns.values():
+            thread.join(timeout=timeout_s)
+            if thread.is_alive():
+                logger.error("%s: connection thread did not stop", self._name)
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if not self._closing.is_set():
+                    logger.exception("%s: accept failed", self._name)
+                return
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            thread = threading.Thread(
+                target=self._serve, args=(sock,), name=f"kv-conn-{self._name}", daemon=True
+            )
+            with self._lock:
+                self._conns[sock] = thread
+            thread.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        peer: Peer | None = None
+        session: Session | None = None
+        in_flight: Header | None = None
+        reason = "connection closed"
+        try:
+            sock.settimeout(self._handshake_timeout)
+            raw = _recv_exact(sock, MESSAGE_SIZE)
+            hello = decode(raw) if raw is not None else None
+            if not isinstance(hello, Hello):
+                raise ProtocolError("connection did not start with HELLO")
+            peer = Peer(
+                RankId(hello.instance, hello.rank), Parallelism(hello.tp, hello.pp), hello.token
+            )
+            session = self._open(peer)
+            sock.settimeout(None)  # idle connections wait; close() shuts them down
+            seq = 0
+            while not self._closing.is_set():
+                raw = _recv_exact(sock, MESSAGE_SIZE)
+                if raw is None:
+                    break
+                header = decode(raw)
+                if not isinstance(header, Header) or header.seq != seq:
+                    raise ProtocolError(f"expected message {seq}, got {header}")
+                seq += 1
+                if header.kind is MessageKind.DATA:
+                    in_flight = header
+                    payload = session.receive(header)
+                    in_flight = None
+                else:
+                    payload = None
+                self._inbox.on_message(peer, header, payload)
+        except (TransferError, OSError) as e:
+            reason = str(e)
+            if not self._closing.is_set():
+                logger.warning(
+                    "%s: connection from %s ended: %s", self._name, peer.id if peer else "?", e
+                )
+        except Exception as e:
+            reason = f"internal error: {e!r}"
+            logger.exception("%s: connection from %s failed", self._name, peer.id if peer else "?")
+        finally:
+            if peer is not None:
+                self._inbox.on_peer_lost(peer, reason, in_flight)
+            if session is not None:
+                session.close()
+            sock.close()
+            with self._lock:
+                self._conns.pop(sock, None)

@@ -1,0 +1,112 @@
+"""The prefill engine's LayerHook: streams each request's KV to its sender as layers finish.
+
+The prefill worker registers a request's transfer with `add(request_id, spec)` before
+the engine schedules it, and `discard(request_id)` if it aborts the request. Then, on
+the engine thread:
+
+    on_layer_done(layer, chunks)   for each registered request in the step, send that
+                                   layer's newly complete blocks: the full blocks from the
+                                   request's cursor up to the chunk's end, plus the last,
+                                   partial block when the chunk completes the prompt
+    on_step_done(chunks)           advance the cursors; `finish` the transfers whose
+                                   prompt completed. It returns once the sender no longer
+                                   reads their blocks, before the engine may free them.
+
+Prefix-cached blocks at the start of the prompt are sent with the first chunk. A
+request preempted and recomputed restarts its chunks; blocks already sent stay sent.
+Requests that are not registered (local ones, decodes) are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.forward_hooks import ScheduledChunk
+from kv_transfer.base import SendSpec, TransferSender
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    transfer_id: str
+    cursor: int  # next prompt block to send, for every layer
+
+
+class SendHook:
+    """LayerHook for a prefill engine, one per rank.
+
+    The sender reads the engine's cache, which exists only once the engine does, so it
+    may be bound after construction: `hook = SendHook(bs)`, `engine = LLMEngine(cfg,
+    layer_hook=hook)`, `hook.bind(KVSender(..., engine.kv_cache, ...))`. `layer_offset`
+    maps stage-local layer indices to global ones for an engine that reports local ones.
+    """
+
+    def __init__(
+        self, block_size: int, sender: TransferSender | None = None, layer_offset: int = 0
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self._bs, self._offset = block_size, layer_offset
+        self._bound = sender
+        self._requests: dict[str, _Request] = {}
+
+    def bind(self, sender: TransferSender) -> None:
+        if self._bound is not None:
+            raise RuntimeError("SendHook already has a sender")
+        self._bound = sender
+
+    @property
+    def _sender(self) -> TransferSender:
+        if self._bound is None:
+            raise RuntimeError("SendHook has no sender; call bind() first")
+        return self._bound
+
+    def add(self, request_id: str, spec: SendSpec) -> None:
+        """Start streaming `request_id`'s prompt KV as `spec` says."""
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} already has a transfer")
+        self._sender.open(spec)
+        self._requests[request_id] = _Request(spec.transfer_id, spec.first_block)
+
+    def discard(self, request_id: str, reason: str = "request aborted") -> None:
+        """Stop streaming a request (aborting its transfer if it has not finished)."""
+        req = self._requests.pop(request_id, None)
+        if req is not None:
+            self._sender.abort(req.transfer_id, reason)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def _upto(self, chunk: ScheduledChunk) -> int:
+        """One past the last prompt block this chunk leaves complete."""
+        if chunk.completes_prompt:
+            return -(-chunk.end // self._bs)
+        return chunk.end // self._bs
+
+    def on_layer_done(self, layer: int, chunks: Sequence[ScheduledChunk]) -> None:
+        for chunk in chunks:
+            req = self._requests.get(chunk.request_id)
+            if req is None:
+                continue
+            upto = self._upto(chunk)
+            if upto > req.cursor:
+                self._sender.send_layer(
+                    req.transfer_id,
+                    layer + self._offset,
+                    chunk.block_ids[req.cursor : upto],
+                    req.cursor,
+                )
+
+    def on_step_done(self, chunks: Sequence[ScheduledChunk]) -> None:
+        for chunk in chunks:
+            req = self._requests.get(chunk.request_id)
+            if req is None:
+                continue
+            req.cursor = max(req.cursor, self._upto(chunk))
+            if chunk.completes_prompt:
+                del self._requests[chunk.request_id]
+                self._sender.finish(req.transfer_id)

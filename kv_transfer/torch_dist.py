@@ -1,0 +1,299 @@
+"""The torch.distributed transport: point-to-point send/recv over per-pair process groups.
+
+Each receiver rank runs a TCPStore server and a control listener, both on free ports
+of the configured host, and publishes them under `torch_dist:<instance>:<rank>` in the
+rendezvous store with a TTL. There is no global world and no init_process_group.
+
+A pair (sender rank, receiver rank) is created lazily on its first slice and reused:
+
+    sender                                     receiver
+    control connect, HELLO(token)      ->      reader thread opens a session:
+    TCPStore client to the receiver            ProcessGroupGloo/NCCL(rank 1, size 2)
+    ProcessGroupGloo/NCCL(rank 0, size 2)      over PrefixStore("kvpair/<token>")
+
+Gloo for CPU tensors, NCCL for CUDA ones; both with a short timeout. Per DATA message
+the sender gathers the slice into a staging tensor, writes the header on the control
+socket and posts an asynchronous send; a waiter thread waits on the sends in order and
+resolves their completions. The receiver reads the header, receives into a staging
+tensor and hands it to the receiver role. Any error or timeout tears the pair down on
+that side (control socket closed, group dropped or aborted); the other side's pending
+operations then fail, and the next transfer builds a new pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCPStore
+
+from kv_transfer.base import LocalRank, RankId, TransferError
+from kv_transfer.control import ControlClient, ControlServer, listen
+from kv_transfer.header import TOKEN_BYTES, Header, Hello
+from kv_transfer.regions import BlockRegion
+from kv_transfer.rendezvous import (
+    Lease,
+    RendezvousStore,
+    encode_record,
+    rank_key,
+    resolve,
+    split_hostport,
+)
+from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Peer, staging_for
+
+logger = logging.getLogger(__name__)
+
+TRANSPORT = "torch_dist"
+_RECORD = {"control": str, "store": str, "backend": str}
+_POLL_S = 1e-4  # NCCL completion polling
+
+
+@dataclass(frozen=True)
+class TorchDistConfig:
+    host: str = "127.0.0.1"  # interface to bind and advertise (loopback unless set)
+    backend: str | None = None  # "gloo" or "nccl"; None: by the cache's device
+    connect_timeout_s: float = 10.0  # connect, HELLO and group rendezvous
+    op_timeout_s: float = 10.0  # one send or recv; then the pair is torn down
+    ttl_s: float = 10.0  # rendezvous record lifetime without refresh
+
+    def __post_init__(self) -> None:
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
+        if min(self.connect_timeout_s, self.op_timeout_s, self.ttl_s) <= 0:
+            raise ValueError(f"timeouts must be > 0: {self}")
+
+
+def _backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def new_pair_group(
+    store: Store, token: bytes, rank: int, backend: str, host: str, timeout_s: float
+) -> Any:
+    """A 2-rank process group of its own, without any global world."""
+    prefixed = PrefixStore(f"kvpair/{token.hex()}", store)
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        opts: Any = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        opts._timeout = timeout
+        opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
+        return ProcessGroupGloo(prefixed, rank, 2, opts)
+    nccl = getattr(dist, "ProcessGroupNCCL", None)
+    if nccl is None:
+        raise TransferError("this torch build has no NCCL")
+    opts = nccl.Options()
+    opts._timeout = timeout
+    return nccl(prefixed, rank, 2, opts)
+
+
+def _wait(work: Any, backend: str, timeout_s: float) -> None:
+    """Block until `work` completes; raise on error or after `timeout_s`."""
+    if backend == "gloo":
+        work.wait()  # bounded by the group's timeout, which then closes the pair
+        return
+    deadline = time.monotonic() + timeout_s
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise TransferError(f"NCCL operation timed out after {timeout_s:g}s")
+        time.sleep(_POLL_S)
+    work.wait()  # raises if it failed
+
+
+def _abort(group: Any) -> None:
+    abort = getattr(group, "abort", None)
+    if abort is not None:
+        try:
+            abort()
+        except Exception as e:  # best effort: the group is being dropped anyway
+            logger.debug("abort failed: %s", e)
+
+
+class _Link(Link):
+    def __init__(
+        self,
+        peer: RankId,
+        control: ControlClient,
+        store: Store,
+        group: Any,
+        backend: str,
+        op_timeout_s: float,
+    ) -> None:
+        self.peer = peer
+        self._control, self._store, self._group = control, store, group
+        self._backend, self._timeout = backend, op_timeout_s
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._broken = False
+        self._works: queue.SimpleQueue[tuple[Any, torch.Tensor, Completion] | None] = (
+            queue.SimpleQueue()
+        )
+        self._waiter = threading.Thread(target=self._wait_loop, name="kv-send-wait", daemon=True)
+        self._waiter.start()
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def send(self, header: Header, region: BlockRegion | None) -> Completion:
+        with self._lock:
+            if self._broken:
+                raise TransferError(f"pair to {self.peer} is closed")
+            header, self._seq = header.with_seq(self._seq), self._seq + 1
+            if region is None:
+                self._control.send(header.pack())
+                return Completion.resolved()
+            staging = region.gather()
+            self._control.send(header.pack())
+            try:
+                work = self._group.send([staging], 1, 0)
+            except RuntimeError as e:
+                raise TransferError(f"send to {self.peer}: {e}") from e
+        done = Completion()
+        self._works.put((work, staging, done))
+        return done
+
+    def _wait_loop(self) -> None:
+        while True:
+            item = self._works.get()
+            if item is None:
+                return
+            work, _staging, done = item
+            if self._broken:
+                done.resolve(f"pair to {self.peer} closed")
+                continue
+            try:
+                _wait(work, self._backend, self._timeout)
+            except Exception as e:
+                self._break()
+                done.resolve(f"send to {self.peer}: {e}")
+                continue
+            done.resolve()
+
+    def _break(self) -> None:
+        with self._lock:
+            if self._broken:
+                return
+            self._broken = True
+        self._control.close()
+        if self._backend == "nccl":
+            _abort(self._group)
+
+    def close(self) -> None:
+        self._break()
+        self._works.put(None)
+        if threading.current_thread() is not self._waiter:
+            self._waiter.join(timeout=self._timeout + 1.0)
+        self._group = None  # the sockets close once pending works are gone
+
+
+class TorchDistConnector(Connector):
+    """Opens pairs to receiver ranks found in the rendezvous store."""
+
+    def __init__(self, store: RendezvousStore, config: TorchDistConfig = TorchDistConfig()) -> None:
+        self._store, self._cfg = store, config
+
+    def connect(self, me: LocalRank, peer: RankId) -> Link:
+        rec = resolve(self._store, TRANSPORT, peer, _RECORD)
+        backend = rec["backend"]
+        if self._cfg.backend is not None and backend != self._cfg.backend:
+            raise TransferError(f"{peer} uses {backend}, this sender {self._cfg.backend}")
+        token = os.urandom(TOKEN_BYTES)
+        hello = Hello(me.instance, me.rank, me.parallel.tp, me.parallel.pp, token)
+        control = ControlClient(rec["control"], hello, self._cfg.connect_timeout_s)
+        try:
+            host, port = split_hostport(rec["store"])
+            store = TCPStore(
+                host,
+                port,
+                None,
+                False,
+                timeout=timedelta(seconds=self._cfg.connect_timeout_s),
+                wait_for_workers=False,
+            )
+            group = new_pair_group(store, token, 0, backend, self._cfg.host, self._cfg.op_timeout_s)
+        except Exception as e:
+            control.close()
+            raise TransferError(f"cannot build the pair group with {peer}: {e}") from e
+        logger.info("%s -> %s: %s pair ready", me.id, peer, backend)
+        return _Link(peer, control, store, group, backend, self._cfg.op_timeout_s)
+
+
+class _Session:
+    def __init__(
+        self, group: Any, backend: str, device: torch.device, max_bytes: int, timeout_s: float
+    ) -> None:
+        self._group, self._backend, self._device = group, backend, device
+        self._max_bytes, self._timeout = max_bytes, timeout_s
+
+    def receive(self, header: Header) -> torch.Tensor:
+        staging = staging_for(header, self._max_bytes, self._device)
+        try:
+            _wait(self._group.recv([staging], 0, 0), self._backend, self._timeout)
+        except Exception as e:
+            raise TransferError(f"recv failed: {e}") from e
+        return staging
+
+    def close(self) -> None:
+        if self._backend == "nccl":
+            _abort(self._group)
+        self._group = None
+
+
+class TorchDistEndpoint(Endpoint):
+    """A receiver rank's TCPStore and control listener, published with a TTL."""
+
+    def __init__(self, store: RendezvousStore, config: TorchDistConfig = TorchDistConfig()) -> None:
+        self._store, self._cfg = store, config
+        self._server: ControlServer | None = None
+        self._lease: Lease | None = None
+        self._tcp_store: TCPStore | None = None
+
+    def start(self, me: LocalRank, cache: torch.Tensor, inbox: Inbox) -> None:
+        backend = self._cfg.backend or _backend_for(cache.device)
+        if backend != _backend_for(cache.device):
+            raise ValueError(f"backend {backend} cannot move {cache.device.type} tensors")
+        host = self._cfg.host
+        self._tcp_store = TCPStore(
+            host,
+            0,
+            None,
+            True,
+            timeout=timedelta(seconds=self._cfg.connect_timeout_s),
+            wait_for_workers=False,
+        )
+        tcp_store = self._tcp_store
+        device, max_bytes, timeout = cache.device, inbox.max_payload_bytes, self._cfg.op_timeout_s
+
+        def open_session(peer: Peer) -> _Session:
+            try:
+                group = new_pair_group(tcp_store, peer.token, 1, backend, host, timeout)
+            except Exception as e:
+                raise TransferError(f"pair group with {peer.id} failed: {e}") from e
+            logger.info("%s <- %s: %s pair ready", me.id, peer.id, backend)
+            return _Session(group, backend, device, max_bytes, timeout)
+
+        listener, address = listen(f"tcp://{host}:0")
+        self._server = ControlServer(
+            listener, inbox, open_session, self._cfg.connect_timeout_s, str(me.id)
+        )
+        record = encode_record(control=address, store=f"{host}:{tcp_store.port}", backend=backend)
+        self._lease = Lease(self._store, rank_key(TRANSPORT, me.id), record, self._cfg.ttl_s)
+
+    @property
+    def num_connections(self) -> int:
+        return self._server.num_connections if self._server else 0
+
+    def close(self) -> None:
+        if self._lease is not None:
+            self._lease.close()
+        if self._server is not None:
+            self._server.close(timeout_s=self._cfg.op_timeout_s + 1.0)
+        self._tcp_store = None

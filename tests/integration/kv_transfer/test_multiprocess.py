@@ -1,0 +1,205 @@
+"""Multi-process transfers over real Gloo pairs and real shared memory.
+
+The decode instance lives in the test process and each prefill instance in a spawned
+one (or the other way round when the receiver is the one that dies). Every test ends
+with leak checks: no active transfers, every block back in its pool, every shm slot
+free, no segment left in /dev/shm, and no rendezvous key left in Redis.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+from kvt_workers import (
+    Decode,
+    Prefill,
+    Setup,
+    Spawn,
+    decode_main,
+    kv_keys,
+    own_segments,
+    prefill_main,
+)
+
+from kv_transfer.faults import Fault, FaultKind
+from kv_transfer.shm import sweep_stale_segments
+
+MakeDecode = Callable[[Setup], Decode]
+
+TRANSPORTS = ["torch_dist", "shm"]
+DONE = ("done", None)
+
+
+def _setup(
+    redis_url: str, cluster: str, name: str, transport: str, tp: int = 1, pp: int = 1, **kw: object
+) -> Setup:
+    return Setup(name, tp, pp, transport, redis_url, cluster, **kw)  # type: ignore[arg-type]
+
+
+def _assert_clean(decode: Decode, redis_url: str, cluster: str) -> None:
+    assert decode.leaks() == []
+    decode.close()
+    assert own_segments() == []
+    assert kv_keys(redis_url, cluster) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    "src,dst,dtype",
+    [
+        ((1, 1), (2, 1), "float32"),
+        ((2, 1), (1, 1), "float32"),
+        ((2, 1), (2, 1), "bfloat16"),
+        ((1, 2), (1, 1), "float32"),
+    ],
+    ids=["tp1-tp2", "tp2-tp1", "tp2-tp2-bf16", "pp2-pp1"],
+)
+def test_m_to_n_is_bit_exact(
+    spawn: Spawn,
+    make_decode: MakeDecode,
+    redis_url: str,
+    cluster_name: str,
+    transport: str,
+    src: tuple[int, int],
+    dst: tuple[int, int],
+    dtype: str,
+) -> None:
+    pre_setup = _setup(redis_url, cluster_name, "prefill-0", transport, *src, dtype=dtype)
+    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport, *dst, dtype=dtype))
+    prefill = spawn(prefill_main, pre_setup)
+    # The second transfer is chunked and reuses the pairs the first one built.
+    for tid, num_blocks, seed, chunks in (("t1", 9, 1, []), ("t2", 13, 2, [4, 9])):
+        decode.expect(tid, pre_setup.ref, num_blocks, timeout_s=15)
+        tag, sent = prefill.call("send", tid, decode.setup.ref, num_blocks, seed, chunks, 15)
+        assert tag == "sent" and set(sent["states"]) == {DONE}
+        assert {s.state.value for s in decode.wait(tid)} == {"done"}
+        assert decode.landed(tid, num_blocks, seed)
+        decode.free(tid)
+    # Each receiver rank has one pair per sender rank that sends it anything.
+    connections = [e.num_connections for e in decode.endpoints]
+    assert min(connections) >= 1 and sum(connections) <= src[0] * src[1] * dst[0] * dst[1]
+    assert prefill.call("close") == ("closed", {"active": [0] * src[0] * src[1], "free": 64})
+    _assert_clean(decode, redis_url, cluster_name)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("after", [0, 2], ids=["before-any-data", "mid-transfer"])
+def test_killed_sender_fails_within_timeout(
+    spawn: Spawn,
+    make_decode: MakeDecode,
+    redis_url: str,
+    cluster_name: str,
+    transport: str,
+    after: int,
+) -> None:
+    timeout = 3.0
+    pre_setup = _setup(
+        redis_url,
+        cluster_name,
+        "prefill-0",
+        transport,
+        faults=(Fault(FaultKind.KILL, after=after),),
+    )
+    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport))
+    prefill = spawn(prefill_main, pre_setup)
+    decode.expect("t1", pre_setup.ref, 10, timeout_s=timeout)
+    began = time.monotonic()
+    prefill.send("send", "t1", decode.setup.ref, 10, 1, [], timeout)
+    prefill.proc.join(timeout=10)
+    assert prefill.proc.exitcode == -signal.SIGKILL
+    states = decode.wait("t1", limit=timeout + 5)
+    elapsed = time.monotonic() - began
+    assert [s.state.value for s in states] == ["failed"]
+    assert elapsed <= timeout + 1.0, f"FAILED only after {elapsed:.2f}s"
+    if after > 0:  # it had data in flight: the lost connection fails it at once
+        assert "lost sender" in (states[0].reason or ""), states[0].reason
+    decode.free("t1")
+    _assert_clean(decode, redis_url, cluster_name)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_killed_receiver_does_not_hang_the_sender(
+    spawn: Spawn, redis_url: str, cluster_name: str, transport: str
+) -> None:
+    timeout = 3.0
+    dec_setup = _setup(redis_url, cluster_name, "decode-0", transport)
+    prefill = Prefill(_setup(redis_url, cluster_name, "prefill-0", transport))
+    decode = spawn(decode_main, dec_setup)
+    assert decode.call("expect", "t1", prefill.setup.ref, 8, timeout) == ("expected",)
+    sent = prefill.send("t1", dec_setup.ref, 8, 1, [], timeout)
+    assert set(sent["states"]) == {DONE}
+    assert decode.call("wait", "t1", 8, 1) == ("waited", [DONE], True)
+
+    assert decode.call("expect", "t2", prefill.setup.ref, 8, timeout) == ("expected",)
+    decode.proc.kill()
+    decode.proc.join(timeout=5)
+    began = time.monotonic()
+    sent = prefill.send("t2", dec_setup.ref, 8, 2, [], timeout)
+    elapsed = time.monotonic() - began
+    assert [state for state, _ in sent["states"]] == ["failed"]
+    assert elapsed <= timeout + 1.0, f"sender ended after {elapsed:.2f}s"
+    began = time.monotonic()
+    assert prefill.close() == {"active": [0], "free": 64}
+    assert time.monotonic() - began < 2.0
+    if transport == "shm":  # the dead receiver could not unlink its segment
+        assert len(sweep_stale_segments()) == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", [FaultKind.DROP, FaultKind.CORRUPT])
+def test_drop_or_corruption_fails_then_the_pair_recovers(
+    spawn: Spawn,
+    make_decode: MakeDecode,
+    redis_url: str,
+    cluster_name: str,
+    transport: str,
+    kind: FaultKind,
+) -> None:
+    pre_setup = _setup(
+        redis_url, cluster_name, "prefill-0", transport, faults=(Fault(kind, after=2),)
+    )
+    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport))
+    prefill = spawn(prefill_main, pre_setup)
+    decode.expect("t1", pre_setup.ref, 6, timeout_s=10)
+    prefill.call("send", "t1", decode.setup.ref, 6, 1, [], 10)
+    (status,) = decode.wait("t1")
+    assert status.state.value == "failed"
+    want = "checksum mismatch" if kind is FaultKind.CORRUPT else "incomplete"
+    assert want in (status.reason or ""), status.reason
+    decode.free("t1")
+    decode.expect("t2", pre_setup.ref, 6, timeout_s=10)
+    prefill.call("send", "t2", decode.setup.ref, 6, 2, [], 10)
+    assert [s.state.value for s in decode.wait("t2")] == ["done"]
+    assert decode.landed("t2", 6, 2)
+    decode.free("t2")
+    assert prefill.call("close")[0] == "closed"
+    _assert_clean(decode, redis_url, cluster_name)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_senders_into_one_receiver_at_once(
+    spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str, transport: str
+) -> None:
+    decode = make_decode(
+        _setup(redis_url, cluster_name, "decode-0", transport, tp=2, num_blocks=96)
+    )
+    a = _setup(redis_url, cluster_name, "prefill-a", transport, 1, 1)
+    b = _setup(redis_url, cluster_name, "prefill-b", transport, 2, 1)
+    children = {"ta": spawn(prefill_main, a), "tb": spawn(prefill_main, b)}
+    decode.expect("ta", a.ref, 40, timeout_s=20)
+    decode.expect("tb", b.ref, 40, timeout_s=20)
+    for i, (tid, child) in enumerate(children.items()):
+        child.send("send", tid, decode.setup.ref, 40, 10 + i, [10, 20, 30], 20)
+    for child in children.values():
+        _tag, sent = child.reply()
+        assert set(sent["states"]) == {DONE}
+    for i, tid in enumerate(children):
+        assert {s.state.value for s in decode.wait(tid)} == {"done"}
+        assert decode.landed(tid, 40, 10 + i)
+        decode.free(tid)
+    for child in children.values():
+        assert child.call("close")[0] == "closed"
+    _assert_clean(decode, redis_url, cluster_name)
