@@ -12,6 +12,8 @@ Receiver side, `ControlServer`:
                         HELLO (within the handshake timeout) -> open_session(peer)
                         loop: header -> seq check -> session.receive(DATA) -> inbox
                         EOF, error or bad message -> inbox.on_peer_lost, session.close()
+    lander thread     with `pipelined`, one per connection: hands received messages to
+                      the inbox in order while the reader receives the next payload
 
 Sender side, `ControlClient`: connect, send the HELLO, then `send` headers with a
 bounded blocking write. Addresses are `tcp://host:port` or `unix:@name` (a Linux
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import threading
 from collections.abc import Callable
@@ -44,6 +47,10 @@ class Session(Protocol):
 
         Raises TransferError or ProtocolError, which ends the connection.
         """
+        ...
+
+    def done(self, payload: torch.Tensor) -> None:
+        """The payload from `receive` has landed; its buffer may be reused."""
         ...
 
     def close(self) -> None: ...
@@ -134,8 +141,10 @@ class ControlServer:
         open_session: OpenSession,
         handshake_timeout_s: float,
         name: str,
+        pipelined: bool = False,
     ) -> None:
         self._listener, self._inbox, self._open = listener, inbox, open_session
+        self._pipelined = pipelined
         self._handshake_timeout = handshake_timeout_s
         self._name = name
         self._lock = threading.Lock()
@@ -189,6 +198,7 @@ class ControlServer:
     def _serve(self, sock: socket.socket) -> None:
         peer: Peer | None = None
         session: Session | None = None
+        lander: _Lander | None = None
         in_flight: Header | None = None
         reason = "connection closed"
         try:
@@ -201,6 +211,8 @@ class ControlServer:
                 RankId(hello.instance, hello.rank), Parallelism(hello.tp, hello.pp), hello.token
             )
             session = self._open(peer)
+            if self._pipelined:
+                lander = _Lander(self._inbox, peer, session, self._name)
             sock.settimeout(None)  # idle connections wait; close() shuts them down
             seq = 0
             while not self._closing.is_set():
@@ -211,13 +223,15 @@ class ControlServer:
                 if not isinstance(header, Header) or header.seq != seq:
                     raise ProtocolError(f"expected message {seq}, got {header}")
                 seq += 1
+                payload = None
                 if header.kind is MessageKind.DATA:
                     in_flight = header
                     payload = session.receive(header)
                     in_flight = None
+                if lander is not None:
+                    lander.put(header, payload)
                 else:
-                    payload = None
-                self._inbox.on_message(peer, header, payload)
+                    self._inbox.on_message(peer, header, payload)
         except (TransferError, OSError) as e:
             reason = str(e)
             if not self._closing.is_set():
@@ -228,6 +242,8 @@ class ControlServer:
             reason = f"internal error: {e!r}"
             logger.exception("%s: connection from %s failed", self._name, peer.id if peer else "?")
         finally:
+            if lander is not None:
+                lander.close()  # what arrived lands before the loss is reported
             if peer is not None:
                 self._inbox.on_peer_lost(peer, reason, in_flight)
             if session is not None:
@@ -235,3 +251,36 @@ class ControlServer:
             sock.close()
             with self._lock:
                 self._conns.pop(sock, None)
+
+
+class _Lander:
+    """Lands one connection's messages in order on a thread of its own, so that the next
+    payload arrives while this one is checksummed and scattered."""
+
+    _DEPTH = 2  # received payloads waiting to land; bounds staging memory
+
+    def __init__(self, inbox: Inbox, peer: Peer, session: Session, name: str) -> None:
+        self._inbox, self._peer, self._session = inbox, peer, session
+        self._queue: queue.Queue[tuple[Header, torch.Tensor | None] | None] = queue.Queue(
+            maxsize=self._DEPTH
+        )
+        self._thread = threading.Thread(target=self._run, name=f"kv-land-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, header: Header, payload: torch.Tensor | None) -> None:
+        self._queue.put((header, payload))  # waits while the lander is behind
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            header, payload = item
+            try:
+                self._inbox.on_message(self._peer, header, payload)
+            except Exception:
+                logger.exception("landing %s from %s failed", header.transfer_id, self._peer.id)
+            finally:
+                if payload is not None:
+                    self._session.done(payload)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30.0)

@@ -171,6 +171,10 @@ class KVReceiver:
     # ---- the Inbox the endpoint calls ----------------------------------------------
 
     @property
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
+
+    @property
     def max_payload_bytes(self) -> int:
         return self._max_payload
 

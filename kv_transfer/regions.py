@@ -103,6 +103,10 @@ class BlockRegion:
         return self.cache.dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    @property
     def nbytes(self) -> int:
         n = 1
         for d in self.shape:

@@ -193,6 +193,9 @@ class _InPlace:
     def receive(self, header: Header) -> None:
         return None
 
+    def done(self, payload: torch.Tensor) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -47,6 +47,7 @@ from kv_transfer.rendezvous import (
     resolve,
     split_hostport,
 )
+from kv_transfer.staging import StagingPool
 from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Peer, staging_for
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class _Link(Link):
         self._lock = threading.Lock()
         self._seq = 0
         self._broken = False
+        self._pool = StagingPool()
         self._works: queue.SimpleQueue[tuple[Any, torch.Tensor, Completion] | None] = (
             queue.SimpleQueue()
         )
@@ -150,7 +152,7 @@ class _Link(Link):
             if region is None:
                 self._control.send(header.pack())
                 return Completion.resolved()
-            staging = region.gather()
+            staging = region.gather(out=self._pool.take(region.shape, region.dtype, region.device))
             self._control.send(header.pack())
             try:
                 work = self._group.send([staging], 1, 0)
@@ -165,7 +167,7 @@ class _Link(Link):
             item = self._works.get()
             if item is None:
                 return
-            work, _staging, done = item
+            work, staging, done = item
             if self._broken:
                 done.resolve(f"pair to {self.peer} closed")
                 continue
@@ -175,6 +177,7 @@ class _Link(Link):
                 self._break()
                 done.resolve(f"send to {self.peer}: {e}")
                 continue
+            self._pool.give(staging)
             done.resolve()
 
     def _break(self) -> None:
@@ -228,13 +231,22 @@ class TorchDistConnector(Connector):
 
 class _Session:
     def __init__(
-        self, group: Any, backend: str, device: torch.device, max_bytes: int, timeout_s: float
+        self,
+        group: Any,
+        backend: str,
+        device: torch.device,
+        max_bytes: int,
+        timeout_s: float,
+        pool: StagingPool,
     ) -> None:
         self._group, self._backend, self._device = group, backend, device
-        self._max_bytes, self._timeout = max_bytes, timeout_s
+        self._max_bytes, self._timeout, self._pool = max_bytes, timeout_s, pool
+
+    def done(self, payload: torch.Tensor) -> None:
+        self._pool.give(payload)
 
     def receive(self, header: Header) -> torch.Tensor:
-        staging = staging_for(header, self._max_bytes, self._device)
+        staging = staging_for(header, self._max_bytes, self._device, self._pool)
         try:
             _wait(self._group.recv([staging], 0, 0), self._backend, self._timeout)
         except Exception as e:
@@ -271,6 +283,7 @@ class TorchDistEndpoint(Endpoint):
         )
         tcp_store = self._tcp_store
         device, max_bytes, timeout = cache.device, inbox.max_payload_bytes, self._cfg.op_timeout_s
+        pool = StagingPool()
 
         def open_session(peer: Peer) -> _Session:
             try:
@@ -278,11 +291,11 @@ class TorchDistEndpoint(Endpoint):
             except Exception as e:
                 raise TransferError(f"pair group with {peer.id} failed: {e}") from e
             logger.info("%s <- %s: %s pair ready", me.id, peer.id, backend)
-            return _Session(group, backend, device, max_bytes, timeout)
+            return _Session(group, backend, device, max_bytes, timeout, pool)
 
         listener, address = listen(f"tcp://{host}:0")
         self._server = ControlServer(
-            listener, inbox, open_session, self._cfg.connect_timeout_s, str(me.id)
+            listener, inbox, open_session, self._cfg.connect_timeout_s, str(me.id), pipelined=True
         )
         record = encode_record(control=address, store=f"{host}:{tcp_store.port}", backend=backend)
         self._lease = Lease(self._store, rank_key(TRANSPORT, me.id), record, self._cfg.ttl_s)

@@ -29,6 +29,7 @@ import torch
 from kv_transfer.base import LocalRank, Parallelism, ProtocolError, RankId, RecvSpec
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.regions import BlockRegion
+from kv_transfer.staging import StagingPool
 
 
 class Completion:
@@ -123,7 +124,9 @@ class Peer:
     token: bytes
 
 
-def staging_for(header: Header, max_bytes: int, device: torch.device) -> torch.Tensor:
+def staging_for(
+    header: Header, max_bytes: int, device: torch.device, pool: StagingPool | None = None
+) -> torch.Tensor:
     """An empty tensor to receive a DATA payload into; ProtocolError if implausible."""
     numel = 1
     for d in header.shape:
@@ -135,6 +138,8 @@ def staging_for(header: Header, max_bytes: int, device: torch.device) -> torch.T
         raise ProtocolError(
             f"payload of {header.nbytes} bytes for shape {header.shape} (limit {max_bytes})"
         )
+    if pool is not None:
+        return pool.take(header.shape, header.dtype, device)
     return torch.empty(header.shape, dtype=header.dtype, device=device)
 
 

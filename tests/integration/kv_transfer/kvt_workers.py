@@ -353,3 +353,82 @@ def decode_main(conn: Connection, setup: Setup) -> None:
             decode.close()
             conn.send(("closed", leaks))
             return
+
+
+# ---- engines: a real prefill forward pass feeding a real decode engine ----------------
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    model_dir: str
+    name: str
+    transport: str
+    redis_url: str
+    cluster: str
+    max_num_batched_tokens: int = 32  # small, so long prompts prefill in chunks
+
+    def config(self) -> Any:
+        from engine import EngineConfig
+
+        return EngineConfig(
+            model=self.model_dir,
+            num_threads=1,
+            kv_cache_bytes=1 << 20,
+            max_model_len=256,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+        )
+
+    def store(self) -> RedisRendezvous:
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5.0)
+        return RedisRendezvous(client, self.cluster)
+
+
+def prefill_engine_main(conn: Connection, setup: EngineSetup) -> None:
+    """Child: a prefill engine whose forward pass streams KV through a SendHook."""
+    from engine import LLMEngine, SamplingParams
+    from kv_transfer.engine_hook import SendHook
+
+    _init_child()
+    cfg = setup.config()
+    hook = SendHook(cfg.block_size)
+    engine = LLMEngine(cfg, layer_hook=hook)
+    mc = engine.model_config
+    connector: Connector = (
+        TorchDistConnector(setup.store())
+        if setup.transport == "torch_dist"
+        else ShmConnector(setup.store())
+    )
+    sender = KVSender(
+        LocalRank(setup.name),
+        engine.kv_cache,
+        KVGeometry(mc.num_layers, mc.num_kv_heads),
+        connector,
+    )
+    hook.bind(sender)
+    conn.send(("ready",))
+    while True:
+        cmd = _recv(conn)
+        if cmd[0] == "prefill":
+            _, requests, dest, timeout_s = cmd
+            for rid, tid, prompt in requests:
+                hook.add(rid, SendSpec(tid, dest, 0, timeout_s))
+                engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=1))
+            first: dict[str, int] = {}
+            deadline = time.monotonic() + WAIT_S
+            while len(first) < len(requests) and time.monotonic() < deadline:
+                for out in engine.step():
+                    if out.finished:
+                        first[out.request_id] = out.token_ids[0]
+            states = {tid: status_tuple(wait_terminal([sender], tid)[0]) for _, tid, _ in requests}
+            conn.send(("prefilled", first, states))
+        elif cmd[0] == "close":
+            pool = engine.block_pool
+            leaks = {
+                "active": sender.num_active,
+                "hooked": hook.num_requests,
+                "blocks_in_use": pool.num_blocks - pool.num_free,
+                "unfinished": engine.has_unfinished_requests(),
+            }
+            sender.close()
+            conn.send(("closed", leaks))
+            return

@@ -1,0 +1,116 @@
+"""SendHook: which blocks of which layers it sends, step by step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from engine.forward_hooks import ScheduledChunk
+from kv_transfer.base import DONE, InstanceRef, SendSpec, TransferStatus
+from kv_transfer.engine_hook import SendHook
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def open(self, spec: SendSpec) -> None:
+        self.calls.append(("open", spec.transfer_id, spec.first_block))
+
+    def send_layer(
+        self, transfer_id: str, layer: int, block_ids: Sequence[int], first_block: int
+    ) -> None:
+        self.calls.append(("send", transfer_id, layer, tuple(block_ids), first_block))
+
+    def finish(self, transfer_id: str) -> None:
+        self.calls.append(("finish", transfer_id))
+
+    def poll(self, transfer_id: str) -> TransferStatus:
+        return DONE
+
+    def abort(self, transfer_id: str, reason: str = "aborted") -> None:
+        self.calls.append(("abort", transfer_id, reason))
+
+    @property
+    def num_active(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _step(hook: SendHook, layers: int, chunks: Sequence[ScheduledChunk]) -> None:
+    for layer in range(layers):
+        hook.on_layer_done(layer, chunks)
+    hook.on_step_done(chunks)
+
+
+TABLE = (10, 11, 12, 20)  # a 14-token prompt in blocks of 4
+
+
+def test_chunked_prompt_sends_each_block_once_then_finishes() -> None:
+    sender = RecordingSender()
+    hook = SendHook(4, sender)
+    hook.add("r", SendSpec("t", InstanceRef("d")))
+    # Chunk 1 computes tokens 0-5: only block 0 is complete.
+    _step(hook, 2, [ScheduledChunk("r", TABLE[:2], 0, 6, False)])
+    # Chunk 2 computes 6-13 and completes the prompt: blocks 1-3, the last one partial.
+    _step(hook, 2, [ScheduledChunk("r", TABLE, 6, 14, True)])
+    assert sender.calls == [
+        ("open", "t", 0),
+        ("send", "t", 0, (10,), 0),
+        ("send", "t", 1, (10,), 0),
+        ("send", "t", 0, (11, 12, 20), 1),
+        ("send", "t", 1, (11, 12, 20), 1),
+        ("finish", "t"),
+    ]
+    assert hook.num_requests == 0
+
+
+def test_prefix_cached_blocks_go_with_the_first_chunk_and_decode_hits_are_skipped() -> None:
+    sender = RecordingSender()
+    hook = SendHook(4, sender, layer_offset=8)
+    # The decode side holds block 0; the prefill side had blocks 0-1 cached.
+    hook.add("r", SendSpec("t", InstanceRef("d"), first_block=1))
+    _step(hook, 1, [ScheduledChunk("r", TABLE, 8, 14, True)])
+    assert sender.calls[1:] == [("send", "t", 8, (11, 12, 20), 1), ("finish", "t")]
+
+
+def test_other_requests_are_ignored_and_discard_aborts() -> None:
+    sender = RecordingSender()
+    hook = SendHook(4, sender)
+    hook.add("r", SendSpec("t", InstanceRef("d")))
+    _step(
+        hook,
+        1,
+        [ScheduledChunk("local", (1, 2), 0, 8, True), ScheduledChunk("r", TABLE[:1], 0, 3, False)],
+    )  # no full block yet
+    assert sender.calls == [("open", "t", 0)]
+    hook.discard("r")
+    hook.discard("r")  # idempotent
+    assert sender.calls[-1] == ("abort", "t", "request aborted")
+    assert hook.num_requests == 0
+
+
+def test_recompute_after_preemption_does_not_resend() -> None:
+    sender = RecordingSender()
+    hook = SendHook(4, sender)
+    hook.add("r", SendSpec("t", InstanceRef("d")))
+    _step(hook, 1, [ScheduledChunk("r", TABLE[:2], 0, 8, False)])
+    # Preempted: the prompt restarts in new blocks, and completes.
+    _step(hook, 1, [ScheduledChunk("r", (30, 31, 32, 33), 0, 14, True)])
+    assert sender.calls[1:] == [
+        ("send", "t", 0, (10, 11), 0),
+        ("send", "t", 0, (32, 33), 2),
+        ("finish", "t"),
+    ]
+
+
+def test_unbound_hook_refuses_work() -> None:
+    hook = SendHook(4)
+    with pytest.raises(RuntimeError):
+        hook.add("r", SendSpec("t", InstanceRef("d")))
+    hook.bind(RecordingSender())
+    with pytest.raises(RuntimeError):
+        hook.bind(RecordingSender())
