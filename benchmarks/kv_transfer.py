@@ -145,10 +145,10 @@ def _peer_main(conn: Connection, redis_url: str, cluster: str) -> None:
             conn.send((began, status.state.value, status.reason))
         elif cmd[0] == "gloo":
             _, host, port, token, msg_bytes, count = cmd
-            store = TCPStore(
+            tcp = TCPStore(
                 host, port, None, False, timeout=timedelta(seconds=30), wait_for_workers=False
             )
-            group = new_pair_group(store, token, 0, "gloo", "127.0.0.1", 60.0)
+            group = new_pair_group(tcp, token, 0, "gloo", "127.0.0.1", 60.0)
             msg = torch.ones(msg_bytes, dtype=torch.uint8)
             group.send([torch.ones(1, dtype=torch.uint8)], 1, 0).wait()  # both ready
             began = time.monotonic()
@@ -208,7 +208,7 @@ class Bench:
             (began,) = self.conn.recv()
             times.append(ended - began)
             del group
-        return statistics.median(times)
+        return float(statistics.median(times))
 
     def transfer(
         self, receiver: KVReceiver, transport: str, checksum: bool, num_blocks: int
@@ -230,7 +230,7 @@ class Bench:
             if status.state.value != "done" or state != "done":
                 raise RuntimeError(f"{transport}: receiver {status}, sender {state} {reason}")
             times.append(ended - began)
-        return statistics.median(times)
+        return float(statistics.median(times))
 
 
 def prefill_seconds(dtype_name: str, lengths: list[int]) -> dict[int, float]:

@@ -1,0 +1,177 @@
+"""The real transports in one process: real Gloo pairs, real shared memory, real sockets.
+
+The multi-process behaviour (dead peers, M:N layouts) is in tests/integration; these
+pin down what one process can show quickly: revocation, a malformed peer, a missing
+receiver, and that every resource is released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.kv_cache import KVCache
+from kv_transfer.base import LocalRank, RecvSpec, SendSpec, TransferState, TransferStatus
+from kv_transfer.header import Header, Hello, MessageKind
+from kv_transfer.mapping import KVGeometry
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.rendezvous import MemoryRendezvous
+from kv_transfer.sender import KVSender
+from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
+from kv_transfer.testing import fill, rank_layout, read, reference_kv, shard
+from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, TorchDistEndpoint
+
+GEO = KVGeometry(4, 2)
+HEAD_DIM, BLOCK, NUM_BLOCKS = 16, 4, 32
+PRE, DEC = LocalRank("prefill-0"), LocalRank("decode-0")
+SRC, DST = [3, 4, 5, 9, 1], [7, 8, 20, 21, 22]
+
+
+@dataclass
+class Pair:
+    store: MemoryRendezvous
+    sender: KVSender
+    receiver: KVReceiver
+    src: KVCache
+    dst: KVCache
+    segment: ShmSegment | None
+
+
+@pytest.fixture(params=["torch_dist", "shm"])
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    store = MemoryRendezvous()
+    src = KVCache(rank_layout(GEO, PRE, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32))
+    layout = rank_layout(GEO, DEC, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32)
+    segment = None
+    if request.param == "shm":
+        segment = ShmSegment.create(layout)
+        dst = KVCache(layout, storage=segment.cache_bytes)
+        receiver = KVReceiver(DEC, dst, GEO, ShmEndpoint(store, segment, GEO))
+        sender = KVSender(PRE, src, GEO, ShmConnector(store))
+    else:
+        dst = KVCache(layout)
+        cfg = TorchDistConfig(op_timeout_s=3.0, connect_timeout_s=3.0)
+        receiver = KVReceiver(DEC, dst, GEO, TorchDistEndpoint(store, cfg))
+        sender = KVSender(PRE, src, GEO, TorchDistConnector(store, cfg))
+    yield Pair(store, sender, receiver, src, dst, segment)
+    sender.close()
+    receiver.close()
+    assert store.keys() == []  # the lease was withdrawn
+    if segment is not None:
+        segment.close()
+        assert not segment.path.exists()
+
+
+def _wait(role: KVSender | KVReceiver, tid: str, limit: float = 5.0) -> TransferStatus:
+    deadline = time.monotonic() + limit
+    while not role.poll(tid).terminal and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return role.poll(tid)
+
+
+def _no_leaks(p: Pair) -> None:
+    assert p.sender.num_active == 0 and p.receiver.num_active == 0
+    endpoint = p.receiver.endpoint
+    if isinstance(endpoint, ShmEndpoint):
+        assert endpoint.num_free_slots == endpoint.num_slots
+
+
+def test_transfers_land_bit_exact_over_one_reused_pair(pair: Pair) -> None:
+    for i in range(3):
+        ref = reference_kv(GEO, HEAD_DIM, BLOCK, len(SRC), torch.float32, seed=i)
+        fill(pair.src, ref, GEO, PRE, SRC)
+        tid = f"t{i}"
+        pair.receiver.expect(RecvSpec(tid, tuple(DST), PRE.ref))
+        pair.sender.open(SendSpec(tid, DEC.ref))
+        for layer in range(GEO.num_layers):
+            pair.sender.send_layer(tid, layer, SRC[:2], 0)
+        for layer in range(GEO.num_layers):
+            pair.sender.send_layer(tid, layer, SRC[2:], 2)
+        pair.sender.finish(tid)
+        assert _wait(pair.receiver, tid).state is TransferState.DONE
+        assert _wait(pair.sender, tid).state is TransferState.DONE
+        assert torch.equal(read(pair.dst, DST), shard(ref, GEO, DEC))
+    assert pair.receiver.endpoint.num_connections == 1  # type: ignore[attr-defined]
+    _no_leaks(pair)
+
+
+def test_nothing_lands_after_the_receiver_aborts(pair: Pair) -> None:
+    ref = reference_kv(GEO, HEAD_DIM, BLOCK, len(SRC), torch.float32)
+    fill(pair.src, ref, GEO, PRE, SRC)
+    pair.receiver.expect(RecvSpec("t", tuple(DST), PRE.ref))
+    pair.sender.open(SendSpec("t", DEC.ref))
+    pair.sender.send_layer("t", 0, SRC, 0)
+    deadline = time.monotonic() + 5
+    while pair.receiver.poll("t").state is TransferState.PENDING and time.monotonic() < deadline:
+        time.sleep(0.001)
+    pair.receiver.abort("t")
+    assert pair.receiver.poll("t").state is TransferState.FAILED
+    before = pair.dst.tensor.clone()
+    for layer in range(1, GEO.num_layers):
+        pair.sender.send_layer("t", layer, SRC, 0)
+    pair.sender.finish("t")
+    status = _wait(pair.sender, "t")
+    if pair.segment is not None:  # the shm sender finds the slot revoked and writes nothing
+        assert status.state is TransferState.FAILED and "not open" in (status.reason or "")
+    assert torch.equal(pair.dst.tensor, before)
+    _no_leaks(pair)
+
+
+def test_a_malformed_peer_is_dropped(pair: Pair) -> None:
+    """Garbage on a control connection ends it; transfers it fed fail, others go on."""
+    pair.receiver.expect(RecvSpec("t", tuple(DST), PRE.ref))
+    record = pair.store.lookup(
+        f"{'shm' if pair.segment is not None else 'torch_dist'}:{DEC.instance}:0"
+    )
+    assert record is not None
+    ctl = json.loads(record)["control"]
+    if ctl.startswith("unix:@"):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect("\0" + ctl[len("unix:@") :])
+    else:
+        host, _, port = ctl[len("tcp://") :].rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=5)
+    with sock:
+        sock.sendall(Hello("prefill-0", 0, 1, 1, os.urandom(16)).pack())
+        bad = bytearray(Header(MessageKind.END, "t", 0).pack())
+        bad[-1] ^= 0xFF  # CRC mismatch
+        sock.sendall(bytes(bad))
+        sock.settimeout(5)
+        # The receiver hangs up on us (torch_dist: once the pair rendezvous times out).
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(1) == b""
+    assert pair.receiver.poll("t").state is TransferState.PENDING  # it fed nothing
+    pair.receiver.abort("t")
+    _no_leaks(pair)
+
+
+def test_a_missing_receiver_fails_the_sender_at_once(pair: Pair) -> None:
+    pair.sender.open(SendSpec("t", LocalRank("nobody").ref, timeout_s=30))
+    pair.sender.send_layer("t", 0, SRC, 0)
+    began = time.monotonic()
+    status = _wait(pair.sender, "t")
+    assert status.state is TransferState.FAILED and "no " in (status.reason or "")
+    assert time.monotonic() - began < 2.0
+    pair.sender.finish("t")  # a no-op on a failed transfer
+    _no_leaks(pair)
+
+
+def test_segments_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    from kv_transfer.shm import sweep_stale_segments
+
+    dead = tmp_path / "pdkv-999999999-0123456789abcdef"
+    alive = tmp_path / f"pdkv-{os.getpid()}-0123456789abcdef"
+    other = tmp_path / "pdkv-999999999-not-ours"
+    for path in (dead, alive, other):
+        path.write_bytes(b"x")
+    assert sweep_stale_segments(tmp_path) == [dead]
+    assert alive.exists() and other.exists()
