@@ -242,6 +242,8 @@ class KVReceiver:
                     return
             if payload is not None:
                 region.scatter(payload)
+                if payload.is_cuda:  # landed before DONE, and before the buffer is reused
+                    torch.cuda.current_stream(payload.device).synchronize()
             inb.cursor[key] += h.block_count
             if inb.cursor[key] == inb.spec.first_block + len(inb.spec.block_ids):
                 inb.remaining -= 1

@@ -59,10 +59,12 @@ def fill(
     cache: KVCache, ref: torch.Tensor, geo: KVGeometry, me: LocalRank, block_ids: list[int]
 ) -> None:
     """Write rank `me`'s shard of prompt blocks 0.. into `block_ids` of its cache."""
-    index = torch.tensor(block_ids, dtype=torch.long)
-    cache.tensor.index_copy_(2, index, shard(ref, geo, me)[:, :, : len(block_ids)])
+    device = cache.tensor.device
+    index = torch.tensor(block_ids, dtype=torch.long, device=device)
+    cache.tensor.index_copy_(2, index, shard(ref, geo, me)[:, :, : len(block_ids)].to(device))
 
 
 def read(cache: KVCache, block_ids: list[int]) -> torch.Tensor:
-    """`block_ids` of every layer, in order: compare with `shard(ref, ...)`."""
-    return cache.tensor[:, :, torch.tensor(block_ids, dtype=torch.long)]
+    """`block_ids` of every layer, in order, on the CPU: compare with `shard(ref, ...)`."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=cache.tensor.device)
+    return cache.tensor[:, :, index].cpu()

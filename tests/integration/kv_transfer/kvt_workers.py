@@ -99,6 +99,7 @@ class Setup:
     dtype: str = "float32"
     op_timeout_s: float = 5.0
     faults: tuple[Fault, ...] = ()
+    device: str = "cpu"  # cuda:N puts the caches on a GPU (torch_dist then uses NCCL)
 
     @property
     def parallel(self) -> Parallelism:
@@ -125,11 +126,10 @@ class Setup:
         return RedisRendezvous(client, self.cluster)
 
     def layout_cache(self, me: LocalRank) -> KVCache:
-        return KVCache(
-            rank_layout(
-                self.geo, me, self.head_dim, self.block_size, self.num_blocks, self.torch_dtype
-            )
+        layout = rank_layout(
+            self.geo, me, self.head_dim, self.block_size, self.num_blocks, self.torch_dtype
         )
+        return KVCache(layout, self.device)
 
     def connector(self) -> Connector:
         cfg = TorchDistConfig(op_timeout_s=self.op_timeout_s, connect_timeout_s=5.0)

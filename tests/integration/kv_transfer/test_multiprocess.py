@@ -8,11 +8,13 @@ free, no segment left in /dev/shm, and no rendezvous key left in Redis.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
 
 import pytest
+import torch
 from kvt_workers import (
     Decode,
     Prefill,
@@ -202,4 +204,64 @@ def test_two_senders_into_one_receiver_at_once(
         decode.free(tid)
     for child in children.values():
         assert child.call("close")[0] == "closed"
+    _assert_clean(decode, redis_url, cluster_name)
+
+
+def test_hung_receiver_does_not_hang_the_sender(
+    spawn: Spawn, redis_url: str, cluster_name: str
+) -> None:
+    """A receiver that stops answering (SIGSTOP) rather than dying: the sender's deadline
+    fails the transfer, the pair is torn down, and closing the sender stays quick."""
+    timeout = 2.0
+    dec_setup = _setup(
+        redis_url, cluster_name, "decode-0", "torch_dist", num_blocks=256, op_timeout_s=30.0
+    )
+    prefill = Prefill(
+        _setup(
+            redis_url, cluster_name, "prefill-0", "torch_dist", num_blocks=256, op_timeout_s=30.0
+        )
+    )
+    decode = spawn(decode_main, dec_setup)
+    try:
+        assert decode.call("expect", "t1", prefill.setup.ref, 8, timeout) == ("expected",)
+        assert set(prefill.send("t1", dec_setup.ref, 8, 1, [], timeout)["states"]) == {DONE}
+        assert decode.call("expect", "t2", prefill.setup.ref, 200, 30.0) == ("expected",)
+        os.kill(decode.proc.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        sent = prefill.send("t2", dec_setup.ref, 200, 2, [], timeout)
+        elapsed = time.monotonic() - began
+        assert [state for state, _ in sent["states"]] == ["failed"]
+        assert "timed out" in (sent["states"][0][1] or "")
+        assert elapsed <= timeout + 1.0, f"sender ended after {elapsed:.2f}s"
+        began = time.monotonic()
+        assert prefill.close() == {"active": [0], "free": 256}
+        assert time.monotonic() - began < 2.0
+    finally:
+        os.kill(decode.proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="NCCL pairs need two GPUs (one per process)",
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nccl_tp2_to_tp1_is_bit_exact(
+    spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str, dtype: str
+) -> None:
+    pre_setup = _setup(
+        redis_url, cluster_name, "prefill-0", "torch_dist", 2, 1, dtype=dtype, device="cuda:0"
+    )
+    decode = make_decode(
+        _setup(redis_url, cluster_name, "decode-0", "torch_dist", dtype=dtype, device="cuda:1")
+    )
+    prefill = spawn(prefill_main, pre_setup)
+    for tid, seed, chunks in (("t1", 1, []), ("t2", 2, [3, 7])):
+        decode.expect(tid, pre_setup.ref, 11, timeout_s=30)
+        tag, sent = prefill.call("send", tid, decode.setup.ref, 11, seed, chunks, 30)
+        assert tag == "sent" and set(sent["states"]) == {DONE}
+        assert {s.state.value for s in decode.wait(tid)} == {"done"}
+        assert decode.landed(tid, 11, seed)
+        decode.free(tid)
+    assert prefill.call("close")[0] == "closed"
     _assert_clean(decode, redis_url, cluster_name)
