@@ -1,6 +1,64 @@
 """The KV-cache data plane from the prefill pool to the decode pool.
 
-It will hold a small sender/receiver interface, the transports (`torch_dist`, `shm`
-and an in-process fake), fault injection and the M:N layout mapping. It depends on
-torch and on a rendezvous store interface only.
+Each rank holds one role object: a `KVSender` on a prefill rank, a `KVReceiver` on a
+decode rank. The decode side preallocates blocks and registers the transfer
+(`expect`); the prefill side streams each layer's blocks as its forward pass writes
+them (`send_layer`, fed by `SendHook` on the engine) and then `finish`es. Both sides
+`poll` without blocking (PENDING / TRANSFERRING / DONE / FAILED(reason)) and `abort`.
+
+    base.py        states, specs, rank identities, the role interfaces
+    mapping.py     the M:N plan between two TP/PP layouts (replicated KV heads included)
+    header.py      the fixed-layout message header (struct, never pickle)
+    regions.py     block regions of the paged cache: copies and checksums
+    sender.py      the sender role, over any transport
+    receiver.py    the receiver role, over any transport
+    transport.py   what a transport plugs in: Connector/Link, Endpoint/Inbox
+    control.py     per-pair control sockets carrying the headers
+    torch_dist.py  point-to-point send/recv over per-pair Gloo/NCCL groups
+    shm.py         same-host: senders write straight into the decode cache
+    fake.py        in-process transport for unit tests
+    faults.py      drop / delay / corrupt / kill, around any transport
+    rendezvous.py  receiver addresses in Redis (or memory) with TTL leases
+    engine_hook.py the prefill engine's LayerHook
+    staging.py     reusable staging buffers
+    testing.py     reference KV and per-rank caches for tests and benchmarks
+
+It depends on torch, on the engine's cache layout and hook types, and on a rendezvous
+store interface only.
 """
+
+from kv_transfer.base import (
+    InstanceRef,
+    LocalRank,
+    Parallelism,
+    RankId,
+    RecvSpec,
+    SendSpec,
+    TransferReceiver,
+    TransferSender,
+    TransferState,
+    TransferStatus,
+)
+from kv_transfer.engine_hook import SendHook
+from kv_transfer.mapping import KVGeometry
+from kv_transfer.receiver import KVReceiver, ReceiverConfig
+from kv_transfer.sender import KVSender, SenderConfig
+
+__all__ = [
+    "InstanceRef",
+    "KVGeometry",
+    "KVReceiver",
+    "KVSender",
+    "LocalRank",
+    "Parallelism",
+    "RankId",
+    "ReceiverConfig",
+    "RecvSpec",
+    "SendHook",
+    "SendSpec",
+    "SenderConfig",
+    "TransferReceiver",
+    "TransferSender",
+    "TransferState",
+    "TransferStatus",
+]

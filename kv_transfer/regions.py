@@ -17,9 +17,11 @@ region and for its gathered copy. It is an integrity check, not a MAC.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 # Below this mean run length, a region->region copy gathers and scatters instead.
@@ -27,27 +29,27 @@ _MIN_MEAN_RUN = 4
 _MASK64 = (1 << 64) - 1
 
 
+def _run_starts(*id_lists: tuple[int, ...]) -> list[int]:
+    """Positions where a run of ids consecutive in every list starts, then the length."""
+    n = len(id_lists[0])
+    breaks = np.zeros(max(n - 1, 0), dtype=bool)
+    for ids in id_lists:
+        breaks |= np.diff(np.asarray(ids, dtype=np.int64)) != 1
+    return [0, *(np.flatnonzero(breaks) + 1).tolist(), n]
+
+
 def runs(block_ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """(position, first block id, length) for each run of consecutive block ids."""
-    out: list[tuple[int, int, int]] = []
-    for pos, block in enumerate(block_ids):
-        if out and out[-1][1] + out[-1][2] == block:
-            p, b, n = out[-1]
-            out[-1] = (p, b, n + 1)
-        else:
-            out.append((pos, block, 1))
-    return out
+    starts = _run_starts(block_ids)
+    return [(p, block_ids[p], q - p) for p, q in itertools.pairwise(starts)]
 
 
 def _paired_runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """(id in a, id in b, length) for each run consecutive in both."""
-    out: list[tuple[int, int, int]] = []
-    for x, y in zip(a, b, strict=True):
-        if out and out[-1][0] + out[-1][2] == x and out[-1][1] + out[-1][2] == y:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((x, y, 1))
-    return out
+    if len(a) != len(b):
+        raise ValueError("block lists differ in length")
+    starts = _run_starts(a, b)
+    return [(a[p], b[p], q - p) for p, q in itertools.pairwise(starts)]
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,10 @@ class BlockRegion:
         return self.cache[self.layer, :, :, :, self.head_start : self.head_stop]
 
     @cached_property
+    def _runs(self) -> list[tuple[int, int, int]]:
+        return runs(self.block_ids)
+
+    @cached_property
     def _index(self) -> torch.Tensor:
         return torch.tensor(self.block_ids, dtype=torch.long, device=self.cache.device)
 
@@ -127,7 +133,7 @@ class BlockRegion:
 
     def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The region's contiguous copy (into `out` when given)."""
-        block_runs = runs(self.block_ids)
+        block_runs = self._runs
         if len(block_runs) == 1:
             view = self.run_view(block_runs[0][1], block_runs[0][2])
             if out is None:
@@ -144,7 +150,7 @@ class BlockRegion:
                 f"payload {tuple(payload.shape)} {payload.dtype} does not fit "
                 f"region {self.shape} {self.dtype}"
             )
-        block_runs = runs(self.block_ids)
+        block_runs = self._runs
         if len(block_runs) * _MIN_MEAN_RUN <= len(self.block_ids) or len(block_runs) == 1:
             for pos, block, n in block_runs:
                 self.run_view(block, n).copy_(payload[:, pos : pos + n])
@@ -163,7 +169,7 @@ class BlockRegion:
             self.scatter(src.gather())
 
     def checksum(self) -> int:
-        parts = [_block_sums(self.run_view(b, n)) for _, b, n in runs(self.block_ids)]
+        parts = [_block_sums(self.run_view(b, n)) for _, b, n in self._runs]
         return _fold(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
     def flip_byte(self) -> None:

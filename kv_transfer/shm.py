@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import parse_dtype
@@ -78,9 +79,9 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _id_words(transfer_id: str) -> torch.Tensor:
+def _id_words(transfer_id: str) -> np.ndarray:
     raw = transfer_id.encode().ljust(MAX_TRANSFER_ID_BYTES, b"\x00")
-    return torch.frombuffer(bytearray(raw), dtype=torch.int32)
+    return np.frombuffer(raw, dtype=np.int32)
 
 
 def _flock(fd: int, op: int, timeout_s: float) -> bool:
@@ -137,7 +138,10 @@ class ShmSegment:
         whole = torch.frombuffer(self._map, dtype=torch.uint8)
         self.cache_bytes = whole[: layout.total_bytes]
         self.cache = self.cache_bytes.view(layout.dtype).view(layout.shape)
-        self.slots = whole[layout.total_bytes :].view(torch.int32).view(max_slots, self._row)
+        # The slot table as numpy: its few-element reads and writes cost far less there.
+        self.slots = (
+            whole[layout.total_bytes :].view(torch.int32).view(max_slots, self._row).numpy()
+        )
 
     @classmethod
     def create(cls, layout: KVCacheLayout, max_slots: int = 64) -> ShmSegment:
@@ -268,7 +272,7 @@ class ShmEndpoint(Endpoint):
         row[2], row[3] = spec.first_block, len(spec.block_ids)
         row[4 : 4 + _ID_WORDS] = _id_words(spec.transfer_id)
         n = len(spec.block_ids)
-        row[_HEAD_WORDS : _HEAD_WORDS + n] = torch.tensor(spec.block_ids, dtype=torch.int32)
+        row[_HEAD_WORDS : _HEAD_WORDS + n] = spec.block_ids
         row[1] += 1
         row[0] = _OPEN  # last: a sender only trusts an OPEN slot
 
@@ -347,11 +351,11 @@ class _ShmLink(Link):
             slots = self._seg.slots
             match = (slots[:, 0] == _OPEN) & (
                 slots[:, 4 : 4 + _ID_WORDS] == _id_words(header.transfer_id)
-            ).all(dim=1)
-            found = match.nonzero()
-            if found.numel() != 1:
+            ).all(axis=1)
+            found = np.flatnonzero(match)
+            if found.size != 1:
                 return f"transfer {header.transfer_id} is not open at {self.peer}"
-            row = slots[int(found[0, 0])]
+            row = slots[int(found[0])]
             pos = header.block_start - int(row[2])
             if pos < 0 or pos + header.block_count > int(row[3]):
                 return f"blocks {header.block_start}+{header.block_count} outside the reservation"

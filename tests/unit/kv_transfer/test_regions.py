@@ -1,0 +1,94 @@
+"""Block regions: gathers, scatters and copies move exactly the named bytes, and the
+checksum catches changed bytes and misplaced blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kv_transfer.regions import BlockRegion, checksum, runs
+
+# [layer, kv, block, slot, head, dim]
+SHAPE = (3, 2, 24, 4, 4, 16)
+FRAGMENTED = (5, 9, 2, 17, 11, 0, 23, 3)
+CONTIGUOUS = (8, 9, 10, 11, 12, 13, 14, 15)
+MIXED = (4, 5, 6, 7, 20, 21, 22, 1)
+
+
+def _cache(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _expected(
+    cache: torch.Tensor, layer: int, h0: int, h1: int, ids: tuple[int, ...]
+) -> torch.Tensor:
+    return cache[layer][:, list(ids)][:, :, :, h0:h1].contiguous()
+
+
+def test_runs() -> None:
+    assert runs((1, 2, 3, 7, 8, 0)) == [(0, 1, 3), (3, 7, 2), (5, 0, 1)]
+    assert runs((4,)) == [(0, 4, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ids", [FRAGMENTED, CONTIGUOUS, MIXED])
+def test_gather_scatter_copy(dtype: torch.dtype, ids: tuple[int, ...]) -> None:
+    src_cache, dst_cache = _cache(dtype, 1), torch.zeros(SHAPE, dtype=dtype)
+    src = BlockRegion(src_cache, 1, 1, 3, ids)
+    payload = src.gather()
+    assert payload.is_contiguous() and tuple(payload.shape) == src.shape
+    assert torch.equal(payload, _expected(src_cache, 1, 1, 3, ids))
+    assert checksum(payload) == src.checksum()
+
+    for dst_ids in (FRAGMENTED, CONTIGUOUS, MIXED):
+        before = dst_cache.clone()
+        dst = BlockRegion(dst_cache, 2, 0, 2, dst_ids)
+        dst.copy_from(src)
+        assert torch.equal(dst.gather(), payload)
+        # Nothing outside the region changed.
+        after = dst_cache.clone()
+        after[2][:, list(dst_ids), :, 0:2] = before[2][:, list(dst_ids), :, 0:2]
+        assert torch.equal(after, before)
+        dst_cache.zero_()
+        dst.scatter(payload)
+        assert torch.equal(dst.gather(), payload)
+        dst_cache.zero_()
+
+
+def test_checksum_catches_flips_and_swaps() -> None:
+    payload = BlockRegion(_cache(torch.float32), 0, 0, 4, FRAGMENTED).gather()
+    base = checksum(payload)
+    for offset in (0, 1, 777, payload.numel() * 4 - 1):
+        bad = payload.clone()
+        bad.view(torch.uint8).view(-1)[offset] ^= 0x10
+        assert checksum(bad) != base
+    swapped = payload.clone()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]
+    assert checksum(swapped) != base
+    kv_swapped = payload.flip(0).contiguous()
+    assert checksum(kv_swapped) != base
+
+
+def test_flip_byte_changes_the_checksum() -> None:
+    region = BlockRegion(_cache(torch.bfloat16), 2, 0, 4, MIXED)
+    before = region.checksum()
+    region.flip_byte()
+    assert region.checksum() != before
+
+
+def test_bad_regions_are_refused() -> None:
+    cache = _cache(torch.float32)
+    for layer, h0, h1, ids in (
+        (3, 0, 1, (0,)),
+        (0, 2, 2, (0,)),
+        (0, 0, 5, (0,)),
+        (0, 0, 1, ()),
+        (0, 0, 1, (24,)),
+    ):
+        with pytest.raises(IndexError):
+            BlockRegion(cache, layer, h0, h1, ids)
+    region = BlockRegion(cache, 0, 0, 2, (1, 2))
+    with pytest.raises(ValueError):
+        region.scatter(torch.zeros(2, 3, 4, 2, 16))
+    with pytest.raises(ValueError):
+        region.copy_from(BlockRegion(cache, 0, 0, 1, (1, 2)))
