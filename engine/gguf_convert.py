@@ -54,11 +54,7 @@ def _hf_name(gguf_name: str) -> str:
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Invert llama.cpp's Q/K row permutation (interleaved -> half-split RoPE)."""
     rows = w.shape[0]
-    return (
-        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -129,8 +125,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         tok.save_pretrained(str(tmp))
         with open(tmp / "generation_config.json", "w") as f:
-            json.dump({"bos_token_id": config["bos_token_id"],
-                       "eos_token_id": config["eos_token_id"]}, f)
+            json.dump(
+                {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, f
+            )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

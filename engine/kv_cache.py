@@ -36,8 +36,14 @@ class KVCacheLayout:
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
-        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
-                self.head_dim)
+        return (
+            self.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+        )
 
     @property
     def block_bytes(self) -> int:
@@ -64,16 +70,23 @@ class KVCacheLayout:
         `num_layers` and `num_kv_heads` default to the whole model; a TP/PP rank
         passes its own share.
         """
-        probe = cls(num_layers or model.num_layers, num_kv_heads or model.num_kv_heads,
-                    model.head_dim, block_size, 1, dtype)
+        probe = cls(
+            num_layers or model.num_layers,
+            num_kv_heads or model.num_kv_heads,
+            model.head_dim,
+            block_size,
+            1,
+            dtype,
+        )
         num_blocks = kv_cache_bytes // probe.block_bytes
         if num_blocks < 1:
             raise ValueError(
                 f"kv_cache_bytes ({kv_cache_bytes}) is smaller than one block "
                 f"({probe.block_bytes} bytes)"
             )
-        return cls(probe.num_layers, probe.num_kv_heads, model.head_dim, block_size,
-                   num_blocks, dtype)
+        return cls(
+            probe.num_layers, probe.num_kv_heads, model.head_dim, block_size, num_blocks, dtype
+        )
 
 
 class KVCache:

@@ -29,17 +29,24 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: Sequence[Prompt] | Prompt,
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt] | Prompt,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        batch: list[Prompt]
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        token_lists = [self._encode(p, i) for i, p in enumerate(prompts)]  # type: ignore[arg-type]
+            batch = [prompts]  # type: ignore[list-item]
+        else:
+            batch = list(prompts)  # type: ignore[arg-type]
+        token_lists = [self._encode(p, i) for i, p in enumerate(batch)]
         return self._run(token_lists, params)
 
-    def chat(self, conversations: Sequence[Sequence[ChatMessage]],
-             params: SamplingParams | Sequence[SamplingParams] | None = None,
-             ) -> list[RequestOutput]:
+    def chat(
+        self,
+        conversations: Sequence[Sequence[ChatMessage]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         token_lists = []
         for i, conv in enumerate(conversations):
             try:
@@ -48,8 +55,11 @@ class LLM:
                 raise ValueError(f"conversations[{i}]: {e}") from None
         return self._run(token_lists, params)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               ) -> Iterator[RequestOutput]:
+    def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+    ) -> Iterator[RequestOutput]:
         """Yield a RequestOutput per new token of one prompt."""
         ids = self._encode(prompt, 0)
         params = params or SamplingParams()
@@ -72,8 +82,9 @@ class LLM:
             return list(prompt)
         raise ValueError(f"prompts[{index}] must be a string or a list of token ids")
 
-    def _run(self, token_lists: list[list[int]],
-             params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+    def _run(
+        self, token_lists: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):
             plist = [params or SamplingParams()] * len(token_lists)
         else:

@@ -42,9 +42,13 @@ KVStorage = Callable[[KVCacheLayout], torch.Tensor]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, layer_hook: LayerHook | None = None,
-                 kv_storage: KVStorage | None = None,
-                 cache_listener: CacheListener | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        layer_hook: LayerHook | None = None,
+        kv_storage: KVStorage | None = None,
+        cache_listener: CacheListener | None = None,
+    ) -> None:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -54,8 +58,10 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
-                             f"max_position_embeddings ({mc.max_position_embeddings})")
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's "
+                f"max_position_embeddings ({mc.max_position_embeddings})"
+            )
         self.tokenizer = Tokenizer(model_dir)
         self.eos_token_ids = mc.eos_token_ids or self.tokenizer.eos_token_ids
 
@@ -70,33 +76,44 @@ class LLMEngine:
             raise ValueError(
                 f"kv_cache_bytes ({config.kv_cache_bytes}) holds "
                 f"{layout.num_blocks * layout.block_size} tokens, fewer than max_model_len "
-                f"({self.max_model_len}); raise kv_cache_bytes or lower max_model_len")
+                f"({self.max_model_len}); raise kv_cache_bytes or lower max_model_len"
+            )
         storage = kv_storage(layout) if kv_storage else None
         self.kv_cache = KVCache(layout, self.device, storage)
         self.block_pool = BlockPool(layout.num_blocks, cache_listener)
         self.scheduler = Scheduler(
             BlockManager(self.block_pool, config.block_size, config.enable_prefix_caching),
-            config.max_num_batched_tokens, config.max_num_seqs)
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+        )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, Sampler(), layer_hook)
         self._seqs: dict[str, Sequence] = {}
         self.num_remote_prefill_fallbacks = 0
-        log.info("engine ready: %s, %s, %d KV blocks of %d tokens", model_dir.name, dtype,
-                 layout.num_blocks, layout.block_size)
+        log.info(
+            "engine ready: %s, %s, %d KV blocks of %d tokens",
+            model_dir.name,
+            dtype,
+            layout.num_blocks,
+            layout.block_size,
+        )
 
     # -- requests -------------------------------------------------------------------
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the first bad field; side-effect free."""
-        params.validate(self.model_config.vocab_size, self.config.max_stop_strings,
-                        self.config.max_logprobs)
+        params.validate(
+            self.model_config.vocab_size, self.config.max_stop_strings, self.config.max_logprobs
+        )
         if not prompt:
             raise ValueError("prompt must not be empty")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt_token_ids: every id must be in [0, {vocab})")
         if len(prompt) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(prompt)} tokens, but max_model_len is "
-                             f"{self.max_model_len} (prompt plus at least one output token)")
+            raise ValueError(
+                f"prompt: {len(prompt)} tokens, but max_model_len is "
+                f"{self.max_model_len} (prompt plus at least one output token)"
+            )
 
     def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
         if request_id in self._seqs:
@@ -134,8 +151,9 @@ class LLMEngine:
 
     # -- disaggregated prefill, decode side ------------------------------------------
 
-    def reserve_remote_prefill(self, request_id: str, prompt: list[int],
-                               params: SamplingParams) -> list[int]:
+    def reserve_remote_prefill(
+        self, request_id: str, prompt: list[int], params: SamplingParams
+    ) -> list[int]:
         """Hold blocks for the whole prompt; a prefill instance fills them.
 
         Raises OutOfBlocksError if the pool cannot hold the prompt now.
@@ -177,6 +195,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Cannot happen while one max_model_len sequence fits the cache; fail
+                # loudly rather than spin.
+                raise RuntimeError("scheduler made no progress with an idle batch")
             return []
         sampling = [s.seq for s in sched.scheduled if s.samples]
         tokens, logprobs = self.runner.execute(sched)
@@ -190,8 +212,9 @@ class LLMEngine:
                 self._seqs.pop(seq.request_id, None)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprob | None,
-                      now: float) -> RequestOutput:
+    def _append_token(
+        self, seq: Sequence, token: int, lp: TokenLogprob | None, now: float
+    ) -> RequestOutput:
         seq.output.append(token)
         if lp is not None:
             seq.logprobs.append(lp)

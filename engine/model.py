@@ -44,7 +44,8 @@ def rope_inv_freq(dim: int, rope: RopeConfig) -> torch.Tensor:
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
         smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
-            rope.high_freq_factor - rope.low_freq_factor)
+            rope.high_freq_factor - rope.low_freq_factor
+        )
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
@@ -53,6 +54,9 @@ def rope_inv_freq(dim: int, rope: RopeConfig) -> torch.Tensor:
 
 class Rotary(nn.Module):
     """Half-split rotary embedding with a precomputed cos/sin table."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
         super().__init__()
@@ -75,14 +79,21 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = num_heads * cfg.head_dim, num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
+        )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
-                meta: AttentionMetadata, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = rotary(q.view(t, self.num_heads, self.head_dim), positions)
@@ -90,7 +101,8 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))
+        return out
 
 
 class MLP(nn.Module):
@@ -102,17 +114,32 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int,
-                 intermediate: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, num_heads: int, num_kv_heads: int, intermediate: int
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, num_heads, num_kv_heads)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, intermediate)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, meta, k_cache, v_cache)
+        out: torch.Tensor = h + self.mlp(self.post_attention_layernorm(h))
+        return out
 
 
 class LlamaModel(nn.Module):
@@ -132,22 +159,26 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.head_dim, max_positions, cfg.rope)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, kv: KVCache,
-                layer_done: LayerDone | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        layer_done: LayerDone | None = None,
+    ) -> torch.Tensor:
         """Packed tokens [T] -> final hidden states [T, hidden]."""
-        h = self.embed_tokens(input_ids)
+        h: torch.Tensor = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            a = layer.self_attn(layer.input_layernorm(h), positions, self.rotary, meta,
-                                kv.keys(i), kv.values(i))
-            h = h + a
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = layer(h, positions, self.rotary, meta, kv.keys(i), kv.values(i))
             if layer_done is not None:
                 layer_done(i)
-        return self.norm(h)
+        out: torch.Tensor = self.norm(h)
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits.float()
 
     @torch.no_grad()
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -158,22 +189,29 @@ class LlamaModel(nn.Module):
         def put(name: str, value: torch.Tensor) -> None:
             dst = params[name]
             if dst.shape != value.shape:
-                raise ValueError(f"weight {name}: shape {tuple(value.shape)}, "
-                                 f"expected {tuple(dst.shape)}")
+                raise ValueError(
+                    f"weight {name}: shape {tuple(value.shape)}, expected {tuple(dst.shape)}"
+                )
             dst.copy_(value)
             loaded.add(name)
 
         for i in range(self.cfg.num_layers):
             p = f"model.layers.{i}."
             attn = p + "self_attn."
-            put(f"layers.{i}.self_attn.qkv_proj.weight", torch.cat(
-                [weights[attn + f"{n}_proj.weight"] for n in "qkv"]))
+            put(
+                f"layers.{i}.self_attn.qkv_proj.weight",
+                torch.cat([weights[attn + f"{n}_proj.weight"] for n in "qkv"]),
+            )
             if self.cfg.qkv_bias:
-                put(f"layers.{i}.self_attn.qkv_proj.bias", torch.cat(
-                    [weights[attn + f"{n}_proj.bias"] for n in "qkv"]))
+                put(
+                    f"layers.{i}.self_attn.qkv_proj.bias",
+                    torch.cat([weights[attn + f"{n}_proj.bias"] for n in "qkv"]),
+                )
             put(f"layers.{i}.self_attn.o_proj.weight", weights[attn + "o_proj.weight"])
-            put(f"layers.{i}.mlp.gate_up_proj.weight", torch.cat(
-                [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]))
+            put(
+                f"layers.{i}.mlp.gate_up_proj.weight",
+                torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
+            )
             put(f"layers.{i}.mlp.down_proj.weight", weights[p + "mlp.down_proj.weight"])
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 put(f"layers.{i}.{norm}.weight", weights[p + norm + ".weight"])

@@ -20,8 +20,14 @@ from engine.scheduler import ScheduledSeq, SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, device: torch.device,
-                 sampler: Sampler, hook: LayerHook | None = None) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv: KVCache,
+        device: torch.device,
+        sampler: Sampler,
+        hook: LayerHook | None = None,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.device = device
@@ -44,11 +50,13 @@ class ModelRunner:
             return [], []
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         sampling = [s.seq for s in scheduled if s.samples]
-        return self.sampler.sample(logits, [s.params for s in sampling],
-                                   [s.generator for s in sampling])
+        return self.sampler.sample(
+            logits, [s.params for s in sampling], [s.generator for s in sampling]
+        )
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[
-            torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _prepare(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -67,8 +75,9 @@ class ModelRunner:
         decode_tables = decode_mask = None
         if out.decodes:
             width = max(len(d.seq.block_table) for d in out.decodes)
-            tables = [d.seq.block_table + [0] * (width - len(d.seq.block_table))
-                      for d in out.decodes]
+            tables = [
+                d.seq.block_table + [0] * (width - len(d.seq.block_table)) for d in out.decodes
+            ]
             decode_tables = torch.tensor(tables, dtype=torch.long, device=dev)
             lens = torch.tensor([d.seq.num_computed + 1 for d in out.decodes], device=dev)
             if len(set(lens.tolist())) > 1 or width * bs != int(lens[0]):
@@ -89,8 +98,12 @@ class ModelRunner:
             decode_mask=decode_mask,
             prefills=tuple(spans),
         )
-        return (torch.tensor(ids, dtype=torch.long, device=dev),
-                torch.tensor(pos, dtype=torch.long, device=dev), meta, sample_rows)
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(pos, dtype=torch.long, device=dev),
+            meta,
+            sample_rows,
+        )
 
 
 def _chunks(scheduled: Seq[ScheduledSeq]) -> tuple[ScheduledChunk, ...]:

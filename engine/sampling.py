@@ -34,8 +34,7 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
 
-    def validate(self, vocab_size: int, max_stop_strings: int = 16,
-                 max_logprobs: int = 20) -> None:
+    def validate(self, vocab_size: int, max_stop_strings: int = 16, max_logprobs: int = 20) -> None:
         """Raise ValueError naming the first bad field."""
         if self.temperature < 0 or self.temperature != self.temperature:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
@@ -71,7 +70,15 @@ class TokenLogprob:
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
-        self._default = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self._defaults: dict[torch.device, torch.Generator] = {}
+
+    def _default(self, device: torch.device) -> torch.Generator:
+        """The shared generator for unseeded requests, one per device."""
+        gen = self._defaults.get(device)
+        if gen is None:
+            gen = self._defaults[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return gen
 
     def sample(
         self,
@@ -93,12 +100,16 @@ class Sampler:
             for j, row in enumerate(want):
                 n = params[row].logprobs or 0
                 top_v, top_i = lp[j].topk(n) if n else (lp[j][:0], lp[j][:0].long())
-                lps[row] = TokenLogprob(ids[row], float(lp[j, ids[row]]),
-                                        tuple(zip(top_i.tolist(), top_v.tolist(), strict=True)))
+                lps[row] = TokenLogprob(
+                    ids[row],
+                    float(lp[j, ids[row]]),
+                    tuple(zip(top_i.tolist(), top_v.tolist(), strict=True)),
+                )
         return ids, lps
 
-    def _sample_row(self, logits: torch.Tensor, p: SamplingParams,
-                    gen: torch.Generator | None) -> torch.Tensor:
+    def _sample_row(
+        self, logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None
+    ) -> torch.Tensor:
         x = logits / p.temperature
         if p.top_k > 0 and p.top_k < x.shape[-1]:
             kth = torch.topk(x, p.top_k).values[-1]
@@ -111,4 +122,4 @@ class Sampler:
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.empty_like(x).scatter_(0, order, sorted_x)
         probs = torch.softmax(x, dim=-1)
-        return torch.multinomial(probs, 1, generator=gen or self._default)[0]
+        return torch.multinomial(probs, 1, generator=gen or self._default(probs.device))[0]

@@ -7,7 +7,8 @@ block, the most recently admitted running sequence is preempted by recompute: it
 blocks are freed and it goes back to the head of the waiting queue.
 
 `schedule()` is side-effect free on the cache contents; it only moves sequences
-between queues and grows block tables. The engine reports what the step computed
+between queues and grows block tables. Invariant: only running sequences hold
+blocks, so a queue of waiting requests can never starve the pool. The engine reports what the step computed
 through `advance()`.
 """
 
@@ -48,8 +49,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int,
-                 max_num_seqs: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int
+    ) -> None:
         self.blocks = blocks
         self.max_tokens = max_num_batched_tokens
         self.max_seqs = max_num_seqs
@@ -84,8 +86,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.grow(seq, seq.num_computed + n):
-                victim = next((s for s in reversed(self.running)
-                               if id(s) not in chosen), None)
+                victim = next((s for s in reversed(self.running) if id(s) not in chosen), None)
                 assert victim is not None
                 self._preempt(victim)
                 preempted.append(victim)
@@ -101,7 +102,10 @@ class Scheduler:
             self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.grow(seq, seq.num_computed + n):
-                break  # wait for running sequences to free blocks
+                # Waiting sequences hold no blocks: give back the prefix just matched
+                # (it stays cached) and wait for running sequences to free some.
+                self.blocks.free(seq)
+                break
             self.waiting.popleft()
             if seq.timings.first_scheduled is None:
                 seq.timings.first_scheduled = time.monotonic()

@@ -37,9 +37,15 @@ class Timings:
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams,
-                 block_size: int, detok: IncrementalDetokenizer | None,
-                 generator: torch.Generator | None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        block_size: int,
+        detok: IncrementalDetokenizer | None,
+        generator: torch.Generator | None,
+    ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.params = params
@@ -81,11 +87,11 @@ class Sequence:
             toks = self.tokens
             parent = self._hashes[-1] if self._hashes else ROOT_HASH
             for b in range(len(self._hashes), n):
-                parent = hash_block(parent, toks[b * self._block_size:(b + 1) * self._block_size])
+                parent = hash_block(parent, toks[b * self._block_size : (b + 1) * self._block_size])
                 self._hashes.append(parent)
         return self._hashes[:n]
 
     def take_new_tokens(self) -> list[int]:
-        new = self.output[self._emitted_tokens:]
+        new = self.output[self._emitted_tokens :]
         self._emitted_tokens = len(self.output)
         return new

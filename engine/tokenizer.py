@@ -49,8 +49,9 @@ class Tokenizer:
                 raise ValueError(f"messages[{i}].content must be a string")
         if not self.has_chat_template:
             raise ValueError("messages: this model has no chat template")
-        out = self._tok.apply_chat_template(list(messages), add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        out = self._tok.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return list(out)
 
 
@@ -66,8 +67,9 @@ def _eos_ids(model_dir: Path, tokenizer_eos: int | None) -> tuple[int, ...]:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int],
-                 stop: Sequence[str]) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str]
+    ) -> None:
         self._backend = tokenizer.backend
         # Seed with the prompt's tail so the first output token decodes in context.
         self._stream = DecodeStream(list(prompt_ids[-4:]), skip_special_tokens=True)

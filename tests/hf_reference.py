@@ -24,8 +24,9 @@ class Reference:
 def load_hf(model_dir: Path) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                             attn_implementation="sdpa")
+    model = LlamaForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="sdpa"
+    )
     return model.eval()
 
 
@@ -50,6 +51,7 @@ def assert_matches(ours: list[int], ref: Reference, label: str) -> None:
         if a != b:
             assert ref.gaps[i] < NEAR_TIE, (
                 f"{label}: token {i} differs ({a} vs HF {b}) and HF's top-2 gap "
-                f"{ref.gaps[i]:.2e} is not a near-tie")
+                f"{ref.gaps[i]:.2e} is not a near-tie"
+            )
             return
     assert len(ours) == len(ref.tokens), f"{label}: {len(ours)} tokens vs HF {len(ref.tokens)}"

@@ -1,0 +1,75 @@
+"""Sampling: seeds reproduce, top_k=1 is greedy, and the distribution is sane."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine import SamplingParams
+from engine.sampling import Sampler
+
+PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], [42] * 20]
+
+
+def test_seed_reproduces_even_in_a_different_batch(make_llm, tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=1234, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], p)[0].token_ids
+    other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    mixed = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [other, p, other])[1].token_ids
+    assert alone == mixed
+    different = llm.generate(
+        [PROMPTS[0]],
+        SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=99, ignore_eos=True),
+    )[0].token_ids
+    assert different != alone
+
+
+def test_top_k_one_equals_greedy(make_llm, tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
+    topk1 = llm.generate(
+        PROMPTS, SamplingParams(temperature=0.8, top_k=1, max_tokens=15, ignore_eos=True, seed=3)
+    )
+    assert [o.token_ids for o in greedy] == [o.token_ids for o in topk1]
+
+
+def test_logprobs_are_consistent(make_llm, tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir)
+    out = llm.generate(
+        [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)
+    )[0]
+    assert out.logprobs is not None and len(out.logprobs) == 5
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        assert lp.token_id == tok and len(lp.top) == 3
+        assert lp.top[0][0] == tok and math.isclose(lp.top[0][1], lp.logprob)
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1] and lp.logprob <= 0
+
+
+def _draws(logits: torch.Tensor, params: SamplingParams, n: int) -> torch.Tensor:
+    s = Sampler(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    toks = [s.sample(logits[None], [params], [gen])[0][0] for _ in range(n)]
+    return torch.bincount(torch.tensor(toks), minlength=logits.numel()).float()
+
+
+def test_distribution_matches_softmax() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 4000
+    counts = _draws(logits, SamplingParams(temperature=1.0), n)
+    expected = torch.softmax(logits, -1) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # p ~ 0.0004 for 4 degrees of freedom
+
+
+def test_top_k_and_top_p_restrict_support() -> None:
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    topk = _draws(logits, SamplingParams(temperature=1.0, top_k=2), 500)
+    assert topk[2:].sum() == 0 and topk[:2].min() > 0
+    probs = torch.softmax(logits, -1)  # [0.64, 0.23, 0.09, ...]
+    assert probs[0] < 0.8 < probs[:2].sum()
+    topp = _draws(logits, SamplingParams(temperature=1.0, top_p=0.8), 500)
+    assert topp[2:].sum() == 0 and topp[1] > 0
+    cold = _draws(logits, SamplingParams(temperature=0.05), 200)
+    assert cold[0] == 200
