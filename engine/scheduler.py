@@ -8,8 +8,8 @@ blocks are freed and it goes back to the head of the waiting queue.
 
 `schedule()` is side-effect free on the cache contents; it only moves sequences
 between queues and grows block tables. Invariant: only running sequences hold
-blocks, so a queue of waiting requests can never starve the pool. The engine reports what the step computed
-through `advance()`.
+blocks, so a queue of waiting requests can never starve the pool. The engine
+reports what the step computed through `advance()`.
 """
 
 from __future__ import annotations

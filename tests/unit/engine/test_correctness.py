@@ -90,4 +90,5 @@ def test_cuda_matches_cpu(make_llm, tiny_model_dir, tiny_hf) -> None:
         assert_matches(out.token_ids, hf_greedy(tiny_hf, p, GREEDY.max_tokens), f"cuda {i}")
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=5, max_tokens=8)
     assert cuda.generate([prompts[1]], seeded)[0].token_ids == (
-        cuda.generate([prompts[1]], seeded)[0].token_ids)
+        cuda.generate([prompts[1]], seeded)[0].token_ids
+    )
