@@ -1,0 +1,149 @@
+"""Typed messages between the router and the worker pools.
+
+The router calls the pools through Ray Serve handles; every argument and every
+streamed item is one of these frozen dataclasses (Ray pickles them between Ray's own
+processes; nothing here ever comes from a client connection). Ids are assigned by the
+router: `request_id` for the request, `transfer_id` for its KV transfer.
+
+Decode stream of one request: `Reserved` first when the request asked for a remote
+prefill, then `TokenChunk`s; the last chunk has `finished` set and carries `FinalStats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from engine import SamplingParams, TokenLogprob
+
+
+class PoolRole(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"  # receives KV from a prefill pool; prefills short prompts itself
+    COLOCATED = "colocated"  # prefills every prompt itself
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a pool's replica needs, resolved by the cluster builder."""
+
+    cluster: str
+    pool: str
+    role: PoolRole
+    model_dir: str
+    dtype: str
+    max_model_len: int
+    block_size: int
+    kv_cache_bytes: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    num_threads: int
+    enable_prefix_caching: bool
+    max_stop_strings: int
+    max_logprobs: int
+    redis_url: str
+    lease_ttl_s: float
+    load_report_interval_s: float
+    transport: str  # torch_dist | shm
+    transfer_host: str
+    transfer_timeout_s: float
+    device: str = "cpu"
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass(frozen=True)
+class RemotePrefillPlan:
+    """Tells a decode replica that `source` computes the prompt and pushes its KV."""
+
+    transfer_id: str
+    source_instance: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class WorkerRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival_wall: float  # time.time() when the router received the request
+    remote: RemotePrefillPlan | None = None
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """First item of a remote-prefill stream: whether blocks were reserved for the
+    transfer. False means the replica queued the prompt for a local prefill instead
+    (no free blocks or transfer slots), so the router must not start a prefill."""
+
+    remote: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FinalStats:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    queue_s: float  # engine arrival to first scheduled (decode side)
+    prefill_s: float  # first scheduled to first token (decode side; 0 when remote)
+    kv_transfer_s: float  # prefill's first token to the KV landing here (remote only)
+    disaggregated: bool  # the prompt's KV came from a prefill instance
+    fallback_reason: str = ""  # set when a remote prefill was recomputed locally
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort
+    stop_reason: str | int | None = None
+    final: FinalStats | None = None
+
+
+WorkerEvent = Reserved | TokenChunk
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    request_id: str
+    transfer_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    dest_instance: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class PrefillOutcome:
+    """What a prefill replica reports once the prompt is computed and its KV sent."""
+
+    ok: bool
+    first_token_id: int = -1
+    first_logprob: TokenLogprob | None = None
+    reason: str = ""
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    cached_prompt_tokens: int = 0
+    first_token_wall: float = 0.0  # time.time() when the first token was sampled
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """A replica's resources, for ClusterStatus details and leak checks."""
+
+    instance_id: str
+    pool: str
+    role: PoolRole
+    num_requests: int  # requests the engine still holds
+    num_streams: int  # open output streams
+    free_blocks: int
+    total_blocks: int
+    active_transfers: int  # sender or receiver transfers still holding resources
+    pending_remote_prefills: int
+    remote_prefill_fallbacks: int
+    transfer_failures: int
+    heartbeat_running: bool
+    extra: dict[str, int] = field(default_factory=dict)

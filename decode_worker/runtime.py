@@ -1,0 +1,115 @@
+"""What every pool's replica is made of: an engine on its own thread, a registry
+presence, and the instance's identity. The decode and prefill deployments compose one.
+
+Identity: Serve names each replica with a unique id. The instance id in the registry
+and in kv_transfer is `<pool>-<replica unique id>`, and the registry entry's `address`
+is the replica unique id, which the router passes to `router.pinning` to reach exactly
+this replica.
+
+Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads pinned
+to the pool's CPU share) and the loop; `start()` starts the engine thread, then
+registers; `stop()` deregisters first (the router stops sending here), then stops the
+engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from cluster.registry import InstanceInfo, Registry, Role, connect
+from decode_worker.engine_loop import EngineLoop
+from decode_worker.messages import PoolRole, WorkerSettings
+from decode_worker.presence import Presence
+from engine import EngineConfig, LLMEngine
+from engine.forward_hooks import LayerHook
+from engine.llm_engine import KVStorage
+from kv_transfer.mapping import KVGeometry
+from kv_transfer.rendezvous import RedisRendezvous
+
+logger = logging.getLogger(__name__)
+
+
+def engine_config(s: WorkerSettings) -> EngineConfig:
+    return EngineConfig(
+        model=s.model_dir,
+        dtype=s.dtype,
+        device=s.device,
+        block_size=s.block_size,
+        kv_cache_bytes=s.kv_cache_bytes,
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        max_num_seqs=s.max_num_seqs,
+        max_model_len=s.max_model_len,
+        num_threads=s.num_threads,
+        enable_prefix_caching=s.enable_prefix_caching,
+        max_stop_strings=s.max_stop_strings,
+        max_logprobs=s.max_logprobs,
+    )
+
+
+def replica_unique_id() -> str:
+    """This Serve replica's unique id (only inside a replica)."""
+    from ray import serve
+
+    return str(serve.get_replica_context().replica_id.unique_id)
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        replica_id: str,
+        *,
+        layer_hook: LayerHook | None = None,
+        kv_storage: KVStorage | None = None,
+        tick: Callable[[], None] | None = None,
+        busy: Callable[[], bool] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.replica_id = replica_id
+        self.instance_id = f"{settings.pool}-{replica_id}"
+        self.redis = connect(settings.redis_url, client_name=self.instance_id)
+        self.registry = Registry(self.redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
+        info = InstanceInfo(
+            instance_id=self.instance_id,
+            pool=settings.pool,
+            role=Role.PREFILL if settings.role is PoolRole.PREFILL else Role.DECODE,
+            address=replica_id,
+            tp=settings.tp,
+            pp=settings.pp,
+            block_size=settings.block_size,
+        )
+        self.presence = Presence(
+            self.registry,
+            info,
+            lambda: self.loop.load_report(),
+            interval_s=settings.load_report_interval_s,
+        )
+        self.engine = LLMEngine(
+            engine_config(settings),
+            layer_hook=layer_hook,
+            kv_storage=kv_storage,
+            cache_listener=self.presence.on_cache_event,
+        )
+        mc = self.engine.model_config
+        self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
+        self.loop = EngineLoop(self.engine, name=self.instance_id, tick=tick, busy=busy)
+
+    def rendezvous(self) -> RedisRendezvous:
+        """The kv_transfer rendezvous store in this cluster's namespace."""
+        return RedisRendezvous(self.redis, self.settings.cluster)
+
+    def start(self) -> None:
+        self.loop.start()
+        self.presence.start()
+        logger.info("%s ready (%s)", self.instance_id, self.settings.role.value)
+
+    def stop(self) -> None:
+        self.presence.stop()
+        self.loop.stop()
+        self.redis.close()
+
+    def check_pin(self, replica: str | None) -> None:
+        """A pinned call must have reached the replica it named."""
+        if replica is not None and replica != self.replica_id:
+            raise RuntimeError(f"call pinned to replica {replica} reached {self.replica_id}")

@@ -1,0 +1,192 @@
+"""The prefill pool's Ray Serve deployment.
+
+Lifecycle of a replica:
+
+    __init__     build the engine with a kv_transfer `SendHook` on its forward pass and a
+                 `KVSender` over the configured transport; start the engine thread
+                 (the decode worker's `EngineLoop`) and register in the registry
+    prefill()    one prompt, after the decode replica reserved blocks for it:
+                   register the transfer with the hook and queue the prompt with
+                   max_tokens=1 (one engine command, so no step runs in between)
+                   the engine batches it with other prompts under its token budget and
+                   chunked prefill; as each layer finishes, the hook queues that
+                   layer's newly complete blocks to the sender, which pushes them into
+                   the decode replica's blocks while the next layer computes
+                   the chunk that completes the prompt samples the first token; the
+                   hook's `finish` returns once the sender no longer reads the blocks,
+                   and the engine then frees them (full prompt blocks stay as prefix
+                   cache)
+                   wait (bounded) for the sender's DONE; return the first token and
+                   timings, or why it failed
+                 If the caller goes away first, the transfer and the request are
+                 aborted and the blocks freed.
+    abort()      the same abort, by request id
+    __del__      deregister, stop the engine thread, close the sender
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from decode_worker.engine_loop import OutputStream
+from decode_worker.messages import (
+    PoolRole,
+    PrefillOutcome,
+    PrefillRequest,
+    WorkerSettings,
+    WorkerState,
+)
+from decode_worker.runtime import WorkerRuntime, replica_unique_id
+from engine import RequestOutput
+from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState
+from kv_transfer.engine_hook import SendHook
+from kv_transfer.sender import KVSender
+from kv_transfer.shm import ShmConnector
+from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector
+from kv_transfer.transport import Connector
+
+logger = logging.getLogger(__name__)
+
+_COMMAND_TIMEOUT_S = 30.0
+_SEND_POLL_S = 0.001
+
+
+class PrefillWorker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        if settings.role is not PoolRole.PREFILL:
+            raise ValueError("PrefillWorker serves prefill pools")
+        self._hook = SendHook(settings.block_size)
+        self._rt = WorkerRuntime(settings, replica_unique_id(), layer_hook=self._hook)
+        store = self._rt.rendezvous()
+        connector: Connector = (
+            ShmConnector(store)
+            if settings.transport == "shm"
+            else TorchDistConnector(store, TorchDistConfig(host=settings.transfer_host))
+        )
+        self._sender = KVSender(
+            LocalRank(self._rt.instance_id), self._rt.engine.kv_cache, self._rt.geometry, connector
+        )
+        self._hook.bind(self._sender)
+        self._rt.start()
+
+    # -- engine thread --------------------------------------------------------------------
+
+    def _start(self, req: PrefillRequest) -> None:
+        params = dataclasses.replace(req.params, max_tokens=1)
+        spec = SendSpec(req.transfer_id, InstanceRef(req.dest_instance), 0, req.timeout_s)
+        self._hook.add(req.request_id, spec)
+        try:
+            self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), params)
+        except BaseException:
+            self._hook.discard(req.request_id, "request rejected")
+            raise
+
+    def _abort(self, request_id: str) -> None:
+        self._hook.discard(request_id)
+        self._rt.engine.abort_request(request_id)
+
+    # -- the deployment's methods -----------------------------------------------------------
+
+    async def prefill(self, request: PrefillRequest, replica: str | None = None) -> PrefillOutcome:
+        self._rt.check_pin(replica)
+        rid = request.request_id
+        loop = self._rt.loop
+        stream = loop.open_stream(rid)
+        settled = False
+        try:
+            try:
+                await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
+            except ValueError as e:
+                settled = True
+                return PrefillOutcome(ok=False, reason=f"rejected: {e}")
+            deadline = time.monotonic() + request.timeout_s
+            final = await self._first_token(stream, deadline)
+            first_wall = stream.posted_wall
+            failure = await self._sent(request.transfer_id, deadline)
+            settled = True
+            if failure is not None:
+                return PrefillOutcome(ok=False, reason=failure)
+            m = final.metrics
+            return PrefillOutcome(
+                ok=True,
+                first_token_id=final.token_ids[0],
+                first_logprob=final.logprobs[0] if final.logprobs else None,
+                queue_s=m.queue_s if m is not None else 0.0,
+                prefill_s=m.prefill_s if m is not None else 0.0,
+                cached_prompt_tokens=m.num_cached_tokens if m is not None else 0,
+                first_token_wall=first_wall,
+            )
+        finally:
+            loop.close_stream(rid)
+            if not settled:  # cancelled, timed out or failed: stop the send, free blocks
+                self._sender.abort(request.transfer_id, "prefill abandoned")
+                loop.submit(lambda: self._abort(rid))
+
+    async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"prefill of {stream.request_id} timed out")
+            outs = await stream.get(remaining)
+            if outs[-1].finished:
+                return outs[-1]
+
+    async def _sent(self, transfer_id: str, deadline: float) -> str | None:
+        """None once the sender reports DONE; otherwise why it did not."""
+        while True:
+            status = self._sender.poll(transfer_id)
+            if status.state is TransferState.DONE:
+                return None
+            if status.state is TransferState.FAILED:
+                return f"transfer failed: {status.reason}"
+            if time.monotonic() > deadline:
+                self._sender.abort(transfer_id, "send timed out")
+                return "transfer timed out on the sender"
+            await asyncio.sleep(_SEND_POLL_S)
+
+    async def abort(self, request_id: str, replica: str | None = None) -> None:
+        self._rt.check_pin(replica)
+        await self._rt.loop.call(lambda: self._abort(request_id), _COMMAND_TIMEOUT_S)
+
+    async def state(self, replica: str | None = None) -> WorkerState:
+        self._rt.check_pin(replica)
+        return await self._rt.loop.call(self._state, _COMMAND_TIMEOUT_S)
+
+    def _state(self) -> WorkerState:
+        engine = self._rt.engine
+        return WorkerState(
+            instance_id=self._rt.instance_id,
+            pool=self._rt.settings.pool,
+            role=self._rt.settings.role,
+            num_requests=engine.num_requests,
+            num_streams=self._rt.loop.num_streams,
+            free_blocks=engine.block_pool.num_free,
+            total_blocks=engine.block_pool.num_blocks,
+            active_transfers=self._sender.num_active,
+            pending_remote_prefills=self._hook.num_requests,
+            remote_prefill_fallbacks=0,
+            transfer_failures=0,
+            heartbeat_running=self._rt.presence.heartbeat_running,
+        )
+
+    async def suspend_heartbeat(self, replica: str | None = None) -> None:
+        """Stop renewing the lease without deregistering (for fault drills)."""
+        self._rt.check_pin(replica)
+        self._rt.presence.suspend()
+
+    async def resume_heartbeat(self, replica: str | None = None) -> None:
+        self._rt.check_pin(replica)
+        self._rt.presence.resume()
+
+    def check_health(self) -> None:
+        self._rt.loop.check()
+
+    def __del__(self) -> None:
+        rt = getattr(self, "_rt", None)
+        if rt is None:
+            return
+        rt.stop()
+        self._sender.close()
