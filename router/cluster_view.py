@@ -1,0 +1,163 @@
+"""The router's picture of the cluster, refreshed from Redis in the background.
+
+Every `refresh_interval_s` a background task reads, in a worker thread (the registry
+client blocks): the live instances (leases), their load reports, and the prefix-block
+events since the previous read (the first read takes a snapshot; a trimmed stream
+takes a new one). Requests never wait on Redis: `candidates()` combines the latest
+picture with what this router sent each instance since its report (`sent`/`done`),
+so a burst between two reports does not pile onto one instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from cluster.registry import (
+    InstanceInfo,
+    LoadReport,
+    PrefixEvent,
+    PrefixEventGap,
+    PrefixEventReader,
+    PrefixOp,
+    PrefixSnapshot,
+    Registry,
+    Role,
+)
+from router.policy import Candidate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    wall: float  # time.time() when sent
+    prefill_tokens: int
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    info: InstanceInfo
+    load: LoadReport | None
+
+
+class ClusterView:
+    def __init__(self, registry: Registry, refresh_interval_s: float) -> None:
+        self._registry = registry
+        self._interval_s = refresh_interval_s
+        self._instances: list[InstanceInfo] = []
+        self._loads: dict[str, LoadReport] = {}
+        self._blocks: dict[str, set[int]] = {}
+        self._reader: PrefixEventReader | None = None
+        self._sent: dict[str, dict[str, _Sent]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.last_refresh = 0.0  # time.monotonic() of the last successful refresh
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @property
+    def refreshing(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        try:
+            instances, loads, snapshot, events = await asyncio.to_thread(self._read)
+        except (RedisError, OSError) as e:
+            logger.warning("cluster view refresh failed: %s", e)
+            return
+        if snapshot is not None:
+            self._blocks = {k: set(v) for k, v in snapshot.blocks.items()}
+        for ev in events:
+            if ev.op is PrefixOp.ADD:
+                self._blocks.setdefault(ev.instance_id, set()).update(ev.block_hashes)
+            elif ev.op is PrefixOp.EVICT:
+                self._blocks.get(ev.instance_id, set()).difference_update(ev.block_hashes)
+            else:
+                self._blocks.pop(ev.instance_id, None)
+        self._instances, self._loads = instances, loads
+        self.last_refresh = time.monotonic()
+
+    def _read(
+        self,
+    ) -> tuple[list[InstanceInfo], dict[str, LoadReport], PrefixSnapshot | None, list[PrefixEvent]]:
+        """Worker thread: one round of Redis reads (one refresh runs at a time)."""
+        reg = self._registry
+        instances = reg.live_instances()
+        loads = reg.loads([i.instance_id for i in instances])
+        if self._reader is not None:
+            try:
+                return instances, loads, None, self._reader.poll()
+            except PrefixEventGap:
+                logger.info("prefix events were trimmed; taking a new snapshot")
+        reader = reg.prefix_events()
+        snapshot = reader.sync()
+        self._reader = reader
+        return instances, loads, snapshot, []
+
+    # -- what requests read -------------------------------------------------------------
+
+    def instances(self) -> list[InstanceView]:
+        return [InstanceView(i, self._loads.get(i.instance_id)) for i in self._instances]
+
+    def has_role(self, role: Role) -> bool:
+        return any(i.role is role for i in self._instances)
+
+    def candidates(self, role: Role, block_hashes: Sequence[int] = ()) -> list[Candidate]:
+        out = []
+        for info in self._instances:
+            if info.role is not role:
+                continue
+            load = self._loads.get(info.instance_id)
+            since = load.ts if load is not None else 0.0
+            recent = [s for s in self._sent.get(info.instance_id, {}).values() if s.wall > since]
+            held = self._blocks.get(info.instance_id)
+            cached = 0
+            if held:
+                for h in block_hashes:
+                    if h not in held:
+                        break
+                    cached += 1
+            out.append(
+                Candidate(
+                    instance_id=info.instance_id,
+                    address=info.address,
+                    queued_prefill_tokens=(load.queued_prefill_tokens if load else 0)
+                    + sum(s.prefill_tokens for s in recent),
+                    running_seqs=(load.running_seqs if load else 0) + len(recent),
+                    free_blocks=load.free_kv_blocks if load else None,
+                    cached_blocks=cached,
+                )
+            )
+        return out
+
+    def sent(self, instance_id: str, request_id: str, prefill_tokens: int) -> None:
+        self._sent.setdefault(instance_id, {})[request_id] = _Sent(time.time(), prefill_tokens)
+
+    def done(self, instance_id: str, request_id: str) -> None:
+        sent = self._sent.get(instance_id)
+        if sent is not None:
+            sent.pop(request_id, None)
+            if not sent:
+                del self._sent[instance_id]

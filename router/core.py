@@ -1,0 +1,193 @@
+"""The router's request pipeline, shared by the gRPC servicer and the OpenAI app.
+
+session = core.open(raw, names, protocol)
+    admission (RESOURCE_EXHAUSTED beyond the bound), validation with the protocol's
+    field names, tokenization, the prompt's block hashes, the routing decision and
+    a server-side request id. Everything that can reject a request happens here,
+    before anything reaches a pool, and raises RouterError.
+async for delta in session.stream():
+    the dispatcher runs the request on the chosen instances and streams deltas;
+    the last one carries finish reason, usage and timings.
+session.close()
+    releases the admission slot (the stream does it when it ends; closing twice is
+    harmless), so a front end that fails between the two never leaks a slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.registry import LoadReport, Registry, Role, connect
+from decode_worker.messages import PoolRole
+from router.admission import Admission
+from router.cluster_view import ClusterView
+from router.dispatch import Dispatcher
+from router.errors import ErrorKind, RouterError
+from router.metrics import RouterMetrics
+from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
+from router.results import Delta
+from router.settings import PoolSpec, RouterSettings
+from router.tokenization import PromptEncoder
+from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    instance_id: str
+    pool: str
+    role: PoolRole
+    load: LoadReport | None
+    age_s: float  # age of the load report
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    spec: PoolSpec
+    instances: tuple[InstanceStatus, ...]
+
+
+class Session:
+    def __init__(
+        self,
+        core: RouterCore,
+        request_id: str,
+        request: ValidRequest,
+        route: RouteDecision,
+        arrival: float,
+        arrival_wall: float,
+        protocol: str,
+    ) -> None:
+        self.request_id = request_id
+        self.request = request
+        self.route = route
+        self._core = core
+        self._arrival = arrival
+        self._arrival_wall = arrival_wall
+        self._protocol = protocol
+        self._open = True
+
+    async def stream(self) -> AsyncIterator[Delta]:
+        core = self._core
+        outcome = "cancelled"
+        try:
+            async for delta in core.dispatcher.run(
+                self.request_id, self.request, self.route, self._arrival, self._arrival_wall
+            ):
+                if delta.finish is not None:
+                    core.metrics.finished(self._protocol, delta.finish)
+                    outcome = ""
+                yield delta
+        except RouterError as e:
+            outcome = e.kind.value
+            raise
+        finally:
+            if outcome:
+                core.metrics.failed(self._protocol, outcome)
+            self.close()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._core.admission.release()
+            self._core.metrics.inflight.set(self._core.admission.inflight)
+
+
+class RouterCore:
+    def __init__(self, settings: RouterSettings, decode: Any, prefill: Any | None) -> None:
+        self.settings = settings
+        self.metrics = RouterMetrics()
+        self.encoder = PromptEncoder(settings.model_dir, settings.block_size)
+        self.validator = RequestValidator(settings.limits, self.encoder, settings.served_model)
+        self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-router")
+        registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
+        self.view = ClusterView(registry, settings.view_refresh_interval_s)
+        self.policy = LoadBalancedPolicy(settings.disaggregation_threshold)
+        self.admission = Admission(settings.max_inflight_requests)
+        self.dispatcher = Dispatcher(
+            decode,
+            prefill if settings.has_prefill_pool else None,
+            self.view,
+            settings.timeouts,
+            self.metrics,
+        )
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def stop(self) -> None:
+        await self.view.stop()
+        self._redis.close()
+
+    def open(self, raw: RawRequest, names: FieldNames, protocol: str) -> Session:
+        arrival, arrival_wall = time.monotonic(), time.time()
+        if not self.admission.try_acquire():
+            self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
+            raise RouterError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"the router holds {self.admission.max_inflight} requests; retry later",
+            )
+        self.metrics.inflight.set(self.admission.inflight)
+        try:
+            req = self.validator.validate(raw, names)
+            route = self._route(req)
+        except InvalidRequest as e:
+            self._reject(protocol, ErrorKind.INVALID_ARGUMENT)
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field) from None
+        except RouterError as e:
+            self._reject(protocol, e.kind)
+            raise
+        except BaseException:
+            self._reject(protocol, ErrorKind.INTERNAL)
+            raise
+        rid = f"req-{uuid.uuid4().hex}"
+        return Session(self, rid, req, route, arrival, arrival_wall, protocol)
+
+    def _reject(self, protocol: str, kind: ErrorKind) -> None:
+        self.admission.release()
+        self.metrics.inflight.set(self.admission.inflight)
+        self.metrics.failed(protocol, kind.value)
+
+    def _route(self, req: ValidRequest) -> RouteDecision:
+        hashes = self.encoder.block_hashes(req.prompt_token_ids)
+        decode = self.view.candidates(Role.DECODE, hashes)
+        prefill = self.view.candidates(Role.PREFILL) if self.settings.has_prefill_pool else []
+        request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
+        try:
+            return self.policy.route(request, decode, prefill)
+        except NoInstanceAvailable as e:
+            raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from None
+
+    # -- cluster-level queries -----------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """A recent view of the registry with at least one live decode instance."""
+        fresh = time.monotonic() - self.view.last_refresh < max(
+            5.0, 5 * self.settings.view_refresh_interval_s
+        )
+        return fresh and self.view.has_role(Role.DECODE)
+
+    def status(self) -> list[PoolStatus]:
+        now = time.time()
+        views = self.view.instances()
+        out = []
+        for spec in self.settings.pools:
+            instances = tuple(
+                InstanceStatus(
+                    v.info.instance_id,
+                    spec.name,
+                    spec.role,
+                    v.load,
+                    max(0.0, now - v.load.ts) if v.load is not None else 0.0,
+                )
+                for v in views
+                if v.info.pool == spec.name
+            )
+            out.append(PoolStatus(spec, instances))
+        return out

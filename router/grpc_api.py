@@ -1,0 +1,234 @@
+"""The gRPC front end: pdserve.v1.PDServe and grpc.health.v1.Health on Serve's gRPC proxy.
+
+Serve's proxy decodes each call with the generated stubs and invokes the router
+deployment's method of the same name with the request message (and the call's
+`grpc_context`); server-streaming methods are async generators. This module does the
+protocol work for those methods: the bearer-token check, proto <-> router types, and
+errors. An error sets the status code and details on the context and raises, which
+Serve's proxy turns into that status for the client.
+
+Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
+live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
+the same status whenever it changes. Health calls need no token. Server reflection is
+Serve's (gRPCOptions.enable_reflection) and lists both services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from decode_worker.messages import PoolRole
+from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
+from router.core import RouterCore
+from router.errors import ErrorKind, RouterError
+from router.results import Delta
+from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
+
+GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+_FINISH = {
+    "stop": pdserve_pb2.FINISH_REASON_STOP,
+    "length": pdserve_pb2.FINISH_REASON_LENGTH,
+    "abort": pdserve_pb2.FINISH_REASON_ABORT,
+}
+_ROLE = {
+    PoolRole.PREFILL: pdserve_pb2.POOL_ROLE_PREFILL,
+    PoolRole.DECODE: pdserve_pb2.POOL_ROLE_DECODE,
+    PoolRole.COLOCATED: pdserve_pb2.POOL_ROLE_COLOCATED,
+}
+_HEALTH_NAMES = ("", SERVICE_NAME)
+_WATCH_PERIOD_S = 1.0
+
+
+class GrpcStatusError(Exception):
+    """Raised after the status is set on the context; Serve reports that status."""
+
+
+def fail(context: Any, error: RouterError) -> GrpcStatusError:
+    if context is not None:
+        context.set_code(GRPC_STATUS[error.kind])
+        context.set_details(error.message)
+    return GrpcStatusError(error.message)
+
+
+def raw_request(req: pdserve_pb2.GenerateRequest) -> RawRequest:
+    s = req.sampling
+    sampling = RawSampling(
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        seed=s.seed if s.HasField("seed") else None,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+    )
+    which = req.WhichOneof("input")
+    return RawRequest(
+        prompt=req.prompt if which == "prompt" else None,
+        token_ids=tuple(req.token_ids.ids) if which == "token_ids" else None,
+        messages=tuple(ChatMessageIn(m.role, m.content) for m in req.chat.messages)
+        if which == "chat"
+        else None,
+        sampling=sampling,
+        model=req.model,
+        client_tag=req.client_tag,
+    )
+
+
+def response(delta: Delta) -> pdserve_pb2.GenerateResponse:
+    msg = pdserve_pb2.GenerateResponse(
+        request_id=delta.request_id, token_ids=delta.token_ids, text=delta.text
+    )
+    for lp in delta.logprobs:
+        msg.logprobs.append(
+            pdserve_pb2.TokenLogprobs(
+                logprob=lp.logprob,
+                top=[pdserve_pb2.TokenLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+        )
+    f = delta.finish
+    if f is None:
+        return msg
+    msg.finish_reason = _FINISH.get(f.reason, pdserve_pb2.FINISH_REASON_STOP)
+    if isinstance(f.stop_reason, str):
+        msg.stop_string = f.stop_reason
+    elif isinstance(f.stop_reason, int):
+        msg.stop_token_id = f.stop_reason
+    msg.usage.CopyFrom(
+        pdserve_pb2.Usage(
+            prompt_tokens=f.usage.prompt_tokens,
+            completion_tokens=f.usage.completion_tokens,
+            cached_prompt_tokens=f.usage.cached_prompt_tokens,
+        )
+    )
+    t = f.timings
+    msg.timings.CopyFrom(
+        pdserve_pb2.Timings(
+            queue_ms=t.queue_ms,
+            prefill_ms=t.prefill_ms,
+            kv_transfer_ms=t.kv_transfer_ms,
+            ttft_ms=t.ttft_ms,
+            mean_tpot_ms=t.mean_tpot_ms,
+            disaggregated=t.disaggregated,
+        )
+    )
+    return msg
+
+
+class GrpcFrontend:
+    def __init__(self, core: RouterCore) -> None:
+        self._core = core
+        token = core.settings.grpc_bearer_token
+        self._expected = f"Bearer {token}".encode() if token else None
+
+    def _authorize(self, context: Any) -> None:
+        if self._expected is None:
+            return
+        got = ""
+        if context is not None:
+            for key, value in context.invocation_metadata():
+                if key.lower() == "authorization":
+                    got = value
+        if not hmac.compare_digest(got.encode(), self._expected):
+            raise fail(
+                context, RouterError(ErrorKind.UNAUTHENTICATED, "missing or wrong bearer token")
+            )
+
+    async def generate(
+        self, request: pdserve_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        self._authorize(context)
+        limit = self._core.settings.max_request_bytes
+        try:
+            size = request.ByteSize()
+            if size > limit:
+                raise RouterError(
+                    ErrorKind.INVALID_ARGUMENT, f"request: {size} bytes; at most {limit}", "request"
+                )
+            session = self._core.open(raw_request(request), PROTO_FIELDS, "grpc")
+        except RouterError as e:
+            raise fail(context, e) from None
+        try:
+            async for delta in session.stream():
+                yield response(delta)
+        except RouterError as e:
+            raise fail(context, e) from None
+        finally:
+            session.close()
+
+    def list_models(self, context: Any) -> pdserve_pb2.ListModelsResponse:
+        self._authorize(context)
+        s = self._core.settings
+        model = pdserve_pb2.ModelInfo(
+            id=s.served_model, max_model_len=s.max_model_len, is_default=True
+        )
+        return pdserve_pb2.ListModelsResponse(models=[model])
+
+    def cluster_status(self, context: Any) -> pdserve_pb2.ClusterStatusResponse:
+        self._authorize(context)
+        out = pdserve_pb2.ClusterStatusResponse(cluster=self._core.settings.cluster)
+        for pool in self._core.status():
+            msg = out.pools.add(
+                name=pool.spec.name,
+                role=_ROLE[pool.spec.role],
+                replicas=pool.spec.replicas,
+                tp=pool.spec.tp,
+                pp=pool.spec.pp,
+            )
+            for inst in pool.instances:
+                entry = msg.instances.add(
+                    instance_id=inst.instance_id, pool=inst.pool, role=_ROLE[inst.role]
+                )
+                if inst.load is not None:
+                    entry.load.CopyFrom(
+                        pdserve_pb2.InstanceLoad(
+                            queued_prefill_tokens=inst.load.queued_prefill_tokens,
+                            running_seqs=inst.load.running_seqs,
+                            free_kv_blocks=inst.load.free_kv_blocks,
+                            total_kv_blocks=inst.load.total_kv_blocks,
+                            age_ms=inst.age_s * 1000,
+                        )
+                    )
+        return out
+
+    def _health(self, service: str, context: Any) -> health_pb2.HealthCheckResponse:
+        if service not in _HEALTH_NAMES:
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            context.set_details(f"unknown service {service!r}")
+            raise GrpcStatusError(f"unknown service {service!r}")
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self._core.healthy()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        return health_pb2.HealthCheckResponse(status=status)
+
+    def check(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> health_pb2.HealthCheckResponse:
+        return self._health(request.service, context)
+
+    async def watch(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        last = None
+        while True:  # ends when the client cancels the call
+            current = self._health(request.service, context)
+            if current.status != last:
+                last = current.status
+                yield current
+            await asyncio.sleep(_WATCH_PERIOD_S)

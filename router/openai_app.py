@@ -1,0 +1,314 @@
+"""The OpenAI-compatible HTTP API on Serve's HTTP proxy.
+
+    POST /v1/completions        prompt text or token ids; stream=true for SSE
+    POST /v1/chat/completions   messages; stream=true for SSE
+    GET  /v1/models
+    GET  /health                200 while a decode instance is live, else 503 (no key)
+    GET  /metrics               Prometheus text format
+
+Bodies are read with a size bound (413 beyond it) and parsed with the schemas in
+`openai_schema`; any bad field is a 400 in OpenAI's error shape, with the field named
+in `param`. With an API key configured, every route but /health needs
+`Authorization: Bearer <key>`. Streams are server-sent events ending in `data: [DONE]`;
+an error after the stream started is sent as an `error` event. When the client goes
+away, Serve cancels the handler and the request is aborted on every pool.
+
+Each choice also carries the generated `token_ids`, and the last message `timings`
+(the TTFT breakdown), as pdserve extensions.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+
+from router.core import RouterCore, Session
+from router.errors import HTTP_STATUS, ErrorKind, RouterError
+from router.openai_schema import ChatBody, CompletionBody, first_error
+from router.results import Delta, Finish
+from router.validation import OPENAI_FIELDS, InvalidRequest
+
+
+def _error(kind: ErrorKind, message: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind.value, "param": param, "code": None}}
+    return JSONResponse(body, status_code=HTTP_STATUS[kind])
+
+
+def _from(e: RouterError) -> JSONResponse:
+    return _error(e.kind, e.message, e.field)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _usage(f: Finish) -> dict[str, Any]:
+    u = f.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+    }
+
+
+def _timings(f: Finish) -> dict[str, Any]:
+    t = f.timings
+    return {
+        "queue_ms": t.queue_ms,
+        "prefill_ms": t.prefill_ms,
+        "kv_transfer_ms": t.kv_transfer_ms,
+        "ttft_ms": t.ttft_ms,
+        "mean_tpot_ms": t.mean_tpot_ms,
+        "disaggregated": t.disaggregated,
+    }
+
+
+class OpenAIApp:
+    def __init__(self, core: RouterCore) -> None:
+        self._core = core
+        key = core.settings.http_api_key
+        self._expected = f"Bearer {key}".encode() if key else None
+        self._tok = core.encoder.tokenizer
+
+    def _authorized(self, request: Request) -> bool:
+        if self._expected is None:
+            return True
+        got = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(got, self._expected)
+
+    def _unauthorized(self) -> JSONResponse:
+        return _error(ErrorKind.UNAUTHENTICATED, "missing or wrong API key")
+
+    def build(self) -> FastAPI:
+        app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.get("/health")
+        async def health() -> Response:
+            ok = self._core.healthy()
+            return JSONResponse(
+                {"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503
+            )
+
+        @app.get("/metrics")
+        async def metrics(request: Request) -> Response:
+            if not self._authorized(request):
+                return self._unauthorized()
+            return Response(self._core.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> Response:
+            if not self._authorized(request):
+                return self._unauthorized()
+            s = self._core.settings
+            card = {
+                "id": s.served_model,
+                "object": "model",
+                "owned_by": "pdserve",
+                "max_model_len": s.max_model_len,
+            }
+            return JSONResponse({"object": "list", "data": [card]})
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await self._handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await self._handle(request, chat=True)
+
+        return app
+
+    async def _handle(self, request: Request, chat: bool) -> Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        try:
+            body = await _read_body(request, self._core.settings.max_request_bytes)
+        except _TooLarge:
+            limit = self._core.settings.max_request_bytes
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"body exceeds {limit} bytes",
+                        "type": "invalid_argument",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status_code=413,
+            )
+        parsed: ChatBody | CompletionBody
+        try:
+            if chat:
+                chat_body = ChatBody.model_validate_json(body)
+                raw = chat_body.to_raw(self._core.settings.default_chat_max_tokens)
+                parsed = chat_body
+            else:
+                parsed = CompletionBody.model_validate_json(body)
+                raw = parsed.to_raw()
+            session = self._core.open(raw, OPENAI_FIELDS, "http")
+        except ValidationError as e:
+            err = first_error(e)
+            return _error(ErrorKind.INVALID_ARGUMENT, str(err), err.field)
+        except InvalidRequest as e:
+            return _error(ErrorKind.INVALID_ARGUMENT, str(e), e.field)
+        except RouterError as e:
+            return _from(e)
+        renderer = _Renderer(self._core.settings.served_model, chat, self._tok, session.request_id)
+        if parsed.stream:
+            return StreamingResponse(
+                self._sse(session, renderer, parsed.include_usage),
+                media_type="text/event-stream",
+                background=BackgroundTask(session.close),  # if the stream never starts
+            )
+        return await self._complete(session, renderer)
+
+    async def _complete(self, session: Session, r: _Renderer) -> Response:
+        deltas: list[Delta] = []
+        try:
+            async for delta in session.stream():
+                deltas.append(delta)
+        except RouterError as e:
+            return _from(e)
+        finally:
+            session.close()
+        return JSONResponse(r.whole(deltas))
+
+    async def _sse(
+        self, session: Session, r: _Renderer, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        try:
+            if r.chat:
+                yield _event(r.chunk_head())
+            async for delta in session.stream():
+                yield _event(r.chunk(delta))
+                if delta.finish is not None and include_usage:
+                    yield _event(r.usage_chunk(delta.finish))
+        except RouterError as e:
+            yield _event({"error": {"message": e.message, "type": e.kind.value, "param": e.field}})
+        finally:
+            session.close()
+        yield b"data: [DONE]\n\n"
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Renderer:
+    """OpenAI response objects for one request."""
+
+    def __init__(self, model: str, chat: bool, tokenizer: Any, request_id: str) -> None:
+        self.model = model
+        self.chat = chat
+        self._tok = tokenizer
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id.removeprefix("req-")
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _logprobs(self, deltas: list[Delta]) -> dict[str, Any] | list[dict[str, Any]] | None:
+        lps = [(tok, lp) for d in deltas for tok, lp in zip(d.token_ids, d.logprobs, strict=False)]
+        if not any(d.logprobs for d in deltas):
+            return None
+        piece = self._tok.decode
+        if self.chat:
+            return [
+                {
+                    "token": piece([tok], skip_special_tokens=False),
+                    "logprob": lp.logprob,
+                    "top_logprobs": [
+                        {"token": piece([t], skip_special_tokens=False), "logprob": v}
+                        for t, v in lp.top
+                    ],
+                }
+                for tok, lp in lps
+            ]
+        return {
+            "tokens": [piece([tok], skip_special_tokens=False) for tok, _ in lps],
+            "token_logprobs": [lp.logprob for _, lp in lps],
+            "top_logprobs": [
+                {piece([t], skip_special_tokens=False): v for t, v in lp.top} for _, lp in lps
+            ],
+        }
+
+    def whole(self, deltas: list[Delta]) -> dict[str, Any]:
+        finish = deltas[-1].finish if deltas else None
+        text = "".join(d.text for d in deltas)
+        ids = [t for d in deltas for t in d.token_ids]
+        logprobs = self._logprobs(deltas)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": finish.reason if finish else None,
+            "token_ids": ids,
+        }
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = {"content": logprobs} if logprobs is not None else None
+            out = self._base("chat.completion")
+        else:
+            choice["text"] = text
+            choice["logprobs"] = logprobs
+            out = self._base("text_completion")
+        out["choices"] = [choice]
+        if finish is not None:
+            out["usage"] = _usage(finish)
+            out["timings"] = _timings(finish)
+        return out
+
+    def chunk_head(self) -> dict[str, Any]:
+        out = self._base("chat.completion.chunk")
+        out["choices"] = [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        ]
+        return out
+
+    def chunk(self, delta: Delta) -> dict[str, Any]:
+        f = delta.finish
+        logprobs = self._logprobs([delta])
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": f.reason if f else None,
+            "token_ids": list(delta.token_ids),
+        }
+        if self.chat:
+            choice["delta"] = {"content": delta.text}
+            choice["logprobs"] = {"content": logprobs} if logprobs is not None else None
+            out = self._base("chat.completion.chunk")
+        else:
+            choice["text"] = delta.text
+            choice["logprobs"] = logprobs
+            out = self._base("text_completion")
+        out["choices"] = [choice]
+        if f is not None:
+            out["timings"] = _timings(f)
+        return out
+
+    def usage_chunk(self, f: Finish) -> dict[str, Any]:
+        out = self._base("chat.completion.chunk" if self.chat else "text_completion")
+        out["choices"] = []
+        out["usage"] = _usage(f)
+        return out

@@ -1,0 +1,44 @@
+"""The router deployment's settings, resolved from the cluster config by the builder
+(deployments never parse raw config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from decode_worker.messages import PoolRole
+from router.dispatch import DispatchTimeouts
+from router.validation import Limits
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str
+    role: PoolRole
+    replicas: int
+    tp: int
+    pp: int
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    cluster: str
+    served_model: str
+    model_dir: str
+    max_model_len: int
+    block_size: int
+    redis_url: str
+    lease_ttl_s: float
+    pools: tuple[PoolSpec, ...]
+    disaggregation_threshold: int
+    limits: Limits
+    timeouts: DispatchTimeouts
+    max_inflight_requests: int
+    max_request_bytes: int
+    view_refresh_interval_s: float
+    default_chat_max_tokens: int
+    grpc_bearer_token: str | None = None
+    http_api_key: str | None = None
+
+    @property
+    def has_prefill_pool(self) -> bool:
+        return any(p.role is PoolRole.PREFILL for p in self.pools)

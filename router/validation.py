@@ -1,0 +1,271 @@
+"""Request validation: every field bounded, every error naming its field.
+
+Both front ends (gRPC and the OpenAI HTTP API) turn their request into a `RawRequest`
+and call `RequestValidator.validate` with their own `FieldNames`, so the same rule
+reports `sampling.top_p` over gRPC and `top_p` over HTTP. Validation is side-effect
+free and runs before anything is routed; the worker's engine validates again.
+
+Order: cheap checks first (model, tag, exactly one input, sampling values), then the
+prompt is tokenized (its size bounded before that), then the token-count limits:
+prompt below the context length and `prompt + max_tokens` within it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine import SamplingParams
+from router.tokenization import PromptEncoder
+
+
+class InvalidRequest(ValueError):
+    """A client error; `field` is the protocol's name for the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    input: str
+    prompt: str
+    token_ids: str
+    messages: str
+    temperature: str
+    top_p: str
+    top_k: str
+    max_tokens: str
+    stop: str
+    stop_token_ids: str
+    seed: str
+    logprobs: str
+    client_tag: str
+    model: str
+
+
+PROTO_FIELDS = FieldNames(
+    input="input",
+    prompt="prompt",
+    token_ids="token_ids.ids",
+    messages="chat.messages",
+    temperature="sampling.temperature",
+    top_p="sampling.top_p",
+    top_k="sampling.top_k",
+    max_tokens="sampling.max_tokens",
+    stop="sampling.stop",
+    stop_token_ids="sampling.stop_token_ids",
+    seed="sampling.seed",
+    logprobs="sampling.logprobs",
+    client_tag="client_tag",
+    model="model",
+)
+
+OPENAI_FIELDS = FieldNames(
+    input="prompt",
+    prompt="prompt",
+    token_ids="prompt",
+    messages="messages",
+    temperature="temperature",
+    top_p="top_p",
+    top_k="top_k",
+    max_tokens="max_tokens",
+    stop="stop",
+    stop_token_ids="stop_token_ids",
+    seed="seed",
+    logprobs="logprobs",
+    client_tag="user",
+    model="model",
+)
+
+
+@dataclass(frozen=True)
+class ChatMessageIn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class RawSampling:
+    """Sampling fields as the client sent them; None means unset."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class RawRequest:
+    prompt: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessageIn, ...] | None = None
+    sampling: RawSampling = RawSampling()
+    model: str = ""
+    client_tag: str = ""
+    # max_tokens when unset; None: the engine's default of 16. Either way it is cut to
+    # what the context has left.
+    default_max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_model_len: int
+    max_prompt_tokens: int
+    max_prompt_chars: int = 1 << 20
+    max_messages: int = 1024
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_logprobs: int = 20
+    max_client_tag_chars: int = 128
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    client_tag: str
+
+
+_ENGINE_DEFAULT_MAX_TOKENS = 16
+
+
+class RequestValidator:
+    def __init__(self, limits: Limits, encoder: PromptEncoder, served_model: str) -> None:
+        self.limits = limits
+        self.encoder = encoder
+        self.served_model = served_model
+
+    def validate(self, raw: RawRequest, names: FieldNames) -> ValidRequest:
+        lim = self.limits
+        if raw.model and raw.model != self.served_model:
+            raise InvalidRequest(
+                names.model,
+                f"unknown model {raw.model!r}; this cluster serves {self.served_model!r}",
+            )
+        if len(raw.client_tag) > lim.max_client_tag_chars:
+            raise InvalidRequest(names.client_tag, f"at most {lim.max_client_tag_chars} characters")
+        given = [x for x in (raw.prompt, raw.token_ids, raw.messages) if x is not None]
+        if len(given) != 1:
+            raise InvalidRequest(
+                names.input, "exactly one of prompt, token ids or messages is required"
+            )
+        self._check_sampling(raw.sampling, names)
+        prompt, field = self._tokenize(raw, names)
+        n = len(prompt)
+        if n == 0:
+            raise InvalidRequest(field, "the prompt must not be empty")
+        limit = min(lim.max_prompt_tokens, lim.max_model_len - 1)
+        if n > limit:
+            raise InvalidRequest(
+                field,
+                f"the prompt is {n} tokens; at most {limit} are allowed "
+                f"(max_model_len {lim.max_model_len} holds the prompt and the output)",
+            )
+        room = lim.max_model_len - n
+        s = raw.sampling
+        if s.max_tokens is None:
+            max_tokens = min(raw.default_max_tokens or _ENGINE_DEFAULT_MAX_TOKENS, room)
+        elif s.max_tokens > room:
+            raise InvalidRequest(
+                names.max_tokens,
+                f"prompt ({n} tokens) plus max_tokens ({s.max_tokens}) exceeds the "
+                f"context length {lim.max_model_len}; at most {room} more tokens fit",
+            )
+        else:
+            max_tokens = s.max_tokens
+        params = SamplingParams(
+            temperature=1.0 if s.temperature is None else s.temperature,
+            top_p=1.0 if s.top_p is None else s.top_p,
+            top_k=-1 if s.top_k is None else s.top_k,
+            max_tokens=max_tokens,
+            stop=list(s.stop),
+            stop_token_ids=list(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+            seed=s.seed,
+            logprobs=s.logprobs,
+        )
+        return ValidRequest(tuple(prompt), params, raw.client_tag)
+
+    def _check_sampling(self, s: RawSampling, names: FieldNames) -> None:
+        lim = self.limits
+        if s.temperature is not None and not (math.isfinite(s.temperature) and s.temperature >= 0):
+            raise InvalidRequest(
+                names.temperature, f"must be a finite number >= 0, got {s.temperature}"
+            )
+        if s.top_p is not None and not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
+            raise InvalidRequest(names.top_p, f"must be in (0, 1], got {s.top_p}")
+        if s.top_k is not None and s.top_k < -1:
+            raise InvalidRequest(names.top_k, f"must be -1 or 0 (off) or >= 1, got {s.top_k}")
+        if s.max_tokens is not None and s.max_tokens < 1:
+            raise InvalidRequest(names.max_tokens, f"must be >= 1, got {s.max_tokens}")
+        if len(s.stop) > lim.max_stop_strings:
+            raise InvalidRequest(
+                names.stop, f"at most {lim.max_stop_strings} stop strings, got {len(s.stop)}"
+            )
+        for i, stop in enumerate(s.stop):
+            if not 1 <= len(stop) <= lim.max_stop_string_chars:
+                raise InvalidRequest(
+                    f"{names.stop}[{i}]", f"must be 1..{lim.max_stop_string_chars} characters"
+                )
+        if len(s.stop_token_ids) > lim.max_stop_token_ids:
+            raise InvalidRequest(names.stop_token_ids, f"at most {lim.max_stop_token_ids} ids")
+        vocab = self.encoder.vocab_size
+        for i, tok in enumerate(s.stop_token_ids):
+            if not 0 <= tok < vocab:
+                raise InvalidRequest(
+                    f"{names.stop_token_ids}[{i}]", f"{tok} is outside [0, {vocab})"
+                )
+        if s.seed is not None and not 0 <= s.seed < 2**63:
+            raise InvalidRequest(names.seed, f"must be in [0, 2**63), got {s.seed}")
+        if s.logprobs is not None and not 0 <= s.logprobs <= lim.max_logprobs:
+            raise InvalidRequest(
+                names.logprobs, f"must be in [0, {lim.max_logprobs}], got {s.logprobs}"
+            )
+
+    def _tokenize(self, raw: RawRequest, names: FieldNames) -> tuple[list[int], str]:
+        lim = self.limits
+        if raw.prompt is not None:
+            if len(raw.prompt) > lim.max_prompt_chars:
+                raise InvalidRequest(names.prompt, f"at most {lim.max_prompt_chars} characters")
+            return self.encoder.encode(raw.prompt), names.prompt
+        if raw.token_ids is not None:
+            given = raw.token_ids
+            if len(given) > lim.max_prompt_tokens:
+                raise InvalidRequest(names.token_ids, f"at most {lim.max_prompt_tokens} tokens")
+            vocab = self.encoder.vocab_size
+            for i, tok in enumerate(given):
+                if not 0 <= tok < vocab:
+                    raise InvalidRequest(
+                        f"{names.token_ids}[{i}]", f"{tok} is outside [0, {vocab})"
+                    )
+            return list(given), names.token_ids
+        messages = raw.messages or ()
+        if not messages:
+            raise InvalidRequest(names.messages, "must not be empty")
+        if len(messages) > lim.max_messages:
+            raise InvalidRequest(names.messages, f"at most {lim.max_messages} messages")
+        if sum(len(m.content) for m in messages) > lim.max_prompt_chars:
+            raise InvalidRequest(
+                names.messages, f"at most {lim.max_prompt_chars} characters in all"
+            )
+        try:
+            ids = self.encoder.chat([{"role": m.role, "content": m.content} for m in messages])
+        except ValueError as e:
+            text = str(e)
+            # The tokenizer names `messages[i].field`; put the protocol's path in front.
+            if text.startswith("messages"):
+                raise InvalidRequest(
+                    names.messages + text[len("messages") :].split(" ", 1)[0],
+                    text.split(" ", 1)[1] if " " in text else text,
+                ) from None
+            raise InvalidRequest(names.messages, text) from None
+        return ids, names.messages
