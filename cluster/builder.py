@@ -1,0 +1,209 @@
+"""One function turns a validated `ClusterConfig` into the Ray Serve application.
+
+The graph, one Serve application named "pdserve" with the router as its ingress:
+
+    router      (ingress; Serve's gRPC proxy: pdserve.v1.PDServe + grpc.health.v1.Health,
+      |          Serve's HTTP proxy: the OpenAI API, /health, /metrics)
+      |-> decode pool    DecodeWorker, role decode or colocated
+      '-> prefill pool   PrefillWorker, only when the config has one
+
+    prefill replicas --KV via kv_transfer--> decode replicas   (outside Serve)
+    every replica <--> Redis: registry leases, load reports, kv rendezvous, prefix index
+
+Each pool is one deployment with the pool's name and replica count. A replica asks Ray
+for its rank's resources; its engine pins torch to the pool's CPU share. The router
+reaches a chosen replica through `router.pinning.PinnedReplicaRouter`, which both pool
+deployments use as their Serve request router.
+
+`build_app` also checks the config against the model (context length, KV cache size,
+TP/PP geometry), so a config that cannot run fails here, not in a replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.config import HTTPOptions, RequestRouterConfig, gRPCOptions
+from ray.serve.schema import LoggingConfig
+
+from cluster.config import ClusterConfig, ConfigError, PoolConfig
+from decode_worker.deployment import DecodeWorker
+from decode_worker.messages import PoolRole, WorkerSettings
+from engine.config import ModelConfig, parse_dtype
+from engine.kv_cache import KVCacheLayout
+from kv_transfer.base import Parallelism
+from kv_transfer.mapping import KVGeometry
+from prefill_worker.deployment import PrefillWorker
+from router.deployment import Router
+from router.dispatch import DispatchTimeouts
+from router.pinning import ROUTER_CLASS_PATH
+from router.settings import PoolSpec, RouterSettings
+from router.validation import Limits
+
+APP_NAME = "pdserve"
+GRPC_SERVICER_FUNCTIONS = [
+    "protos.pdserve.v1.pdserve_pb2_grpc.add_PDServeServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+# The engines batch and queue requests themselves; Serve must not cap them at its
+# default of 5 in flight per replica.
+_WORKER_MAX_ONGOING = 4096
+_LOGGING = LoggingConfig(enable_access_log=False)
+_PINNED = RequestRouterConfig.model_validate({"request_router_class": ROUTER_CLASS_PATH})
+
+
+def serve_options(config: ClusterConfig) -> tuple[HTTPOptions, gRPCOptions]:
+    """Options for `serve.start`: the proxies' addresses and the gRPC services."""
+    http = HTTPOptions(host=config.server.host, port=config.server.http_port)
+    grpc = gRPCOptions(
+        port=config.server.grpc_port,
+        grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
+        enable_reflection=True,
+    )
+    return http, grpc
+
+
+def check_against_model(config: ClusterConfig, model_dir: str) -> ModelConfig:
+    mc = ModelConfig.from_dir(model_dir)
+    if config.model.max_model_len > mc.max_position_embeddings:
+        raise ConfigError(
+            f"model.max_model_len: {config.model.max_model_len} exceeds the model's "
+            f"max_position_embeddings ({mc.max_position_embeddings})"
+        )
+    geo = KVGeometry(mc.num_layers, mc.num_kv_heads)
+    dtype = parse_dtype(config.model.dtype)
+    for p in config.pools:
+        where = f"pools.{p.name}"
+        try:
+            geo.check(Parallelism(p.tp, p.pp))
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if p.world_size > 1:
+            raise ConfigError(
+                f"{where}.tp/pp: this build runs one engine rank per replica (tp=pp=1); "
+                "scale with replicas instead"
+            )
+        layout = KVCacheLayout.from_budget(mc, p.engine.block_size, p.engine.kv_cache_bytes, dtype)
+        fits = layout.num_blocks * layout.block_size
+        if fits < config.model.max_model_len:
+            need = -(-config.model.max_model_len // layout.block_size) * layout.block_bytes
+            raise ConfigError(
+                f"{where}.engine.kv_cache_bytes: holds {fits} tokens, fewer than "
+                f"model.max_model_len ({config.model.max_model_len}); need at least {need} bytes"
+            )
+    return mc
+
+
+def worker_settings(
+    config: ClusterConfig, pool: PoolConfig, model_dir: str, redis_url: str
+) -> WorkerSettings:
+    e = pool.engine
+    return WorkerSettings(
+        cluster=config.name,
+        pool=pool.name,
+        role=pool.role,
+        model_dir=model_dir,
+        dtype=config.model.dtype,
+        max_model_len=config.model.max_model_len,
+        block_size=e.block_size,
+        kv_cache_bytes=int(e.kv_cache_bytes),
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        max_num_seqs=e.max_num_seqs,
+        num_threads=pool.num_threads,
+        enable_prefix_caching=e.enable_prefix_caching,
+        max_stop_strings=config.router.max_stop_strings,
+        max_logprobs=config.router.max_logprobs,
+        redis_url=redis_url,
+        lease_ttl_s=config.redis.lease_ttl_s,
+        load_report_interval_s=config.redis.load_report_interval_s,
+        transport=config.kv_transfer.transport,
+        transfer_host=config.kv_transfer.host,
+        transfer_timeout_s=config.kv_transfer.timeout_s,
+        device=pool.device,
+        tp=pool.tp,
+        pp=pool.pp,
+    )
+
+
+def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> RouterSettings:
+    r = config.router
+    max_len = config.model.max_model_len
+    s = config.server
+    return RouterSettings(
+        cluster=config.name,
+        served_model=config.model.served_id,
+        model_dir=model_dir,
+        max_model_len=max_len,
+        block_size=config.block_size,
+        redis_url=redis_url,
+        lease_ttl_s=config.redis.lease_ttl_s,
+        pools=tuple(PoolSpec(p.name, p.role, p.replicas, p.tp, p.pp) for p in config.pools),
+        disaggregation_threshold=r.disaggregation_threshold,
+        limits=Limits(
+            max_model_len=max_len,
+            max_prompt_tokens=r.max_prompt_tokens or max_len - 1,
+            max_prompt_chars=int(r.max_request_bytes),
+            max_stop_strings=r.max_stop_strings,
+            max_logprobs=r.max_logprobs,
+        ),
+        timeouts=DispatchTimeouts(
+            dispatch_s=r.dispatch_timeout_s,
+            stream_idle_s=max(r.stream_idle_timeout_s, config.kv_transfer.timeout_s + 15.0),
+            prefill_s=r.prefill_timeout_s,
+            transfer_s=config.kv_transfer.timeout_s,
+        ),
+        max_inflight_requests=r.max_inflight_requests,
+        max_request_bytes=int(r.max_request_bytes),
+        view_refresh_interval_s=r.view_refresh_interval_s,
+        default_chat_max_tokens=r.default_chat_max_tokens,
+        grpc_bearer_token=s.grpc_bearer_token.get_secret_value() if s.grpc_bearer_token else None,
+        http_api_key=s.api_key.get_secret_value() if s.api_key else None,
+    )
+
+
+def _pool_deployment(
+    config: ClusterConfig, pool: PoolConfig, model_dir: str, redis_url: str
+) -> Any:
+    res = dict(pool.resources_per_rank)
+    actor: dict[str, Any] = {"num_cpus": res.pop("CPU", 0.0), "num_gpus": res.pop("GPU", 0.0)}
+    if res:
+        actor["resources"] = res
+    cls = PrefillWorker if pool.role is PoolRole.PREFILL else DecodeWorker
+    deployment: Any = serve.deployment(cls)
+    deployment = deployment.options(
+        name=pool.name,
+        num_replicas=pool.replicas,
+        ray_actor_options=actor,
+        max_ongoing_requests=_WORKER_MAX_ONGOING,
+        request_router_config=_PINNED,
+        health_check_period_s=10.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=30.0,
+        logging_config=_LOGGING,
+    )
+    return deployment.bind(worker_settings(config, pool, model_dir, redis_url))
+
+
+def build_app(config: ClusterConfig, *, model_dir: str, redis_url: str) -> Any:
+    """The Serve application for `config` (a `serve.Application`).
+
+    `model_dir` is the model as an HF-format directory (`engine.model_source.
+    resolve_model` makes one from any source); `redis_url` the cluster's Redis.
+    """
+    check_against_model(config, model_dir)
+    decode = _pool_deployment(config, config.generating_pool, model_dir, redis_url)
+    prefill_pool = config.prefill_pool
+    prefill = _pool_deployment(config, prefill_pool, model_dir, redis_url) if prefill_pool else None
+    r = config.router
+    router: Any = serve.deployment(Router)
+    router = router.options(
+        name="router",
+        num_replicas=r.replicas,
+        ray_actor_options={"num_cpus": r.num_cpus},
+        max_ongoing_requests=r.max_inflight_requests + 64,  # health checks and status
+        health_check_period_s=10.0,
+        graceful_shutdown_timeout_s=10.0,
+        logging_config=_LOGGING,
+    )
+    return router.bind(router_settings(config, model_dir, redis_url), decode, prefill)

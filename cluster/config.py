@@ -1,0 +1,407 @@
+"""The cluster's typed configuration.
+
+`load_config(path, overrides)` reads YAML, applies command-line overrides (dotted
+`key=value` pairs; a pool is addressed by its name, as in `pools.decode.replicas=2`;
+values are parsed as YAML) and validates the result. Every field has a description and
+bounds; cross-field rules are checked when the config is built, so a bad config fails
+before anything starts, with the field named:
+
+* pool names are unique; there is exactly one pool that generates tokens (role
+  `decode` or `colocated`) and at most one `prefill` pool; a `prefill` pool needs a
+  `decode` pool and a `decode` pool needs a `prefill` pool (without one, use
+  `colocated`);
+* every pool uses the same KV block size (blocks move 1:1 and prefix hashes must
+  agree);
+* the HTTP and gRPC ports differ; the heartbeat-driven load report is more frequent
+  than the lease TTL; the router's prompt limit is below the context length.
+
+Checks that need the model's shape (KV cache size, TP/PP geometry) run in the builder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cluster.registry.types import NAME_PATTERN
+from decode_worker.messages import PoolRole
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+_STRICT = ConfigDict(extra="forbid")
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names every bad field."""
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    source: str = Field(
+        default="smollm2-135m-instruct",
+        description="A known model name, an HF-format directory, or a .gguf file.",
+    )
+    served_name: str | None = Field(
+        default=None,
+        description="The model id clients use and ListModels reports; default: the "
+        "source's base name.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Weights and KV cache dtype."
+    )
+    max_model_len: int = Field(
+        default=2048, ge=2, le=1 << 20, description="Prompt plus output tokens per request."
+    )
+
+    @property
+    def served_id(self) -> str:
+        return self.served_name or Path(self.source.rstrip("/")).name.removesuffix(".gguf")
+
+
+class EngineLimits(BaseModel):
+    model_config = _STRICT
+
+    block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV block.")
+    kv_cache_bytes: ByteSize = Field(
+        default=ByteSize(256 << 20), description="KV cache per replica, e.g. '512MiB'."
+    )
+    max_num_batched_tokens: int = Field(
+        default=2048, ge=1, description="Token budget of one engine step (chunked prefill)."
+    )
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences running at once.")
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per engine; default: the CPUs per rank."
+    )
+    enable_prefix_caching: bool = Field(default=True, description="Reuse cached prompt blocks.")
+
+
+class PoolConfig(BaseModel):
+    model_config = _STRICT
+
+    name: Name = Field(description="Pool name; also the Serve deployment's name.")
+    role: PoolRole = Field(description="prefill, decode or colocated.")
+    replicas: int = Field(default=1, ge=1, le=1024, description="Engine replicas in the pool.")
+    tp: int = Field(default=1, ge=1, le=64, description="Tensor-parallel ranks per replica.")
+    pp: int = Field(default=1, ge=1, le=64, description="Pipeline-parallel stages per replica.")
+    resources_per_rank: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description='Ray resources per rank, e.g. {"CPU": 1} or {"GPU": 1, "CPU": 2}.',
+    )
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="STRICT_PACK", description="How a replica's ranks are placed (its placement group)."
+    )
+    engine: EngineLimits = Field(
+        default_factory=lambda: EngineLimits.model_validate({}), description="Engine limits."
+    )
+
+    @field_validator("resources_per_rank")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(amount < 0 for amount in v.values()):
+            raise ValueError("resource amounts must be >= 0")
+        if v.get("CPU", 0) <= 0 and v.get("GPU", 0) <= 0:
+            raise ValueError("each rank needs some CPU or GPU")
+        return v
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.resources_per_rank.get("GPU", 0) > 0 else "cpu"
+
+    @property
+    def num_threads(self) -> int:
+        if self.engine.num_threads is not None:
+            return self.engine.num_threads
+        return max(1, int(self.resources_per_rank.get("CPU", 1)))
+
+
+def default_pools() -> list[PoolConfig]:
+    return [
+        PoolConfig.model_validate({"name": "prefill", "role": PoolRole.PREFILL}),
+        PoolConfig.model_validate({"name": "decode", "role": PoolRole.DECODE}),
+    ]
+
+
+class RouterConfig(BaseModel):
+    model_config = _STRICT
+
+    replicas: int = Field(default=1, ge=1, le=64, description="Router replicas.")
+    num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs per router replica.")
+    disaggregation_threshold: int = Field(
+        default=64,
+        ge=0,
+        description="Prompts with fewer uncached tokens than this are prefilled by the "
+        "decode instance itself; longer ones by the prefill pool.",
+    )
+    max_inflight_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests one router replica holds; beyond: RESOURCE_EXHAUSTED.",
+    )
+    max_request_bytes: ByteSize = Field(
+        default=ByteSize(1 << 20), description="Largest gRPC message or HTTP body accepted."
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="Longest prompt; default: max_model_len - 1."
+    )
+    max_stop_strings: int = Field(default=16, ge=0, le=64, description="Stop strings per request.")
+    max_logprobs: int = Field(default=20, ge=0, le=100, description="Top logprobs per token.")
+    default_chat_max_tokens: int = Field(
+        default=256, ge=1, description="max_tokens of a chat completion that sets none."
+    )
+    dispatch_timeout_s: float = Field(
+        default=30.0, gt=0, description="Wait for a pool's first answer."
+    )
+    stream_idle_timeout_s: float = Field(
+        default=120.0, gt=0, description="Longest gap between two chunks of one stream."
+    )
+    prefill_timeout_s: float = Field(default=60.0, gt=0, description="Longest remote prefill.")
+    view_refresh_interval_s: float = Field(
+        default=0.2, gt=0, le=5.0, description="How often the router re-reads registry and loads."
+    )
+
+
+class ServerConfig(BaseModel):
+    model_config = _STRICT
+
+    host: str = Field(
+        default="127.0.0.1", description="HTTP bind address; loopback unless set wider on purpose."
+    )
+    http_port: Port = Field(default=8000, description="OpenAI-compatible HTTP API port.")
+    grpc_port: Port = Field(default=9000, description="gRPC API port.")
+    api_key: SecretStr | None = Field(
+        default=None, description="HTTP API key (Bearer); None: open."
+    )
+    grpc_bearer_token: SecretStr | None = Field(
+        default=None, description="gRPC bearer token (authorization metadata); None: open."
+    )
+    grpc_tls_cert_file: Path | None = Field(default=None, description="gRPC TLS certificate.")
+    grpc_tls_key_file: Path | None = Field(default=None, description="gRPC TLS private key.")
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServerConfig:
+        if self.grpc_tls_cert_file is not None or self.grpc_tls_key_file is not None:
+            raise ValueError(
+                "grpc_tls_cert_file/grpc_tls_key_file: Ray Serve 2.60's gRPC proxy only "
+                "serves plaintext; terminate TLS in front of it (a load balancer or a "
+                "sidecar) and keep grpc_bearer_token set"
+            )
+        return self
+
+
+class RedisConfig(BaseModel):
+    model_config = _STRICT
+
+    url: str | None = Field(
+        default=None, description="redis://, rediss:// or unix:// URL; None: start an embedded one."
+    )
+    port: Port | None = Field(default=None, description="Embedded server's port; None: a free one.")
+    lease_ttl_s: float = Field(default=10.0, gt=0, description="Registry lease TTL.")
+    load_report_interval_s: float = Field(
+        default=0.5, gt=0, description="How often instances publish load and cached blocks."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @model_validator(mode="after")
+    def _intervals(self) -> RedisConfig:
+        if self.load_report_interval_s >= self.lease_ttl_s:
+            raise ValueError("load_report_interval_s must be shorter than lease_ttl_s")
+        return self
+
+
+class KVTransferConfig(BaseModel):
+    model_config = _STRICT
+
+    transport: Literal["torch_dist", "shm"] = Field(
+        default="torch_dist",
+        description="torch_dist (Gloo/NCCL; any hosts) or shm (prefill and decode on one host).",
+    )
+    host: str = Field(
+        default="127.0.0.1", description="Address torch_dist receivers bind and advertise."
+    )
+    timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one transfer.")
+
+
+class RayConfig(BaseModel):
+    model_config = _STRICT
+
+    address: str | None = Field(
+        default=None, description="Existing Ray cluster; None: start local Ray."
+    )
+    num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="Logical CPUs of a local Ray; default: enough for the pools.",
+    )
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: Name = Field(default="pdserve", description="Cluster name; namespaces every Redis key.")
+    model: ModelSettings = Field(default_factory=lambda: ModelSettings.model_validate({}))
+    pools: list[PoolConfig] = Field(default_factory=default_pools, min_length=1)
+    router: RouterConfig = Field(default_factory=lambda: RouterConfig.model_validate({}))
+    server: ServerConfig = Field(default_factory=lambda: ServerConfig.model_validate({}))
+    redis: RedisConfig = Field(default_factory=lambda: RedisConfig.model_validate({}))
+    kv_transfer: KVTransferConfig = Field(
+        default_factory=lambda: KVTransferConfig.model_validate({})
+    )
+    ray: RayConfig = Field(default_factory=lambda: RayConfig.model_validate({}))
+
+    @model_validator(mode="after")
+    def _topology(self) -> ClusterConfig:
+        names = [p.name for p in self.pools]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"pools: duplicate pool names {dup}")
+        roles = [p.role for p in self.pools]
+        generating = [p for p in self.pools if p.role is not PoolRole.PREFILL]
+        if len(generating) != 1:
+            raise ValueError(
+                f"pools: need exactly one decode or colocated pool, got {len(generating)}"
+            )
+        if roles.count(PoolRole.PREFILL) > 1:
+            raise ValueError("pools: at most one prefill pool")
+        if PoolRole.PREFILL in roles and PoolRole.DECODE not in roles:
+            raise ValueError("pools: a prefill pool needs a decode pool (not colocated)")
+        if PoolRole.DECODE in roles and PoolRole.PREFILL not in roles:
+            raise ValueError(
+                "pools: a decode pool needs a prefill pool; without one use role colocated"
+            )
+        sizes = {p.engine.block_size for p in self.pools}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"pools[*].engine.block_size: all pools must agree, got {sorted(sizes)}"
+            )
+        if self.server.http_port == self.server.grpc_port:
+            raise ValueError("server.grpc_port: must differ from server.http_port")
+        mp = self.router.max_prompt_tokens
+        if mp is not None and mp >= self.model.max_model_len:
+            raise ValueError("router.max_prompt_tokens: must be below model.max_model_len")
+        return self
+
+    # -- derived ----------------------------------------------------------------------
+
+    @property
+    def generating_pool(self) -> PoolConfig:
+        return next(p for p in self.pools if p.role is not PoolRole.PREFILL)
+
+    @property
+    def prefill_pool(self) -> PoolConfig | None:
+        return next((p for p in self.pools if p.role is PoolRole.PREFILL), None)
+
+    @property
+    def block_size(self) -> int:
+        return self.pools[0].engine.block_size
+
+    def required_cpus(self) -> float:
+        """Logical CPUs that the router and every pool replica ask Ray for."""
+        total = self.router.num_cpus * self.router.replicas
+        for p in self.pools:
+            total += p.resources_per_rank.get("CPU", 0) * p.world_size * p.replicas
+        return total
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            index = _list_index(node, key, path)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: {'.'.join(keys[:i])} is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            if key == "pools" and "pools" not in node:
+                node["pools"] = [p.model_dump() for p in default_pools()]
+            node = node.setdefault(key, {})
+
+
+def _list_index(items: list[Any], key: str, path: str) -> int:
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == key:
+            return i
+    raise ConfigError(f"{path}: no list entry named {key!r}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        _set(data, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    return data
+
+
+def _format(e: ValidationError, data: dict[str, Any]) -> str:
+    pools = data.get("pools")
+    lines = []
+    for err in e.errors():
+        parts = [str(p) for p in err["loc"]]
+        # pools.1.replicas -> pools.decode.replicas, when that pool has a name
+        if (
+            len(parts) > 1
+            and parts[0] == "pools"
+            and parts[1].isdigit()
+            and isinstance(pools, list)
+        ):
+            entry = pools[int(parts[1])] if int(parts[1]) < len(pools) else None
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                parts[1] = entry["name"]
+        loc = ".".join(parts) or "config"
+        lines.append(f"  {loc}: {err['msg'].removeprefix('Value error, ')}")
+    return "invalid cluster config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ClusterConfig:
+    """The validated config from a YAML file (or the defaults) plus overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    apply_overrides(data, overrides)
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, data)) from None
