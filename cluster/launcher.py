@@ -1,0 +1,315 @@
+"""Bringing a cluster up and down on Ray: what `pdserve up` and `pdserve down` do.
+
+`Launcher(config).start()`:
+
+1. The run dir (`<cache>/run/<cluster name>`) must not record a live `up` process.
+2. Redis: the configured URL, or an embedded redis-server on a free loopback port. Its
+   state file goes in the run dir, so `down` can stop it even if `up` died.
+3. Ray: connect to `ray.address`, or start a local Ray with enough logical CPUs for
+   the router and every pool replica (engines pin their torch threads, so logical CPUs
+   may exceed the cores).
+4. Serve: start it with the config's HTTP and gRPC proxies and deploy the application
+   from `cluster.builder.build_app`.
+5. Wait, bounded, until the application is RUNNING, every pool has its replicas in the
+   registry and the gRPC health service says SERVING. Progress goes to `echo`.
+6. Record the run state (pid, endpoints) with status "ready".
+
+`Launcher.stop()` (idempotent) deletes the application, shuts a local Ray down (an
+external Ray cluster keeps running), stops the embedded Redis or purges the cluster's
+keys from a shared one, and removes the run state.
+
+`stop_running(name)` is `pdserve down`: it sends SIGTERM to the recorded `up`
+process and waits for its cleanup; if the process is gone or hangs, it kills it and
+stops the embedded Redis from its state file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.client import Client
+from cluster.config import ClusterConfig
+from cluster.redis_server import RedisServer, stop_from_state
+from cluster.registry import Registry, connect
+from engine.model_source import cache_root, resolve_model
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "cluster.json"
+Echo = Callable[[str], None]
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunState:
+    cluster: str
+    pid: int
+    status: str  # starting | ready
+    grpc_target: str
+    http_url: str
+    redis_url: str
+    embedded_redis: bool
+    ray_address: str | None
+    log_file: str | None = None
+
+    def write(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / (STATE_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(self), fh)
+        tmp.replace(run_dir / STATE_FILE)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunState | None:
+        try:
+            return cls(**json.loads((run_dir / STATE_FILE).read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+
+def run_dir_for(name: str, root: Path | None = None) -> Path:
+    return (root or cache_root() / "run") / name
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (our own exited child) is not alive
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+class Launcher:
+    def __init__(
+        self, config: ClusterConfig, *, run_dir: Path | None = None, echo: Echo = print
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir or run_dir_for(config.name)
+        self.echo = echo
+        self._redis: RedisServer | None = None
+        self._redis_url = config.redis.url
+        self._ray_started = False
+        self._serve_started = False
+        self._stopped = threading.Event()
+        s = config.server
+        self.grpc_target = f"{_connect_host(s.host)}:{s.grpc_port}"
+        self.http_url = f"http://{_connect_host(s.host)}:{s.http_port}"
+
+    # -- up -------------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 600.0, log_file: str | None = None) -> RunState:
+        existing = RunState.read(self.run_dir)
+        if existing is not None and pid_alive(existing.pid) and existing.pid != os.getpid():
+            raise LaunchError(
+                f"cluster {self.config.name!r} is already up (pid {existing.pid}); "
+                "run `pdserve down` first"
+            )
+        deadline = time.monotonic() + timeout_s
+        try:
+            model_dir = self._model()
+            redis_url = self._start_redis()
+            self._write("starting", redis_url, log_file)
+            self._start_ray()
+            self._deploy(model_dir, redis_url)
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self._write("ready", redis_url, log_file)
+
+    def _write(self, status: str, redis_url: str, log_file: str | None) -> RunState:
+        state = RunState(
+            cluster=self.config.name,
+            pid=os.getpid(),
+            status=status,
+            grpc_target=self.grpc_target,
+            http_url=self.http_url,
+            redis_url=redis_url,
+            embedded_redis=self._redis is not None,
+            ray_address=self.config.ray.address,
+            log_file=log_file,
+        )
+        state.write(self.run_dir)
+        return state
+
+    def _model(self) -> str:
+        self.echo(f"model: resolving {self.config.model.source}")
+        return str(resolve_model(self.config.model.source))
+
+    def _start_redis(self) -> str:
+        if self._redis_url is not None:
+            self.echo(f"redis: using {self._redis_url.split('@')[-1]}")
+            return self._redis_url
+        server = RedisServer(port=self.config.redis.port, detach=True).start()
+        self._redis = server
+        server.write_state(self.run_dir)
+        self.echo(f"redis: embedded redis-server on 127.0.0.1:{server.port}")
+        return server.url
+
+    def _start_ray(self) -> None:
+        import ray
+
+        address = self.config.ray.address
+        if address is not None:
+            self.echo(f"ray: connecting to {address}")
+            ray.init(address=address, log_to_driver=False)
+            return
+        need = math.ceil(self.config.required_cpus())
+        cpus = self.config.ray.num_cpus or max(os.cpu_count() or 1, need)
+        self.echo(f"ray: starting local Ray with {cpus} logical CPUs")
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        self._ray_started = True
+
+    def _deploy(self, model_dir: str, redis_url: str) -> None:
+        from ray import serve
+
+        from cluster.builder import APP_NAME, build_app, serve_options
+
+        http, grpc = serve_options(self.config)
+        serve.start(http_options=http, grpc_options=grpc)
+        self._serve_started = True
+        app = build_app(self.config, model_dir=model_dir, redis_url=redis_url)
+        serve.run_many(
+            [serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+            wait_for_ingress_deployment_creation=False,
+            wait_for_applications_running=False,
+        )
+        pools = ", ".join(f"{p.name}({p.role.value}) x{p.replicas}" for p in self.config.pools)
+        self.echo(f"serve: deploying router + {pools}")
+
+    def _wait_ready(self, deadline: float) -> None:
+        from ray import serve
+
+        from cluster.builder import APP_NAME
+
+        last = ""
+        while True:
+            if time.monotonic() > deadline:
+                raise LaunchError(f"not ready in time (last status: {last or 'none'})")
+            app = serve.status().applications.get(APP_NAME)
+            if app is not None:
+                parts = []
+                for name, d in sorted(app.deployments.items()):
+                    running = sum(
+                        n for s, n in d.replica_states.items() if str(s).endswith("RUNNING")
+                    )
+                    parts.append(f"{name} {running}/{sum(d.replica_states.values())}")
+                line = f"{app.status}: " + ", ".join(parts)
+                if line != last:
+                    self.echo(f"serve: {line}")
+                    last = line
+                if str(app.status).endswith("DEPLOY_FAILED"):
+                    raise LaunchError(f"deployment failed: {app.message}")
+                if str(app.status).endswith("RUNNING") and self._serving():
+                    return
+            time.sleep(1.0)
+
+    def _serving(self) -> bool:
+        token = self.config.server.grpc_bearer_token
+        with Client(self.grpc_target, token=token.get_secret_value() if token else None) as c:
+            if not c.healthy(timeout_s=5.0):
+                return False
+            try:
+                state = c.cluster_status(timeout_s=5.0)
+            except Exception:
+                return False
+        return state.ready
+
+    # -- down ------------------------------------------------------------------------------
+
+    def serve_until_signal(self) -> None:
+        """Block until SIGINT or SIGTERM (main thread only)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stopped.set())
+        while not self._stopped.wait(1.0):
+            pass
+
+    def stop(self) -> None:
+        """Tear everything down that this launcher started (idempotent)."""
+        if self._serve_started:
+            self._serve_started = False
+            self.echo("serve: shutting down")
+            with contextlib.suppress(Exception):
+                from ray import serve
+
+                from cluster.builder import APP_NAME
+
+                if self._ray_started:
+                    serve.shutdown()  # type: ignore[no-untyped-call]
+                else:
+                    serve.delete(APP_NAME)
+        if self._ray_started:
+            self._ray_started = False
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        if self._redis is not None:
+            self.echo("redis: stopping the embedded server")
+            self._redis.stop()
+            self._redis = None
+        elif self._redis_url is not None:
+            self._purge(self._redis_url)
+        with contextlib.suppress(FileNotFoundError):
+            state = RunState.read(self.run_dir)
+            if state is None or state.pid == os.getpid():
+                (self.run_dir / STATE_FILE).unlink()
+
+    def _purge(self, url: str) -> None:
+        try:
+            client = connect(url)
+            try:
+                n = Registry(client, self.config.name).purge()
+            finally:
+                client.close()
+            self.echo(f"redis: removed {n} keys of cluster {self.config.name}")
+        except Exception as e:
+            logger.warning("purging cluster keys failed: %s", e)
+
+
+def stop_running(
+    name: str, *, run_dir: Path | None = None, timeout_s: float = 120.0, echo: Echo = print
+) -> bool:
+    """`pdserve down`: stop the cluster recorded under `name`. False if none was."""
+    directory = run_dir or run_dir_for(name)
+    state = RunState.read(directory)
+    if state is None:
+        return stop_from_state(directory)  # an embedded Redis left by a killed `up`
+    if pid_alive(state.pid):
+        echo(f"stopping cluster {name!r} (pid {state.pid})")
+        os.kill(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while pid_alive(state.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid_alive(state.pid):
+            echo(f"pid {state.pid} did not exit in {timeout_s:.0f}s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.pid, signal.SIGKILL)
+    if stop_from_state(directory):
+        echo("stopped the embedded redis-server it left behind")
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    return True
