@@ -10,7 +10,8 @@ Receiver side, `ControlServer`:
     accept thread     accepts connections on the listening socket
     reader thread     one per connection:
                         HELLO (within the handshake timeout) -> open_session(peer)
-                        loop: header -> seq check -> session.receive(DATA) -> inbox
+                        loop: header -> seq check -> DATA: inbox.prepare, then
+                        session.receive -> inbox.land
                         EOF, error or bad message -> inbox.on_peer_lost, session.close()
     lander thread     with `pipelined`, one per connection: hands received messages to
                       the inbox in order while the reader receives the next payload
@@ -34,7 +35,7 @@ import torch
 
 from kv_transfer.base import Parallelism, ProtocolError, RankId, TransferError
 from kv_transfer.header import MESSAGE_SIZE, Header, Hello, MessageKind, decode
-from kv_transfer.transport import Inbox, Peer
+from kv_transfer.transport import Inbox, Peer, Target
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,12 @@ logger = logging.getLogger(__name__)
 class Session(Protocol):
     """A transport's per-connection state on the receiver."""
 
-    def receive(self, header: Header) -> torch.Tensor | None:
-        """The payload of a DATA message (None when it is already in place).
+    direct_ok: bool  # it can receive straight into contiguous destination blocks
+
+    def receive(self, header: Header, target: Target | None) -> torch.Tensor | None:
+        """Move a DATA payload: into `target.views()` when the target is direct (None
+        returned), else into staging (returned; None when `target` is None and the bytes
+        were dropped, or when the payload is already in place).
 
         Raises TransferError or ProtocolError, which ends the connection.
         """
@@ -199,7 +204,6 @@ class ControlServer:
         peer: Peer | None = None
         session: Session | None = None
         lander: _Lander | None = None
-        in_flight: Header | None = None
         reason = "connection closed"
         try:
             sock.settimeout(self._handshake_timeout)
@@ -223,15 +227,20 @@ class ControlServer:
                 if not isinstance(header, Header) or header.seq != seq:
                     raise ProtocolError(f"expected message {seq}, got {header}")
                 seq += 1
-                payload = None
+                target, payload = None, None
                 if header.kind is MessageKind.DATA:
-                    in_flight = header
-                    payload = session.receive(header)
-                    in_flight = None
+                    target = self._inbox.prepare(peer, header, session.direct_ok)
+                    try:
+                        payload = session.receive(header, target)
+                    finally:
+                        if target is not None and target.direct:
+                            self._inbox.written(target)
                 if lander is not None:
-                    lander.put(header, payload)
+                    lander.put(header, target, payload)
                 else:
-                    self._inbox.on_message(peer, header, payload)
+                    self._inbox.land(peer, header, target, payload)
+                    if payload is not None:
+                        session.done(payload)
         except (TransferError, OSError) as e:
             reason = str(e)
             if not self._closing.is_set():
@@ -245,7 +254,7 @@ class ControlServer:
             if lander is not None:
                 lander.close()  # what arrived lands before the loss is reported
             if peer is not None:
-                self._inbox.on_peer_lost(peer, reason, in_flight)
+                self._inbox.on_peer_lost(peer, reason)
             if session is not None:
                 session.close()
             sock.close()
@@ -261,20 +270,20 @@ class _Lander:
 
     def __init__(self, inbox: Inbox, peer: Peer, session: Session, name: str) -> None:
         self._inbox, self._peer, self._session = inbox, peer, session
-        self._queue: queue.Queue[tuple[Header, torch.Tensor | None] | None] = queue.Queue(
-            maxsize=self._DEPTH
+        self._queue: queue.Queue[tuple[Header, Target | None, torch.Tensor | None] | None] = (
+            queue.Queue(maxsize=self._DEPTH)
         )
         self._thread = threading.Thread(target=self._run, name=f"kv-land-{name}", daemon=True)
         self._thread.start()
 
-    def put(self, header: Header, payload: torch.Tensor | None) -> None:
-        self._queue.put((header, payload))  # waits while the lander is behind
+    def put(self, header: Header, target: Target | None, payload: torch.Tensor | None) -> None:
+        self._queue.put((header, target, payload))  # waits while the lander is behind
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            header, payload = item
+            header, target, payload = item
             try:
-                self._inbox.on_message(self._peer, header, payload)
+                self._inbox.land(self._peer, header, target, payload)
             except Exception:
                 logger.exception("landing %s from %s failed", header.transfer_id, self._peer.id)
             finally:

@@ -105,11 +105,13 @@ class FakeLink(Link):
             raise TransferError(f"link to {self.peer} is closed")
         with self._lock:
             header, self._seq = header.with_seq(self._seq), self._seq + 1
-        payload = None
+        target, payload = None, None
         if region is not None:
-            payload = staging_for(header, inbox.max_payload_bytes, self._endpoint.device)
-            region.gather(out=payload)
-        inbox.on_message(self._from, header, payload)
+            target = inbox.prepare(self._from, header, direct_ok=False)
+            if target is not None:
+                payload = staging_for(header, inbox.max_payload_bytes, self._endpoint.device)
+                region.gather(out=payload)
+        inbox.land(self._from, header, target, payload)
         return Completion.resolved()
 
     def sever(self) -> None:

@@ -3,21 +3,25 @@
 Lifecycle of one transfer on one receiver rank:
 
     expect(spec)          PENDING: the plan says which (sender rank, layer) slices with
-                          which heads will come; each starts with a cursor at
-                          `spec.first_block`. The deadline starts.
-    DATA (endpoint)       validated against the plan and the cursor (a gap means a lost
-                          message), checksum verified, written into the destination
-                          blocks (or verified in place) -> TRANSFERRING
-    every cursor at end   DONE
+                          which heads will come; each stream starts at `spec.first_block`.
+                          The deadline starts.
+    DATA header           `prepare`: validated against the plan and the stream position
+                          (a gap means a lost message) before any byte of the payload
+                          moves; yields the destination region
+    DATA payload          received into staging, straight into the destination blocks,
+                          or already there (shared memory)
+    landing               `land`: checksum verified, staging scattered -> TRANSFERRING
+    every slice landed    DONE
     mismatch / ABORT /    FAILED(reason)
     END with gaps /
     connection lost /
     deadline / abort()
 
-A terminal transfer is revoked at the endpoint before its state changes, so once
-`poll` reports DONE or FAILED no sender can write into its blocks any more and the
-caller may free or reuse them. Messages for unknown or terminal transfers are dropped.
-A watchdog thread enforces deadlines even when nobody polls.
+A terminal transfer first waits for payloads being received straight into its blocks,
+then is revoked at the endpoint, and only then changes state: once `poll` reports DONE
+or FAILED no write into its blocks can follow, and the caller may free or reuse them.
+Messages for unknown or terminal transfers are dropped. A watchdog thread enforces
+deadlines even when nobody polls.
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ from kv_transfer.base import (
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
 from kv_transfer.regions import BlockRegion, checksum
-from kv_transfer.transport import Endpoint, Peer
+from kv_transfer.transport import Endpoint, Peer, Target
 
 logger = logging.getLogger(__name__)
+
+Key = tuple[int, int]  # (sender rank, layer)
 
 
 @dataclass(frozen=True)
@@ -53,26 +59,43 @@ class ReceiverConfig:
     verify: bool | None = None  # verify checksums that senders send; None: on for CPU
     tick_s: float = 0.05  # watchdog period
     history: int = 4096  # terminal states remembered for poll()
+    drain_timeout_s: float = 30.0  # longest wait for in-flight direct writes when ending
 
     def __post_init__(self) -> None:
-        if self.tick_s <= 0 or self.history < 1:
+        if self.tick_s <= 0 or self.history < 1 or self.drain_timeout_s <= 0:
             raise ValueError(f"invalid ReceiverConfig {self}")
 
 
 @dataclass(eq=False)
 class _Inbound:
     spec: RecvSpec
-    routes: dict[tuple[int, int], Route]  # (sender rank, layer) -> route
-    cursor: dict[tuple[int, int], int]  # next prompt block expected
-    remaining: int  # (sender rank, layer) pairs not complete
+    routes: dict[Key, Route]
+    cursor: dict[Key, int]  # next prompt block each stream will announce
+    landed: dict[Key, int]  # blocks of each stream landed so far
+    remaining: int  # streams not complete
     deadline: float
     status: TransferStatus = PENDING
-    peers: set[Peer] = field(default_factory=set)  # connections that delivered data
+    ending: bool = False
+    writing: int = 0  # payloads being received straight into the blocks
+    peers: set[Peer] = field(default_factory=set)  # connections that announced data
     lock: threading.Lock = field(default_factory=threading.Lock)
+    drained: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.drained = threading.Condition(self.lock)
+
+    @property
+    def total(self) -> int:
+        return len(self.spec.block_ids)
 
     def missing_from(self, rank: int) -> int:
-        end = self.spec.first_block + len(self.spec.block_ids)
-        return sum(1 for (src, _), at in self.cursor.items() if src == rank and at < end)
+        return sum(1 for (src, _), n in self.landed.items() if src == rank and n < self.total)
+
+
+@dataclass(eq=False)
+class _Target(Target):
+    inbound: _Inbound
+    key: Key
 
 
 class KVReceiver:
@@ -99,8 +122,7 @@ class KVReceiver:
                 f"heads; rank {me} owns {len(self._layers)} x {len(self._heads)}"
             )
         self._verify = self._cache.device.type == "cpu" if config.verify is None else config.verify
-        layer_bytes = self._cache[0].numel() * self._cache.element_size()
-        self._max_payload = layer_bytes
+        self._max_payload = self._cache[0].numel() * self._cache.element_size()
         self._lock = threading.Lock()
         self._active: dict[str, _Inbound] = {}
         self._history: OrderedDict[str, TransferStatus] = OrderedDict()
@@ -121,6 +143,7 @@ class KVReceiver:
             spec,
             keyed,
             dict.fromkeys(keyed, spec.first_block),
+            dict.fromkeys(keyed, 0),
             len(keyed),
             time.monotonic() + spec.timeout_s,
         )
@@ -139,14 +162,19 @@ class KVReceiver:
                 if transfer_id not in self._history:
                     raise KeyError(f"unknown transfer {transfer_id!r}")
                 return self._history[transfer_id]
-        if time.monotonic() > inb.deadline and inb.lock.acquire(blocking=False):
+        # A late transfer ends here unless that would wait; the watchdog does it then.
+        late = time.monotonic() > inb.deadline and not inb.writing
+        if late and inb.lock.acquire(blocking=False):
             try:
-                self._end_locked(inb, self._timeout_status(inb))
+                if not inb.writing:
+                    self._end_locked(inb, self._timeout_status(inb))
             finally:
                 inb.lock.release()
         return inb.status
 
     def abort(self, transfer_id: str, reason: str = "aborted") -> None:
+        """FAILED now. Waits for a payload being received straight into the transfer's
+        blocks (bounded by the transport's operation timeout)."""
         with self._lock:
             inb = self._active.get(transfer_id)
         if inb is not None:
@@ -156,6 +184,10 @@ class KVReceiver:
     def num_active(self) -> int:
         with self._lock:
             return len(self._active)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -171,90 +203,113 @@ class KVReceiver:
     # ---- the Inbox the endpoint calls ----------------------------------------------
 
     @property
-    def endpoint(self) -> Endpoint:
-        return self._endpoint
-
-    @property
     def max_payload_bytes(self) -> int:
         return self._max_payload
 
-    def on_message(self, peer: Peer, header: Header, payload: torch.Tensor | None) -> None:
+    def prepare(self, peer: Peer, header: Header, direct_ok: bool) -> Target | None:
+        """Validate a DATA header; its destination, or None to drop the payload."""
         with self._lock:
             inb = self._active.get(header.transfer_id)
         if inb is None:
-            logger.debug(
-                "dropping %s for inactive transfer %s from %s",
-                header.kind.name,
-                header.transfer_id,
-                peer.id,
-            )
+            logger.debug("dropping DATA for inactive %s from %s", header.transfer_id, peer.id)
+            return None
+        with inb.lock:
+            if inb.status.terminal or inb.ending:
+                return None
+            if not self._from_source(inb, peer):
+                self._end_locked(inb, failed(f"unexpected sender {peer.id} ({peer.parallel})"))
+                return None
+            found = self._check(inb, peer, header)
+            if isinstance(found, str):
+                self._end_locked(inb, failed(f"from {peer.id}: {found}"))
+                return None
+            region, key = found
+            inb.cursor[key] += header.block_count
+            inb.peers.add(peer)
+            direct = direct_ok and region.dense
+            if direct:
+                inb.writing += 1
+            return _Target(region, direct, inb, key)
+
+    def written(self, target: Target) -> None:
+        """A direct receive into `target` has stopped writing (done or failed)."""
+        assert isinstance(target, _Target)
+        with target.inbound.drained:
+            target.inbound.writing -= 1
+            target.inbound.drained.notify_all()
+
+    def land(
+        self, peer: Peer, header: Header, target: Target | None, payload: torch.Tensor | None
+    ) -> None:
+        """A message has arrived, in order: DATA (with its `prepare` target), END or ABORT."""
+        if header.kind is MessageKind.DATA:
+            if target is not None:
+                assert isinstance(target, _Target)
+                self._land(peer, header, target, payload)
             return
-        if (peer.id.instance, peer.parallel) != (inb.spec.source.name, inb.spec.source.parallel):
+        with self._lock:
+            inb = self._active.get(header.transfer_id)
+        if inb is None:
+            return
+        if not self._from_source(inb, peer):
             self._fail(inb, f"unexpected sender {peer.id} ({peer.parallel})")
         elif header.kind is MessageKind.ABORT:
             self._fail(inb, f"sender {peer.id} aborted")
         elif header.kind is MessageKind.END:
             with inb.lock:
                 missing = inb.missing_from(peer.id.rank)
-                if missing and not inb.status.terminal:
+                if missing:
                     self._end_locked(
                         inb,
                         failed(f"sender {peer.id} ended with {missing} layer slices incomplete"),
                     )
-        elif header.kind is MessageKind.DATA:
-            self._land(inb, peer, header, payload)
 
-    def on_peer_lost(self, peer: Peer, reason: str, in_flight: Header | None = None) -> None:
+    def on_peer_lost(self, peer: Peer, reason: str) -> None:
         with self._lock:
-            inbs = [
-                inb
-                for inb in self._active.values()
-                if peer in inb.peers
-                or (in_flight is not None and inb.spec.transfer_id == in_flight.transfer_id)
-            ]
+            inbs = [inb for inb in self._active.values() if peer in inb.peers]
         for inb in inbs:
             with inb.lock:
-                if inb.missing_from(peer.id.rank) and not inb.status.terminal:
+                if inb.missing_from(peer.id.rank):
                     self._end_locked(inb, failed(f"lost sender {peer.id}: {reason}"))
 
     # ---- landing ----------------------------------------------------------------------
 
-    def _land(self, inb: _Inbound, peer: Peer, h: Header, payload: torch.Tensor | None) -> None:
+    @staticmethod
+    def _from_source(inb: _Inbound, peer: Peer) -> bool:
+        return (peer.id.instance, peer.parallel) == (
+            inb.spec.source.name,
+            inb.spec.source.parallel,
+        )
+
+    def _land(self, peer: Peer, h: Header, target: _Target, payload: torch.Tensor | None) -> None:
+        inb, region = target.inbound, target.region
+        # Verified outside the lock: reading blocks of a transfer that ends meanwhile is
+        # harmless, and its result is then ignored.
+        if self._verify and h.checksum is not None and not inb.status.terminal:
+            got = region.checksum() if payload is None else checksum(payload)
+            if got != h.checksum:
+                self._fail(
+                    inb,
+                    f"checksum mismatch in layer {h.layer} blocks {h.block_start}.."
+                    f"{h.block_start + h.block_count - 1} from {peer.id}",
+                )
+                return
         with inb.lock:
-            if inb.status.terminal:
+            if inb.status.terminal or inb.ending:
                 return
-            inb.peers.add(peer)
-            found = self._check(inb, peer, h)
-            if isinstance(found, str):
-                self._end_locked(inb, failed(f"from {peer.id}: {found}"))
-                return
-            region, key = found
-            if self._verify and h.checksum is not None:
-                got = region.checksum() if payload is None else checksum(payload)
-                if got != h.checksum:
-                    self._end_locked(
-                        inb,
-                        failed(
-                            f"checksum mismatch in layer {h.layer} blocks {h.block_start}.."
-                            f"{h.block_start + h.block_count - 1} from {peer.id}"
-                        ),
-                    )
-                    return
             if payload is not None:
                 region.scatter(payload)
                 if payload.is_cuda:  # landed before DONE, and before the buffer is reused
                     torch.cuda.current_stream(payload.device).synchronize()
-            inb.cursor[key] += h.block_count
-            if inb.cursor[key] == inb.spec.first_block + len(inb.spec.block_ids):
+            inb.landed[target.key] += h.block_count
+            if inb.landed[target.key] == inb.total:
                 inb.remaining -= 1
             if inb.remaining == 0:
                 self._end_locked(inb, DONE)
             else:
                 inb.status = TRANSFERRING
 
-    def _check(
-        self, inb: _Inbound, peer: Peer, h: Header
-    ) -> tuple[BlockRegion, tuple[int, int]] | str:
+    def _check(self, inb: _Inbound, peer: Peer, h: Header) -> tuple[BlockRegion, Key] | str:
         """The destination of a DATA message, or why it does not belong here."""
         key = (peer.id.rank, h.layer)
         route = inb.routes.get(key)
@@ -266,7 +321,7 @@ class KVReceiver:
                 "(lost or repeated message)"
             )
         first = h.block_start - inb.spec.first_block
-        if h.block_count < 1 or first + h.block_count > len(inb.spec.block_ids):
+        if h.block_count < 1 or first + h.block_count > inb.total:
             return f"blocks {h.block_start}+{h.block_count} outside the reserved blocks"
         heads = h.head_start - self._heads.start
         region = BlockRegion(
@@ -283,9 +338,15 @@ class KVReceiver:
     # ---- endings ------------------------------------------------------------------------
 
     def _end_locked(self, inb: _Inbound, status: TransferStatus) -> None:
-        """Revoke, then publish the terminal state. Holds `inb.lock`."""
-        if inb.status.terminal:
+        """Drain direct writes, revoke, then publish the terminal state. Holds `inb.lock`."""
+        if inb.status.terminal or inb.ending:
             return
+        inb.ending = True
+        if not inb.drained.wait_for(lambda: inb.writing == 0, self._cfg.drain_timeout_s):
+            logger.error(
+                "transfer %s: a payload is still being written into its blocks",
+                inb.spec.transfer_id,
+            )
         try:
             self._endpoint.revoke(inb.spec.transfer_id)
         except Exception:
@@ -310,11 +371,10 @@ class KVReceiver:
 
     @staticmethod
     def _timeout_status(inb: _Inbound) -> TransferStatus:
-        end = inb.spec.first_block + len(inb.spec.block_ids)
-        missing = sum(1 for at in inb.cursor.values() if at < end)
+        missing = sum(1 for n in inb.landed.values() if n < inb.total)
         return failed(
             f"timed out after {inb.spec.timeout_s:g}s with {missing} of "
-            f"{len(inb.cursor)} layer slices incomplete"
+            f"{len(inb.landed)} layer slices incomplete"
         )
 
     def _watch(self) -> None:

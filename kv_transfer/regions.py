@@ -119,6 +119,13 @@ class BlockRegion:
     def _layer(self) -> torch.Tensor:
         return self.cache[self.layer, :, :, :, self.head_start : self.head_stop]
 
+    @property
+    def dense(self) -> bool:
+        """One run of blocks with all the cache's heads: K and V are each contiguous."""
+        return (
+            len(self._runs) == 1 and self.head_start == 0 and self.head_stop == self.cache.shape[4]
+        )
+
     @cached_property
     def _runs(self) -> list[tuple[int, int, int]]:
         return runs(self.block_ids)

@@ -46,7 +46,7 @@ from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.regions import BlockRegion
 from kv_transfer.rendezvous import Lease, RendezvousStore, encode_record, rank_key, resolve
-from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link
+from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Target
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,9 @@ class ShmConfig:
 
 
 class _InPlace:
-    def receive(self, header: Header) -> None:
+    direct_ok = False  # senders have written the payload before its header arrives
+
+    def receive(self, header: Header, target: Target | None) -> None:
         return None
 
     def done(self, payload: torch.Tensor) -> None:

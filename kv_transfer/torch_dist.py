@@ -13,11 +13,13 @@ A pair (sender rank, receiver rank) is created lazily on its first slice and reu
 
 Gloo for CPU tensors, NCCL for CUDA ones; both with a short timeout. Per DATA message
 the sender gathers the slice into a staging tensor, writes the header on the control
-socket and posts an asynchronous send; a waiter thread waits on the sends in order and
-resolves their completions. The receiver reads the header, receives into a staging
-tensor and hands it to the receiver role. Any error or timeout tears the pair down on
-that side (control socket closed, group dropped or aborted); the other side's pending
-operations then fail, and the next transfer builds a new pair.
+socket and posts asynchronous sends of its K and V halves; a waiter thread waits on the
+sends in order and resolves their completions. The receiver reads the header, has the
+receiver role validate it, and receives straight into the destination blocks when they
+are one contiguous run (else into staging, scattered when it lands). Any error or
+timeout tears the pair down on that side (control socket closed, group dropped or
+aborted); the other side's pending operations then fail, and the next transfer builds
+a new pair.
 """
 
 from __future__ import annotations
@@ -48,13 +50,23 @@ from kv_transfer.rendezvous import (
     split_hostport,
 )
 from kv_transfer.staging import StagingPool
-from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Peer, staging_for
+from kv_transfer.transport import (
+    Completion,
+    Connector,
+    Endpoint,
+    Inbox,
+    Link,
+    Peer,
+    Target,
+    staging_for,
+)
 
 logger = logging.getLogger(__name__)
 
 TRANSPORT = "torch_dist"
 _RECORD = {"control": str, "store": str, "backend": str}
 _POLL_S = 1e-4  # NCCL completion polling
+_K_TAG, _V_TAG = 0, 1  # a DATA payload travels as its K half, then its V half
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,7 @@ class _Link(Link):
         self._seq = 0
         self._broken = False
         self._pool = StagingPool()
-        self._works: queue.SimpleQueue[tuple[Any, torch.Tensor, Completion] | None] = (
+        self._works: queue.SimpleQueue[tuple[list[Any], torch.Tensor, Completion] | None] = (
             queue.SimpleQueue()
         )
         self._waiter = threading.Thread(target=self._wait_loop, name="kv-send-wait", daemon=True)
@@ -155,11 +167,14 @@ class _Link(Link):
             staging = region.gather(out=self._pool.take(region.shape, region.dtype, region.device))
             self._control.send(header.pack())
             try:
-                work = self._group.send([staging], 1, 0)
+                works = [
+                    self._group.send([staging[0]], 1, _K_TAG),
+                    self._group.send([staging[1]], 1, _V_TAG),
+                ]
             except RuntimeError as e:
                 raise TransferError(f"send to {self.peer}: {e}") from e
         done = Completion()
-        self._works.put((work, staging, done))
+        self._works.put((works, staging, done))
         return done
 
     def _wait_loop(self) -> None:
@@ -167,12 +182,13 @@ class _Link(Link):
             item = self._works.get()
             if item is None:
                 return
-            work, staging, done = item
+            works, staging, done = item
             if self._broken:
                 done.resolve(f"pair to {self.peer} closed")
                 continue
             try:
-                _wait(work, self._backend, self._timeout)
+                for work in works:
+                    _wait(work, self._backend, self._timeout)
             except Exception as e:
                 self._break()
                 done.resolve(f"send to {self.peer}: {e}")
@@ -231,7 +247,25 @@ class TorchDistConnector(Connector):
         return _Link(peer, control, store, group, backend, self._cfg.op_timeout_s)
 
 
+class ReceiveStats:
+    """How DATA payloads arrived: straight into their blocks, or through staging."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.direct = 0
+        self.staged = 0
+
+    def count(self, direct: bool) -> None:
+        with self._lock:
+            if direct:
+                self.direct += 1
+            else:
+                self.staged += 1
+
+
 class _Session:
+    direct_ok = True
+
     def __init__(
         self,
         group: Any,
@@ -240,20 +274,35 @@ class _Session:
         max_bytes: int,
         timeout_s: float,
         pool: StagingPool,
+        stats: ReceiveStats,
     ) -> None:
         self._group, self._backend, self._device = group, backend, device
         self._max_bytes, self._timeout, self._pool = max_bytes, timeout_s, pool
+        self._stats = stats
+
+    def receive(self, header: Header, target: Target | None) -> torch.Tensor | None:
+        if target is not None and target.direct:
+            self._recv(*target.views())
+            self._stats.count(direct=True)
+            return None
+        self._stats.count(direct=False)
+        staging = staging_for(header, self._max_bytes, self._device, self._pool)
+        self._recv(staging[0], staging[1])
+        if target is None:  # nowhere to land: the bytes only had to leave the pair
+            self._pool.give(staging)
+            return None
+        return staging
+
+    def _recv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        try:
+            works = [self._group.recv([keys], 0, _K_TAG), self._group.recv([values], 0, _V_TAG)]
+            for work in works:
+                _wait(work, self._backend, self._timeout)
+        except Exception as e:
+            raise TransferError(f"recv failed: {e}") from e
 
     def done(self, payload: torch.Tensor) -> None:
         self._pool.give(payload)
-
-    def receive(self, header: Header) -> torch.Tensor:
-        staging = staging_for(header, self._max_bytes, self._device, self._pool)
-        try:
-            _wait(self._group.recv([staging], 0, 0), self._backend, self._timeout)
-        except Exception as e:
-            raise TransferError(f"recv failed: {e}") from e
-        return staging
 
     def close(self) -> None:
         if self._backend == "nccl":
@@ -269,6 +318,7 @@ class TorchDistEndpoint(Endpoint):
         self._server: ControlServer | None = None
         self._lease: Lease | None = None
         self._tcp_store: TCPStore | None = None
+        self.stats = ReceiveStats()
 
     def start(self, me: LocalRank, cache: torch.Tensor, inbox: Inbox) -> None:
         backend = self._cfg.backend or _backend_for(cache.device)
@@ -293,7 +343,7 @@ class TorchDistEndpoint(Endpoint):
             except Exception as e:
                 raise TransferError(f"pair group with {peer.id} failed: {e}") from e
             logger.info("%s <- %s: %s pair ready", me.id, peer.id, backend)
-            return _Session(group, backend, device, max_bytes, timeout, pool)
+            return _Session(group, backend, device, max_bytes, timeout, pool, self.stats)
 
         listener, address = listen(f"tcp://{host}:0")
         self._server = ControlServer(

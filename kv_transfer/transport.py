@@ -9,8 +9,9 @@ routes, ordering, checksums, deadlines and states. A transport only moves messag
   time it returns (copied to staging, or written into the destination), and its
   `Completion` resolves once the message has been handed over.
 * An `Endpoint` accepts connections on the receiver rank and hands each message to the
-  receiver's `Inbox`. An in-place endpoint (shared memory) announces DATA whose bytes
-  already sit in the destination blocks; the others pass a staged payload.
+  receiver's `Inbox`, which validates a DATA header before its payload moves. The
+  payload then goes to staging, straight into the destination blocks when they are
+  contiguous (torch_dist), or is already there (shared memory).
 
 Completions replace blocking waits: transports resolve them from their own threads and
 the roles react in callbacks, so no caller ever waits on the network.
@@ -143,23 +144,48 @@ def staging_for(
     return torch.empty(header.shape, dtype=header.dtype, device=device)
 
 
+@dataclass(eq=False)
+class Target:
+    """Where one validated DATA message lands: its destination region in the cache."""
+
+    region: BlockRegion
+    direct: bool  # the endpoint receives the payload straight into `views()`
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V destinations of a direct target, each one contiguous tensor."""
+        first, length = self.region.block_ids[0], len(self.region.block_ids)
+        whole = self.region.run_view(first, length)
+        return whole[0], whole[1]
+
+
 class Inbox(Protocol):
-    """The receiver role as endpoints see it. Called on endpoint threads."""
+    """The receiver role as endpoints see it. Called on endpoint threads, in order per
+    connection: `prepare` when a DATA header arrives, `written` once a direct receive
+    stops writing, `land` for every message once its payload is in."""
 
     @property
     def max_payload_bytes(self) -> int:
         """No valid DATA payload is larger; endpoints reject larger ones."""
         ...
 
-    def on_message(self, peer: Peer, header: Header, payload: torch.Tensor | None) -> None:
-        """DATA (`payload` staged, or None when in place), END or ABORT from `peer`."""
+    def prepare(self, peer: Peer, header: Header, direct_ok: bool) -> Target | None:
+        """Validate a DATA header before its payload moves; None: drop the payload.
+
+        With `direct_ok`, the target may be direct: the endpoint then receives into
+        `target.views()` and must call `written(target)` when that stops, however it ends.
+        """
         ...
 
-    def on_peer_lost(self, peer: Peer, reason: str, in_flight: Header | None = None) -> None:
-        """`peer`'s connection ended; what it still owed will never come.
+    def written(self, target: Target) -> None: ...
 
-        `in_flight` is the DATA header whose payload was being received, if any.
-        """
+    def land(
+        self, peer: Peer, header: Header, target: Target | None, payload: torch.Tensor | None
+    ) -> None:
+        """DATA (staged `payload`, or None when direct or in place), END or ABORT."""
+        ...
+
+    def on_peer_lost(self, peer: Peer, reason: str) -> None:
+        """`peer`'s connection ended; what it still owed will never come."""
         ...
 
 

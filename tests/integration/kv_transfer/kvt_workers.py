@@ -100,6 +100,7 @@ class Setup:
     op_timeout_s: float = 5.0
     faults: tuple[Fault, ...] = ()
     device: str = "cpu"  # cuda:N puts the caches on a GPU (torch_dist then uses NCCL)
+    scramble: bool = True  # hand out blocks in scattered runs; False: consecutive ids
 
     @property
     def parallel(self) -> Parallelism:
@@ -186,7 +187,7 @@ class Prefill:
             KVSender(me, cache, s.geo, s.connector())
             for me, cache in zip(self.ranks, self.caches, strict=True)
         ]
-        self.pool = _scrambled_pool(s.num_blocks, s.name)
+        self.pool = _scrambled_pool(s.num_blocks, s.name) if s.scramble else BlockPool(s.num_blocks)
 
     def send(
         self,
@@ -287,7 +288,7 @@ class Decode:
             self.caches.append(cache)
             self.endpoints.append(endpoint)
             self.receivers.append(KVReceiver(me, cache, s.geo, endpoint))
-        self.pool = _scrambled_pool(s.num_blocks, s.name)
+        self.pool = _scrambled_pool(s.num_blocks, s.name) if s.scramble else BlockPool(s.num_blocks)
 
     def expect(self, tid: str, source: InstanceRef, num_blocks: int, timeout_s: float) -> None:
         ids = self.pool.allocate(num_blocks)

@@ -28,6 +28,7 @@ from kvt_workers import (
 
 from kv_transfer.faults import Fault, FaultKind
 from kv_transfer.shm import sweep_stale_segments
+from kv_transfer.torch_dist import TorchDistEndpoint
 
 MakeDecode = Callable[[Setup], Decode]
 
@@ -56,8 +57,9 @@ def _assert_clean(decode: Decode, redis_url: str, cluster: str) -> None:
         ((2, 1), (1, 1), "float32"),
         ((2, 1), (2, 1), "bfloat16"),
         ((1, 2), (1, 1), "float32"),
+        ((1, 1), (1, 1), "float32"),
     ],
-    ids=["tp1-tp2", "tp2-tp1", "tp2-tp2-bf16", "pp2-pp1"],
+    ids=["tp1-tp2", "tp2-tp1", "tp2-tp2-bf16", "pp2-pp1", "tp1-tp1-contiguous"],
 )
 def test_m_to_n_is_bit_exact(
     spawn: Spawn,
@@ -69,8 +71,12 @@ def test_m_to_n_is_bit_exact(
     dst: tuple[int, int],
     dtype: str,
 ) -> None:
+    # TP1 -> TP1 over consecutive block ids: torch_dist receives straight into the blocks.
+    scramble = src != dst or src != (1, 1)
     pre_setup = _setup(redis_url, cluster_name, "prefill-0", transport, *src, dtype=dtype)
-    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport, *dst, dtype=dtype))
+    decode = make_decode(
+        _setup(redis_url, cluster_name, "decode-0", transport, *dst, dtype=dtype, scramble=scramble)
+    )
     prefill = spawn(prefill_main, pre_setup)
     # The second transfer is chunked and reuses the pairs the first one built.
     for tid, num_blocks, seed, chunks in (("t1", 9, 1, []), ("t2", 13, 2, [4, 9])):
@@ -83,12 +89,32 @@ def test_m_to_n_is_bit_exact(
     # Each receiver rank has one pair per sender rank that sends it anything.
     connections = [e.num_connections for e in decode.endpoints]
     assert min(connections) >= 1 and sum(connections) <= src[0] * src[1] * dst[0] * dst[1]
+    for e in decode.endpoints:
+        if isinstance(e, TorchDistEndpoint):
+            assert (e.stats.direct > 0) == (not scramble), (e.stats.direct, e.stats.staged)
     assert prefill.call("close") == ("closed", {"active": [0] * src[0] * src[1], "free": 64})
     _assert_clean(decode, redis_url, cluster_name)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("after", [0, 2], ids=["before-any-data", "mid-transfer"])
+# Consecutive destination blocks matter for torch_dist only: it then receives straight
+# into them.
+@pytest.mark.parametrize(
+    "transport,after,scramble",
+    [
+        ("torch_dist", 0, True),
+        ("torch_dist", 2, True),
+        ("torch_dist", 2, False),
+        ("shm", 0, True),
+        ("shm", 2, True),
+    ],
+    ids=[
+        "td-before-any-data",
+        "td-mid-transfer",
+        "td-mid-direct",
+        "shm-before-any-data",
+        "shm-mid-transfer",
+    ],
+)
 def test_killed_sender_fails_within_timeout(
     spawn: Spawn,
     make_decode: MakeDecode,
@@ -96,6 +122,7 @@ def test_killed_sender_fails_within_timeout(
     cluster_name: str,
     transport: str,
     after: int,
+    scramble: bool,
 ) -> None:
     timeout = 3.0
     pre_setup = _setup(
@@ -105,7 +132,7 @@ def test_killed_sender_fails_within_timeout(
         transport,
         faults=(Fault(FaultKind.KILL, after=after),),
     )
-    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport))
+    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport, scramble=scramble))
     prefill = spawn(prefill_main, pre_setup)
     decode.expect("t1", pre_setup.ref, 10, timeout_s=timeout)
     began = time.monotonic()
@@ -150,8 +177,12 @@ def test_killed_receiver_does_not_hang_the_sender(
         assert len(sweep_stale_segments()) == 1
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("kind", [FaultKind.DROP, FaultKind.CORRUPT])
+@pytest.mark.parametrize(
+    "transport,scramble",
+    [("torch_dist", True), ("torch_dist", False), ("shm", True)],
+    ids=["td", "td-direct", "shm"],
+)
 def test_drop_or_corruption_fails_then_the_pair_recovers(
     spawn: Spawn,
     make_decode: MakeDecode,
@@ -159,11 +190,12 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
     cluster_name: str,
     transport: str,
     kind: FaultKind,
+    scramble: bool,
 ) -> None:
     pre_setup = _setup(
         redis_url, cluster_name, "prefill-0", transport, faults=(Fault(kind, after=2),)
     )
-    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport))
+    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport, scramble=scramble))
     prefill = spawn(prefill_main, pre_setup)
     decode.expect("t1", pre_setup.ref, 6, timeout_s=10)
     prefill.call("send", "t1", decode.setup.ref, 6, 1, [], 10)
