@@ -74,9 +74,9 @@ def paged_attention(
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    # [..., n_blocks] -> [..., n_blocks * block_size, kv_heads, dim]
-    g = cache[block_table]
-    return g.flatten(-4, -3)
+    """[..., n_blocks] block ids -> [..., n_blocks * block_size, kv_heads, dim]."""
+    g = cache.index_select(0, block_table.reshape(-1))
+    return g.view(*block_table.shape[:-1], -1, *cache.shape[2:])
 
 
 def _decode(

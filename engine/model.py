@@ -20,6 +20,7 @@ from engine.config import ModelConfig, RopeConfig
 from engine.kv_cache import KVCache
 
 LayerDone = Callable[[int], None]
+RopeTable = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -65,13 +66,20 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, dim]
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
+        """cos/sin rows for a step's positions, shaped to broadcast over heads."""
+        return (
+            self.cos.index_select(0, positions).unsqueeze(1).to(dtype),
+            self.sin.index_select(0, positions).unsqueeze(1).to(dtype),
+        )
+
+
+def apply_rotary(x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    """Rotate x [T, heads, dim] by the step's cos/sin table."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -88,17 +96,17 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        rope: RopeTable,
         meta: AttentionMetadata,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(t, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(t, self.num_kv_heads, self.head_dim), positions)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # Q and K heads are rotated together: one pass instead of two.
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), rope)
+        q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))
@@ -131,13 +139,12 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        rope: RopeTable,
         meta: AttentionMetadata,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, meta, k_cache, v_cache)
+        h = h + self.self_attn(self.input_layernorm(h), rope, meta, k_cache, v_cache)
         out: torch.Tensor = h + self.mlp(self.post_attention_layernorm(h))
         return out
 
@@ -169,8 +176,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Packed tokens [T] -> final hidden states [T, hidden]."""
         h: torch.Tensor = self.embed_tokens(input_ids)
+        rope = self.rotary.table(positions, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, self.rotary, meta, kv.keys(i), kv.values(i))
+            h = layer(h, rope, meta, kv.keys(i), kv.values(i))
             if layer_done is not None:
                 layer_done(i)
         out: torch.Tensor = self.norm(h)
