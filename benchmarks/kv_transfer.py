@@ -144,18 +144,20 @@ def _peer_main(conn: Connection, redis_url: str, cluster: str) -> None:
             status = _wait_terminal(sender, tid)
             conn.send((began, status.state.value, status.reason))
         elif cmd[0] == "gloo":
-            _, host, port, token, msg_bytes, count = cmd
+            _, host, port, token, msg_bytes, count, rounds = cmd
             tcp = TCPStore(
                 host, port, None, False, timeout=timedelta(seconds=30), wait_for_workers=False
             )
             group = new_pair_group(tcp, token, 0, "gloo", "127.0.0.1", 60.0)
             msg = torch.ones(msg_bytes, dtype=torch.uint8)
-            group.send([torch.ones(1, dtype=torch.uint8)], 1, 0).wait()  # both ready
-            began = time.monotonic()
-            works = [group.send([msg], 1, 0) for _ in range(count)]
-            for work in works:
-                work.wait()
-            conn.send((began,))
+            starts = []
+            for _ in range(rounds):
+                group.send([torch.ones(1, dtype=torch.uint8)], 1, 0).wait()  # both ready
+                starts.append(time.monotonic())
+                works = [group.send([msg], 1, 0) for _ in range(count)]
+                for work in works:
+                    work.wait()
+            conn.send((starts,))
             del group
         elif cmd[0] == "close":
             for sender in senders.values():
@@ -191,24 +193,25 @@ class Bench:
         return self.conn.recv()
 
     def raw_gloo(self, msg_bytes: int, count: int) -> float:
-        """Seconds to stream `count` messages of `msg_bytes` over a bare Gloo pair."""
-        times = []
-        for _ in range(self.repeats):
-            store = TCPStore(
-                "127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
-            )
-            token = os.urandom(16)
-            self.conn.send(("gloo", "127.0.0.1", store.port, token, msg_bytes, count))
-            group = new_pair_group(store, token, 1, "gloo", "127.0.0.1", 60.0)
+        """Median seconds to stream `count` messages of `msg_bytes` over a bare Gloo pair
+        (one warm-up round, then `repeats` rounds over the same pair)."""
+        store = TCPStore(
+            "127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
+        )
+        token = os.urandom(16)
+        rounds = self.repeats + 1
+        self.conn.send(("gloo", "127.0.0.1", store.port, token, msg_bytes, count, rounds))
+        group = new_pair_group(store, token, 1, "gloo", "127.0.0.1", 60.0)
+        buf = torch.zeros(msg_bytes, dtype=torch.uint8)
+        ends = []
+        for _ in range(rounds):
             group.recv([torch.empty(1, dtype=torch.uint8)], 0, 0).wait()
-            buf = torch.empty(msg_bytes, dtype=torch.uint8)
             for _ in range(count):
                 group.recv([buf], 0, 0).wait()
-            ended = time.monotonic()
-            (began,) = self.conn.recv()
-            times.append(ended - began)
-            del group
-        return float(statistics.median(times))
+            ends.append(time.monotonic())
+        (starts,) = self.conn.recv()
+        del group
+        return float(statistics.median(e - s for s, e in list(zip(starts, ends, strict=True))[1:]))
 
     def transfer(
         self, receiver: KVReceiver, transport: str, checksum: bool, num_blocks: int

@@ -206,12 +206,10 @@ class _Link(Link):
             _abort(self._group)
 
     def close(self) -> None:
-        """Tear down without waiting on a stuck send: the waiter thread ends by itself
-        once the group's own timeout fails what is pending."""
+        """Tear down without waiting (callers include `poll`): the waiter thread ends by
+        itself once the group's own timeout has failed whatever is still pending."""
         self._break()
         self._works.put(None)
-        if threading.current_thread() is not self._waiter:
-            self._waiter.join(timeout=0.5)
         self._group = None  # the sockets close once pending works are gone
 
 
