@@ -58,6 +58,7 @@ class FakeEndpoint(Endpoint):
         self._me: RankId | None = None
         self.inbox: Inbox | None = None
         self.device = torch.device("cpu")
+        self.received_bytes = 0  # DATA payload bytes delivered here
 
     def start(self, me: LocalRank, cache: torch.Tensor, inbox: Inbox) -> None:
         self._me, self.inbox, self.device = me.id, inbox, cache.device
@@ -111,6 +112,7 @@ class FakeLink(Link):
             if target is not None:
                 payload = staging_for(header, inbox.max_payload_bytes, self._endpoint.device)
                 region.gather(out=payload)
+                self._endpoint.received_bytes += header.nbytes
         inbox.land(self._from, header, target, payload)
         return Completion.resolved()
 

@@ -26,7 +26,7 @@ from kv_transfer.base import (
     TransferState,
     TransferStatus,
 )
-from kv_transfer.fake import FakeFabric
+from kv_transfer.fake import FakeEndpoint, FakeFabric
 from kv_transfer.faults import Fault, FaultKind, FaultyConnector
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
@@ -227,6 +227,12 @@ def test_m_to_n_is_bit_exact(
     send_states, recv_states = end(c, pre, dec, t)
     assert states(send_states) == states(recv_states) == {TransferState.DONE}
     assert_landed(c, dec, t)
+    # Each receiver rank got exactly its own shard of the 7 blocks, nothing more.
+    for receiver, cache in zip(dec.roles, dec.caches, strict=True):
+        endpoint = receiver.endpoint  # type: ignore[union-attr]
+        assert isinstance(endpoint, FakeEndpoint)
+        per_block = cache.layout.block_bytes
+        assert endpoint.received_bytes == 7 * per_block
     assert_no_leaks(c)
 
 
