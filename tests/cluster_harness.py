@@ -1,0 +1,225 @@
+"""A whole pdserve cluster on local Ray for one test module.
+
+`ClusterHarness.start(config)` starts a real redis-server, a local Ray with logical
+CPUs for the router and the pools, Serve's proxies on free loopback ports, and the
+application from `cluster.builder`; it waits (bounded) until every pool is registered
+and the health service says SERVING. `stop()` first checks for leaks (every replica's
+requests, streams, transfers and blocks back to baseline), then shuts Serve and Ray
+down and checks that the registry and the kv rendezvous keys are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+
+from cluster.builder import APP_NAME, build_app, serve_options
+from cluster.client import Client
+from cluster.config import ClusterConfig, load_config
+from cluster.redis_server import RedisServer
+from cluster.registry import Registry, connect
+from decode_worker.messages import WorkerState
+from engine import SamplingParams
+from router.pinning import PIN_KWARG
+
+START_TIMEOUT_S = 180.0
+MAX_TOKENS = 12
+
+
+def greedy(max_tokens: int = MAX_TOKENS) -> SamplingParams:
+    """The engine-side twin of the clients' greedy sampling."""
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str, step_s: float = 0.1) -> float:
+    """Seconds until `cond()` held; AssertionError after `timeout_s`."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"{what}: not within {timeout_s}s")
+        time.sleep(step_s)
+    return time.monotonic() - start
+
+
+def tiny_config(model_dir: str, name: str, overrides: list[str]) -> ClusterConfig:
+    base = [
+        f"name={name}",
+        f"model.source={model_dir}",
+        "model.max_model_len=256",
+        f"server.http_port={free_port()}",
+        f"server.grpc_port={free_port()}",
+        "redis.lease_ttl_s=3",
+        "redis.load_report_interval_s=0.2",
+        "router.view_refresh_interval_s=0.1",
+        "kv_transfer.timeout_s=10",
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+@dataclass
+class HttpReply:
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class ClusterHarness:
+    def __init__(self, config: ClusterConfig, model_dir: str) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.redis = RedisServer()
+        self.grpc_target = f"127.0.0.1:{config.server.grpc_port}"
+        self.http_url = f"http://127.0.0.1:{config.server.http_port}"
+        token = config.server.grpc_bearer_token
+        self.token = token.get_secret_value() if token else None
+        key = config.server.api_key
+        self.api_key = key.get_secret_value() if key else None
+        self._redis_client: Any = None
+        self.registry: Registry | None = None
+        self._baseline: dict[str, WorkerState] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> ClusterHarness:
+        self.redis.start()
+        self._redis_client = connect(self.redis.url)
+        self.registry = Registry(self._redis_client, self.config.name)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+        http, grpc = serve_options(self.config)
+        serve.start(http_options=http, grpc_options=grpc)
+        app = build_app(self.config, model_dir=self.model_dir, redis_url=self.redis.url)
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        with self.client() as c:
+            wait_until(lambda: c.healthy() and c.cluster_status().ready, START_TIMEOUT_S, "ready")
+        self._baseline = {s.instance_id: s for s in self.worker_states()}
+        return self
+
+    def stop(self) -> None:
+        problems: list[str] = []
+        try:
+            problems = self.leaks(timeout_s=20.0)
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+            registry = self.registry
+            if registry is not None:
+                with contextlib.suppress(Exception):
+                    left = [i.instance_id for i in registry.live_instances()]
+                    if left:
+                        problems.append(f"registry still lists {left}")
+                    stray = sorted(
+                        k for k in registry.namespace_keys() if not k.endswith(":prefix-events")
+                    )
+                    if stray:
+                        problems.append(f"keys left in Redis: {stray}")
+            if self._redis_client is not None:
+                self._redis_client.close()
+            self.redis.stop()
+        assert not problems, "leaks at teardown: " + "; ".join(problems)
+
+    # -- access ----------------------------------------------------------------------------
+
+    def client(self, token: str | None = "default") -> Client:
+        return Client(
+            self.grpc_target, token=self.token if token == "default" else token, timeout_s=120
+        )
+
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        key: str | None = "default",
+        timeout_s: float = 120,
+    ) -> HttpReply:
+        headers = {"Content-Type": "application/json"}
+        api_key = self.api_key if key == "default" else key
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.http_url + path, data, headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return HttpReply(resp.status, resp.read())
+        except urllib.error.HTTPError as e:
+            return HttpReply(e.code, e.read())
+
+    def sse(self, path: str, body: Any, timeout_s: float = 120) -> Iterator[dict[str, Any]]:
+        """The JSON events of a server-sent event stream, until [DONE]."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.http_url + path, json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line:
+                    continue
+                assert line.startswith("data: "), line
+                payload = line[len("data: ") :]
+                if payload == "[DONE]":
+                    return
+                yield json.loads(payload)
+
+    def _handle(self, pool: str) -> Any:
+        return serve.get_deployment_handle(pool, app_name=APP_NAME)
+
+    def instances(self) -> list[tuple[str, str, str]]:
+        """(pool, instance id, replica address) of every live instance."""
+        assert self.registry is not None
+        return [(i.pool, i.instance_id, i.address) for i in self.registry.live_instances()]
+
+    def call(self, pool: str, address: str, method: str, *args: Any) -> Any:
+        handle = self._handle(pool)
+        return getattr(handle, method).remote(*args, **{PIN_KWARG: address}).result(timeout_s=30)
+
+    def worker_states(self) -> list[WorkerState]:
+        return [self.call(pool, addr, "state") for pool, _, addr in self.instances()]
+
+    def leaks(self, timeout_s: float) -> list[str]:
+        """Problems that remain after waiting up to `timeout_s` for cleanup to finish."""
+        problems: list[str] = []
+
+        def clean() -> bool:
+            problems.clear()
+            for s in self.worker_states():
+                if s.num_requests or s.num_streams:
+                    problems.append(
+                        f"{s.instance_id}: {s.num_requests} requests, {s.num_streams} streams"
+                    )
+                if s.free_blocks != s.total_blocks:
+                    problems.append(
+                        f"{s.instance_id}: {s.total_blocks - s.free_blocks} blocks in use"
+                    )
+                if s.active_transfers or s.pending_remote_prefills:
+                    problems.append(
+                        f"{s.instance_id}: {s.active_transfers} transfers, "
+                        f"{s.pending_remote_prefills} pending remote prefills"
+                    )
+                if s.extra.get("shm_free_slots") != s.extra.get("shm_slots"):
+                    problems.append(f"{s.instance_id}: shm transfer slots in use")
+            return not problems
+
+        with contextlib.suppress(AssertionError):
+            wait_until(clean, timeout_s, "clean", step_s=0.2)
+        return problems
