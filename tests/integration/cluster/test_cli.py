@@ -1,0 +1,117 @@
+"""`pdserve` end to end, as a user runs it: up (detached, with its embedded Redis and
+local Ray), status, generate, chat, down; and a bad config failing before anything
+starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from cluster_harness import free_port, greedy
+
+from engine import LLM
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _pdserve(
+    args: list[str], env: dict[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A cache dir of the test's own, so run state never mixes with a real cluster."""
+    return dict(os.environ, PDSERVE_CACHE=str(tmp_path / "cache"))
+
+
+def test_bad_config_fails_before_starting(env: dict[str, str], tmp_path: Path) -> None:
+    result = _pdserve(
+        ["up", "--set", "pools.decode.replicas=0", "--set", "server.http_port=9000"], env
+    )
+    assert result.returncode == 2
+    assert "pools.decode.replicas" in result.stderr
+    assert not (tmp_path / "cache" / "run").exists()
+    result = _pdserve(["up", "--colocated", "--set", "router.max_prompt_tokens=5000"], env)
+    assert result.returncode == 2 and "router.max_prompt_tokens" in result.stderr
+
+
+@pytest.mark.slow
+def test_up_status_generate_chat_down(
+    env: dict[str, str], tmp_path: Path, tiny_model_dir: Path, reference_llm: LLM
+) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    grpc_port, http_port = free_port(), free_port()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"name: {name}\n"
+        f"model: {{source: {tiny_model_dir}, max_model_len: 256}}\n"
+        "pools:\n"
+        "  - {name: main, role: colocated, engine: {kv_cache_bytes: 4MiB}}\n"
+        f"server: {{grpc_port: {grpc_port}, http_port: {http_port}}}\n"
+    )
+    run_dir = tmp_path / "cache" / "run" / name
+    up = _pdserve(["up", "-c", str(config), "--detach", "--timeout", "240"], env, timeout_s=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"ready: gRPC 127.0.0.1:{grpc_port}" in up.stdout
+        state = json.loads((run_dir / "cluster.json").read_text())
+        assert state["status"] == "ready" and state["embedded_redis"]
+        redis_port = int(state["redis_url"].rsplit(":", 1)[1].split("/")[0])
+        assert _port_open(redis_port) and _port_open(grpc_port) and _port_open(http_port)
+
+        status = _pdserve(["status", "--name", name], env)
+        assert status.returncode == 0, status.stderr
+        assert f"cluster {name}: SERVING" in status.stdout
+        assert "pool main (colocated) 1/1 replicas" in status.stdout
+
+        want = reference_llm.generate(["Hello, world"], greedy(6))[0]
+        gen = _pdserve(
+            [
+                "generate",
+                "Hello, world",
+                "--name",
+                name,
+                "--max-tokens",
+                "6",
+                "--temperature",
+                "0",
+                "--timings",
+            ],
+            env,
+        )
+        assert gen.returncode == 0, gen.stderr
+        assert gen.stdout == want.text + "\n"
+        assert "ttft" in gen.stderr and "colocated" in gen.stderr
+
+        chat = _pdserve(
+            ["chat", "Hi!", "--system", "Be brief.", "--name", name, "--max-tokens", "4"], env
+        )
+        assert chat.returncode == 0, chat.stderr
+    finally:
+        down = _pdserve(["down", "--name", name], env, timeout_s=180)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not (run_dir / "cluster.json").exists()
+    assert not _port_open(grpc_port) and not _port_open(redis_port)
+    again = _pdserve(["down", "--name", name], env)
+    assert again.returncode == 1 and "no cluster" in again.stderr
