@@ -1,0 +1,161 @@
+"""The typed cluster config: defaults, YAML plus overrides, and every cross-field rule
+failing at build time with the field named; plus the builder's checks against the
+model and the settings it hands the deployments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ray import serve
+
+from cluster.builder import build_app, check_against_model, router_settings, worker_settings
+from cluster.config import ClusterConfig, ConfigError, load_config
+from decode_worker.messages import PoolRole
+
+
+def test_defaults_are_the_laptop_setup() -> None:
+    c = load_config()
+    assert [(p.name, p.role, p.replicas, p.tp, p.pp) for p in c.pools] == [
+        ("prefill", PoolRole.PREFILL, 1, 1, 1),
+        ("decode", PoolRole.DECODE, 1, 1, 1),
+    ]
+    assert (
+        c.model.source == "smollm2-135m-instruct" and c.model.served_id == "smollm2-135m-instruct"
+    )
+    assert (c.server.host, c.server.grpc_port, c.server.http_port) == ("127.0.0.1", 9000, 8000)
+    assert c.redis.url is None and c.ray.address is None
+    assert c.prefill_pool is not None and c.generating_pool.name == "decode"
+    assert c.required_cpus() == 3.0
+    assert c.pools[0].num_threads == 1 and c.pools[0].device == "cpu"
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: lab\n"
+        "model: {source: /models/llama, max_model_len: 4096}\n"
+        "pools:\n"
+        "  - {name: p, role: prefill, replicas: 2, resources_per_rank: {CPU: 2}}\n"
+        "  - {name: d, role: decode, engine: {kv_cache_bytes: 1GiB}}\n"
+        "redis: {url: 'redis://10.0.0.5:6379/0'}\n"
+    )
+    c = load_config(
+        path, ["pools.d.replicas=3", "server.grpc_port=9100", "router.disaggregation_threshold=8"]
+    )
+    assert c.name == "lab" and c.model.served_id == "llama" and c.model.max_model_len == 4096
+    assert [(p.name, p.replicas) for p in c.pools] == [("p", 2), ("d", 3)]
+    assert int(c.pools[1].engine.kv_cache_bytes) == 1 << 30
+    assert c.pools[0].num_threads == 2  # torch threads follow the CPU share
+    assert c.server.grpc_port == 9100 and c.router.disaggregation_threshold == 8
+    assert c.required_cpus() == 1 + 2 * 2 + 3
+
+
+def test_colocated_only_and_pool_override_by_index() -> None:
+    c = load_config(None, ["pools=[{name: main, role: colocated}]", "pools.0.replicas=2"])
+    assert c.prefill_pool is None and c.generating_pool.replicas == 2
+
+
+def test_secrets_are_not_printed() -> None:
+    c = load_config(None, ["server.api_key=s3cret", "server.grpc_bearer_token=t0ken"])
+    dumped = str(c.model_dump(mode="json"))
+    assert "s3cret" not in dumped and "t0ken" not in dumped
+    assert c.server.api_key is not None and c.server.api_key.get_secret_value() == "s3cret"
+
+
+BAD = [
+    (["pools=[{name: a, role: decode}, {name: a, role: prefill}]"], "duplicate pool names"),
+    (
+        ["pools=[{name: a, role: decode}, {name: b, role: colocated}, {name: c, role: prefill}]"],
+        "exactly one decode or colocated pool",
+    ),
+    (["pools=[{name: a, role: colocated}, {name: b, role: prefill}]"], "needs a decode pool"),
+    (["pools=[{name: a, role: decode}]"], "use role colocated"),
+    (["pools=[{name: a, role: prefill}]"], "exactly one decode or colocated pool"),
+    (
+        ["pools=[{name: a, role: prefill}, {name: b, role: prefill}, {name: c, role: decode}]"],
+        "at most one prefill pool",
+    ),
+    (["pools.prefill.engine.block_size=8"], "block_size"),
+    (["server.grpc_port=8000"], "server.grpc_port"),
+    (["server.grpc_tls_cert_file=/etc/cert.pem"], "terminate TLS"),
+    (["pools.decode.replicas=0"], "pools.decode.replicas"),
+    (["pools.decode.replica=2"], "pools.decode.replica"),  # a typo is not ignored
+    (["pools.decode.role=encoder"], "pools.decode.role"),
+    (["pools.decode.resources_per_rank={CPU: -1}"], "resources_per_rank"),
+    (["pools.decode.engine.kv_cache_bytes=lots"], "kv_cache_bytes"),
+    (["redis.url=http://localhost"], "redis.url"),
+    (["redis.lease_ttl_s=1", "redis.load_report_interval_s=2"], "load_report_interval_s"),
+    (["router.max_prompt_tokens=2048"], "router.max_prompt_tokens"),
+    (["name=has:colon"], "name"),
+    (["model.dtype=int4"], "model.dtype"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[b[1] for b in BAD])
+def test_invalid_config_names_the_problem(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match="invalid cluster config") as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_bad_override_syntax_and_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
+        load_config(None, ["pools.decode.replicas"])
+    with pytest.raises(ConfigError, match="no list entry named 'nope'"):
+        load_config(None, ["pools.nope.replicas=2"])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listing)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def _tiny(model_dir: Path, *overrides: str) -> ClusterConfig:
+    return load_config(
+        None,
+        [
+            f"model.source={model_dir}",
+            "model.max_model_len=256",
+            "pools.prefill.engine.kv_cache_bytes=4MiB",
+            "pools.decode.engine.kv_cache_bytes=4MiB",
+            *overrides,
+        ],
+    )
+
+
+def test_builder_checks_the_config_against_the_model(tiny_model_dir: Path) -> None:
+    d = str(tiny_model_dir)
+    assert check_against_model(_tiny(tiny_model_dir), d).num_layers == 4
+    with pytest.raises(ConfigError, match=r"model\.max_model_len: 4096 exceeds"):
+        check_against_model(_tiny(tiny_model_dir, "model.max_model_len=4096"), d)
+    with pytest.raises(ConfigError, match=r"pools.decode.engine.kv_cache_bytes: holds \d+ tokens"):
+        check_against_model(_tiny(tiny_model_dir, "pools.decode.engine.kv_cache_bytes=16KiB"), d)
+    with pytest.raises(ConfigError, match=r"pools\.prefill: tp=3"):
+        check_against_model(_tiny(tiny_model_dir, "pools.prefill.tp=3"), d)
+    with pytest.raises(ConfigError, match=r"pools\.decode\.tp/pp: this build runs one engine rank"):
+        check_against_model(_tiny(tiny_model_dir, "pools.decode.tp=2"), d)
+
+
+def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
+    c = _tiny(
+        tiny_model_dir,
+        "server.api_key=k",
+        "router.max_prompt_tokens=100",
+        "kv_transfer.transport=shm",
+    )
+    ws = worker_settings(c, c.pools[1], str(tiny_model_dir), "redis://127.0.0.1:1/0")
+    assert (ws.pool, ws.role, ws.max_model_len, ws.kv_cache_bytes, ws.transport) == (
+        "decode",
+        PoolRole.DECODE,
+        256,
+        4 << 20,
+        "shm",
+    )
+    rs = router_settings(c, str(tiny_model_dir), "redis://127.0.0.1:1/0")
+    assert rs.has_prefill_pool and rs.http_api_key == "k" and rs.grpc_bearer_token is None
+    assert rs.limits.max_prompt_tokens == 100 and rs.limits.max_model_len == 256
+    assert [p.name for p in rs.pools] == ["prefill", "decode"]
+    app = build_app(c, model_dir=str(tiny_model_dir), redis_url="redis://127.0.0.1:1/0")
+    assert isinstance(app, serve.Application)

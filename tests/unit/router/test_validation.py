@@ -1,0 +1,157 @@
+"""Request validation: every bad field is reported by its protocol's name, and valid
+requests become the engine's SamplingParams with the engine's defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from router.openai_schema import ChatBody, CompletionBody, first_error
+from router.tokenization import PromptEncoder
+from router.validation import (
+    OPENAI_FIELDS,
+    PROTO_FIELDS,
+    ChatMessageIn,
+    InvalidRequest,
+    Limits,
+    RawRequest,
+    RawSampling,
+    RequestValidator,
+)
+
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def validator(tiny_model_dir: Path) -> RequestValidator:
+    encoder = PromptEncoder(str(tiny_model_dir), block_size=16)
+    return RequestValidator(
+        Limits(max_model_len=MAX_LEN, max_prompt_tokens=MAX_LEN - 1), encoder, "tiny"
+    )
+
+
+def test_valid_prompt_gets_engine_defaults(validator: RequestValidator) -> None:
+    ok = validator.validate(RawRequest(prompt="Hello there"), PROTO_FIELDS)
+    assert list(ok.prompt_token_ids) == validator.encoder.encode("Hello there")
+    p = ok.params
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.seed, p.logprobs) == (
+        1.0,
+        1.0,
+        -1,
+        16,
+        None,
+        None,
+    )
+
+
+def test_sampling_fields_are_carried_over(validator: RequestValidator) -> None:
+    s = RawSampling(
+        temperature=0.0,
+        top_p=0.5,
+        top_k=4,
+        max_tokens=7,
+        stop=("\n",),
+        stop_token_ids=(2,),
+        ignore_eos=True,
+        seed=3,
+        logprobs=2,
+    )
+    p = validator.validate(RawRequest(token_ids=(5, 6, 7), sampling=s), PROTO_FIELDS).params
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.0, 0.5, 4, 7)
+    assert (p.stop, p.stop_token_ids, p.ignore_eos, p.seed, p.logprobs) == (["\n"], [2], True, 3, 2)
+
+
+def test_default_max_tokens_is_cut_to_the_context(validator: RequestValidator) -> None:
+    ids = tuple(range(5, 5 + MAX_LEN - 4))  # 60 tokens: 4 fit after them
+    assert validator.validate(RawRequest(token_ids=ids), PROTO_FIELDS).params.max_tokens == 4
+    chat = RawRequest(messages=(ChatMessageIn("user", "hi"),), default_max_tokens=1000)
+    assert validator.validate(chat, OPENAI_FIELDS).params.max_tokens < MAX_LEN
+
+
+BAD = [
+    (RawRequest(), "input"),
+    (RawRequest(prompt="a", token_ids=(1,)), "input"),
+    (RawRequest(prompt="a", model="other"), "model"),
+    (RawRequest(prompt="a", client_tag="x" * 129), "client_tag"),
+    (RawRequest(prompt=""), "prompt"),
+    (RawRequest(prompt="word " * 100), "prompt"),
+    (RawRequest(token_ids=tuple([5] * MAX_LEN)), "token_ids.ids"),
+    (RawRequest(token_ids=(5, 49152)), "token_ids.ids[1]"),
+    (RawRequest(messages=()), "chat.messages"),
+    (RawRequest(messages=(ChatMessageIn("wizard", "hi"),)), "chat.messages[0].role"),
+    (RawRequest(prompt="a", sampling=RawSampling(max_tokens=0)), "sampling.max_tokens"),
+    (RawRequest(prompt="a", sampling=RawSampling(max_tokens=10**9)), "sampling.max_tokens"),
+    (RawRequest(prompt="a", sampling=RawSampling(top_p=2.0)), "sampling.top_p"),
+    (RawRequest(prompt="a", sampling=RawSampling(top_p=0.0)), "sampling.top_p"),
+    (
+        RawRequest(prompt="a", sampling=RawSampling(temperature=float("nan"))),
+        "sampling.temperature",
+    ),
+    (RawRequest(prompt="a", sampling=RawSampling(top_k=-2)), "sampling.top_k"),
+    (RawRequest(prompt="a", sampling=RawSampling(stop=("",))), "sampling.stop[0]"),
+    (RawRequest(prompt="a", sampling=RawSampling(stop=("x" * 257,))), "sampling.stop[0]"),
+    (RawRequest(prompt="a", sampling=RawSampling(stop=("s",) * 17)), "sampling.stop"),
+    (
+        RawRequest(prompt="a", sampling=RawSampling(stop_token_ids=(-1,))),
+        "sampling.stop_token_ids[0]",
+    ),
+    (RawRequest(prompt="a", sampling=RawSampling(seed=2**63)), "sampling.seed"),
+    (RawRequest(prompt="a", sampling=RawSampling(logprobs=21)), "sampling.logprobs"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), BAD, ids=[f"{i}-{f}" for i, (_, f) in enumerate(BAD)])
+def test_bad_field_is_named(validator: RequestValidator, raw: RawRequest, field: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        validator.validate(raw, PROTO_FIELDS)
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ": ")
+
+
+def test_openai_names(validator: RequestValidator) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        validator.validate(RawRequest(prompt="a", sampling=RawSampling(top_p=3)), OPENAI_FIELDS)
+    assert err.value.field == "top_p"
+    with pytest.raises(InvalidRequest) as err:
+        validator.validate(RawRequest(messages=(ChatMessageIn("x", "y"),)), OPENAI_FIELDS)
+    assert err.value.field == "messages[0].role"
+
+
+def test_openai_bodies() -> None:
+    raw = CompletionBody.model_validate_json(
+        b'{"prompt": [1, 2], "stop": "x", "max_tokens": 3}'
+    ).to_raw()
+    assert raw.token_ids == (1, 2) and raw.sampling.stop == ("x",) and raw.sampling.max_tokens == 3
+    chat = ChatBody.model_validate_json(
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5,'
+        b' "logprobs": true, "top_logprobs": 2, "user": "tag"}'
+    ).to_raw(default_max_tokens=100)
+    assert (
+        chat.sampling.max_tokens == 5 and chat.sampling.logprobs == 2 and chat.client_tag == "tag"
+    )
+    with pytest.raises(InvalidRequest, match=r"^n: "):
+        CompletionBody.model_validate_json(b'{"prompt": "a", "n": 3}').to_raw()
+    with pytest.raises(InvalidRequest, match=r"^top_logprobs: "):
+        ChatBody.model_validate_json(b'{"messages": [], "top_logprobs": 2}').to_raw(10)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"prompt": "a", "top_p": "high"}', "top_p"),
+        (b'{"prompt": {"x": 1}}', "prompt"),
+        (b'{"prompt": [1, "two"]}', "prompt"),  # a union: the field, not the member
+    ],
+)
+def test_schema_errors_name_the_field(body: bytes, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        CompletionBody.model_validate_json(body)
+    assert first_error(err.value).field == field
+
+
+def test_chat_schema_error_names_message_field() -> None:
+    with pytest.raises(ValidationError) as err:
+        ChatBody.model_validate_json(b'{"messages": [{"role": "user"}]}')
+    assert first_error(err.value).field == "messages[0].content"

@@ -1,0 +1,300 @@
+"""The workers' engine side without Ray: the engine thread and its streams, and the
+whole remote-prefill lifecycle between two real engines over kv_transfer's in-process
+fake transport (commit, every fallback, abort), each ending with a leak check."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from decode_worker.chunks import ChunkBuilder
+from decode_worker.engine_loop import EngineLoop, EngineStopped
+from decode_worker.messages import PrefillOutcome, RemotePrefillPlan, TokenChunk, WorkerRequest
+from decode_worker.remote_prefill import RemotePrefills
+from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState
+from kv_transfer.engine_hook import SendHook
+from kv_transfer.fake import FakeFabric
+from kv_transfer.mapping import KVGeometry
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.sender import KVSender
+
+T = TypeVar("T")
+MAX_TOKENS = 10
+PROMPT = list(range(100, 140))  # 40 tokens: two full blocks and a partial one
+WAIT_S = 30.0
+
+
+def _config(model_dir: Path) -> EngineConfig:
+    return EngineConfig(
+        model=str(model_dir),
+        num_threads=1,
+        kv_cache_bytes=2 << 20,
+        max_model_len=256,
+        max_num_batched_tokens=16,  # prompts prefill in chunks
+    )
+
+
+def _greedy(**kw: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> LLM:
+    return LLM(str(tiny_model_dir), num_threads=1, kv_cache_bytes=2 << 20, max_model_len=256)
+
+
+def _on(loop: EngineLoop, fn: Callable[[], T]) -> T:
+    return loop.submit(fn).result(timeout=WAIT_S)
+
+
+async def _collect(
+    loop: EngineLoop,
+    rid: str,
+    start: Callable[[], object],
+    info: Callable[[], object] = lambda: None,
+) -> list[TokenChunk]:
+    stream = loop.open_stream(rid)
+    await loop.call(start)
+    builder = ChunkBuilder(len(PROMPT))
+    chunks: list[TokenChunk] = []
+    while not chunks or not chunks[-1].finished:
+        chunks.append(builder.build(await stream.get(WAIT_S), info()))  # type: ignore[arg-type]
+    return chunks
+
+
+def test_engine_loop_streams_a_request_and_cleans_up(tiny_model_dir: Path, reference: LLM) -> None:
+    want = reference.generate([PROMPT], _greedy())[0]
+    loop = EngineLoop(LLMEngine(_config(tiny_model_dir)), name="t").start()
+    try:
+        chunks = asyncio.run(
+            _collect(loop, "r1", lambda: loop.engine.add_request("r1", PROMPT, _greedy()))
+        )
+        assert [t for c in chunks for t in c.token_ids] == want.token_ids
+        assert "".join(c.text for c in chunks) == want.text
+        final = chunks[-1].final
+        assert final is not None and final.completion_tokens == MAX_TOKENS
+        assert final.prompt_tokens == len(PROMPT) and not final.disaggregated
+        assert loop.num_streams == 0
+        time.sleep(0.05)
+        load = loop.load_report()
+        assert load.running_seqs == 0 and load.free_kv_blocks == load.total_kv_blocks
+        with pytest.raises(ValueError, match="already has a stream"):
+            asyncio.run(_double_open(loop))
+    finally:
+        loop.stop()
+    with pytest.raises(EngineStopped):
+        loop.check()
+    with pytest.raises(EngineStopped):
+        loop.submit(lambda: None).result(timeout=1)
+
+
+async def _double_open(loop: EngineLoop) -> None:
+    loop.open_stream("dup")
+    try:
+        loop.open_stream("dup")
+    finally:
+        loop.close_stream("dup")
+
+
+def test_abort_frees_blocks(tiny_model_dir: Path) -> None:
+    loop = EngineLoop(LLMEngine(_config(tiny_model_dir)), name="t").start()
+    try:
+        engine = loop.engine
+
+        async def run() -> None:
+            stream = loop.open_stream("long")
+            params = dataclasses.replace(_greedy(), max_tokens=200)
+            await loop.call(lambda: engine.add_request("long", PROMPT, params))
+            await stream.get(WAIT_S)
+            loop.close_stream("long")
+            await loop.call(lambda: engine.abort_request("long"))
+
+        asyncio.run(run())
+        assert _on(loop, lambda: (engine.num_requests, engine.block_pool.num_free)) == (
+            0,
+            engine.block_pool.num_blocks,
+        )
+    finally:
+        loop.stop()
+
+
+# -- remote prefill between two engines ----------------------------------------------------
+
+
+@dataclass
+class Pair:
+    prefill: EngineLoop
+    hook: SendHook
+    sender: KVSender
+    decode: EngineLoop
+    receiver: KVReceiver
+    remote: RemotePrefills
+
+    async def prefill_prompt(self, rid: str, tid: str, params: SamplingParams) -> PrefillOutcome:
+        """What the prefill worker does: compute, push, report the first token."""
+        stream = self.prefill.open_stream(rid)
+
+        def start() -> None:
+            self.hook.add(rid, SendSpec(tid, InstanceRef("decode-0"), 0, 10.0))
+            self.prefill.engine.add_request(rid, PROMPT, dataclasses.replace(params, max_tokens=1))
+
+        await self.prefill.call(start)
+        outs = await stream.get(WAIT_S)
+        while not outs[-1].finished:
+            outs = await stream.get(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while self.sender.poll(tid).state is not TransferState.DONE:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        final = outs[-1]
+        return PrefillOutcome(
+            ok=True,
+            first_token_id=final.token_ids[0],
+            first_logprob=final.logprobs[0] if final.logprobs else None,
+            first_token_wall=stream.posted_wall,
+        )
+
+    def decode_stream(
+        self, req: WorkerRequest, outcome: Callable[[], Awaitable[PrefillOutcome]] | None
+    ) -> list[TokenChunk]:
+        """What the decode worker and the router do: reserve and expect first, then
+        the prefill, then relay its outcome; stream until finished."""
+        rid = req.request_id
+
+        async def run() -> list[TokenChunk]:
+            stream = self.decode.open_stream(rid)
+            assert await self.decode.call(lambda: self.remote.start(req)) == ""
+            if outcome is not None:
+                result = await outcome()
+                await self.decode.call(lambda: self.remote.deliver(rid, result))
+            builder = ChunkBuilder(len(req.prompt_token_ids))
+            chunks: list[TokenChunk] = []
+            while not chunks or not chunks[-1].finished:
+                chunks.append(builder.build(await stream.get(WAIT_S), self.remote.info(rid)))
+            return chunks
+
+        return asyncio.run(run())
+
+    def assert_clean(self) -> None:
+        def state(loop: EngineLoop) -> tuple[int, int, int]:
+            e = loop.engine
+            return e.num_requests, e.block_pool.num_blocks - e.block_pool.num_free, loop.num_streams
+
+        assert _on(self.prefill, lambda: state(self.prefill)) == (0, 0, 0)
+        assert _on(self.decode, lambda: state(self.decode)) == (0, 0, 0)
+        assert (self.sender.num_active, self.receiver.num_active, self.hook.num_requests) == (
+            0,
+            0,
+            0,
+        )
+        assert self.remote.num_pending == 0
+
+
+@pytest.fixture
+def pair(tiny_model_dir: Path) -> Iterator[Pair]:
+    fabric = FakeFabric()
+    hook = SendHook(16)
+    p_engine = LLMEngine(_config(tiny_model_dir), layer_hook=hook)
+    mc = p_engine.model_config
+    geo = KVGeometry(mc.num_layers, mc.num_kv_heads)
+    sender = KVSender(LocalRank("prefill-0"), p_engine.kv_cache, geo, fabric.connector())
+    hook.bind(sender)
+    d_engine = LLMEngine(_config(tiny_model_dir))
+    receiver = KVReceiver(LocalRank("decode-0"), d_engine.kv_cache, geo, fabric.endpoint())
+    holder: list[RemotePrefills] = []
+    decode = EngineLoop(
+        d_engine,
+        name="decode",
+        tick=lambda: holder[0].poll(),
+        busy=lambda: holder[0].num_pending > 0,
+    )
+    remote = RemotePrefills(d_engine, receiver, decode.post)
+    holder.append(remote)
+    p = Pair(
+        EngineLoop(p_engine, name="prefill").start(), hook, sender, decode.start(), receiver, remote
+    )
+    yield p
+    p.prefill.stop()
+    p.decode.stop()
+    sender.close()
+    receiver.close()
+
+
+def _request(rid: str, params: SamplingParams, timeout_s: float = 10.0) -> WorkerRequest:
+    plan = RemotePrefillPlan(f"x-{rid}", "prefill-0", timeout_s)
+    return WorkerRequest(rid, tuple(PROMPT), params, time.time(), plan)
+
+
+def test_remote_prefill_commits_and_matches(pair: Pair, reference: LLM) -> None:
+    params = _greedy(logprobs=1)
+    want = reference.generate([PROMPT], params)[0]
+    chunks = pair.decode_stream(
+        _request("r", params), lambda: pair.prefill_prompt("r", "x-r", params)
+    )
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    assert "".join(c.text for c in chunks) == want.text
+    # The first token's logprob was sampled on the prefill engine and relayed.
+    assert want.logprobs is not None
+    assert [lp.logprob for c in chunks for lp in c.logprobs] == pytest.approx(
+        [lp.logprob for lp in want.logprobs], abs=1e-4
+    )
+    final = chunks[-1].final
+    assert final is not None and final.disaggregated and not final.fallback_reason
+    assert final.kv_transfer_s >= 0 and final.prefill_s == 0
+    assert pair.decode.engine.num_remote_prefill_fallbacks == 0
+    pair.assert_clean()
+
+
+def test_failed_prefill_falls_back_to_local_compute(pair: Pair, reference: LLM) -> None:
+    want = reference.generate([PROMPT], _greedy())[0]
+
+    async def failed() -> PrefillOutcome:
+        return PrefillOutcome(ok=False, reason="boom")
+
+    chunks = pair.decode_stream(_request("f", _greedy()), failed)
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    final = chunks[-1].final
+    assert final is not None and not final.disaggregated
+    assert final.fallback_reason == "prefill failed: boom"
+    assert pair.decode.engine.num_remote_prefill_fallbacks == 1
+    pair.assert_clean()
+
+
+def test_transfer_that_never_comes_times_out_and_falls_back(pair: Pair, reference: LLM) -> None:
+    want = reference.generate([PROMPT], _greedy())[0]
+    chunks = pair.decode_stream(_request("t", _greedy(), timeout_s=0.3), None)
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    final = chunks[-1].final
+    assert final is not None and final.fallback_reason.startswith("transfer failed: timed out")
+    assert pair.remote.transfer_failures == 1
+    pair.assert_clean()
+
+
+def test_abort_while_waiting_for_the_transfer_frees_everything(pair: Pair) -> None:
+    req = _request("a", _greedy())
+    engine = pair.decode.engine
+    assert _on(pair.decode, lambda: pair.remote.start(req)) == ""
+    assert _on(pair.decode, lambda: engine.block_pool.num_free) < engine.block_pool.num_blocks
+    assert pair.receiver.num_active == 1
+    _on(pair.decode, lambda: pair.remote.abort("a"))
+    pair.assert_clean()
+
+
+def test_start_without_free_blocks_reserves_nothing(pair: Pair) -> None:
+    engine = pair.decode.engine
+    hog = _on(pair.decode, lambda: engine.block_pool.allocate(engine.block_pool.num_free - 1))
+    try:
+        reason = _on(pair.decode, lambda: pair.remote.start(_request("n", _greedy())))
+        assert reason.startswith("no free KV blocks")
+        assert pair.receiver.num_active == 0 and pair.remote.num_pending == 0
+    finally:
+        _on(pair.decode, lambda: engine.block_pool.release(hog))
+    pair.assert_clean()
