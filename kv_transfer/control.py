@@ -11,7 +11,9 @@ Receiver side, `ControlServer`:
     reader thread     one per connection:
                         HELLO (within the handshake timeout) -> open_session(peer)
                         loop: header -> seq check -> DATA: inbox.prepare, then
-                        session.receive -> inbox.land
+                        session.start posts the receive; up to `window` receives stay
+                        posted while further headers wait, then each is finished
+                        in order -> inbox.land
                         EOF, error or bad message -> inbox.on_peer_lost, session.close()
     lander thread     with `pipelined`, one per connection: hands received messages to
                       the inbox in order while the reader receives the next payload
@@ -26,9 +28,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import select
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -40,22 +45,26 @@ from kv_transfer.transport import Inbox, Peer, Target
 logger = logging.getLogger(__name__)
 
 
+Finish = Callable[[], torch.Tensor | None]
+
+
 class Session(Protocol):
     """A transport's per-connection state on the receiver."""
 
     direct_ok: bool  # it can receive straight into contiguous destination blocks
 
-    def receive(self, header: Header, target: Target | None) -> torch.Tensor | None:
-        """Move a DATA payload: into `target.views()` when the target is direct (None
-        returned), else into staging (returned; None when `target` is None and the bytes
-        were dropped, or when the payload is already in place).
+    def start(self, header: Header, target: Target | None) -> Finish:
+        """Post the receive of a DATA payload; the returned call waits for it.
 
-        Raises TransferError or ProtocolError, which ends the connection.
+        The payload goes into `target.views()` when the target is direct (the call then
+        returns None), else into staging (returned; None when `target` is None and the
+        bytes were dropped, or when the payload is already in place). Either raises
+        TransferError or ProtocolError, which ends the connection.
         """
         ...
 
     def done(self, payload: torch.Tensor) -> None:
-        """The payload from `receive` has landed; its buffer may be reused."""
+        """The payload from `start` has landed; its buffer may be reused."""
         ...
 
     def close(self) -> None: ...
@@ -147,9 +156,10 @@ class ControlServer:
         handshake_timeout_s: float,
         name: str,
         pipelined: bool = False,
+        window: int = 4,
     ) -> None:
         self._listener, self._inbox, self._open = listener, inbox, open_session
-        self._pipelined = pipelined
+        self._pipelined, self._window = pipelined, window
         self._handshake_timeout = handshake_timeout_s
         self._name = name
         self._lock = threading.Lock()
@@ -204,6 +214,7 @@ class ControlServer:
         peer: Peer | None = None
         session: Session | None = None
         lander: _Lander | None = None
+        pending: deque[_Pending] = deque()  # posted receives, oldest first
         reason = "connection closed"
         try:
             sock.settimeout(self._handshake_timeout)
@@ -215,11 +226,14 @@ class ControlServer:
                 RankId(hello.instance, hello.rank), Parallelism(hello.tp, hello.pp), hello.token
             )
             session = self._open(peer)
-            if self._pipelined:
-                lander = _Lander(self._inbox, peer, session, self._name)
+            lander = _Lander(self._inbox, peer, session, self._name) if self._pipelined else None
             sock.settimeout(None)  # idle connections wait; close() shuts them down
             seq = 0
             while not self._closing.is_set():
+                # Finish the oldest receive once the window is full or no header waits.
+                if pending and (len(pending) >= self._window or not _readable(sock)):
+                    self._deliver(peer, session, lander, pending.popleft())
+                    continue
                 raw = _recv_exact(sock, MESSAGE_SIZE)
                 if raw is None:
                     break
@@ -227,20 +241,19 @@ class ControlServer:
                 if not isinstance(header, Header) or header.seq != seq:
                     raise ProtocolError(f"expected message {seq}, got {header}")
                 seq += 1
-                target, payload = None, None
-                if header.kind is MessageKind.DATA:
-                    target = self._inbox.prepare(peer, header, session.direct_ok)
-                    try:
-                        payload = session.receive(header, target)
-                    finally:
-                        if target is not None and target.direct:
-                            self._inbox.written(target)
-                if lander is not None:
-                    lander.put(header, target, payload)
-                else:
-                    self._inbox.land(peer, header, target, payload)
-                    if payload is not None:
-                        session.done(payload)
+                if header.kind is not MessageKind.DATA:
+                    pending.append(_Pending(header, None, None))
+                    continue
+                target = self._inbox.prepare(peer, header, session.direct_ok)
+                try:
+                    finish = session.start(header, target)
+                except BaseException:
+                    if target is not None and target.direct:
+                        self._inbox.written(target)
+                    raise
+                pending.append(_Pending(header, target, finish))
+            while pending and not self._closing.is_set():
+                self._deliver(peer, session, lander, pending.popleft())
         except (TransferError, OSError) as e:
             reason = str(e)
             if not self._closing.is_set():
@@ -251,6 +264,14 @@ class ControlServer:
             reason = f"internal error: {e!r}"
             logger.exception("%s: connection from %s failed", self._name, peer.id if peer else "?")
         finally:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the sender tears its side down
+            for left in pending:  # let receives already posted stop writing first
+                if left.finish is not None:
+                    with contextlib.suppress(Exception):
+                        left.finish()
+                if left.target is not None and left.target.direct:
+                    self._inbox.written(left.target)
             if lander is not None:
                 lander.close()  # what arrived lands before the loss is reported
             if peer is not None:
@@ -260,6 +281,35 @@ class ControlServer:
             sock.close()
             with self._lock:
                 self._conns.pop(sock, None)
+
+    def _deliver(
+        self, peer: Peer, session: Session, lander: _Lander | None, item: _Pending
+    ) -> None:
+        """Wait for one posted receive and hand its message over, in order."""
+        payload = None
+        if item.finish is not None:
+            try:
+                payload = item.finish()
+            finally:
+                if item.target is not None and item.target.direct:
+                    self._inbox.written(item.target)
+        if lander is not None:
+            lander.put(item.header, item.target, payload)
+            return
+        self._inbox.land(peer, item.header, item.target, payload)
+        if payload is not None:
+            session.done(payload)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    header: Header
+    target: Target | None
+    finish: Finish | None  # None for END/ABORT
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 class _Lander:

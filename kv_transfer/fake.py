@@ -16,6 +16,7 @@ import torch
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.header import TOKEN_BYTES, Header
 from kv_transfer.regions import BlockRegion
+from kv_transfer.regions import checksum as payload_checksum
 from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Peer, staging_for
 
 
@@ -100,7 +101,9 @@ class FakeLink(Link):
     def broken(self) -> bool:
         return self._broken
 
-    def send(self, header: Header, region: BlockRegion | None) -> Completion:
+    def send(
+        self, header: Header, region: BlockRegion | None, checksum: bool = False
+    ) -> Completion:
         inbox = self._endpoint.inbox
         if self._broken or inbox is None:
             raise TransferError(f"link to {self.peer} is closed")
@@ -108,10 +111,13 @@ class FakeLink(Link):
             header, self._seq = header.with_seq(self._seq), self._seq + 1
         target, payload = None, None
         if region is not None:
+            wire = region.gather()  # what would travel
+            if checksum:
+                header = header.with_checksum(payload_checksum(wire))
             target = inbox.prepare(self._from, header, direct_ok=False)
             if target is not None:
                 payload = staging_for(header, inbox.max_payload_bytes, self._endpoint.device)
-                region.gather(out=payload)
+                payload.copy_(wire)
                 self._endpoint.received_bytes += header.nbytes
         inbox.land(self._from, header, target, payload)
         return Completion.resolved()

@@ -111,14 +111,16 @@ class _FaultyLink(Link):
     def broken(self) -> bool:
         return self._owner.killed or self._inner.broken
 
-    def send(self, header: Header, region: BlockRegion | None) -> Completion:
+    def send(
+        self, header: Header, region: BlockRegion | None, checksum: bool = False
+    ) -> Completion:
         if self._owner.killed:
             raise TransferError("sender was killed")
         if header.kind is not MessageKind.DATA or region is None:
-            return self._inner.send(header, region)
+            return self._inner.send(header, region, checksum)
         fault = self._owner._next_fault()
         if fault is None:
-            return self._inner.send(header, region)
+            return self._inner.send(header, region, checksum)
         logger.info(
             "fault injection: %s on %s layer %d", fault.kind.value, header.transfer_id, header.layer
         )
@@ -126,8 +128,11 @@ class _FaultyLink(Link):
             return Completion.resolved()
         if fault.kind is FaultKind.DELAY:
             time.sleep(fault.delay_s)
-            return self._inner.send(header, region)
+            return self._inner.send(header, region, checksum)
         if fault.kind is FaultKind.CORRUPT:
+            # The checksum covers the true bytes; the link then moves damaged ones.
+            if checksum:
+                header = header.with_checksum(region.checksum())
             return self._inner.send(header, _corrupted_copy(region))
         self._owner.killed = True
         self._owner._on_kill(self._inner)

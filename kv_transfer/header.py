@@ -17,6 +17,7 @@ Decoding validates every field it can without context and raises ProtocolError.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 import zlib
@@ -92,21 +93,10 @@ class Header:
     checksum: int | None = None
 
     def with_seq(self, seq: int) -> Header:
-        return Header(
-            self.kind,
-            self.transfer_id,
-            self.src_rank,
-            seq,
-            self.layer,
-            self.head_start,
-            self.head_count,
-            self.block_start,
-            self.block_count,
-            self.dtype,
-            self.shape,
-            self.nbytes,
-            self.checksum,
-        )
+        return dataclasses.replace(self, seq=seq)
+
+    def with_checksum(self, checksum: int) -> Header:
+        return dataclasses.replace(self, checksum=checksum)
 
     def pack(self) -> bytes:
         if self.kind is MessageKind.HELLO:

@@ -4,8 +4,9 @@ Lifecycle of one transfer on one sender rank:
 
     open(spec)                  PENDING; the deadline starts
     send_layer(...) x N         engine thread: queue a job per call, return at once
-        pump thread             for each route that wants the layer: checksum the source
-                                region, Link.send it (the link copies it out) -> TRANSFERRING
+        pump thread             for each route that wants the layer: Link.send the source
+                                region (the link copies it out and checksums what it
+                                read) -> TRANSFERRING
     finish()                    engine thread: queue END, return once the pump has read
                                 every source block of the transfer
         pump thread             send END to every receiver rank the routes reach
@@ -333,9 +334,16 @@ class KVSender:
                 self._links[peer] = link
         return link
 
-    def _send(self, out: _Outbound, link: Link, header: Header, region: BlockRegion | None) -> None:
+    def _send(
+        self,
+        out: _Outbound,
+        link: Link,
+        header: Header,
+        region: BlockRegion | None,
+        checksum: bool = False,
+    ) -> None:
         try:
-            done = link.send(header, region)
+            done = link.send(header, region, checksum)
         except TransferError:
             self._drop_link(link)
             raise
@@ -380,12 +388,11 @@ class KVSender:
                 dtype=region.dtype,
                 shape=region.shape,
                 nbytes=region.nbytes,
-                checksum=region.checksum() if self._checksum else None,
             )
             self._wait_for_room(out)
             if out.status.terminal:
                 return
-            self._send(out, self._link(out, route.dst), header, region)
+            self._send(out, self._link(out, route.dst), header, region, self._checksum)
 
     def _send_control(self, out: _Outbound, kind: MessageKind) -> None:
         if kind is MessageKind.END and out.status.terminal:

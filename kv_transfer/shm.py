@@ -41,7 +41,7 @@ import torch
 from engine.config import parse_dtype
 from engine.kv_cache import KVCacheLayout
 from kv_transfer.base import MAX_TRANSFER_ID_BYTES, LocalRank, RankId, RecvSpec, TransferError
-from kv_transfer.control import ControlClient, ControlServer, listen
+from kv_transfer.control import ControlClient, ControlServer, Finish, listen
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.regions import BlockRegion
@@ -193,11 +193,15 @@ class ShmConfig:
             raise ValueError(f"timeouts must be > 0: {self}")
 
 
+def _nothing() -> None:
+    return None
+
+
 class _InPlace:
     direct_ok = False  # senders have written the payload before its header arrives
 
-    def receive(self, header: Header, target: Target | None) -> None:
-        return None
+    def start(self, header: Header, target: Target | None) -> Finish:
+        return _nothing
 
     def done(self, payload: torch.Tensor) -> None:
         pass
@@ -329,11 +333,15 @@ class _ShmLink(Link):
     def broken(self) -> bool:
         return self._broken
 
-    def send(self, header: Header, region: BlockRegion | None) -> Completion:
+    def send(
+        self, header: Header, region: BlockRegion | None, checksum: bool = False
+    ) -> Completion:
         with self._lock:
             if self._broken:
                 raise TransferError(f"link to {self.peer} is closed")
             if region is not None:
+                if checksum:  # read once here, then copied while still in the cache
+                    header = header.with_checksum(region.checksum())
                 error = self._write(header, region)
                 if error is not None:
                     return Completion.resolved(error)

@@ -38,9 +38,10 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCPStore
 
 from kv_transfer.base import LocalRank, RankId, TransferError
-from kv_transfer.control import ControlClient, ControlServer, listen
+from kv_transfer.control import ControlClient, ControlServer, Finish, listen
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.regions import BlockRegion
+from kv_transfer.regions import checksum as payload_checksum
 from kv_transfer.rendezvous import (
     Lease,
     RendezvousStore,
@@ -156,7 +157,9 @@ class _Link(Link):
     def broken(self) -> bool:
         return self._broken
 
-    def send(self, header: Header, region: BlockRegion | None) -> Completion:
+    def send(
+        self, header: Header, region: BlockRegion | None, checksum: bool = False
+    ) -> Completion:
         with self._lock:
             if self._broken:
                 raise TransferError(f"pair to {self.peer} is closed")
@@ -165,6 +168,8 @@ class _Link(Link):
                 self._control.send(header.pack())
                 return Completion.resolved()
             staging = region.gather(out=self._pool.take(region.shape, region.dtype, region.device))
+            if checksum:
+                header = header.with_checksum(payload_checksum(staging))
             self._control.send(header.pack())
             try:
                 works = [
@@ -278,22 +283,36 @@ class _Session:
         self._max_bytes, self._timeout, self._pool = max_bytes, timeout_s, pool
         self._stats = stats
 
-    def receive(self, header: Header, target: Target | None) -> torch.Tensor | None:
+    def start(self, header: Header, target: Target | None) -> Finish:
         if target is not None and target.direct:
-            self._recv(*target.views())
+            works = self._post(*target.views())
             self._stats.count(direct=True)
-            return None
+
+            def finish_direct() -> None:
+                self._wait_all(works)
+
+            return finish_direct
         self._stats.count(direct=False)
         staging = staging_for(header, self._max_bytes, self._device, self._pool)
-        self._recv(staging[0], staging[1])
-        if target is None:  # nowhere to land: the bytes only had to leave the pair
-            self._pool.give(staging)
-            return None
-        return staging
+        works = self._post(staging[0], staging[1])
 
-    def _recv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        def finish_staged() -> torch.Tensor | None:
+            self._wait_all(works)
+            if target is None:  # nowhere to land: the bytes only had to leave the pair
+                self._pool.give(staging)
+                return None
+            return staging
+
+        return finish_staged
+
+    def _post(self, keys: torch.Tensor, values: torch.Tensor) -> list[Any]:
         try:
-            works = [self._group.recv([keys], 0, _K_TAG), self._group.recv([values], 0, _V_TAG)]
+            return [self._group.recv([keys], 0, _K_TAG), self._group.recv([values], 0, _V_TAG)]
+        except Exception as e:
+            raise TransferError(f"recv failed: {e}") from e
+
+    def _wait_all(self, works: list[Any]) -> None:
+        try:
             for work in works:
                 _wait(work, self._backend, self._timeout)
         except Exception as e:

@@ -85,11 +85,15 @@ class Link(ABC):
     peer: RankId
 
     @abstractmethod
-    def send(self, header: Header, region: BlockRegion | None) -> Completion:
+    def send(
+        self, header: Header, region: BlockRegion | None, checksum: bool = False
+    ) -> Completion:
         """Move one message (`region` is the source of a DATA message, else None).
 
-        The link assigns `header.seq`. Raises TransferError when the link is broken;
-        a later failure resolves the completion with an error instead.
+        With `checksum`, the link fills in `header.checksum` from the bytes it reads out
+        of `region` (while they are hot in the cache). The link assigns `header.seq`.
+        Raises TransferError when the link is broken; a later failure resolves the
+        completion with an error instead.
         """
 
     @property
