@@ -173,6 +173,12 @@ class RouterConfig(BaseModel):
         default=120.0, gt=0, description="Longest gap between two chunks of one stream."
     )
     prefill_timeout_s: float = Field(default=60.0, gt=0, description="Longest remote prefill.")
+    low_latency_serve: bool = Field(
+        default=True,
+        description="Start a local Ray with Ray Serve's low-latency settings (handles over "
+        "gRPC, user code on the replica's event loop). A Ray cluster joined with "
+        "ray.address keeps the settings it was started with.",
+    )
     view_refresh_interval_s: float = Field(
         default=0.2, gt=0, le=5.0, description="How often the router re-reads registry and loads."
     )

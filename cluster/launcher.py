@@ -178,6 +178,10 @@ class Launcher:
             self.echo(f"ray: connecting to {address}")
             ray.init(address=address, log_to_driver=False)
             return
+        from cluster.builder import serve_process_env
+
+        for key, value in serve_process_env(self.config).items():
+            os.environ.setdefault(key, value)  # inherited by Ray's processes
         need = math.ceil(self.config.required_cpus())
         cpus = self.config.ray.num_cpus or max(os.cpu_count() or 1, need)
         self.echo(f"ray: starting local Ray with {cpus} logical CPUs")

@@ -85,6 +85,7 @@ class Dispatcher:
         metrics: RouterMetrics,
     ) -> None:
         self._decode = decode  # DeploymentHandle of the decode (or colocated) pool
+        self._decode_stream = decode.options(stream=True)
         self._prefill = prefill  # DeploymentHandle of the prefill pool, if any
         self._view = view
         self._t = timeouts
@@ -107,7 +108,7 @@ class Dispatcher:
         self._view.sent(route.decode.instance_id, rid, 0 if plan else n_prompt)
         if remote is not None:
             self._view.sent(remote.instance_id, rid, n_prompt)
-        stream = self._decode.options(stream=True).generate.remote(wreq, **{PIN_KWARG: decode_pin})
+        stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: decode_pin})
         it = stream.__aiter__()
         finished = False
         prefill_started = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -23,7 +24,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster.builder import APP_NAME, build_app, serve_options
+from cluster.builder import APP_NAME, build_app, serve_options, serve_process_env
 from cluster.client import Client
 from cluster.config import ClusterConfig, load_config
 from cluster.redis_server import RedisServer
@@ -102,6 +103,8 @@ class ClusterHarness:
         self.redis.start()
         self._redis_client = connect(self.redis.url)
         self.registry = Registry(self._redis_client, self.config.name)
+        for key, value in serve_process_env(self.config).items():
+            os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
         http, grpc = serve_options(self.config)
         serve.start(http_options=http, grpc_options=grpc)
