@@ -191,7 +191,11 @@ class ServerConfig(BaseModel):
         default="127.0.0.1", description="HTTP bind address; loopback unless set wider on purpose."
     )
     http_port: Port = Field(default=8000, description="OpenAI-compatible HTTP API port.")
-    grpc_port: Port = Field(default=9000, description="gRPC API port.")
+    grpc_port: Port = Field(
+        default=9000,
+        description="gRPC API port. Ray Serve 2.60's gRPC proxy listens on every interface "
+        "([::]) whatever `host` says; set grpc_bearer_token, or firewall the port.",
+    )
     api_key: SecretStr | None = Field(
         default=None, description="HTTP API key (Bearer); None: open."
     )

@@ -191,6 +191,12 @@ class Launcher:
     def _deploy(self, model_dir: str, redis_url: str) -> None:
         from ray import serve
 
+        if self.config.server.grpc_bearer_token is None:
+            self.echo(
+                f"warning: Ray Serve's gRPC proxy listens on all interfaces; port "
+                f"{self.config.server.grpc_port} is open to anyone who can reach this host "
+                "(set server.grpc_bearer_token or firewall it)"
+            )
         from cluster.builder import APP_NAME, build_app, serve_options
 
         http, grpc = serve_options(self.config)

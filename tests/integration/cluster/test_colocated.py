@@ -301,9 +301,39 @@ def test_cancelled_stream_frees_blocks(cluster: ClusterHarness) -> None:
         assert c.generate("still serving", Sampling(max_tokens=3)).usage.completion_tokens == 3
 
 
+def test_http_client_disconnect_aborts_the_request(cluster: ClusterHarness) -> None:
+    import http.client
+    import json
+
+    (state,) = cluster.worker_states()
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.config.server.http_port, timeout=60)
+    body = {"prompt": "Write an essay.", "max_tokens": 220, "ignore_eos": True, "stream": True}
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps(body),
+        {"Content-Type": "application/json", "Authorization": "Bearer test-key"},
+    )
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")  # the stream is running
+    assert cluster.worker_states()[0].num_requests == 1
+    conn.close()  # the client goes away mid-stream
+    wait_until(
+        lambda: (
+            cluster.worker_states()[0].num_requests == 0
+            and cluster.worker_states()[0].free_blocks == state.total_blocks
+        ),
+        20.0,
+        "request aborted after disconnect",
+    )
+
+
 def test_metrics(cluster: ClusterHarness) -> None:
     with cluster.client() as c:
         c.generate("count me", Sampling(max_tokens=2))
+        with pytest.raises(ClientError):
+            c.generate("count me too", Sampling(top_p=5.0))
     reply = cluster.http("GET", "/metrics")
     assert reply.status == 200
     text = reply.body.decode()

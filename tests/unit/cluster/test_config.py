@@ -159,3 +159,12 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
     assert [p.name for p in rs.pools] == ["prefill", "decode"]
     app = build_app(c, model_dir=str(tiny_model_dir), redis_url="redis://127.0.0.1:1/0")
     assert isinstance(app, serve.Application)
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "colocated.yaml"])
+def test_example_configs_are_valid(name: str, smollm2_dir: Path) -> None:
+    path = Path(__file__).resolve().parents[3] / "deploy" / "configs" / name
+    config = load_config(path)
+    check_against_model(config, str(smollm2_dir))
+    if name == "local.yaml":
+        assert config == load_config()  # the file spells out the defaults
