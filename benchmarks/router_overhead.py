@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.client import Client, Sampling, Timings
-from cluster.config import ClusterConfig, load_config
+from cluster.config import ClusterConfig
+from cluster.config_file import load_config
 from cluster.launcher import Launcher
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.model_source import resolve_model

@@ -33,7 +33,8 @@ from pathlib import Path
 import yaml
 
 from cluster.client import Chunk, Client, ClientError, ClusterState, Message, Sampling
-from cluster.config import ClusterConfig, ConfigError, load_config
+from cluster.config import ClusterConfig, ConfigError
+from cluster.config_file import load_config
 from cluster.launcher import Launcher, LaunchError, RunState, pid_alive, run_dir_for, stop_running
 
 DEFAULT_TARGET = "127.0.0.1:9000"

@@ -26,7 +26,8 @@ from ray import serve
 
 from cluster.builder import APP_NAME, build_app, serve_options, serve_process_env
 from cluster.client import Client
-from cluster.config import ClusterConfig, load_config
+from cluster.config import ClusterConfig
+from cluster.config_file import load_config
 from cluster.redis_server import RedisServer
 from cluster.registry import Registry, connect
 from decode_worker.messages import WorkerState

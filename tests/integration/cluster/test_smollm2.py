@@ -11,7 +11,7 @@ import pytest
 from cluster_harness import ClusterHarness, free_port
 
 from cluster.client import Sampling
-from cluster.config import load_config
+from cluster.config_file import load_config
 from engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow

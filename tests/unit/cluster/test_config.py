@@ -10,7 +10,8 @@ import pytest
 from ray import serve
 
 from cluster.builder import build_app, check_against_model, router_settings, worker_settings
-from cluster.config import ClusterConfig, ConfigError, load_config
+from cluster.config import ClusterConfig, ConfigError
+from cluster.config_file import load_config
 from decode_worker.messages import PoolRole
 
 

@@ -1,0 +1,53 @@
+"""A small Python client for the pdserve gRPC API, sync (`Client`) and asyncio
+(`AsyncClient`), over the generated stubs. The CLI, the tests and the load tests use it.
+
+    with Client("127.0.0.1:9000") as c:
+        for chunk in c.stream("Hello", Sampling(max_tokens=32)):
+            print(chunk.text, end="")
+        done = c.chat([("user", "Hi")], Sampling(temperature=0))
+
+    async with AsyncClient("127.0.0.1:9000") as c:
+        done = await c.generate(token_ids=[1, 2, 3])
+
+A stream that is abandoned (a `break`, an exception, a cancelled task) cancels the
+call, and the server aborts the request on every pool. Errors are `ClientError`s with
+the gRPC status code and the server's message (which names the bad field).
+"""
+
+from __future__ import annotations
+
+from cluster.client.aio import AsyncClient
+from cluster.client.messages import (
+    Chunk,
+    ClientError,
+    ClusterState,
+    Completion,
+    Instance,
+    InstanceLoad,
+    Message,
+    ModelCard,
+    Pool,
+    Sampling,
+    Timings,
+    Usage,
+    build_request,
+)
+from cluster.client.sync import Client
+
+__all__ = [
+    "AsyncClient",
+    "Chunk",
+    "Client",
+    "ClientError",
+    "ClusterState",
+    "Completion",
+    "Instance",
+    "InstanceLoad",
+    "Message",
+    "ModelCard",
+    "Pool",
+    "Sampling",
+    "Timings",
+    "Usage",
+    "build_request",
+]
