@@ -140,12 +140,21 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     enable_prefix_caching: bool = True
+    tp: int = 1  # tensor-parallel ranks
+    pp: int = 1  # pipeline stages
     max_stop_strings: int = 16
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
-        for name in ("block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs"):
+        for name in (
+            "block_size",
+            "kv_cache_bytes",
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "tp",
+            "pp",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:

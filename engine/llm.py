@@ -17,6 +17,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.parallel.launch import LocalRanks
 from engine.sampling import SamplingParams
 from engine.tokenizer import ChatMessage
 
@@ -25,9 +26,33 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str = "smollm2-135m-instruct", **engine_args: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        config = EngineConfig(model=model, **engine_args)
+        self._ranks: LocalRanks | None = None
+        groups = None
+        if config.tp * config.pp > 1:
+            self._ranks = LocalRanks(config)
+            groups = self._ranks.groups
+        try:
+            self.engine = LLMEngine(config, groups=groups)
+        except BaseException:
+            self.close()
+            raise
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the rank processes of a TP/PP engine."""
+        if self._ranks is not None:
+            if hasattr(self, "engine"):
+                self.engine.shutdown()
+            self._ranks.close()
+            self._ranks = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(
         self,

@@ -27,10 +27,11 @@ from engine.block_pool import BlockPool, CacheListener
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_hooks import LayerHook
 from engine.kv_cache import KVCache, KVCacheLayout
-from engine.model import LlamaModel
+from engine.loader import load_model
 from engine.model_runner import ModelRunner
-from engine.model_source import load_state_dict, resolve_model
+from engine.model_source import resolve_model
 from engine.outputs import RequestMetrics, RequestOutput
+from engine.parallel.comm import RankGroups
 from engine.sampling import Sampler, SamplingParams, TokenLogprob
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
@@ -48,10 +49,15 @@ class LLMEngine:
         layer_hook: LayerHook | None = None,
         kv_storage: KVStorage | None = None,
         cache_listener: CacheListener | None = None,
+        groups: RankGroups | None = None,
     ) -> None:
+        """Build the engine. A TP/PP engine passes rank 0's `groups`; the other ranks
+        run `engine.parallel.worker.run_rank` with the same config."""
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.tp * config.pp > 1 and (groups is None or groups.layout.rank != 0):
+            raise ValueError("tp/pp > 1: the engine runs on rank 0 and needs its groups")
         self.device = torch.device(config.device)
         model_dir = resolve_model(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
@@ -65,13 +71,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model_dir)
         self.eos_token_ids = mc.eos_token_ids or self.tokenizer.eos_token_ids
 
-        dtype = config.torch_dtype
-        self.model = LlamaModel(mc, self.max_model_len).to(dtype)
-        self.model.load_hf_weights(load_state_dict(model_dir, dtype))
-        self.model.rotary.float()  # cos/sin tables stay fp32 whatever the weights' dtype
-        self.model.to(self.device).eval()
-
-        layout = KVCacheLayout.from_budget(mc, config.block_size, config.kv_cache_bytes, dtype)
+        self.model, layout = load_model(config, model_dir, mc, self.max_model_len, groups)
         if layout.num_blocks * layout.block_size < self.max_model_len:
             raise ValueError(
                 f"kv_cache_bytes ({config.kv_cache_bytes}) holds "
@@ -86,13 +86,15 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.max_num_seqs,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, Sampler(), layer_hook)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, self.device, Sampler(), layer_hook, groups
+        )
         self._seqs: dict[str, Sequence] = {}
         self.num_remote_prefill_fallbacks = 0
         log.info(
             "engine ready: %s, %s, %d KV blocks of %d tokens",
             model_dir.name,
-            dtype,
+            config.dtype,
             layout.num_blocks,
             layout.block_size,
         )
@@ -141,6 +143,10 @@ class LLMEngine:
             seq.finish_reason = "abort"
         else:
             self.scheduler.finish(seq, "abort")
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a TP/PP engine (no-op for one rank)."""
+        self.runner.stop_workers()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._seqs)

@@ -165,6 +165,7 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.head_dim, max_positions, cfg.rope)
+        self.layer_offset = 0  # global index of layers[0] (a PP stage starts later)
 
     def forward(
         self,
@@ -173,14 +174,22 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         kv: KVCache,
         layer_done: LayerDone | None = None,
+        hidden_in: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Packed tokens [T] -> final hidden states [T, hidden]."""
-        h: torch.Tensor = self.embed_tokens(input_ids)
+        """Packed tokens [T] -> hidden states [T, hidden].
+
+        A pipeline stage after the first passes the previous stage's output as
+        `hidden_in`; the last stage returns normalized states, the others raw ones.
+        `layer_done` gets stage-local layer indices (add `layer_offset` for global).
+        """
+        h: torch.Tensor = self.embed_tokens(input_ids) if hidden_in is None else hidden_in
         rope = self.rotary.table(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, meta, kv.keys(i), kv.values(i))
             if layer_done is not None:
                 layer_done(i)
+        if self.norm is None:
+            return h
         out: torch.Tensor = self.norm(h)
         return out
 

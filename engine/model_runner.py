@@ -1,8 +1,10 @@
 """Runs one scheduled step: packs the batch, runs the model, samples.
 
-Inputs are packed with no padding (decode tokens first, then prompt chunks), the
-attention metadata is built once and shared by all layers, and logits are computed
-only for the rows that sample a token.
+Inputs are packed with no padding (decode tokens first, then prompt chunks) into
+`StepInputs`; attention metadata is built once and shared by all layers; logits are
+computed only for the rows that sample a token. In a TP/PP engine this runner lives
+on the driving rank (rank 0): it broadcasts the step to the other ranks, runs its own
+stage with `run_stage`, and samples from the logits the last stage returns.
 """
 
 from __future__ import annotations
@@ -11,12 +13,61 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillSpan
 from engine.forward_hooks import LayerHook, ScheduledChunk
 from engine.kv_cache import KVCache
-from engine.model import LlamaModel
+from engine.model import LayerDone, LlamaModel
+from engine.parallel.comm import RankGroups
 from engine.sampling import Sampler, TokenLogprob
 from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.step_inputs import HEADER_LEN, StepInputs
+
+
+def run_stage(
+    model: LlamaModel,
+    kv: KVCache,
+    step: StepInputs,
+    device: torch.device,
+    groups: RankGroups | None,
+    layer_done: LayerDone | None = None,
+) -> torch.Tensor | None:
+    """This rank's share of one step; the last stage returns the sampled rows' logits.
+
+    With pipeline stages, logits travel from the last stage's TP rank 0 to rank 0.
+    """
+    ids, pos, meta, rows = step.unpack(device, kv.layout.block_size)
+    hidden_in = None
+    layout = groups.layout if groups else None
+    if layout and not layout.is_first_stage:
+        hidden_in = torch.empty(
+            ids.shape[0], model.cfg.hidden_size, dtype=kv.layout.dtype, device=device
+        )
+        groups.recv(hidden_in, layout.rank - layout.tp)  # type: ignore[union-attr]
+    h = model(ids, pos, meta, kv, layer_done, hidden_in)
+    if layout and not layout.is_last_stage:
+        groups.send(h, layout.rank + layout.tp)  # type: ignore[union-attr]
+        logits = None
+    else:
+        logits = model.compute_logits(h.index_select(0, rows)) if rows.numel() else None
+    if layout and layout.pp > 1 and rows.numel():
+        last = (layout.pp - 1) * layout.tp
+        if layout.rank == last and logits is not None:
+            groups.send(logits, 0)  # type: ignore[union-attr]
+        elif layout.rank == 0:
+            logits = torch.empty(rows.numel(), model.cfg.vocab_size, device=device)
+            groups.recv(logits, last)  # type: ignore[union-attr]
+    return logits
+
+
+def broadcast_step(groups: RankGroups, step: StepInputs | None) -> StepInputs:
+    """Rank 0 sends `step`; the other ranks pass None and receive it."""
+    header = step.header if step is not None else torch.zeros(HEADER_LEN, dtype=torch.long)
+    groups.broadcast(header.to(groups.device), 0)
+    header = header.cpu()
+    shell = StepInputs(header, torch.empty(0, dtype=torch.long))
+    payload = step.payload if step is not None else torch.empty(shell.payload_len, dtype=torch.long)
+    if payload.numel():
+        payload = groups.broadcast(payload.to(groups.device), 0).cpu()
+    return StepInputs(header, payload)
 
 
 class ModelRunner:
@@ -27,36 +78,41 @@ class ModelRunner:
         device: torch.device,
         sampler: Sampler,
         hook: LayerHook | None = None,
+        groups: RankGroups | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.sampler = sampler
         self.hook = hook
+        self.groups = groups
         self.block_size = kv.layout.block_size
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None]]:
         """Compute the step; returns a token for each scheduled seq that samples."""
         scheduled = out.scheduled
-        input_ids, positions, meta, sample_rows = self._prepare(out)
+        step = self._prepare(out)
+        if self.groups is not None and self.groups.layout.world_size > 1:
+            broadcast_step(self.groups, step)
         chunks = _chunks(scheduled) if self.hook else ()
         hook = self.hook
         layer_done = (lambda i: hook.on_layer_done(i, chunks)) if hook else None
-        hidden = self.model(input_ids, positions, meta, self.kv, layer_done)
+        logits = run_stage(self.model, self.kv, step, self.device, self.groups, layer_done)
         if hook:
             hook.on_step_done(chunks)
-        if not sample_rows:
+        if logits is None:
             return [], []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         sampling = [s.seq for s in scheduled if s.samples]
         return self.sampler.sample(
             logits, [s.params for s in sampling], [s.generator for s in sampling]
         )
 
-    def _prepare(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def stop_workers(self) -> None:
+        if self.groups is not None and self.groups.layout.world_size > 1:
+            broadcast_step(self.groups, StepInputs.stop())
+
+    def _prepare(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -65,45 +121,29 @@ class ModelRunner:
         for s in out.scheduled:
             seq, start = s.seq, s.seq.num_computed
             toks = seq.tokens
+            table = seq.block_table
             for p in range(start, start + s.num_tokens):
                 ids.append(toks[p])
                 pos.append(p)
-                slots.append(seq.block_table[p // bs] * bs + p % bs)
+                slots.append(table[p // bs] * bs + p % bs)
             if s.samples:
                 sample_rows.append(len(ids) - 1)
-        dev = self.device
-        decode_tables = decode_mask = None
-        if out.decodes:
-            width = max(len(d.seq.block_table) for d in out.decodes)
-            tables = [
-                d.seq.block_table + [0] * (width - len(d.seq.block_table)) for d in out.decodes
-            ]
-            decode_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-            lens = torch.tensor([d.seq.num_computed + 1 for d in out.decodes], device=dev)
-            if len(set(lens.tolist())) > 1 or width * bs != int(lens[0]):
-                keys = torch.arange(width * bs, device=dev)
-                decode_mask = (keys[None, :] < lens[:, None])[:, None, None, :]
-        spans = []
-        offset = len(out.decodes)
-        for s in out.prefills:
-            ctx = s.seq.num_computed
-            nblocks = -(-(ctx + s.num_tokens) // bs)
-            table = torch.tensor(s.seq.block_table[:nblocks], dtype=torch.long, device=dev)
-            spans.append(PrefillSpan(offset, s.num_tokens, ctx, table))
-            offset += s.num_tokens
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decodes=len(out.decodes),
-            decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
-            prefills=tuple(spans),
+        decode_tables = [d.seq.block_table for d in out.decodes]
+        decode_lens = [d.seq.num_computed + 1 for d in out.decodes]
+        return StepInputs.pack(
+            ids, pos, slots, decode_tables, decode_lens, _prefill_spans(out, bs), sample_rows
         )
-        return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            meta,
-            sample_rows,
-        )
+
+
+def _prefill_spans(out: SchedulerOutput, bs: int) -> list[tuple[int, int, int, list[int]]]:
+    spans = []
+    offset = len(out.decodes)
+    for s in out.prefills:
+        ctx = s.seq.num_computed
+        nblocks = -(-(ctx + s.num_tokens) // bs)
+        spans.append((offset, s.num_tokens, ctx, s.seq.block_table[:nblocks]))
+        offset += s.num_tokens
+    return spans
 
 
 def _chunks(scheduled: Seq[ScheduledSeq]) -> tuple[ScheduledChunk, ...]:

@@ -1,0 +1,46 @@
+"""Build one rank's model and KV cache layout from an engine config.
+
+Every rank of a TP/PP engine (the driver and the workers) calls `load_model`, so all
+of them shard the same weights the same way and size the same number of KV blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache import KVCacheLayout
+from engine.model import LlamaModel
+from engine.model_source import load_state_dict
+from engine.parallel.comm import RankGroups
+from engine.parallel.layout import ParallelLayout
+from engine.parallel.shard import shard_model
+
+
+def load_model(
+    config: EngineConfig,
+    model_dir: Path,
+    mc: ModelConfig,
+    max_model_len: int,
+    groups: RankGroups | None,
+) -> tuple[LlamaModel, KVCacheLayout]:
+    dtype = config.torch_dtype
+    layout = groups.layout if groups else ParallelLayout()
+    layout.check(mc)
+    model = LlamaModel(mc, max_model_len).to(dtype)
+    model.load_hf_weights(load_state_dict(model_dir, dtype))
+    if groups is not None and layout.world_size > 1:
+        shard_model(model, layout, groups)
+    model.rotary.float()  # cos/sin tables stay fp32 whatever the weights' dtype
+    model.to(torch.device(config.device)).eval()
+    kv_layout = KVCacheLayout.from_budget(
+        mc,
+        config.block_size,
+        config.kv_cache_bytes,
+        dtype,
+        num_layers=len(layout.layers(mc)),
+        num_kv_heads=len(layout.kv_heads(mc)),
+    )
+    return model, kv_layout

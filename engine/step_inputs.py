@@ -1,0 +1,115 @@
+"""One step's model inputs as plain int64 tensors.
+
+The driving rank packs the scheduled batch into a fixed 8-field header plus one flat
+payload; every rank (the driver too) rebuilds the token tensors and the attention
+metadata from them, so a TP/PP engine's ranks cannot disagree about a step, and
+nothing but tensors crosses the wire.
+
+    header: [command, tokens, decodes, prefills, decode_width, samples, prefill_blocks, 0]
+    payload: input_ids, positions, slots | decode tables, decode lengths |
+             prefill (start, length, context, n_blocks) x prefills, prefill block ids |
+             sample rows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillSpan
+
+HEADER_LEN = 8
+CMD_STEP = 1
+CMD_STOP = 0
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    header: torch.Tensor  # [HEADER_LEN] int64
+    payload: torch.Tensor  # int64
+
+    @staticmethod
+    def stop() -> StepInputs:
+        return StepInputs(
+            torch.zeros(HEADER_LEN, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        )
+
+    @staticmethod
+    def pack(
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        decode_tables: list[list[int]],
+        decode_lens: list[int],
+        prefills: list[tuple[int, int, int, list[int]]],  # start, length, context, blocks
+        sample_rows: list[int],
+    ) -> StepInputs:
+        width = max((len(t) for t in decode_tables), default=0)
+        flat: list[int] = input_ids + positions + slots
+        for t in decode_tables:
+            flat += t + [0] * (width - len(t))
+        flat += decode_lens
+        blocks: list[int] = []
+        for start, length, ctx, table in prefills:
+            flat += [start, length, ctx, len(table)]
+            blocks += table
+        flat += blocks + sample_rows
+        header = [
+            CMD_STEP,
+            len(input_ids),
+            len(decode_tables),
+            len(prefills),
+            width,
+            len(sample_rows),
+            len(blocks),
+            0,
+        ]
+        return StepInputs(
+            torch.tensor(header, dtype=torch.long), torch.tensor(flat, dtype=torch.long)
+        )
+
+    @property
+    def command(self) -> int:
+        return int(self.header[0])
+
+    @property
+    def payload_len(self) -> int:
+        t, nd, npf, w, ns, nb = (int(x) for x in self.header[1:7])
+        return 3 * t + nd * w + nd + 4 * npf + nb + ns
+
+    def unpack(
+        self, device: torch.device, block_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """(input_ids, positions, attention metadata, sample rows) on `device`."""
+        t, nd, npf, w, ns, nb = (int(x) for x in self.header[1:7])
+        p = self.payload
+        on_dev = p.to(device)
+        ids, pos, slots = on_dev[:t], on_dev[t : 2 * t], on_dev[2 * t : 3 * t]
+        off = 3 * t
+        tables = mask = None
+        if nd:
+            tables = on_dev[off : off + nd * w].view(nd, w)
+            off += nd * w
+            lens = p[off : off + nd]
+            if int(lens.min()) != w * block_size or int(lens.max()) != w * block_size:
+                keys = torch.arange(w * block_size, device=device)
+                mask = (keys[None, :] < on_dev[off : off + nd, None])[:, None, None, :]
+            off += nd
+        spans_raw = p[off : off + 4 * npf].view(npf, 4).tolist()
+        off += 4 * npf
+        spans = []
+        boff = off
+        for start, length, ctx, n in spans_raw:
+            spans.append(PrefillSpan(start, length, ctx, on_dev[boff : boff + n]))
+            boff += n
+        off += nb
+        sample_rows = on_dev[off : off + ns]
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            num_decodes=nd,
+            decode_block_tables=tables,
+            decode_mask=mask,
+            prefills=tuple(spans),
+        )
+        return ids, pos, meta, sample_rows

@@ -1,0 +1,118 @@
+"""TP/PP engines give the same greedy tokens as TP=1 and as HF, over real Gloo groups.
+
+Rank 0 runs in the test process; the other ranks are spawned processes, each with
+one torch thread.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hf_reference import assert_matches, hf_greedy
+from leak_checks import assert_engine_empty
+
+from engine import LLM, SamplingParams
+from engine.config import ModelConfig
+from engine.parallel.layout import ParallelLayout
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    return [[rng.randrange(3, 49152) for _ in range(n)] for n in (1, 6, 40, 150)]
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)])
+def test_tiny_tp_pp_match_hf(tiny_model_dir, tiny_hf, tp, pp) -> None:
+    prompts = _prompts()
+    refs = [hf_greedy(tiny_hf, p, GREEDY.max_tokens) for p in prompts]
+    with LLM(
+        str(tiny_model_dir), tp=tp, pp=pp, num_threads=1, max_num_batched_tokens=32
+    ) as llm:  # chunked prefill across ranks
+        outs = llm.generate(prompts, GREEDY)
+        assert_engine_empty(llm)
+        assert llm.engine.kv_cache.layout.num_layers == 4 // pp
+        assert llm.engine.kv_cache.layout.num_kv_heads == 2 // tp
+    for i, (out, ref) in enumerate(zip(outs, refs, strict=True)):
+        assert_matches(out.token_ids, ref, f"tp={tp} pp={pp} prompt {i}")
+
+
+@pytest.mark.slow
+def test_smollm2_tp3_matches_hf(smollm2_dir, smollm2_hf) -> None:
+    with LLM(str(smollm2_dir), tp=3, num_threads=1) as llm:
+        tok = llm.tokenizer
+        prompts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": "What is the capital of France?"}]
+            ),
+            tok.encode("The quick brown fox"),
+        ]
+        outs = llm.generate(prompts, GREEDY)
+        assert llm.engine.kv_cache.layout.num_kv_heads == 1  # 3 KV heads over 3 ranks
+        assert_engine_empty(llm)
+    for i, (p, out) in enumerate(zip(prompts, outs, strict=True)):
+        assert_matches(out.token_ids, hf_greedy(smollm2_hf, p, GREEDY.max_tokens), f"p{i}")
+
+
+def _cfg(heads: int, kv_heads: int, layers: int = 4) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=96,
+        hidden_size=heads * 8,
+        intermediate_size=48,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=8,
+    )
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "cfg", "reason"),
+    [
+        (2, 1, _cfg(9, 3), "must divide the 9 attention heads"),
+        (4, 1, _cfg(12, 6), "neither divides the other"),
+        (1, 5, _cfg(4, 2, layers=4), "greater than the 4 layers"),
+        (1, 3, _cfg(4, 2, layers=4), "must divide the 4 layers"),
+    ],
+)
+def test_bad_layouts_are_rejected_with_the_reason(tp, pp, cfg, reason) -> None:
+    with pytest.raises(ValueError, match=reason):
+        ParallelLayout(tp, pp).check(cfg)
+
+
+def test_replicated_kv_heads_when_fewer_than_ranks() -> None:
+    cfg = _cfg(8, 2)
+    heads = [ParallelLayout(4, 1, r).kv_heads(cfg) for r in range(4)]
+    assert heads == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    # each rank's query heads use exactly the KV head it holds
+    for r in range(4):
+        lay = ParallelLayout(4, 1, r)
+        group = cfg.num_heads // cfg.num_kv_heads
+        assert {q // group for q in lay.q_heads(cfg)} == set(lay.kv_heads(cfg))
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (4, 1), (2, 2), (1, 4)])
+def test_sharding_agrees_with_kv_transfer_mapping(tp, pp) -> None:
+    from kv_transfer.base import Parallelism
+    from kv_transfer.mapping import KVGeometry
+
+    cfg = _cfg(8, 2, layers=8)
+    geo, par = KVGeometry(cfg.num_layers, cfg.num_kv_heads), Parallelism(tp, pp)
+    for rank in range(tp * pp):
+        lay = ParallelLayout(tp, pp, rank)
+        assert lay.layers(cfg) == geo.rank_layers(par, rank)
+        assert lay.kv_heads(cfg) == geo.rank_heads(par, rank)
+
+
+@pytest.mark.gpu
+def test_tiny_tp2_nccl_matches_hf(tiny_model_dir, tiny_hf) -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    prompts = _prompts()
+    with LLM(str(tiny_model_dir), tp=2, device="cuda") as llm:
+        outs = llm.generate(prompts, GREEDY)
+    for i, (p, out) in enumerate(zip(prompts, outs, strict=True)):
+        assert_matches(out.token_ids, hf_greedy(tiny_hf, p, GREEDY.max_tokens), f"p{i}")
