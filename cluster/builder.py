@@ -64,8 +64,13 @@ _PINNED = RequestRouterConfig.model_validate({"request_router_class": ROUTER_CLA
 
 
 def serve_process_env(config: ClusterConfig) -> dict[str, str]:
-    """Environment for the processes of a local Ray that will run this config."""
-    return dict(LOW_LATENCY_SERVE_ENV) if config.router.low_latency_serve else {}
+    """Environment for the processes of a local Ray that will run this config: the
+    low-latency switches, and the gRPC proxy's message limit (Serve's default is 2 GiB)
+    cut to the router's request bound, so an oversized message is refused by gRPC
+    itself before anything parses it."""
+    env = dict(LOW_LATENCY_SERVE_ENV) if config.router.low_latency_serve else {}
+    env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(int(config.router.max_request_bytes) + (64 << 10))
+    return env
 
 
 def serve_options(config: ClusterConfig) -> tuple[HTTPOptions, gRPCOptions]:

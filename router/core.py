@@ -76,6 +76,7 @@ class Session:
     async def stream(self) -> AsyncIterator[Delta]:
         core = self._core
         outcome = "cancelled"
+        tag = self.request.client_tag
         try:
             async for delta in core.dispatcher.run(
                 self.request_id, self.request, self.route, self._arrival, self._arrival_wall
@@ -83,13 +84,23 @@ class Session:
                 if delta.finish is not None:
                     core.metrics.finished(self._protocol, delta.finish)
                     outcome = ""
+                    t = delta.finish.timings
+                    logger.debug(
+                        "request %s (tag %r) %s: ttft %.1f ms, %d tokens, %s",
+                        self.request_id, tag, delta.finish.reason, t.ttft_ms,
+                        delta.finish.usage.completion_tokens,
+                        "disaggregated" if t.disaggregated else "colocated",
+                    )  # fmt: skip
                 yield delta
         except RouterError as e:
             outcome = e.kind.value
+            logger.warning("request %s (tag %r) failed: %s", self.request_id, tag, e.message)
             raise
         finally:
             if outcome:
                 core.metrics.failed(self._protocol, outcome)
+                if outcome == "cancelled":
+                    logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
 
     def close(self) -> None:

@@ -236,6 +236,14 @@ def test_malformed_json_and_oversized_body(cluster: ClusterHarness) -> None:
     assert big.status == 413
 
 
+def test_oversized_grpc_message_is_refused_by_the_transport(cluster: ClusterHarness) -> None:
+    with cluster.client() as c:
+        with pytest.raises(ClientError) as err:
+            c.generate("x" * (2 << 20))
+        assert err.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert c.generate("hello", Sampling(max_tokens=2)).usage.completion_tokens == 2
+
+
 def test_authentication(cluster: ClusterHarness) -> None:
     for token in (None, "wrong"):
         with cluster.client(token=token) as c:
