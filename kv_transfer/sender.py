@@ -75,7 +75,9 @@ class _Outbound:
     finishing: bool = False
     ended: bool = False
     links: set[Link] = field(default_factory=set)
-    released: threading.Event = field(default_factory=threading.Event)
+    reading: int = 0  # sends still reading the source blocks (zero-copy links)
+    finish_pumped: bool = False  # the pump has processed finish()
+    released: threading.Event = field(default_factory=threading.Event)  # sources unread
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ class KVSender:
         self._jobs.put(_Finish(out))
         wait = max(0.0, out.deadline - time.monotonic()) + self._cfg.op_timeout_s
         if not out.released.wait(wait):
-            self._fail(out, f"finish timed out after {wait:.1f}s")
+            self._fail(out, f"finish timed out after {wait:.1f}s", teardown=True)
             logger.error("transfer %s: source blocks may still be read", transfer_id)
 
     def poll(self, transfer_id: str) -> TransferStatus:
@@ -239,8 +241,7 @@ class KVSender:
         if out.status.terminal:
             return False
         out.status = status
-        if self._current is not out:
-            out.released.set()
+        self._maybe_release_locked(out)
         self._active.pop(out.spec.transfer_id, None)
         self._history[out.spec.transfer_id] = status
         while len(self._history) > self._cfg.history:
@@ -248,11 +249,15 @@ class KVSender:
         self._room.notify_all()
         return True
 
-    def _fail(self, out: _Outbound, reason: str, notify: bool = True) -> None:
+    def _fail(
+        self, out: _Outbound, reason: str, notify: bool = True, teardown: bool = False
+    ) -> None:
+        """FAILED; tell the receivers with ABORT (`notify`), or, when sends seem stuck
+        (`teardown`), tear down the pairs they are stuck on instead."""
         with self._lock:
             if not self._terminate_locked(out, failed(reason)):
                 return
-            stuck = list(out.links) if out.inflight else []
+            stuck = list(out.links) if teardown and out.inflight else []
         logger.warning(
             "transfer %s failed on sender %s: %s", out.spec.transfer_id, self.me.id, reason
         )
@@ -260,6 +265,12 @@ class KVSender:
             self._drop_link(link)
         if notify and not stuck:
             self._jobs.put(_Abort(out))
+
+    def _maybe_release_locked(self, out: _Outbound) -> None:
+        """Signal finish() once nothing reads the transfer's source blocks any more."""
+        over = out.finish_pumped or out.status.terminal
+        if over and out.reading == 0 and self._current is not out:
+            out.released.set()
 
     def _maybe_done_locked(self, out: _Outbound) -> None:
         if out.ended and out.inflight == 0 and not out.status.terminal:
@@ -269,6 +280,9 @@ class KVSender:
         with self._lock:
             out.inflight -= 1
             self._inflight_bytes -= nbytes
+            if done.holds_source:
+                out.reading -= 1
+                self._maybe_release_locked(out)
             self._room.notify_all()
             if done.error is None:
                 self._maybe_done_locked(out)
@@ -288,7 +302,7 @@ class KVSender:
         with self._lock:
             late = [out for out in self._active.values() if now > out.deadline]
         for out in late:
-            self._fail(out, f"timed out after {out.spec.timeout_s:g}s")
+            self._fail(out, f"timed out after {out.spec.timeout_s:g}s", teardown=True)
 
     # ---- the pump thread ------------------------------------------------------------
 
@@ -318,8 +332,9 @@ class KVSender:
             finally:
                 with self._lock:
                     self._current = None
-                    if job.out.status.terminal or isinstance(job, _Finish):
-                        job.out.released.set()
+                    if isinstance(job, _Finish):
+                        job.out.finish_pumped = True
+                    self._maybe_release_locked(job.out)
             self._reap_deadlines()
 
     def _link(self, out: _Outbound, dst_rank: int) -> Link:
@@ -349,6 +364,7 @@ class KVSender:
             raise
         with self._lock:
             out.inflight += 1
+            out.reading += done.holds_source
             out.links.add(link)
             self._inflight_bytes += header.nbytes
         done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d))

@@ -77,6 +77,12 @@ class TorchDistConfig:
     connect_timeout_s: float = 10.0  # connect, HELLO and group rendezvous
     op_timeout_s: float = 10.0  # one send or recv; then the pair is torn down
     ttl_s: float = 10.0  # rendezvous record lifetime without refresh
+    # Send slices whose blocks are one run with all heads straight from the cache, with
+    # no gather copy. The sender's finish() then waits until those sends complete
+    # (bounded by the transfer's deadline) instead of only until they are copied out:
+    # faster on few cores, but a stalled decode peer then stalls the prefill engine's
+    # step for up to the deadline.
+    zero_copy: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in (None, "gloo", "nccl"):
@@ -139,15 +145,16 @@ class _Link(Link):
         group: Any,
         backend: str,
         op_timeout_s: float,
+        zero_copy: bool,
     ) -> None:
         self.peer = peer
         self._control, self._store, self._group = control, store, group
-        self._backend, self._timeout = backend, op_timeout_s
+        self._backend, self._timeout, self._zero_copy = backend, op_timeout_s, zero_copy
         self._lock = threading.Lock()
         self._seq = 0
         self._broken = False
         self._pool = StagingPool()
-        self._works: queue.SimpleQueue[tuple[list[Any], torch.Tensor, Completion] | None] = (
+        self._works: queue.SimpleQueue[tuple[list[Any], torch.Tensor | None, Completion] | None] = (
             queue.SimpleQueue()
         )
         self._waiter = threading.Thread(target=self._wait_loop, name="kv-send-wait", daemon=True)
@@ -167,7 +174,13 @@ class _Link(Link):
             if region is None:
                 self._control.send(header.pack())
                 return Completion.resolved()
-            staging = region.gather(out=self._pool.take(region.shape, region.dtype, region.device))
+            zero_copy = self._zero_copy and region.dense
+            if zero_copy:  # K and V are each contiguous in the cache: send them as they lie
+                staging = region.run_view(region.block_ids[0], len(region.block_ids))
+            else:
+                staging = region.gather(
+                    out=self._pool.take(region.shape, region.dtype, region.device)
+                )
             if checksum:
                 header = header.with_checksum(payload_checksum(staging))
             self._control.send(header.pack())
@@ -178,8 +191,8 @@ class _Link(Link):
                 ]
             except RuntimeError as e:
                 raise TransferError(f"send to {self.peer}: {e}") from e
-        done = Completion()
-        self._works.put((works, staging, done))
+        done = Completion(holds_source=zero_copy)
+        self._works.put((works, None if zero_copy else staging, done))
         return done
 
     def _wait_loop(self) -> None:
@@ -198,7 +211,8 @@ class _Link(Link):
                 self._break()
                 done.resolve(f"send to {self.peer}: {e}")
                 continue
-            self._pool.give(staging)
+            if staging is not None:
+                self._pool.give(staging)
             done.resolve()
 
     def _break(self) -> None:
@@ -247,7 +261,9 @@ class TorchDistConnector(Connector):
             control.close()
             raise TransferError(f"cannot build the pair group with {peer}: {e}") from e
         logger.info("%s -> %s: %s pair ready", me.id, peer, backend)
-        return _Link(peer, control, store, group, backend, self._cfg.op_timeout_s)
+        return _Link(
+            peer, control, store, group, backend, self._cfg.op_timeout_s, self._cfg.zero_copy
+        )
 
 
 class ReceiveStats:

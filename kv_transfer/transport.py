@@ -36,7 +36,10 @@ from kv_transfer.staging import StagingPool
 class Completion:
     """The outcome of one sent message: pending, done, or failed with a reason."""
 
-    def __init__(self) -> None:
+    def __init__(self, holds_source: bool = False) -> None:
+        # True when the transport reads the source blocks until this resolves
+        # (zero-copy); the sender's finish() then waits for it.
+        self.holds_source = holds_source
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._error: str | None = None

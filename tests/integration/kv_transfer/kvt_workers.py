@@ -101,6 +101,7 @@ class Setup:
     faults: tuple[Fault, ...] = ()
     device: str = "cpu"  # cuda:N puts the caches on a GPU (torch_dist then uses NCCL)
     scramble: bool = True  # hand out blocks in scattered runs; False: consecutive ids
+    zero_copy: bool = False  # torch_dist senders send dense slices straight from the cache
 
     @property
     def parallel(self) -> Parallelism:
@@ -133,7 +134,9 @@ class Setup:
         return KVCache(layout, self.device)
 
     def connector(self) -> Connector:
-        cfg = TorchDistConfig(op_timeout_s=self.op_timeout_s, connect_timeout_s=5.0)
+        cfg = TorchDistConfig(
+            op_timeout_s=self.op_timeout_s, connect_timeout_s=5.0, zero_copy=self.zero_copy
+        )
         inner: Connector = (
             TorchDistConnector(self.store(), cfg)
             if self.transport == "torch_dist"
@@ -214,6 +217,11 @@ class Prefill:
                     sender.send_layer(tid, layer, src[lo:hi], lo)
         for sender in self.senders:
             sender.finish(tid)
+        # finish() has returned: the engine may reuse the blocks at once. Clobber them, so
+        # that a transport still reading them would deliver zeros.
+        index = torch.tensor(src, dtype=torch.long, device=s.device)
+        for cache in self.caches:
+            cache.tensor.index_fill_(2, index, 0)
         states = wait_terminal(self.senders, tid)
         self.pool.release(src[::-1])
         return {"states": [status_tuple(x) for x in states], "elapsed": time.monotonic() - began}

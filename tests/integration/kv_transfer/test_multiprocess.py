@@ -96,6 +96,29 @@ def test_m_to_n_is_bit_exact(
     _assert_clean(decode, redis_url, cluster_name)
 
 
+def test_zero_copy_sender_with_direct_receiver(
+    spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str
+) -> None:
+    """Consecutive blocks on both sides: no gather on the sender, no staging on the
+    receiver. finish() returns only once the sends are done, so the source stays intact."""
+    pre_setup = _setup(
+        redis_url, cluster_name, "prefill-0", "torch_dist", scramble=False, zero_copy=True
+    )
+    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", "torch_dist", scramble=False))
+    prefill = spawn(prefill_main, pre_setup)
+    for tid, seed, chunks in (("t1", 1, []), ("t2", 2, [5, 11]), ("t3", 3, [])):
+        decode.expect(tid, pre_setup.ref, 16, timeout_s=15)
+        tag, sent = prefill.call("send", tid, decode.setup.ref, 16, seed, chunks, 15)
+        assert tag == "sent" and set(sent["states"]) == {DONE}
+        assert [s.state.value for s in decode.wait(tid)] == ["done"]
+        assert decode.landed(tid, 16, seed)
+        decode.free(tid)
+    (endpoint,) = decode.endpoints
+    assert isinstance(endpoint, TorchDistEndpoint) and endpoint.stats.staged == 0
+    assert prefill.call("close")[0] == "closed"
+    _assert_clean(decode, redis_url, cluster_name)
+
+
 # Consecutive destination blocks matter for torch_dist only: it then receives straight
 # into them.
 @pytest.mark.parametrize(
