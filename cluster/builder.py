@@ -33,6 +33,7 @@ from decode_worker.messages import PoolRole, WorkerSettings
 from engine.config import ModelConfig, parse_dtype
 from engine.kv_cache import KVCacheLayout
 from kv_transfer.base import Parallelism
+from kv_transfer.faults import Fault, FaultKind
 from kv_transfer.mapping import KVGeometry
 from prefill_worker.deployment import PrefillWorker
 from router.deployment import Router
@@ -143,6 +144,11 @@ def worker_settings(
         device=pool.device,
         tp=pool.tp,
         pp=pool.pp,
+        faults=tuple(
+            Fault(FaultKind(f.kind), f.after, f.times, f.delay_s) for f in config.kv_transfer.faults
+        )
+        if pool.role is PoolRole.PREFILL
+        else (),
     )
 
 

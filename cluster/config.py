@@ -237,6 +237,19 @@ class RedisConfig(BaseModel):
         return self
 
 
+class FaultSpec(BaseModel):
+    """One injected KV-transfer fault (see kv_transfer.faults)."""
+
+    model_config = _STRICT
+
+    kind: Literal["drop", "delay", "corrupt", "kill"] = Field(
+        description="drop, delay, corrupt or kill (the prefill replica dies)."
+    )
+    after: int = Field(default=0, ge=0, description="First DATA message it hits.")
+    times: int = Field(default=1, ge=0, description="Messages it hits; 0: all from `after`.")
+    delay_s: float = Field(default=0.0, ge=0, description="Delay of a delay fault.")
+
+
 class KVTransferConfig(BaseModel):
     model_config = _STRICT
 
@@ -248,6 +261,11 @@ class KVTransferConfig(BaseModel):
         default="127.0.0.1", description="Address torch_dist receivers bind and advertise."
     )
     timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one transfer.")
+    faults: list[FaultSpec] = Field(
+        default_factory=list,
+        description="Fault drill: faults each prefill replica injects into the KV it "
+        "sends, counted per replica. Empty in production.",
+    )
 
 
 class RayConfig(BaseModel):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from engine import SamplingParams, TokenLogprob
+from kv_transfer.faults import Fault
 
 
 class PoolRole(StrEnum):
@@ -50,6 +51,7 @@ class WorkerSettings:
     device: str = "cpu"
     tp: int = 1
     pp: int = 1
+    faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from decode_worker.runtime import WorkerRuntime, replica_unique_id
 from engine import RequestOutput
 from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState
 from kv_transfer.engine_hook import SendHook
+from kv_transfer.faults import FaultyConnector
 from kv_transfer.sender import KVSender
 from kv_transfer.shm import ShmConnector
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector
@@ -66,6 +67,9 @@ class PrefillWorker:
             if settings.transport == "shm"
             else TorchDistConnector(store, TorchDistConfig(host=settings.transfer_host))
         )
+        if settings.faults:
+            logger.warning("%s injects KV-transfer faults %s", settings.pool, settings.faults)
+            connector = FaultyConnector(connector, settings.faults)
         self._sender = KVSender(
             LocalRank(self._rt.instance_id), self._rt.engine.kv_cache, self._rt.geometry, connector
         )

@@ -90,6 +90,7 @@ BAD = [
     (["router.max_prompt_tokens=2048"], "router.max_prompt_tokens"),
     (["name=has:colon"], "name"),
     (["model.dtype=int4"], "model.dtype"),
+    (["kv_transfer.faults=[{kind: explode}]"], "kv_transfer.faults.0.kind"),
 ]
 
 
@@ -154,6 +155,11 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
         4 << 20,
         "shm",
     )
+    assert ws.faults == ()
+    drill = _tiny(tiny_model_dir, "kv_transfer.faults=[{kind: corrupt, after: 2}]")
+    (fault,) = worker_settings(drill, drill.pools[0], str(tiny_model_dir), "redis://x").faults
+    assert (fault.kind.value, fault.after, fault.times) == ("corrupt", 2, 1)
+    assert worker_settings(drill, drill.pools[1], str(tiny_model_dir), "redis://x").faults == ()
     rs = router_settings(c, str(tiny_model_dir), "redis://127.0.0.1:1/0")
     assert rs.has_prefill_pool and rs.http_api_key == "k" and rs.grpc_bearer_token is None
     assert rs.limits.max_prompt_tokens == 100 and rs.limits.max_model_len == 256
