@@ -1,26 +1,29 @@
 """KV-transfer benchmark: bytes, time and GB/s per transport, next to this host's baselines.
 
     python -m benchmarks.kv_transfer [--lengths 128,1024,16384] [--dtypes fp32,bf16]
-                                     [--repeats 3] [--max-prefill-tokens 4096]
+                                     [--repeats 3] [--max-prefill-tokens 2048]
 
 It moves SmolLM2-135M's KV (30 layers x 3 KV heads x 64 dims, blocks of 16 tokens) for
 prompts of 128 to 16k tokens, in fp32 and bf16, from a sender in a child process to a
-receiver in this one, over each transport, with per-slice checksums on (the CPU
-default) and off. A transfer's time runs from the sender's first `send_layer` to the
-receiver's DONE; both read CLOCK_MONOTONIC, which the two processes share.
+receiver in this one: over torch_dist (Gloo; with the default gather copy, and with the
+opt-in zero-copy sends) and over shm, each with per-slice checksums on (the CPU
+default) and off. Blocks are consecutive on both sides (a fresh pool), so torch_dist
+receives straight into them. A transfer's time runs from the sender's first
+`send_layer` to the receiver's DONE; both read CLOCK_MONOTONIC, which the two
+processes share.
 
 Measured in the same run, as baselines:
 * memcpy: a single-thread copy of a 256 MB buffer;
 * raw Gloo p2p: a ProcessGroupGloo pair between the same two processes streaming the
-  same bytes in messages of one layer's size (no header, gather, checksum or scatter),
-  plus the 16 MB-message reference;
+  same bytes in messages of one layer's size, every receive posted up front (no
+  header, gather, checksum or landing), plus the 16 MB-message reference;
 * prefill: the engine's time to the first token for the same prompt length and dtype
-  (lengths up to --max-prefill-tokens and the model's context).
+  (lengths up to --max-prefill-tokens).
 
-Targets, marked in the table: shm >= 50% of memcpy for transfers of 4 MB or more;
-torch_dist >= 80% of raw Gloo; a transfer <= 5% of the prefill time at 1k tokens.
-It prints a table and writes JSON to benchmarks/results/. The numbers are only as
-steady as the host: on a shared machine, run it twice.
+Every figure is the best of its repeats: the host may be shared, and interference only
+ever slows a run down. Targets, marked in the table: shm >= 50% of memcpy for
+transfers of 4 MB or more; torch_dist >= 80% of raw Gloo; a transfer <= 5% of the
+prefill time at 1k tokens. It prints a table and writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import logging
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -49,7 +51,12 @@ from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import RedisRendezvous
 from kv_transfer.sender import KVSender, SenderConfig
 from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
-from kv_transfer.torch_dist import TorchDistConnector, TorchDistEndpoint, new_pair_group
+from kv_transfer.torch_dist import (
+    TorchDistConfig,
+    TorchDistConnector,
+    TorchDistEndpoint,
+    new_pair_group,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +65,12 @@ LENGTHS = (128, 512, 1024, 2048, 4096, 8192, 16384)
 # SmolLM2-135M's KV geometry (engine/config.py reads the same from the model).
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16
 GEO = KVGeometry(NUM_LAYERS, NUM_KV_HEADS)
-TRANSPORTS = ("torch_dist", "shm")
+# (path, transport, zero-copy): each is measured with per-slice checksums on and off.
+PATHS = (
+    ("torch_dist", "torch_dist", False),
+    ("torch_dist zero-copy", "torch_dist", True),
+    ("shm", "shm", False),
+)
 RESULTS = Path(__file__).parent / "results"
 WAIT_S = 120.0
 
@@ -84,7 +96,7 @@ def memcpy_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
             began = time.perf_counter()
             dst.copy_(src)
             times.append(time.perf_counter() - began)
-        return _gbps(nbytes, statistics.median(times))
+        return _gbps(nbytes, min(times))
     finally:
         torch.set_num_threads(threads)
 
@@ -121,20 +133,22 @@ def _peer_main(conn: Connection, redis_url: str, cluster: str) -> None:
             cache.tensor.copy_(torch.randn(cache.tensor.shape).to(cache.tensor.dtype))
             store = _store(redis_url, cluster)
             senders = {
-                (transport, checksum): KVSender(
+                (path, checksum): KVSender(
                     me,
                     cache,
                     GEO,
-                    TorchDistConnector(store) if transport == "torch_dist" else ShmConnector(store),
+                    TorchDistConnector(store, TorchDistConfig(zero_copy=zero_copy))
+                    if transport == "torch_dist"
+                    else ShmConnector(store),
                     SenderConfig(checksum=checksum),
                 )
-                for transport in TRANSPORTS
+                for path, transport, zero_copy in PATHS
                 for checksum in (True, False)
             }
             conn.send(("ok",))
         elif cmd[0] == "kv":
-            _, transport, checksum, tid, num_blocks, dest = cmd
-            sender = senders[(transport, checksum)]
+            _, path, checksum, tid, num_blocks, dest = cmd
+            sender = senders[(path, checksum)]
             blocks = list(range(num_blocks))
             sender.open(SendSpec(tid, dest, 0, WAIT_S))
             began = time.monotonic()
@@ -194,7 +208,7 @@ class Bench:
         return self.conn.recv()
 
     def raw_gloo(self, msg_bytes: int, count: int) -> float:
-        """Median seconds to stream `count` messages of `msg_bytes` over a bare Gloo pair,
+        """Best seconds to stream `count` messages of `msg_bytes` over a bare Gloo pair,
         with every receive posted up front (one warm-up round, then `repeats` rounds)."""
         store = TCPStore(
             "127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
@@ -213,12 +227,10 @@ class Bench:
             ends.append(time.monotonic())
         (starts,) = self.conn.recv()
         del group
-        return float(statistics.median(e - s for s, e in list(zip(starts, ends, strict=True))[1:]))
+        return float(min(e - s for s, e in list(zip(starts, ends, strict=True))[1:]))
 
-    def transfer(
-        self, receiver: KVReceiver, transport: str, checksum: bool, num_blocks: int
-    ) -> float:
-        """Median seconds from the first send_layer to DONE on the receiver."""
+    def transfer(self, receiver: KVReceiver, path: str, checksum: bool, num_blocks: int) -> float:
+        """Best seconds from the first send_layer to DONE on the receiver."""
         times = []
         for _ in range(self.repeats):
             self._count += 1
@@ -227,19 +239,19 @@ class Bench:
                 RecvSpec(tid, tuple(range(num_blocks)), InstanceRef("bench-prefill"), 0, WAIT_S)
             )
             self.conn.send(
-                ("kv", transport, checksum, tid, num_blocks, InstanceRef(receiver.me.instance))
+                ("kv", path, checksum, tid, num_blocks, InstanceRef(receiver.me.instance))
             )
             status = _wait_terminal(receiver, tid)
             ended = time.monotonic()
             began, state, reason = self.conn.recv()
             if status.state.value != "done" or state != "done":
-                raise RuntimeError(f"{transport}: receiver {status}, sender {state} {reason}")
+                raise RuntimeError(f"{path}: receiver {status}, sender {state} {reason}")
             times.append(ended - began)
-        return float(statistics.median(times))
+        return float(min(times))
 
 
-def prefill_seconds(dtype_name: str, lengths: list[int]) -> dict[int, float]:
-    """Time to first token of a prompt of each length, on the real engine."""
+def prefill_seconds(dtype_name: str, lengths: list[int], repeats: int) -> dict[int, float]:
+    """Best time to first token of a prompt of each length, on the real engine."""
     from engine import EngineConfig, LLMEngine, SamplingParams
 
     if not lengths:
@@ -263,7 +275,7 @@ def prefill_seconds(dtype_name: str, lengths: list[int]) -> dict[int, float]:
         return time.perf_counter() - began
 
     ttft(64)  # warm-up
-    return {n: ttft(n) for n in lengths}
+    return {n: min(ttft(n) for _ in range(repeats)) for n in lengths}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -294,7 +306,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if child.is_alive():
                 child.kill()
     max_prefill = min(args.max_prefill_tokens, 8192 - 64)
-    prefill = {d: prefill_seconds(d, [n for n in lengths if n <= max_prefill]) for d in dtypes}
+    prefill = {
+        d: prefill_seconds(d, [n for n in lengths if n <= max_prefill], args.prefill_repeats)
+        for d in dtypes
+    }
     for row in rows:
         seconds = prefill[row.dtype].get(row.tokens)
         if seconds and row.path != "raw-gloo":
@@ -342,23 +357,23 @@ def _run_dtype(
     rows: list[Row] = []
     try:
         bench._call("setup", dtype_name, num_blocks)
-        for transport, receiver in receivers.items():  # warm-up: build pairs, fault pages in
+        for path, transport, _ in PATHS:  # warm-up: build pairs, fault pages in
             for checksum in (True, False):
-                bench.transfer(receiver, transport, checksum, num_blocks)
+                bench.transfer(receivers[transport], path, checksum, num_blocks)
         for tokens in lengths:
             blocks = -(-tokens // BLOCK)
             nbytes = _layout(dtype, blocks).total_bytes
             raw = bench.raw_gloo(nbytes // NUM_LAYERS, NUM_LAYERS)
             rows.append(Row(dtype_name, tokens, nbytes, "raw-gloo", raw, _gbps(nbytes, raw)))
-            for transport, receiver in receivers.items():
+            for path, transport, _ in PATHS:
                 for checksum in (True, False):
-                    seconds = bench.transfer(receiver, transport, checksum, blocks)
+                    seconds = bench.transfer(receivers[transport], path, checksum, blocks)
                     gbps = _gbps(nbytes, seconds)
                     base = 100 * gbps / (memcpy if transport == "shm" else _gbps(nbytes, raw))
-                    path = transport + ("" if checksum else " (no checksum)")
+                    label = path + ("" if checksum else " (no checksum)")
                     g16 = 100 * gbps / gloo_16mb if transport == "torch_dist" else None
-                    rows.append(Row(dtype_name, tokens, nbytes, path, seconds, gbps, base, g16))
-                    logger.info("%s %d %s: %.2f GB/s", dtype_name, tokens, path, gbps)
+                    rows.append(Row(dtype_name, tokens, nbytes, label, seconds, gbps, base, g16))
+                    logger.info("%s %d %s: %.2f GB/s", dtype_name, tokens, label, gbps)
     finally:
         for receiver in receivers.values():
             receiver.close()
@@ -384,7 +399,7 @@ def table(result: dict[str, Any]) -> str:
             for d, p in result["prefill_seconds"].items()
         ),
         "",
-        f"{'dtype':5} {'tokens':>6} {'MiB':>8}  {'path':<26} {'ms':>9} {'GB/s':>6} "
+        f"{'dtype':5} {'tokens':>6} {'MiB':>8}  {'path':<34} {'ms':>9} {'GB/s':>6} "
         f"{'vs base':>8} {'target':>6} {'vs 16MB':>8} {'% prefill':>9}",
     ]
     for r in result["rows"]:
@@ -393,7 +408,7 @@ def table(result: dict[str, Any]) -> str:
         g16 = f"{row.gloo16_pct:.0f}%" if row.gloo16_pct is not None else ""
         pre = f"{row.prefill_pct:.2f}%" if row.prefill_pct is not None else ""
         lines.append(
-            f"{row.dtype:5} {row.tokens:>6} {row.nbytes / 2**20:>8.1f}  {row.path:<26} "
+            f"{row.dtype:5} {row.tokens:>6} {row.nbytes / 2**20:>8.1f}  {row.path:<34} "
             f"{row.seconds * 1e3:>9.2f} {row.gbps:>6.2f} {base:>8} {_mark(row):>6} {g16:>8} "
             f"{pre:>9}"
         )
@@ -411,7 +426,8 @@ def main() -> None:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-prefill-tokens", type=int, default=4096)
+    parser.add_argument("--max-prefill-tokens", type=int, default=2048)
+    parser.add_argument("--prefill-repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
