@@ -258,7 +258,9 @@ class KVTransferConfig(BaseModel):
         description="torch_dist (Gloo/NCCL; any hosts) or shm (prefill and decode on one host).",
     )
     host: str = Field(
-        default="127.0.0.1", description="Address torch_dist receivers bind and advertise."
+        default="127.0.0.1",
+        description="Address torch_dist receivers bind and advertise; 'auto': each "
+        "replica's node IP as Ray sees it (clusters spanning hosts, Kubernetes).",
     )
     timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one transfer.")
     faults: list[FaultSpec] = Field(

@@ -41,7 +41,7 @@ from decode_worker.messages import (
     WorkerState,
 )
 from decode_worker.remote_prefill import RemotePrefills
-from decode_worker.runtime import WorkerRuntime, replica_unique_id
+from decode_worker.runtime import WorkerRuntime, replica_unique_id, transfer_host
 from kv_transfer.base import LocalRank
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
@@ -84,7 +84,7 @@ class DecodeWorker:
         if self._storage is not None:
             assert self._storage.segment is not None
             return ShmEndpoint(store, self._storage.segment, self._rt.geometry)
-        return TorchDistEndpoint(store, TorchDistConfig(host=settings.transfer_host))
+        return TorchDistEndpoint(store, TorchDistConfig(host=transfer_host(settings.transfer_host)))
 
     # -- engine thread hooks ------------------------------------------------------------
 

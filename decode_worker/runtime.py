@@ -47,6 +47,16 @@ def engine_config(s: WorkerSettings) -> EngineConfig:
     )
 
 
+def transfer_host(configured: str) -> str:
+    """The address torch_dist binds and advertises: `configured`, or for "auto" this
+    node's IP as Ray reports it (a pod's IP on Kubernetes)."""
+    if configured != "auto":
+        return configured
+    import ray
+
+    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+
+
 def replica_unique_id() -> str:
     """This Serve replica's unique id (only inside a replica)."""
     from ray import serve

@@ -39,7 +39,7 @@ from decode_worker.messages import (
     WorkerSettings,
     WorkerState,
 )
-from decode_worker.runtime import WorkerRuntime, replica_unique_id
+from decode_worker.runtime import WorkerRuntime, replica_unique_id, transfer_host
 from engine import RequestOutput
 from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState
 from kv_transfer.engine_hook import SendHook
@@ -65,7 +65,9 @@ class PrefillWorker:
         connector: Connector = (
             ShmConnector(store)
             if settings.transport == "shm"
-            else TorchDistConnector(store, TorchDistConfig(host=settings.transfer_host))
+            else TorchDistConnector(
+                store, TorchDistConfig(host=transfer_host(settings.transfer_host))
+            )
         )
         if settings.faults:
             logger.warning("%s injects KV-transfer faults %s", settings.pool, settings.faults)
