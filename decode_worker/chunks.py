@@ -62,6 +62,7 @@ class ChunkBuilder:
             queue_s=m.queue_s if m is not None else 0.0,
             prefill_s=0.0 if disagg or m is None else m.prefill_s,
             kv_transfer_s=remote.kv_transfer_s if remote is not None and disagg else 0.0,
+            tpot_s=m.tpot_s if m is not None else 0.0,
             disaggregated=disagg,
             fallback_reason=remote.fallback_reason if remote is not None else "",
         )

@@ -90,6 +90,7 @@ class FinalStats:
     queue_s: float  # engine arrival to first scheduled (decode side)
     prefill_s: float  # first scheduled to first token (decode side; 0 when remote)
     kv_transfer_s: float  # prefill's first token to the KV landing here (remote only)
+    tpot_s: float  # mean time per output token after the first, as the engine made them
     disaggregated: bool  # the prompt's KV came from a prefill instance
     fallback_reason: str = ""  # set when a remote prefill was recomputed locally
 

@@ -135,21 +135,16 @@ class Dispatcher:
                 self._view.done(remote.instance_id, rid)
             timeout = self._t.dispatch_s if plan is None else self._t.stream_idle_s
             first_at: float | None = None
-            last_at = 0.0
-            n_tokens = 0
             while True:
                 item = await self._next(it, timeout, "the decode instance")
                 timeout = self._t.stream_idle_s
                 if not isinstance(item, TokenChunk):
                     raise RouterError(ErrorKind.INTERNAL, f"unexpected {type(item).__name__}")
-                now = time.monotonic()
-                if item.token_ids:
-                    first_at = first_at if first_at is not None else now
-                    last_at = now
-                    n_tokens += len(item.token_ids)
+                if item.token_ids and first_at is None:
+                    first_at = time.monotonic()
                 finish = None
                 if item.finished:
-                    finish = self._finish(item, outcome, arrival, first_at, last_at, n_tokens)
+                    finish = self._finish(item, outcome, arrival, first_at)
                     finished = True
                 yield Delta(rid, item.token_ids, item.text, item.logprobs, finish)
                 if finished:
@@ -203,8 +198,6 @@ class Dispatcher:
         outcome: PrefillOutcome | None,
         arrival: float,
         first_at: float | None,
-        last_at: float,
-        n_tokens: int,
     ) -> Finish:
         final = item.final
         if final is None:
@@ -220,13 +213,12 @@ class Dispatcher:
         )
         kv_s = final.kv_transfer_s if disagg else 0.0
         ttft = ((first_at if first_at is not None else time.monotonic()) - arrival) * 1000
-        tpot = (last_at - first_at) * 1000 / (n_tokens - 1) if first_at and n_tokens > 1 else 0.0
         timings = Timings(
             queue_ms=max(0.0, ttft - prefill_s * 1000 - kv_s * 1000),
             prefill_ms=prefill_s * 1000,
             kv_transfer_ms=kv_s * 1000,
             ttft_ms=ttft,
-            mean_tpot_ms=tpot,
+            mean_tpot_ms=final.tpot_s * 1000,
             disaggregated=disagg,
         )
         usage = Usage(final.prompt_tokens, final.completion_tokens, cached)

@@ -17,9 +17,9 @@ class Usage:
 
 @dataclass(frozen=True)
 class Timings:
-    """Milliseconds, measured by the router (TTFT, TPOT) and the engines (prefill,
-    transfer). `queue_ms` is the rest of the TTFT: routing, hops and engine queueing,
-    so queue + prefill + kv_transfer = ttft."""
+    """Milliseconds. TTFT is measured by the router (arrival to the first token leaving
+    it); prefill, transfer and TPOT by the engines. `queue_ms` is the rest of the TTFT:
+    routing, hops and engine queueing, so queue + prefill + kv_transfer = ttft."""
 
     queue_ms: float
     prefill_ms: float
