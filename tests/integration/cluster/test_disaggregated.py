@@ -15,6 +15,7 @@ from cluster_harness import MAX_TOKENS, ClusterHarness, greedy, tiny_config, wai
 
 from cluster.client import AsyncClient, Sampling
 from engine import LLM, SamplingParams
+from engine.block_hash import chain_hashes
 
 pytestmark = pytest.mark.slow
 
@@ -148,10 +149,17 @@ def test_cached_prefix_keeps_the_prompt_on_decode(
     them; a repeat of that prompt then has too few uncached tokens to disaggregate."""
     prompt_ids = reference_llm.tokenizer.encode(LONG[5])[:40]
     want = reference_llm.generate([prompt_ids], greedy())[0].token_ids
+    hashes = chain_hashes(prompt_ids, 16)
+    registry = cluster.registry
+    assert registry is not None
+    ((_, decode_id, _),) = [i for i in cluster.instances() if i[0] == "decode"]
     with cluster.client() as c:
         first = c.generate(token_ids=prompt_ids, sampling=GREEDY)
         assert first.timings.disaggregated and list(first.token_ids) == want
-        time.sleep(1.0)  # a publish interval plus a router refresh
+        wait_until(
+            lambda: registry.overlap(hashes).get(decode_id, 0) >= 2, 10.0, "blocks published"
+        )
+        time.sleep(0.5)  # a few router refreshes
         second = c.generate(token_ids=prompt_ids, sampling=GREEDY)
     assert not second.timings.disaggregated
     assert second.usage.cached_prompt_tokens == 32  # two full blocks of 16
