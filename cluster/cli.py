@@ -6,6 +6,7 @@
     pdserve generate "Once upon a time" [--max-tokens 64] [--temperature 0]
     pdserve chat "Hi!" [--system "Be brief."]
     pdserve config [-c cluster.yaml] [--set ...]      print the validated config
+    pdserve render k8s -c cluster.yaml --out DIR      KubeRay manifests (cluster/k8s)
 
 `up` starts local Ray (or joins `--address`), an embedded Redis unless a URL is
 configured, deploys, and waits until every pool is registered and the health service
@@ -248,6 +249,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from cluster.k8s.render import render, write
+
+    source = Path(args.config).name if args.config else "the default config"
+    paths = write(render(_config(args), source=source), Path(args.out))
+    for path in paths:
+        _echo(str(path))
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -322,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the validated cluster config")
     _add_config_args(cfg)
     cfg.set_defaults(func=cmd_config)
+
+    render = sub.add_parser("render", help="render the cluster for a deployment target")
+    render.add_argument("target", choices=["k8s"], help="k8s: KubeRay manifests")
+    _add_config_args(render)
+    render.add_argument("-o", "--out", required=True, help="output directory")
+    render.set_defaults(func=cmd_render)
     return parser
 
 

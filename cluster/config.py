@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from cluster.k8s.settings import KubernetesSettings
 from cluster.registry.types import NAME_PATTERN
 from decode_worker.messages import PoolRole
 
@@ -296,6 +297,10 @@ class ClusterConfig(BaseModel):
         default_factory=lambda: KVTransferConfig.model_validate({})
     )
     ray: RayConfig = Field(default_factory=lambda: RayConfig.model_validate({}))
+    kubernetes: KubernetesSettings = Field(
+        default_factory=lambda: KubernetesSettings.model_validate({}),
+        description="Only for `pdserve render k8s` (cluster/k8s/settings.py).",
+    )
 
     @model_validator(mode="after")
     def _topology(self) -> ClusterConfig:

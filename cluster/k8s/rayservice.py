@@ -1,0 +1,85 @@
+"""The RayService: KubeRay runs the Ray cluster and deploys serveConfigV2 onto it.
+
+    RayService <name>
+      metadata.annotations  ray.io/ft-enabled (GCS fault tolerance through Redis)
+      spec.serveConfigV2    the Serve application (`cluster.k8s.serve_config`)
+      spec.rayClusterConfig
+        headGroupSpec       GCS, dashboard, Serve controller; num-cpus 0
+        workerGroupSpecs    router, then one group per pool (`cluster.k8s.groups`)
+
+KubeRay creates the RayCluster, starts `ray start` in each pod with the group's
+rayStartParams, and submits serveConfigV2 to the head's dashboard. On a change of
+`rayClusterConfig` it brings up a new RayCluster, switches traffic when its
+application is RUNNING, then deletes the old one; a change of serveConfigV2 alone is
+applied in place. With GCS fault tolerance the head keeps the cluster's metadata in
+Redis (address and password from the pod's environment, see `cluster.k8s.pods`), so a
+restarted head picks the running replicas up again.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+
+from cluster.config import ClusterConfig
+from cluster.k8s.groups import GroupPlan
+from cluster.k8s.pods import Manifest, labels, pod_template
+from cluster.k8s.serve_config import serve_config_v2
+
+
+def _ray_start_params(plan: GroupPlan, gcs_ft: bool) -> dict[str, str]:
+    params = {
+        "num-cpus": str(plan.ray_cpus),
+        "num-gpus": str(plan.gpus),
+        "object-store-memory": str(plan.object_store_bytes),
+    }
+    if plan.ray_resources:
+        amounts = {k: int(v) if v.is_integer() else v for k, v in plan.ray_resources.items()}
+        resources = json.dumps(amounts, sort_keys=True, separators=(",", ":"))
+        params["resources"] = f"'{resources}'"
+    if plan.kind == "head":
+        params["dashboard-host"] = "0.0.0.0"
+        if gcs_ft:
+            params["redis-password"] = "$REDIS_PASSWORD"
+    return params
+
+
+def rayservice(
+    config: ClusterConfig, pod_config: ClusterConfig, name: str, plans: list[GroupPlan]
+) -> Manifest:
+    k = config.kubernetes
+    gcs_ft = k.gcs_fault_tolerance.redis != "disabled"
+    head, workers = plans[0], plans[1:]
+    assert head.kind == "head"
+    annotations = {"ray.io/ft-enabled": "true"} if gcs_ft else {}
+    worker_groups = [
+        {
+            "groupName": plan.name,
+            "replicas": plan.pods,
+            "minReplicas": plan.pods,
+            "maxReplicas": plan.pods,
+            "rayStartParams": _ray_start_params(plan, gcs_ft),
+            "template": pod_template(config, pod_config, name, plan),
+        }
+        for plan in workers
+    ]
+    metadata: Manifest = {"name": name, "namespace": k.namespace, "labels": labels(name, "ray")}
+    if annotations:
+        metadata["annotations"] = annotations
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": metadata,
+        "spec": {
+            "serveConfigV2": serve_config_v2(pod_config),
+            "rayClusterConfig": {
+                "rayVersion": version("ray"),
+                "enableInTreeAutoscaling": False,
+                "headGroupSpec": {
+                    "rayStartParams": _ray_start_params(head, gcs_ft),
+                    "template": pod_template(config, pod_config, name, head),
+                },
+                "workerGroupSpecs": worker_groups,
+            },
+        },
+    }
