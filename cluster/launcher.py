@@ -7,7 +7,9 @@
    state file goes in the run dir, so `down` can stop it even if `up` died.
 3. Ray: connect to `ray.address`, or start a local Ray with enough logical CPUs for
    the router and every pool replica (engines pin their torch threads, so logical CPUs
-   may exceed the cores).
+   may exceed the cores). A Ray Client address on another machine
+   (`ray://HOST:10001`) needs a redis.url its nodes reach and a model directory at the
+   same path here and on every node (`check_remote`); the endpoints are then HOST's.
 4. Serve: start it with the config's HTTP and gRPC proxies and deploy the application
    from `cluster.builder.build_app`.
 5. Wait, bounded, until the application is RUNNING, every pool has its replicas in the
@@ -103,6 +105,32 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
+def remote_host(address: str | None) -> str | None:
+    """The head's host of a Ray Client address (`ray://HOST:PORT`) on another machine;
+    None for local Ray, `auto`, a GCS address this machine joins, or a loopback one."""
+    if address is None or not address.startswith("ray://"):
+        return None
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return None if host in ("127.0.0.1", "localhost", "::1", "") else host
+
+
+def check_remote(config: ClusterConfig) -> None:
+    """What a Ray cluster on other machines needs from the config; raises LaunchError."""
+    if remote_host(config.ray.address) is None:
+        return
+    if config.redis.url is None:
+        raise LaunchError(
+            f"ray.address {config.ray.address}: the cluster's nodes cannot reach an "
+            "embedded Redis on this machine; set redis.url to a Redis they can reach"
+        )
+    if not Path(config.model.source).is_absolute():
+        raise LaunchError(
+            f"model.source {config.model.source!r}: with a Ray cluster on other machines, "
+            "give an HF-format directory that exists at the same path here and on every "
+            "node (a shared volume, or the image's model directory)"
+        )
+
+
 class Launcher:
     def __init__(
         self, config: ClusterConfig, *, run_dir: Path | None = None, echo: Echo = print
@@ -116,8 +144,9 @@ class Launcher:
         self._serve_started = False
         self._stopped = threading.Event()
         s = config.server
-        self.grpc_target = f"{_connect_host(s.host)}:{s.grpc_port}"
-        self.http_url = f"http://{_connect_host(s.host)}:{s.http_port}"
+        host = remote_host(config.ray.address) or _connect_host(s.host)
+        self.grpc_target = f"{host}:{s.grpc_port}"
+        self.http_url = f"http://{host}:{s.http_port}"
 
     # -- up -------------------------------------------------------------------------------
 
@@ -128,6 +157,7 @@ class Launcher:
                 f"cluster {self.config.name!r} is already up (pid {existing.pid}); "
                 "run `pdserve down` first"
             )
+        check_remote(self.config)
         deadline = time.monotonic() + timeout_s
         try:
             model_dir = self._model()
