@@ -35,7 +35,8 @@ def _set(data: dict[str, Any], path: str, value: Any) -> None:
         if last:
             node[key] = value
         else:
-            if key == "pools" and "pools" not in node:
+            # Only the top-level pool list has defaults to fill in.
+            if i == 0 and key == "pools" and "pools" not in node:
                 node["pools"] = [p.model_dump() for p in default_pools()]
             node = node.setdefault(key, {})
 

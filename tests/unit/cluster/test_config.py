@@ -175,3 +175,11 @@ def test_example_configs_are_valid(name: str, smollm2_dir: Path) -> None:
     check_against_model(config, str(smollm2_dir))
     if name == "local.yaml":
         assert config == load_config()  # the file spells out the defaults
+
+
+def test_nested_pools_key_is_not_the_top_level_pool_list() -> None:
+    from cluster.config_file import load_config
+
+    cfg = load_config(None, ["kubernetes.pools.decode.memory=6GiB"])
+    assert cfg.kubernetes.pools["decode"].memory == 6 * 1024**3
+    assert [p.name for p in cfg.pools] == ["prefill", "decode"]  # defaults untouched
