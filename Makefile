@@ -27,7 +27,7 @@ protos: $(STAMP)
 	$(PY) -m protos.build
 
 serve: protos
-	$(PY) -m engine.demo
+	$(VENV)/bin/pdserve up
 
 test: protos
 	$(PY) -m pytest

@@ -2,8 +2,8 @@
 
 Several outputs that queued up while the consumer was busy become one chunk, so a slow
 reader costs fewer messages, not more. Logprobs: the engine reports the whole list so
-far; the builder sends only the new entries. On a remote prefill the first token was
-sampled on the prefill instance, so its logprob comes from there (`RemoteInfo`).
+far (on a remote prefill, starting with the prefill instance's first token); the
+builder sends only the new entries.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ChunkBuilder:
             tokens.extend(out.new_token_ids)
             text.append(out.new_text)
         last = outs[-1]
-        logprobs = self._new_logprobs(last, remote)
+        logprobs = self._new_logprobs(last)
         final = self._final(last, remote) if last.finished else None
         return TokenChunk(
             token_ids=tuple(tokens),
@@ -40,14 +40,10 @@ class ChunkBuilder:
             final=final,
         )
 
-    def _new_logprobs(
-        self, out: RequestOutput, remote: RemoteInfo | None
-    ) -> tuple[TokenLogprob, ...]:
+    def _new_logprobs(self, out: RequestOutput) -> tuple[TokenLogprob, ...]:
         if out.logprobs is None:
             return ()
         entries = list(out.logprobs)
-        if remote is not None and remote.disaggregated and remote.first_logprob is not None:
-            entries.insert(0, remote.first_logprob)
         new = entries[self._logprobs_sent :]
         self._logprobs_sent = len(entries)
         return tuple(new)

@@ -194,11 +194,13 @@ class EngineLoop:
         )
 
     def _update_load(self) -> None:
-        sched = self.engine.scheduler
-        queued = sum(s.num_tokens - s.num_computed for s in sched.waiting)
-        queued += sum(s.num_tokens - s.num_computed for s in sched.running if s.is_prefill)
-        pool = self.engine.block_pool
-        self._load = (queued, len(sched.running), pool.num_free, pool.num_blocks)
+        load = self.engine.load()
+        self._load = (
+            load.queued_prefill_tokens,
+            load.running_seqs,
+            load.free_blocks,
+            load.total_blocks,
+        )
 
     # -- the thread -------------------------------------------------------------------
 

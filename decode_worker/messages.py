@@ -126,6 +126,7 @@ class PrefillOutcome:
     ok: bool
     first_token_id: int = -1
     first_logprob: TokenLogprob | None = None
+    sampler_state: bytes | None = None  # a seeded request's generator after the first token
     reason: str = ""
     queue_s: float = 0.0
     prefill_s: float = 0.0

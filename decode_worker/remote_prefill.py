@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from decode_worker.messages import PrefillOutcome, WorkerRequest
-from engine import LLMEngine, RequestOutput, TokenLogprob
+from engine import LLMEngine, RequestOutput
 from engine.block_pool import OutOfBlocksError
 from kv_transfer.base import InstanceRef, RecvSpec, TransferReceiver, TransferState
 
@@ -55,7 +55,6 @@ class RemoteInfo:
     disaggregated: bool
     kv_transfer_s: float = 0.0
     fallback_reason: str = ""
-    first_logprob: TokenLogprob | None = None
 
 
 class RemotePrefills:
@@ -149,8 +148,10 @@ class RemotePrefills:
     def _commit(self, rid: str, p: _Pending, outcome: PrefillOutcome, done_wall: float) -> None:
         del self._pending[rid]
         kv_s = max(0.0, done_wall - outcome.first_token_wall)
-        self._set_info(rid, RemoteInfo(True, kv_s, "", outcome.first_logprob))
-        out = self._engine.commit_remote_prefill(rid, outcome.first_token_id)
+        self._set_info(rid, RemoteInfo(True, kv_s, ""))
+        out = self._engine.commit_remote_prefill(
+            rid, outcome.first_token_id, outcome.first_logprob, outcome.sampler_state
+        )
         self._post(out)
 
     def _fall_back(self, rid: str, p: _Pending, reason: str) -> None:

@@ -10,12 +10,13 @@ with chunked prefill, and sampling. It knows nothing of Ray, Redis or gRPC.
 from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestMetrics, RequestOutput
+from engine.outputs import EngineLoad, RequestMetrics, RequestOutput
 from engine.sampling import SamplingParams, TokenLogprob
 
 __all__ = [
     "LLM",
     "EngineConfig",
+    "EngineLoad",
     "LLMEngine",
     "ModelConfig",
     "RequestMetrics",

@@ -30,7 +30,7 @@ from engine.kv_cache import KVCache, KVCacheLayout
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.model_source import resolve_model
-from engine.outputs import RequestMetrics, RequestOutput
+from engine.outputs import EngineLoad, RequestMetrics, RequestOutput
 from engine.parallel.comm import RankGroups
 from engine.sampling import Sampler, SamplingParams, TokenLogprob
 from engine.scheduler import Scheduler
@@ -148,6 +148,19 @@ class LLMEngine:
         """Stop the other ranks of a TP/PP engine (no-op for one rank)."""
         self.runner.stop_workers()
 
+    def load(self) -> EngineLoad:
+        sched = self.scheduler
+        # Preempted sequences recompute their output tokens too.
+        queued = sum(s.num_tokens - s.num_computed for s in sched.waiting)
+        queued += sum(s.num_tokens - s.num_computed for s in sched.running if s.is_prefill)
+        return EngineLoad(
+            waiting_seqs=len(sched.waiting),
+            running_seqs=len(sched.running),
+            queued_prefill_tokens=queued,
+            free_blocks=self.block_pool.num_free,
+            total_blocks=self.block_pool.num_blocks,
+        )
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._seqs)
 
@@ -170,15 +183,28 @@ class LLMEngine:
         self._seqs[request_id] = seq
         return list(seq.block_table)
 
-    def commit_remote_prefill(self, request_id: str, first_token_id: int) -> RequestOutput:
-        """The prompt's KV has landed: run the sequence from its first token."""
+    def commit_remote_prefill(
+        self,
+        request_id: str,
+        first_token_id: int,
+        logprob: TokenLogprob | None = None,
+        sampler_state: bytes | None = None,
+    ) -> RequestOutput:
+        """The prompt's KV has landed: run the sequence from its first token.
+
+        `logprob` and `sampler_state` come from the prefill instance's final output, so
+        logprobs and a seeded request's random stream continue where it left off.
+        """
         seq = self._remote(request_id)
+        if sampler_state is not None and seq.generator is not None:
+            state = torch.frombuffer(bytearray(sampler_state), dtype=torch.uint8)
+            seq.generator.set_state(state)
         now = time.monotonic()
         seq.timings.first_scheduled = seq.timings.first_scheduled or now
         seq.num_computed = len(seq.prompt)
         self.scheduler.blocks.cache_full_blocks(seq)
         self.scheduler.join_running(seq)
-        out = self._append_token(seq, first_token_id, None, now)
+        out = self._append_token(seq, first_token_id, logprob, now)
         if out.finished:
             self._seqs.pop(request_id, None)
         return out
@@ -259,7 +285,14 @@ class LLMEngine:
             new_token_ids=seq.take_new_tokens(),
             new_text=seq.detok.delta(finished),
             metrics=_metrics(seq) if finished else None,
+            sampler_state=_generator_state(seq) if finished else None,
         )
+
+
+def _generator_state(seq: Sequence) -> bytes | None:
+    if seq.generator is None or seq.params.greedy:
+        return None
+    return bytes(seq.generator.get_state().cpu().numpy().tobytes())
 
 
 def _metrics(seq: Sequence) -> RequestMetrics:

@@ -29,3 +29,17 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)  # since the previous output
     new_text: str = ""
     metrics: RequestMetrics | None = None
+    # A seeded request's generator state after its last token (final output only), so
+    # a decode instance can continue the exact random stream a prefill instance began.
+    sampler_state: bytes | None = None
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What a load report needs, read in one place."""
+
+    waiting_seqs: int
+    running_seqs: int
+    queued_prefill_tokens: int  # prompt tokens not yet computed (waiting and running)
+    free_blocks: int
+    total_blocks: int
