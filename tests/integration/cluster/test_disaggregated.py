@@ -37,6 +37,8 @@ LONG = [
     "fortune, must be in want of a wife, however little known the feelings of such a man.",
     "Far out in the uncharted backwaters of the unfashionable end of the western spiral arm "
     "of the Galaxy lies a small unregarded yellow sun, orbited by a small blue-green planet.",
+    "Many years later, as he faced the firing squad, Colonel Aureliano Buendia was to "
+    "remember that distant afternoon when his father took him to discover ice in the town.",
 ]
 SHORT = ["Hi there", "2 + 2 ="]
 GREEDY = Sampling(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -140,6 +142,21 @@ def test_first_token_logprob_comes_from_the_prefill_instance(
     assert done.timings.disaggregated
     assert list(done.token_ids) == want.token_ids
     assert done.logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+
+
+def test_seeded_sampling_continues_the_prefill_instance_stream(
+    cluster: ClusterHarness, reference_llm: LLM
+) -> None:
+    # The decode instance resumes the seeded generator where the prefill one stopped.
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=4242, max_tokens=8, ignore_eos=True)
+    want = reference_llm.generate([LONG[7]], params)[0]
+    with cluster.client() as c:
+        done = c.generate(
+            LONG[7],
+            Sampling(temperature=1.0, top_p=0.9, seed=4242, max_tokens=8, ignore_eos=True),
+        )
+    assert done.timings.disaggregated
+    assert list(done.token_ids) == want.token_ids
 
 
 def test_cached_prefix_keeps_the_prompt_on_decode(
