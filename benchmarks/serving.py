@@ -2,10 +2,10 @@
 baseline, on the same CPU, in one invocation.
 
     python -m benchmarks.serving                      # the full sweep (about 25 min)
-    python -m benchmarks.serving --quick              # 2 rates x 8 requests (about 8 min)
+    python -m benchmarks.serving --quick              # 2 rates x 8 requests (about 6 min)
     python -m benchmarks.serving --tiny --quick       # a random tiny model: smoke run
         [--mix prompt-heavy|sharegpt|short] [--prompt-len SPEC] [--output-len SPEC]
-        [--rates 0.1,0.15,0.2,0.25,0.3] [--requests 20] [--burstiness 1.0]
+        [--rates 0.2,0.3,0.4,0.5,0.6] [--requests 24] [--burstiness 1.0]
         [--ttft-slo-ms 6000] [--tpot-slo-ms 200] [--attainment 0.9]
         [--modes disaggregated,colocated] [--chunk-tokens 512]
 
@@ -30,8 +30,10 @@ prompts, outputs of exactly the sampled length, sent open loop with Gamma
 inter-arrival times (`--burstiness` 1 = Poisson). Both modes get the same requests at
 the same offsets. Each mode first warms up with untimed requests; after each rate the
 cluster drains to idle. A rate ends `--drain-s` after its last arrival at the latest;
-what is unfinished then counts as failed. With 20 requests a rate, P99 is close to
-the maximum: read it as "the worst requests".
+what is unfinished then counts as failed. With 24 requests a rate, P99 is close to
+the maximum: read it as "the worst requests". The default rates reach past the
+prefill capacity of one engine (about 0.5 req/s for this mix) so that the sweep
+finds where attainment falls.
 
 Measurements (client side, per request; see `benchmarks.slo`): TTFT, TPOT, ITL and
 E2E at P50/P90/P99. Goodput (DistServe): the highest swept rate at which at least 90%
@@ -98,7 +100,7 @@ logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results"
 KV_CACHE = "512MiB"
 MAX_MODEL_LEN = 2048
-DEFAULT_RATES = (0.1, 0.15, 0.2, 0.25, 0.3)
+DEFAULT_RATES = (0.2, 0.3, 0.4, 0.5, 0.6)
 TTFT_SLO_MS = 6000.0
 TPOT_SLO_MS = 200.0
 
@@ -210,12 +212,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tiny", action="store_true", help="a random 4-layer model (smoke run)")
-    p.add_argument("--quick", action="store_true", help="rates 0.1,0.25 with 8 requests each")
+    p.add_argument("--quick", action="store_true", help="rates 0.2,0.5 with 8 requests each")
     p.add_argument("--mix", default="prompt-heavy", choices=sorted(MIXES))
     p.add_argument("--prompt-len", help="prompt length spec, replaces the mix's")
     p.add_argument("--output-len", help="output length spec, replaces the mix's")
     p.add_argument("--rates", type=_floats, default=None, help="req/s, comma-separated")
-    p.add_argument("--requests", type=int, default=None, help="requests per rate (20)")
+    p.add_argument("--requests", type=int, default=None, help="requests per rate (24)")
     p.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape; 1 = Poisson")
     p.add_argument("--ttft-slo-ms", type=float, default=TTFT_SLO_MS)
     p.add_argument("--tpot-slo-ms", type=float, default=TPOT_SLO_MS)
@@ -229,8 +231,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    args.rates = args.rates or ([0.1, 0.25] if args.quick else list(DEFAULT_RATES))
-    args.requests = args.requests or (8 if args.quick else 20)
+    args.rates = args.rates or ([0.2, 0.5] if args.quick else list(DEFAULT_RATES))
+    args.requests = args.requests or (8 if args.quick else 24)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES for m in args.modes):
         p.error(f"--modes: choose from {', '.join(MODES)}")

@@ -41,6 +41,7 @@ one greenlet while the other users run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from typing import Any
@@ -72,6 +73,9 @@ def _options(parser: Any) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed of the prompt generator")
 
 
+_users = itertools.count()  # with --seed, user k draws from seed * 1000003 + k
+
+
 class _Workload:
     """The requests of one user (its own generator, so users do not share state)."""
 
@@ -81,7 +85,7 @@ class _Workload:
         self.vocab_size = opts.vocab_size
         self.max_model_len = opts.max_model_len
         seed = opts.seed
-        self.rng = random.Random(None if seed is None else seed + random.randrange(1 << 30))
+        self.rng = random.Random(None if seed is None else seed * 1_000_003 + next(_users))
 
     def next(self) -> Request:
         return self.mix.request(self.rng, self.vocab_size, self.max_model_len)
