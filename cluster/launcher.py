@@ -10,6 +10,8 @@
    may exceed the cores). A Ray Client address on another machine
    (`ray://HOST:10001`) needs a redis.url its nodes reach and a model directory at the
    same path here and on every node (`check_remote`); the endpoints are then HOST's.
+   The cluster's nodes must be able to place every replica (`cluster.resources`): a
+   local Ray that cannot fails here, a remote one (which may autoscale) warns.
 4. Serve: start it with the config's HTTP and gRPC proxies and deploy the application
    from `cluster.builder.build_app`.
 5. Wait, bounded, until the application is RUNNING, every pool has its replicas in the
@@ -40,9 +42,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.client import Client
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, ConfigError
 from cluster.redis_server import RedisServer, stop_from_state
 from cluster.registry import Registry, connect
+from cluster.resources import alive_node_resources, resource_problems
 from engine.model_source import cache_root, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -164,6 +167,7 @@ class Launcher:
             redis_url = self._start_redis()
             self._write("starting", redis_url, log_file)
             self._start_ray()
+            self._check_resources()
             self._deploy(model_dir, redis_url)
             self._wait_ready(deadline)
         except BaseException:
@@ -217,6 +221,17 @@ class Launcher:
         self.echo(f"ray: starting local Ray with {cpus} logical CPUs")
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         self._ray_started = True
+
+    def _check_resources(self) -> None:
+        """Fail (a local Ray) or warn (a cluster that may autoscale) when the cluster
+        cannot place what the config asks for; Serve itself would wait forever."""
+        problems = resource_problems(self.config, alive_node_resources())
+        if not problems:
+            return
+        if self._ray_started:
+            raise ConfigError("the local Ray cannot run this config:\n  " + "\n  ".join(problems))
+        for problem in problems:
+            self.echo(f"warning: {problem} (waiting for the cluster to add nodes)")
 
     def _deploy(self, model_dir: str, redis_url: str) -> None:
         from ray import serve

@@ -57,6 +57,31 @@ def test_bad_config_fails_before_starting(env: dict[str, str], tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_resources_the_local_ray_lacks_fail_up_and_clean_up(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A GPU pool on this CPU-only machine: Serve would wait forever for the replica;
+    `up` refuses before deploying, names the pool, and leaves nothing running."""
+    redis_port = free_port()
+    result = _pdserve(
+        [
+            "up",
+            "--set",
+            "pools.decode.resources_per_rank={GPU: 1, CPU: 1}",
+            "--set",
+            f"redis.port={redis_port}",
+        ],
+        env,
+        timeout_s=180,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pools.decode.resources_per_rank: asks for GPU: 1 per rank" in result.stderr
+    assert not _port_open(redis_port)  # the embedded Redis was stopped
+    run_dirs = tmp_path / "cache" / "run"
+    assert not run_dirs.exists() or not any(run_dirs.rglob("*.json"))
+
+
+@pytest.mark.slow
 def test_up_status_generate_chat_down(
     env: dict[str, str], tmp_path: Path, tiny_model_dir: Path, reference_llm: LLM
 ) -> None:
