@@ -19,7 +19,7 @@ from engine.model import LayerDone, LlamaModel
 from engine.parallel.comm import RankGroups
 from engine.sampling import Sampler, TokenLogprob
 from engine.scheduler import ScheduledSeq, SchedulerOutput
-from engine.step_inputs import HEADER_LEN, StepInputs
+from engine.step_inputs import HEADER_LEN, StepInputs, request_tag
 
 
 def run_stage(
@@ -135,13 +135,18 @@ class ModelRunner:
         )
 
 
-def _prefill_spans(out: SchedulerOutput, bs: int) -> list[tuple[int, int, int, list[int]]]:
+def _prefill_spans(
+    out: SchedulerOutput, bs: int
+) -> list[tuple[int, int, int, list[int], int, bool]]:
     spans = []
     offset = len(out.decodes)
     for s in out.prefills:
-        ctx = s.seq.num_computed
-        nblocks = -(-(ctx + s.num_tokens) // bs)
-        spans.append((offset, s.num_tokens, ctx, s.seq.block_table[:nblocks]))
+        seq, ctx = s.seq, s.seq.num_computed
+        end = ctx + s.num_tokens
+        nblocks = -(-end // bs)
+        completes = end >= len(seq.prompt) and ctx < len(seq.prompt)
+        tag = request_tag(seq.request_id)
+        spans.append((offset, s.num_tokens, ctx, seq.block_table[:nblocks], tag, completes))
         offset += s.num_tokens
     return spans
 

@@ -7,12 +7,17 @@ nothing but tensors crosses the wire.
 
     header: [command, tokens, decodes, prefills, decode_width, samples, prefill_blocks, 0]
     payload: input_ids, positions, slots | decode tables, decode lengths |
-             prefill (start, length, context, n_blocks) x prefills, prefill block ids |
-             sample rows
+             prefill (start, length, context, n_blocks, tag, completes) x prefills,
+             prefill block ids | sample rows
+
+A prefill's `tag` is `request_tag` of its request id and `completes` says whether the
+chunk ends the prompt, so that the other ranks can tell their layer hooks which
+request's KV a step wrote (`StepInputs.prefill_chunks`) without strings on the wire.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +27,24 @@ from engine.attention import AttentionMetadata, PrefillSpan
 HEADER_LEN = 8
 CMD_STEP = 1
 CMD_STOP = 0
+_SPAN = 6  # start, length, context, n_blocks, tag, completes
+
+
+def request_tag(request_id: str) -> int:
+    """A request id as a non-negative int64 (a stable hash; collisions ~2^-63)."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One prompt chunk of a step, as every rank can read it back from the step."""
+
+    tag: int  # request_tag of the request id
+    block_ids: tuple[int, ...]  # the blocks covering context + this chunk
+    start: int  # first position computed
+    end: int  # one past the last position computed
+    completes_prompt: bool
 
 
 @dataclass(frozen=True)
@@ -42,7 +65,8 @@ class StepInputs:
         slots: list[int],
         decode_tables: list[list[int]],
         decode_lens: list[int],
-        prefills: list[tuple[int, int, int, list[int]]],  # start, length, context, blocks
+        prefills: list[tuple[int, int, int, list[int], int, bool]],
+        # start, length, context, blocks, tag, completes
         sample_rows: list[int],
     ) -> StepInputs:
         width = max((len(t) for t in decode_tables), default=0)
@@ -51,8 +75,8 @@ class StepInputs:
             flat += t + [0] * (width - len(t))
         flat += decode_lens
         blocks: list[int] = []
-        for start, length, ctx, table in prefills:
-            flat += [start, length, ctx, len(table)]
+        for start, length, ctx, table, tag, completes in prefills:
+            flat += [start, length, ctx, len(table), tag, int(completes)]
             blocks += table
         flat += blocks + sample_rows
         header = [
@@ -76,7 +100,24 @@ class StepInputs:
     @property
     def payload_len(self) -> int:
         t, nd, npf, w, ns, nb = (int(x) for x in self.header[1:7])
-        return 3 * t + nd * w + nd + 4 * npf + nb + ns
+        return 3 * t + nd * w + nd + _SPAN * npf + nb + ns
+
+    def _spans_offset(self) -> int:
+        t, nd, _, w = (int(x) for x in self.header[1:5])
+        return 3 * t + nd * w + nd
+
+    def prefill_chunks(self) -> list[PrefillChunk]:
+        """The step's prompt chunks (a CPU-side read of the payload)."""
+        npf = int(self.header[3])
+        off = self._spans_offset()
+        spans = self.payload[off : off + _SPAN * npf].view(npf, _SPAN).tolist()
+        blocks = self.payload[off + _SPAN * npf :].tolist()
+        chunks, boff = [], 0
+        for _, length, ctx, n, tag, completes in spans:
+            table = tuple(blocks[boff : boff + n])
+            chunks.append(PrefillChunk(tag, table, ctx, ctx + length, bool(completes)))
+            boff += n
+        return chunks
 
     def unpack(
         self, device: torch.device, block_size: int
@@ -96,11 +137,11 @@ class StepInputs:
                 keys = torch.arange(w * block_size, device=device)
                 mask = (keys[None, :] < on_dev[off : off + nd, None])[:, None, None, :]
             off += nd
-        spans_raw = p[off : off + 4 * npf].view(npf, 4).tolist()
-        off += 4 * npf
+        spans_raw = p[off : off + _SPAN * npf].view(npf, _SPAN).tolist()
+        off += _SPAN * npf
         spans = []
         boff = off
-        for start, length, ctx, n in spans_raw:
+        for start, length, ctx, n, _, _ in spans_raw:
             spans.append(PrefillSpan(start, length, ctx, on_dev[boff : boff + n]))
             boff += n
         off += nb

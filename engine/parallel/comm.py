@@ -23,15 +23,22 @@ from engine.parallel.layout import ParallelLayout
 
 
 def make_group(
-    store: Store, prefix: str, rank: int, size: int, device: torch.device, timeout_s: float
+    store: Store,
+    prefix: str,
+    rank: int,
+    size: int,
+    device: torch.device,
+    timeout_s: float,
+    host: str = "127.0.0.1",
 ) -> Any:
-    """A process group of `size` ranks over `store` (gloo on CPU, nccl on CUDA)."""
+    """A process group of `size` ranks over `store` (gloo on CPU, nccl on CUDA); gloo
+    binds this rank's end to `host`."""
     prefixed = PrefixStore(prefix, store)
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cpu":
         opts: Any = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         opts._timeout = timeout
-        opts._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
         return ProcessGroupGloo(prefixed, rank, size, opts)
     nccl: Any = getattr(dist, "ProcessGroupNCCL", None)
     if nccl is None:
@@ -47,12 +54,12 @@ class StoreAddress:
     port: int
 
 
-def serve_store(timeout_s: float = 30.0) -> tuple[TCPStore, StoreAddress]:
-    """Start the driver's TCPStore on a free loopback port."""
+def serve_store(timeout_s: float = 30.0, host: str = "127.0.0.1") -> tuple[TCPStore, StoreAddress]:
+    """Start the driver's TCPStore on a free port; the other ranks reach it at `host`."""
     store = TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+        host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
     )
-    return store, StoreAddress("127.0.0.1", store.port)
+    return store, StoreAddress(host, store.port)
 
 
 def connect_store(addr: StoreAddress, timeout_s: float = 30.0) -> TCPStore:
@@ -69,14 +76,21 @@ class RankGroups:
         device: torch.device,
         timeout_s: float = 60.0,
         namespace: str = "engine",
+        host: str = "127.0.0.1",
     ) -> None:
         self.layout = layout
         self.device = device
         self.instance = make_group(
-            store, f"{namespace}/all", layout.rank, layout.world_size, device, timeout_s
+            store, f"{namespace}/all", layout.rank, layout.world_size, device, timeout_s, host
         )
         self.tp = make_group(
-            store, f"{namespace}/tp{layout.pp_rank}", layout.tp_rank, layout.tp, device, timeout_s
+            store,
+            f"{namespace}/tp{layout.pp_rank}",
+            layout.tp_rank,
+            layout.tp,
+            device,
+            timeout_s,
+            host,
         )
 
     # TP collectives (within this rank's stage)

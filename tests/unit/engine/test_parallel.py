@@ -116,3 +116,36 @@ def test_tiny_tp2_nccl_matches_hf(tiny_model_dir, tiny_hf) -> None:
         outs = llm.generate(prompts, GREEDY)
     for i, (p, out) in enumerate(zip(prompts, outs, strict=True)):
         assert_matches(out.token_ids, hf_greedy(tiny_hf, p, GREEDY.max_tokens), f"p{i}")
+
+
+def test_step_inputs_carry_each_prompt_chunk_for_the_other_ranks() -> None:
+    """The other ranks read back, from the broadcast step alone, which request each
+    prompt chunk belongs to (by tag), its blocks, its positions and whether it ends
+    the prompt: what their KV-transfer hooks need."""
+    from engine.step_inputs import StepInputs, request_tag
+
+    step = StepInputs.pack(
+        input_ids=[5, 6, 7, 8, 9],
+        positions=[3, 16, 17, 18, 19],
+        slots=[35, 48, 49, 50, 51],
+        decode_tables=[[2, 3]],
+        decode_lens=[4],
+        prefills=[(1, 4, 16, [7, 8], request_tag("req-a"), True)],
+        sample_rows=[0, 4],
+    )
+    wire = StepInputs(step.header.clone(), step.payload.clone())
+    (chunk,) = wire.prefill_chunks()
+    assert chunk.tag == request_tag("req-a") != request_tag("req-b")
+    assert (chunk.block_ids, chunk.start, chunk.end, chunk.completes_prompt) == (
+        (7, 8),
+        16,
+        20,
+        True,
+    )
+    ids, pos, meta, rows = wire.unpack(torch.device("cpu"), block_size=16)
+    assert ids.tolist() == [5, 6, 7, 8, 9] and rows.tolist() == [0, 4]
+    assert pos.tolist() == [3, 16, 17, 18, 19]
+    (span,) = meta.prefills
+    assert (span.start, span.length, span.context_len) == (1, 4, 16)
+    assert span.block_table.tolist() == [7, 8]
+    assert 0 <= request_tag("x" * 300) < 2**63
