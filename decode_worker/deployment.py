@@ -4,7 +4,10 @@ Lifecycle of a replica:
 
     __init__        build the engine (KV cache in shared memory for the shm transport),
                     a KV receiver when the pool takes remote prefills, the engine thread
-                    and the registry presence; start them
+                    and the registry presence; start them. With tp x pp > 1 this
+                    replica is rank 0 and every other rank (a Ray actor in the
+                    replica's placement group) receives its own KV slices; a transfer
+                    is DONE once every rank's receiver is (`decode_worker.ranks`)
     generate()      one request, streamed:
                       local prompt   -> the engine prefills it, then decodes
                       remote prompt  -> reserve blocks and expect the transfer, yield
@@ -31,6 +34,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.chunks import ChunkBuilder
+from decode_worker.kv_roles import local_rank, receiver_endpoint, transfer_host
 from decode_worker.messages import (
     PoolRole,
     PrefillOutcome,
@@ -40,13 +44,12 @@ from decode_worker.messages import (
     WorkerSettings,
     WorkerState,
 )
+from decode_worker.ranks import RankedReceiver
 from decode_worker.remote_prefill import RemotePrefills
-from decode_worker.runtime import WorkerRuntime, replica_unique_id, transfer_host
-from kv_transfer.base import LocalRank
+from decode_worker.runtime import WorkerRuntime, replica_unique_id
+from kv_transfer.base import TransferReceiver
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
-from kv_transfer.torch_dist import TorchDistConfig, TorchDistEndpoint
-from kv_transfer.transport import Endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -67,24 +70,28 @@ class DecodeWorker:
             busy=self._busy,
         )
         self._stream_timeout_s = max(60.0, settings.transfer_timeout_s + 15.0)
-        self._receiver: KVReceiver | None = None
+        self._receiver: KVReceiver | RankedReceiver | None = None
         self._remote: RemotePrefills | None = None
         if takes_remote:
-            self._receiver = KVReceiver(
-                LocalRank(self._rt.instance_id),
+            segment = self._storage.segment if self._storage is not None else None
+            endpoint = receiver_endpoint(
+                settings,
+                self._rt.rendezvous(),
+                transfer_host(settings.transfer_host),
+                segment,
+                self._rt.geometry,
+            )
+            local = KVReceiver(
+                local_rank(settings, self._rt.instance_id, 0),
                 self._rt.engine.kv_cache,
                 self._rt.geometry,
-                self._endpoint(settings),
+                endpoint,
             )
-            self._remote = RemotePrefills(self._rt.engine, self._receiver, self._rt.loop.post)
+            ranks = self._rt.ranks
+            self._receiver = local if ranks is None else RankedReceiver(local, ranks)
+            receiver: TransferReceiver = self._receiver
+            self._remote = RemotePrefills(self._rt.engine, receiver, self._rt.loop.post)
         self._rt.start()
-
-    def _endpoint(self, settings: WorkerSettings) -> Endpoint:
-        store = self._rt.rendezvous()
-        if self._storage is not None:
-            assert self._storage.segment is not None
-            return ShmEndpoint(store, self._storage.segment, self._rt.geometry)
-        return TorchDistEndpoint(store, TorchDistConfig(host=transfer_host(settings.transfer_host)))
 
     # -- engine thread hooks ------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from engine import SamplingParams, TokenLogprob
+from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
 
 
@@ -51,6 +52,8 @@ class WorkerSettings:
     device: str = "cpu"
     tp: int = 1
     pp: int = 1
+    # Ray resources of one rank: a TP/PP replica places ranks 1..N-1 with them
+    rank_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
 
 
@@ -61,6 +64,9 @@ class RemotePrefillPlan:
     transfer_id: str
     source_instance: str
     timeout_s: float
+    source_parallel: Parallelism = field(
+        default_factory=Parallelism
+    )  # the prefill instance's TP/PP layout
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,9 @@ class PrefillRequest:
     params: SamplingParams
     dest_instance: str
     timeout_s: float
+    dest_parallel: Parallelism = field(
+        default_factory=Parallelism
+    )  # the decode instance's TP/PP layout
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,11 @@ class RemotePrefills:
         except OutOfBlocksError as e:
             return f"no free KV blocks ({e})"
         spec = RecvSpec(
-            plan.transfer_id, tuple(blocks), InstanceRef(plan.source_instance), 0, plan.timeout_s
+            plan.transfer_id,
+            tuple(blocks),
+            InstanceRef(plan.source_instance, plan.source_parallel),
+            0,
+            plan.timeout_s,
         )
         try:
             self._receiver.expect(spec)

@@ -7,9 +7,10 @@ is the replica unique id, which the router passes to `router.pinning` to reach e
 this replica.
 
 Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads pinned
-to the pool's CPU share) and the loop; `start()` starts the engine thread, then
-registers; `stop()` deregisters first (the router stops sending here), then stops the
-engine thread.
+to the pool's CPU share) and the loop; with tp x pp > 1 it first starts the replica's
+other ranks (`decode_worker.ranks.RemoteRanks`) and runs the engine as rank 0.
+`start()` starts the engine thread, then registers; `stop()` deregisters first (the
+router stops sending here), then stops the engine thread and the other ranks.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from collections.abc import Callable
 
 from cluster.registry import InstanceInfo, Registry, Role, connect
 from decode_worker.engine_loop import EngineLoop
+from decode_worker.kv_roles import transfer_host
 from decode_worker.messages import PoolRole, WorkerSettings
 from decode_worker.presence import Presence
+from decode_worker.ranks import RemoteRanks
 from engine import EngineConfig, LLMEngine
 from engine.forward_hooks import LayerHook
 from engine.llm_engine import KVStorage
@@ -44,17 +47,12 @@ def engine_config(s: WorkerSettings) -> EngineConfig:
         enable_prefix_caching=s.enable_prefix_caching,
         max_stop_strings=s.max_stop_strings,
         max_logprobs=s.max_logprobs,
+        tp=s.tp,
+        pp=s.pp,
     )
 
 
-def transfer_host(configured: str) -> str:
-    """The address torch_dist binds and advertises: `configured`, or for "auto" this
-    node's IP as Ray reports it (a pod's IP on Kubernetes)."""
-    if configured != "auto":
-        return configured
-    import ray
-
-    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+__all__ = ["WorkerRuntime", "engine_config", "replica_unique_id", "transfer_host"]
 
 
 def replica_unique_id() -> str:
@@ -95,12 +93,28 @@ class WorkerRuntime:
             lambda: self.loop.load_report(),
             interval_s=settings.load_report_interval_s,
         )
-        self.engine = LLMEngine(
-            engine_config(settings),
-            layer_hook=layer_hook,
-            kv_storage=kv_storage,
-            cache_listener=self.presence.on_cache_event,
-        )
+        config = engine_config(settings)
+        self.ranks: RemoteRanks | None = None
+        if settings.tp * settings.pp > 1:
+            self.ranks = RemoteRanks(
+                settings,
+                config,
+                self.instance_id,
+                transfer_host(settings.transfer_host),
+                settings.rank_resources,
+            )
+        try:
+            self.engine = LLMEngine(
+                config,
+                layer_hook=layer_hook,
+                kv_storage=kv_storage,
+                cache_listener=self.presence.on_cache_event,
+                groups=self.ranks.groups if self.ranks is not None else None,
+            )
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.kill()
+            raise
         mc = self.engine.model_config
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
         self.loop = EngineLoop(self.engine, name=self.instance_id, tick=tick, busy=busy)
@@ -117,6 +131,10 @@ class WorkerRuntime:
     def stop(self) -> None:
         self.presence.stop()
         self.loop.stop()
+        if self.ranks is not None:
+            if not self.loop.running:
+                self.engine.shutdown()  # STOP to the other ranks
+            self.ranks.close()
         self.redis.close()
 
     def check_pin(self, replica: str | None) -> None:

@@ -4,9 +4,13 @@ Lifecycle of a replica:
 
     __init__     build the engine with a kv_transfer `SendHook` on its forward pass and a
                  `KVSender` over the configured transport; start the engine thread
-                 (the decode worker's `EngineLoop`) and register in the registry
+                 (the decode worker's `EngineLoop`) and register in the registry. With
+                 tp x pp > 1 this replica is rank 0, and every other rank (a Ray actor
+                 in the replica's placement group) has its own hook and sender for its
+                 own KV slices (`decode_worker.ranks`)
     prefill()    one prompt, after the decode replica reserved blocks for it:
-                   register the transfer with the hook and queue the prompt with
+                   register the transfer with every rank's hook, then on rank 0 queue
+                   the prompt with
                    max_tokens=1 (one engine command, so no step runs in between)
                    the engine batches it with other prompts under its token budget and
                    chunked prefill; as each layer finishes, the hook queues that
@@ -16,8 +20,8 @@ Lifecycle of a replica:
                    hook's `finish` returns once the sender no longer reads the blocks,
                    and the engine then frees them (full prompt blocks stay as prefix
                    cache)
-                   wait (bounded) for the sender's DONE; return the first token and
-                   timings, or why it failed
+                   wait (bounded) for every rank's sender to report DONE; return the
+                   first token and timings, or why it failed
                  If the caller goes away first, the transfer and the request are
                  aborted and the blocks freed.
     abort()      the same abort, by request id
@@ -32,6 +36,7 @@ import logging
 import time
 
 from decode_worker.engine_loop import OutputStream
+from decode_worker.kv_roles import local_rank, sender_connector, transfer_host
 from decode_worker.messages import (
     PoolRole,
     PrefillOutcome,
@@ -39,15 +44,12 @@ from decode_worker.messages import (
     WorkerSettings,
     WorkerState,
 )
-from decode_worker.runtime import WorkerRuntime, replica_unique_id, transfer_host
+from decode_worker.ranks import RemoteRanks, combine
+from decode_worker.runtime import WorkerRuntime, replica_unique_id
 from engine import RequestOutput
-from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState
+from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
-from kv_transfer.faults import FaultyConnector
 from kv_transfer.sender import KVSender
-from kv_transfer.shm import ShmConnector
-from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector
-from kv_transfer.transport import Connector
 
 logger = logging.getLogger(__name__)
 
@@ -61,29 +63,29 @@ class PrefillWorker:
             raise ValueError("PrefillWorker serves prefill pools")
         self._hook = SendHook(settings.block_size)
         self._rt = WorkerRuntime(settings, replica_unique_id(), layer_hook=self._hook)
-        store = self._rt.rendezvous()
-        connector: Connector = (
-            ShmConnector(store)
-            if settings.transport == "shm"
-            else TorchDistConnector(
-                store, TorchDistConfig(host=transfer_host(settings.transfer_host))
-            )
+        connector = sender_connector(
+            settings, self._rt.rendezvous(), transfer_host(settings.transfer_host)
         )
-        if settings.faults:
-            logger.warning("%s injects KV-transfer faults %s", settings.pool, settings.faults)
-            connector = FaultyConnector(connector, settings.faults)
         self._sender = KVSender(
-            LocalRank(self._rt.instance_id), self._rt.engine.kv_cache, self._rt.geometry, connector
+            local_rank(settings, self._rt.instance_id, 0),
+            self._rt.engine.kv_cache,
+            self._rt.geometry,
+            connector,
         )
         self._hook.bind(self._sender)
+        self._ranks: RemoteRanks | None = self._rt.ranks
         self._rt.start()
 
     # -- engine thread --------------------------------------------------------------------
 
+    @staticmethod
+    def _spec(req: PrefillRequest) -> SendSpec:
+        dest = InstanceRef(req.dest_instance, req.dest_parallel)
+        return SendSpec(req.transfer_id, dest, 0, req.timeout_s)
+
     def _start(self, req: PrefillRequest) -> None:
         params = dataclasses.replace(req.params, max_tokens=1)
-        spec = SendSpec(req.transfer_id, InstanceRef(req.dest_instance), 0, req.timeout_s)
-        self._hook.add(req.request_id, spec)
+        self._hook.add(req.request_id, self._spec(req))
         try:
             self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), params)
         except BaseException:
@@ -103,10 +105,13 @@ class PrefillWorker:
         stream = loop.open_stream(rid)
         settled = False
         try:
+            if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
+                await self._ranks.acall("add_transfer", rid, self._spec(request))
             try:
                 await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
             except ValueError as e:
                 settled = True
+                self._abort_ranks(request, "request rejected")
                 return PrefillOutcome(ok=False, reason=f"rejected: {e}")
             deadline = time.monotonic() + request.timeout_s
             final = await self._first_token(stream, deadline)
@@ -114,6 +119,7 @@ class PrefillWorker:
             failure = await self._sent(request.transfer_id, deadline)
             settled = True
             if failure is not None:
+                self._abort_ranks(request, failure)
                 return PrefillOutcome(ok=False, reason=failure)
             m = final.metrics
             return PrefillOutcome(
@@ -130,6 +136,7 @@ class PrefillWorker:
             loop.close_stream(rid)
             if not settled:  # cancelled, timed out or failed: stop the send, free blocks
                 self._sender.abort(request.transfer_id, "prefill abandoned")
+                self._abort_ranks(request, "prefill abandoned")
                 loop.submit(lambda: self._abort(rid))
 
     async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
@@ -141,10 +148,22 @@ class PrefillWorker:
             if outs[-1].finished:
                 return outs[-1]
 
+    def _abort_ranks(self, req: PrefillRequest, reason: str) -> None:
+        if self._ranks is not None:
+            self._ranks.send("abort_send", req.request_id, req.transfer_id, reason)
+
+    async def _status(self, transfer_id: str) -> TransferStatus:
+        """The transfer over every rank (the other ranks are asked once rank 0 is done)."""
+        status = self._sender.poll(transfer_id)
+        if self._ranks is None or status.state is not TransferState.DONE:
+            return status
+        per_rank = await self._ranks.acall("poll", [transfer_id])
+        return combine([status, *(r[0] for r in per_rank)])
+
     async def _sent(self, transfer_id: str, deadline: float) -> str | None:
-        """None once the sender reports DONE; otherwise why it did not."""
+        """None once every rank's sender reports DONE; otherwise why it did not."""
         while True:
-            status = self._sender.poll(transfer_id)
+            status = await self._status(transfer_id)
             if status.state is TransferState.DONE:
                 return None
             if status.state is TransferState.FAILED:
@@ -160,7 +179,11 @@ class PrefillWorker:
 
     async def state(self, replica: str | None = None) -> WorkerState:
         self._rt.check_pin(replica)
-        return await self._rt.loop.call(self._state, _COMMAND_TIMEOUT_S)
+        state = await self._rt.loop.call(self._state, _COMMAND_TIMEOUT_S)
+        if self._ranks is None:
+            return state
+        others = sum(await self._ranks.acall("num_active"))
+        return dataclasses.replace(state, active_transfers=state.active_transfers + others)
 
     def _state(self) -> WorkerState:
         engine = self._rt.engine

@@ -148,6 +148,8 @@ class ClusterView:
                     running_seqs=(load.running_seqs if load else 0) + len(recent),
                     free_blocks=load.free_kv_blocks if load else None,
                     cached_blocks=cached,
+                    tp=info.tp,
+                    pp=info.pp,
                 )
             )
         return out

@@ -41,6 +41,7 @@ from decode_worker.messages import (
     TokenChunk,
     WorkerRequest,
 )
+from kv_transfer.base import Parallelism
 from router.cluster_view import ClusterView
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
@@ -101,7 +102,10 @@ class Dispatcher:
         plan = None
         if remote is not None:
             plan = RemotePrefillPlan(
-                f"xfer-{uuid.uuid4().hex}", remote.instance_id, self._t.transfer_s
+                f"xfer-{uuid.uuid4().hex}",
+                remote.instance_id,
+                self._t.transfer_s,
+                Parallelism(remote.tp, remote.pp),
             )
         wreq = WorkerRequest(rid, req.prompt_token_ids, req.params, arrival_wall, plan)
         decode_pin = route.decode.address
@@ -178,6 +182,7 @@ class Dispatcher:
             req.params,
             route.decode.instance_id,
             plan.timeout_s,
+            Parallelism(route.decode.tp, route.decode.pp),
         )
         try:
             out: PrefillOutcome = await asyncio.wait_for(

@@ -32,6 +32,8 @@ class Candidate:
     running_seqs: int  # report + sent since the report
     free_blocks: int | None  # None: no load report yet
     cached_blocks: int = 0  # leading blocks of this prompt in the instance's cache
+    tp: int = 1  # the instance's layout, which its KV-transfer peers shard against
+    pp: int = 1
 
 
 @dataclass(frozen=True)
