@@ -11,7 +11,10 @@ The graph, one Serve application named "pdserve" with the router as its ingress:
     every replica <--> Redis: registry leases, load reports, kv rendezvous, prefix index
 
 Each pool is one deployment with the pool's name and replica count. A replica asks Ray
-for its rank's resources; its engine pins torch to the pool's CPU share. The router
+for its rank's resources; its engine pins torch to the pool's CPU share. A pool with
+tp x pp > 1 gives each replica a placement group of one bundle per rank
+(`placement_group_bundles`, the pool's placement strategy): the replica itself is rank
+0 in bundle 0 and places ranks 1..N-1 in the other bundles. The router
 reaches a chosen replica through `router.pinning.PinnedReplicaRouter`, which both pool
 deployments use as their Serve request router.
 
@@ -32,6 +35,7 @@ from decode_worker.deployment import DecodeWorker
 from decode_worker.messages import PoolRole, WorkerSettings
 from engine.config import ModelConfig, parse_dtype
 from engine.kv_cache import KVCacheLayout
+from engine.parallel.layout import ParallelLayout
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault, FaultKind
 from kv_transfer.mapping import KVGeometry
@@ -96,15 +100,11 @@ def check_against_model(config: ClusterConfig, model_dir: str) -> ModelConfig:
     dtype = parse_dtype(config.model.dtype)
     for p in config.pools:
         where = f"pools.{p.name}"
-        try:
+        try:  # the model's sharding and the KV transfer's M:N plan
             geo.check(Parallelism(p.tp, p.pp))
+            ParallelLayout(p.tp, p.pp).check(mc)
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
-        if p.world_size > 1:
-            raise ConfigError(
-                f"{where}.tp/pp: this build runs one engine rank per replica (tp=pp=1); "
-                "scale with replicas instead"
-            )
         layout = KVCacheLayout.from_budget(mc, p.engine.block_size, p.engine.kv_cache_bytes, dtype)
         fits = layout.num_blocks * layout.block_size
         if fits < config.model.max_model_len:
@@ -144,6 +144,7 @@ def worker_settings(
         device=pool.device,
         tp=pool.tp,
         pp=pool.pp,
+        rank_resources=dict(pool.resources_per_rank),
         faults=tuple(
             Fault(FaultKind(f.kind), f.after, f.times, f.delay_s) for f in config.kv_transfer.faults
         )
@@ -195,12 +196,19 @@ def _pool_deployment(
     actor: dict[str, Any] = {"num_cpus": res.pop("CPU", 0.0), "num_gpus": res.pop("GPU", 0.0)}
     if res:
         actor["resources"] = res
+    placement: dict[str, Any] = {}
+    if pool.world_size > 1:
+        placement = {
+            "placement_group_bundles": [dict(pool.resources_per_rank)] * pool.world_size,
+            "placement_group_strategy": pool.placement_strategy,
+        }
     cls = PrefillWorker if pool.role is PoolRole.PREFILL else DecodeWorker
     deployment: Any = serve.deployment(cls)
     deployment = deployment.options(
         name=pool.name,
         num_replicas=pool.replicas,
         ray_actor_options=actor,
+        **placement,
         max_ongoing_requests=_WORKER_MAX_ONGOING,
         request_router_config=_PINNED,
         health_check_period_s=10.0,

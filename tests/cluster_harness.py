@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import time
@@ -106,7 +107,8 @@ class ClusterHarness:
         self.registry = Registry(self._redis_client, self.config.name)
         for key, value in serve_process_env(self.config).items():
             os.environ.setdefault(key, value)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+        cpus = max(4, math.ceil(self.config.required_cpus()))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
         http, grpc = serve_options(self.config)
         serve.start(http_options=http, grpc_options=grpc)
         app = build_app(self.config, model_dir=self.model_dir, redis_url=self.redis.url)

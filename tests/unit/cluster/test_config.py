@@ -136,8 +136,12 @@ def test_builder_checks_the_config_against_the_model(tiny_model_dir: Path) -> No
         check_against_model(_tiny(tiny_model_dir, "pools.decode.engine.kv_cache_bytes=16KiB"), d)
     with pytest.raises(ConfigError, match=r"pools\.prefill: tp=3"):
         check_against_model(_tiny(tiny_model_dir, "pools.prefill.tp=3"), d)
-    with pytest.raises(ConfigError, match=r"pools\.decode\.tp/pp: this build runs one engine rank"):
-        check_against_model(_tiny(tiny_model_dir, "pools.decode.tp=2"), d)
+    with pytest.raises(ConfigError, match=r"pools\.decode: pp=3 does not divide num_layers=4"):
+        check_against_model(_tiny(tiny_model_dir, "pools.decode.pp=3"), d)
+    with pytest.raises(ConfigError, match=r"pools\.prefill: pp=8 does not divide num_layers=4"):
+        check_against_model(_tiny(tiny_model_dir, "pools.prefill.pp=8"), d)
+    layouts = _tiny(tiny_model_dir, "pools.prefill.tp=2", "pools.decode.tp=4", "pools.decode.pp=2")
+    assert check_against_model(layouts, d).num_kv_heads == 2  # tp=4 replicates the 2 KV heads
 
 
 def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
