@@ -140,6 +140,7 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     enable_prefix_caching: bool = True
+    cpu_packed_weights: bool = True  # oneDNN-prepacked matmul weights on the CPU
     tp: int = 1  # tensor-parallel ranks
     pp: int = 1  # pipeline stages
     max_stop_strings: int = 16

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.cpu_linear import pack_linears, packing_available
 from engine.kv_cache import KVCacheLayout
 from engine.model import LlamaModel
 from engine.model_source import load_state_dict
@@ -34,7 +35,10 @@ def load_model(
     if groups is not None and layout.world_size > 1:
         shard_model(model, layout, groups)
     model.rotary.float()  # cos/sin tables stay fp32 whatever the weights' dtype
-    model.to(torch.device(config.device)).eval()
+    device = torch.device(config.device)
+    model.to(device).eval()
+    if device.type == "cpu" and config.cpu_packed_weights and packing_available(dtype):
+        pack_linears(model)
     kv_layout = KVCacheLayout.from_budget(
         mc,
         config.block_size,
