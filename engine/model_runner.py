@@ -17,9 +17,10 @@ from engine.forward_hooks import LayerHook, ScheduledChunk
 from engine.kv_cache import KVCache
 from engine.model import LayerDone, LlamaModel
 from engine.parallel.comm import RankGroups
+from engine.parallel.pipeline import pipelined_logits
 from engine.sampling import Sampler, TokenLogprob
 from engine.scheduler import ScheduledSeq, SchedulerOutput
-from engine.step_inputs import HEADER_LEN, StepInputs, request_tag
+from engine.step_inputs import CMD_PAIR, HEADER_LEN, StepInputs, request_tag
 
 
 def run_stage(
@@ -87,10 +88,13 @@ class ModelRunner:
         self.hook = hook
         self.groups = groups
         self.block_size = kv.layout.block_size
+        self.num_pipelined_steps = 0  # decode steps run as two PP micro-batches
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None]]:
         """Compute the step; returns a token for each scheduled seq that samples."""
+        if self._pipelines(out):
+            return self._execute_pair(out)
         scheduled = out.scheduled
         step = self._prepare(out)
         if self.groups is not None and self.groups.layout.world_size > 1:
@@ -107,6 +111,40 @@ class ModelRunner:
         return self.sampler.sample(
             logits, [s.params for s in sampling], [s.generator for s in sampling]
         )
+
+    def _pipelines(self, out: SchedulerOutput) -> bool:
+        """Decode-only steps of a PP engine run as two micro-batches (no layer hook:
+        only prompt chunks stream KV out)."""
+        g = self.groups
+        return (
+            g is not None
+            and g.layout.pp > 1
+            and self.hook is None
+            and not out.prefills
+            and len(out.decodes) >= 2
+        )
+
+    def _execute_pair(self, out: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None]]:
+        assert self.groups is not None
+        self.num_pipelined_steps += 1
+        half = (len(out.decodes) + 1) // 2
+        parts = (out.decodes[:half], out.decodes[half:])
+        steps = tuple(self._prepare(SchedulerOutput(list(p), [], [])) for p in parts)
+        broadcast_step(self.groups, steps[0].with_command(CMD_PAIR))
+        broadcast_step(self.groups, steps[1])
+        logits = pipelined_logits(
+            self.model, self.kv, (steps[0], steps[1]), self.device, self.groups
+        )
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        for part, part_logits in zip(parts, logits, strict=True):
+            seqs = [s.seq for s in part]
+            t, lp = self.sampler.sample(
+                part_logits, [s.params for s in seqs], [s.generator for s in seqs]
+            )
+            tokens += t
+            logprobs += lp
+        return tokens, logprobs
 
     def stop_workers(self) -> None:
         if self.groups is not None and self.groups.layout.world_size > 1:

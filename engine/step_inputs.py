@@ -27,6 +27,7 @@ from engine.attention import AttentionMetadata, PrefillSpan
 HEADER_LEN = 8
 CMD_STEP = 1
 CMD_STOP = 0
+CMD_PAIR = 2  # a step whose next broadcast step is its micro-batch partner
 _SPAN = 6  # start, length, context, n_blocks, tag, completes
 
 
@@ -96,6 +97,15 @@ class StepInputs:
     @property
     def command(self) -> int:
         return int(self.header[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.header[5])
+
+    def with_command(self, command: int) -> StepInputs:
+        header = self.header.clone()
+        header[0] = command
+        return StepInputs(header, self.payload)
 
     @property
     def payload_len(self) -> int:

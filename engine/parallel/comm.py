@@ -117,6 +117,10 @@ class RankGroups:
     def send(self, t: torch.Tensor, dst: int) -> None:
         self.instance.send([t.contiguous()], dst, 0).wait()
 
+    def isend(self, t: torch.Tensor, dst: int) -> Any:
+        """Start sending a contiguous `t`; wait on the returned work before reusing it."""
+        return self.instance.send([t], dst, 0)
+
     def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
         self.instance.recv([t], src, 0).wait()
         return t

@@ -29,7 +29,7 @@ from engine.model_runner import broadcast_step, run_stage
 from engine.model_source import resolve_model
 from engine.parallel.comm import RankGroups, StoreAddress, connect_store
 from engine.parallel.layout import ParallelLayout
-from engine.step_inputs import CMD_STOP, StepInputs
+from engine.step_inputs import CMD_PAIR, CMD_STOP, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,11 @@ class RankWorker:
                 step = broadcast_step(self.groups, None)
                 if step.command == CMD_STOP:
                     break
+                if step.command == CMD_PAIR:  # two decode micro-batches, in order
+                    partner = broadcast_step(self.groups, None)
+                    run_stage(self.model, self.kv, step, self.device, self.groups)
+                    run_stage(self.model, self.kv, partner, self.device, self.groups)
+                    continue
                 chunks = _chunks(step, resolve) if hook is not None and resolve else ()
                 if hook is not None and chunks:
                     self._run_hooked(step, hook, chunks)

@@ -36,6 +36,8 @@ def test_tiny_tp_pp_match_hf(tiny_model_dir, tiny_hf, tp, pp) -> None:
         assert_engine_empty(llm)
         assert llm.engine.kv_cache.layout.num_layers == 4 // pp
         assert llm.engine.kv_cache.layout.num_kv_heads == 2 // tp
+        # PP decodes two micro-batches at a time once only decodes are left
+        assert (llm.engine.runner.num_pipelined_steps > 0) == (pp > 1)
     for i, (out, ref) in enumerate(zip(outs, refs, strict=True)):
         assert_matches(out.token_ids, ref, f"tp={tp} pp={pp} prompt {i}")
 
