@@ -18,6 +18,7 @@ from torch import nn
 
 from benchmarks.common import OpProfile, profile_ops
 from engine import LLM, SamplingParams
+from engine.cpu_linear import PackedLinear
 
 
 @dataclass(frozen=True)
@@ -192,4 +193,11 @@ def decode_weight_bytes(layers: nn.Module, norm: nn.Module, lm_head: nn.Module) 
     The input embedding is a one-row lookup; with tied embeddings its matrix is read
     in full once, as the LM head.
     """
-    return sum(p.nbytes for m in (layers, norm, lm_head) for p in m.parameters())
+    params = sum(p.nbytes for m in (layers, norm, lm_head) for p in m.parameters())
+    packed = sum(
+        sub.nbytes
+        for m in (layers, norm, lm_head)
+        for sub in m.modules()
+        if isinstance(sub, PackedLinear)
+    )
+    return params + packed

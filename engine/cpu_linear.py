@@ -40,6 +40,11 @@ class PackedLinear(nn.Module):
         w = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_HINT_ROWS)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.weight_nbytes = w.nbytes  # what a call reads, as the plain weight would be
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_nbytes + (self.bias.nbytes if self.bias is not None else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
