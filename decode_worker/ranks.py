@@ -341,12 +341,25 @@ class RankedReceiver:
             self._remote[spec.transfer_id] = PENDING
 
     def poll(self, transfer_id: str) -> TransferStatus:
+        """DONE once every rank is; FAILED as soon as one rank is, and then the transfer
+        is aborted on every rank first (a caller that recomputes the prompt into the
+        same blocks must not see a late write on any rank)."""
         local = self._local.poll(transfer_id)
         with self._lock:
-            remote = self._remote.get(transfer_id) or self._ended.get(transfer_id)
-        if remote is None:
+            remote = self._remote.get(transfer_id)
+            ended = self._ended.get(transfer_id)
+        if remote is None and ended is None:
             return local
-        return combine([local, remote])
+        others = remote if remote is not None else ended
+        assert others is not None
+        status = combine([local, others])
+        if status.state is TransferState.FAILED:
+            reason = status.reason or "failed on another rank"
+            if remote is not None:
+                self.abort(transfer_id, reason)
+            elif not local.terminal:
+                self._local.abort(transfer_id, reason)
+        return status
 
     def abort(self, transfer_id: str, reason: str = "aborted") -> None:
         self._local.abort(transfer_id, reason)
