@@ -32,7 +32,7 @@ from cluster.config_file import load_config
 from cluster.redis_server import RedisServer
 from cluster.registry import Registry, connect
 from decode_worker.messages import WorkerState
-from engine import SamplingParams
+from engine import LLM, SamplingParams
 from router.pinning import PIN_KWARG
 
 START_TIMEOUT_S = 180.0
@@ -42,6 +42,19 @@ MAX_TOKENS = 12
 def greedy(max_tokens: int = MAX_TOKENS) -> SamplingParams:
     """The engine-side twin of the clients' greedy sampling."""
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def greedy_references(
+    llm: LLM, long: list[str], short: list[str], threshold: int
+) -> dict[str, list[int]]:
+    """The single engine's greedy tokens per prompt; each long prompt must be at least
+    twice the disaggregation threshold and each short one below it."""
+    for p in long:
+        assert len(llm.tokenizer.encode(p)) >= 2 * threshold, p
+    for p in short:
+        assert len(llm.tokenizer.encode(p)) < threshold, p
+    outs = llm.generate(long + short, greedy())
+    return {p: o.token_ids for p, o in zip(long + short, outs, strict=True)}
 
 
 def free_port() -> int:

@@ -11,7 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_harness import MAX_TOKENS, ClusterHarness, greedy, tiny_config, wait_until
+from cluster_harness import (
+    MAX_TOKENS,
+    ClusterHarness,
+    greedy,
+    greedy_references,
+    tiny_config,
+    wait_until,
+)
 
 from cluster.client import AsyncClient, Sampling
 from engine import LLM, SamplingParams
@@ -64,13 +71,7 @@ def cluster(tiny_model_dir: Path) -> Iterator[ClusterHarness]:
 
 @pytest.fixture(scope="module")
 def reference(reference_llm: LLM) -> dict[str, list[int]]:
-    prompts = LONG + SHORT
-    for p in LONG:
-        assert len(reference_llm.tokenizer.encode(p)) >= 2 * THRESHOLD
-    for p in SHORT:
-        assert len(reference_llm.tokenizer.encode(p)) < THRESHOLD
-    outs = reference_llm.generate(prompts, greedy())
-    return {p: o.token_ids for p, o in zip(prompts, outs, strict=True)}
+    return greedy_references(reference_llm, LONG, SHORT, THRESHOLD)
 
 
 def test_long_prompt_is_prefilled_remotely_and_matches(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from cluster_harness import MAX_TOKENS, ClusterHarness, greedy, tiny_config
+from cluster_harness import MAX_TOKENS, ClusterHarness, greedy, greedy_references, tiny_config
 
 from cluster.client import AsyncClient, Sampling
 from engine import LLM
@@ -58,13 +58,7 @@ def cluster(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Cl
 
 @pytest.fixture(scope="module")
 def reference(reference_llm: LLM) -> dict[str, list[int]]:
-    prompts = LONG + SHORT
-    for p in LONG:
-        assert len(reference_llm.tokenizer.encode(p)) >= 2 * THRESHOLD
-    for p in SHORT:
-        assert len(reference_llm.tokenizer.encode(p)) < THRESHOLD
-    outs = reference_llm.generate(prompts, greedy())
-    return {p: o.token_ids for p, o in zip(prompts, outs, strict=True)}
+    return greedy_references(reference_llm, LONG, SHORT, THRESHOLD)
 
 
 def test_each_replica_has_a_placement_group_with_a_bundle_per_rank(
