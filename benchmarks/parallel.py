@@ -34,9 +34,12 @@ GPU estimates (arithmetic, not measurements) for SmolLM2-135M in bf16 on one H10
   per layer plus the embedding's all-reduce and the LM head's all-gather: 62
   collectives x ~10 us NVLink latency = 0.62 ms, ~8x the whole TP=1 step. For a model
   this small TP slows decode.
-* PP=p: each stage reads 1/p of the weights, but this engine runs one step at a time,
-  so the stages take turns: still 80 us of reads plus p-1 sends of ~10 us per step. PP
-  pays only with several micro-batches in flight.
+* PP=p: each stage reads 1/p of the weights. A decode step goes through as two
+  micro-batches, so stage s+1 computes one while stage s computes the other; each
+  micro-batch re-reads the stage's weights, though. At p=2: 4 stage passes of
+  134 MB / 3.35 TB/s = 40 us, two of them overlapped, = 120 us plus 2-3 sends of
+  ~10 us, against 80 us on one GPU. For decode PP buys KV capacity and throughput
+  per pipeline, not latency.
 * Prefill of 1024 tokens: 2 x 106.2 M layer weights x 1024 = 2.18e11 FLOP, plus causal
   attention 2 x 2 x 30 x 1024^2 x 576 / 2 = 3.6e10, plus one LM-head row: 2.5e11 FLOP
   = 0.26 ms at 100% of 989 TFLOPS (2 x 134.5 M x 1024 = 2.8e11, 0.28 ms, if every row
