@@ -38,7 +38,12 @@ from typing import Any
 import torch
 
 from cluster.registry import connect
-from decode_worker.kv_roles import local_rank, receiver_endpoint, sender_connector
+from decode_worker.kv_roles import (
+    local_rank,
+    receiver_endpoint,
+    sender_connector,
+    transfer_host,
+)
 from decode_worker.messages import PoolRole, WorkerSettings
 from engine.config import EngineConfig
 from engine.forward_hooks import ScheduledChunk
@@ -114,9 +119,9 @@ class RankActor:
         instance_id: str,
         rank: int,
         store: StoreAddress,
-        host: str,
         timeout_s: float,
     ) -> None:
+        host = transfer_host(settings.transfer_host)  # this actor's node, for "auto"
         self._storage = (
             ShmKVStorage()
             if settings.transport == "shm" and settings.role is PoolRole.DECODE
@@ -242,7 +247,7 @@ class RemoteRanks:
                 )
             self.actors.append(
                 actor_cls.options(name=None, **options).remote(
-                    settings, engine_config, instance_id, rank, address, host, timeout_s
+                    settings, engine_config, instance_id, rank, address, timeout_s
                 )
             )
         try:
