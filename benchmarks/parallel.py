@@ -73,7 +73,14 @@ from benchmarks.common import (
     source_state,
     write_json,
 )
-from benchmarks.engine import CORPUS, DecodeResult, PrefillResult, Rounds, long_prompt, make_prompts
+from benchmarks.engine_runs import (
+    CORPUS,
+    DecodeResult,
+    PrefillResult,
+    Rounds,
+    long_prompt,
+    make_prompts,
+)
 from benchmarks.engine_systems import Ours, Run, System
 from engine import LLM, ModelConfig
 from engine.model_source import resolve_model
