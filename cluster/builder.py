@@ -30,6 +30,7 @@ from ray import serve
 from ray.serve.config import HTTPOptions, RequestRouterConfig, gRPCOptions
 from ray.serve.schema import LoggingConfig
 
+from cluster.client.sync import APPLICATION
 from cluster.config import ClusterConfig, ConfigError, PoolConfig
 from decode_worker.deployment import DecodeWorker
 from decode_worker.messages import PoolRole, WorkerSettings
@@ -46,7 +47,7 @@ from router.pinning import ROUTER_CLASS_PATH
 from router.settings import PoolSpec, RouterSettings
 from router.validation import Limits
 
-APP_NAME = "pdserve"
+APP_NAME = APPLICATION  # the name the clients' calls carry
 # Ray Serve's own low-latency switches (its "throughput optimized" set, minus direct
 # ingress, which would move the proxies' ports): handles talk to replicas over gRPC,
 # and user code and handle routers run on the replica's main event loop instead of

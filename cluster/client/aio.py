@@ -22,12 +22,13 @@ from cluster.client.messages import (
     completion_from,
     state_from,
 )
-from cluster.client.sync import auth_metadata, channel_credentials
+from cluster.client.sync import APPLICATION, call_metadata, channel_credentials
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2, pdserve_pb2_grpc
 
 
 class AsyncClient:
-    """The asyncio client (grpc.aio); create and use it inside one event loop."""
+    """The asyncio client (grpc.aio); create and use it inside one event loop. Options as
+    `Client`'s."""
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class AsyncClient:
         timeout_s: float = 300.0,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        application: str | None = APPLICATION,
     ) -> None:
         self._channel = (
             grpc.aio.secure_channel(target, channel_credentials(root_certificates))
@@ -45,7 +47,7 @@ class AsyncClient:
         )
         self._stub = pdserve_pb2_grpc.PDServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._md = auth_metadata(token)
+        self._md = call_metadata(token, application)
         self.timeout_s = timeout_s
 
     async def close(self) -> None:
@@ -137,7 +139,9 @@ class AsyncClient:
     async def healthy(self, timeout_s: float = 5.0) -> bool:
         try:
             resp = await self._health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=timeout_s,
+                metadata=self._md,
             )
         except grpc.RpcError:
             return False

@@ -24,9 +24,15 @@ from cluster.client.messages import (
 )
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2, pdserve_pb2_grpc
 
+# The Serve application the cluster deploys (cluster.builder.APP_NAME). Serve's gRPC
+# proxy routes a call by its "application" metadata, which it needs once a Ray cluster
+# runs more than one application.
+APPLICATION = "pdserve"
 
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
+
+def call_metadata(token: str | None, application: str | None) -> tuple[tuple[str, str], ...]:
+    md: tuple[tuple[str, str], ...] = (("application", application),) if application else ()
+    return md + ((("authorization", f"Bearer {token}"),) if token else ())
 
 
 def channel_credentials(root_certificates: bytes | None) -> grpc.ChannelCredentials:
@@ -34,7 +40,8 @@ def channel_credentials(root_certificates: bytes | None) -> grpc.ChannelCredenti
 
 
 class Client:
-    """Blocking client. `tls=True` (with optional `root_certificates`) for a TLS front."""
+    """Blocking client. `tls=True` (with optional `root_certificates`) for a TLS front;
+    `application` is the Serve application its calls name (None: name none)."""
 
     def __init__(
         self,
@@ -44,6 +51,7 @@ class Client:
         timeout_s: float = 300.0,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        application: str | None = APPLICATION,
     ) -> None:
         self._channel = (
             grpc.secure_channel(target, channel_credentials(root_certificates))
@@ -52,7 +60,7 @@ class Client:
         )
         self._stub = pdserve_pb2_grpc.PDServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._md = auth_metadata(token)
+        self._md = call_metadata(token, application)
         self.timeout_s = timeout_s
 
     def close(self) -> None:
@@ -143,7 +151,9 @@ class Client:
         """The standard health service says SERVING for pdserve.v1.PDServe."""
         try:
             resp = self._health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=timeout_s,
+                metadata=self._md,
             )
         except grpc.RpcError:
             return False
