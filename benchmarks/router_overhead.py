@@ -21,6 +21,12 @@ Reported per prompt set: p50 TTFT of both, the added latency (cluster p50 minus 
 p50) and, per request, the server's TTFT breakdown (queue, prefill, KV transfer) with
 `client - prefill - kv`, the time that is neither compute nor transfer.
 
+Baseline in the same run: Serve's floor (benchmarks/serve_floor.py), two trivial
+deployments next to the cluster on the same proxies, called right before each cluster
+request: the gRPC proxy, an ingress replica and one streaming handle hop, with no
+routing, engine or transfer. "Beyond the floor" is the added latency minus the floor:
+what pdserve's own code and the engine's slowdown inside the cluster add.
+
 Target: p50 added latency under 5 ms for the short prompts. It prints a table and
 writes JSON to benchmarks/results/. On a shared machine, run it twice.
 """
@@ -41,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import serve_floor
 from cluster.client import Client, Sampling, Timings
 from cluster.config import ClusterConfig
 from cluster.config_file import load_config
@@ -62,6 +69,7 @@ class Sample:
     prompt_tokens: int
     direct_ttft_ms: float
     client_ttft_ms: float
+    floor_ttft_ms: float  # Serve's floor, called just before this request
     server_ttft_ms: float
     queue_ms: float
     prefill_ms: float
@@ -155,11 +163,13 @@ def cluster_config(model: str, threshold: int, colocated: bool) -> ClusterConfig
 
 
 def run_cluster(
-    client: Client, batch: list[list[int]], max_tokens: int
-) -> list[tuple[float, Timings]]:
+    client: Client, floor: Client, batch: list[list[int]], max_tokens: int
+) -> list[tuple[float, float, Timings]]:
+    """(client TTFT, Serve floor TTFT, server timings) per prompt, in milliseconds."""
     sampling = Sampling(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     out = []
     for i, ids in enumerate([batch[0][::-1], *batch]):  # a warm-up prompt first
+        floor_ms = serve_floor.ttft_ms(floor, ids, max_tokens)
         start = time.perf_counter()
         first = None
         last = None
@@ -169,16 +179,19 @@ def run_cluster(
             last = chunk
         assert first is not None and last is not None and last.timings is not None
         if i:
-            out.append(((first - start) * 1000, last.timings))
+            out.append(((first - start) * 1000, floor_ms, last.timings))
     return out
 
 
-def make_sample(name: str, n: int, direct_ms: float, client_ms: float, t: Timings) -> Sample:
+def make_sample(
+    name: str, n: int, direct_ms: float, client_ms: float, floor_ms: float, t: Timings
+) -> Sample:
     return Sample(
         prompt_set=name,
         prompt_tokens=n,
         direct_ttft_ms=direct_ms,
         client_ttft_ms=client_ms,
+        floor_ttft_ms=floor_ms,
         server_ttft_ms=t.ttft_ms,
         queue_ms=t.queue_ms,
         prefill_ms=t.prefill_ms,
@@ -199,6 +212,7 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
             continue
         direct = p50([s.direct_ttft_ms for s in ss])
         client = p50([s.client_ttft_ms for s in ss])
+        floor = p50([s.floor_ttft_ms for s in ss])
         out[name] = {
             "requests": len(ss),
             "prompt_tokens": ss[0].prompt_tokens,
@@ -206,6 +220,8 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
             "direct_ttft_p50_ms": direct,
             "client_ttft_p50_ms": client,
             "added_p50_ms": client - direct,
+            "serve_floor_p50_ms": floor,
+            "beyond_floor_p50_ms": client - direct - floor,
             "outside_engine_p50_ms": p50([s.outside_engine_ms for s in ss]),
             "queue_p50_ms": p50([s.queue_ms for s in ss]),
             "prefill_p50_ms": p50([s.prefill_ms for s in ss]),
@@ -222,12 +238,13 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
 def print_report(samples: list[Sample], summary: dict[str, Any]) -> None:
     print("\nper request (ms): client TTFT = queue + prefill + kv + hops to the client")
     print(
-        f"{'path':<14}{'direct':>9}{'client':>9}{'added':>8}{'queue':>8}{'prefill':>9}{'kv':>7}{'server':>8}"
+        f"{'path':<14}{'direct':>9}{'client':>9}{'added':>8}{'floor':>8}{'queue':>8}"
+        f"{'prefill':>9}{'kv':>7}{'server':>8}"
     )
     for s in samples:
         print(
             f"{s.path:<14}{s.direct_ttft_ms:9.2f}{s.client_ttft_ms:9.2f}{s.added_ms:8.2f}"
-            f"{s.queue_ms:8.2f}{s.prefill_ms:9.2f}{s.kv_transfer_ms:7.2f}{s.server_ttft_ms:8.2f}"
+            f"{s.floor_ttft_ms:8.2f}{s.queue_ms:8.2f}{s.prefill_ms:9.2f}{s.kv_transfer_ms:7.2f}{s.server_ttft_ms:8.2f}"
         )
     print("\nsummary (p50, ms)")
     for name in ("short", "long"):
@@ -239,12 +256,20 @@ def print_report(samples: list[Sample], summary: dict[str, Any]) -> None:
             f"{r['disaggregated']}/{r['requests']} disaggregated: "
             f"direct {r['direct_ttft_p50_ms']:.2f}, "
             f"cluster {r['client_ttft_p50_ms']:.2f}, added {r['added_p50_ms']:.2f} "
+            f"= Serve's floor {r['serve_floor_p50_ms']:.2f} + beyond it "
+            f"{r['beyond_floor_p50_ms']:.2f} "
             f"(outside the engine {r['outside_engine_p50_ms']:.2f}; queue {r['queue_p50_ms']:.2f}, "
             f"prefill {r['prefill_p50_ms']:.2f}, kv {r['kv_transfer_p50_ms']:.2f})"
         )
     if "target_met" in summary:
         verdict = "met" if summary["target_met"] else "NOT met"
         print(f"target: short-prompt p50 added latency < {TARGET_ADDED_MS} ms: {verdict}")
+        floor = summary["short"]["serve_floor_p50_ms"]
+        if floor >= TARGET_ADDED_MS:
+            print(
+                f"  Serve's own floor here (proxy + one handle hop, trivial deployments) is "
+                f"{floor:.2f} ms, at or above the target"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,11 +310,18 @@ def main(argv: list[str] | None = None) -> int:
         launcher.start()
         samples: list[Sample] = []
         try:
-            with Client(launcher.grpc_target) as client:
+            serve_floor.deploy()
+            with (
+                Client(launcher.grpc_target) as client,
+                Client(launcher.grpc_target, application=serve_floor.APPLICATION) as floor,
+            ):
                 for name, batch in sets.items():
-                    runs = run_cluster(client, batch, args.max_tokens)
-                    for (client_ms, t), direct_ms in zip(runs, direct[name], strict=True):
-                        samples.append(make_sample(name, len(batch[0]), direct_ms, client_ms, t))
+                    runs = run_cluster(client, floor, batch, args.max_tokens)
+                    for (client_ms, floor_ms, t), direct_ms in zip(runs, direct[name], strict=True):
+                        samples.append(
+                            make_sample(name, len(batch[0]), direct_ms, client_ms, floor_ms, t)
+                        )
+            serve_floor.remove()
         finally:
             launcher.stop()
 

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from cluster.client import AsyncClient, ClientError, Sampling, build_request
+from cluster.client import AsyncClient, Client, ClientError, Sampling, build_request
 from engine import LLM
 from protos.pdserve.v1 import SERVICE_NAME
 
@@ -350,3 +350,28 @@ def test_metrics(cluster: ClusterHarness) -> None:
     assert "pdserve_ttft_seconds_count" in text
     assert "pdserve_remote_prefill_fallbacks" in text or "pdserve_kv_transfer_failures" in text
     assert cluster.http("GET", "/metrics", key=None).status == 401
+
+
+def test_calls_name_the_application_when_serve_runs_another(
+    cluster: ClusterHarness, reference: dict[str, list[int]]
+) -> None:
+    """With a second Serve application on the same proxies (the router-overhead
+    benchmark's Serve floor), the client's calls still reach pdserve, and the other
+    application is reachable by its name."""
+    from benchmarks import serve_floor
+
+    serve_floor.deploy()
+    try:
+        with cluster.client() as c:
+            assert c.healthy()
+            done = c.generate(PROMPTS[0], GREEDY)
+            assert list(done.token_ids) == reference[PROMPTS[0]]
+        with Client(cluster.grpc_target, application=serve_floor.APPLICATION) as floor:
+            chunks = list(floor.stream(token_ids=[7, 8, 9], sampling=GREEDY))
+            assert [t for ch in chunks for t in ch.token_ids] == [
+                (7, 8, 9)[i % 3] for i in range(MAX_TOKENS)
+            ]
+            assert chunks[-1].finish_reason == "length"
+            assert serve_floor.ttft_ms(floor, [1, 2], 1) > 0
+    finally:
+        serve_floor.remove()
