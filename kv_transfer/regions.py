@@ -17,6 +17,7 @@ region and for its gathered copy. It is an integrity check, not a MAC.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,9 +30,15 @@ _MIN_MEAN_RUN = 4
 _MASK64 = (1 << 64) - 1
 
 
+def _consecutive(ids: tuple[int, ...]) -> bool:
+    return ids == tuple(range(ids[0], ids[0] + len(ids))) if ids else True
+
+
 def _run_starts(*id_lists: tuple[int, ...]) -> list[int]:
     """Positions where a run of ids consecutive in every list starts, then the length."""
     n = len(id_lists[0])
+    if all(_consecutive(ids) for ids in id_lists):  # the common case, without numpy
+        return [0, n]
     breaks = np.zeros(max(n - 1, 0), dtype=bool)
     for ids in id_lists:
         breaks |= np.diff(np.asarray(ids, dtype=np.int64)) != 1
@@ -66,9 +73,17 @@ def _block_sums(t: torch.Tensor) -> torch.Tensor:
     return _words(t).sum(dim=(2, 3, 4), dtype=torch.int64)
 
 
+@functools.lru_cache(maxsize=64)
+def _weights(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(1, 2 * n, 2, dtype=torch.int64, device=device)
+
+
 def _fold(sums: torch.Tensor) -> int:
-    weights = torch.arange(1, 2 * sums.numel(), 2, dtype=torch.int64, device=sums.device)
-    return int((sums.reshape(-1) * weights).sum().item()) & _MASK64
+    flat = sums.reshape(-1)
+    weights = _weights(flat.numel(), flat.device)
+    # Both wrap modulo 2**64; CUDA has no integer dot.
+    folded = (flat * weights).sum() if flat.is_cuda else torch.dot(flat, weights)
+    return int(folded) & _MASK64
 
 
 def checksum(payload: torch.Tensor) -> int:

@@ -28,6 +28,17 @@ def _expected(
 def test_runs() -> None:
     assert runs((1, 2, 3, 7, 8, 0)) == [(0, 1, 3), (3, 7, 2), (5, 0, 1)]
     assert runs((4,)) == [(0, 4, 1)]
+    assert runs(CONTIGUOUS) == [(0, 8, 8)]
+    assert runs((3, 2, 1)) == [(0, 3, 1), (1, 2, 1), (2, 1, 1)]
+
+
+def test_checksum_is_the_position_weighted_sum_of_block_words() -> None:
+    payload = BlockRegion(_cache(torch.float32, 3), 1, 0, 4, MIXED).gather()
+    words = payload.view(torch.int64)
+    want = 0
+    for i, block_sum in enumerate(words.sum(dim=(2, 3, 4)).reshape(-1).tolist()):
+        want += block_sum * (2 * i + 1)
+    assert checksum(payload) == want % (1 << 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
