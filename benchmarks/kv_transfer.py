@@ -8,9 +8,10 @@ prompts of 128 to 16k tokens, in fp32 and bf16, from a sender in a child process
 receiver in this one: over torch_dist (Gloo; with the default gather copy, and with the
 opt-in zero-copy sends) and over shm, each with per-slice checksums on (the CPU
 default) and off. Blocks are consecutive on both sides (a fresh pool), so torch_dist
-receives straight into them. A transfer's time runs from the sender's first
-`send_layer` to the receiver's DONE; both read CLOCK_MONOTONIC, which the two
-processes share.
+receives straight into them. Each side runs its torch ops on one thread, as an engine
+pinned to its share of the cores does. A transfer's time runs from the sender's first
+`send_layer` to the moment the receiver reached DONE (the status's `ended_at`, not
+when a poll saw it); both read CLOCK_MONOTONIC, which the two processes share.
 
 Measured in the same run, as baselines:
 * memcpy: a single-thread copy of a 256 MB buffer;
@@ -242,7 +243,7 @@ class Bench:
                 ("kv", path, checksum, tid, num_blocks, InstanceRef(receiver.me.instance))
             )
             status = _wait_terminal(receiver, tid)
-            ended = time.monotonic()
+            ended = status.ended_at if status.ended_at is not None else time.monotonic()
             began, state, reason = self.conn.recv()
             if status.state.value != "done" or state != "done":
                 raise RuntimeError(f"{path}: receiver {status}, sender {state} {reason}")
@@ -296,12 +297,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         child.start()
         bench = Bench(parent_end, redis_server.url, cluster, args.repeats)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the receiving side, like the sender's process
         try:
             gloo_16mb = _gbps(16 * (16 << 20), bench.raw_gloo(16 << 20, 16))
             for dtype_name in dtypes:
                 rows += _run_dtype(bench, dtype_name, lengths, num_blocks, memcpy, gloo_16mb)
             bench._call("close")
         finally:
+            torch.set_num_threads(threads)
             child.join(timeout=10)
             if child.is_alive():
                 child.kill()

@@ -21,9 +21,11 @@ still hold resources, for leak checks.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 MAX_TRANSFER_ID_BYTES = 64
@@ -41,10 +43,16 @@ class TransferState(enum.Enum):
 class TransferStatus:
     state: TransferState
     reason: str | None = None  # set when FAILED
+    # time.monotonic() when the role reached this terminal state; a poll may come later.
+    ended_at: float | None = field(default=None, compare=False)
 
     @property
     def terminal(self) -> bool:
         return self.state in (TransferState.DONE, TransferState.FAILED)
+
+    def ended_now(self) -> TransferStatus:
+        """This status stamped with the current time.monotonic()."""
+        return dataclasses.replace(self, ended_at=time.monotonic())
 
 
 PENDING = TransferStatus(TransferState.PENDING)

@@ -351,7 +351,7 @@ class KVReceiver:
             self._endpoint.revoke(inb.spec.transfer_id)
         except Exception:
             logger.exception("revoking transfer %s", inb.spec.transfer_id)
-        inb.status = status
+        inb.status = status = status.ended_now()
         with self._lock:
             self._active.pop(inb.spec.transfer_id, None)
             self._history[inb.spec.transfer_id] = status

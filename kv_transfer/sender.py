@@ -240,7 +240,7 @@ class KVSender:
     def _terminate_locked(self, out: _Outbound, status: TransferStatus) -> bool:
         if out.status.terminal:
             return False
-        out.status = status
+        out.status = status = status.ended_now()
         self._maybe_release_locked(out)
         self._active.pop(out.spec.transfer_id, None)
         self._history[out.spec.transfer_id] = status

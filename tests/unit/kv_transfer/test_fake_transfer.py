@@ -256,7 +256,9 @@ def test_poll_moves_pending_transferring_done(cluster_factory: list[Cluster]) ->
     sender, receiver = pre.roles[0], dec.roles[0]
     t = start(c, pre, dec, "t1", num_blocks=3)
     assert sender.poll("t1").state is receiver.poll("t1").state is TransferState.PENDING
+    assert sender.poll("t1").ended_at is None
     assert isinstance(sender, KVSender)
+    began = time.monotonic()
     sender.send_layer("t1", 0, t.src_blocks, 0)
     deadline = time.monotonic() + 2
     while receiver.poll("t1").state is TransferState.PENDING and time.monotonic() < deadline:
@@ -267,6 +269,8 @@ def test_poll_moves_pending_transferring_done(cluster_factory: list[Cluster]) ->
     sender.finish("t1")
     send_states, recv_states = end(c, pre, dec, t)
     assert states(recv_states) == states(send_states) == {TransferState.DONE}
+    for status in (sender.poll("t1"), receiver.poll("t1")):  # when it ended, not when polled
+        assert status.ended_at is not None and began < status.ended_at <= time.monotonic()
     with pytest.raises(KeyError):
         receiver.poll("never-registered")
     assert_no_leaks(c)
