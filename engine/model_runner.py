@@ -4,11 +4,15 @@ Inputs are packed with no padding (decode tokens first, then prompt chunks) into
 `StepInputs`; attention metadata is built once and shared by all layers; logits are
 computed only for the rows that sample a token. In a TP/PP engine this runner lives
 on the driving rank (rank 0): it broadcasts the step to the other ranks, runs its own
-stage with `run_stage`, and samples from the logits the last stage returns.
+stage with `run_stage`, and samples from the logits the last stage returns; while the
+engine idles, its `Keepalive` broadcasts IDLE steps so the other ranks' waits stay
+within the groups' timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 
 import torch
@@ -17,10 +21,14 @@ from engine.forward_hooks import LayerHook, ScheduledChunk
 from engine.kv_cache import KVCache
 from engine.model import LayerDone, LlamaModel
 from engine.parallel.comm import RankGroups
+from engine.parallel.keepalive import Keepalive
 from engine.parallel.pipeline import pipelined_logits
 from engine.sampling import Sampler, TokenLogprob
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.step_inputs import CMD_PAIR, HEADER_LEN, StepInputs, request_tag
+
+# An idle rank 0 broadcasts IDLE this many times per group timeout.
+KEEPALIVES_PER_TIMEOUT = 4
 
 
 def run_stage(
@@ -89,10 +97,29 @@ class ModelRunner:
         self.groups = groups
         self.block_size = kv.layout.block_size
         self.num_pipelined_steps = 0  # decode steps run as two PP micro-batches
+        self.keepalive: Keepalive | None = None
+        if groups is not None and groups.layout.world_size > 1:
+
+            def send_idle() -> None:
+                broadcast_step(groups, StepInputs.idle())
+
+            self.keepalive = Keepalive(send_idle, groups.timeout_s / KEEPALIVES_PER_TIMEOUT).start()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None]]:
         """Compute the step; returns a token for each scheduled seq that samples."""
+        with self._broadcasting():
+            return self._execute(out)
+
+    @contextlib.contextmanager
+    def _broadcasting(self) -> Iterator[None]:
+        if self.keepalive is None:
+            yield
+        else:
+            with self.keepalive.step():
+                yield
+
+    def _execute(self, out: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None]]:
         if self._pipelines(out):
             return self._execute_pair(out)
         scheduled = out.scheduled
@@ -147,6 +174,8 @@ class ModelRunner:
         return tokens, logprobs
 
     def stop_workers(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
         if self.groups is not None and self.groups.layout.world_size > 1:
             broadcast_step(self.groups, StepInputs.stop())
 

@@ -28,6 +28,7 @@ HEADER_LEN = 8
 CMD_STEP = 1
 CMD_STOP = 0
 CMD_PAIR = 2  # a step whose next broadcast step is its micro-batch partner
+CMD_IDLE = 3  # nothing to compute (engine/parallel/keepalive.py)
 _SPAN = 6  # start, length, context, n_blocks, tag, completes
 
 
@@ -58,6 +59,10 @@ class StepInputs:
         return StepInputs(
             torch.zeros(HEADER_LEN, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         )
+
+    @staticmethod
+    def idle() -> StepInputs:
+        return StepInputs.stop().with_command(CMD_IDLE)
 
     @staticmethod
     def pack(

@@ -5,8 +5,11 @@ a fixed port):
 - the instance group (all ranks): the driver broadcasts each step's inputs on it,
   and pipeline stages pass activations along it with send/recv;
 - its stage's TP group: all-reduce and all-gather.
-Groups are Gloo for CPU tensors and NCCL for CUDA tensors, each with a short timeout,
-so a dead peer surfaces as an error instead of a hang.
+Groups are Gloo for CPU tensors and NCCL for CUDA tensors. Two timeouts: joining
+waits up to `setup_timeout_s` for every rank to arrive (a rank may still be starting
+its process and loading torch), then every operation is bounded by `timeout_s`, so a
+dead peer surfaces as an error instead of a hang. An idle driver keeps the other ranks'
+waits within `timeout_s` (engine/parallel/keepalive.py).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ def make_group(
     device: torch.device,
     timeout_s: float,
     host: str = "127.0.0.1",
+    setup_timeout_s: float | None = None,
 ) -> Any:
     """A process group of `size` ranks over `store` (gloo on CPU, nccl on CUDA); gloo
-    binds this rank's end to `host`."""
+    binds this rank's end to `host`. Waits up to `setup_timeout_s` (default
+    `timeout_s`) for all ranks to arrive; operations time out after `timeout_s`."""
     prefixed = PrefixStore(prefix, store)
+    arrive(prefixed, rank, size, setup_timeout_s or timeout_s)
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cpu":
         opts: Any = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
@@ -46,6 +52,17 @@ def make_group(
     nopts = nccl.Options()
     nopts._timeout = timeout
     return nccl(prefixed, rank, size, nopts)
+
+
+def arrive(store: Store, rank: int, size: int, timeout_s: float) -> None:
+    """Mark this rank arrived and wait (bounded) until all `size` ranks have."""
+    store.set(f"arrived/{rank}", "1")
+    keys = [f"arrived/{r}" for r in range(size)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except Exception as e:
+        missing = [r for r in range(size) if not store.check([f"arrived/{r}"])]
+        raise TimeoutError(f"ranks {missing} did not join within {timeout_s:g}s: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -77,11 +94,20 @@ class RankGroups:
         timeout_s: float = 60.0,
         namespace: str = "engine",
         host: str = "127.0.0.1",
+        setup_timeout_s: float | None = None,
     ) -> None:
         self.layout = layout
         self.device = device
+        self.timeout_s = timeout_s
         self.instance = make_group(
-            store, f"{namespace}/all", layout.rank, layout.world_size, device, timeout_s, host
+            store,
+            f"{namespace}/all",
+            layout.rank,
+            layout.world_size,
+            device,
+            timeout_s,
+            host,
+            setup_timeout_s,
         )
         self.tp = make_group(
             store,
@@ -91,6 +117,7 @@ class RankGroups:
             device,
             timeout_s,
             host,
+            setup_timeout_s,
         )
 
     # TP collectives (within this rank's stage)

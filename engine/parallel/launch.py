@@ -22,15 +22,19 @@ log = logging.getLogger(__name__)
 
 
 class LocalRanks:
-    def __init__(self, config: EngineConfig, timeout_s: float = 60.0) -> None:
-        self._store, addr = serve_store(timeout_s)
+    def __init__(
+        self, config: EngineConfig, timeout_s: float = 60.0, setup_timeout_s: float = 120.0
+    ) -> None:
+        """`timeout_s` bounds each collective; `setup_timeout_s` the ranks' start."""
+        setup_timeout_s = max(setup_timeout_s, timeout_s)
+        self._store, addr = serve_store(setup_timeout_s)
         ctx = mp.get_context("spawn")
         world = config.tp * config.pp
         self.procs: list[BaseProcess] = []
         for rank in range(1, world):
             p = ctx.Process(
                 target=run_rank,
-                args=(config, rank, addr, timeout_s),
+                args=(config, rank, addr, timeout_s, setup_timeout_s),
                 name=f"engine-rank-{rank}",
                 daemon=True,
             )
@@ -42,6 +46,7 @@ class LocalRanks:
                 self._store,
                 torch.device(config.device),
                 timeout_s,
+                setup_timeout_s=setup_timeout_s,
             )
         except BaseException:
             self.close()

@@ -4,7 +4,8 @@ Lifecycle: `RankWorker(...)` joins the instance's groups over the driver's TCPSt
 loads and shards the model and allocates this rank's KV cache (optionally in storage
 the caller provides, such as shared memory). `serve()` then runs, for each step that
 rank 0 broadcasts, this rank's share of the forward pass (`run_stage`) until rank 0
-broadcasts STOP. A peer that dies makes the next collective fail within the group
+broadcasts STOP; IDLE steps, which an idle rank 0 sends to stay within the group
+timeout, are skipped. A peer that dies makes the next collective fail within the group
 timeout, which ends the loop with an error instead of a hang.
 
 A rank that streams its KV out (a prefill instance's rank in a cluster) passes a
@@ -29,7 +30,7 @@ from engine.model_runner import broadcast_step, run_stage
 from engine.model_source import resolve_model
 from engine.parallel.comm import RankGroups, StoreAddress, connect_store
 from engine.parallel.layout import ParallelLayout
-from engine.step_inputs import CMD_PAIR, CMD_STOP, StepInputs
+from engine.step_inputs import CMD_IDLE, CMD_PAIR, CMD_STOP, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class RankWorker:
         timeout_s: float = 60.0,
         kv_storage: Callable[[KVCacheLayout], torch.Tensor] | None = None,
         host: str = "127.0.0.1",
+        setup_timeout_s: float | None = None,
     ) -> None:
         """`host`: the address this rank's gloo end binds (its node's, across nodes)."""
         if rank < 1:
@@ -55,8 +57,14 @@ class RankWorker:
             torch.set_num_threads(config.num_threads)
         self.layout = ParallelLayout(config.tp, config.pp, rank)
         self.device = torch.device(config.device)
+        setup = setup_timeout_s or timeout_s
         self.groups = RankGroups(
-            self.layout, connect_store(store, timeout_s), self.device, timeout_s, host=host
+            self.layout,
+            connect_store(store, setup),
+            self.device,
+            timeout_s,
+            host=host,
+            setup_timeout_s=setup,
         )
         model_dir = resolve_model(config.model)
         self.model_config = mc = ModelConfig.from_dir(model_dir)
@@ -83,6 +91,8 @@ class RankWorker:
                 step = broadcast_step(self.groups, None)
                 if step.command == CMD_STOP:
                     break
+                if step.command == CMD_IDLE:
+                    continue
                 if step.command == CMD_PAIR:  # two decode micro-batches, in order
                     partner = broadcast_step(self.groups, None)
                     run_stage(self.model, self.kv, step, self.device, self.groups)
@@ -114,6 +124,12 @@ def _chunks(step: StepInputs, resolve: TagResolver) -> tuple[ScheduledChunk, ...
     return tuple(out)
 
 
-def run_rank(config: EngineConfig, rank: int, store: StoreAddress, timeout_s: float = 60.0) -> None:
+def run_rank(
+    config: EngineConfig,
+    rank: int,
+    store: StoreAddress,
+    timeout_s: float = 60.0,
+    setup_timeout_s: float | None = None,
+) -> None:
     """Serve steps as `rank` (>= 1) until the driver stops the instance."""
-    RankWorker(config, rank, store, timeout_s).serve()
+    RankWorker(config, rank, store, timeout_s, setup_timeout_s=setup_timeout_s).serve()

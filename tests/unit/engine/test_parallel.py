@@ -7,6 +7,7 @@ one torch thread.
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -151,3 +152,37 @@ def test_step_inputs_carry_each_prompt_chunk_for_the_other_ranks() -> None:
     assert (span.start, span.length, span.context_len) == (1, 4, 16)
     assert span.block_table.tolist() == [7, 8]
     assert 0 <= request_tag("x" * 300) < 2**63
+
+
+def test_an_idle_tp_pp_engine_outlives_the_group_timeout(tiny_model_dir) -> None:
+    """The other ranks wait for steps with the groups' timeout; an idle rank 0 keeps
+    them alive with IDLE steps, so the engine still serves after idling for several
+    timeouts (and identically)."""
+    from engine import EngineConfig, LLMEngine
+    from engine.parallel.launch import LocalRanks
+
+    config = EngineConfig(model=str(tiny_model_dir), tp=2, pp=2, num_threads=1)
+    ranks = LocalRanks(config, timeout_s=2.0, setup_timeout_s=120.0)
+    try:
+        engine = LLMEngine(config, groups=ranks.groups)
+        keepalive = engine.runner.keepalive
+        assert keepalive is not None and keepalive.interval_s == 0.5
+
+        def generate(rid: str) -> list[int]:
+            engine.add_request(rid, [5, 6, 7, 8, 9], GREEDY)
+            tokens: list[int] = []
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    tokens = out.token_ids
+            return tokens
+
+        first = generate("before")
+        sent = keepalive.num_sent
+        time.sleep(5.0)  # 2.5 group timeouts with no step
+        assert keepalive.num_sent >= sent + 4
+        assert generate("after") == first
+        assert all(p.is_alive() for p in ranks.procs)
+        engine.shutdown()
+    finally:
+        ranks.close()
+    assert not any(p.is_alive() for p in ranks.procs)
