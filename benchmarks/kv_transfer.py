@@ -1,7 +1,7 @@
 """KV-transfer benchmark: bytes, time and GB/s per transport, next to this host's baselines.
 
     python -m benchmarks.kv_transfer [--lengths 128,1024,16384] [--dtypes fp32,bf16]
-                                     [--repeats 3] [--max-prefill-tokens 2048]
+                                     [--repeats 5] [--max-prefill-tokens 2048]
 
 It moves SmolLM2-135M's KV (30 layers x 3 KV heads x 64 dims, blocks of 16 tokens) for
 prompts of 128 to 16k tokens, in fp32 and bf16, from a sender in a child process to a
@@ -429,7 +429,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-prefill-tokens", type=int, default=2048)
     parser.add_argument("--prefill-repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -19,7 +19,8 @@ Lifecycle of a replica:
                     (client cancel, router abort) the request is aborted: the transfer
                     first, then the engine request, so its blocks return to the pool.
     abort()         the same abort, by request id (the router's explicit cleanup)
-    check_health()  Serve's periodic probe: raises once the engine thread failed
+    check_health()  Serve's periodic probe: raises once the engine thread failed, or once
+                    an idle keepalive found a TP/PP replica's other ranks unreachable
     __del__         deregister, abort what is pending, stop the thread, close the
                     receiver and the shared-memory segment
 

@@ -128,6 +128,10 @@ class EngineLoop:
             raise EngineStopped(f"engine loop {self.name} failed: {self._failure!r}")
         if not self._thread.is_alive():
             raise EngineStopped(f"engine loop {self.name} is not running")
+        try:
+            self.engine.check()
+        except Exception as e:
+            raise EngineStopped(f"engine {self.name}: {e}") from e
 
     # -- commands ---------------------------------------------------------------------
 

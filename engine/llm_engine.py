@@ -148,6 +148,10 @@ class LLMEngine:
         """Stop the other ranks of a TP/PP engine (no-op for one rank)."""
         self.runner.stop_workers()
 
+    def check(self) -> None:
+        """Raise if a TP/PP engine's other ranks are known to be unreachable."""
+        self.runner.check_ranks()
+
     def load(self) -> EngineLoad:
         sched = self.scheduler
         # Preempted sequences recompute their output tokens too.

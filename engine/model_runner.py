@@ -12,6 +12,7 @@ within the groups' timeout.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 
@@ -26,6 +27,8 @@ from engine.parallel.pipeline import pipelined_logits
 from engine.sampling import Sampler, TokenLogprob
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.step_inputs import CMD_PAIR, HEADER_LEN, StepInputs, request_tag
+
+log = logging.getLogger(__name__)
 
 # An idle rank 0 broadcasts IDLE this many times per group timeout.
 KEEPALIVES_PER_TIMEOUT = 4
@@ -173,11 +176,24 @@ class ModelRunner:
             logprobs += lp
         return tokens, logprobs
 
+    def check_ranks(self) -> None:
+        """Raise if an idle keepalive found the other ranks unreachable."""
+        if self.keepalive is not None:
+            self.keepalive.check()
+
     def stop_workers(self) -> None:
+        """Broadcast STOP to the other ranks; skipped (logged) when they are known to
+        be unreachable, since nobody would receive it."""
         if self.keepalive is not None:
             self.keepalive.stop()
+            if self.keepalive.failure is not None:
+                log.warning("not stopping the other ranks: %s", self.keepalive.failure)
+                return
         if self.groups is not None and self.groups.layout.world_size > 1:
-            broadcast_step(self.groups, StepInputs.stop())
+            try:
+                broadcast_step(self.groups, StepInputs.stop())
+            except RuntimeError as e:
+                log.warning("stopping the other ranks failed: %s", e)
 
     def _prepare(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size

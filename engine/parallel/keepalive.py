@@ -16,8 +16,9 @@ Lifecycle:
     stop()                                     the thread ends (bounded join); the
                                                caller then broadcasts STOP itself
 
-A keepalive that fails (the groups are broken) is logged and ends the thread; the
-next step then fails with the groups' error.
+A keepalive that fails (a rank died, the groups are broken) is logged, kept in
+`failure` and ends the thread; the next step then fails with the groups' error, and
+`check()` raises it at once, so a health check sees a dead rank of an idle engine.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class Keepalive:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rank-keepalive", daemon=True)
         self.num_sent = 0
+        self.failure: BaseException | None = None
+
+    def check(self) -> None:
+        """Raise if a keepalive failed: the other ranks are unreachable."""
+        if self.failure is not None:
+            raise RuntimeError(f"the other ranks are unreachable: {self.failure}")
 
     def start(self) -> Keepalive:
         self._thread.start()
@@ -72,8 +79,9 @@ class Keepalive:
                 self._send_idle()
                 self.num_sent += 1
                 self._last = time.monotonic()
-            except Exception:
+            except Exception as e:
                 log.exception("idle keepalive to the other ranks failed")
+                self.failure = e
                 return
             finally:
                 self._lock.release()

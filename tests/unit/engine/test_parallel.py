@@ -186,3 +186,31 @@ def test_an_idle_tp_pp_engine_outlives_the_group_timeout(tiny_model_dir) -> None
     finally:
         ranks.close()
     assert not any(p.is_alive() for p in ranks.procs)
+
+
+def test_a_dead_rank_of_an_idle_engine_fails_its_health_check(tiny_model_dir) -> None:
+    """The keepalive finds a killed rank while the engine idles, and `check()` (what a
+    replica's health check calls) raises instead of waiting for the next request."""
+    from engine import EngineConfig, LLMEngine
+    from engine.parallel.launch import LocalRanks
+
+    config = EngineConfig(model=str(tiny_model_dir), tp=2, num_threads=1)
+    ranks = LocalRanks(config, timeout_s=2.0, setup_timeout_s=120.0)
+    try:
+        engine = LLMEngine(config, groups=ranks.groups)
+        engine.check()
+        ranks.procs[0].kill()
+        ranks.procs[0].join(10)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            try:
+                engine.check()
+            except RuntimeError as e:
+                assert "unreachable" in str(e)
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("a dead rank went unnoticed for 10 s (5 group timeouts)")
+        engine.shutdown()
+    finally:
+        ranks.close()
