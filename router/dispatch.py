@@ -73,6 +73,9 @@ def worker_error(e: BaseException, what: str) -> RouterError:
     name = type(e).__name__
     if "Actor" in name or "Unavailable" in name or "Died" in name:
         return RouterError(ErrorKind.UNAVAILABLE, f"{what} is unavailable: {e}")
+    cause = getattr(e, "cause", None)  # a RayTaskError carries the worker's exception
+    if type(cause).__name__ == "EngineStopped":  # its engine failed: retry elsewhere
+        return RouterError(ErrorKind.UNAVAILABLE, f"{what} is unavailable: {cause}")
     return RouterError(ErrorKind.INTERNAL, f"{what} failed: {name}: {e}")
 
 
