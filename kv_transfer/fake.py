@@ -3,7 +3,9 @@
 A `FakeFabric` stands in for the network. Receivers' endpoints register on it by rank
 id; a sender's link looks the endpoint up and delivers each message synchronously on
 the sender's pump thread, through the same staging validation as the real transports.
-Closing a link or an endpoint severs the pair the way a dead peer would.
+Closing a link or an endpoint severs the pair the way a dead peer would. With
+`in_place=True` it behaves like shm instead: a link writes each slice straight into the
+destination blocks and sends only the header, and takes several layers per message.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.header import TOKEN_BYTES, Header
-from kv_transfer.regions import BlockRegion
+from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.regions import checksum as payload_checksum
 from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Peer, staging_for
 
@@ -23,9 +25,10 @@ from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, 
 class FakeFabric:
     """The shared in-process 'network' of one test."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = False) -> None:
         self._lock = threading.Lock()
         self._endpoints: dict[RankId, FakeEndpoint] = {}
+        self.in_place = in_place
 
     def endpoint(self) -> FakeEndpoint:
         return FakeEndpoint(self)
@@ -54,12 +57,14 @@ class FakeFabric:
 class FakeEndpoint(Endpoint):
     def __init__(self, fabric: FakeFabric) -> None:
         self._fabric = fabric
+        self.in_place = fabric.in_place
         self._lock = threading.Lock()
         self._links: set[FakeLink] = set()
         self._me: RankId | None = None
         self.inbox: Inbox | None = None
         self.device = torch.device("cpu")
         self.received_bytes = 0  # DATA payload bytes delivered here
+        self.received_messages = 0  # DATA messages delivered here
 
     def start(self, me: LocalRank, cache: torch.Tensor, inbox: Inbox) -> None:
         self._me, self.inbox, self.device = me.id, inbox, cache.device
@@ -95,6 +100,8 @@ class FakeLink(Link):
         self._lock = threading.Lock()
         self._seq = 0
         self._broken = False
+        if endpoint.in_place:
+            self.max_layers = 1 << 16
         endpoint._attach(self)
 
     @property
@@ -102,15 +109,26 @@ class FakeLink(Link):
         return self._broken
 
     def send(
-        self, header: Header, region: BlockRegion | None, checksum: bool = False
+        self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
     ) -> Completion:
+        if isinstance(region, LayerSpan) and header.layer_count > self.max_layers:
+            raise TypeError("this link moves one layer per message")
         inbox = self._endpoint.inbox
         if self._broken or inbox is None:
             raise TransferError(f"link to {self.peer} is closed")
         with self._lock:
             header, self._seq = header.with_seq(self._seq), self._seq + 1
         target, payload = None, None
-        if region is not None:
+        if region is not None and self._endpoint.in_place:
+            if checksum:
+                header = header.with_checksum(region.checksum())
+            target = inbox.prepare(self._from, header, direct_ok=False)
+            if target is not None:
+                _copy_into(target.region, region)
+                self._endpoint.received_bytes += header.nbytes
+                self._endpoint.received_messages += 1
+        elif region is not None:
+            assert isinstance(region, BlockRegion)
             wire = region.gather()  # what would travel
             if checksum:
                 header = header.with_checksum(payload_checksum(wire))
@@ -119,6 +137,7 @@ class FakeLink(Link):
                 payload = staging_for(header, inbox.max_payload_bytes, self._endpoint.device)
                 payload.copy_(wire)
                 self._endpoint.received_bytes += header.nbytes
+                self._endpoint.received_messages += 1
         inbox.land(self._from, header, target, payload)
         return Completion.resolved()
 
@@ -141,3 +160,14 @@ class FakeConnector(Connector):
 
     def connect(self, me: LocalRank, peer: RankId) -> Link:
         return FakeLink(me, peer, self._fabric._lookup(peer))
+
+
+def _copy_into(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> None:
+    if isinstance(dst, LayerSpan) != isinstance(src, LayerSpan):
+        raise TypeError(f"cannot copy {type(src).__name__} into {type(dst).__name__}")
+    if isinstance(dst, LayerSpan):
+        assert isinstance(src, LayerSpan)
+        dst.copy_from(src)
+    else:
+        assert isinstance(src, BlockRegion)
+        dst.copy_from(src)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.header import Header, MessageKind
-from kv_transfer.regions import BlockRegion
+from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.transport import Completion, Connector, Link
 
 logger = logging.getLogger(__name__)
@@ -56,10 +56,19 @@ class Fault:
         return index >= self.after and (self.times == 0 or index < self.after + self.times)
 
 
-def _corrupted_copy(region: BlockRegion) -> BlockRegion:
-    """A region over a private copy of `region`'s bytes, with one byte inverted."""
-    copy = BlockRegion(
+def _private_copy(region: BlockRegion) -> BlockRegion:
+    """A region over a private copy of `region`'s bytes."""
+    return BlockRegion(
         region.gather().unsqueeze(0), 0, 0, region.shape[3], tuple(range(region.shape[1]))
+    )
+
+
+def _corrupted_copy(region: BlockRegion | LayerSpan) -> BlockRegion | LayerSpan:
+    """A private copy of `region`'s bytes, with one byte inverted."""
+    copy: BlockRegion | LayerSpan = (
+        LayerSpan(tuple(_private_copy(r) for r in region.regions))
+        if isinstance(region, LayerSpan)
+        else _private_copy(region)
     )
     copy.flip_byte()
     return copy
@@ -106,13 +115,14 @@ class _FaultyLink(Link):
     def __init__(self, inner: Link, owner: FaultyConnector) -> None:
         self._inner, self._owner = inner, owner
         self.peer = inner.peer
+        self.max_layers = inner.max_layers
 
     @property
     def broken(self) -> bool:
         return self._owner.killed or self._inner.broken
 
     def send(
-        self, header: Header, region: BlockRegion | None, checksum: bool = False
+        self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
     ) -> Completion:
         if self._owner.killed:
             raise TransferError("sender was killed")

@@ -5,9 +5,11 @@ ends with a CRC32 of the bytes before it. The kinds:
 
 * HELLO opens a connection: the sender's instance, rank and layout, plus a random
   token that names the pair's process group in the receiver's store.
-* DATA announces one slice: transfer id, layer, KV-head range, block range, dtype,
-  shape, payload size and an optional payload checksum. Its payload follows on the
-  transport's data path (a torch.distributed recv, or already in shared memory).
+* DATA announces one slice: transfer id, layer (and a count of consecutive layers
+  with the same heads and blocks, 1 unless the transport takes several at once), KV-head
+  range, block range, dtype, shape, payload size and an optional payload checksum. Its
+  payload follows on the transport's data path (a torch.distributed recv, or already in
+  shared memory).
 * END says a sender rank has sent everything it will send for a transfer.
 * ABORT says a sender rank gave up on a transfer.
 
@@ -32,7 +34,7 @@ from kv_transfer.base import (
 )
 
 MAGIC = b"PDKV"
-VERSION = 1
+VERSION = 2
 MAX_DIMS = 6
 
 _DTYPE_CODES: dict[torch.dtype, int] = {
@@ -58,8 +60,9 @@ class MessageKind(enum.IntEnum):
 _FLAG_CHECKSUM = 1
 
 # magic, version, kind, dtype, flags, transfer id, src rank, seq, layer, head start,
-# head count, block start, block count, ndim, shape[6], payload bytes, checksum.
-_HEADER = struct.Struct(f"<4sBBBB{MAX_TRANSFER_ID_BYTES}s8I{MAX_DIMS}IQQ")
+# head count, block start, block count, layer count, ndim, shape[6], payload bytes,
+# checksum.
+_HEADER = struct.Struct(f"<4sBBBB{MAX_TRANSFER_ID_BYTES}s9I{MAX_DIMS}IQQ")
 # magic, version, kind, two pad bytes, instance, rank, tp, pp, group token.
 _HELLO = struct.Struct(f"<4sBB2x{MAX_INSTANCE_NAME_BYTES}s3I16s")
 _CRC = struct.Struct("<I")
@@ -91,6 +94,11 @@ class Header:
     shape: tuple[int, ...] = ()
     nbytes: int = 0
     checksum: int | None = None
+    layer_count: int = 1  # layers layer .. layer + layer_count - 1, same heads and blocks
+
+    @property
+    def layers(self) -> range:
+        return range(self.layer, self.layer + self.layer_count)
 
     def with_seq(self, seq: int) -> Header:
         return dataclasses.replace(self, seq=seq)
@@ -118,6 +126,7 @@ class Header:
             self.head_count,
             self.block_start,
             self.block_count,
+            self.layer_count,
             len(self.shape),
             *shape,
             self.nbytes,
@@ -182,10 +191,12 @@ def decode(buf: bytes) -> Header | Hello:
             raise ProtocolError(f"HELLO with rank {rank} outside tp={tp} pp={pp}")
         return Hello(_text(name, "instance name"), rank, tp, pp, token)
     fields = _HEADER.unpack(body)
-    _, _, _, code, flags, tid, src, seq, layer, h0, hn, b0, bn, ndim = fields[:14]
-    shape_all, nbytes, checksum = fields[14 : 14 + MAX_DIMS], fields[-2], fields[-1]
+    _, _, _, code, flags, tid, src, seq, layer, h0, hn, b0, bn, nl, ndim = fields[:15]
+    shape_all, nbytes, checksum = fields[15 : 15 + MAX_DIMS], fields[-2], fields[-1]
     if code not in _DTYPES:
         raise ProtocolError(f"unknown dtype code {code}")
+    if nl < 1:
+        raise ProtocolError(f"layer count {nl}")
     if ndim > MAX_DIMS or any(shape_all[ndim:]):
         raise ProtocolError(f"bad shape rank {ndim}")
     return Header(
@@ -202,4 +213,5 @@ def decode(buf: bytes) -> Header | Hello:
         tuple(shape_all[:ndim]),
         nbytes,
         checksum if flags & _FLAG_CHECKSUM else None,
+        nl,
     )

@@ -46,7 +46,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
-from kv_transfer.regions import BlockRegion, checksum
+from kv_transfer.regions import BlockRegion, LayerSpan, checksum
 from kv_transfer.transport import Endpoint, Peer, Target
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class _Inbound:
 @dataclass(eq=False)
 class _Target(Target):
     inbound: _Inbound
-    key: Key
+    keys: tuple[Key, ...]  # one per layer the message covers
 
 
 class KVReceiver:
@@ -223,13 +223,14 @@ class KVReceiver:
             if isinstance(found, str):
                 self._end_locked(inb, failed(f"from {peer.id}: {found}"))
                 return None
-            region, key = found
-            inb.cursor[key] += header.block_count
+            region, keys = found
+            for key in keys:
+                inb.cursor[key] += header.block_count
             inb.peers.add(peer)
-            direct = direct_ok and region.dense
+            direct = direct_ok and isinstance(region, BlockRegion) and region.dense
             if direct:
                 inb.writing += 1
-            return _Target(region, direct, inb, key)
+            return _Target(region, direct, inb, keys)
 
     def written(self, target: Target) -> None:
         """A direct receive into `target` has stopped writing (done or failed)."""
@@ -298,42 +299,51 @@ class KVReceiver:
             if inb.status.terminal or inb.ending:
                 return
             if payload is not None:
+                assert isinstance(region, BlockRegion)  # spans only land in place
                 region.scatter(payload)
                 if payload.is_cuda:  # landed before DONE, and before the buffer is reused
                     torch.cuda.current_stream(payload.device).synchronize()
-            inb.landed[target.key] += h.block_count
-            if inb.landed[target.key] == inb.total:
-                inb.remaining -= 1
+            for key in target.keys:
+                inb.landed[key] += h.block_count
+                if inb.landed[key] == inb.total:
+                    inb.remaining -= 1
             if inb.remaining == 0:
                 self._end_locked(inb, DONE)
             else:
                 inb.status = TRANSFERRING
 
-    def _check(self, inb: _Inbound, peer: Peer, h: Header) -> tuple[BlockRegion, Key] | str:
+    def _check(
+        self, inb: _Inbound, peer: Peer, h: Header
+    ) -> tuple[BlockRegion | LayerSpan, tuple[Key, ...]] | str:
         """The destination of a DATA message, or why it does not belong here."""
-        key = (peer.id.rank, h.layer)
-        route = inb.routes.get(key)
-        if route is None or (h.head_start, h.head_count) != (route.head_start, route.num_heads):
-            return f"unexpected slice: layer {h.layer} heads {h.head_start}+{h.head_count}"
-        if h.block_start != inb.cursor[key]:
-            return (
-                f"layer {h.layer}: expected block {inb.cursor[key]}, got {h.block_start} "
-                "(lost or repeated message)"
-            )
+        if h.layer_count > 1 and not self._endpoint.in_place:
+            return f"layers {h.layer}+{h.layer_count} in one message on a moving transport"
+        keys = tuple((peer.id.rank, layer) for layer in h.layers)
+        for key in keys:
+            route = inb.routes.get(key)
+            if route is None or (h.head_start, h.head_count) != (
+                route.head_start,
+                route.num_heads,
+            ):
+                return f"unexpected slice: layer {key[1]} heads {h.head_start}+{h.head_count}"
+            if h.block_start != inb.cursor[key]:
+                return (
+                    f"layer {key[1]}: expected block {inb.cursor[key]}, got {h.block_start} "
+                    "(lost or repeated message)"
+                )
         first = h.block_start - inb.spec.first_block
         if h.block_count < 1 or first + h.block_count > inb.total:
             return f"blocks {h.block_start}+{h.block_count} outside the reserved blocks"
         heads = h.head_start - self._heads.start
-        region = BlockRegion(
-            self._cache,
-            h.layer - self._layers.start,
-            heads,
-            heads + h.head_count,
-            inb.spec.block_ids[first : first + h.block_count],
+        ids = inb.spec.block_ids[first : first + h.block_count]
+        regions = tuple(
+            BlockRegion(self._cache, layer - self._layers.start, heads, heads + h.head_count, ids)
+            for layer in h.layers
         )
+        region: BlockRegion | LayerSpan = regions[0] if len(regions) == 1 else LayerSpan(regions)
         if (h.dtype, h.shape, h.nbytes) != (region.dtype, region.shape, region.nbytes):
             return f"payload {h.dtype} {h.shape} does not match {region.dtype} {region.shape}"
-        return region, key
+        return region, keys
 
     # ---- endings ------------------------------------------------------------------------
 

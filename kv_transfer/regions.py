@@ -69,8 +69,8 @@ def _words(t: torch.Tensor) -> torch.Tensor:
 
 
 def _block_sums(t: torch.Tensor) -> torch.Tensor:
-    """[2, n] int64 word sums of a [2, n, slot, head, dim] tensor (wrapping)."""
-    return _words(t).sum(dim=(2, 3, 4), dtype=torch.int64)
+    """[..., 2, n] int64 word sums of a [..., 2, n, slot, head, dim] tensor (wrapping)."""
+    return _words(t).sum(dim=(-3, -2, -1), dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=64)
@@ -191,10 +191,85 @@ class BlockRegion:
             self.scatter(src.gather())
 
     def checksum(self) -> int:
+        return _fold(self.block_sums())
+
+    def block_sums(self) -> torch.Tensor:
+        """[2, n] word sums per (K/V, block), in block order."""
         parts = [_block_sums(self.run_view(b, n)) for _, b, n in self._runs]
-        return _fold(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def flip_byte(self) -> None:
         """Invert one byte of the region (fault injection only)."""
         first = self.run_view(self.block_ids[0], 1)
         first.view(torch.uint8)[0, 0, 0, 0, 0].bitwise_not_()
+
+
+@dataclass(frozen=True)
+class LayerSpan:
+    """The same heads and blocks of consecutive layers, one region per layer: the payload
+    of a DATA message that covers `header.layer_count` layers. A transport that writes
+    in place (shm) moves a span region by region under one lock and one header; its
+    checksum covers every layer's blocks, in layer order."""
+
+    regions: tuple[BlockRegion, ...]
+
+    def __post_init__(self) -> None:
+        if not self.regions:
+            raise ValueError("a layer span needs at least one region")
+        first = self.regions[0]
+        if any((r.shape, r.dtype) != (first.shape, first.dtype) for r in self.regions):
+            raise ValueError("a layer span's regions differ in shape or dtype")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.regions), *self.regions[0].shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.regions[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.regions)
+
+    @cached_property
+    def _view(self) -> torch.Tensor | None:
+        """[layers, 2, n, slot, head, dim] as one strided view of the cache, when the
+        regions are consecutive layers of one cache over one run of blocks."""
+        first = self.regions[0]
+        ids = first.block_ids
+        if not _consecutive(ids):
+            return None
+        for i, r in enumerate(self.regions):
+            if r.cache is not first.cache or (r.layer, r.head_start, r.head_stop, r.block_ids) != (
+                first.layer + i,
+                first.head_start,
+                first.head_stop,
+                ids,
+            ):
+                return None
+        layers = slice(first.layer, first.layer + len(self.regions))
+        blocks = slice(ids[0], ids[0] + len(ids))
+        heads = slice(first.head_start, first.head_stop)
+        return first.cache[layers, :, blocks, :, heads]
+
+    def checksum(self) -> int:
+        """The regions' block sums in layer order, folded; one region's equals its own."""
+        view = self._view
+        if view is not None:
+            return _fold(_block_sums(view))
+        return _fold(torch.stack([r.block_sums() for r in self.regions]))
+
+    def copy_from(self, src: LayerSpan) -> None:
+        if len(src.regions) != len(self.regions):
+            raise ValueError(f"span of {len(src.regions)} layers into {len(self.regions)}")
+        mine, theirs = self._view, src._view
+        if mine is not None and theirs is not None and mine.shape == theirs.shape:
+            mine.copy_(theirs)
+            return
+        for dst, part in zip(self.regions, src.regions, strict=True):
+            dst.copy_from(part)
+
+    def flip_byte(self) -> None:
+        """Invert one byte of the span (fault injection only)."""
+        self.regions[0].flip_byte()

@@ -15,9 +15,12 @@ Lifecycle of one transfer on one sender rank:
                                 link with sends stuck past the deadline is torn down
 
 Sending a layer overlaps computing the next one: the engine thread only queues, the
-pump copies, and the transport moves bytes on its own threads. Links are created
-lazily per receiver rank and reused; a broken link is dropped and the next transfer
-that needs the pair connects again.
+pump copies, and the transport moves bytes on its own threads. When slices of
+consecutive layers with the same blocks are already queued (the pump fell behind, or a
+whole prompt was computed before its send), a link that takes several layers at once
+(shm) gets them as one message: one lock, one header and one checksum for the span.
+Links are created lazily per receiver rank and reused; a broken link is dropped and the
+next transfer that needs the pair connects again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +49,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_from
-from kv_transfer.regions import BlockRegion
+from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.transport import Completion, Connector, Link
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class SenderConfig:
     op_timeout_s: float = 10.0  # extra bound on finish() after the deadline
     tick_s: float = 0.05  # deadline check period
     history: int = 4096  # terminal states remembered for poll()
+    max_span_bytes: int = 4 << 20  # one message's bytes when layers are coalesced
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes < 1 or self.op_timeout_s <= 0 or self.tick_s <= 0:
@@ -137,6 +141,7 @@ class KVSender:
         self._current: _Outbound | None = None
         self._closed = False
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._backlog: deque[_Job] = deque()  # taken from _jobs, not yet pumped (pump only)
         self._pump_thread = threading.Thread(target=self._pump, name="kv-sender", daemon=True)
         self._pump_thread.start()
 
@@ -309,7 +314,11 @@ class KVSender:
     def _pump(self) -> None:
         while True:
             try:
-                job = self._jobs.get(timeout=self._cfg.tick_s)
+                job = (
+                    self._backlog.popleft()
+                    if self._backlog
+                    else self._jobs.get(timeout=self._cfg.tick_s)
+                )
             except queue.Empty:
                 self._reap_deadlines()
                 continue
@@ -319,7 +328,7 @@ class KVSender:
                 self._current = job.out
             try:
                 if isinstance(job, _Slice):
-                    self._send_slice(job)
+                    self._send_slices(self._coalesce(job))
                 elif isinstance(job, _Finish):
                     self._send_control(job.out, MessageKind.END)
                 else:
@@ -354,7 +363,7 @@ class KVSender:
         out: _Outbound,
         link: Link,
         header: Header,
-        region: BlockRegion | None,
+        region: BlockRegion | LayerSpan | None,
         checksum: bool = False,
     ) -> None:
         try:
@@ -377,6 +386,83 @@ class KVSender:
                 and time.monotonic() < out.deadline
             ):
                 self._room.wait(self._cfg.tick_s)
+
+    def _coalesce(self, first: _Slice) -> list[_Slice]:
+        """`first` and the queued slices that can share its messages: the next layers
+        in order, with the same blocks and routes, up to `max_span_bytes`."""
+        group = [first]
+        if first.ready is not None:  # CUDA sources: every slice waits for its own event
+            return group
+        block_bytes = self._cache[0, :, 0].numel() * self._cache.element_size()
+        limit = max(1, self._cfg.max_span_bytes // (block_bytes * len(first.block_ids)))
+        shape = _route_shape(first.out.by_layer[first.layer])
+        while len(group) < limit:
+            if not self._backlog:
+                try:
+                    self._backlog.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            nxt = self._backlog[0]
+            last = group[-1]
+            if not (
+                isinstance(nxt, _Slice)
+                and nxt.out is first.out
+                and nxt.ready is None
+                and nxt.layer == last.layer + 1
+                and (nxt.block_ids, nxt.first_block) == (first.block_ids, first.first_block)
+                and _route_shape(first.out.by_layer[nxt.layer]) == shape
+            ):
+                break
+            group.append(nxt)
+            self._backlog.popleft()
+        return group
+
+    def _send_slices(self, group: list[_Slice]) -> None:
+        """One message per route for the whole group where the links take spans of its
+        length; else the slices one by one."""
+        out = group[0].out
+        if len(group) == 1 or out.status.terminal:
+            self._send_slice(group[0])
+            for job in group[1:]:
+                self._send_slice(job)
+            return
+        routes = out.by_layer[group[0].layer]
+        if any(self._link(out, r.dst).max_layers < len(group) for r in routes):
+            for job in group:
+                self._send_slice(job)
+            return
+        first = group[0]
+        for route in routes:
+            span = LayerSpan(
+                tuple(
+                    BlockRegion(
+                        self._cache,
+                        job.layer - self._layers.start,
+                        route.head_start - self._heads.start,
+                        route.head_stop - self._heads.start,
+                        job.block_ids,
+                    )
+                    for job in group
+                )
+            )
+            header = Header(
+                MessageKind.DATA,
+                out.spec.transfer_id,
+                self.me.rank,
+                layer=first.layer,
+                head_start=route.head_start,
+                head_count=route.num_heads,
+                block_start=first.first_block,
+                block_count=len(first.block_ids),
+                dtype=span.dtype,
+                shape=span.shape,
+                nbytes=span.nbytes,
+                layer_count=len(group),
+            )
+            self._wait_for_room(out)
+            if out.status.terminal:
+                return
+            self._send(out, self._link(out, route.dst), header, span, self._checksum)
 
     def _send_slice(self, job: _Slice) -> None:
         out = job.out
@@ -427,3 +513,8 @@ class KVSender:
             with self._lock:
                 out.ended = True
                 self._maybe_done_locked(out)
+
+
+def _route_shape(routes: list[Route]) -> list[tuple[int, int, int]]:
+    """What a layer's routes send where: (receiver rank, first head, head stop)."""
+    return [(r.dst, r.head_start, r.head_stop) for r in routes]

@@ -44,7 +44,7 @@ from kv_transfer.base import MAX_TRANSFER_ID_BYTES, LocalRank, RankId, RecvSpec,
 from kv_transfer.control import ControlClient, ControlServer, Finish, listen
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.mapping import KVGeometry
-from kv_transfer.regions import BlockRegion
+from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.rendezvous import Lease, RendezvousStore, encode_record, rank_key, resolve
 from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Target
 
@@ -313,6 +313,8 @@ class ShmEndpoint(Endpoint):
 
 
 class _ShmLink(Link):
+    max_layers = 1 << 16  # copies are in place: one lock and one header for any span
+
     def __init__(
         self,
         peer: RankId,
@@ -334,7 +336,7 @@ class _ShmLink(Link):
         return self._broken
 
     def send(
-        self, header: Header, region: BlockRegion | None, checksum: bool = False
+        self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
     ) -> Completion:
         with self._lock:
             if self._broken:
@@ -353,7 +355,7 @@ class _ShmLink(Link):
                 raise
         return Completion.resolved()
 
-    def _write(self, header: Header, region: BlockRegion) -> str | None:
+    def _write(self, header: Header, region: BlockRegion | LayerSpan) -> str | None:
         """Copy `region` into the transfer's blocks; the reason if it may not."""
         if not _flock(self._seg.fd, fcntl.LOCK_SH, self._lock_timeout):
             return "timed out waiting for the receiver's cache lock"
@@ -372,14 +374,17 @@ class _ShmLink(Link):
             ids = tuple(row[_HEAD_WORDS + pos : _HEAD_WORDS + pos + header.block_count].tolist())
             heads = header.head_start - self._head0
             try:
-                dst = BlockRegion(
-                    self._seg.cache,
-                    header.layer - self._layer0,
-                    heads,
-                    heads + header.head_count,
-                    ids,
+                dsts = tuple(
+                    BlockRegion(
+                        self._seg.cache, layer - self._layer0, heads, heads + header.head_count, ids
+                    )
+                    for layer in header.layers
                 )
-                dst.copy_from(region)
+                if isinstance(region, LayerSpan):
+                    LayerSpan(dsts).copy_from(region)
+                else:
+                    (dst,) = dsts
+                    dst.copy_from(region)
             except (IndexError, ValueError) as e:
                 return f"slice does not fit {self.peer}'s cache: {e}"
             return None

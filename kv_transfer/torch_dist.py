@@ -40,7 +40,7 @@ from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCP
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.control import ControlClient, ControlServer, Finish, listen
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
-from kv_transfer.regions import BlockRegion
+from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.regions import checksum as payload_checksum
 from kv_transfer.rendezvous import (
     Lease,
@@ -165,8 +165,10 @@ class _Link(Link):
         return self._broken
 
     def send(
-        self, header: Header, region: BlockRegion | None, checksum: bool = False
+        self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
     ) -> Completion:
+        if isinstance(region, LayerSpan):
+            raise TypeError("this link moves one layer per message")
         with self._lock:
             if self._broken:
                 raise TransferError(f"pair to {self.peer} is closed")

@@ -29,7 +29,7 @@ import torch
 
 from kv_transfer.base import LocalRank, Parallelism, ProtocolError, RankId, RecvSpec
 from kv_transfer.header import Header, MessageKind
-from kv_transfer.regions import BlockRegion
+from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.staging import StagingPool
 
 
@@ -86,12 +86,15 @@ class Link(ABC):
     """The sender's end of one (sender rank -> receiver rank) pair."""
 
     peer: RankId
+    # How many consecutive layers one DATA message may carry (a `LayerSpan` source).
+    max_layers: int = 1
 
     @abstractmethod
     def send(
-        self, header: Header, region: BlockRegion | None, checksum: bool = False
+        self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
     ) -> Completion:
-        """Move one message (`region` is the source of a DATA message, else None).
+        """Move one message (`region` is the source of a DATA message, else None; a
+        `LayerSpan` of at most `max_layers` layers when `header.layer_count` > 1).
 
         With `checksum`, the link fills in `header.checksum` from the bytes it reads out
         of `region` (while they are hot in the cache). The link assigns `header.seq`.
@@ -155,11 +158,13 @@ def staging_for(
 class Target:
     """Where one validated DATA message lands: its destination region in the cache."""
 
-    region: BlockRegion
+    region: BlockRegion | LayerSpan  # a span only on endpoints that are `in_place`
     direct: bool  # the endpoint receives the payload straight into `views()`
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V destinations of a direct target, each one contiguous tensor."""
+        if not isinstance(self.region, BlockRegion):
+            raise TypeError("a layer span has no direct views")
         first, length = self.region.block_ids[0], len(self.region.block_ids)
         whole = self.region.run_view(first, length)
         return whole[0], whole[1]
@@ -199,6 +204,8 @@ class Inbox(Protocol):
 class Endpoint(ABC):
     """A transport's receiver side for one receiver rank."""
 
+    # Senders write payloads into the cache before their header arrives (shm); only
+    # such endpoints take DATA messages that span several layers.
     in_place: bool = False
 
     @abstractmethod

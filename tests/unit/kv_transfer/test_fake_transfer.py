@@ -59,9 +59,11 @@ def _instance(geo: KVGeometry, name: str, parallel: Parallelism, dtype: torch.dt
 
 
 class Cluster:
-    def __init__(self, geo: KVGeometry, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, geo: KVGeometry, dtype: torch.dtype = torch.float32, in_place: bool = False
+    ) -> None:
         self.geo, self.dtype = geo, dtype
-        self.fabric = FakeFabric()
+        self.fabric = FakeFabric(in_place)
         self.decodes: list[Instance] = []
         self.prefills: list[Instance] = []
 
@@ -214,12 +216,17 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["staged", "in-place"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("src,dst", LAYOUTS)
 def test_m_to_n_is_bit_exact(
-    cluster_factory: list[Cluster], src: Parallelism, dst: Parallelism, dtype: torch.dtype
+    cluster_factory: list[Cluster],
+    src: Parallelism,
+    dst: Parallelism,
+    dtype: torch.dtype,
+    in_place: bool,
 ) -> None:
-    c = Cluster(KVGeometry(num_layers=4, num_kv_heads=4), dtype)
+    c = Cluster(KVGeometry(num_layers=4, num_kv_heads=4), dtype, in_place)
     cluster_factory.append(c)
     pre, dec = c.prefill("prefill-0", src), c.decode("decode-0", dst)
     t = start(c, pre, dec, "t1", num_blocks=7)
@@ -236,8 +243,11 @@ def test_m_to_n_is_bit_exact(
     assert_no_leaks(c)
 
 
-def test_chunked_prefill_and_decode_prefix_hit(cluster_factory: list[Cluster]) -> None:
-    c = Cluster(KVGeometry(4, 2))
+@pytest.mark.parametrize("in_place", [False, True], ids=["staged", "in-place"])
+def test_chunked_prefill_and_decode_prefix_hit(
+    cluster_factory: list[Cluster], in_place: bool
+) -> None:
+    c = Cluster(KVGeometry(4, 2), in_place=in_place)
     cluster_factory.append(c)
     pre, dec = c.prefill("p", Parallelism(2, 1)), c.decode("d", Parallelism(1, 2))
     # The decode side already holds prompt blocks 0-1; chunks end at blocks 3 and 6.
@@ -246,6 +256,34 @@ def test_chunked_prefill_and_decode_prefix_hit(cluster_factory: list[Cluster]) -
     send_states, recv_states = end(c, pre, dec, t)
     assert states(recv_states) == states(send_states) == {TransferState.DONE}
     assert_landed(c, dec, t, first_block=2)
+    assert_no_leaks(c)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["staged", "in-place"])
+def test_queued_layers_share_a_message_where_the_link_takes_spans(
+    cluster_factory: list[Cluster], in_place: bool
+) -> None:
+    """While the first slice is held up, the other layers queue; an in-place link then
+    gets each run of them (same blocks, same receiver rank and heads) as one message,
+    and a moving link one message per layer. Either way the blocks land bit-exact."""
+    c = Cluster(KVGeometry(num_layers=6, num_kv_heads=2), in_place=in_place)
+    cluster_factory.append(c)
+    pre = c.prefill("p", Parallelism(), faults=[Fault(FaultKind.DELAY, delay_s=0.3)])
+    dec = c.decode("d", Parallelism(1, 2))  # layers 0-2 on rank 0, 3-5 on rank 1
+    t = start(c, pre, dec, "t1", num_blocks=5)
+    push(c, pre, t)
+    send_states, recv_states = end(c, pre, dec, t)
+    assert states(send_states) == states(recv_states) == {TransferState.DONE}
+    assert_landed(c, dec, t)
+    received = []
+    for receiver in dec.roles:
+        endpoint = receiver.endpoint  # type: ignore[union-attr]
+        assert isinstance(endpoint, FakeEndpoint)
+        received.append(endpoint.received_messages)
+    if not in_place:
+        assert received == [3, 3]
+    else:  # layers 3-5 queue while rank 0's first message is delayed
+        assert received[1] == 1 and received[0] in (1, 2)
     assert_no_leaks(c)
 
 

@@ -35,6 +35,7 @@ def _data(**kw: object) -> Header:
         _data(),
         _data(checksum=None, dtype=torch.float32),
         _data(checksum=0),
+        _data(layer=4, layer_count=26, shape=(26, 2, 64, 16, 1, 64)),
         Header(MessageKind.END, "t" * 64, 0, seq=1),
         Header(MessageKind.ABORT, "é-id", 1),
         Hello("prefill-0", 3, 2, 2, bytes(range(16))),
@@ -74,3 +75,11 @@ def test_unencodable_values_are_refused() -> None:
         _data(shape=(1,) * 7).pack()
     with pytest.raises(ValueError):
         Hello("x", 0, 1, 1, b"short").pack()
+
+
+def test_a_layer_span_names_its_layers_and_a_zero_count_is_rejected() -> None:
+    span = _data(layer=4, layer_count=3)
+    assert span.layers == range(4, 7) and _data().layers == range(29, 30)
+    buf = bytearray(_data(layer_count=0).pack())
+    with pytest.raises(ProtocolError, match="layer count"):
+        decode(bytes(buf))
