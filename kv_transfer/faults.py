@@ -12,7 +12,10 @@ order the sender sends them:
   that stay in one process sever the link instead).
 
 A fault applies to DATA messages `after ... after + times - 1` (`times=0`: all from
-`after` on). Control messages pass untouched, except after a KILL.
+`after` on). Control messages pass untouched, except after a KILL. So that an index
+names one layer's slice whatever the timing, a faulty link carries one layer per
+message; `spans=True` keeps the inner link's layer spans (a DATA message may then carry
+several layers, as many as were queued).
 """
 
 from __future__ import annotations
@@ -87,8 +90,10 @@ class FaultyConnector(Connector):
         inner: Connector,
         faults: Sequence[Fault],
         on_kill: Callable[[Link], None] = _kill_self,
+        spans: bool = False,
     ) -> None:
         self._inner, self._faults, self._on_kill = inner, tuple(faults), on_kill
+        self.spans = spans
         self._lock = threading.Lock()
         self._count = 0
         self.killed = False
@@ -115,7 +120,7 @@ class _FaultyLink(Link):
     def __init__(self, inner: Link, owner: FaultyConnector) -> None:
         self._inner, self._owner = inner, owner
         self.peer = inner.peer
-        self.max_layers = inner.max_layers
+        self.max_layers = inner.max_layers if owner.spans else 1
 
     @property
     def broken(self) -> bool:

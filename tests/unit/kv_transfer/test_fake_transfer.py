@@ -81,13 +81,14 @@ class Cluster:
         name: str,
         parallel: Parallelism,
         faults: Sequence[Fault] = (),
+        spans: bool = False,
     ) -> Instance:
         inst = _instance(self.geo, name, parallel, self.dtype)
         senders = []
         for me, cache in zip(inst.ranks, inst.caches, strict=True):
             connector: Connector = self.fabric.connector()
             if faults:
-                connector = FaultyConnector(connector, faults, on_kill=_sever)
+                connector = FaultyConnector(connector, faults, on_kill=_sever, spans=spans)
             senders.append(KVSender(me, cache, self.geo, connector))
         inst.roles = senders
         self.prefills.append(inst)
@@ -268,7 +269,7 @@ def test_queued_layers_share_a_message_where_the_link_takes_spans(
     and a moving link one message per layer. Either way the blocks land bit-exact."""
     c = Cluster(KVGeometry(num_layers=6, num_kv_heads=2), in_place=in_place)
     cluster_factory.append(c)
-    pre = c.prefill("p", Parallelism(), faults=[Fault(FaultKind.DELAY, delay_s=0.3)])
+    pre = c.prefill("p", Parallelism(), faults=[Fault(FaultKind.DELAY, delay_s=0.3)], spans=True)
     dec = c.decode("d", Parallelism(1, 2))  # layers 0-2 on rank 0, 3-5 on rank 1
     t = start(c, pre, dec, "t1", num_blocks=5)
     push(c, pre, t)
@@ -341,13 +342,18 @@ def test_two_senders_into_one_receiver(cluster_factory: list[Cluster]) -> None:
 
 
 @pytest.mark.parametrize("kind", [FaultKind.DROP, FaultKind.CORRUPT])
-@pytest.mark.parametrize("after", [0, 3])
+@pytest.mark.parametrize(
+    ("after", "in_place"),
+    [(0, False), (3, False), (0, True)],
+    ids=["first", "fourth", "first-span-in-place"],
+)
 def test_drop_or_corruption_fails_the_receiver(
-    cluster_factory: list[Cluster], kind: FaultKind, after: int
+    cluster_factory: list[Cluster], kind: FaultKind, after: int, in_place: bool
 ) -> None:
-    c = Cluster(KVGeometry(4, 2))
+    c = Cluster(KVGeometry(4, 2), in_place=in_place)
     cluster_factory.append(c)
-    pre = c.prefill("p", Parallelism(1, 1), faults=[Fault(kind, after=after)])
+    faults = [Fault(kind, after=after)]
+    pre = c.prefill("p", Parallelism(1, 1), faults=faults, spans=in_place)
     dec = c.decode("d", Parallelism(1, 1))
     t = start(c, pre, dec, "t1", num_blocks=4)
     push(c, pre, t)
