@@ -13,10 +13,11 @@ write into the transfer's blocks. The control listener is an abstract Unix socke
 
 Sender link, per pair: maps the file and connects the control socket. Per DATA
 message, under a shared flock, it finds the transfer's OPEN slot, looks up the
-destination blocks there, and copies the source region straight into them (one copy,
-like CUDA IPC within a node); then it writes the header, which tells the receiver the
-slice is complete. The receiver verifies the checksum in place. A sender can only
-write into blocks of a slot the receiver opened, within that slot's block range.
+destination blocks there, and copies the source region (or a span of consecutive
+layers) straight into them (one copy, like CUDA IPC within a node); then it writes the
+header, which tells the receiver the slice is complete. The receiver verifies the
+checksum in place. A sender can only write into blocks of a slot the receiver opened,
+within that slot's block range.
 
 Segments are named `pdkv-<pid>-<random>`; `sweep_stale_segments` removes those whose
 creating process is gone (a receiver that was killed cannot unlink its own).
