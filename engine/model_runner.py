@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 
 import torch
@@ -111,16 +110,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None]]:
         """Compute the step; returns a token for each scheduled seq that samples."""
-        with self._broadcasting():
+        with self.keepalive.step() if self.keepalive else contextlib.nullcontext():
             return self._execute(out)
-
-    @contextlib.contextmanager
-    def _broadcasting(self) -> Iterator[None]:
-        if self.keepalive is None:
-            yield
-        else:
-            with self.keepalive.step():
-                yield
 
     def _execute(self, out: SchedulerOutput) -> tuple[list[int], list[TokenLogprob | None]]:
         if self._pipelines(out):

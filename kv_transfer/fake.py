@@ -17,7 +17,7 @@ import torch
 
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.header import TOKEN_BYTES, Header
-from kv_transfer.regions import BlockRegion, LayerSpan
+from kv_transfer.regions import BlockRegion, LayerSpan, copy_into
 from kv_transfer.regions import checksum as payload_checksum
 from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Peer, staging_for
 
@@ -124,7 +124,7 @@ class FakeLink(Link):
                 header = header.with_checksum(region.checksum())
             target = inbox.prepare(self._from, header, direct_ok=False)
             if target is not None:
-                _copy_into(target.region, region)
+                copy_into(target.region, region)
                 self._endpoint.received_bytes += header.nbytes
                 self._endpoint.received_messages += 1
         elif region is not None:
@@ -160,14 +160,3 @@ class FakeConnector(Connector):
 
     def connect(self, me: LocalRank, peer: RankId) -> Link:
         return FakeLink(me, peer, self._fabric._lookup(peer))
-
-
-def _copy_into(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> None:
-    if isinstance(dst, LayerSpan) != isinstance(src, LayerSpan):
-        raise TypeError(f"cannot copy {type(src).__name__} into {type(dst).__name__}")
-    if isinstance(dst, LayerSpan):
-        assert isinstance(src, LayerSpan)
-        dst.copy_from(src)
-    else:
-        assert isinstance(src, BlockRegion)
-        dst.copy_from(src)

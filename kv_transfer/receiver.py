@@ -46,7 +46,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
-from kv_transfer.regions import BlockRegion, LayerSpan, checksum
+from kv_transfer.regions import BlockRegion, LayerSpan, checksum, source_of
 from kv_transfer.transport import Endpoint, Peer, Target
 
 logger = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class KVReceiver:
             BlockRegion(self._cache, layer - self._layers.start, heads, heads + h.head_count, ids)
             for layer in h.layers
         )
-        region: BlockRegion | LayerSpan = regions[0] if len(regions) == 1 else LayerSpan(regions)
+        region = source_of(regions)
         if (h.dtype, h.shape, h.nbytes) != (region.dtype, region.shape, region.nbytes):
             return f"payload {h.dtype} {h.shape} does not match {region.dtype} {region.shape}"
         return region, keys

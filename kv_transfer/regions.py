@@ -273,3 +273,18 @@ class LayerSpan:
     def flip_byte(self) -> None:
         """Invert one byte of the span (fault injection only)."""
         self.regions[0].flip_byte()
+
+
+def source_of(regions: tuple[BlockRegion, ...]) -> BlockRegion | LayerSpan:
+    """One layer's region as itself, several layers' as a `LayerSpan`."""
+    return regions[0] if len(regions) == 1 else LayerSpan(regions)
+
+
+def copy_into(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> None:
+    """Copy a region into a region, or a span into a span of as many layers."""
+    if isinstance(dst, LayerSpan) and isinstance(src, LayerSpan):
+        dst.copy_from(src)
+        return
+    if not (isinstance(dst, BlockRegion) and isinstance(src, BlockRegion)):
+        raise ValueError(f"cannot copy a {type(src).__name__} into a {type(dst).__name__}")
+    dst.copy_from(src)

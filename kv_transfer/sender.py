@@ -49,7 +49,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_from
-from kv_transfer.regions import BlockRegion, LayerSpan
+from kv_transfer.regions import BlockRegion, LayerSpan, source_of
 from kv_transfer.transport import Completion, Connector, Link
 
 logger = logging.getLogger(__name__)
@@ -418,33 +418,31 @@ class KVSender:
         return group
 
     def _send_slices(self, group: list[_Slice]) -> None:
-        """One message per route for the whole group where the links take spans of its
-        length; else the slices one by one."""
-        out = group[0].out
-        if len(group) == 1 or out.status.terminal:
-            self._send_slice(group[0])
-            for job in group[1:]:
-                self._send_slice(job)
+        """One message per route for the whole group where every route's link takes
+        spans of its length; else one message per route for each slice in turn."""
+        out, first = group[0].out, group[0]
+        if out.status.terminal:
             return
-        routes = out.by_layer[group[0].layer]
-        if any(self._link(out, r.dst).max_layers < len(group) for r in routes):
+        routes = out.by_layer[first.layer]
+        if len(group) > 1 and any(self._link(out, r.dst).max_layers < len(group) for r in routes):
             for job in group:
-                self._send_slice(job)
+                self._send_slices([job])
             return
-        first = group[0]
+        for job in group:
+            if job.ready is not None:
+                job.ready.synchronize()
         for route in routes:
-            span = LayerSpan(
-                tuple(
-                    BlockRegion(
-                        self._cache,
-                        job.layer - self._layers.start,
-                        route.head_start - self._heads.start,
-                        route.head_stop - self._heads.start,
-                        job.block_ids,
-                    )
-                    for job in group
+            regions = tuple(
+                BlockRegion(
+                    self._cache,
+                    job.layer - self._layers.start,
+                    route.head_start - self._heads.start,
+                    route.head_stop - self._heads.start,
+                    job.block_ids,
                 )
+                for job in group
             )
+            source = source_of(regions)
             header = Header(
                 MessageKind.DATA,
                 out.spec.transfer_id,
@@ -454,47 +452,15 @@ class KVSender:
                 head_count=route.num_heads,
                 block_start=first.first_block,
                 block_count=len(first.block_ids),
-                dtype=span.dtype,
-                shape=span.shape,
-                nbytes=span.nbytes,
+                dtype=source.dtype,
+                shape=source.shape,
+                nbytes=source.nbytes,
                 layer_count=len(group),
             )
             self._wait_for_room(out)
             if out.status.terminal:
                 return
-            self._send(out, self._link(out, route.dst), header, span, self._checksum)
-
-    def _send_slice(self, job: _Slice) -> None:
-        out = job.out
-        if out.status.terminal:
-            return
-        if job.ready is not None:
-            job.ready.synchronize()
-        for route in out.by_layer[job.layer]:
-            region = BlockRegion(
-                self._cache,
-                job.layer - self._layers.start,
-                route.head_start - self._heads.start,
-                route.head_stop - self._heads.start,
-                job.block_ids,
-            )
-            header = Header(
-                MessageKind.DATA,
-                out.spec.transfer_id,
-                self.me.rank,
-                layer=job.layer,
-                head_start=route.head_start,
-                head_count=route.num_heads,
-                block_start=job.first_block,
-                block_count=len(job.block_ids),
-                dtype=region.dtype,
-                shape=region.shape,
-                nbytes=region.nbytes,
-            )
-            self._wait_for_room(out)
-            if out.status.terminal:
-                return
-            self._send(out, self._link(out, route.dst), header, region, self._checksum)
+            self._send(out, self._link(out, route.dst), header, source, self._checksum)
 
     def _send_control(self, out: _Outbound, kind: MessageKind) -> None:
         if kind is MessageKind.END and out.status.terminal:
