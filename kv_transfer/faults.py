@@ -59,20 +59,9 @@ class Fault:
         return index >= self.after and (self.times == 0 or index < self.after + self.times)
 
 
-def _private_copy(region: BlockRegion) -> BlockRegion:
-    """A region over a private copy of `region`'s bytes."""
-    return BlockRegion(
-        region.gather().unsqueeze(0), 0, 0, region.shape[3], tuple(range(region.shape[1]))
-    )
-
-
 def _corrupted_copy(region: BlockRegion | LayerSpan) -> BlockRegion | LayerSpan:
     """A private copy of `region`'s bytes, with one byte inverted."""
-    copy: BlockRegion | LayerSpan = (
-        LayerSpan(tuple(_private_copy(r) for r in region.regions))
-        if isinstance(region, LayerSpan)
-        else _private_copy(region)
-    )
+    copy = region.private_copy()
     copy.flip_byte()
     return copy
 

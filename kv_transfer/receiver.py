@@ -46,7 +46,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
-from kv_transfer.regions import BlockRegion, LayerSpan, checksum, source_of
+from kv_transfer.regions import BlockRegion, LayerSpan, checksum, region_of
 from kv_transfer.transport import Endpoint, Peer, Target
 
 logger = logging.getLogger(__name__)
@@ -336,11 +336,8 @@ class KVReceiver:
             return f"blocks {h.block_start}+{h.block_count} outside the reserved blocks"
         heads = h.head_start - self._heads.start
         ids = inb.spec.block_ids[first : first + h.block_count]
-        regions = tuple(
-            BlockRegion(self._cache, layer - self._layers.start, heads, heads + h.head_count, ids)
-            for layer in h.layers
-        )
-        region = source_of(regions)
+        layers = range(h.layer - self._layers.start, h.layer + h.layer_count - self._layers.start)
+        region = region_of(self._cache, layers, heads, heads + h.head_count, ids)
         if (h.dtype, h.shape, h.nbytes) != (region.dtype, region.shape, region.nbytes):
             return f"payload {h.dtype} {h.shape} does not match {region.dtype} {region.shape}"
         return region, keys

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -125,10 +126,7 @@ class BlockRegion:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.cache.element_size()
+        return math.prod(self.shape) * self.cache.element_size()
 
     @cached_property
     def _layer(self) -> torch.Tensor:
@@ -198,6 +196,11 @@ class BlockRegion:
         parts = [_block_sums(self.run_view(b, n)) for _, b, n in self._runs]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
+    def private_copy(self) -> BlockRegion:
+        """A region over a copy of these bytes, in a cache of its own."""
+        _, n, _, heads, _ = self.shape
+        return BlockRegion(self.gather().unsqueeze(0), 0, 0, heads, tuple(range(n)))
+
     def flip_byte(self) -> None:
         """Invert one byte of the region (fault injection only)."""
         first = self.run_view(self.block_ids[0], 1)
@@ -206,63 +209,78 @@ class BlockRegion:
 
 @dataclass(frozen=True)
 class LayerSpan:
-    """The same heads and blocks of consecutive layers, one region per layer: the payload
-    of a DATA message that covers `header.layer_count` layers. A transport that writes
-    in place (shm) moves a span region by region under one lock and one header; its
-    checksum covers every layer's blocks, in layer order."""
+    """`cache[layer : layer + layer_count, :, block_ids, :, head_start:head_stop]`: the
+    same heads and blocks of consecutive layers, the payload of a DATA message that
+    covers `header.layer_count` layers. Building one costs the same for any number of
+    layers; over one run of blocks it is one strided view of the cache, so a span is
+    checksummed and copied with one op each. Its checksum covers every layer's blocks,
+    in layer order, and a one-layer span's equals its region's."""
 
-    regions: tuple[BlockRegion, ...]
+    cache: torch.Tensor
+    layer: int
+    layer_count: int
+    head_start: int
+    head_stop: int
+    block_ids: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if not self.regions:
-            raise ValueError("a layer span needs at least one region")
-        first = self.regions[0]
-        if any((r.shape, r.dtype) != (first.shape, first.dtype) for r in self.regions):
-            raise ValueError("a layer span's regions differ in shape or dtype")
+        if self.layer_count < 1:
+            raise ValueError(f"a layer span needs at least one layer, got {self.layer_count}")
+        if self.layer + self.layer_count > self.cache.shape[0]:
+            raise IndexError(
+                f"layers {self.layer}+{self.layer_count} outside {self.cache.shape[0]}"
+            )
+        self.first()  # raises if the heads or blocks are out of range
+
+    def first(self) -> BlockRegion:
+        """The first layer's region."""
+        return BlockRegion(self.cache, self.layer, self.head_start, self.head_stop, self.block_ids)
+
+    @cached_property
+    def regions(self) -> tuple[BlockRegion, ...]:
+        """One region per layer (what a fragmented span moves, region by region)."""
+        return tuple(
+            BlockRegion(self.cache, layer, self.head_start, self.head_stop, self.block_ids)
+            for layer in range(self.layer, self.layer + self.layer_count)
+        )
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.regions), *self.regions[0].shape)
+        _, _, _, slots, _, dim = self.cache.shape
+        n, heads = len(self.block_ids), self.head_stop - self.head_start
+        return (self.layer_count, 2, n, slots, heads, dim)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.regions[0].dtype
+        return self.cache.dtype
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.regions)
+        return math.prod(self.shape) * self.cache.element_size()
 
     @cached_property
     def _view(self) -> torch.Tensor | None:
-        """[layers, 2, n, slot, head, dim] as one strided view of the cache, when the
-        regions are consecutive layers of one cache over one run of blocks."""
-        first = self.regions[0]
-        ids = first.block_ids
+        """[layers, 2, n, slot, head, dim] as one strided view, over one run of blocks."""
+        ids = self.block_ids
         if not _consecutive(ids):
             return None
-        for i, r in enumerate(self.regions):
-            if r.cache is not first.cache or (r.layer, r.head_start, r.head_stop, r.block_ids) != (
-                first.layer + i,
-                first.head_start,
-                first.head_stop,
-                ids,
-            ):
-                return None
-        layers = slice(first.layer, first.layer + len(self.regions))
-        blocks = slice(ids[0], ids[0] + len(ids))
-        heads = slice(first.head_start, first.head_stop)
-        return first.cache[layers, :, blocks, :, heads]
+        return self.cache[
+            self.layer : self.layer + self.layer_count,
+            :,
+            ids[0] : ids[0] + len(ids),
+            :,
+            self.head_start : self.head_stop,
+        ]
 
     def checksum(self) -> int:
-        """The regions' block sums in layer order, folded; one region's equals its own."""
         view = self._view
         if view is not None:
             return _fold(_block_sums(view))
         return _fold(torch.stack([r.block_sums() for r in self.regions]))
 
     def copy_from(self, src: LayerSpan) -> None:
-        if len(src.regions) != len(self.regions):
-            raise ValueError(f"span of {len(src.regions)} layers into {len(self.regions)}")
+        if src.layer_count != self.layer_count:
+            raise ValueError(f"span of {src.layer_count} layers into {self.layer_count}")
         mine, theirs = self._view, src._view
         if mine is not None and theirs is not None and mine.shape == theirs.shape:
             mine.copy_(theirs)
@@ -270,14 +288,30 @@ class LayerSpan:
         for dst, part in zip(self.regions, src.regions, strict=True):
             dst.copy_from(part)
 
+    def private_copy(self) -> LayerSpan:
+        """A span over a copy of these bytes, in a cache of its own."""
+        shape = self.shape
+        copy = torch.empty(shape, dtype=self.dtype, device=self.cache.device)
+        for i, region in enumerate(self.regions):
+            region.gather(out=copy[i])
+        return LayerSpan(copy, 0, self.layer_count, 0, shape[4], tuple(range(shape[2])))
+
     def flip_byte(self) -> None:
         """Invert one byte of the span (fault injection only)."""
-        self.regions[0].flip_byte()
+        self.first().flip_byte()
 
 
-def source_of(regions: tuple[BlockRegion, ...]) -> BlockRegion | LayerSpan:
-    """One layer's region as itself, several layers' as a `LayerSpan`."""
-    return regions[0] if len(regions) == 1 else LayerSpan(regions)
+def region_of(
+    cache: torch.Tensor,
+    layers: range,
+    head_start: int,
+    head_stop: int,
+    block_ids: tuple[int, ...],
+) -> BlockRegion | LayerSpan:
+    """The source or destination of one DATA message: one layer's region, or a span."""
+    if len(layers) == 1:
+        return BlockRegion(cache, layers.start, head_start, head_stop, block_ids)
+    return LayerSpan(cache, layers.start, len(layers), head_start, head_stop, block_ids)
 
 
 def copy_into(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> None:

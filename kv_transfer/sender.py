@@ -49,7 +49,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_from
-from kv_transfer.regions import BlockRegion, LayerSpan, source_of
+from kv_transfer.regions import BlockRegion, LayerSpan, region_of
 from kv_transfer.transport import Completion, Connector, Link
 
 logger = logging.getLogger(__name__)
@@ -432,17 +432,13 @@ class KVSender:
             if job.ready is not None:
                 job.ready.synchronize()
         for route in routes:
-            regions = tuple(
-                BlockRegion(
-                    self._cache,
-                    job.layer - self._layers.start,
-                    route.head_start - self._heads.start,
-                    route.head_stop - self._heads.start,
-                    job.block_ids,
-                )
-                for job in group
+            source = region_of(
+                self._cache,
+                range(first.layer - self._layers.start, group[-1].layer + 1 - self._layers.start),
+                route.head_start - self._heads.start,
+                route.head_stop - self._heads.start,
+                first.block_ids,
             )
-            source = source_of(regions)
             header = Header(
                 MessageKind.DATA,
                 out.spec.transfer_id,

@@ -45,7 +45,7 @@ from kv_transfer.base import MAX_TRANSFER_ID_BYTES, LocalRank, RankId, RecvSpec,
 from kv_transfer.control import ControlClient, ControlServer, Finish, listen
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.mapping import KVGeometry
-from kv_transfer.regions import BlockRegion, LayerSpan, copy_into, source_of
+from kv_transfer.regions import BlockRegion, LayerSpan, copy_into, region_of
 from kv_transfer.rendezvous import Lease, RendezvousStore, encode_record, rank_key, resolve
 from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Target
 
@@ -375,18 +375,8 @@ class _ShmLink(Link):
             ids = tuple(row[_HEAD_WORDS + pos : _HEAD_WORDS + pos + header.block_count].tolist())
             heads = header.head_start - self._head0
             try:
-                dst = source_of(
-                    tuple(
-                        BlockRegion(
-                            self._seg.cache,
-                            layer - self._layer0,
-                            heads,
-                            heads + header.head_count,
-                            ids,
-                        )
-                        for layer in header.layers
-                    )
-                )
+                layers = range(header.layer - self._layer0, header.layers.stop - self._layer0)
+                dst = region_of(self._seg.cache, layers, heads, heads + header.head_count, ids)
                 copy_into(dst, region)
             except (IndexError, ValueError) as e:
                 return f"slice does not fit {self.peer}'s cache: {e}"

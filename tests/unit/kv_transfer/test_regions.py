@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.regions import BlockRegion, LayerSpan, checksum, runs
+from kv_transfer.regions import BlockRegion, LayerSpan, checksum, region_of, runs
 
 # [layer, kv, block, slot, head, dim]
 SHAPE = (3, 2, 24, 4, 4, 16)
@@ -105,29 +105,26 @@ def test_bad_regions_are_refused() -> None:
         region.copy_from(BlockRegion(cache, 0, 0, 1, (1, 2)))
 
 
-def _private(region: BlockRegion) -> BlockRegion:
-    return BlockRegion(
-        region.gather().unsqueeze(0), 0, 0, region.shape[3], tuple(range(region.shape[1]))
-    )
-
-
 @pytest.mark.parametrize("ids", [CONTIGUOUS, MIXED])
 def test_layer_span_checksums_and_copies_layer_by_layer(ids: tuple[int, ...]) -> None:
     cache = _cache(torch.float32, 5)
-    span = LayerSpan(tuple(BlockRegion(cache, layer, 1, 3, ids) for layer in range(3)))
+    span = LayerSpan(cache, 0, 3, 1, 3, ids)
     assert span.shape == (3, 2, len(ids), 4, 2, 16)
     assert span.nbytes == 3 * span.regions[0].nbytes
+    assert region_of(cache, range(0, 3), 1, 3, ids) == span
+    assert region_of(cache, range(2, 3), 1, 3, ids) == span.regions[2]
     # One strided pass over the cache (consecutive blocks) or region by region: the same
-    # value, and the same as for private copies of the regions.
-    copies = LayerSpan(tuple(_private(r) for r in span.regions))
-    assert span.checksum() == copies.checksum()
-    one = LayerSpan(span.regions[:1])
+    # value, and the same as for a private copy of the span.
+    copy = span.private_copy()
+    assert copy.cache.data_ptr() != cache.data_ptr()
+    assert copy.checksum() == span.checksum()
+    one = LayerSpan(cache, 0, 1, 1, 3, ids)
     assert one.checksum() == span.regions[0].checksum()
-    swapped = LayerSpan((span.regions[1], span.regions[0], span.regions[2]))
+    swapped = LayerSpan(copy.cache[[1, 0, 2]], 0, 3, 0, 2, copy.block_ids)
     assert swapped.checksum() != span.checksum()
 
     dst_cache = torch.zeros(SHAPE)
-    dst = LayerSpan(tuple(BlockRegion(dst_cache, layer, 0, 2, CONTIGUOUS) for layer in range(3)))
+    dst = LayerSpan(dst_cache, 0, 3, 0, 2, CONTIGUOUS)
     dst.copy_from(span)
     for d, s in zip(dst.regions, span.regions, strict=True):
         assert torch.equal(d.gather(), s.gather())
@@ -138,11 +135,13 @@ def test_layer_span_checksums_and_copies_layer_by_layer(ids: tuple[int, ...]) ->
         dst.copy_from(one)
 
 
-def test_a_layer_span_needs_regions_of_one_shape() -> None:
+def test_a_layer_span_is_validated_when_built() -> None:
     cache = _cache(torch.float32)
-    with pytest.raises(ValueError):
-        LayerSpan(())
-    with pytest.raises(ValueError, match="shape"):
-        LayerSpan(
-            (BlockRegion(cache, 0, 0, 2, CONTIGUOUS), BlockRegion(cache, 1, 0, 1, CONTIGUOUS))
-        )
+    with pytest.raises(ValueError, match="at least one layer"):
+        LayerSpan(cache, 0, 0, 0, 2, CONTIGUOUS)
+    with pytest.raises(IndexError, match="layers"):
+        LayerSpan(cache, SHAPE[0] - 1, 2, 0, 2, CONTIGUOUS)
+    with pytest.raises(IndexError, match="heads"):
+        LayerSpan(cache, 0, 2, 0, SHAPE[4] + 1, CONTIGUOUS)
+    with pytest.raises(IndexError, match="block ids"):
+        LayerSpan(cache, 0, 2, 0, 2, (SHAPE[2],))
