@@ -299,7 +299,6 @@ class KVReceiver:
             if inb.status.terminal or inb.ending:
                 return
             if payload is not None:
-                assert isinstance(region, BlockRegion)  # spans only land in place
                 region.scatter(payload)
                 if payload.is_cuda:  # landed before DONE, and before the buffer is reused
                     torch.cuda.current_stream(payload.device).synchronize()
@@ -316,8 +315,6 @@ class KVReceiver:
         self, inb: _Inbound, peer: Peer, h: Header
     ) -> tuple[BlockRegion | LayerSpan, tuple[Key, ...]] | str:
         """The destination of a DATA message, or why it does not belong here."""
-        if h.layer_count > 1 and not self._endpoint.in_place:
-            return f"layers {h.layer}+{h.layer_count} in one message on a moving transport"
         keys = tuple((peer.id.rank, layer) for layer in h.layers)
         for key in keys:
             route = inb.routes.get(key)

@@ -211,7 +211,8 @@ class BlockRegion:
 class LayerSpan:
     """`cache[layer : layer + layer_count, :, block_ids, :, head_start:head_stop]`: the
     same heads and blocks of consecutive layers, the payload of a DATA message that
-    covers `header.layer_count` layers. Building one costs the same for any number of
+    covers `header.layer_count` layers (contiguous form `[layers, 2, n, slot, head,
+    dim]`). Building one costs the same for any number of
     layers; over one run of blocks it is one strided view of the cache, so a span is
     checksummed and copied with one op each. Its checksum covers every layer's blocks,
     in layer order, and a one-layer span's equals its region's."""
@@ -288,13 +289,35 @@ class LayerSpan:
         for dst, part in zip(self.regions, src.regions, strict=True):
             dst.copy_from(part)
 
+    def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The span's contiguous [layers, 2, n, slot, head, dim] copy (into `out`)."""
+        if out is None:
+            out = torch.empty(self.shape, dtype=self.dtype, device=self.cache.device)
+        view = self._view
+        if view is not None:
+            return out.copy_(view)
+        for i, region in enumerate(self.regions):
+            region.gather(out=out[i])
+        return out
+
+    def scatter(self, payload: torch.Tensor) -> None:
+        """Write a contiguous [layers, 2, n, slot, head, dim] payload into the span."""
+        if tuple(payload.shape) != self.shape or payload.dtype != self.dtype:
+            raise ValueError(
+                f"payload {tuple(payload.shape)} {payload.dtype} does not fit "
+                f"span {self.shape} {self.dtype}"
+            )
+        view = self._view
+        if view is not None:
+            view.copy_(payload)
+            return
+        for i, region in enumerate(self.regions):
+            region.scatter(payload[i])
+
     def private_copy(self) -> LayerSpan:
         """A span over a copy of these bytes, in a cache of its own."""
         shape = self.shape
-        copy = torch.empty(shape, dtype=self.dtype, device=self.cache.device)
-        for i, region in enumerate(self.regions):
-            region.gather(out=copy[i])
-        return LayerSpan(copy, 0, self.layer_count, 0, shape[4], tuple(range(shape[2])))
+        return LayerSpan(self.gather(), 0, self.layer_count, 0, shape[4], tuple(range(shape[2])))
 
     def flip_byte(self) -> None:
         """Invert one byte of the span (fault injection only)."""

@@ -18,7 +18,8 @@ Sending a layer overlaps computing the next one: the engine thread only queues, 
 pump copies, and the transport moves bytes on its own threads. When slices of
 consecutive layers with the same blocks are already queued (the pump fell behind, or a
 whole prompt was computed before its send), a link that takes several layers at once
-(shm) gets them as one message: one lock, one header and one checksum for the span.
+gets them as one message of up to `max_span_bytes`: one header and one checksum for
+the span, and one copy (shm) or one staged send (torch_dist).
 Links are created lazily per receiver rank and reused; a broken link is dropped and the
 next transfer that needs the pair connects again.
 """
@@ -65,7 +66,10 @@ class SenderConfig:
     max_span_bytes: int = 4 << 20  # one message's bytes when layers are coalesced
 
     def __post_init__(self) -> None:
-        if self.max_inflight_bytes < 1 or self.op_timeout_s <= 0 or self.tick_s <= 0:
+        if (
+            min(self.max_inflight_bytes, self.max_span_bytes) < 1
+            or min(self.op_timeout_s, self.tick_s) <= 0
+        ):
             raise ValueError(f"invalid SenderConfig {self}")
 
 

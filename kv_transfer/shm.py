@@ -214,8 +214,6 @@ class _InPlace:
 class ShmEndpoint(Endpoint):
     """A decode rank whose cache is `segment.cache`; senders on this host write into it."""
 
-    in_place = True
-
     def __init__(
         self,
         store: RendezvousStore,

@@ -13,10 +13,12 @@ A pair (sender rank, receiver rank) is created lazily on its first slice and reu
 
 Gloo for CPU tensors, NCCL for CUDA ones; both with a short timeout. Per DATA message
 the sender gathers the slice into a staging tensor, writes the header on the control
-socket and posts asynchronous sends of its K and V halves; a waiter thread waits on the
-sends in order and resolves their completions. The receiver reads the header, has the
-receiver role validate it, and receives straight into the destination blocks when they
-are one contiguous run (else into staging, scattered when it lands). Any error or
+socket and posts asynchronous sends of its K and V halves (a span of several layers,
+which the sender coalesces when they queue up, goes as one tensor); a waiter thread
+waits on the sends in order and resolves their completions. The receiver reads the
+header, has the receiver role validate it, and receives a layer straight into the
+destination blocks when they are one contiguous run (else, and for spans, into
+staging, scattered when it lands). Any error or
 timeout tears the pair down on that side (control socket closed, group dropped or
 aborted); the other side's pending operations then fail, and the next transfer builds
 a new pair.
@@ -67,7 +69,6 @@ logger = logging.getLogger(__name__)
 TRANSPORT = "torch_dist"
 _RECORD = {"control": str, "store": str, "backend": str}
 _POLL_S = 1e-4  # NCCL completion polling
-_K_TAG, _V_TAG = 0, 1  # a DATA payload travels as its K half, then its V half
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class TorchDistConfig:
     # no gather copy. The sender's finish() then waits until those sends complete
     # (bounded by the transfer's deadline) instead of only until they are copied out:
     # faster on few cores, but a stalled decode peer then stalls the prefill engine's
-    # step for up to the deadline.
+    # step for up to the deadline. Such a link sends one layer per message.
     zero_copy: bool = False
 
     def __post_init__(self) -> None:
@@ -89,6 +90,14 @@ class TorchDistConfig:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
         if min(self.connect_timeout_s, self.op_timeout_s, self.ttl_s) <= 0:
             raise ValueError(f"timeouts must be > 0: {self}")
+
+
+def _parts(payload: torch.Tensor, header: Header) -> tuple[torch.Tensor, ...]:
+    """What a DATA payload travels as: one layer as its K half, then its V half (either
+    may land straight in the cache); a span of layers as one tensor."""
+    if header.layer_count > 1:
+        return (payload,)
+    return payload[0], payload[1]
 
 
 def _backend_for(device: torch.device) -> str:
@@ -150,6 +159,9 @@ class _Link(Link):
         self.peer = peer
         self._control, self._store, self._group = control, store, group
         self._backend, self._timeout, self._zero_copy = backend, op_timeout_s, zero_copy
+        # A span is gathered into one staging tensor and sent as one; zero-copy links
+        # send layer by layer instead, each straight from the cache.
+        self.max_layers = 1 if zero_copy else 1 << 16
         self._lock = threading.Lock()
         self._seq = 0
         self._broken = False
@@ -167,8 +179,6 @@ class _Link(Link):
     def send(
         self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
     ) -> Completion:
-        if isinstance(region, LayerSpan):
-            raise TypeError("this link moves one layer per message")
         with self._lock:
             if self._broken:
                 raise TransferError(f"pair to {self.peer} is closed")
@@ -176,20 +186,21 @@ class _Link(Link):
             if region is None:
                 self._control.send(header.pack())
                 return Completion.resolved()
-            zero_copy = self._zero_copy and region.dense
+            zero_copy = isinstance(region, BlockRegion) and self._zero_copy and region.dense
             if zero_copy:  # K and V are each contiguous in the cache: send them as they lie
+                assert isinstance(region, BlockRegion)
                 staging = region.run_view(region.block_ids[0], len(region.block_ids))
             else:
                 staging = region.gather(
-                    out=self._pool.take(region.shape, region.dtype, region.device)
+                    out=self._pool.take(region.shape, region.dtype, region.cache.device)
                 )
             if checksum:
                 header = header.with_checksum(payload_checksum(staging))
             self._control.send(header.pack())
             try:
                 works = [
-                    self._group.send([staging[0]], 1, _K_TAG),
-                    self._group.send([staging[1]], 1, _V_TAG),
+                    self._group.send([part], 1, tag)
+                    for tag, part in enumerate(_parts(staging, header))
                 ]
             except RuntimeError as e:
                 raise TransferError(f"send to {self.peer}: {e}") from e
@@ -269,19 +280,22 @@ class TorchDistConnector(Connector):
 
 
 class ReceiveStats:
-    """How DATA payloads arrived: straight into their blocks, or through staging."""
+    """How DATA payloads arrived: straight into their blocks, or through staging (and
+    how many of those carried a span of several layers)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.direct = 0
         self.staged = 0
+        self.spans = 0
 
-    def count(self, direct: bool) -> None:
+    def count(self, direct: bool, span: bool = False) -> None:
         with self._lock:
             if direct:
                 self.direct += 1
             else:
                 self.staged += 1
+            self.spans += span
 
 
 class _Session:
@@ -303,16 +317,16 @@ class _Session:
 
     def start(self, header: Header, target: Target | None) -> Finish:
         if target is not None and target.direct:
-            works = self._post(*target.views())
+            works = self._post(target.views())
             self._stats.count(direct=True)
 
             def finish_direct() -> None:
                 self._wait_all(works)
 
             return finish_direct
-        self._stats.count(direct=False)
+        self._stats.count(direct=False, span=header.layer_count > 1)
         staging = staging_for(header, self._max_bytes, self._device, self._pool)
-        works = self._post(staging[0], staging[1])
+        works = self._post(_parts(staging, header))
 
         def finish_staged() -> torch.Tensor | None:
             self._wait_all(works)
@@ -323,9 +337,9 @@ class _Session:
 
         return finish_staged
 
-    def _post(self, keys: torch.Tensor, values: torch.Tensor) -> list[Any]:
+    def _post(self, parts: tuple[torch.Tensor, ...]) -> list[Any]:
         try:
-            return [self._group.recv([keys], 0, _K_TAG), self._group.recv([values], 0, _V_TAG)]
+            return [self._group.recv([part], 0, tag) for tag, part in enumerate(parts)]
         except Exception as e:
             raise TransferError(f"recv failed: {e}") from e
 

@@ -143,11 +143,15 @@ def staging_for(
     for d in header.shape:
         numel *= d
     elem = torch.empty((), dtype=header.dtype).element_size()
-    if header.kind is not MessageKind.DATA or len(header.shape) != 5:
+    span = header.layer_count > 1
+    if header.kind is not MessageKind.DATA or len(header.shape) != 5 + span:
         raise ProtocolError(f"not a DATA header: {header.kind.name} {header.shape}")
-    if numel * elem != header.nbytes or not 0 < header.nbytes <= max_bytes:
+    if span and header.shape[0] != header.layer_count:
+        raise ProtocolError(f"shape {header.shape} for {header.layer_count} layers")
+    limit = max_bytes * header.layer_count
+    if numel * elem != header.nbytes or not 0 < header.nbytes <= limit:
         raise ProtocolError(
-            f"payload of {header.nbytes} bytes for shape {header.shape} (limit {max_bytes})"
+            f"payload of {header.nbytes} bytes for shape {header.shape} (limit {limit})"
         )
     if pool is not None:
         return pool.take(header.shape, header.dtype, device)
@@ -158,7 +162,7 @@ def staging_for(
 class Target:
     """Where one validated DATA message lands: its destination region in the cache."""
 
-    region: BlockRegion | LayerSpan  # a span only on endpoints that are `in_place`
+    region: BlockRegion | LayerSpan
     direct: bool  # the endpoint receives the payload straight into `views()`
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,10 +207,6 @@ class Inbox(Protocol):
 
 class Endpoint(ABC):
     """A transport's receiver side for one receiver rank."""
-
-    # Senders write payloads into the cache before their header arrives (shm); only
-    # such endpoints take DATA messages that span several layers.
-    in_place: bool = False
 
     @abstractmethod
     def start(self, me: LocalRank, cache: torch.Tensor, inbox: Inbox) -> None:

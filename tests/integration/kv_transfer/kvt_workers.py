@@ -36,7 +36,7 @@ from kv_transfer.faults import Fault, FaultyConnector
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import RedisRendezvous
-from kv_transfer.sender import KVSender
+from kv_transfer.sender import KVSender, SenderConfig
 from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
 from kv_transfer.testing import fill, rank_layout, read, reference_kv, shard
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, TorchDistEndpoint
@@ -102,6 +102,8 @@ class Setup:
     device: str = "cpu"  # cuda:N puts the caches on a GPU (torch_dist then uses NCCL)
     scramble: bool = True  # hand out blocks in scattered runs; False: consecutive ids
     zero_copy: bool = False  # torch_dist senders send dense slices straight from the cache
+    max_span_bytes: int = SenderConfig.max_span_bytes  # 1: every layer in its own message
+    spans: bool = False  # faulty links take spans of layers (else one layer per message)
 
     @property
     def parallel(self) -> Parallelism:
@@ -142,7 +144,7 @@ class Setup:
             if self.transport == "torch_dist"
             else ShmConnector(self.store())
         )
-        return FaultyConnector(inner, self.faults) if self.faults else inner
+        return FaultyConnector(inner, self.faults, spans=self.spans) if self.faults else inner
 
 
 def _scrambled_pool(num_blocks: int, seed: str) -> BlockPool:
@@ -187,7 +189,7 @@ class Prefill:
         self.ranks = s.ranks()
         self.caches = [s.layout_cache(me) for me in self.ranks]
         self.senders = [
-            KVSender(me, cache, s.geo, s.connector())
+            KVSender(me, cache, s.geo, s.connector(), SenderConfig(max_span_bytes=s.max_span_bytes))
             for me, cache in zip(self.ranks, self.caches, strict=True)
         ]
         self.pool = _scrambled_pool(s.num_blocks, s.name) if s.scramble else BlockPool(s.num_blocks)

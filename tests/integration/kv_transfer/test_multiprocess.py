@@ -27,6 +27,7 @@ from kvt_workers import (
 )
 
 from kv_transfer.faults import Fault, FaultKind
+from kv_transfer.sender import SenderConfig
 from kv_transfer.shm import sweep_stale_segments
 from kv_transfer.torch_dist import TorchDistEndpoint
 
@@ -71,9 +72,19 @@ def test_m_to_n_is_bit_exact(
     dst: tuple[int, int],
     dtype: str,
 ) -> None:
-    # TP1 -> TP1 over consecutive block ids: torch_dist receives straight into the blocks.
+    # TP1 -> TP1 over consecutive block ids, one layer per message: torch_dist receives
+    # straight into the blocks.
     scramble = src != dst or src != (1, 1)
-    pre_setup = _setup(redis_url, cluster_name, "prefill-0", transport, *src, dtype=dtype)
+    span_bytes = SenderConfig.max_span_bytes if scramble else 1
+    pre_setup = _setup(
+        redis_url,
+        cluster_name,
+        "prefill-0",
+        transport,
+        *src,
+        dtype=dtype,
+        max_span_bytes=span_bytes,
+    )
     decode = make_decode(
         _setup(redis_url, cluster_name, "decode-0", transport, *dst, dtype=dtype, scramble=scramble)
     )
@@ -232,6 +243,29 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
     assert [s.state.value for s in decode.wait("t2")] == ["done"]
     assert decode.landed("t2", 6, 2)
     decode.free("t2")
+    assert prefill.call("close")[0] == "closed"
+    _assert_clean(decode, redis_url, cluster_name)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_queued_layers_travel_as_one_span(
+    spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str, transport: str
+) -> None:
+    """The first slice is held up, so the other layers queue behind it and go as one
+    message: written in place over shm, staged and scattered over torch_dist."""
+    delay = Fault(FaultKind.DELAY, delay_s=0.3, times=1)
+    pre_setup = _setup(redis_url, cluster_name, "prefill-0", transport, faults=(delay,), spans=True)
+    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport, tp=2))
+    prefill = spawn(prefill_main, pre_setup)
+    decode.expect("t1", pre_setup.ref, 11, timeout_s=10)
+    tag, sent = prefill.call("send", "t1", decode.setup.ref, 11, 3, [], 10)
+    assert tag == "sent" and set(sent["states"]) == {DONE}
+    assert {s.state.value for s in decode.wait("t1")} == {"done"}
+    assert decode.landed("t1", 11, 3)
+    decode.free("t1")
+    for e in decode.endpoints:
+        if isinstance(e, TorchDistEndpoint):  # layers 1-3 (or 0-3) to each receiver rank
+            assert e.stats.spans == 1 and e.stats.staged in (1, 2), (e.stats.spans, e.stats.staged)
     assert prefill.call("close")[0] == "closed"
     _assert_clean(decode, redis_url, cluster_name)
 
