@@ -146,6 +146,8 @@ def worker_settings(
         tp=pool.tp,
         pp=pool.pp,
         rank_resources=dict(pool.resources_per_rank),
+        rank_timeout_s=pool.rank_timeout_s,
+        rank_start_timeout_s=pool.rank_start_timeout_s,
         faults=tuple(
             Fault(FaultKind(f.kind), f.after, f.times, f.delay_s) for f in config.kv_transfer.faults
         )

@@ -100,6 +100,15 @@ class PoolConfig(BaseModel):
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         default="STRICT_PACK", description="How a replica's ranks are placed (its placement group)."
     )
+    rank_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="TP/PP: longest one collective may wait for a rank; then the replica fails "
+        "its requests and its health check.",
+    )
+    rank_start_timeout_s: float = Field(
+        default=120.0, gt=0, description="TP/PP: longest the ranks of a new replica take to join."
+    )
     engine: EngineLimits = Field(
         default_factory=lambda: EngineLimits.model_validate({}), description="Engine limits."
     )

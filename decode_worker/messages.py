@@ -54,6 +54,8 @@ class WorkerSettings:
     pp: int = 1
     # Ray resources of one rank: a TP/PP replica places ranks 1..N-1 with them
     rank_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    rank_timeout_s: float = 60.0  # one collective among the ranks
+    rank_start_timeout_s: float = 120.0  # the ranks joining a new replica
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
 
 

@@ -119,7 +119,6 @@ class RankActor:
         instance_id: str,
         rank: int,
         store: StoreAddress,
-        timeout_s: float,
     ) -> None:
         host = transfer_host(settings.transfer_host)  # this actor's node, for "auto"
         self._storage = (
@@ -128,7 +127,13 @@ class RankActor:
             else None
         )
         self._worker = RankWorker(
-            engine_config, rank, store, timeout_s, kv_storage=self._storage, host=host
+            engine_config,
+            rank,
+            store,
+            settings.rank_timeout_s,
+            kv_storage=self._storage,
+            host=host,
+            setup_timeout_s=max(settings.rank_start_timeout_s, settings.rank_timeout_s),
         )
         mc = self._worker.model_config
         geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
@@ -218,14 +223,14 @@ class RemoteRanks:
         instance_id: str,
         host: str,
         resources: dict[str, float],
-        timeout_s: float = 120.0,
     ) -> None:
         import ray
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         world = settings.tp * settings.pp
-        self._store, address = serve_store(timeout_s, host)
+        setup_s = max(settings.rank_start_timeout_s, settings.rank_timeout_s)
+        self._store, address = serve_store(setup_s, host)
         pg = get_current_placement_group()
         if pg is None:
             logger.warning(
@@ -247,7 +252,7 @@ class RemoteRanks:
                 )
             self.actors.append(
                 actor_cls.options(name=None, **options).remote(
-                    settings, engine_config, instance_id, rank, address, timeout_s
+                    settings, engine_config, instance_id, rank, address
                 )
             )
         try:
@@ -255,8 +260,9 @@ class RemoteRanks:
                 ParallelLayout(settings.tp, settings.pp, 0),
                 self._store,
                 torch.device(engine_config.device),
-                timeout_s,
+                settings.rank_timeout_s,
                 host=host,
+                setup_timeout_s=setup_s,
             )
         except BaseException:
             self.kill()

@@ -32,7 +32,7 @@ def cluster(tiny_model_dir: Path) -> Iterator[ClusterHarness]:
         "rank-failure",
         [
             "pools=[{name: main, role: colocated, pp: 2, resources_per_rank: {CPU: 0.5}, "
-            "engine: {kv_cache_bytes: 4MiB}}]",
+            "rank_timeout_s: 10, engine: {kv_cache_bytes: 4MiB}}]",
         ],
     )
     harness = ClusterHarness(config, str(tiny_model_dir)).start()

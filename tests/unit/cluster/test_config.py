@@ -150,8 +150,10 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
         "server.api_key=k",
         "router.max_prompt_tokens=100",
         "kv_transfer.transport=shm",
+        "pools.decode.rank_timeout_s=15",
     )
     ws = worker_settings(c, c.pools[1], str(tiny_model_dir), "redis://127.0.0.1:1/0")
+    assert (ws.rank_timeout_s, ws.rank_start_timeout_s) == (15.0, 120.0)
     assert (ws.pool, ws.role, ws.max_model_len, ws.kv_cache_bytes, ws.transport) == (
         "decode",
         PoolRole.DECODE,
