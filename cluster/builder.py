@@ -101,12 +101,21 @@ def check_against_model(config: ClusterConfig, model_dir: str) -> ModelConfig:
     dtype = parse_dtype(config.model.dtype)
     for p in config.pools:
         where = f"pools.{p.name}"
+        rank = ParallelLayout(p.tp, p.pp)
         try:  # the model's sharding and the KV transfer's M:N plan
             geo.check(Parallelism(p.tp, p.pp))
-            ParallelLayout(p.tp, p.pp).check(mc)
+            rank.check(mc)
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
-        layout = KVCacheLayout.from_budget(mc, p.engine.block_size, p.engine.kv_cache_bytes, dtype)
+        # kv_cache_bytes is per rank, which holds its share of the layers and KV heads.
+        layout = KVCacheLayout.from_budget(
+            mc,
+            p.engine.block_size,
+            p.engine.kv_cache_bytes,
+            dtype,
+            num_layers=len(rank.layers(mc)),
+            num_kv_heads=len(rank.kv_heads(mc)),
+        )
         fits = layout.num_blocks * layout.block_size
         if fits < config.model.max_model_len:
             need = -(-config.model.max_model_len // layout.block_size) * layout.block_bytes

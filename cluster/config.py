@@ -73,7 +73,9 @@ class EngineLimits(BaseModel):
 
     block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV block.")
     kv_cache_bytes: ByteSize = Field(
-        default=ByteSize(256 << 20), description="KV cache per replica, e.g. '512MiB'."
+        default=ByteSize(256 << 20),
+        description="KV cache per rank, e.g. '512MiB' (a TP/PP rank holds its share of the "
+        "layers and KV heads).",
     )
     max_num_batched_tokens: int = Field(
         default=2048, ge=1, description="Token budget of one engine step (chunked prefill)."

@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from ray import serve
 
 from cluster.builder import build_app, check_against_model, router_settings, worker_settings
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
 from decode_worker.messages import PoolRole
+from engine.kv_cache import KVCacheLayout
 
 
 def test_defaults_are_the_laptop_setup() -> None:
@@ -142,6 +144,18 @@ def test_builder_checks_the_config_against_the_model(tiny_model_dir: Path) -> No
         check_against_model(_tiny(tiny_model_dir, "pools.prefill.pp=8"), d)
     layouts = _tiny(tiny_model_dir, "pools.prefill.tp=2", "pools.decode.tp=4", "pools.decode.pp=2")
     assert check_against_model(layouts, d).num_kv_heads == 2  # tp=4 replicates the 2 KV heads
+
+
+def test_the_kv_budget_is_checked_per_rank(tiny_model_dir: Path) -> None:
+    """A budget that holds max_model_len tokens of half the layers: enough for a rank of
+    a pp=2 pool, too little for a whole model."""
+    d = str(tiny_model_dir)
+    mc = check_against_model(_tiny(tiny_model_dir), d)
+    half = KVCacheLayout(mc.num_layers // 2, mc.num_kv_heads, mc.head_dim, 16, 1, torch.float32)
+    budget = f"pools.decode.engine.kv_cache_bytes={-(-256 // 16) * half.block_bytes}"
+    with pytest.raises(ConfigError, match=r"pools.decode.engine.kv_cache_bytes: holds \d+ tokens"):
+        check_against_model(_tiny(tiny_model_dir, budget), d)
+    assert check_against_model(_tiny(tiny_model_dir, budget, "pools.decode.pp=2"), d)
 
 
 def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
