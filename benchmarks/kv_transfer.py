@@ -4,7 +4,8 @@
                                      [--repeats 5] [--max-prefill-tokens 2048]
 
 It moves SmolLM2-135M's KV (30 layers x 3 KV heads x 64 dims, blocks of 16 tokens) for
-prompts of 128 to 16k tokens, in fp32 and bf16, from a sender in a child process to a
+prompts of 128 to 16k tokens (and one block, 16 tokens, which shows a transfer's fixed
+cost), in fp32 and bf16, from a sender in a child process to a
 receiver in this one: over torch_dist (Gloo; with the default gather copy, and with the
 opt-in zero-copy sends) and over shm, each with per-slice checksums on (the CPU
 default) and off. Blocks are consecutive on both sides (a fresh pool), so torch_dist
@@ -66,7 +67,7 @@ from kv_transfer.torch_dist import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LENGTHS = (128, 512, 1024, 2048, 4096, 8192, 16384)
+LENGTHS = (16, 128, 512, 1024, 2048, 4096, 8192, 16384)
 # SmolLM2-135M's KV geometry (engine/config.py reads the same from the model).
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16
 GEO = KVGeometry(NUM_LAYERS, NUM_KV_HEADS)
