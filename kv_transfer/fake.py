@@ -131,7 +131,12 @@ class FakeLink(Link):
                 header = header.with_checksum(payload_checksum(wire))
             target = inbox.prepare(self._from, header, direct_ok=False)
             if target is not None:
-                payload = staging_for(header, inbox.max_payload_bytes, self._endpoint.device)
+                payload = staging_for(
+                    header,
+                    inbox.max_payload_bytes,
+                    inbox.max_payload_layers,
+                    self._endpoint.device,
+                )
                 payload.copy_(wire)
                 self._endpoint.received_bytes += header.nbytes
                 self._endpoint.received_messages += 1

@@ -206,6 +206,10 @@ class KVReceiver:
     def max_payload_bytes(self) -> int:
         return self._max_payload
 
+    @property
+    def max_payload_layers(self) -> int:
+        return len(self._layers)
+
     def prepare(self, peer: Peer, header: Header, direct_ok: bool) -> Target | None:
         """Validate a DATA header; its destination, or None to drop the payload."""
         with self._lock:

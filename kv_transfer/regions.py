@@ -231,19 +231,16 @@ class LayerSpan:
             raise IndexError(
                 f"layers {self.layer}+{self.layer_count} outside {self.cache.shape[0]}"
             )
-        self.first()  # raises if the heads or blocks are out of range
+        self.region(self.layer)  # raises if the heads or blocks are out of range
 
-    def first(self) -> BlockRegion:
-        """The first layer's region."""
-        return BlockRegion(self.cache, self.layer, self.head_start, self.head_stop, self.block_ids)
+    def region(self, layer: int) -> BlockRegion:
+        """One layer's region of the span."""
+        return BlockRegion(self.cache, layer, self.head_start, self.head_stop, self.block_ids)
 
     @cached_property
     def regions(self) -> tuple[BlockRegion, ...]:
         """One region per layer (what a fragmented span moves, region by region)."""
-        return tuple(
-            BlockRegion(self.cache, layer, self.head_start, self.head_stop, self.block_ids)
-            for layer in range(self.layer, self.layer + self.layer_count)
-        )
+        return tuple(map(self.region, range(self.layer, self.layer + self.layer_count)))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -321,7 +318,7 @@ class LayerSpan:
 
     def flip_byte(self) -> None:
         """Invert one byte of the span (fault injection only)."""
-        self.first().flip_byte()
+        self.region(self.layer).flip_byte()
 
 
 def region_of(

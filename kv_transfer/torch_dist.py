@@ -186,9 +186,9 @@ class _Link(Link):
             if region is None:
                 self._control.send(header.pack())
                 return Completion.resolved()
-            zero_copy = isinstance(region, BlockRegion) and self._zero_copy and region.dense
-            if zero_copy:  # K and V are each contiguous in the cache: send them as they lie
-                assert isinstance(region, BlockRegion)
+            zero_copy = self._zero_copy and isinstance(region, BlockRegion) and region.dense
+            if zero_copy and isinstance(region, BlockRegion):
+                # K and V are each contiguous in the cache: send them as they lie
                 staging = region.run_view(region.block_ids[0], len(region.block_ids))
             else:
                 staging = region.gather(
@@ -306,13 +306,13 @@ class _Session:
         group: Any,
         backend: str,
         device: torch.device,
-        max_bytes: int,
+        inbox: Inbox,
         timeout_s: float,
         pool: StagingPool,
         stats: ReceiveStats,
     ) -> None:
         self._group, self._backend, self._device = group, backend, device
-        self._max_bytes, self._timeout, self._pool = max_bytes, timeout_s, pool
+        self._inbox, self._timeout, self._pool = inbox, timeout_s, pool
         self._stats = stats
 
     def start(self, header: Header, target: Target | None) -> Finish:
@@ -325,7 +325,13 @@ class _Session:
 
             return finish_direct
         self._stats.count(direct=False, span=header.layer_count > 1)
-        staging = staging_for(header, self._max_bytes, self._device, self._pool)
+        staging = staging_for(
+            header,
+            self._inbox.max_payload_bytes,
+            self._inbox.max_payload_layers,
+            self._device,
+            self._pool,
+        )
         works = self._post(_parts(staging, header))
 
         def finish_staged() -> torch.Tensor | None:
@@ -383,7 +389,7 @@ class TorchDistEndpoint(Endpoint):
             wait_for_workers=False,
         )
         tcp_store = self._tcp_store
-        device, max_bytes, timeout = cache.device, inbox.max_payload_bytes, self._cfg.op_timeout_s
+        device, timeout = cache.device, self._cfg.op_timeout_s
         pool = StagingPool()
 
         def open_session(peer: Peer) -> _Session:
@@ -392,7 +398,7 @@ class TorchDistEndpoint(Endpoint):
             except Exception as e:
                 raise TransferError(f"pair group with {peer.id} failed: {e}") from e
             logger.info("%s <- %s: %s pair ready", me.id, peer.id, backend)
-            return _Session(group, backend, device, max_bytes, timeout, pool, self.stats)
+            return _Session(group, backend, device, inbox, timeout, pool, self.stats)
 
         listener, address = listen(f"tcp://{host}:0")
         self._server = ControlServer(

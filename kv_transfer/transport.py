@@ -136,9 +136,14 @@ class Peer:
 
 
 def staging_for(
-    header: Header, max_bytes: int, device: torch.device, pool: StagingPool | None = None
+    header: Header,
+    max_bytes: int,
+    max_layers: int,
+    device: torch.device,
+    pool: StagingPool | None = None,
 ) -> torch.Tensor:
-    """An empty tensor to receive a DATA payload into; ProtocolError if implausible."""
+    """An empty tensor to receive a DATA payload into; ProtocolError if implausible:
+    more than `max_layers` layers, or more than `max_bytes` per layer."""
     numel = 1
     for d in header.shape:
         numel *= d
@@ -148,6 +153,8 @@ def staging_for(
         raise ProtocolError(f"not a DATA header: {header.kind.name} {header.shape}")
     if span and header.shape[0] != header.layer_count:
         raise ProtocolError(f"shape {header.shape} for {header.layer_count} layers")
+    if header.layer_count > max_layers:
+        raise ProtocolError(f"{header.layer_count} layers in one message (limit {max_layers})")
     limit = max_bytes * header.layer_count
     if numel * elem != header.nbytes or not 0 < header.nbytes <= limit:
         raise ProtocolError(
@@ -181,7 +188,12 @@ class Inbox(Protocol):
 
     @property
     def max_payload_bytes(self) -> int:
-        """No valid DATA payload is larger; endpoints reject larger ones."""
+        """No valid DATA payload holds more per layer; endpoints reject larger ones."""
+        ...
+
+    @property
+    def max_payload_layers(self) -> int:
+        """No valid DATA message spans more layers (the layers this rank holds)."""
         ...
 
     def prepare(self, peer: Peer, header: Header, direct_ok: bool) -> Target | None:

@@ -7,6 +7,7 @@ import torch
 
 from kv_transfer.base import ProtocolError
 from kv_transfer.header import MESSAGE_SIZE, Header, Hello, MessageKind, decode
+from kv_transfer.transport import staging_for
 
 
 def _data(**kw: object) -> Header:
@@ -83,3 +84,28 @@ def test_a_layer_span_names_its_layers_and_a_zero_count_is_rejected() -> None:
     buf = bytearray(_data(layer_count=0).pack())
     with pytest.raises(ProtocolError, match="layer count"):
         decode(bytes(buf))
+
+
+def _payload(shape: tuple[int, ...], layer_count: int = 1, extra: int = 0) -> Header:
+    """A float32 DATA header for `shape` (`extra` bytes more than the shape holds)."""
+    nbytes = 4 * int(torch.tensor(shape).prod()) + extra
+    return _data(dtype=torch.float32, shape=shape, nbytes=nbytes, layer_count=layer_count)
+
+
+def test_staging_is_bounded_per_layer_and_in_layers() -> None:
+    cpu = torch.device("cpu")
+    layer = (2, 3, 4, 2, 8)  # one layer's [2, n, slot, head, dim]
+    per_layer = 4 * 2 * 3 * 4 * 2 * 8
+    assert staging_for(_payload(layer), per_layer, 4, cpu).shape == layer
+    span = staging_for(_payload((3, *layer), layer_count=3), per_layer, 4, cpu)
+    assert span.shape == (3, *layer)
+    with pytest.raises(ProtocolError, match="limit"):  # a layer larger than the cache's
+        staging_for(_payload(layer), per_layer - 1, 4, cpu)
+    with pytest.raises(ProtocolError, match="5 layers in one message"):
+        staging_for(_payload((5, *layer), layer_count=5), per_layer, 4, cpu)
+    with pytest.raises(ProtocolError, match="for 3 layers"):  # shape and count disagree
+        staging_for(_payload((2, *layer), layer_count=3), per_layer, 4, cpu)
+    with pytest.raises(ProtocolError, match="not a DATA header"):  # a span needs 6 dims
+        staging_for(_payload(layer, layer_count=2), per_layer, 4, cpu)
+    with pytest.raises(ProtocolError, match="payload of"):  # bytes and shape disagree
+        staging_for(_payload(layer, extra=4), per_layer * 2, 4, cpu)
