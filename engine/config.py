@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
+
+CpuLinearKind = Literal["auto", "native", "onednn", "plain"]
+CPU_LINEAR_KINDS: tuple[str, ...] = get_args(CpuLinearKind)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -140,7 +143,9 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     enable_prefix_caching: bool = True
-    cpu_packed_weights: bool = True  # oneDNN-prepacked matmul weights on the CPU
+    # CPU matmul weights, packed at load: "native" (the engine's fp32 kernels, built
+    # on first use), "onednn", "plain" (F.linear), or "auto" (the first that applies)
+    cpu_linear: CpuLinearKind = "auto"
     tp: int = 1  # tensor-parallel ranks
     pp: int = 1  # pipeline stages
     max_stop_strings: int = 16
@@ -162,6 +167,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.cpu_linear not in CPU_LINEAR_KINDS:
+            raise ValueError(
+                f"cpu_linear must be one of {', '.join(CPU_LINEAR_KINDS)}, got {self.cpu_linear!r}"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.cpu_linear import pack_linears, packing_available
+from engine.cpu_linear import pack_linears
 from engine.kv_cache import KVCacheLayout
 from engine.model import LlamaModel
 from engine.model_source import load_state_dict
@@ -37,8 +37,8 @@ def load_model(
     model.rotary.float()  # cos/sin tables stay fp32 whatever the weights' dtype
     device = torch.device(config.device)
     model.to(device).eval()
-    if device.type == "cpu" and config.cpu_packed_weights and packing_available(dtype):
-        pack_linears(model)
+    if device.type == "cpu":
+        pack_linears(model, dtype, config.cpu_linear)
     kv_layout = KVCacheLayout.from_budget(
         mc,
         config.block_size,
