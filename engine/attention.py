@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_kernels import CpuKernels
+
 
 @dataclass(frozen=True)
 class PrefillSpan:
@@ -31,6 +33,7 @@ class AttentionMetadata:
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] long
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks*block_size] bool
+    decode_context_lens: torch.Tensor | None  # [num_decodes] long, the new token included
     prefills: tuple[PrefillSpan, ...]
 
 
@@ -55,14 +58,27 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kernels: CpuKernels | None = None,
 ) -> torch.Tensor:
     """q [T, heads, dim], k/v [T, kv_heads, dim] -> [T, heads, dim].
 
     k/v are this step's new keys and values; they must already be in the cache.
+    With `kernels` (fp32 on the CPU), decode tokens read the cache in place.
     """
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
+    if nd and kernels is not None:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        kernels.decode_attention(
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            scale,
+            out[:nd],
+        )
+    elif nd:
         assert meta.decode_block_tables is not None
         out[:nd] = _decode(
             q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale

@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ from engine.model_source import cache_root
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("cpu_matmul.c",)
+_SOURCES = ("cpu_matmul.c", "cpu_attention.c", "cpu_pointwise.c", "cpu_decode_layer.c")
+_HEADERS = ("pd_kernels.h",)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _BUILD_TIMEOUT_S = 120.0
 _i64 = ctypes.c_int64
@@ -79,6 +81,7 @@ def build_library() -> Path:
     key = hashlib.sha256()
     for part in (
         *(s.read_bytes() for s in sources),
+        *((src_dir / h).read_bytes() for h in _HEADERS),
         " ".join(_FLAGS).encode(),
         _run([cc, "--version"]).encode(),
         platform.machine().encode(),
@@ -100,6 +103,96 @@ def build_library() -> Path:
             os.unlink(tmp)
     log.info("built CPU kernels into %s", lib)
     return lib
+
+
+class _LayerArgs(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _ptr),
+        ("qkv", _ptr),
+        ("qkv_bias", _ptr),
+        ("o", _ptr),
+        ("post_norm", _ptr),
+        ("gate_up", _ptr),
+        ("down", _ptr),
+        ("hidden", _i64),
+        ("q_heads", _i64),
+        ("kv_heads", _i64),
+        ("head_dim", _i64),
+        ("intermediate", _i64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _StepArgs(ctypes.Structure):
+    _fields_ = [
+        ("tokens", _i64),
+        ("block_size", _i64),
+        ("table_stride", _i64),
+        ("positions", _ptr),
+        ("slots", _ptr),
+        ("tables", _ptr),
+        ("lens", _ptr),
+        ("cos", _ptr),
+        ("sin", _ptr),
+        ("scratch", _ptr),
+        ("threads", ctypes.c_int),
+    ]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer as the fused decode kernel reads it: packed matmul weights
+    (`CpuKernels.pack`), norm weights and shapes, all fp32 on the CPU."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    scale: float
+
+
+class DecodeLayer:
+    """A layer's arguments, built once; holds its tensors alive."""
+
+    def __init__(self, w: LayerWeights) -> None:
+        for t in (w.input_norm, w.post_norm, w.qkv_bias):
+            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+                raise ValueError("decode layer norms and bias must be contiguous fp32")
+        self.weights = w
+        self.args = _LayerArgs(
+            w.input_norm.data_ptr(),
+            w.qkv.data_ptr(),
+            None if w.qkv_bias is None else w.qkv_bias.data_ptr(),
+            w.o.data_ptr(),
+            w.post_norm.data_ptr(),
+            w.gate_up.data_ptr(),
+            w.down.data_ptr(),
+            w.hidden,
+            w.q_heads,
+            w.kv_heads,
+            w.head_dim,
+            w.intermediate,
+            w.eps,
+            w.scale,
+        )
+
+
+class DecodeStep:
+    """One decode-only step's shared arguments and scratch; holds its tensors alive."""
+
+    def __init__(self, args: _StepArgs, keep: tuple[torch.Tensor, ...]) -> None:
+        self.args = args
+        self._keep = keep
 
 
 class CpuKernels:
@@ -127,6 +220,51 @@ class CpuKernels:
         ]
         self._lib.pd_linear.restype = None
         self._linear = self._lib.pd_linear
+        self._lib.pd_rms_norm.argtypes = [
+            _ptr,
+            _i64,
+            _ptr,
+            _ptr,
+            _i64,
+            _i64,
+            ctypes.c_float,
+            ctypes.c_int,
+        ]
+        self._lib.pd_rms_norm.restype = None
+        self._rms_norm = self._lib.pd_rms_norm
+        self._lib.pd_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
+        self._lib.pd_silu_mul.restype = None
+        self._silu_mul = self._lib.pd_silu_mul
+        self._lib.pd_decode_attention.argtypes = [
+            _ptr,
+            _i64,
+            _ptr,
+            _ptr,
+            _ptr,
+            _i64,
+            _ptr,
+            _ptr,
+            _i64,
+            _i64,
+            _i64,
+            _i64,
+            _i64,
+            ctypes.c_float,
+            ctypes.c_int,
+        ]
+        self._lib.pd_decode_attention.restype = ctypes.c_int
+        self._decode_attention = self._lib.pd_decode_attention
+        self._lib.pd_decode_scratch_floats.argtypes = [ctypes.POINTER(_LayerArgs), _i64]
+        self._lib.pd_decode_scratch_floats.restype = _i64
+        self._lib.pd_decode_layer.argtypes = [
+            ctypes.POINTER(_LayerArgs),
+            ctypes.POINTER(_StepArgs),
+            _ptr,
+            _ptr,
+            _ptr,
+        ]
+        self._lib.pd_decode_layer.restype = ctypes.c_int
+        self._decode_layer = self._lib.pd_decode_layer
         self.block_cols = int(self._lib.pd_block_cols())
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -160,6 +298,123 @@ class CpuKernels:
             torch.get_num_threads(),
         )
         return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm of x [M, H] fp32 (rows may be strided) -> a new [M, H]."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        m, h = x.shape
+        y = torch.empty((m, h), dtype=torch.float32)
+        self._rms_norm(
+            x.data_ptr(),
+            x.stride(0),
+            weight.data_ptr(),
+            y.data_ptr(),
+            m,
+            h,
+            eps,
+            torch.get_num_threads(),
+        )
+        return y
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[M, 2I] (gate, then up) -> silu(gate) * up, [M, I]."""
+        if not gate_up.is_contiguous():
+            gate_up = gate_up.contiguous()
+        m, two_i = gate_up.shape
+        out = torch.empty((m, two_i // 2), dtype=torch.float32)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), m, two_i // 2, torch.get_num_threads())
+        return out
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """One query token per sequence over its paged context, written into `out`.
+
+        q [B, Hq, D] (heads contiguous); caches [blocks, block_size, Hkv, D]
+        contiguous; block_tables [B, W] and context_lens [B] int64; out [B, Hq, D]
+        contiguous.
+        """
+        b, hq, d = q.shape
+        if q.stride(2) != 1 or q.stride(1) != d:
+            q = q.contiguous()
+        rc = self._decode_attention(
+            q.data_ptr(),
+            q.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.stride(0),
+            context_lens.data_ptr(),
+            out.data_ptr(),
+            b,
+            hq,
+            k_cache.shape[2],
+            d,
+            k_cache.shape[1],
+            scale,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"decode attention kernel failed ({rc})")
+
+    def decode_step(
+        self,
+        layer: DecodeLayer,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        block_size: int,
+    ) -> DecodeStep:
+        """Arguments shared by every layer of a step of `positions.numel()` decode
+        tokens (all int64 and contiguous; cos/sin the [positions, head_dim] tables)."""
+        tokens = positions.numel()
+        floats = int(self._lib.pd_decode_scratch_floats(ctypes.byref(layer.args), tokens))
+        scratch = torch.empty(floats, dtype=torch.float32)
+        args = _StepArgs(
+            tokens,
+            block_size,
+            block_tables.stride(0),
+            positions.data_ptr(),
+            slots.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            scratch.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return DecodeStep(args, (positions, slots, block_tables, context_lens, cos, sin, scratch))
+
+    def decode_layer(
+        self,
+        layer: DecodeLayer,
+        step: DecodeStep,
+        hidden: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> None:
+        """Run `layer` on hidden [tokens, hidden] (contiguous, updated in place),
+        storing the step's K/V in the layer's caches."""
+        rc = self._decode_layer(
+            ctypes.byref(layer.args),
+            ctypes.byref(step.args),
+            hidden.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"decode layer kernel failed ({rc})")
 
 
 @functools.cache

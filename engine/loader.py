@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.cpu_kernels import load_kernels
 from engine.cpu_linear import pack_linears
 from engine.kv_cache import KVCacheLayout
 from engine.model import LlamaModel
@@ -37,8 +38,10 @@ def load_model(
     model.rotary.float()  # cos/sin tables stay fp32 whatever the weights' dtype
     device = torch.device(config.device)
     model.to(device).eval()
-    if device.type == "cpu":
-        pack_linears(model, dtype, config.cpu_linear)
+    if device.type == "cpu" and pack_linears(model, dtype, config.cpu_linear) == "native":
+        kernels = load_kernels()
+        assert kernels is not None
+        model.use_cpu_kernels(kernels)
     kv_layout = KVCacheLayout.from_budget(
         mc,
         config.block_size,

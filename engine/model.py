@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention, write_kv
 from engine.config import ModelConfig, RopeConfig
+from engine.cpu_kernels import CpuKernels, DecodeLayer, LayerWeights
+from engine.cpu_linear import NativeLinear
 from engine.kv_cache import KVCache
 
 LayerDone = Callable[[int], None]
@@ -24,12 +27,16 @@ RopeTable = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
+    kernels: CpuKernels | None = None  # set by `LlamaModel.use_cpu_kernels`
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.dim() == 2:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         # Same op order as the reference implementation, for bit-faithful fp32.
         var = x.float().pow(2).mean(-1, keepdim=True)
         return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
@@ -83,6 +90,8 @@ def apply_rotary(x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    kernels: CpuKernels | None = None
+
     def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, cfg.head_dim
@@ -108,12 +117,14 @@ class Attention(nn.Module):
         q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.kernels)
         out: torch.Tensor = self.o_proj(o.reshape(t, self.q_size))
         return out
 
 
 class MLP(nn.Module):
+    kernels: CpuKernels | None = None
+
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.intermediate = intermediate
@@ -121,8 +132,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None and x.dim() == 2:
+            act = self.kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            act = F.silu(gate) * up
+        out: torch.Tensor = self.down_proj(act)
         return out
 
 
@@ -149,6 +165,37 @@ class DecoderLayer(nn.Module):
         return out
 
 
+def _decode_layer(layer: DecoderLayer) -> DecodeLayer | None:
+    """The fused decode kernel's view of `layer`, or None if its matmuls aren't all
+    plain `NativeLinear`s."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if not all(isinstance(m, NativeLinear) for m in linears):
+        return None
+    qkv, o, gate_up, down = cast(tuple[NativeLinear, ...], linears)
+    if o.bias is not None or gate_up.bias is not None or down.bias is not None:
+        return None
+    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    return DecodeLayer(
+        LayerWeights(
+            input_norm=norm1.weight.detach(),
+            qkv=qkv.packed,
+            qkv_bias=qkv.bias,
+            o=o.packed,
+            post_norm=norm2.weight.detach(),
+            gate_up=gate_up.packed,
+            down=down.packed,
+            hidden=o.out_features,
+            q_heads=attn.num_heads,
+            kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            intermediate=down.in_features,
+            eps=norm1.eps,
+            scale=attn.scale,
+        )
+    )
+
+
 class LlamaModel(nn.Module):
     """The decoder. `layers` may be a contiguous slice of the model (a PP stage)."""
 
@@ -166,6 +213,8 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.head_dim, max_positions, cfg.rope)
         self.layer_offset = 0  # global index of layers[0] (a PP stage starts later)
+        self.kernels: CpuKernels | None = None
+        self.fused_decode: list[DecodeLayer] | None = None  # see `use_cpu_kernels`
 
     def forward(
         self,
@@ -183,6 +232,9 @@ class LlamaModel(nn.Module):
         `layer_done` gets stage-local layer indices (add `layer_offset` for global).
         """
         h: torch.Tensor = self.embed_tokens(input_ids) if hidden_in is None else hidden_in
+        if self.fused_decode is not None and meta.num_decodes == h.shape[0] and not meta.prefills:
+            h = self._fused_decode(h, hidden_in is not None, positions, meta, kv, layer_done)
+            return h if self.norm is None else cast(torch.Tensor, self.norm(h))
         rope = self.rotary.table(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, meta, kv.keys(i), kv.values(i))
@@ -192,6 +244,47 @@ class LlamaModel(nn.Module):
             return h
         out: torch.Tensor = self.norm(h)
         return out
+
+    def use_cpu_kernels(self, kernels: CpuKernels) -> None:
+        """Run norms, the SwiGLU gate and decode attention on the native CPU kernels
+        (an fp32 model on the CPU, its linears already `NativeLinear`). Decode-only
+        steps then run each layer in one kernel call, unless a layer's matmuls are
+        wrapped (tensor parallelism reduces between them)."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm | Attention | MLP):
+                m.kernels = kernels
+        self.kernels = kernels
+        fused = [_decode_layer(cast(DecoderLayer, layer)) for layer in self.layers]
+        self.fused_decode = None if None in fused else [f for f in fused if f is not None]
+
+    def _fused_decode(
+        self,
+        h: torch.Tensor,
+        borrowed: bool,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        layer_done: LayerDone | None,
+    ) -> torch.Tensor:
+        """The decoder layers for a step of decode tokens only (see `use_cpu_kernels`)."""
+        assert self.kernels is not None and self.fused_decode is not None
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        h = h.clone() if borrowed or not h.is_contiguous() else h  # updated in place
+        step = self.kernels.decode_step(
+            self.fused_decode[0],
+            positions,
+            meta.slot_mapping,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            self.rotary.cos,
+            self.rotary.sin,
+            kv.layout.block_size,
+        )
+        for i, layer in enumerate(self.fused_decode):
+            self.kernels.decode_layer(layer, step, h, kv.keys(i), kv.values(i))
+            if layer_done is not None:
+                layer_done(i)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.lm_head(hidden)

@@ -143,14 +143,15 @@ class StepInputs:
         on_dev = p.to(device)
         ids, pos, slots = on_dev[:t], on_dev[t : 2 * t], on_dev[2 * t : 3 * t]
         off = 3 * t
-        tables = mask = None
+        tables = mask = lens_dev = None
         if nd:
             tables = on_dev[off : off + nd * w].view(nd, w)
             off += nd * w
             lens = p[off : off + nd]
+            lens_dev = on_dev[off : off + nd]
             if int(lens.min()) != w * block_size or int(lens.max()) != w * block_size:
                 keys = torch.arange(w * block_size, device=device)
-                mask = (keys[None, :] < on_dev[off : off + nd, None])[:, None, None, :]
+                mask = (keys[None, :] < lens_dev[:, None])[:, None, None, :]
             off += nd
         spans_raw = p[off : off + _SPAN * npf].view(npf, _SPAN).tolist()
         off += _SPAN * npf
@@ -166,6 +167,7 @@ class StepInputs:
             num_decodes=nd,
             decode_block_tables=tables,
             decode_mask=mask,
+            decode_context_lens=lens_dev,
             prefills=tuple(spans),
         )
         return ids, pos, meta, sample_rows

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "pd_kernels.h"
+
 #define PD_BLOCK 32
 #define PD_TILE_ROWS 6
 #define PD_PREFETCH_ROWS 8
@@ -38,7 +40,7 @@ void pd_pack(const float *w, float *packed, int64_t n, int64_t k) {
 /* rows (a compile-time constant after inlining) rows of x against one column block. */
 static inline __attribute__((always_inline)) void tile(
     const float *x, int64_t ldx, const float *wb, const float *bias, float *y, int64_t ldy,
-    const int rows, int64_t k, int64_t cols) {
+    const int rows, int64_t k, int64_t cols, int accumulate) {
   v16 acc[PD_TILE_ROWS][2];
   for (int r = 0; r < rows; r++) {
     acc[r][0] = (v16){0};
@@ -60,30 +62,36 @@ static inline __attribute__((always_inline)) void tile(
     memcpy(out, acc[r], sizeof out);
     if (bias)
       for (int64_t j = 0; j < cols; j++) out[j] += bias[j];
-    memcpy(y + r * ldy, out, (size_t)cols * sizeof(float));
+    float *yr = y + r * ldy;
+    if (accumulate)
+      for (int64_t j = 0; j < cols; j++) yr[j] = yr[j] + out[j];
+    else
+      memcpy(yr, out, (size_t)cols * sizeof(float));
   }
 }
 
 static void column_block(const float *x, int64_t ldx, const float *wb, const float *bias,
-                         float *y, int64_t ldy, int64_t m, int64_t k, int64_t cols) {
+                         float *y, int64_t ldy, int64_t m, int64_t k, int64_t cols, int acc) {
   int64_t r = 0;
   for (; r + PD_TILE_ROWS <= m; r += PD_TILE_ROWS)
-    tile(x + r * ldx, ldx, wb, bias, y + r * ldy, ldy, PD_TILE_ROWS, k, cols);
+    tile(x + r * ldx, ldx, wb, bias, y + r * ldy, ldy, PD_TILE_ROWS, k, cols, acc);
   const float *xr = x + r * ldx;
   float *yr = y + r * ldy;
   switch (m - r) {
-    case 1: tile(xr, ldx, wb, bias, yr, ldy, 1, k, cols); break;
-    case 2: tile(xr, ldx, wb, bias, yr, ldy, 2, k, cols); break;
-    case 3: tile(xr, ldx, wb, bias, yr, ldy, 3, k, cols); break;
-    case 4: tile(xr, ldx, wb, bias, yr, ldy, 4, k, cols); break;
-    case 5: tile(xr, ldx, wb, bias, yr, ldy, 5, k, cols); break;
+    case 1: tile(xr, ldx, wb, bias, yr, ldy, 1, k, cols, acc); break;
+    case 2: tile(xr, ldx, wb, bias, yr, ldy, 2, k, cols, acc); break;
+    case 3: tile(xr, ldx, wb, bias, yr, ldy, 3, k, cols, acc); break;
+    case 4: tile(xr, ldx, wb, bias, yr, ldy, 4, k, cols, acc); break;
+    case 5: tile(xr, ldx, wb, bias, yr, ldy, 5, k, cols, acc); break;
     default: break;
   }
 }
 
-/* x rows are ldx floats apart, y rows ldy apart; bias may be NULL. */
-void pd_linear(const float *x, int64_t ldx, const float *packed, const float *bias, float *y,
-               int64_t ldy, int64_t m, int64_t n, int64_t k, int threads) {
+/* x rows are ldx floats apart, y rows ldy apart; bias may be NULL. With accumulate,
+ * y = y + (x @ w^T + bias), the residual add of a decoder layer. */
+void pd_linear_into(const float *x, int64_t ldx, const float *packed, const float *bias,
+                    float *y, int64_t ldy, int64_t m, int64_t n, int64_t k, int accumulate,
+                    int threads) {
   int64_t blocks = (n + PD_BLOCK - 1) / PD_BLOCK;
   if (threads > blocks) threads = (int)blocks;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -91,6 +99,11 @@ void pd_linear(const float *x, int64_t ldx, const float *packed, const float *bi
     int64_t col = b * PD_BLOCK;
     int64_t cols = n - col < PD_BLOCK ? n - col : PD_BLOCK;
     column_block(x, ldx, packed + b * k * PD_BLOCK, bias ? bias + col : 0, y + col, ldy, m, k,
-                 cols);
+                 cols, accumulate);
   }
+}
+
+void pd_linear(const float *x, int64_t ldx, const float *packed, const float *bias, float *y,
+               int64_t ldy, int64_t m, int64_t n, int64_t k, int threads) {
+  pd_linear_into(x, ldx, packed, bias, y, ldy, m, n, k, 0, threads);
 }

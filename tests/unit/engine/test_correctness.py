@@ -30,11 +30,26 @@ def test_tiny_matches_hf_one_by_one(make_llm, tiny_model_dir, tiny_hf) -> None:
         assert_matches(out.token_ids, ref, f"prompt {i} (len {len(prompt)})")
 
 
+# CPU paths: "auto" runs the native kernels (decode-only steps fused per layer),
+# "per-op" the native kernels op by op (as under TP), "onednn" and "plain" torch ops.
+CPU_PATHS = ["auto", "per-op", "onednn", "plain"]
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("budget", [7, 64])
-def test_tiny_matches_hf_batched_chunked(make_llm, tiny_model_dir, tiny_hf, budget) -> None:
+def test_tiny_matches_hf_batched_chunked(make_llm, tiny_model_dir, tiny_hf, budget, path) -> None:
     prompts = _tiny_prompts()
     refs = [hf_greedy(tiny_hf, p, GREEDY.max_tokens) for p in prompts]
-    llm = make_llm(tiny_model_dir, max_num_batched_tokens=budget, block_size=8)
+    llm = make_llm(
+        tiny_model_dir,
+        max_num_batched_tokens=budget,
+        block_size=8,
+        cpu_linear="auto" if path == "per-op" else path,
+    )
+    model = llm.engine.runner.model
+    assert (model.fused_decode is not None) == (path in ("auto", "per-op"))
+    if path == "per-op":
+        model.fused_decode = None
     outs = llm.generate(prompts, GREEDY)
     for i, (out, ref) in enumerate(zip(outs, refs, strict=True)):
         assert_matches(out.token_ids, ref, f"prompt {i} (len {len(prompts[i])})")

@@ -1,4 +1,5 @@
-"""Packed CPU linears: the native kernel's math, its build cache and backend choice."""
+"""The native CPU kernels against torch: matmul, norm, gate, paged decode attention;
+the build cache; the choice of matmul backend."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch
 from torch import nn
 
 from engine import EngineConfig
+from engine.attention import _decode
 from engine.cpu_kernels import CpuKernels, KernelBuildError, build_library, load_kernels
 from engine.cpu_linear import NativeLinear, OneDnnLinear, onednn_available, pack_linears
+from engine.model import RMSNorm
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +116,39 @@ def test_pack_linears_chooses_by_dtype_and_setting(kernels) -> None:
 def test_config_rejects_an_unknown_backend() -> None:
     with pytest.raises(ValueError, match="cpu_linear"):
         EngineConfig(cpu_linear="fast")  # type: ignore[arg-type]
+
+
+def test_rms_norm_matches_torch(kernels) -> None:
+    norm = RMSNorm(96, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, 160)[:, 10:106]  # strided rows
+        got = kernels.rms_norm(x, norm.weight.detach(), norm.eps)
+        torch.testing.assert_close(got, norm(x), rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_matches_torch(kernels) -> None:
+    for rows in (1, 20):
+        gate_up = torch.randn(rows, 2 * 70) * 4
+        gate, up = gate_up.split(70, dim=-1)
+        want = torch.nn.functional.silu(gate) * up
+        torch.testing.assert_close(kernels.silu_mul(gate_up), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(9, 3), (4, 4), (8, 1)])
+def test_decode_attention_matches_torch_on_a_scattered_cache(kernels, q_heads, kv_heads) -> None:
+    torch.manual_seed(q_heads * 10 + kv_heads)
+    blocks, block_size, dim = 64, 8, 32
+    k_cache = torch.randn(blocks, block_size, kv_heads, dim)
+    v_cache = torch.randn(blocks, block_size, kv_heads, dim)
+    lens = torch.tensor([1, 8, 9, 200, 77])
+    width = int((lens.max() + block_size - 1) // block_size)
+    tables = torch.stack([torch.randperm(blocks)[:width] for _ in lens])  # scattered blocks
+    qk = torch.randn(len(lens), q_heads + kv_heads, dim)  # q as the model slices it
+    q = qk[:, :q_heads]
+    mask = (torch.arange(width * block_size)[None, :] < lens[:, None])[:, None, None, :]
+    want = _decode(q, k_cache, v_cache, tables, mask, 0.2)
+    out = torch.empty(len(lens), q_heads, dim)
+    kernels.decode_attention(q, k_cache, v_cache, tables, lens, 0.2, out)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
