@@ -13,7 +13,7 @@
 
 #include "pd_kernels.h"
 
-#define PD_MAX_GROUP 64
+#define PD_MAX_HEADS 256
 
 static float dot(const float *a, const float *b, int64_t d) {
   float acc = 0.0f;
@@ -27,62 +27,75 @@ static void axpy(float *y, float a, const float *x, int64_t d) {
   for (int64_t i = 0; i < d; i++) y[i] += a * x[i];
 }
 
+/* Sequence b's query heads for KV heads [h0, h1) (rows of `heads` query heads). */
+static int attend(const float *qb, const float *k_cache, const float *v_cache,
+                  const int64_t *table, int64_t len, float *ob, int64_t h0, int64_t h1,
+                  int64_t group, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                  float scale) {
+  const int64_t heads = (h1 - h0) * group, row = kv_heads * head_dim;
+  float *scores = malloc((size_t)(heads * len) * sizeof(float));
+  if (!scores) return 1;
+  float top[PD_MAX_HEADS], total[PD_MAX_HEADS];
+  for (int64_t j = 0; j < heads; j++) top[j] = -INFINITY;
+  /* Slot rows hold every KV head, so a task that covers them all reads each block
+   * of the cache as one contiguous run. */
+  for (int64_t p = 0; p < len; p++) {
+    const float *k = k_cache + (table[p / block_size] * block_size + p % block_size) * row;
+    for (int64_t j = 0; j < heads; j++) {
+      const float s = dot(qb + j * head_dim, k + (h0 + j / group) * head_dim, head_dim) * scale;
+      scores[j * len + p] = s;
+      if (s > top[j]) top[j] = s;
+    }
+  }
+  for (int64_t j = 0; j < heads; j++) {
+    float *sj = scores + j * len;
+    pd_v16 sum = {0};
+    for (int64_t p = 0; p < len; p += 16) {
+      const int64_t w = len - p < 16 ? len - p : 16;
+      const pd_v16 e = pd_exp16(pd_load16(sj + p, w, -INFINITY) - top[j]);
+      pd_store16(sj + p, e, w);
+      for (int64_t i = 0; i < w; i++) sum[i] += e[i];
+    }
+    float total_j = 0.0f;
+    for (int i = 0; i < 16; i++) total_j += sum[i];
+    total[j] = total_j;
+  }
+  memset(ob, 0, (size_t)(heads * head_dim) * sizeof(float));
+  for (int64_t p = 0; p < len; p++) {
+    const float *v = v_cache + (table[p / block_size] * block_size + p % block_size) * row;
+    for (int64_t j = 0; j < heads; j++)
+      axpy(ob + j * head_dim, scores[j * len + p], v + (h0 + j / group) * head_dim, head_dim);
+  }
+  for (int64_t j = 0; j < heads; j++) {
+    const float inv = 1.0f / total[j];
+    for (int64_t i = 0; i < head_dim; i++) ob[j * head_dim + i] *= inv;
+  }
+  free(scores);
+  return 0;
+}
+
 /* q [B, Hq, D] with rows q_stride floats apart (heads contiguous); k_cache and
  * v_cache [blocks, block_size, Hkv, D] contiguous; tables [B, table_stride] block
- * ids; out [B, Hq, D] contiguous. Returns 0, or -1 if scratch memory ran out. */
+ * ids; out [B, Hq, D] contiguous. A task is one sequence, or, when there are too few
+ * sequences to keep the threads busy, one KV head of one. Returns 0, -1 if scratch
+ * memory ran out, -2 for head counts it can't take. */
 int pd_decode_attention(const float *q, int64_t q_stride, const float *k_cache,
                         const float *v_cache, const int64_t *tables, int64_t table_stride,
                         const int64_t *lens, float *out, int64_t batch, int64_t q_heads,
                         int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
                         int threads) {
   const int64_t group = q_heads / kv_heads;
-  if (group < 1 || group > PD_MAX_GROUP || group * kv_heads != q_heads) return -2;
-  int failed = 0;
-  const int64_t tasks = batch * kv_heads;
+  if (group < 1 || q_heads > PD_MAX_HEADS || group * kv_heads != q_heads) return -2;
+  const int64_t split = batch >= 2 * threads ? 1 : kv_heads; /* tasks per sequence */
+  const int64_t per = kv_heads / split, tasks = batch * split;
   if (threads > tasks) threads = (int)tasks;
+  int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : failed)
   for (int64_t task = 0; task < tasks; task++) {
-    const int64_t b = task / kv_heads, h = task % kv_heads, len = lens[b];
-    const int64_t row = kv_heads * head_dim; /* floats between two cache slots */
-    const int64_t *table = tables + b * table_stride;
-    const float *qb = q + b * q_stride + h * group * head_dim;
-    float *ob = out + (b * q_heads + h * group) * head_dim;
-    float *scores = malloc((size_t)(group * len) * sizeof(float));
-    if (!scores) {
-      failed = 1;
-      continue;
-    }
-    float top[PD_MAX_GROUP], total[PD_MAX_GROUP];
-    for (int64_t g = 0; g < group; g++) top[g] = -INFINITY;
-    for (int64_t p = 0; p < len; p++) {
-      const float *k = k_cache + (table[p / block_size] * block_size + p % block_size) * row +
-                       h * head_dim;
-      for (int64_t g = 0; g < group; g++) {
-        const float s = dot(qb + g * head_dim, k, head_dim) * scale;
-        scores[g * len + p] = s;
-        if (s > top[g]) top[g] = s;
-      }
-    }
-    for (int64_t g = 0; g < group; g++) {
-      float sum = 0.0f;
-      for (int64_t p = 0; p < len; p++) {
-        const float e = expf(scores[g * len + p] - top[g]);
-        scores[g * len + p] = e;
-        sum += e;
-      }
-      total[g] = sum;
-    }
-    memset(ob, 0, (size_t)(group * head_dim) * sizeof(float));
-    for (int64_t p = 0; p < len; p++) {
-      const float *v = v_cache + (table[p / block_size] * block_size + p % block_size) * row +
-                       h * head_dim;
-      for (int64_t g = 0; g < group; g++) axpy(ob + g * head_dim, scores[g * len + p], v, head_dim);
-    }
-    for (int64_t g = 0; g < group; g++) {
-      const float inv = 1.0f / total[g];
-      for (int64_t i = 0; i < head_dim; i++) ob[g * head_dim + i] *= inv;
-    }
-    free(scores);
+    const int64_t b = task / split, h0 = task % split * per;
+    failed |= attend(q + b * q_stride + h0 * group * head_dim, k_cache, v_cache,
+                     tables + b * table_stride, lens[b], out + (b * q_heads + h0 * group) * head_dim,
+                     h0, h0 + per, group, kv_heads, head_dim, block_size, scale);
   }
   return failed ? -1 : 0;
 }

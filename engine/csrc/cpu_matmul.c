@@ -2,12 +2,13 @@
  *
  * The packed layout is [ceil(N / 32)][K][32]: each block of 32 output columns is one
  * contiguous stream, read front to back, so a decode step (M of 1 to a few rows)
- * reads its weights at close to the memory bandwidth. A tile of up to 6 rows of x
+ * reads its weights in long sequential runs that the hardware prefetcher follows
+ * (software prefetching measured no better). A tile of up to 6 rows of x
  * keeps 12 vector accumulators, enough to keep the FMA units busy for larger M.
  * Columns past N in the last block are zero.
  *
  * Written in GCC vector extensions and built with -march=native on the serving host,
- * so the same source compiles to AVX-512, AVX2 or NEON. Threads are OpenMP's, from
+ * so one source compiles for whatever vector unit the host has. Threads are OpenMP's, from
  * the process's one runtime (the one torch loaded), split over column blocks.
  */
 #include <stdint.h>
@@ -17,9 +18,6 @@
 
 #define PD_BLOCK 32
 #define PD_TILE_ROWS 6
-#define PD_PREFETCH_ROWS 8
-
-typedef float v16 __attribute__((vector_size(64)));
 
 int64_t pd_block_cols(void) { return PD_BLOCK; }
 
@@ -41,16 +39,14 @@ void pd_pack(const float *w, float *packed, int64_t n, int64_t k) {
 static inline __attribute__((always_inline)) void tile(
     const float *x, int64_t ldx, const float *wb, const float *bias, float *y, int64_t ldy,
     const int rows, int64_t k, int64_t cols, int accumulate) {
-  v16 acc[PD_TILE_ROWS][2];
+  pd_v16 acc[PD_TILE_ROWS][2];
   for (int r = 0; r < rows; r++) {
-    acc[r][0] = (v16){0};
-    acc[r][1] = (v16){0};
+    acc[r][0] = (pd_v16){0};
+    acc[r][1] = (pd_v16){0};
   }
   for (int64_t kk = 0; kk < k; kk++) {
     const float *wk = wb + kk * PD_BLOCK;
-    const v16 w0 = *(const v16 *)wk, w1 = *(const v16 *)(wk + 16);
-    __builtin_prefetch(wk + PD_PREFETCH_ROWS * PD_BLOCK, 0, 3);
-    __builtin_prefetch(wk + PD_PREFETCH_ROWS * PD_BLOCK + 16, 0, 3);
+    const pd_v16 w0 = *(const pd_v16 *)wk, w1 = *(const pd_v16 *)(wk + 16);
     for (int r = 0; r < rows; r++) {
       const float xv = x[r * ldx + kk];
       acc[r][0] += w0 * xv;

@@ -28,8 +28,12 @@ void pd_rms_norm(const float *x, int64_t ldx, const float *w, float *y, int64_t 
 void pd_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t dim, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows >= PD_PARALLEL_ROWS)
   for (int64_t r = 0; r < rows; r++) {
-    const float *g = gate_up + r * 2 * dim, *u = g + dim;
-    float *o = out + r * dim;
-    for (int64_t i = 0; i < dim; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    const float *restrict g = gate_up + r * 2 * dim, *restrict u = g + dim;
+    float *restrict o = out + r * dim;
+    for (int64_t i = 0; i < dim; i += 16) {
+      const int64_t w = dim - i < 16 ? dim - i : 16;
+      const pd_v16 gv = pd_load16(g + i, w, 0.0f), uv = pd_load16(u + i, w, 0.0f);
+      pd_store16(o + i, gv / (1.0f + pd_exp16(-gv)) * uv, w);
+    }
   }
 }
