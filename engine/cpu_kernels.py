@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 _SOURCES = ("cpu_matmul.c", "cpu_attention.c", "cpu_pointwise.c", "cpu_decode_layer.c")
 _HEADERS = ("pd_kernels.h",)
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi")
 _BUILD_TIMEOUT_S = 120.0
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p

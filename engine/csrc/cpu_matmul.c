@@ -3,8 +3,8 @@
  * The packed layout is [ceil(N / 32)][K][32]: each block of 32 output columns is one
  * contiguous stream, read front to back, so a decode step (M of 1 to a few rows)
  * reads its weights in long sequential runs that the hardware prefetcher follows
- * (software prefetching measured no better). A tile of up to 6 rows of x
- * keeps 12 vector accumulators, enough to keep the FMA units busy for larger M.
+ * (software prefetching measured no better). For larger M, a tile of several rows of
+ * x reuses each loaded weight vector across rows, to keep the FMA units busy.
  * Columns past N in the last block are zero.
  *
  * Written in GCC vector extensions and built with -march=native on the serving host,
@@ -17,7 +17,15 @@
 #include "pd_kernels.h"
 
 #define PD_BLOCK 32
-#define PD_TILE_ROWS 6
+/* Rows of x per tile: 2 vector accumulators each, plus the 2 weight vectors, must fit
+ * in the register file (32 x 512-bit with AVX-512; 16 x 256-bit with AVX2, where a
+ * 16-float vector takes two). */
+#if defined(__AVX512F__)
+#define PD_TILE_ROWS 8
+#else
+#define PD_TILE_ROWS 3
+#endif
+#define PD_MAX_TILE_ROWS 8 /* the remainder cases below go up to 7 rows */
 
 int64_t pd_block_cols(void) { return PD_BLOCK; }
 
@@ -39,7 +47,7 @@ void pd_pack(const float *w, float *packed, int64_t n, int64_t k) {
 static inline __attribute__((always_inline)) void tile(
     const float *x, int64_t ldx, const float *wb, const float *bias, float *y, int64_t ldy,
     const int rows, int64_t k, int64_t cols, int accumulate) {
-  pd_v16 acc[PD_TILE_ROWS][2];
+  pd_v16 acc[PD_MAX_TILE_ROWS][2];
   for (int r = 0; r < rows; r++) {
     acc[r][0] = (pd_v16){0};
     acc[r][1] = (pd_v16){0};
@@ -79,6 +87,8 @@ static void column_block(const float *x, int64_t ldx, const float *wb, const flo
     case 3: tile(xr, ldx, wb, bias, yr, ldy, 3, k, cols, acc); break;
     case 4: tile(xr, ldx, wb, bias, yr, ldy, 4, k, cols, acc); break;
     case 5: tile(xr, ldx, wb, bias, yr, ldy, 5, k, cols, acc); break;
+    case 6: tile(xr, ldx, wb, bias, yr, ldy, 6, k, cols, acc); break;
+    case 7: tile(xr, ldx, wb, bias, yr, ldy, 7, k, cols, acc); break;
     default: break;
   }
 }
