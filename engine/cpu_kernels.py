@@ -266,6 +266,8 @@ class CpuKernels:
         self._lib.pd_decode_layer.restype = ctypes.c_int
         self._decode_layer = self._lib.pd_decode_layer
         self.block_cols = int(self._lib.pd_block_cols())
+        self._lib.pd_attention_max_heads.restype = _i64
+        self.max_attention_heads = int(self._lib.pd_attention_max_heads())
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A [N, K] fp32 weight in the kernel's column-block layout (a new 1-D tensor)."""

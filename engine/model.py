@@ -167,10 +167,10 @@ class DecoderLayer(nn.Module):
 
 def _decode_layer(layer: DecoderLayer) -> DecodeLayer | None:
     """The fused decode kernel's view of `layer`, or None if its matmuls aren't all
-    plain `NativeLinear`s."""
+    plain `NativeLinear`s or its attention can't run on the kernels."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if not all(isinstance(m, NativeLinear) for m in linears):
+    if attn.kernels is None or not all(isinstance(m, NativeLinear) for m in linears):
         return None
     qkv, o, gate_up, down = cast(tuple[NativeLinear, ...], linears)
     if o.bias is not None or gate_up.bias is not None or down.bias is not None:
@@ -251,11 +251,14 @@ class LlamaModel(nn.Module):
         steps then run each layer in one kernel call, unless a layer's matmuls are
         wrapped (tensor parallelism reduces between them)."""
         for m in self.modules():
-            if isinstance(m, RMSNorm | Attention | MLP):
+            if isinstance(m, RMSNorm | MLP) or (
+                isinstance(m, Attention) and m.num_heads <= kernels.max_attention_heads
+            ):
                 m.kernels = kernels
         self.kernels = kernels
         fused = [_decode_layer(cast(DecoderLayer, layer)) for layer in self.layers]
-        self.fused_decode = None if None in fused else [f for f in fused if f is not None]
+        ok = fused and None not in fused
+        self.fused_decode = [f for f in fused if f is not None] if ok else None
 
     def _fused_decode(
         self,

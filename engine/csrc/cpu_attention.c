@@ -4,7 +4,6 @@
  * slots, found through its block table; the cache is read in place, never gathered.
  * The query heads that share a KV head (GQA) are computed together, so each key and
  * value row is read once per group. Softmax is exact (max-subtracted, two passes).
- * Work is split over (sequence, KV head) pairs.
  */
 #include <math.h>
 #include <stdint.h>
@@ -14,6 +13,8 @@
 #include "pd_kernels.h"
 
 #define PD_MAX_HEADS 256
+
+int64_t pd_attention_max_heads(void) { return PD_MAX_HEADS; }
 
 static float dot(const float *a, const float *b, int64_t d) {
   float acc = 0.0f;
@@ -27,7 +28,9 @@ static void axpy(float *y, float a, const float *x, int64_t d) {
   for (int64_t i = 0; i < d; i++) y[i] += a * x[i];
 }
 
-/* Sequence b's query heads for KV heads [h0, h1) (rows of `heads` query heads). */
+/* Sequence b's query heads for KV heads [h0, h1) (`group` query heads per KV head).
+ * Positions are walked block by block and heads KV head by KV head, so the inner loops
+ * do no division. */
 static int attend(const float *qb, const float *k_cache, const float *v_cache,
                   const int64_t *table, int64_t len, float *ob, int64_t h0, int64_t h1,
                   int64_t group, int64_t kv_heads, int64_t head_dim, int64_t block_size,
@@ -39,12 +42,27 @@ static int attend(const float *qb, const float *k_cache, const float *v_cache,
   for (int64_t j = 0; j < heads; j++) top[j] = -INFINITY;
   /* Slot rows hold every KV head, so a task that covers them all reads each block
    * of the cache as one contiguous run. */
-  for (int64_t p = 0; p < len; p++) {
-    const float *k = k_cache + (table[p / block_size] * block_size + p % block_size) * row;
-    for (int64_t j = 0; j < heads; j++) {
-      const float s = dot(qb + j * head_dim, k + (h0 + j / group) * head_dim, head_dim) * scale;
-      scores[j * len + p] = s;
-      if (s > top[j]) top[j] = s;
+  const int64_t last = (len - 1) / block_size, span = (h1 - h0) * head_dim;
+  for (int64_t p0 = 0, bi = 0; p0 < len; p0 += block_size, bi++) {
+    const float *kb = k_cache + table[bi] * block_size * row + h0 * head_dim;
+    /* Cache blocks are scattered, so the hardware prefetcher can't see the next one
+     * coming: fetch the next key block, and this value block, a row at a time. */
+    const float *next_k = k_cache + table[bi < last ? bi + 1 : bi] * block_size * row + h0 * head_dim;
+    const float *this_v = v_cache + table[bi] * block_size * row + h0 * head_dim;
+    const int64_t n = len - p0 < block_size ? len - p0 : block_size;
+    for (int64_t o = 0; o < n; o++) {
+      const float *k = kb + o * row;
+      for (int64_t c = 0; c < span; c += 16) {
+        __builtin_prefetch(next_k + o * row + c, 0, 3);
+        __builtin_prefetch(this_v + o * row + c, 0, 3);
+      }
+      int64_t j = 0;
+      for (int64_t h = h0; h < h1; h++, k += head_dim)
+        for (int64_t g = 0; g < group; g++, j++) {
+          const float v = dot(qb + j * head_dim, k, head_dim) * scale;
+          scores[j * len + p0 + o] = v;
+          if (v > top[j]) top[j] = v;
+        }
     }
   }
   for (int64_t j = 0; j < heads; j++) {
@@ -61,10 +79,16 @@ static int attend(const float *qb, const float *k_cache, const float *v_cache,
     total[j] = total_j;
   }
   memset(ob, 0, (size_t)(heads * head_dim) * sizeof(float));
-  for (int64_t p = 0; p < len; p++) {
-    const float *v = v_cache + (table[p / block_size] * block_size + p % block_size) * row;
-    for (int64_t j = 0; j < heads; j++)
-      axpy(ob + j * head_dim, scores[j * len + p], v + (h0 + j / group) * head_dim, head_dim);
+  for (int64_t p0 = 0, bi = 0; p0 < len; p0 += block_size, bi++) {
+    const float *vb = v_cache + table[bi] * block_size * row + h0 * head_dim;
+    const int64_t n = len - p0 < block_size ? len - p0 : block_size;
+    for (int64_t o = 0; o < n; o++) {
+      const float *v = vb + o * row;
+      int64_t j = 0;
+      for (int64_t h = h0; h < h1; h++, v += head_dim)
+        for (int64_t g = 0; g < group; g++, j++)
+          axpy(ob + j * head_dim, scores[j * len + p0 + o], v, head_dim);
+    }
   }
   for (int64_t j = 0; j < heads; j++) {
     const float inv = 1.0f / total[j];
