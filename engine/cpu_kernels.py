@@ -32,7 +32,13 @@ from engine.model_source import cache_root
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("cpu_matmul.c", "cpu_attention.c", "cpu_pointwise.c", "cpu_decode_layer.c")
+_SOURCES = (
+    "cpu_matmul.c",
+    "cpu_attention.c",
+    "cpu_pointwise.c",
+    "cpu_decode_layer.c",
+    "cpu_word_sums.c",
+)
 _HEADERS = ("pd_kernels.h",)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi")
 _BUILD_TIMEOUT_S = 120.0
@@ -267,6 +273,9 @@ class CpuKernels:
         self._decode_layer = self._lib.pd_decode_layer
         self.block_cols = int(self._lib.pd_block_cols())
         self._lib.pd_attention_max_heads.restype = _i64
+        self._lib.pd_word_sums.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, ctypes.c_int]
+        self._lib.pd_word_sums.restype = None
+        self._word_sums = self._lib.pd_word_sums
         self.max_attention_heads = int(self._lib.pd_attention_max_heads())
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -417,6 +426,48 @@ class CpuKernels:
         )
         if rc != 0:
             raise RuntimeError(f"decode layer kernel failed ({rc})")
+
+    def word_sums(self, src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Wrapping int64 sums of the 64-bit words of each `[slot, head, dim]` block of
+        src `[..., slot, head, dim]` (1 to 3 leading dims), copying src into dst (same
+        shape and dtype) in the same pass. None when the layout doesn't fit the
+        kernel: heads not contiguous within a slot, or rows not whole 64-bit words."""
+        lead = src.shape[:-3]
+        if not 1 <= len(lead) <= 3 or src.device.type != "cpu":
+            return None
+        views = (src,) if dst is None else (src, dst)
+        if dst is not None and (dst.shape != src.shape or dst.dtype != src.dtype):
+            return None
+        heads, dim, elem = src.shape[-2], src.shape[-1], src.element_size()
+        run_bytes = heads * dim * elem
+        if (dim * elem) % 8:
+            return None
+        for v in views:
+            if (v.stride(-1) != 1 or (heads > 1 and v.stride(-2) != dim)) or v.data_ptr() % 8:
+                return None
+            if any((st * elem) % 8 for st in v.stride()[:-2]):
+                return None
+        dims = [1] * (3 - len(lead)) + list(lead) + [src.shape[-3]]
+
+        def strides(v: torch.Tensor) -> torch.Tensor:
+            st = [0] * (3 - len(lead)) + [x * elem for x in v.stride()[: len(lead) + 1]]
+            return torch.tensor(st, dtype=torch.int64)
+
+        s_strides = strides(src)
+        d_strides = strides(dst) if dst is not None else s_strides
+        dims_t = torch.tensor(dims, dtype=torch.int64)
+        sums = torch.empty(lead, dtype=torch.int64)
+        self._word_sums(
+            src.data_ptr(),
+            s_strides.data_ptr(),
+            None if dst is None else dst.data_ptr(),
+            d_strides.data_ptr(),
+            dims_t.data_ptr(),
+            run_bytes,
+            sums.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return sums
 
 
 @functools.cache

@@ -22,9 +22,12 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import cast
 
 import numpy as np
 import torch
+
+from engine.cpu_kernels import load_kernels
 
 # Below this mean run length, a region->region copy gathers and scatters instead.
 _MIN_MEAN_RUN = 4
@@ -69,9 +72,20 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
-def _block_sums(t: torch.Tensor) -> torch.Tensor:
-    """[..., 2, n] int64 word sums of a [..., 2, n, slot, head, dim] tensor (wrapping)."""
-    return _words(t).sum(dim=(-3, -2, -1), dtype=torch.int64)
+def _block_sums(t: torch.Tensor, copy_to: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., 2, n] int64 word sums of a [..., 2, n, slot, head, dim] tensor (wrapping).
+
+    With `copy_to`, t is also copied there. On the CPU, the engine's native kernel
+    does both in one read of t where the layout allows; torch ops otherwise.
+    """
+    kernels = load_kernels() if t.device.type == "cpu" else None
+    sums = None if kernels is None else kernels.word_sums(t, copy_to)
+    if sums is not None:
+        return sums
+    sums = _words(t).sum(dim=(-3, -2, -1), dtype=torch.int64)
+    if copy_to is not None:
+        copy_to.copy_(t)
+    return sums
 
 
 @functools.lru_cache(maxsize=64)
@@ -334,11 +348,30 @@ def region_of(
     return LayerSpan(cache, layers.start, len(layers), head_start, head_stop, block_ids)
 
 
-def copy_into(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> None:
-    """Copy a region into a region, or a span into a span of as many layers."""
-    if isinstance(dst, LayerSpan) and isinstance(src, LayerSpan):
-        dst.copy_from(src)
-        return
-    if not (isinstance(dst, BlockRegion) and isinstance(src, BlockRegion)):
+def _one_view(r: BlockRegion | LayerSpan) -> torch.Tensor | None:
+    """The whole region or span as one strided view, if its blocks are one run."""
+    if isinstance(r, LayerSpan):
+        return r._view
+    block_runs = r._runs
+    return r.run_view(block_runs[0][1], block_runs[0][2]) if len(block_runs) == 1 else None
+
+
+def copy_into(
+    dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan, checksum: bool = False
+) -> int | None:
+    """Copy a region into a region, or a span into a span of as many layers. With
+    `checksum`, returns src's checksum, taken in the same pass as the copy when both
+    sides are one run of blocks."""
+    spans = isinstance(dst, LayerSpan) and isinstance(src, LayerSpan)
+    if not spans and not (isinstance(dst, BlockRegion) and isinstance(src, BlockRegion)):
         raise ValueError(f"cannot copy a {type(src).__name__} into a {type(dst).__name__}")
-    dst.copy_from(src)
+    if checksum:
+        s, d = _one_view(src), _one_view(dst)
+        if s is not None and d is not None and s.shape == d.shape and s.dtype == d.dtype:
+            return _fold(_block_sums(s, copy_to=d))
+    value = src.checksum() if checksum else None
+    if spans:
+        cast(LayerSpan, dst).copy_from(cast(LayerSpan, src))
+    else:
+        cast(BlockRegion, dst).copy_from(cast(BlockRegion, src))
+    return value

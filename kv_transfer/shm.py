@@ -341,11 +341,11 @@ class _ShmLink(Link):
             if self._broken:
                 raise TransferError(f"link to {self.peer} is closed")
             if region is not None:
-                if checksum:  # read once here, then copied while still in the cache
-                    header = header.with_checksum(region.checksum())
-                error = self._write(header, region)
+                error, value = self._write(header, region, checksum)
                 if error is not None:
                     return Completion.resolved(error)
+                if value is not None:
+                    header = header.with_checksum(value)
             header, self._seq = header.with_seq(self._seq), self._seq + 1
             try:
                 self._control.send(header.pack())
@@ -354,10 +354,13 @@ class _ShmLink(Link):
                 raise
         return Completion.resolved()
 
-    def _write(self, header: Header, region: BlockRegion | LayerSpan) -> str | None:
-        """Copy `region` into the transfer's blocks; the reason if it may not."""
+    def _write(
+        self, header: Header, region: BlockRegion | LayerSpan, checksum: bool
+    ) -> tuple[str | None, int | None]:
+        """Copy `region` into the transfer's blocks, with its checksum when asked (taken
+        in the same pass where the layout allows); or the reason it may not."""
         if not _flock(self._seg.fd, fcntl.LOCK_SH, self._lock_timeout):
-            return "timed out waiting for the receiver's cache lock"
+            return "timed out waiting for the receiver's cache lock", None
         try:
             slots = self._seg.slots
             match = (slots[:, 0] == _OPEN) & (
@@ -365,20 +368,21 @@ class _ShmLink(Link):
             ).all(axis=1)
             found = np.flatnonzero(match)
             if found.size != 1:
-                return f"transfer {header.transfer_id} is not open at {self.peer}"
+                return f"transfer {header.transfer_id} is not open at {self.peer}", None
             row = slots[int(found[0])]
             pos = header.block_start - int(row[2])
             if pos < 0 or pos + header.block_count > int(row[3]):
-                return f"blocks {header.block_start}+{header.block_count} outside the reservation"
+                where = f"{header.block_start}+{header.block_count}"
+                return f"blocks {where} outside the reservation", None
             ids = tuple(row[_HEAD_WORDS + pos : _HEAD_WORDS + pos + header.block_count].tolist())
             heads = header.head_start - self._head0
             try:
                 layers = range(header.layer - self._layer0, header.layers.stop - self._layer0)
                 dst = region_of(self._seg.cache, layers, heads, heads + header.head_count, ids)
-                copy_into(dst, region)
+                value = copy_into(dst, region, checksum)
             except (IndexError, ValueError) as e:
-                return f"slice does not fit {self.peer}'s cache: {e}"
-            return None
+                return f"slice does not fit {self.peer}'s cache: {e}", None
+            return None, value
         finally:
             fcntl.flock(self._seg.fd, fcntl.LOCK_UN)
 

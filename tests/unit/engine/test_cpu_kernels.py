@@ -153,3 +153,27 @@ def test_decode_attention_matches_torch_on_a_scattered_cache(kernels, q_heads, k
     out = torch.empty(len(lens), q_heads, dim)
     kernels.decode_attention(q, k_cache, v_cache, tables, lens, 0.2, out)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def torch_word_sums(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int64).sum(dim=(-3, -2, -1), dtype=torch.int64)
+
+
+@pytest.mark.parametrize("lead", [(2, 5), (3, 2, 5)])
+def test_word_sums_match_torch_and_copy_in_one_pass(kernels, lead) -> None:
+    cache = torch.randn(*lead, 4, 6, 8)  # [..., slot, head, dim]
+    cache.view(torch.int64)[..., 0, 0, 0] = 2**62  # sums wrap past 2**63
+    src = cache[..., 1:4, :]  # 3 of 6 heads: strided slots
+    want = torch_word_sums(src)
+    torch.testing.assert_close(kernels.word_sums(src), want, rtol=0, atol=0)
+    dst_cache = torch.zeros(*lead, 4, 5, 8)
+    dst = dst_cache[..., 2:5, :]
+    torch.testing.assert_close(kernels.word_sums(src, dst), want, rtol=0, atol=0)
+    assert torch.equal(dst, src)
+    assert torch.count_nonzero(dst_cache[..., :2, :]) == 0  # nothing outside dst
+
+
+def test_word_sums_decline_layouts_they_cant_take(kernels) -> None:
+    assert kernels.word_sums(torch.randn(2, 3, 4, 2, 3)) is None  # 12-byte rows
+    assert kernels.word_sums(torch.randn(2, 3, 4, 2, 8).transpose(-1, -2)) is None
+    assert kernels.word_sums(torch.randn(4, 2, 8)) is None  # no block dim

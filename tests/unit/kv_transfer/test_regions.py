@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.regions import BlockRegion, LayerSpan, checksum, region_of, runs
+from kv_transfer.regions import BlockRegion, LayerSpan, checksum, copy_into, region_of, runs
 
 # [layer, kv, block, slot, head, dim]
 SHAPE = (3, 2, 24, 4, 4, 16)
@@ -145,3 +145,16 @@ def test_a_layer_span_is_validated_when_built() -> None:
         LayerSpan(cache, 0, 2, 0, SHAPE[4] + 1, CONTIGUOUS)
     with pytest.raises(IndexError, match="block ids"):
         LayerSpan(cache, 0, 2, 0, 2, (SHAPE[2],))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("src_ids", [CONTIGUOUS, FRAGMENTED])
+def test_copy_with_checksum_copies_and_matches_the_checksum(dtype, layers, src_ids) -> None:
+    src_cache, dst_cache = _cache(dtype, 4), torch.zeros(SHAPE, dtype=dtype)
+    src = region_of(src_cache, range(1, 1 + layers), 1, 3, src_ids)
+    dst = region_of(dst_cache, range(0, layers), 2, 4, tuple(range(16, 24)))
+    want = src.checksum()
+    assert copy_into(dst, src, checksum=True) == want
+    assert torch.equal(dst.gather(), src.gather())
+    assert copy_into(dst, src) is None
