@@ -356,6 +356,15 @@ def _one_view(r: BlockRegion | LayerSpan) -> torch.Tensor | None:
     return r.run_view(block_runs[0][1], block_runs[0][2]) if len(block_runs) == 1 else None
 
 
+def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
+    """Gather `src` into `out` (its contiguous shape) and return its checksum, in one
+    pass over the source when it is one run of blocks."""
+    view = _one_view(src)
+    if view is not None and tuple(out.shape) == tuple(view.shape):
+        return _fold(_block_sums(view, copy_to=out))
+    return checksum(src.gather(out=out))
+
+
 def copy_into(
     dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan, checksum: bool = False
 ) -> int | None:

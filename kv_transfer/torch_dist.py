@@ -42,7 +42,7 @@ from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCP
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.control import ControlClient, ControlServer, Finish, listen
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
-from kv_transfer.regions import BlockRegion, LayerSpan
+from kv_transfer.regions import BlockRegion, LayerSpan, gather_checksummed
 from kv_transfer.regions import checksum as payload_checksum
 from kv_transfer.rendezvous import (
     Lease,
@@ -190,12 +190,14 @@ class _Link(Link):
             if zero_copy and isinstance(region, BlockRegion):
                 # K and V are each contiguous in the cache: send them as they lie
                 staging = region.run_view(region.block_ids[0], len(region.block_ids))
+                if checksum:
+                    header = header.with_checksum(payload_checksum(staging))
             else:
-                staging = region.gather(
-                    out=self._pool.take(region.shape, region.dtype, region.cache.device)
-                )
-            if checksum:
-                header = header.with_checksum(payload_checksum(staging))
+                staging = self._pool.take(region.shape, region.dtype, region.cache.device)
+                if checksum:  # gathered and summed in one pass
+                    header = header.with_checksum(gather_checksummed(region, staging))
+                else:
+                    region.gather(out=staging)
             self._control.send(header.pack())
             try:
                 works = [

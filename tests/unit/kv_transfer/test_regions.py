@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.regions import BlockRegion, LayerSpan, checksum, copy_into, region_of, runs
+from kv_transfer.regions import (
+    BlockRegion,
+    LayerSpan,
+    checksum,
+    copy_into,
+    gather_checksummed,
+    region_of,
+    runs,
+)
 
 # [layer, kv, block, slot, head, dim]
 SHAPE = (3, 2, 24, 4, 4, 16)
@@ -158,3 +166,12 @@ def test_copy_with_checksum_copies_and_matches_the_checksum(dtype, layers, src_i
     assert copy_into(dst, src, checksum=True) == want
     assert torch.equal(dst.gather(), src.gather())
     assert copy_into(dst, src) is None
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("ids", [CONTIGUOUS, FRAGMENTED])
+def test_gather_with_checksum_matches_gather_then_checksum(layers, ids) -> None:
+    src = region_of(_cache(torch.float32, 5), range(0, layers), 1, 4, ids)
+    out = torch.empty(src.shape)
+    assert gather_checksummed(src, out) == src.checksum()
+    assert torch.equal(out, src.gather())
