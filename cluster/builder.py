@@ -143,6 +143,7 @@ def worker_settings(
         max_num_seqs=e.max_num_seqs,
         num_threads=pool.num_threads,
         enable_prefix_caching=e.enable_prefix_caching,
+        cpu_linear=e.cpu_linear,
         max_stop_strings=config.router.max_stop_strings,
         max_logprobs=config.router.max_logprobs,
         redis_url=redis_url,

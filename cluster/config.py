@@ -34,6 +34,7 @@ from pydantic import (
 from cluster.k8s.settings import KubernetesSettings
 from cluster.registry.types import NAME_PATTERN
 from decode_worker.messages import PoolRole
+from engine.config import CpuLinearKind
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -85,6 +86,11 @@ class EngineLimits(BaseModel):
         default=None, ge=1, description="torch threads per engine; default: the CPUs per rank."
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse cached prompt blocks.")
+    cpu_linear: CpuLinearKind = Field(
+        default="auto",
+        description="CPU ranks' matmuls: native (the engine's fp32 kernels), onednn, plain, "
+        "or auto (native for fp32 where a C compiler builds them, else onednn).",
+    )
 
 
 class PoolConfig(BaseModel):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from engine import SamplingParams, TokenLogprob
+from engine.config import CpuLinearKind
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
 
@@ -57,6 +58,7 @@ class WorkerSettings:
     rank_timeout_s: float = 60.0  # one collective among the ranks
     rank_start_timeout_s: float = 120.0  # the ranks joining a new replica
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
+    cpu_linear: CpuLinearKind = "auto"  # the engine's CPU matmul backend
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ def engine_config(s: WorkerSettings) -> EngineConfig:
         max_model_len=s.max_model_len,
         num_threads=s.num_threads,
         enable_prefix_caching=s.enable_prefix_caching,
+        cpu_linear=s.cpu_linear,
         max_stop_strings=s.max_stop_strings,
         max_logprobs=s.max_logprobs,
         tp=s.tp,

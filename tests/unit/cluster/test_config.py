@@ -14,6 +14,7 @@ from cluster.builder import build_app, check_against_model, router_settings, wor
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
 from decode_worker.messages import PoolRole
+from decode_worker.runtime import engine_config
 from engine.kv_cache import KVCacheLayout
 
 
@@ -165,9 +166,14 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
         "router.max_prompt_tokens=100",
         "kv_transfer.transport=shm",
         "pools.decode.rank_timeout_s=15",
+        "pools.decode.engine.cpu_linear=onednn",
     )
     ws = worker_settings(c, c.pools[1], str(tiny_model_dir), "redis://127.0.0.1:1/0")
     assert (ws.rank_timeout_s, ws.rank_start_timeout_s) == (15.0, 120.0)
+    assert engine_config(ws).cpu_linear == "onednn"
+    assert worker_settings(c, c.pools[0], str(tiny_model_dir), "r").cpu_linear == "auto"
+    with pytest.raises(ConfigError, match="cpu_linear"):
+        _tiny(tiny_model_dir, "pools.decode.engine.cpu_linear=fast")
     assert (ws.pool, ws.role, ws.max_model_len, ws.kv_cache_bytes, ws.transport) == (
         "decode",
         PoolRole.DECODE,
