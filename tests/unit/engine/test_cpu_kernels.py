@@ -177,3 +177,35 @@ def test_word_sums_decline_layouts_they_cant_take(kernels) -> None:
     assert kernels.word_sums(torch.randn(2, 3, 4, 2, 3)) is None  # 12-byte rows
     assert kernels.word_sums(torch.randn(2, 3, 4, 2, 8).transpose(-1, -2)) is None
     assert kernels.word_sums(torch.randn(4, 2, 8)) is None  # no block dim
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.steps: list[list[int]] = [[]]
+
+    def on_layer_done(self, layer: int, chunks) -> None:
+        self.steps[-1].append(layer)
+
+    def on_step_done(self, chunks) -> None:
+        self.steps.append([])
+
+
+def test_fused_decode_reports_every_layer_to_the_hook(tiny_model_dir) -> None:
+    """KV streaming relies on the per-layer hook; decode-only steps run fused layers."""
+    from engine import SamplingParams
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    hook = _Recorder()
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_model_dir), num_threads=1, max_model_len=256), layer_hook=hook
+    )
+    model = engine.runner.model
+    assert model.fused_decode is not None
+    engine.add_request("r", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=5))
+    while engine.has_unfinished_requests():
+        engine.step()
+    layers = list(range(len(model.layers)))
+    steps = hook.steps[:-1]
+    assert len(steps) == 5 and all(step == layers for step in steps)  # prefill + 4 decodes
+    assert engine.block_pool.num_free == engine.block_pool.num_blocks  # no blocks leaked
