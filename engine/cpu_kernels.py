@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -207,76 +208,30 @@ class CpuKernels:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lib = ctypes.CDLL(str(path))
-        self._lib.pd_block_cols.restype = _i64
-        self._lib.pd_packed_numel.argtypes = [_i64, _i64]
-        self._lib.pd_packed_numel.restype = _i64
-        self._lib.pd_pack.argtypes = [_ptr, _ptr, _i64, _i64]
-        self._lib.pd_pack.restype = None
-        self._lib.pd_linear.argtypes = [
-            _ptr,
-            _i64,
-            _ptr,
-            _ptr,
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            ctypes.c_int,
-        ]
-        self._lib.pd_linear.restype = None
-        self._linear = self._lib.pd_linear
-        self._lib.pd_rms_norm.argtypes = [
-            _ptr,
-            _i64,
-            _ptr,
-            _ptr,
-            _i64,
-            _i64,
-            ctypes.c_float,
-            ctypes.c_int,
-        ]
-        self._lib.pd_rms_norm.restype = None
-        self._rms_norm = self._lib.pd_rms_norm
-        self._lib.pd_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
-        self._lib.pd_silu_mul.restype = None
-        self._silu_mul = self._lib.pd_silu_mul
-        self._lib.pd_decode_attention.argtypes = [
-            _ptr,
-            _i64,
-            _ptr,
-            _ptr,
-            _ptr,
-            _i64,
-            _ptr,
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            ctypes.c_float,
-            ctypes.c_int,
-        ]
-        self._lib.pd_decode_attention.restype = ctypes.c_int
-        self._decode_attention = self._lib.pd_decode_attention
-        self._lib.pd_decode_scratch_floats.argtypes = [ctypes.POINTER(_LayerArgs), _i64]
-        self._lib.pd_decode_scratch_floats.restype = _i64
-        self._lib.pd_decode_layer.argtypes = [
-            ctypes.POINTER(_LayerArgs),
-            ctypes.POINTER(_StepArgs),
-            _ptr,
-            _ptr,
-            _ptr,
-        ]
-        self._lib.pd_decode_layer.restype = ctypes.c_int
-        self._decode_layer = self._lib.pd_decode_layer
-        self.block_cols = int(self._lib.pd_block_cols())
-        self._lib.pd_attention_max_heads.restype = _i64
-        self._lib.pd_word_sums.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, ctypes.c_int]
-        self._lib.pd_word_sums.restype = None
-        self._word_sums = self._lib.pd_word_sums
-        self.max_attention_heads = int(self._lib.pd_attention_max_heads())
+        layer, step = ctypes.POINTER(_LayerArgs), ctypes.POINTER(_StepArgs)
+        f32, i32 = ctypes.c_float, ctypes.c_int
+        self._linear = self._bind("pd_linear", None, _ptr, _i64, _ptr, _ptr, _ptr, *[_i64] * 4, i32)
+        self._rms_norm = self._bind(
+            "pd_rms_norm", None, _ptr, _i64, _ptr, _ptr, _i64, _i64, f32, i32
+        )
+        self._silu_mul = self._bind("pd_silu_mul", None, _ptr, _ptr, _i64, _i64, i32)
+        self._decode_attention = self._bind(
+            "pd_decode_attention", i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
+            *[_i64] * 5, f32, i32,
+        )  # fmt: skip
+        self._decode_scratch_floats = self._bind("pd_decode_scratch_floats", _i64, layer, _i64)
+        self._decode_layer = self._bind("pd_decode_layer", i32, layer, step, _ptr, _ptr, _ptr)
+        self._word_sums = self._bind("pd_word_sums", None, *[_ptr] * 5, _i64, _ptr, i32)
+        self._pack = self._bind("pd_pack", None, _ptr, _ptr, _i64, _i64)
+        self._packed_numel = self._bind("pd_packed_numel", _i64, _i64, _i64)
+        self.block_cols = int(self._bind("pd_block_cols", _i64)())
+        self.max_attention_heads = int(self._bind("pd_attention_max_heads", _i64)())
+
+    def _bind(self, name: str, restype: Any, *argtypes: Any) -> Any:
+        """The library's function `name`, typed."""
+        fn = getattr(self._lib, name)
+        fn.restype, fn.argtypes = restype, list(argtypes)
+        return fn
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A [N, K] fp32 weight in the kernel's column-block layout (a new 1-D tensor)."""
@@ -284,10 +239,10 @@ class CpuKernels:
             raise ValueError(f"pack wants a 2-D fp32 CPU weight, got {weight.dtype} {weight.shape}")
         w = weight.detach().contiguous()
         n, k = w.shape
-        packed = torch.empty(int(self._lib.pd_packed_numel(n, k)), dtype=torch.float32)
+        packed = torch.empty(int(self._packed_numel(n, k)), dtype=torch.float32)
         if packed.data_ptr() % 64:  # the kernel's aligned vector loads need this
             raise RuntimeError("the CPU allocator returned a buffer not 64-byte aligned")
-        self._lib.pd_pack(w.data_ptr(), packed.data_ptr(), n, k)
+        self._pack(w.data_ptr(), packed.data_ptr(), n, k)
         return packed
 
     def linear(
@@ -390,7 +345,7 @@ class CpuKernels:
         """Arguments shared by every layer of a step of `positions.numel()` decode
         tokens (all int64 and contiguous; cos/sin the [positions, head_dim] tables)."""
         tokens = positions.numel()
-        floats = int(self._lib.pd_decode_scratch_floats(ctypes.byref(layer.args), tokens))
+        floats = int(self._decode_scratch_floats(ctypes.byref(layer.args), tokens))
         scratch = torch.empty(floats, dtype=torch.float32)
         args = _StepArgs(
             tokens,
@@ -447,22 +402,20 @@ class CpuKernels:
                 return None
             if any((st * elem) % 8 for st in v.stride()[:-2]):
                 return None
-        dims = [1] * (3 - len(lead)) + list(lead) + [src.shape[-3]]
+        pad = [0] * (3 - len(lead))  # absent group dims: size 1, stride 0
+        dims = (_i64 * 4)(*[1] * len(pad), *lead, src.shape[-3])
 
-        def strides(v: torch.Tensor) -> torch.Tensor:
-            st = [0] * (3 - len(lead)) + [x * elem for x in v.stride()[: len(lead) + 1]]
-            return torch.tensor(st, dtype=torch.int64)
+        def strides(v: torch.Tensor) -> ctypes.Array[ctypes.c_int64]:
+            return (_i64 * 4)(*pad, *(x * elem for x in v.stride()[: len(lead) + 1]))
 
         s_strides = strides(src)
-        d_strides = strides(dst) if dst is not None else s_strides
-        dims_t = torch.tensor(dims, dtype=torch.int64)
         sums = torch.empty(lead, dtype=torch.int64)
         self._word_sums(
             src.data_ptr(),
-            s_strides.data_ptr(),
+            s_strides,
             None if dst is None else dst.data_ptr(),
-            d_strides.data_ptr(),
-            dims_t.data_ptr(),
+            s_strides if dst is None else strides(dst),
+            dims,
             run_bytes,
             sums.data_ptr(),
             torch.get_num_threads(),

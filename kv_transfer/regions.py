@@ -101,6 +101,15 @@ def _fold(sums: torch.Tensor) -> int:
     return int(folded) & _MASK64
 
 
+def _check_payload(
+    payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, what: str
+) -> None:
+    if tuple(payload.shape) != shape or payload.dtype != dtype:
+        raise ValueError(
+            f"payload {tuple(payload.shape)} {payload.dtype} does not fit {what} {shape} {dtype}"
+        )
+
+
 def checksum(payload: torch.Tensor) -> int:
     """Checksum of a [2, n, slot, head, dim] tensor; equals its source region's."""
     return _fold(_block_sums(payload))
@@ -165,11 +174,16 @@ class BlockRegion:
         """A strided view of blocks `first_block ... first_block + length - 1`."""
         return self._layer[:, first_block : first_block + length]
 
+    @cached_property
+    def _view(self) -> torch.Tensor | None:
+        """[2, n, slot, head, dim] as one strided view, over one run of blocks."""
+        block_runs = self._runs
+        return self.run_view(block_runs[0][1], block_runs[0][2]) if len(block_runs) == 1 else None
+
     def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The region's contiguous copy (into `out` when given)."""
-        block_runs = self._runs
-        if len(block_runs) == 1:
-            view = self.run_view(block_runs[0][1], block_runs[0][2])
+        view = self._view
+        if view is not None:
             if out is None:
                 return view.clone(memory_format=torch.contiguous_format)
             return out.copy_(view)
@@ -179,11 +193,7 @@ class BlockRegion:
 
     def scatter(self, payload: torch.Tensor) -> None:
         """Write a contiguous [2, n, slot, head, dim] payload into the region."""
-        if tuple(payload.shape) != self.shape or payload.dtype != self.dtype:
-            raise ValueError(
-                f"payload {tuple(payload.shape)} {payload.dtype} does not fit "
-                f"region {self.shape} {self.dtype}"
-            )
+        _check_payload(payload, self.shape, self.dtype, "region")
         block_runs = self._runs
         if len(block_runs) * _MIN_MEAN_RUN <= len(self.block_ids) or len(block_runs) == 1:
             for pos, block, n in block_runs:
@@ -313,11 +323,7 @@ class LayerSpan:
 
     def scatter(self, payload: torch.Tensor) -> None:
         """Write a contiguous [layers, 2, n, slot, head, dim] payload into the span."""
-        if tuple(payload.shape) != self.shape or payload.dtype != self.dtype:
-            raise ValueError(
-                f"payload {tuple(payload.shape)} {payload.dtype} does not fit "
-                f"span {self.shape} {self.dtype}"
-            )
+        _check_payload(payload, self.shape, self.dtype, "span")
         view = self._view
         if view is not None:
             view.copy_(payload)
@@ -348,18 +354,10 @@ def region_of(
     return LayerSpan(cache, layers.start, len(layers), head_start, head_stop, block_ids)
 
 
-def _one_view(r: BlockRegion | LayerSpan) -> torch.Tensor | None:
-    """The whole region or span as one strided view, if its blocks are one run."""
-    if isinstance(r, LayerSpan):
-        return r._view
-    block_runs = r._runs
-    return r.run_view(block_runs[0][1], block_runs[0][2]) if len(block_runs) == 1 else None
-
-
 def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
     """Gather `src` into `out` (its contiguous shape) and return its checksum, in one
     pass over the source when it is one run of blocks."""
-    view = _one_view(src)
+    view = src._view
     if view is not None and tuple(out.shape) == tuple(view.shape):
         return _fold(_block_sums(view, copy_to=out))
     return checksum(src.gather(out=out))
@@ -375,7 +373,7 @@ def copy_into(
     if not spans and not (isinstance(dst, BlockRegion) and isinstance(src, BlockRegion)):
         raise ValueError(f"cannot copy a {type(src).__name__} into a {type(dst).__name__}")
     if checksum:
-        s, d = _one_view(src), _one_view(dst)
+        s, d = src._view, dst._view
         if s is not None and d is not None and s.shape == d.shape and s.dtype == d.dtype:
             return _fold(_block_sums(s, copy_to=d))
     value = src.checksum() if checksum else None
