@@ -35,7 +35,13 @@ static uint64_t run_sum(const uint8_t *src, uint8_t *dst, int64_t words) {
 void pd_word_sums(const uint8_t *src, const int64_t *src_strides, uint8_t *dst,
                   const int64_t *dst_strides, const int64_t *dims, int64_t run_bytes,
                   uint64_t *sums, int threads) {
-  const int64_t groups = dims[0] * dims[1] * dims[2], words = run_bytes / 8;
+  const int64_t groups = dims[0] * dims[1] * dims[2];
+  int64_t words = run_bytes / 8, slots = dims[3];
+  /* A block whose slots lie back to back (all heads) on both sides is one run. */
+  if (src_strides[3] == run_bytes && (!dst || dst_strides[3] == run_bytes)) {
+    words *= slots;
+    slots = 1;
+  }
   if (threads > groups) threads = (int)groups;
 #pragma omp parallel for schedule(static) num_threads(threads) if (groups > 1)
   for (int64_t g = 0; g < groups; g++) {
@@ -43,7 +49,7 @@ void pd_word_sums(const uint8_t *src, const int64_t *src_strides, uint8_t *dst,
     const uint8_t *s = src + i0 * src_strides[0] + i1 * src_strides[1] + i2 * src_strides[2];
     uint8_t *d = dst ? dst + i0 * dst_strides[0] + i1 * dst_strides[1] + i2 * dst_strides[2] : 0;
     uint64_t acc = 0;
-    for (int64_t slot = 0; slot < dims[3]; slot++)
+    for (int64_t slot = 0; slot < slots; slot++)
       acc += run_sum(s + slot * src_strides[3], d ? d + slot * dst_strides[3] : 0, words);
     sums[g] = acc;
   }

@@ -161,17 +161,25 @@ def torch_word_sums(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("lead", [(2, 5), (3, 2, 5)])
-def test_word_sums_match_torch_and_copy_in_one_pass(kernels, lead) -> None:
+@pytest.mark.parametrize(
+    "src_heads, dst_total, dst_heads",
+    [((1, 4), 5, (2, 5)), ((0, 6), 6, (0, 6)), ((0, 6), 7, (1, 7))],
+    ids=["strided slots", "whole blocks", "whole source blocks into strided slots"],
+)
+def test_word_sums_match_torch_and_copy_in_one_pass(
+    kernels, lead, src_heads, dst_total, dst_heads
+) -> None:
     cache = torch.randn(*lead, 4, 6, 8)  # [..., slot, head, dim]
     cache.view(torch.int64)[..., 0, 0, 0] = 2**62  # sums wrap past 2**63
-    src = cache[..., 1:4, :]  # 3 of 6 heads: strided slots
+    src = cache[..., slice(*src_heads), :]
     want = torch_word_sums(src)
     torch.testing.assert_close(kernels.word_sums(src), want, rtol=0, atol=0)
-    dst_cache = torch.zeros(*lead, 4, 5, 8)
-    dst = dst_cache[..., 2:5, :]
+    dst_cache = torch.zeros(*lead, 4, dst_total, 8)
+    dst = dst_cache[..., slice(*dst_heads), :]
     torch.testing.assert_close(kernels.word_sums(src, dst), want, rtol=0, atol=0)
     assert torch.equal(dst, src)
-    assert torch.count_nonzero(dst_cache[..., :2, :]) == 0  # nothing outside dst
+    dst.zero_()
+    assert torch.count_nonzero(dst_cache) == 0  # nothing written outside dst
 
 
 def test_word_sums_decline_layouts_they_cant_take(kernels) -> None:
