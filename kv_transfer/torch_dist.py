@@ -12,16 +12,15 @@ A pair (sender rank, receiver rank) is created lazily on its first slice and reu
     ProcessGroupGloo/NCCL(rank 0, size 2)      over PrefixStore("kvpair/<token>")
 
 Gloo for CPU tensors, NCCL for CUDA ones; both with a short timeout. Per DATA message
-the sender gathers the slice into a staging tensor, writes the header on the control
-socket and posts asynchronous sends of its K and V halves (a span of several layers,
-which the sender coalesces when they queue up, goes as one tensor); a waiter thread
-waits on the sends in order and resolves their completions. The receiver reads the
-header, has the receiver role validate it, and receives a layer straight into the
-destination blocks when they are one contiguous run (else, and for spans, into
-staging, scattered when it lands). Any error or
-timeout tears the pair down on that side (control socket closed, group dropped or
-aborted); the other side's pending operations then fail, and the next transfer builds
-a new pair.
+the sender gathers the slice into a staging tensor and writes the header on the control
+socket; a poster thread then posts asynchronous sends of its K and V halves (a span of
+several layers, which the sender coalesces when they queue up, goes as one tensor), and
+a waiter thread waits on the sends in order and resolves their completions. The
+receiver reads the header, has the receiver role validate it, and receives a layer
+straight into the destination blocks when they are one contiguous run (else, and for
+spans, into staging, scattered when it lands). Any error or timeout tears the pair down
+on that side (control socket closed, group dropped or aborted); the other side's
+pending operations then fail, and the next transfer builds a new pair.
 """
 
 from __future__ import annotations
@@ -169,8 +168,13 @@ class _Link(Link):
         self._works: queue.SimpleQueue[tuple[list[Any], torch.Tensor | None, Completion] | None] = (
             queue.SimpleQueue()
         )
+        self._posts: queue.SimpleQueue[
+            tuple[tuple[torch.Tensor, ...], torch.Tensor | None, Completion] | None
+        ] = queue.SimpleQueue()
         self._waiter = threading.Thread(target=self._wait_loop, name="kv-send-wait", daemon=True)
         self._waiter.start()
+        self._poster = threading.Thread(target=self._post_loop, name="kv-send-post", daemon=True)
+        self._poster.start()
 
     @property
     def broken(self) -> bool:
@@ -199,16 +203,31 @@ class _Link(Link):
                 else:
                     region.gather(out=staging)
             self._control.send(header.pack())
-            try:
-                works = [
-                    self._group.send([part], 1, tag)
-                    for tag, part in enumerate(_parts(staging, header))
-                ]
-            except RuntimeError as e:
-                raise TransferError(f"send to {self.peer}: {e}") from e
-        done = Completion(holds_source=zero_copy)
-        self._works.put((works, None if zero_copy else staging, done))
+            done = Completion(holds_source=zero_copy)
+            self._posts.put((_parts(staging, header), None if zero_copy else staging, done))
         return done
+
+    def _post_loop(self) -> None:
+        """Post each message's sends, in order. A send call can block while the pair's
+        own thread writes an earlier message; here that never delays reading out (and
+        checksumming) the next one."""
+        while True:
+            item = self._posts.get()
+            if item is None:
+                self._works.put(None)
+                return
+            parts, staging, done = item
+            group = self._group
+            if self._broken or group is None:
+                done.resolve(f"pair to {self.peer} closed")
+                continue
+            try:
+                works = [group.send([part], 1, tag) for tag, part in enumerate(parts)]
+            except Exception as e:
+                self._break()
+                done.resolve(f"send to {self.peer}: {e}")
+                continue
+            self._works.put((works, staging, done))
 
     def _wait_loop(self) -> None:
         while True:
@@ -240,10 +259,11 @@ class _Link(Link):
             _abort(self._group)
 
     def close(self) -> None:
-        """Tear down without waiting (callers include `poll`): the waiter thread ends by
-        itself once the group's own timeout has failed whatever is still pending."""
+        """Tear down without waiting (callers include `poll`): the poster fails what is
+        still queued, and the waiter thread ends by itself once the group's own timeout
+        has failed whatever is still pending."""
         self._break()
-        self._works.put(None)
+        self._posts.put(None)
         self._group = None  # the sockets close once pending works are gone
 
 
