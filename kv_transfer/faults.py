@@ -110,6 +110,7 @@ class _FaultyLink(Link):
         self._inner, self._owner = inner, owner
         self.peer = inner.peer
         self.max_layers = inner.max_layers if owner.spans else 1
+        self.max_span_bytes = inner.max_span_bytes
 
     @property
     def broken(self) -> bool:

@@ -18,8 +18,9 @@ Sending a layer overlaps computing the next one: the engine thread only queues, 
 pump copies, and the transport moves bytes on its own threads. When slices of
 consecutive layers with the same blocks are already queued (the pump fell behind, or a
 whole prompt was computed before its send), a link that takes several layers at once
-gets them as one message of up to `max_span_bytes`: one header and one checksum for
-the span, and one copy (shm) or one staged send (torch_dist).
+gets them as one message of up to `max_span_bytes` (by default, the link's own size):
+one header and one checksum for the span, and one copy (shm) or one staged send
+(torch_dist).
 Links are created lazily per receiver rank and reused; a broken link is dropped and the
 next transfer that needs the pair connects again.
 """
@@ -63,13 +64,12 @@ class SenderConfig:
     op_timeout_s: float = 10.0  # extra bound on finish() after the deadline
     tick_s: float = 0.05  # deadline check period
     history: int = 4096  # terminal states remembered for poll()
-    max_span_bytes: int = 4 << 20  # one message's bytes when layers are coalesced
+    # One message's bytes when layers are coalesced; None: each link's own size.
+    max_span_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if (
-            min(self.max_inflight_bytes, self.max_span_bytes) < 1
-            or min(self.op_timeout_s, self.tick_s) <= 0
-        ):
+        span = 1 if self.max_span_bytes is None else self.max_span_bytes
+        if min(self.max_inflight_bytes, span) < 1 or min(self.op_timeout_s, self.tick_s) <= 0:
             raise ValueError(f"invalid SenderConfig {self}")
 
 
@@ -393,13 +393,18 @@ class KVSender:
 
     def _coalesce(self, first: _Slice) -> list[_Slice]:
         """`first` and the queued slices that can share its messages: the next layers
-        in order, with the same blocks and routes, up to `max_span_bytes`."""
+        in order, with the same blocks and routes, up to `max_span_bytes` (by default,
+        the smallest span size of the links the routes take)."""
         group = [first]
         if first.ready is not None:  # CUDA sources: every slice waits for its own event
             return group
+        routes = first.out.by_layer[first.layer]
+        span_bytes = self._cfg.max_span_bytes
+        if span_bytes is None:
+            span_bytes = min(self._link(first.out, r.dst).max_span_bytes for r in routes)
         block_bytes = self._cache[0, :, 0].numel() * self._cache.element_size()
-        limit = max(1, self._cfg.max_span_bytes // (block_bytes * len(first.block_ids)))
-        shape = _route_shape(first.out.by_layer[first.layer])
+        limit = max(1, span_bytes // (block_bytes * len(first.block_ids)))
+        shape = _route_shape(routes)
         while len(group) < limit:
             if not self._backlog:
                 try:

@@ -88,6 +88,9 @@ class Link(ABC):
     peer: RankId
     # How many consecutive layers one DATA message may carry (a `LayerSpan` source).
     max_layers: int = 1
+    # How many bytes a DATA message carries when the sender coalesces layers into it
+    # (unless the sender's config sets its own size).
+    max_span_bytes: int = 4 << 20
 
     @abstractmethod
     def send(

@@ -102,7 +102,7 @@ class Setup:
     device: str = "cpu"  # cuda:N puts the caches on a GPU (torch_dist then uses NCCL)
     scramble: bool = True  # hand out blocks in scattered runs; False: consecutive ids
     zero_copy: bool = False  # torch_dist senders send dense slices straight from the cache
-    max_span_bytes: int = SenderConfig.max_span_bytes  # 1: every layer in its own message
+    max_span_bytes: int | None = None  # None: the links' own; 1: every layer alone
     spans: bool = False  # faulty links take spans of layers (else one layer per message)
 
     @property

@@ -26,11 +26,11 @@ from kv_transfer.base import (
     TransferState,
     TransferStatus,
 )
-from kv_transfer.fake import FakeEndpoint, FakeFabric
+from kv_transfer.fake import FakeEndpoint, FakeFabric, FakeLink
 from kv_transfer.faults import Fault, FaultKind, FaultyConnector
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
-from kv_transfer.sender import KVSender
+from kv_transfer.sender import KVSender, SenderConfig
 from kv_transfer.testing import fill, rank_layout, read, reference_kv, shard
 from kv_transfer.transport import Connector, Link
 
@@ -82,6 +82,7 @@ class Cluster:
         parallel: Parallelism,
         faults: Sequence[Fault] = (),
         spans: bool = False,
+        span_bytes: int | None = None,
     ) -> Instance:
         inst = _instance(self.geo, name, parallel, self.dtype)
         senders = []
@@ -89,7 +90,8 @@ class Cluster:
             connector: Connector = self.fabric.connector()
             if faults:
                 connector = FaultyConnector(connector, faults, on_kill=_sever, spans=spans)
-            senders.append(KVSender(me, cache, self.geo, connector))
+            config = SenderConfig(max_span_bytes=span_bytes)
+            senders.append(KVSender(me, cache, self.geo, connector, config))
         inst.roles = senders
         self.prefills.append(inst)
         return inst
@@ -283,6 +285,35 @@ def test_queued_layers_share_a_message_where_the_link_takes_spans(
         received.append(endpoint.received_messages)
     # Layers 3-5 queue while rank 0's first message is delayed.
     assert received[1] == 1 and received[0] in (1, 2)
+    assert_no_leaks(c)
+
+
+@pytest.mark.parametrize("chosen_by", ["sender config", "link"])
+def test_spans_hold_at_most_the_chosen_bytes(
+    cluster_factory: list[Cluster], monkeypatch: pytest.MonkeyPatch, chosen_by: str
+) -> None:
+    """Queued layers coalesce into spans of at most `max_span_bytes`: the sender's
+    setting where it has one, else the link's own size."""
+    c = Cluster(KVGeometry(num_layers=6, num_kv_heads=2))
+    cluster_factory.append(c)
+    num_blocks = 5
+    two_layers = 2 * num_blocks * 2 * BLOCK * 2 * HEAD_DIM * 4  # K and V, 2 heads, fp32
+    if chosen_by == "link":
+        monkeypatch.setattr(FakeLink, "max_span_bytes", two_layers)
+    span_bytes = two_layers if chosen_by == "sender config" else None
+    delay = [Fault(FaultKind.DELAY, delay_s=0.3)]
+    pre = c.prefill("p", Parallelism(), faults=delay, spans=True, span_bytes=span_bytes)
+    dec = c.decode("d", Parallelism())
+    t = start(c, pre, dec, "t1", num_blocks=num_blocks)
+    push(c, pre, t)
+    send_states, recv_states = end(c, pre, dec, t)
+    assert states(send_states) == states(recv_states) == {TransferState.DONE}
+    assert_landed(c, dec, t)
+    endpoint = dec.roles[0].endpoint  # type: ignore[union-attr]
+    assert isinstance(endpoint, FakeEndpoint)
+    # Two layers a message: 0-1, 2-3, 4-5; or 0 alone (sent before the rest queued),
+    # then 1-2, 3-4, 5. Without the limit all six fit in one or two messages.
+    assert endpoint.received_messages in (3, 4)
     assert_no_leaks(c)
 
 
