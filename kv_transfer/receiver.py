@@ -231,7 +231,7 @@ class KVReceiver:
             for key in keys:
                 inb.cursor[key] += header.block_count
             inb.peers.add(peer)
-            direct = direct_ok and isinstance(region, BlockRegion) and region.dense
+            direct = direct_ok and region.dense
             if direct:
                 inb.writing += 1
             return _Target(region, direct, inb, keys)

@@ -280,6 +280,11 @@ class LayerSpan:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.cache.element_size()
 
+    @property
+    def dense(self) -> bool:
+        """Every layer's region is dense: each layer's K and V are contiguous."""
+        return self.region(self.layer).dense
+
     @cached_property
     def _view(self) -> torch.Tensor | None:
         """[layers, 2, n, slot, head, dim] as one strided view, over one run of blocks."""

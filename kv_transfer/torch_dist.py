@@ -12,15 +12,16 @@ A pair (sender rank, receiver rank) is created lazily on its first slice and reu
     ProcessGroupGloo/NCCL(rank 0, size 2)      over PrefixStore("kvpair/<token>")
 
 Gloo for CPU tensors, NCCL for CUDA ones; both with a short timeout. Per DATA message
-the sender gathers the slice into a staging tensor and writes the header on the control
-socket; a poster thread then posts asynchronous sends of its K and V halves (a span of
-several layers, which the sender coalesces when they queue up, goes as one tensor), and
-a waiter thread waits on the sends in order and resolves their completions. The
-receiver reads the header, has the receiver role validate it, and receives a layer
-straight into the destination blocks when they are one contiguous run (else, and for
-spans, into staging, scattered when it lands). Any error or timeout tears the pair down
-on that side (control socket closed, group dropped or aborted); the other side's
-pending operations then fail, and the next transfer builds a new pair.
+(one layer, or a span of several that the sender coalesces when they queue up) the
+sender gathers the slice into a staging tensor and writes the header on the control
+socket; a poster thread then posts asynchronous sends of its parts, the K and V halves
+of each layer in turn, and a waiter thread waits on the sends in order and resolves
+their completions. The receiver reads the header, has the receiver role validate it,
+and receives each part straight into its destination blocks when they are one run
+with all heads (else the message goes to staging, scattered when it lands). Any error
+or timeout tears the pair down on that side (control socket closed, group dropped or
+aborted); the other side's pending operations then fail, and the next transfer builds
+a new pair.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from kv_transfer.transport import (
     Link,
     Peer,
     Target,
+    message_parts,
     staging_for,
 )
 
@@ -89,14 +91,6 @@ class TorchDistConfig:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
         if min(self.connect_timeout_s, self.op_timeout_s, self.ttl_s) <= 0:
             raise ValueError(f"timeouts must be > 0: {self}")
-
-
-def _parts(payload: torch.Tensor, header: Header) -> tuple[torch.Tensor, ...]:
-    """What a DATA payload travels as: one layer as its K half, then its V half (either
-    may land straight in the cache); a span of layers as one tensor."""
-    if header.layer_count > 1:
-        return (payload,)
-    return payload[0], payload[1]
 
 
 def _backend_for(device: torch.device) -> str:
@@ -204,7 +198,7 @@ class _Link(Link):
                     region.gather(out=staging)
             self._control.send(header.pack())
             done = Completion(holds_source=zero_copy)
-            self._posts.put((_parts(staging, header), None if zero_copy else staging, done))
+            self._posts.put((message_parts(staging), None if zero_copy else staging, done))
         return done
 
     def _post_loop(self) -> None:
@@ -302,8 +296,8 @@ class TorchDistConnector(Connector):
 
 
 class ReceiveStats:
-    """How DATA payloads arrived: straight into their blocks, or through staging (and
-    how many of those carried a span of several layers)."""
+    """How DATA payloads arrived: straight into their blocks, or through staging; and
+    how many of them carried a span of several layers."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -340,7 +334,7 @@ class _Session:
     def start(self, header: Header, target: Target | None) -> Finish:
         if target is not None and target.direct:
             works = self._post(target.views())
-            self._stats.count(direct=True)
+            self._stats.count(direct=True, span=header.layer_count > 1)
 
             def finish_direct() -> None:
                 self._wait_all(works)
@@ -354,7 +348,7 @@ class _Session:
             self._device,
             self._pool,
         )
-        works = self._post(_parts(staging, header))
+        works = self._post(message_parts(staging))
 
         def finish_staged() -> torch.Tensor | None:
             self._wait_all(works)

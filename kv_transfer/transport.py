@@ -175,13 +175,22 @@ class Target:
     region: BlockRegion | LayerSpan
     direct: bool  # the endpoint receives the payload straight into `views()`
 
-    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K and V destinations of a direct target, each one contiguous tensor."""
-        if not isinstance(self.region, BlockRegion):
-            raise TypeError("a layer span has no direct views")
-        first, length = self.region.block_ids[0], len(self.region.block_ids)
-        whole = self.region.run_view(first, length)
-        return whole[0], whole[1]
+    def views(self) -> tuple[torch.Tensor, ...]:
+        """The destinations of a direct target, each one contiguous tensor: K then V of
+        each layer in turn (the order of `message_parts`)."""
+        regions = self.region.regions if isinstance(self.region, LayerSpan) else (self.region,)
+        views: list[torch.Tensor] = []
+        for region in regions:
+            whole = region.run_view(region.block_ids[0], len(region.block_ids))
+            views += (whole[0], whole[1])
+        return tuple(views)
+
+
+def message_parts(payload: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A contiguous DATA payload (`[2, ...]` for one layer, `[layers, 2, ...]` for a
+    span) as the pieces a transport moves one by one: K then V of each layer in turn,
+    so that each can land straight in its own run of destination blocks."""
+    return tuple(payload.reshape(-1, *payload.shape[-4:]).unbind(0))
 
 
 class Inbox(Protocol):

@@ -247,14 +247,24 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("direct", [False, True], ids=["scattered", "one-run"])
 def test_queued_layers_travel_as_one_span(
-    spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str, transport: str
+    spawn: Spawn,
+    make_decode: MakeDecode,
+    redis_url: str,
+    cluster_name: str,
+    transport: str,
+    direct: bool,
 ) -> None:
     """The first slice is held up, so the other layers queue behind it and go as one
-    message: written in place over shm, staged and scattered over torch_dist."""
+    message: written in place over shm; over torch_dist staged and scattered, or, into
+    one run of blocks with all heads, received straight into them layer by layer."""
     delay = Fault(FaultKind.DELAY, delay_s=0.3, times=1)
     pre_setup = _setup(redis_url, cluster_name, "prefill-0", transport, faults=(delay,), spans=True)
-    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport, tp=2))
+    tp = 1 if direct else 2
+    decode = make_decode(
+        _setup(redis_url, cluster_name, "decode-0", transport, tp=tp, scramble=not direct)
+    )
     prefill = spawn(prefill_main, pre_setup)
     decode.expect("t1", pre_setup.ref, 11, timeout_s=10)
     tag, sent = prefill.call("send", "t1", decode.setup.ref, 11, 3, [], 10)
@@ -264,7 +274,10 @@ def test_queued_layers_travel_as_one_span(
     decode.free("t1")
     for e in decode.endpoints:
         if isinstance(e, TorchDistEndpoint):  # layers 1-3 (or 0-3) to each receiver rank
-            assert e.stats.spans == 1 and e.stats.staged in (1, 2), (e.stats.spans, e.stats.staged)
+            stats = (e.stats.spans, e.stats.direct, e.stats.staged)
+            assert e.stats.spans == 1, stats
+            assert (e.stats.direct if direct else e.stats.staged) in (1, 2), stats
+            assert (e.stats.staged if direct else e.stats.direct) == 0, stats
     assert prefill.call("close")[0] == "closed"
     _assert_clean(decode, redis_url, cluster_name)
 
