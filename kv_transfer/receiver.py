@@ -47,7 +47,7 @@ from kv_transfer.base import (
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
 from kv_transfer.regions import BlockRegion, LayerSpan, checksum, region_of
-from kv_transfer.transport import Endpoint, Peer, Target
+from kv_transfer.transport import Endpoint, Peer, Target, in_parts
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class KVReceiver:
             for key in keys:
                 inb.cursor[key] += header.block_count
             inb.peers.add(peer)
-            direct = direct_ok and region.dense
+            direct = direct_ok and region.dense and in_parts(region)
             if direct:
                 inb.writing += 1
             return _Target(region, direct, inb, keys)

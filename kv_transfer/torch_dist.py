@@ -43,7 +43,6 @@ from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.control import ControlClient, ControlServer, Finish, listen
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.regions import BlockRegion, LayerSpan, gather_checksummed
-from kv_transfer.regions import checksum as payload_checksum
 from kv_transfer.rendezvous import (
     Lease,
     RendezvousStore,
@@ -61,7 +60,9 @@ from kv_transfer.transport import (
     Link,
     Peer,
     Target,
+    in_parts,
     message_parts,
+    region_parts,
     staging_for,
 )
 
@@ -83,7 +84,7 @@ class TorchDistConfig:
     # no gather copy. The sender's finish() then waits until those sends complete
     # (bounded by the transfer's deadline) instead of only until they are copied out:
     # faster on few cores, but a stalled decode peer then stalls the prefill engine's
-    # step for up to the deadline. Such a link sends one layer per message.
+    # step for up to the deadline.
     zero_copy: bool = False
 
     def __post_init__(self) -> None:
@@ -152,9 +153,7 @@ class _Link(Link):
         self.peer = peer
         self._control, self._store, self._group = control, store, group
         self._backend, self._timeout, self._zero_copy = backend, op_timeout_s, zero_copy
-        # A span is gathered into one staging tensor and sent as one; zero-copy links
-        # send layer by layer instead, each straight from the cache.
-        self.max_layers = 1 if zero_copy else 1 << 16
+        self.max_layers = 1 << 16  # a span goes as one message of per-layer parts
         self._lock = threading.Lock()
         self._seq = 0
         self._broken = False
@@ -184,21 +183,22 @@ class _Link(Link):
             if region is None:
                 self._control.send(header.pack())
                 return Completion.resolved()
-            zero_copy = self._zero_copy and isinstance(region, BlockRegion) and region.dense
-            if zero_copy and isinstance(region, BlockRegion):
-                # K and V are each contiguous in the cache: send them as they lie
-                staging = region.run_view(region.block_ids[0], len(region.block_ids))
+            staging: torch.Tensor | None = None
+            if self._zero_copy and region.dense and in_parts(region):
+                # each layer's K and V are contiguous in the cache: send them as they lie
+                parts = region_parts(region)
                 if checksum:
-                    header = header.with_checksum(payload_checksum(staging))
+                    header = header.with_checksum(region.checksum())
             else:
                 staging = self._pool.take(region.shape, region.dtype, region.cache.device)
                 if checksum:  # gathered and summed in one pass
                     header = header.with_checksum(gather_checksummed(region, staging))
                 else:
                     region.gather(out=staging)
+                parts = message_parts(staging)
             self._control.send(header.pack())
-            done = Completion(holds_source=zero_copy)
-            self._posts.put((message_parts(staging), None if zero_copy else staging, done))
+            done = Completion(holds_source=staging is None)
+            self._posts.put((parts, staging, done))
         return done
 
     def _post_loop(self) -> None:

@@ -19,6 +19,7 @@ the roles react in callbacks, so no caller ever waits on the network.
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -176,20 +177,45 @@ class Target:
     direct: bool  # the endpoint receives the payload straight into `views()`
 
     def views(self) -> tuple[torch.Tensor, ...]:
-        """The destinations of a direct target, each one contiguous tensor: K then V of
-        each layer in turn (the order of `message_parts`)."""
-        regions = self.region.regions if isinstance(self.region, LayerSpan) else (self.region,)
-        views: list[torch.Tensor] = []
-        for region in regions:
-            whole = region.run_view(region.block_ids[0], len(region.block_ids))
-            views += (whole[0], whole[1])
-        return tuple(views)
+        """The destinations of a direct target, in the order of `message_parts`."""
+        return region_parts(self.region)
+
+
+# A span travels as one part per layer and K/V (so that each can land in place) only
+# when its parts are at least this big; below, a message per part costs more than
+# the scatter it saves, and the span travels whole.
+MIN_SPAN_PART_BYTES = 256 << 10
+
+
+def _in_parts(shape: tuple[int, ...], element_size: int) -> bool:
+    return len(shape) == 5 or math.prod(shape[2:]) * element_size >= MIN_SPAN_PART_BYTES
+
+
+def in_parts(region: BlockRegion | LayerSpan) -> bool:
+    """Whether a message over `region` travels as one part per layer and K/V: always
+    for one layer, and for a span whose parts reach MIN_SPAN_PART_BYTES."""
+    return _in_parts(region.shape, region.cache.element_size())
+
+
+def region_parts(region: BlockRegion | LayerSpan) -> tuple[torch.Tensor, ...]:
+    """A dense region's or span's K then V of each layer in turn, each one contiguous
+    view of the cache: where a message's parts lie in place."""
+    if not (region.dense and in_parts(region)):
+        raise ValueError("only a dense region that travels in parts lies in the cache as them")
+    regions = region.regions if isinstance(region, LayerSpan) else (region,)
+    parts: list[torch.Tensor] = []
+    for r in regions:
+        whole = r.run_view(r.block_ids[0], len(r.block_ids))
+        parts += (whole[0], whole[1])
+    return tuple(parts)
 
 
 def message_parts(payload: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A contiguous DATA payload (`[2, ...]` for one layer, `[layers, 2, ...]` for a
-    span) as the pieces a transport moves one by one: K then V of each layer in turn,
-    so that each can land straight in its own run of destination blocks."""
+    span) as the pieces a transport moves one by one: K then V of each layer in turn
+    (see `in_parts`), or the whole payload."""
+    if not _in_parts(tuple(payload.shape), payload.element_size()):
+        return (payload,)
     return tuple(payload.reshape(-1, *payload.shape[-4:]).unbind(0))
 
 

@@ -29,6 +29,7 @@ from kvt_workers import (
 from kv_transfer.faults import Fault, FaultKind
 from kv_transfer.shm import sweep_stale_segments
 from kv_transfer.torch_dist import TorchDistEndpoint
+from kv_transfer.transport import MIN_SPAN_PART_BYTES
 
 MakeDecode = Callable[[Setup], Decode]
 
@@ -110,11 +111,17 @@ def test_zero_copy_sender_with_direct_receiver(
     spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str
 ) -> None:
     """Consecutive blocks on both sides: no gather on the sender, no staging on the
-    receiver. finish() returns only once the sends are done, so the source stays intact."""
+    receiver. finish() returns only once the sends are done, so the source stays intact.
+    Blocks of 16 x 4 heads x 256 dims make even a 5-block chunk's parts big enough to
+    travel one by one when layers queue up into a span."""
+    big = {"head_dim": 256, "block_size": 16}
+    assert MIN_SPAN_PART_BYTES <= 5 * 16 * 4 * 256 * 4
     pre_setup = _setup(
-        redis_url, cluster_name, "prefill-0", "torch_dist", scramble=False, zero_copy=True
+        redis_url, cluster_name, "prefill-0", "torch_dist", scramble=False, zero_copy=True, **big
     )
-    decode = make_decode(_setup(redis_url, cluster_name, "decode-0", "torch_dist", scramble=False))
+    decode = make_decode(
+        _setup(redis_url, cluster_name, "decode-0", "torch_dist", scramble=False, **big)
+    )
     prefill = spawn(prefill_main, pre_setup)
     for tid, seed, chunks in (("t1", 1, []), ("t2", 2, [5, 11]), ("t3", 3, [])):
         decode.expect(tid, pre_setup.ref, 16, timeout_s=15)
@@ -246,24 +253,53 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
     _assert_clean(decode, redis_url, cluster_name)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("direct", [False, True], ids=["scattered", "one-run"])
+@pytest.mark.parametrize(
+    "transport,layout",
+    [(t, "scattered") for t in TRANSPORTS]
+    + [(t, "one-run") for t in TRANSPORTS]
+    + [("torch_dist", "one-run-small-parts"), ("torch_dist", "one-run-zero-copy")],
+)
 def test_queued_layers_travel_as_one_span(
     spawn: Spawn,
     make_decode: MakeDecode,
     redis_url: str,
     cluster_name: str,
     transport: str,
-    direct: bool,
+    layout: str,
 ) -> None:
     """The first slice is held up, so the other layers queue behind it and go as one
-    message: written in place over shm; over torch_dist staged and scattered, or, into
-    one run of blocks with all heads, received straight into them layer by layer."""
+    message: written in place over shm. Over torch_dist a span into scattered blocks
+    (or split between TP ranks) is staged and scattered; into one run of blocks with
+    all heads it lands straight in them, one part per layer and K/V (and zero-copy, it
+    also leaves from the sender's cache as it lies) unless those parts are too small
+    to be worth a message each: it is then staged whole."""
+    one_run = layout != "scattered"
+    zero_copy = layout == "one-run-zero-copy"
+    # 11 blocks of 16 x 4 heads x 128 dims: 352 KB parts; the default geometry's: 11 KB
+    big = {} if layout == "one-run-small-parts" else {"head_dim": 128, "block_size": 16}
+    assert MIN_SPAN_PART_BYTES <= 11 * 16 * 4 * 128 * 4
     delay = Fault(FaultKind.DELAY, delay_s=0.3, times=1)
-    pre_setup = _setup(redis_url, cluster_name, "prefill-0", transport, faults=(delay,), spans=True)
-    tp = 1 if direct else 2
+    pre_setup = _setup(
+        redis_url,
+        cluster_name,
+        "prefill-0",
+        transport,
+        faults=(delay,),
+        spans=True,
+        scramble=not zero_copy,
+        zero_copy=zero_copy,
+        **big,
+    )
     decode = make_decode(
-        _setup(redis_url, cluster_name, "decode-0", transport, tp=tp, scramble=not direct)
+        _setup(
+            redis_url,
+            cluster_name,
+            "decode-0",
+            transport,
+            tp=1 if one_run else 2,
+            scramble=not one_run,
+            **big,
+        )
     )
     prefill = spawn(prefill_main, pre_setup)
     decode.expect("t1", pre_setup.ref, 11, timeout_s=10)
@@ -273,11 +309,17 @@ def test_queued_layers_travel_as_one_span(
     assert decode.landed("t1", 11, 3)
     decode.free("t1")
     for e in decode.endpoints:
-        if isinstance(e, TorchDistEndpoint):  # layers 1-3 (or 0-3) to each receiver rank
-            stats = (e.stats.spans, e.stats.direct, e.stats.staged)
-            assert e.stats.spans == 1, stats
-            assert (e.stats.direct if direct else e.stats.staged) in (1, 2), stats
-            assert (e.stats.staged if direct else e.stats.direct) == 0, stats
+        if not isinstance(e, TorchDistEndpoint):
+            continue
+        # Layers 1-3 as a span (layer 0 alone before it, or in it) to each receiver rank.
+        stats = (e.stats.spans, e.stats.direct, e.stats.staged)
+        assert e.stats.spans == 1 and e.stats.direct + e.stats.staged in (1, 2), stats
+        if layout == "scattered":
+            assert e.stats.direct == 0, stats
+        elif layout == "one-run-small-parts":  # a lone layer 0 lands directly
+            assert e.stats.staged == 1, stats
+        else:
+            assert e.stats.staged == 0, stats
     assert prefill.call("close")[0] == "closed"
     _assert_clean(decode, redis_url, cluster_name)
 
