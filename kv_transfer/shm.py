@@ -313,9 +313,10 @@ class ShmEndpoint(Endpoint):
 
 class _ShmLink(Link):
     max_layers = 1 << 16  # copies are in place: one lock and one header for any span
-    # No staging either, so spans run longer than over torch_dist: fewer messages, until
-    # the receiver's checksum of the last span (which nothing overlaps) starts to show.
-    max_span_bytes = 16 << 20
+    # No staging either, so spans run longer than over torch_dist: fewer messages, as
+    # long as the receiver's checksum of the last span (which nothing overlaps) stays
+    # short.
+    max_span_bytes = 8 << 20
 
     def __init__(
         self,
