@@ -398,6 +398,8 @@ class KVSender:
         group = [first]
         if first.ready is not None:  # CUDA sources: every slice waits for its own event
             return group
+        if first.out.status.terminal:  # nothing will be sent: don't connect to size spans
+            return group
         routes = first.out.by_layer[first.layer]
         span_bytes = self._cfg.max_span_bytes
         if span_bytes is None:

@@ -15,6 +15,7 @@ from kv_transfer.regions import (
     region_of,
     runs,
 )
+from kv_transfer.transport import in_parts, message_parts, region_parts
 
 # [layer, kv, block, slot, head, dim]
 SHAPE = (3, 2, 24, 4, 4, 16)
@@ -175,3 +176,33 @@ def test_gather_with_checksum_matches_gather_then_checksum(layers, ids) -> None:
     out = torch.empty(src.shape)
     assert gather_checksummed(src, out) == src.checksum()
     assert torch.equal(out, src.gather())
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_message_parts_line_up_with_the_destination_parts(layers: int) -> None:
+    """A payload gathered from a dense region travels as the same pieces, in the same
+    order, as the views it lands in: K then V of each layer. Parts of 256 KiB and up."""
+    cache = torch.randn(3, 2, 24, 16, 4, 64)  # a block's K (or V): 16 KiB
+    src = region_of(cache, range(0, layers), 0, 4, tuple(range(4, 20)))  # 256 KiB parts
+    dst = region_of(torch.zeros_like(cache), range(0, layers), 0, 4, tuple(range(2, 18)))
+    assert src.dense and in_parts(src) and in_parts(dst)
+    pieces = message_parts(src.gather())
+    views = region_parts(dst)
+    assert len(pieces) == len(views) == 2 * layers
+    for piece, view in zip(pieces, views, strict=True):
+        view.copy_(piece)
+    assert torch.equal(dst.gather(), src.gather())
+
+
+def test_spans_with_small_parts_travel_whole_and_scattered_regions_have_no_parts() -> None:
+    cache = torch.randn(3, 2, 24, 16, 4, 64)
+    small = region_of(cache, range(0, 3), 0, 4, tuple(range(4, 19)))  # 240 KiB parts
+    assert not in_parts(small)
+    assert len(message_parts(small.gather())) == 1
+    assert len(message_parts(small.region(0).gather())) == 2  # one layer: always K, V
+    with pytest.raises(ValueError, match="parts"):
+        region_parts(small)
+    with pytest.raises(ValueError, match="parts"):
+        region_parts(region_of(cache, range(0, 1), 0, 4, FRAGMENTED))
+    with pytest.raises(ValueError, match="parts"):  # some heads only: not contiguous
+        region_parts(region_of(cache, range(0, 1), 1, 3, CONTIGUOUS))
