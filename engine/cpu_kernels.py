@@ -1,7 +1,8 @@
 """The engine's native CPU kernels (`engine/csrc/*.c`): built on first use, then cached.
 
 The C sources are compiled with the host's C compiler for the host's CPU
-(`-march=native`) into `$PDSERVE_CACHE/kernels/<key>/`, where the key hashes the
+(`-march=native`; `$PDSERVE_KERNEL_MARCH` names another target, for a compiler that
+does not know this CPU) into `$PDSERVE_CACHE/kernels/<key>/`, where the key hashes the
 sources, the flags, the compiler's version and the CPU's feature flags, so a cache on
 a shared home directory never hands one CPU's build to another. Concurrent first uses
 (several ranks starting at once) each compile to a private file and rename it into
@@ -20,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -41,7 +43,8 @@ _SOURCES = (
     "cpu_word_sums.c",
 )
 _HEADERS = ("pd_kernels.h",)
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi")
+_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi")
+MARCH_ENV = "PDSERVE_KERNEL_MARCH"
 _BUILD_TIMEOUT_S = 120.0
 _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
@@ -80,8 +83,14 @@ def _run(cmd: list[str]) -> str:
     return done.stdout
 
 
-def build_library() -> Path:
-    """The kernel library's path, compiling it into the cache if it is not there."""
+def build_library(march: str | None = None) -> Path:
+    """The kernel library's path, compiling it into the cache if it is not there.
+    `march`: the compiler's target (-march=...); by default $PDSERVE_KERNEL_MARCH, else
+    `native`, this CPU."""
+    march = march or os.environ.get(MARCH_ENV) or "native"
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", march):
+        raise KernelBuildError(f"{MARCH_ENV}: not a -march target: {march!r}")
+    flags = (*_FLAGS, f"-march={march}")
     src_dir = Path(__file__).parent / "csrc"
     sources = [src_dir / name for name in _SOURCES]
     cc = _compiler()
@@ -89,7 +98,7 @@ def build_library() -> Path:
     for part in (
         *(s.read_bytes() for s in sources),
         *((src_dir / h).read_bytes() for h in _HEADERS),
-        " ".join(_FLAGS).encode(),
+        " ".join(flags).encode(),
         _run([cc, "--version"]).encode(),
         platform.machine().encode(),
         _cpu_features().encode(),
@@ -103,7 +112,7 @@ def build_library() -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        _run([cc, *_FLAGS, *map(str, sources), "-o", tmp])
+        _run([cc, *flags, *map(str, sources), "-o", tmp])
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):

@@ -10,9 +10,12 @@ import random
 
 import pytest
 import torch
+from cpu_targets import has_avx2
 from hf_reference import assert_matches, hf_greedy
 
 from engine import SamplingParams
+from engine.cpu_kernels import CpuKernels, build_library
+from engine.cpu_linear import NativeLinear
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -31,8 +34,10 @@ def test_tiny_matches_hf_one_by_one(make_llm, tiny_model_dir, tiny_hf) -> None:
 
 
 # CPU paths: "auto" runs the native kernels (decode-only steps fused per layer),
-# "per-op" the native kernels op by op (as under TP), "onednn" and "plain" torch ops.
-CPU_PATHS = ["auto", "per-op", "onednn", "plain"]
+# "per-op" the native kernels op by op (as under TP), "onednn" and "plain" torch ops;
+# on x86 hosts with AVX2, "x86-64-v3" runs "auto" on kernels built for AVX2 without
+# AVX-512, the code path of most x86 servers that lack it.
+CPU_PATHS = ["auto", "per-op", "onednn", "plain"] + (["x86-64-v3"] if has_avx2() else [])
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
@@ -44,12 +49,19 @@ def test_tiny_matches_hf_batched_chunked(make_llm, tiny_model_dir, tiny_hf, budg
         tiny_model_dir,
         max_num_batched_tokens=budget,
         block_size=8,
-        cpu_linear="auto" if path == "per-op" else path,
+        cpu_linear=path if path in ("onednn", "plain") else "auto",
     )
     model = llm.engine.runner.model
-    assert (model.fused_decode is not None) == (path in ("auto", "per-op"))
+    assert (model.fused_decode is not None) == (path not in ("onednn", "plain"))
     if path == "per-op":
         model.fused_decode = None
+    if path == "x86-64-v3":
+        kernels = CpuKernels(build_library(path))
+        assert model.kernels is not None and kernels.block_cols == model.kernels.block_cols
+        for m in model.modules():
+            if isinstance(m, NativeLinear):
+                m.kernels = kernels  # the packed layout is the same for every build
+        model.use_cpu_kernels(kernels)
     outs = llm.generate(prompts, GREEDY)
     for i, (out, ref) in enumerate(zip(outs, refs, strict=True)):
         assert_matches(out.token_ids, ref, f"prompt {i} (len {len(prompts[i])})")

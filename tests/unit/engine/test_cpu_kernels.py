@@ -3,24 +3,34 @@ the build cache; the choice of matmul backend."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
 import torch
+from cpu_targets import MARCHES
 from torch import nn
 
 from engine import EngineConfig
 from engine.attention import _decode
-from engine.cpu_kernels import CpuKernels, KernelBuildError, build_library, load_kernels
+from engine.cpu_kernels import (
+    MARCH_ENV,
+    CpuKernels,
+    KernelBuildError,
+    build_library,
+    load_kernels,
+)
 from engine.cpu_linear import NativeLinear, OneDnnLinear, onednn_available, pack_linears
 from engine.model import RMSNorm
 
 
-@pytest.fixture(scope="module")
-def kernels() -> CpuKernels:
-    k = load_kernels()
-    assert k is not None, "the CPU kernels must build on the test machine"
-    return k
+@pytest.fixture(scope="module", params=MARCHES)
+def kernels(request: pytest.FixtureRequest) -> CpuKernels:
+    if request.param == "native":
+        k = load_kernels()
+        assert k is not None, "the CPU kernels must build on the test machine"
+        return k
+    return CpuKernels(build_library(request.param))
 
 
 def reference(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +87,17 @@ def test_build_is_cached_and_keyed(kernels, tmp_path, monkeypatch) -> None:
     lin = nn.Linear(8, 8)
     x = torch.randn(2, 8)
     torch.testing.assert_close(NativeLinear(lin, other)(x), NativeLinear(lin, kernels)(x))
+
+
+def test_the_target_cpu_can_be_named(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv(MARCH_ENV, "x86-64" if platform.machine() == "x86_64" else "native")
+    named = build_library()
+    monkeypatch.delenv(MARCH_ENV)
+    assert build_library() != named  # another target, another cache entry
+    monkeypatch.setenv(MARCH_ENV, "native; rm -rf /")
+    with pytest.raises(KernelBuildError, match="not a -march target"):
+        build_library()
 
 
 def test_build_failure_is_an_error_not_a_crash(tmp_path, monkeypatch) -> None:
