@@ -54,14 +54,25 @@ class KernelBuildError(RuntimeError):
     pass
 
 
-def _cpu_features() -> str:
-    """The CPU's model and feature flags, as the kernel cache key sees them."""
+def _cpuinfo_lines(*prefixes: str) -> list[str] | None:
+    """/proc/cpuinfo's distinct lines that start with one of `prefixes`, sorted."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor()
-    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(keep)))
+        return None
+    return sorted({ln for ln in text.splitlines() if ln.startswith(prefixes)})
+
+
+def _cpu_features() -> str:
+    """The CPU's model and feature flags, as the kernel cache key sees them."""
+    lines = _cpuinfo_lines("model name", "flags", "Features")
+    return platform.processor() if lines is None else "\n".join(lines)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`); empty if unknown."""
+    lines = _cpuinfo_lines("flags", "Features") or []
+    return frozenset(word for ln in lines for word in ln.partition(":")[2].split())
 
 
 def _compiler() -> str:

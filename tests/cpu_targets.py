@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import platform
-from pathlib import Path
+
+from engine.cpu_kernels import cpu_flags
 
 
 def has_avx2() -> bool:
     """An x86-64 host that runs x86-64-v3 code (AVX2, FMA, F16C, BMI2)."""
-    if platform.machine() != "x86_64":
-        return False
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    flags = next((ln for ln in lines if ln.startswith("flags")), "").split()
-    return {"avx2", "fma", "f16c", "bmi2"} <= set(flags)
+    return platform.machine() == "x86_64" and {"avx2", "fma", "f16c", "bmi2"} <= cpu_flags()
 
 
 # The host's own build, and on x86 hosts with AVX2 also the build for x86-64-v3 (AVX2,
