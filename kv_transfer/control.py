@@ -11,12 +11,14 @@ Receiver side, `ControlServer`:
     reader thread     one per connection:
                         HELLO (within the handshake timeout) -> open_session(peer)
                         loop: header -> seq check -> DATA: inbox.prepare, then
-                        session.start posts the receive; up to `window` receives stay
-                        posted while further headers wait, then each is finished
-                        in order -> inbox.land
+                        session.start posts the receive at once (up to `window`
+                        posted or waiting to land); without `pipelined` (payloads
+                        already in place), inbox.land right away
                         EOF, error or bad message -> inbox.on_peer_lost, session.close()
-    lander thread     with `pipelined`, one per connection: hands received messages to
-                      the inbox in order while the reader receives the next payload
+    waiter thread     with `pipelined`, one per connection: finishes each posted
+                      receive in order (inbox.written for a direct one)
+    lander thread     with `pipelined`, one per connection: inbox.land for each
+                      received message in order, while later payloads arrive
 
 Sender side, `ControlClient`: connect, send the HELLO, then `send` headers with a
 bounded blocking write. Addresses are `tcp://host:port` or `unix:@name` (a Linux
@@ -28,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import select
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -214,7 +214,6 @@ class ControlServer:
         peer: Peer | None = None
         session: Session | None = None
         lander: _Lander | None = None
-        pending: deque[_Pending] = deque()  # posted receives, oldest first
         reason = "connection closed"
         try:
             sock.settimeout(self._handshake_timeout)
@@ -226,14 +225,11 @@ class ControlServer:
                 RankId(hello.instance, hello.rank), Parallelism(hello.tp, hello.pp), hello.token
             )
             session = self._open(peer)
-            lander = _Lander(self._inbox, peer, session, self._name) if self._pipelined else None
+            if self._pipelined:
+                lander = _Lander(self._inbox, peer, session, sock, self._name, self._window)
             sock.settimeout(None)  # idle connections wait; close() shuts them down
             seq = 0
             while not self._closing.is_set():
-                # Finish the oldest receive once the window is full or no header waits.
-                if pending and (len(pending) >= self._window or not _readable(sock)):
-                    self._deliver(peer, session, lander, pending.popleft())
-                    continue
                 raw = _recv_exact(sock, MESSAGE_SIZE)
                 if raw is None:
                     break
@@ -241,19 +237,14 @@ class ControlServer:
                 if not isinstance(header, Header) or header.seq != seq:
                     raise ProtocolError(f"expected message {seq}, got {header}")
                 seq += 1
-                if header.kind is not MessageKind.DATA:
-                    pending.append(_Pending(header, None, None))
-                    continue
-                target = self._inbox.prepare(peer, header, session.direct_ok)
-                try:
-                    finish = session.start(header, target)
-                except BaseException:
-                    if target is not None and target.direct:
-                        self._inbox.written(target)
-                    raise
-                pending.append(_Pending(header, target, finish))
-            while pending and not self._closing.is_set():
-                self._deliver(peer, session, lander, pending.popleft())
+                item = self._start(peer, session, header, lander)
+                if lander is not None:
+                    lander.put(item)
+                else:
+                    payload = _finish(self._inbox, item)
+                    self._inbox.land(peer, header, item.target, payload)
+                    if payload is not None:
+                        session.done(payload)
         except (TransferError, OSError) as e:
             reason = str(e)
             if not self._closing.is_set():
@@ -266,14 +257,9 @@ class ControlServer:
         finally:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # the sender tears its side down
-            for left in pending:  # let receives already posted stop writing first
-                if left.finish is not None:
-                    with contextlib.suppress(Exception):
-                        left.finish()
-                if left.target is not None and left.target.direct:
-                    self._inbox.written(left.target)
             if lander is not None:
-                lander.close()  # what arrived lands before the loss is reported
+                # what arrived lands before the loss is reported
+                reason = lander.close(self._closing) or reason
             if peer is not None:
                 self._inbox.on_peer_lost(peer, reason)
             if session is not None:
@@ -282,23 +268,26 @@ class ControlServer:
             with self._lock:
                 self._conns.pop(sock, None)
 
-    def _deliver(
-        self, peer: Peer, session: Session, lander: _Lander | None, item: _Pending
-    ) -> None:
-        """Wait for one posted receive and hand its message over, in order."""
-        payload = None
-        if item.finish is not None:
-            try:
-                payload = item.finish()
-            finally:
-                if item.target is not None and item.target.direct:
-                    self._inbox.written(item.target)
-        if lander is not None:
-            lander.put(item.header, item.target, payload)
-            return
-        self._inbox.land(peer, item.header, item.target, payload)
-        if payload is not None:
-            session.done(payload)
+    def _start(
+        self, peer: Peer, session: Session, header: Header, lander: _Lander | None
+    ) -> _Pending:
+        """Validate a message and post its receive (a window slot first, when pipelined)."""
+        if header.kind is not MessageKind.DATA:
+            return _Pending(header, None, None)
+        target = self._inbox.prepare(peer, header, session.direct_ok)
+        reserved = False
+        try:
+            if lander is not None:
+                lander.reserve(self._closing)
+                reserved = True
+            finish = session.start(header, target)
+        except BaseException:
+            if reserved and lander is not None:
+                lander.unreserve()
+            if target is not None and target.direct:
+                self._inbox.written(target)
+            raise
+        return _Pending(header, target, finish)
 
 
 @dataclass(frozen=True)
@@ -308,38 +297,104 @@ class _Pending:
     finish: Finish | None  # None for END/ABORT
 
 
-def _readable(sock: socket.socket) -> bool:
-    return bool(select.select([sock], [], [], 0)[0])
+def _finish(inbox: Inbox, item: _Pending) -> torch.Tensor | None:
+    """Wait for a posted receive to stop writing; its staged payload, if any."""
+    if item.finish is None:
+        return None
+    try:
+        return item.finish()
+    finally:
+        if item.target is not None and item.target.direct:
+            inbox.written(item.target)
 
 
 class _Lander:
-    """Lands one connection's messages in order on a thread of its own, so that the next
-    payload arrives while this one is checksummed and scattered."""
+    """Waits for one connection's posted receives and lands their messages in order, so
+    that the reader posts the next receive as soon as its header arrives.
 
-    _DEPTH = 2  # received payloads waiting to land; bounds staging memory
+    Two threads: a waiter finishes each posted receive in order (so a direct receive
+    reports `written` however slowly landing goes: ending a transfer waits for that) and
+    hands the message to the lander, which lands it (checksum, scatter) while later
+    payloads arrive. At most `window` receives are posted or waiting to land at once
+    (each may hold a staging buffer). A receive that fails ends the connection: the
+    socket is shut down, so the reader stops, and nothing after it lands.
+    """
 
-    def __init__(self, inbox: Inbox, peer: Peer, session: Session, name: str) -> None:
-        self._inbox, self._peer, self._session = inbox, peer, session
-        self._queue: queue.Queue[tuple[Header, Target | None, torch.Tensor | None] | None] = (
-            queue.Queue(maxsize=self._DEPTH)
+    _SLOT_WAIT_S = 0.2  # how often a reader waiting for a window slot checks for close
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        peer: Peer,
+        session: Session,
+        sock: socket.socket,
+        name: str,
+        window: int,
+    ) -> None:
+        self._inbox, self._peer, self._session, self._sock = inbox, peer, session, sock
+        self._slots = threading.Semaphore(window)
+        self._posted: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._arrived: queue.SimpleQueue[tuple[_Pending, torch.Tensor | None] | None] = (
+            queue.SimpleQueue()
         )
-        self._thread = threading.Thread(target=self._run, name=f"kv-land-{name}", daemon=True)
-        self._thread.start()
+        self.error: str | None = None
+        self._threads = [
+            threading.Thread(target=self._wait_loop, name=f"kv-wait-{name}", daemon=True),
+            threading.Thread(target=self._land_loop, name=f"kv-land-{name}", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def put(self, header: Header, target: Target | None, payload: torch.Tensor | None) -> None:
-        self._queue.put((header, target, payload))  # waits while the lander is behind
+    def reserve(self, closing: threading.Event) -> None:
+        """Take a window slot for one more posted receive (the reader's thread)."""
+        while not self._slots.acquire(timeout=self._SLOT_WAIT_S):
+            if closing.is_set() or self.error is not None:
+                raise TransferError(self.error or "server closing")
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            header, target, payload = item
+    def unreserve(self) -> None:
+        self._slots.release()
+
+    def put(self, item: _Pending) -> None:
+        self._posted.put(item)
+
+    def _wait_loop(self) -> None:
+        while (item := self._posted.get()) is not None:
             try:
-                self._inbox.land(self._peer, header, target, payload)
+                payload = _finish(self._inbox, item)
+            except Exception as e:
+                payload = None
+                if self.error is None:
+                    self.error = str(e)
+                    logger.warning("receive from %s failed: %s", self._peer.id, e)
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)  # the reader stops
+            if self.error is None:
+                self._arrived.put((item, payload))
+            elif item.finish is not None:
+                self._slots.release()  # nothing after a failed receive lands
+        self._arrived.put(None)
+
+    def _land_loop(self) -> None:
+        while (arrived := self._arrived.get()) is not None:
+            item, payload = arrived
+            try:
+                self._inbox.land(self._peer, item.header, item.target, payload)
             except Exception:
-                logger.exception("landing %s from %s failed", header.transfer_id, self._peer.id)
+                logger.exception(
+                    "landing %s from %s failed", item.header.transfer_id, self._peer.id
+                )
             finally:
                 if payload is not None:
                     self._session.done(payload)
+                if item.finish is not None:
+                    self._slots.release()
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30.0)
+    def close(self, closing: threading.Event) -> str | None:
+        """Land what arrived, stop the threads, and return the error that ended the
+        connection here, if any."""
+        self._posted.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30.0)
+            if thread.is_alive() and not closing.is_set():
+                logger.error("%s for %s did not stop", thread.name, self._peer.id)
+        return self.error
