@@ -27,9 +27,11 @@ Measured in the same run, as baselines:
   (lengths up to --max-prefill-tokens).
 
 Every figure is the best of its repeats: the host may be shared, and interference only
-ever slows a run down. Targets, marked in the table: shm >= 50% of memcpy for
-transfers of 4 MB or more; torch_dist >= 80% of raw Gloo; a transfer <= 5% of the
-prefill time at 1k tokens. It prints a table and writes JSON to benchmarks/results/.
+ever slows a run down. The repeats take turns across the paths and baselines of a
+length, so a slow spell falls on all of them; the table also gives each median.
+Targets, marked in the table: shm >= 50% of memcpy for transfers of 4 MB or more;
+torch_dist >= 80% of raw Gloo; a transfer <= 5% of the prefill time at 1k tokens. It
+prints a table and writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ import logging
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -209,6 +213,8 @@ class Row:
     baseline_pct: float | None = None  # % of memcpy (shm) or of raw Gloo (torch_dist)
     gloo16_pct: float | None = None  # torch_dist: % of raw Gloo with 16 MB messages
     prefill_pct: float | None = None
+    median_seconds: float | None = None
+    median_pct: float | None = None  # baseline_pct of the medians (memcpy: its best)
 
 
 class Bench:
@@ -222,16 +228,19 @@ class Bench:
             raise TimeoutError(f"peer did not answer {cmd[0]}")
         return self.conn.recv()
 
-    def raw_gloo(self, msg_bytes: int, count: int, summed: bool = False) -> float:
+    def raw_gloo(
+        self, msg_bytes: int, count: int, summed: bool = False, repeats: int | None = None
+    ) -> float:
         """Best seconds to stream `count` messages of `msg_bytes` over a bare Gloo pair,
-        with every receive posted up front (one warm-up round, then `repeats` rounds).
-        `summed`: each side also reads every message once more, as a checksum does (the
-        sender before it posts the send, the receiver once it has landed)."""
+        with every receive posted up front (one warm-up round, then `repeats` rounds,
+        by default the bench's). `summed`: each side also reads every message once
+        more, as a checksum does (the sender before it posts the send, the receiver
+        once it has landed)."""
         store = TCPStore(
             "127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
         )
         token = os.urandom(16)
-        rounds = self.repeats + 1
+        rounds = (self.repeats if repeats is None else repeats) + 1
         self.conn.send(("gloo", "127.0.0.1", store.port, token, msg_bytes, count, rounds, summed))
         group = new_pair_group(store, token, 1, "gloo", "127.0.0.1", 60.0)
         ring = [torch.zeros(msg_bytes, dtype=torch.uint8) for _ in range(min(count, 4))]
@@ -248,10 +257,18 @@ class Bench:
         del group
         return float(min(e - s for s, e in list(zip(starts, ends, strict=True))[1:]))
 
-    def transfer(self, receiver: KVReceiver, path: str, checksum: bool, num_blocks: int) -> float:
-        """Best seconds from the first send_layer to DONE on the receiver."""
+    def transfer(
+        self,
+        receiver: KVReceiver,
+        path: str,
+        checksum: bool,
+        num_blocks: int,
+        repeats: int | None = None,
+    ) -> float:
+        """Best seconds from the first send_layer to DONE on the receiver, over `repeats`
+        transfers (by default the bench's)."""
         times = []
-        for _ in range(self.repeats):
+        for _ in range(self.repeats if repeats is None else repeats):
             self._count += 1
             tid = f"bench-{self._count}"
             receiver.expect(
@@ -385,9 +402,32 @@ def _run_dtype(
         for tokens in lengths:
             blocks = -(-tokens // BLOCK)
             nbytes = _layout(dtype, blocks).total_bytes
-            raw = bench.raw_gloo(nbytes // NUM_LAYERS, NUM_LAYERS)
-            rows.append(Row(dtype_name, tokens, nbytes, "raw-gloo", raw, _gbps(nbytes, raw)))
-            summed = bench.raw_gloo(nbytes // NUM_LAYERS, NUM_LAYERS, summed=True)
+            msg = nbytes // NUM_LAYERS
+            # Repeats go round every path in turn, so that a slow spell on a shared host
+            # falls on all of them and not on one path's block of repeats.
+            times: dict[tuple[str, bool], list[float]] = defaultdict(list)
+            for _ in range(bench.repeats):
+                times[("raw", False)].append(bench.raw_gloo(msg, NUM_LAYERS, repeats=1))
+                times[("raw", True)].append(bench.raw_gloo(msg, NUM_LAYERS, summed=True, repeats=1))
+                for path, transport, _ in PATHS:
+                    for checksum in (True, False):
+                        times[(path, checksum)].append(
+                            bench.transfer(receivers[transport], path, checksum, blocks, repeats=1)
+                        )
+            best = {key: min(values) for key, values in times.items()}
+            median = {key: statistics.median(values) for key, values in times.items()}
+            raw, summed = best[("raw", False)], best[("raw", True)]
+            rows.append(
+                Row(
+                    dtype_name,
+                    tokens,
+                    nbytes,
+                    "raw-gloo",
+                    raw,
+                    _gbps(nbytes, raw),
+                    median_seconds=median[("raw", False)],
+                )
+            )
             rows.append(
                 Row(
                     dtype_name,
@@ -397,16 +437,36 @@ def _run_dtype(
                     summed,
                     _gbps(nbytes, summed),
                     100 * raw / summed,
+                    median_seconds=median[("raw", True)],
                 )
             )
             for path, transport, _ in PATHS:
                 for checksum in (True, False):
-                    seconds = bench.transfer(receivers[transport], path, checksum, blocks)
+                    seconds = best[(path, checksum)]
                     gbps = _gbps(nbytes, seconds)
                     base = 100 * gbps / (memcpy if transport == "shm" else _gbps(nbytes, raw))
                     label = path + ("" if checksum else " (no checksum)")
                     g16 = 100 * gbps / gloo_16mb if transport == "torch_dist" else None
-                    rows.append(Row(dtype_name, tokens, nbytes, label, seconds, gbps, base, g16))
+                    med = median[(path, checksum)]
+                    med_pct = 100 * (
+                        nbytes / med / 1e9 / memcpy
+                        if transport == "shm"
+                        else median[("raw", False)] / med
+                    )
+                    rows.append(
+                        Row(
+                            dtype_name,
+                            tokens,
+                            nbytes,
+                            label,
+                            seconds,
+                            gbps,
+                            base,
+                            g16,
+                            median_seconds=med,
+                            median_pct=med_pct,
+                        )
+                    )
                     logger.info("%s %d %s: %.2f GB/s", dtype_name, tokens, label, gbps)
     finally:
         for receiver in receivers.values():
@@ -434,24 +494,28 @@ def table(result: dict[str, Any]) -> str:
         ),
         "",
         f"{'dtype':5} {'tokens':>6} {'MiB':>8}  {'path':<34} {'ms':>9} {'GB/s':>6} "
-        f"{'vs base':>8} {'target':>6} {'vs 16MB':>8} {'% prefill':>9}",
+        f"{'vs base':>8} {'target':>6} {'vs 16MB':>8} {'% prefill':>9} {'med ms':>9} "
+        f"{'med vs':>7}",
     ]
     for r in result["rows"]:
         row = Row(**r)
         base = f"{row.baseline_pct:.0f}%" if row.baseline_pct is not None else ""
         g16 = f"{row.gloo16_pct:.0f}%" if row.gloo16_pct is not None else ""
         pre = f"{row.prefill_pct:.2f}%" if row.prefill_pct is not None else ""
+        med = f"{row.median_seconds * 1e3:.2f}" if row.median_seconds is not None else ""
+        med_pct = f"{row.median_pct:.0f}%" if row.median_pct is not None else ""
         lines.append(
             f"{row.dtype:5} {row.tokens:>6} {row.nbytes / 2**20:>8.1f}  {row.path:<34} "
             f"{row.seconds * 1e3:>9.2f} {row.gbps:>6.2f} {base:>8} {_mark(row):>6} {g16:>8} "
-            f"{pre:>9}"
+            f"{pre:>9} {med:>9} {med_pct:>7}"
         )
     lines.append(
         "vs base: shm vs memcpy (target >= 50% from 4 MB); torch_dist vs raw Gloo streaming "
         "the same bytes in messages of the same size, all receives posted up front "
         "(target >= 80%); raw-gloo + a read per side: that stream when each side also "
         "reads every message once, as a checksum does. vs 16MB: torch_dist vs raw Gloo "
-        "with 16 MB messages. "
+        "with 16 MB messages. med ms, med vs: the median over the repeats, and vs base "
+        "from the medians (memcpy: its best). "
         "Target: a transfer <= 5% of the prefill at 1k tokens."
     )
     return "\n".join(lines)
