@@ -46,7 +46,7 @@ from kv_transfer.base import (
 )
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
-from kv_transfer.regions import BlockRegion, LayerSpan, checksum, region_of
+from kv_transfer.regions import BlockRegion, LayerSpan, region_of, scatter_checksummed
 from kv_transfer.transport import Endpoint, Peer, Target, in_parts
 
 logger = logging.getLogger(__name__)
@@ -288,22 +288,29 @@ class KVReceiver:
 
     def _land(self, peer: Peer, h: Header, target: _Target, payload: torch.Tensor | None) -> None:
         inb, region = target.inbound, target.region
-        # Verified outside the lock: reading blocks of a transfer that ends meanwhile is
-        # harmless, and its result is then ignored.
-        if self._verify and h.checksum is not None and not inb.status.terminal:
-            got = region.checksum() if payload is None else checksum(payload)
-            if got != h.checksum:
-                self._fail(
-                    inb,
-                    f"checksum mismatch in layer {h.layer} blocks {h.block_start}.."
-                    f"{h.block_start + h.block_count - 1} from {peer.id}",
-                )
-                return
+        verify = self._verify and h.checksum is not None
+        mismatch = (
+            f"checksum mismatch in layer {h.layer} blocks {h.block_start}.."
+            f"{h.block_start + h.block_count - 1} from {peer.id}"
+        )
+        # A payload already in place is verified outside the lock: reading blocks of a
+        # transfer that ends meanwhile is harmless, and its result is then ignored.
+        in_place = payload is None and not inb.status.terminal
+        if verify and in_place and region.checksum() != h.checksum:
+            self._fail(inb, mismatch)
+            return
         with inb.lock:
             if inb.status.terminal or inb.ending:
                 return
             if payload is not None:
-                region.scatter(payload)
+                # A staged payload is summed as it is scattered (one read of it). Blocks
+                # of a mismatch hold garbage, but the transfer fails and never decodes.
+                if verify:
+                    if scatter_checksummed(region, payload) != h.checksum:
+                        self._end_locked(inb, failed(mismatch))
+                        return
+                else:
+                    region.scatter(payload)
                 if payload.is_cuda:  # landed before DONE, and before the buffer is reused
                     torch.cuda.current_stream(payload.device).synchronize()
             for key in target.keys:

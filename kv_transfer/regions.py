@@ -285,6 +285,21 @@ class LayerSpan:
         """Every layer's region is dense: each layer's K and V are contiguous."""
         return self.region(self.layer).dense
 
+    @property
+    def _runs(self) -> list[tuple[int, int, int]]:
+        return self.region(self.layer)._runs
+
+    def run_view(self, first_block: int, length: int) -> torch.Tensor:
+        """`[layers, 2, length, slot, head, dim]`: a strided view of blocks
+        `first_block ... first_block + length - 1` of every layer."""
+        return self.cache[
+            self.layer : self.layer + self.layer_count,
+            :,
+            first_block : first_block + length,
+            :,
+            self.head_start : self.head_stop,
+        ]
+
     @cached_property
     def _view(self) -> torch.Tensor | None:
         """[layers, 2, n, slot, head, dim] as one strided view, over one run of blocks."""
@@ -366,6 +381,24 @@ def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
     if view is not None and tuple(out.shape) == tuple(view.shape):
         return _fold(_block_sums(view, copy_to=out))
     return checksum(src.gather(out=out))
+
+
+def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> int:
+    """Write a contiguous payload (`dst`'s shape) into `dst` and return the payload's
+    checksum, reading the payload once per run of blocks where runs are long (else it
+    sums, then scatters)."""
+    _check_payload(payload, dst.shape, dst.dtype, "destination")
+    block_runs = dst._runs
+    if len(block_runs) > 1 and len(block_runs) * _MIN_MEAN_RUN > len(dst.block_ids):
+        value = checksum(payload)
+        dst.scatter(payload)
+        return value
+    block_dim = payload.dim() - 4  # [2, n, ...] or [layers, 2, n, ...]
+    sums = [
+        _block_sums(payload.narrow(block_dim, pos, n), copy_to=dst.run_view(block, n))
+        for pos, block, n in block_runs
+    ]
+    return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
 
 
 def copy_into(

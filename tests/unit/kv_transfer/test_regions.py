@@ -14,6 +14,7 @@ from kv_transfer.regions import (
     gather_checksummed,
     region_of,
     runs,
+    scatter_checksummed,
 )
 from kv_transfer.transport import in_parts, message_parts, region_parts
 
@@ -176,6 +177,22 @@ def test_gather_with_checksum_matches_gather_then_checksum(layers, ids) -> None:
     out = torch.empty(src.shape)
     assert gather_checksummed(src, out) == src.checksum()
     assert torch.equal(out, src.gather())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("ids", [CONTIGUOUS, MIXED, FRAGMENTED])
+def test_scatter_with_checksum_scatters_and_matches_the_checksum(dtype, layers, ids) -> None:
+    """One pass per run of blocks (CONTIGUOUS, MIXED), or sum then scatter (FRAGMENTED);
+    either way the payload lands where scatter puts it and nothing else changes."""
+    payload = region_of(_cache(dtype, 6), range(0, layers), 1, 3, tuple(range(8))).gather()
+    dst_cache, want_cache = _cache(dtype, 7), _cache(dtype, 7)
+    dst = region_of(dst_cache, range(1, 1 + layers), 1, 3, ids)
+    region_of(want_cache, range(1, 1 + layers), 1, 3, ids).scatter(payload)
+    assert scatter_checksummed(dst, payload) == checksum(payload)
+    assert torch.equal(dst_cache, want_cache)
+    with pytest.raises(ValueError, match="does not fit"):
+        scatter_checksummed(dst, payload[..., :-1])
 
 
 @pytest.mark.parametrize("layers", [1, 3])
