@@ -374,13 +374,24 @@ def region_of(
     return LayerSpan(cache, layers.start, len(layers), head_start, head_stop, block_ids)
 
 
+def _fragmented(region: BlockRegion | LayerSpan) -> bool:
+    """Too many short runs of blocks to copy run by run."""
+    block_runs = region._runs
+    return len(block_runs) > 1 and len(block_runs) * _MIN_MEAN_RUN > len(region.block_ids)
+
+
 def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
-    """Gather `src` into `out` (its contiguous shape) and return its checksum, in one
-    pass over the source when it is one run of blocks."""
-    view = src._view
-    if view is not None and tuple(out.shape) == tuple(view.shape):
-        return _fold(_block_sums(view, copy_to=out))
-    return checksum(src.gather(out=out))
+    """Gather `src` into `out` (its contiguous shape) and return its checksum, reading
+    the source once per run of blocks where runs are long (else gather, then sum)."""
+    _check_payload(out, src.shape, src.dtype, "source")
+    if _fragmented(src):
+        return checksum(src.gather(out=out))
+    block_dim = out.dim() - 4  # [2, n, ...] or [layers, 2, n, ...]
+    sums = [
+        _block_sums(src.run_view(block, n), copy_to=out.narrow(block_dim, pos, n))
+        for pos, block, n in src._runs
+    ]
+    return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
 
 
 def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> int:
@@ -388,15 +399,14 @@ def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> 
     checksum, reading the payload once per run of blocks where runs are long (else it
     sums, then scatters)."""
     _check_payload(payload, dst.shape, dst.dtype, "destination")
-    block_runs = dst._runs
-    if len(block_runs) > 1 and len(block_runs) * _MIN_MEAN_RUN > len(dst.block_ids):
+    if _fragmented(dst):
         value = checksum(payload)
         dst.scatter(payload)
         return value
     block_dim = payload.dim() - 4  # [2, n, ...] or [layers, 2, n, ...]
     sums = [
         _block_sums(payload.narrow(block_dim, pos, n), copy_to=dst.run_view(block, n))
-        for pos, block, n in block_runs
+        for pos, block, n in dst._runs
     ]
     return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
 
@@ -405,15 +415,20 @@ def copy_into(
     dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan, checksum: bool = False
 ) -> int | None:
     """Copy a region into a region, or a span into a span of as many layers. With
-    `checksum`, returns src's checksum, taken in the same pass as the copy when both
-    sides are one run of blocks."""
+    `checksum`, returns src's checksum, taken in the same pass as the copy, one run of
+    blocks (consecutive on both sides) at a time, where runs are long."""
     spans = isinstance(dst, LayerSpan) and isinstance(src, LayerSpan)
     if not spans and not (isinstance(dst, BlockRegion) and isinstance(src, BlockRegion)):
         raise ValueError(f"cannot copy a {type(src).__name__} into a {type(dst).__name__}")
+    if src.shape != dst.shape or src.dtype != dst.dtype:
+        raise ValueError(f"{src.shape} {src.dtype} does not fit {dst.shape} {dst.dtype}")
     if checksum:
-        s, d = src._view, dst._view
-        if s is not None and d is not None and s.shape == d.shape and s.dtype == d.dtype:
-            return _fold(_block_sums(s, copy_to=d))
+        pairs = _paired_runs(src.block_ids, dst.block_ids)
+        if len(pairs) == 1 or len(pairs) * _MIN_MEAN_RUN <= len(dst.block_ids):
+            sums = [
+                _block_sums(src.run_view(s, n), copy_to=dst.run_view(d, n)) for s, d, n in pairs
+            ]
+            return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
     value = src.checksum() if checksum else None
     if spans:
         cast(LayerSpan, dst).copy_from(cast(LayerSpan, src))

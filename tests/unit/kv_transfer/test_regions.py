@@ -23,6 +23,7 @@ SHAPE = (3, 2, 24, 4, 4, 16)
 FRAGMENTED = (5, 9, 2, 17, 11, 0, 23, 3)
 CONTIGUOUS = (8, 9, 10, 11, 12, 13, 14, 15)
 MIXED = (4, 5, 6, 7, 20, 21, 22, 1)
+RUNS = (0, 1, 2, 3, 12, 13, 14, 15)  # two runs of four: long enough to copy run by run
 
 
 def _cache(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -159,7 +160,7 @@ def test_a_layer_span_is_validated_when_built() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers", [1, 2])
-@pytest.mark.parametrize("src_ids", [CONTIGUOUS, FRAGMENTED])
+@pytest.mark.parametrize("src_ids", [CONTIGUOUS, RUNS, MIXED, FRAGMENTED])
 def test_copy_with_checksum_copies_and_matches_the_checksum(dtype, layers, src_ids) -> None:
     src_cache, dst_cache = _cache(dtype, 4), torch.zeros(SHAPE, dtype=dtype)
     src = region_of(src_cache, range(1, 1 + layers), 1, 3, src_ids)
@@ -167,24 +168,33 @@ def test_copy_with_checksum_copies_and_matches_the_checksum(dtype, layers, src_i
     want = src.checksum()
     assert copy_into(dst, src, checksum=True) == want
     assert torch.equal(dst.gather(), src.gather())
+    assert dst_cache[layers:].count_nonzero() == 0 and dst_cache[:, :, :16].count_nonzero() == 0
     assert copy_into(dst, src) is None
-
-
-@pytest.mark.parametrize("layers", [1, 2])
-@pytest.mark.parametrize("ids", [CONTIGUOUS, FRAGMENTED])
-def test_gather_with_checksum_matches_gather_then_checksum(layers, ids) -> None:
-    src = region_of(_cache(torch.float32, 5), range(0, layers), 1, 4, ids)
-    out = torch.empty(src.shape)
-    assert gather_checksummed(src, out) == src.checksum()
-    assert torch.equal(out, src.gather())
+    with pytest.raises(ValueError, match="does not fit"):
+        copy_into(region_of(dst_cache, range(0, layers), 2, 4, CONTIGUOUS[:-1]), src)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers", [1, 2])
-@pytest.mark.parametrize("ids", [CONTIGUOUS, MIXED, FRAGMENTED])
+@pytest.mark.parametrize("ids", [CONTIGUOUS, RUNS, MIXED, FRAGMENTED])
+def test_gather_with_checksum_matches_gather_then_checksum(dtype, layers, ids) -> None:
+    """One pass per run of blocks (CONTIGUOUS, RUNS), or gather then sum (MIXED,
+    FRAGMENTED: runs too short)."""
+    src = region_of(_cache(dtype, 5), range(0, layers), 1, 4, ids)
+    out = torch.empty(src.shape, dtype=dtype)
+    assert gather_checksummed(src, out) == src.checksum()
+    assert torch.equal(out, src.gather())
+    with pytest.raises(ValueError, match="does not fit"):
+        gather_checksummed(src, out[..., :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("ids", [CONTIGUOUS, RUNS, MIXED, FRAGMENTED])
 def test_scatter_with_checksum_scatters_and_matches_the_checksum(dtype, layers, ids) -> None:
-    """One pass per run of blocks (CONTIGUOUS, MIXED), or sum then scatter (FRAGMENTED);
-    either way the payload lands where scatter puts it and nothing else changes."""
+    """One pass per run of blocks (CONTIGUOUS, RUNS), or sum then scatter (MIXED,
+    FRAGMENTED: runs too short); either way the payload lands where scatter puts it
+    and nothing else changes."""
     payload = region_of(_cache(dtype, 6), range(0, layers), 1, 3, tuple(range(8))).gather()
     dst_cache, want_cache = _cache(dtype, 7), _cache(dtype, 7)
     dst = region_of(dst_cache, range(1, 1 + layers), 1, 3, ids)
