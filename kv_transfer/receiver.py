@@ -8,9 +8,10 @@ Lifecycle of one transfer on one receiver rank:
     DATA header           `prepare`: validated against the plan and the stream position
                           (a gap means a lost message) before any byte of the payload
                           moves; yields the destination region
-    DATA payload          received into staging, straight into the destination blocks,
-                          or already there (shared memory)
-    landing               `land`: checksum verified, staging scattered -> TRANSFERRING
+    DATA payload          received into staging, straight into the destination blocks
+                          (torch_dist, without a checksum), or already there (shm)
+    landing               `land`: staging scattered and its checksum verified in the
+                          same pass (else the blocks' checksum verified) -> TRANSFERRING
     every slice landed    DONE
     mismatch / ABORT /    FAILED(reason)
     END with gaps /
@@ -231,7 +232,8 @@ class KVReceiver:
             for key in keys:
                 inb.cursor[key] += header.block_count
             inb.peers.add(peer)
-            direct = direct_ok and region.dense and in_parts(region)
+            checksummed = header.checksum is not None
+            direct = direct_ok and region.dense and in_parts(region, checksummed)
             if direct:
                 inb.writing += 1
             return _Target(region, direct, inb, keys)

@@ -13,12 +13,14 @@ A pair (sender rank, receiver rank) is created lazily on its first slice and reu
 
 Gloo for CPU tensors, NCCL for CUDA ones; both with a short timeout. Per DATA message
 (one layer, or a span of several that the sender coalesces when they queue up) the
-sender gathers the slice into a staging tensor and writes the header on the control
-socket; a poster thread then posts asynchronous sends of its parts, the K and V halves
-of each layer in turn, and a waiter thread waits on the sends in order and resolves
-their completions. The receiver reads the header, has the receiver role validate it,
-and receives each part straight into its destination blocks when they are one run
-with all heads (else the message goes to staging, scattered when it lands). Any error
+sender gathers the slice into a staging tensor (summing it as it copies, when the
+message carries a checksum) and writes the header on the control socket; a poster
+thread then posts asynchronous sends, and a waiter thread waits on them in order and
+resolves their completions. A message with a checksum goes whole: the receiver takes
+it into staging and sums it as it scatters it. One without goes in parts, the K and V
+halves of each layer in turn (transport.in_parts), and the receiver takes each part
+straight into its destination blocks when they are one run with all heads (else into
+staging, scattered when it lands). Any error
 or timeout tears the pair down on that side (control socket closed, group dropped or
 aborted); the other side's pending operations then fail, and the next transfer builds
 a new pair.
@@ -81,10 +83,11 @@ class TorchDistConfig:
     op_timeout_s: float = 10.0  # one send or recv; then the pair is torn down
     ttl_s: float = 10.0  # rendezvous record lifetime without refresh
     # Send slices whose blocks are one run with all heads straight from the cache, with
-    # no gather copy. The sender's finish() then waits until those sends complete
-    # (bounded by the transfer's deadline) instead of only until they are copied out:
-    # faster on few cores, but a stalled decode peer then stalls the prefill engine's
-    # step for up to the deadline.
+    # no gather copy, when they carry no checksum (SenderConfig.checksum=False; with one
+    # the gather is also the checksum's read). The sender's finish() then waits until
+    # those sends complete (bounded by the transfer's deadline) instead of only until
+    # they are copied out: faster on few cores, but a stalled decode peer then stalls
+    # the prefill engine's step for up to the deadline.
     zero_copy: bool = False
 
     def __post_init__(self) -> None:
@@ -184,18 +187,16 @@ class _Link(Link):
                 self._control.send(header.pack())
                 return Completion.resolved()
             staging: torch.Tensor | None = None
-            if self._zero_copy and region.dense and in_parts(region):
+            if self._zero_copy and region.dense and in_parts(region, checksum):
                 # each layer's K and V are contiguous in the cache: send them as they lie
                 parts = region_parts(region)
-                if checksum:
-                    header = header.with_checksum(region.checksum())
             else:
                 staging = self._pool.take(region.shape, region.dtype, region.cache.device)
                 if checksum:  # gathered and summed in one pass
                     header = header.with_checksum(gather_checksummed(region, staging))
                 else:
                     region.gather(out=staging)
-                parts = message_parts(staging)
+                parts = message_parts(staging, checksum)
             self._control.send(header.pack())
             done = Completion(holds_source=staging is None)
             self._posts.put((parts, staging, done))
@@ -348,7 +349,7 @@ class _Session:
             self._device,
             self._pool,
         )
-        works = self._post(message_parts(staging))
+        works = self._post(message_parts(staging, header.checksum is not None))
 
         def finish_staged() -> torch.Tensor | None:
             self._wait_all(works)

@@ -11,7 +11,8 @@ routes, ordering, checksums, deadlines and states. A transport only moves messag
 * An `Endpoint` accepts connections on the receiver rank and hands each message to the
   receiver's `Inbox`, which validates a DATA header before its payload moves. The
   payload then goes to staging, straight into the destination blocks when they are
-  contiguous (torch_dist), or is already there (shared memory).
+  contiguous and it carries no checksum (torch_dist), or is already there (shared
+  memory).
 
 Completions replace blocking waits: transports resolve them from their own threads and
 the roles react in callbacks, so no caller ever waits on the network.
@@ -181,26 +182,32 @@ class Target:
         return region_parts(self.region)
 
 
-# A span travels as one part per layer and K/V (so that each can land in place) only
-# when its parts are at least this big; below, a message per part costs more than
-# the scatter it saves, and the span travels whole.
+# A message without a checksum travels as one part per layer and K/V, so that each
+# part can land in place: always for one layer, and for a span only when its parts are
+# at least this big (below, a message per part costs more than the scatter it saves).
+# A message with a checksum travels whole into staging: the receiver then sums it as it
+# scatters it, one read of a buffer still in cache, where landing in place would need a
+# second read of the blocks to verify them, and a message per part.
 MIN_SPAN_PART_BYTES = 256 << 10
 
 
-def _in_parts(shape: tuple[int, ...], element_size: int) -> bool:
+def _in_parts(shape: tuple[int, ...], element_size: int, checksummed: bool) -> bool:
+    if checksummed:
+        return False
     return len(shape) == 5 or math.prod(shape[2:]) * element_size >= MIN_SPAN_PART_BYTES
 
 
-def in_parts(region: BlockRegion | LayerSpan) -> bool:
-    """Whether a message over `region` travels as one part per layer and K/V: always
-    for one layer, and for a span whose parts reach MIN_SPAN_PART_BYTES."""
-    return _in_parts(region.shape, region.cache.element_size())
+def in_parts(region: BlockRegion | LayerSpan, checksummed: bool) -> bool:
+    """Whether a message over `region` travels as one part per layer and K/V (see
+    MIN_SPAN_PART_BYTES): never with a checksum; else always for one layer, and for a
+    span whose parts reach MIN_SPAN_PART_BYTES."""
+    return _in_parts(region.shape, region.cache.element_size(), checksummed)
 
 
 def region_parts(region: BlockRegion | LayerSpan) -> tuple[torch.Tensor, ...]:
     """A dense region's or span's K then V of each layer in turn, each one contiguous
-    view of the cache: where a message's parts lie in place."""
-    if not (region.dense and in_parts(region)):
+    view of the cache: where the parts of a message without a checksum lie in place."""
+    if not (region.dense and in_parts(region, checksummed=False)):
         raise ValueError("only a dense region that travels in parts lies in the cache as them")
     regions = region.regions if isinstance(region, LayerSpan) else (region,)
     parts: list[torch.Tensor] = []
@@ -210,11 +217,11 @@ def region_parts(region: BlockRegion | LayerSpan) -> tuple[torch.Tensor, ...]:
     return tuple(parts)
 
 
-def message_parts(payload: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def message_parts(payload: torch.Tensor, checksummed: bool) -> tuple[torch.Tensor, ...]:
     """A contiguous DATA payload (`[2, ...]` for one layer, `[layers, 2, ...]` for a
     span) as the pieces a transport moves one by one: K then V of each layer in turn
     (see `in_parts`), or the whole payload."""
-    if not _in_parts(tuple(payload.shape), payload.element_size()):
+    if not _in_parts(tuple(payload.shape), payload.element_size(), checksummed):
         return (payload,)
     return tuple(payload.reshape(-1, *payload.shape[-4:]).unbind(0))
 

@@ -104,6 +104,7 @@ class Setup:
     zero_copy: bool = False  # torch_dist senders send dense slices straight from the cache
     max_span_bytes: int | None = None  # None: the links' own; 1: every layer alone
     spans: bool = False  # faulty links take spans of layers (else one layer per message)
+    checksum: bool | None = None  # senders' per-slice checksums; None: the CPU default (on)
 
     @property
     def parallel(self) -> Parallelism:
@@ -189,7 +190,13 @@ class Prefill:
         self.ranks = s.ranks()
         self.caches = [s.layout_cache(me) for me in self.ranks]
         self.senders = [
-            KVSender(me, cache, s.geo, s.connector(), SenderConfig(max_span_bytes=s.max_span_bytes))
+            KVSender(
+                me,
+                cache,
+                s.geo,
+                s.connector(),
+                SenderConfig(checksum=s.checksum, max_span_bytes=s.max_span_bytes),
+            )
             for me, cache in zip(self.ranks, self.caches, strict=True)
         ]
         self.pool = _scrambled_pool(s.num_blocks, s.name) if s.scramble else BlockPool(s.num_blocks)

@@ -72,8 +72,8 @@ def test_m_to_n_is_bit_exact(
     dst: tuple[int, int],
     dtype: str,
 ) -> None:
-    # TP1 -> TP1 over consecutive block ids, one layer per message: torch_dist receives
-    # straight into the blocks.
+    # TP1 -> TP1 over consecutive block ids, one layer per message and no checksums:
+    # torch_dist receives straight into the blocks. Checksummed messages are staged.
     scramble = src != dst or src != (1, 1)
     span_bytes = None if scramble else 1
     pre_setup = _setup(
@@ -84,6 +84,7 @@ def test_m_to_n_is_bit_exact(
         *src,
         dtype=dtype,
         max_span_bytes=span_bytes,
+        checksum=None if scramble else False,
     )
     decode = make_decode(
         _setup(redis_url, cluster_name, "decode-0", transport, *dst, dtype=dtype, scramble=scramble)
@@ -107,17 +108,26 @@ def test_m_to_n_is_bit_exact(
     _assert_clean(decode, redis_url, cluster_name)
 
 
+@pytest.mark.parametrize("checksum", [False, True], ids=["unchecked", "checksummed"])
 def test_zero_copy_sender_with_direct_receiver(
-    spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str
+    spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str, checksum: bool
 ) -> None:
-    """Consecutive blocks on both sides: no gather on the sender, no staging on the
-    receiver. finish() returns only once the sends are done, so the source stays intact.
-    Blocks of 16 x 4 heads x 256 dims make even a 5-block chunk's parts big enough to
-    travel one by one when layers queue up into a span."""
+    """Consecutive blocks on both sides, no checksums: no gather on the sender, no
+    staging on the receiver. finish() returns only once the sends are done, so the
+    source stays intact. Blocks of 16 x 4 heads x 256 dims make even a 5-block chunk's
+    parts big enough to travel one by one when layers queue up into a span. With
+    checksums, messages are gathered (and summed) and staged whole instead."""
     big = {"head_dim": 256, "block_size": 16}
     assert MIN_SPAN_PART_BYTES <= 5 * 16 * 4 * 256 * 4
     pre_setup = _setup(
-        redis_url, cluster_name, "prefill-0", "torch_dist", scramble=False, zero_copy=True, **big
+        redis_url,
+        cluster_name,
+        "prefill-0",
+        "torch_dist",
+        scramble=False,
+        zero_copy=True,
+        checksum=checksum,
+        **big,
     )
     decode = make_decode(
         _setup(redis_url, cluster_name, "decode-0", "torch_dist", scramble=False, **big)
@@ -131,7 +141,9 @@ def test_zero_copy_sender_with_direct_receiver(
         assert decode.landed(tid, 16, seed)
         decode.free(tid)
     (endpoint,) = decode.endpoints
-    assert isinstance(endpoint, TorchDistEndpoint) and endpoint.stats.staged == 0
+    assert isinstance(endpoint, TorchDistEndpoint)
+    stats = (endpoint.stats.direct, endpoint.stats.staged)
+    assert (endpoint.stats.direct == 0) if checksum else (endpoint.stats.staged == 0), stats
     assert prefill.call("close")[0] == "closed"
     _assert_clean(decode, redis_url, cluster_name)
 
@@ -217,23 +229,42 @@ def test_killed_receiver_does_not_hang_the_sender(
         assert len(sweep_stale_segments()) == 1
 
 
-@pytest.mark.parametrize("kind", [FaultKind.DROP, FaultKind.CORRUPT])
+# (transport, scattered blocks, checksums): staged into scattered blocks, staged into
+# one run (checksummed messages travel whole), and, without checksums, straight into
+# one run of blocks, where only a drop can be detected.
+_FAULT_PATHS = {
+    "td": ("torch_dist", True, None),
+    "td-one-run": ("torch_dist", False, None),
+    "td-direct": ("torch_dist", False, False),
+    "shm": ("shm", True, None),
+}
+
+
 @pytest.mark.parametrize(
-    "transport,scramble",
-    [("torch_dist", True), ("torch_dist", False), ("shm", True)],
-    ids=["td", "td-direct", "shm"],
+    "kind,path",
+    [
+        (kind, path)
+        for kind in (FaultKind.DROP, FaultKind.CORRUPT)
+        for path, (_, _, checksum) in _FAULT_PATHS.items()
+        if checksum is not False or kind is FaultKind.DROP
+    ],
 )
 def test_drop_or_corruption_fails_then_the_pair_recovers(
     spawn: Spawn,
     make_decode: MakeDecode,
     redis_url: str,
     cluster_name: str,
-    transport: str,
     kind: FaultKind,
-    scramble: bool,
+    path: str,
 ) -> None:
+    transport, scramble, checksum = _FAULT_PATHS[path]
     pre_setup = _setup(
-        redis_url, cluster_name, "prefill-0", transport, faults=(Fault(kind, after=2),)
+        redis_url,
+        cluster_name,
+        "prefill-0",
+        transport,
+        faults=(Fault(kind, after=2),),
+        checksum=checksum,
     )
     decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport, scramble=scramble))
     prefill = spawn(prefill_main, pre_setup)
@@ -253,11 +284,14 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
     _assert_clean(decode, redis_url, cluster_name)
 
 
+_ONE_RUN_UNCHECKED = ("one-run-small-parts", "one-run-zero-copy")
+
+
 @pytest.mark.parametrize(
     "transport,layout",
     [(t, "scattered") for t in TRANSPORTS]
     + [(t, "one-run") for t in TRANSPORTS]
-    + [("torch_dist", "one-run-small-parts"), ("torch_dist", "one-run-zero-copy")],
+    + [("torch_dist", layout) for layout in (*_ONE_RUN_UNCHECKED, "one-run-checksummed")],
 )
 def test_queued_layers_travel_as_one_span(
     spawn: Spawn,
@@ -269,12 +303,16 @@ def test_queued_layers_travel_as_one_span(
 ) -> None:
     """The first slice is held up, so the other layers queue behind it and go as one
     message: written in place over shm. Over torch_dist a span into scattered blocks
-    (or split between TP ranks) is staged and scattered; into one run of blocks with
-    all heads it lands straight in them, one part per layer and K/V (and zero-copy, it
-    also leaves from the sender's cache as it lies) unless those parts are too small
+    (or split between TP ranks) is staged and scattered; a span with a checksum is
+    staged whole and summed as it is scattered; one without, into one run of blocks
+    with all heads, lands straight in them, one part per layer and K/V (and zero-copy,
+    it also leaves from the sender's cache as it lies) unless those parts are too small
     to be worth a message each: it is then staged whole."""
     one_run = layout != "scattered"
     zero_copy = layout == "one-run-zero-copy"
+    # Landing in place needs messages without checksums; the rest keep the default (on).
+    in_place = transport == "torch_dist" and layout in ("one-run", *_ONE_RUN_UNCHECKED)
+    checksum = False if in_place else None
     # 11 blocks of 16 x 4 heads x 128 dims: 352 KB parts; the default geometry's: 11 KB
     big = {} if layout == "one-run-small-parts" else {"head_dim": 128, "block_size": 16}
     assert MIN_SPAN_PART_BYTES <= 11 * 16 * 4 * 128 * 4
@@ -288,6 +326,7 @@ def test_queued_layers_travel_as_one_span(
         spans=True,
         scramble=not zero_copy,
         zero_copy=zero_copy,
+        checksum=checksum,
         **big,
     )
     decode = make_decode(
@@ -314,7 +353,7 @@ def test_queued_layers_travel_as_one_span(
         # Layers 1-3 as a span (layer 0 alone before it, or in it) to each receiver rank.
         stats = (e.stats.spans, e.stats.direct, e.stats.staged)
         assert e.stats.spans == 1 and e.stats.direct + e.stats.staged in (1, 2), stats
-        if layout == "scattered":
+        if layout in ("scattered", "one-run-checksummed"):
             assert e.stats.direct == 0, stats
         elif layout == "one-run-small-parts":  # a lone layer 0 lands directly
             assert e.stats.staged == 1, stats

@@ -207,13 +207,14 @@ def test_scatter_with_checksum_scatters_and_matches_the_checksum(dtype, layers, 
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_message_parts_line_up_with_the_destination_parts(layers: int) -> None:
-    """A payload gathered from a dense region travels as the same pieces, in the same
-    order, as the views it lands in: K then V of each layer. Parts of 256 KiB and up."""
+    """A payload without a checksum, gathered from a dense region, travels as the same
+    pieces, in the same order, as the views it lands in: K then V of each layer. Parts
+    of 256 KiB and up."""
     cache = torch.randn(3, 2, 24, 16, 4, 64)  # a block's K (or V): 16 KiB
     src = region_of(cache, range(0, layers), 0, 4, tuple(range(4, 20)))  # 256 KiB parts
     dst = region_of(torch.zeros_like(cache), range(0, layers), 0, 4, tuple(range(2, 18)))
-    assert src.dense and in_parts(src) and in_parts(dst)
-    pieces = message_parts(src.gather())
+    assert src.dense and in_parts(src, False) and in_parts(dst, False)
+    pieces = message_parts(src.gather(), checksummed=False)
     views = region_parts(dst)
     assert len(pieces) == len(views) == 2 * layers
     for piece, view in zip(pieces, views, strict=True):
@@ -221,12 +222,19 @@ def test_message_parts_line_up_with_the_destination_parts(layers: int) -> None:
     assert torch.equal(dst.gather(), src.gather())
 
 
-def test_spans_with_small_parts_travel_whole_and_scattered_regions_have_no_parts() -> None:
+def test_checksummed_messages_and_spans_with_small_parts_travel_whole() -> None:
+    """Scattered regions, and regions with only some heads, have no parts in place."""
     cache = torch.randn(3, 2, 24, 16, 4, 64)
     small = region_of(cache, range(0, 3), 0, 4, tuple(range(4, 19)))  # 240 KiB parts
-    assert not in_parts(small)
-    assert len(message_parts(small.gather())) == 1
-    assert len(message_parts(small.region(0).gather())) == 2  # one layer: always K, V
+    assert not in_parts(small, False)
+    assert len(message_parts(small.gather(), checksummed=False)) == 1
+    one_layer = small.region(0).gather()
+    assert len(message_parts(one_layer, checksummed=False)) == 2  # one layer: K, V
+    big = region_of(cache, range(0, 3), 0, 4, tuple(range(4, 20)))  # 256 KiB parts
+    assert in_parts(big, False) and not in_parts(big, True)
+    for payload in (big.gather(), one_layer):
+        (whole,) = message_parts(payload, checksummed=True)
+        assert whole is payload
     with pytest.raises(ValueError, match="parts"):
         region_parts(small)
     with pytest.raises(ValueError, match="parts"):
