@@ -160,6 +160,7 @@ class _Link(Link):
         self._lock = threading.Lock()
         self._seq = 0
         self._broken = False
+        self._told_gather = False
         self._pool = StagingPool()
         self._works: queue.SimpleQueue[tuple[list[Any], torch.Tensor | None, Completion] | None] = (
             queue.SimpleQueue()
@@ -187,6 +188,13 @@ class _Link(Link):
                 self._control.send(header.pack())
                 return Completion.resolved()
             staging: torch.Tensor | None = None
+            if self._zero_copy and checksum and not self._told_gather:
+                self._told_gather = True
+                logger.info(
+                    "pair to %s: checksummed messages are gathered; zero_copy applies "
+                    "only to senders with checksums off",
+                    self.peer,
+                )
             if self._zero_copy and region.dense and in_parts(region, checksum):
                 # each layer's K and V are contiguous in the cache: send them as they lie
                 parts = region_parts(region)
