@@ -370,8 +370,11 @@ class _Lander:
                         self._sock.shutdown(socket.SHUT_RDWR)  # the reader stops
             if self.error is None:
                 self._arrived.put((item, payload))
-            elif item.finish is not None:
-                self._slots.release()  # nothing after a failed receive lands
+                continue
+            if payload is not None:  # nothing after a failed receive lands
+                self._session.done(payload)
+            if item.finish is not None:
+                self._slots.release()
         self._arrived.put(None)
 
     def _land_loop(self) -> None:

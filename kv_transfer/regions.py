@@ -285,9 +285,9 @@ class LayerSpan:
         """Every layer's region is dense: each layer's K and V are contiguous."""
         return self.region(self.layer).dense
 
-    @property
+    @cached_property
     def _runs(self) -> list[tuple[int, int, int]]:
-        return self.region(self.layer)._runs
+        return runs(self.block_ids)
 
     def run_view(self, first_block: int, length: int) -> torch.Tensor:
         """`[layers, 2, length, slot, head, dim]`: a strided view of blocks
