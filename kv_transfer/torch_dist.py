@@ -20,10 +20,9 @@ resolves their completions. A message with a checksum goes whole: the receiver t
 it into staging and sums it as it scatters it. One without goes in parts, the K and V
 halves of each layer in turn (transport.in_parts), and the receiver takes each part
 straight into its destination blocks when they are one run with all heads (else into
-staging, scattered when it lands). Any error
-or timeout tears the pair down on that side (control socket closed, group dropped or
-aborted); the other side's pending operations then fail, and the next transfer builds
-a new pair.
+staging, scattered when it lands). Any error or timeout tears the pair down on that
+side (control socket closed, group dropped or aborted); the other side's pending
+operations then fail, and the next transfer builds a new pair.
 """
 
 from __future__ import annotations
