@@ -63,6 +63,12 @@ def _paired_runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[int, int,
     return [(a[p], b[p], q - p) for p, q in itertools.pairwise(starts)]
 
 
+def _long_runs(num_runs: int, num_blocks: int) -> bool:
+    """Runs of blocks long enough to copy run by run (one copy, or one copy-and-sum,
+    each); shorter ones are gathered or scattered by index."""
+    return num_runs == 1 or num_runs * _MIN_MEAN_RUN <= num_blocks
+
+
 def _words(t: torch.Tensor) -> torch.Tensor:
     """`t` reinterpreted as the widest integer words its last dim allows (a view)."""
     row = t.shape[-1] * t.element_size()
@@ -108,6 +114,11 @@ def _check_payload(
         raise ValueError(
             f"payload {tuple(payload.shape)} {payload.dtype} does not fit {what} {shape} {dtype}"
         )
+
+
+def _fold_runs(sums: list[torch.Tensor]) -> int:
+    """The checksum from per-run sums `[..., 2, k]`, in block order."""
+    return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
 
 
 def checksum(payload: torch.Tensor) -> int:
@@ -195,7 +206,7 @@ class BlockRegion:
         """Write a contiguous [2, n, slot, head, dim] payload into the region."""
         _check_payload(payload, self.shape, self.dtype, "region")
         block_runs = self._runs
-        if len(block_runs) * _MIN_MEAN_RUN <= len(self.block_ids) or len(block_runs) == 1:
+        if _long_runs(len(block_runs), len(self.block_ids)):
             for pos, block, n in block_runs:
                 self.run_view(block, n).copy_(payload[:, pos : pos + n])
         else:
@@ -206,19 +217,14 @@ class BlockRegion:
         if src.shape != self.shape or src.dtype != self.dtype:
             raise ValueError(f"region {src.shape} {src.dtype} does not fit {self.shape}")
         pairs = _paired_runs(src.block_ids, self.block_ids)
-        if len(pairs) * _MIN_MEAN_RUN <= len(self.block_ids) or len(pairs) == 1:
+        if _long_runs(len(pairs), len(self.block_ids)):
             for s, d, n in pairs:
                 self.run_view(d, n).copy_(src.run_view(s, n))
         else:
             self.scatter(src.gather())
 
     def checksum(self) -> int:
-        return _fold(self.block_sums())
-
-    def block_sums(self) -> torch.Tensor:
-        """[2, n] word sums per (K/V, block), in block order."""
-        parts = [_block_sums(self.run_view(b, n)) for _, b, n in self._runs]
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return _fold_runs([_block_sums(self.run_view(b, n)) for _, b, n in self._runs])
 
     def private_copy(self) -> BlockRegion:
         """A region over a copy of these bytes, in a cache of its own."""
@@ -315,10 +321,7 @@ class LayerSpan:
         ]
 
     def checksum(self) -> int:
-        view = self._view
-        if view is not None:
-            return _fold(_block_sums(view))
-        return _fold(torch.stack([r.block_sums() for r in self.regions]))
+        return _fold_runs([_block_sums(self.run_view(b, n)) for _, b, n in self._runs])
 
     def copy_from(self, src: LayerSpan) -> None:
         if src.layer_count != self.layer_count:
@@ -374,24 +377,18 @@ def region_of(
     return LayerSpan(cache, layers.start, len(layers), head_start, head_stop, block_ids)
 
 
-def _fragmented(region: BlockRegion | LayerSpan) -> bool:
-    """Too many short runs of blocks to copy run by run."""
-    block_runs = region._runs
-    return len(block_runs) > 1 and len(block_runs) * _MIN_MEAN_RUN > len(region.block_ids)
-
-
 def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
     """Gather `src` into `out` (its contiguous shape) and return its checksum, reading
     the source once per run of blocks where runs are long (else gather, then sum)."""
     _check_payload(out, src.shape, src.dtype, "source")
-    if _fragmented(src):
+    if not _long_runs(len(src._runs), len(src.block_ids)):
         return checksum(src.gather(out=out))
     block_dim = out.dim() - 4  # [2, n, ...] or [layers, 2, n, ...]
     sums = [
         _block_sums(src.run_view(block, n), copy_to=out.narrow(block_dim, pos, n))
         for pos, block, n in src._runs
     ]
-    return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
+    return _fold_runs(sums)
 
 
 def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> int:
@@ -399,7 +396,7 @@ def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> 
     checksum, reading the payload once per run of blocks where runs are long (else it
     sums, then scatters)."""
     _check_payload(payload, dst.shape, dst.dtype, "destination")
-    if _fragmented(dst):
+    if not _long_runs(len(dst._runs), len(dst.block_ids)):
         value = checksum(payload)
         dst.scatter(payload)
         return value
@@ -408,7 +405,7 @@ def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> 
         _block_sums(payload.narrow(block_dim, pos, n), copy_to=dst.run_view(block, n))
         for pos, block, n in dst._runs
     ]
-    return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
+    return _fold_runs(sums)
 
 
 def copy_into(
@@ -424,11 +421,11 @@ def copy_into(
         raise ValueError(f"{src.shape} {src.dtype} does not fit {dst.shape} {dst.dtype}")
     if checksum:
         pairs = _paired_runs(src.block_ids, dst.block_ids)
-        if len(pairs) == 1 or len(pairs) * _MIN_MEAN_RUN <= len(dst.block_ids):
+        if _long_runs(len(pairs), len(dst.block_ids)):
             sums = [
                 _block_sums(src.run_view(s, n), copy_to=dst.run_view(d, n)) for s, d, n in pairs
             ]
-            return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
+            return _fold_runs(sums)
     value = src.checksum() if checksum else None
     if spans:
         cast(LayerSpan, dst).copy_from(cast(LayerSpan, src))
