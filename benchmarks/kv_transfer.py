@@ -48,167 +48,36 @@ import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from datetime import timedelta
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch._C._distributed_c10d import TCPStore
 
-from engine.kv_cache import KVCache, KVCacheLayout
-from kv_transfer.base import InstanceRef, LocalRank, RecvSpec, SendSpec, TransferStatus
-from kv_transfer.mapping import KVGeometry
-from kv_transfer.receiver import KVReceiver
-from kv_transfer.rendezvous import RedisRendezvous
-from kv_transfer.sender import KVSender, SenderConfig
-from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
-from kv_transfer.torch_dist import (
-    TorchDistConfig,
-    TorchDistConnector,
-    TorchDistEndpoint,
-    new_pair_group,
+from benchmarks.kv_transfer_peers import (
+    BLOCK,
+    DTYPES,
+    GEO,
+    HEAD_DIM,
+    NUM_KV_HEADS,
+    NUM_LAYERS,
+    PATHS,
+    Bench,
+    Memcpy,
+    layout,
+    peer_main,
+    rendezvous_store,
+    to_gbps,
 )
+from engine.kv_cache import KVCache
+from kv_transfer.base import LocalRank
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.shm import ShmEndpoint, ShmSegment
+from kv_transfer.torch_dist import TorchDistEndpoint
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LENGTHS = (16, 128, 512, 1024, 2048, 4096, 8192, 16384)
-# SmolLM2-135M's KV geometry (engine/config.py reads the same from the model).
-NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16
-GEO = KVGeometry(NUM_LAYERS, NUM_KV_HEADS)
-# (path, transport, zero-copy): each is measured with per-slice checksums on and off.
-PATHS = (
-    ("torch_dist", "torch_dist", False),
-    ("torch_dist zero-copy", "torch_dist", True),
-    ("shm", "shm", False),
-)
 RESULTS = Path(__file__).parent / "results"
-WAIT_S = 120.0
-
-
-def _layout(dtype: torch.dtype, num_blocks: int) -> KVCacheLayout:
-    return KVCacheLayout(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK, num_blocks, dtype)
-
-
-def _gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9
-
-
-class Memcpy:
-    """Single-thread copies of a buffer far larger than the caches."""
-
-    NBYTES = 256 << 20
-
-    def __init__(self) -> None:
-        self._src = torch.randint(0, 255, (self.NBYTES,), dtype=torch.uint8)
-        self._dst = torch.empty_like(self._src)
-        self.seconds()  # fault the pages in
-
-    def seconds(self) -> float:
-        """One timed copy, on one thread."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            began = time.perf_counter()
-            self._dst.copy_(self._src)
-            return time.perf_counter() - began
-        finally:
-            torch.set_num_threads(threads)
-
-    def gbps(self, repeats: int = 5) -> float:
-        return _gbps(self.NBYTES, min(self.seconds() for _ in range(repeats)))
-
-
-def _word_sum(buf: torch.Tensor) -> int:
-    """One read pass over a message, as a checksum makes (64-bit word sum)."""
-    return int(buf.view(torch.int64).sum())
-
-
-# ---- the child: a prefill-side peer ----------------------------------------------------
-
-
-def _store(redis_url: str, cluster: str) -> RedisRendezvous:
-    import redis
-
-    return RedisRendezvous(redis.Redis.from_url(redis_url, socket_timeout=10.0), cluster)
-
-
-def _wait_terminal(role: KVSender | KVReceiver, tid: str) -> TransferStatus:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        status = role.poll(tid)
-        if status.terminal or time.monotonic() > deadline:
-            return status
-        time.sleep(0.001)  # finer polling steals the GIL from the threads it measures
-
-
-def _peer_main(conn: Connection, redis_url: str, cluster: str) -> None:
-    torch.set_num_threads(1)
-    me = LocalRank("bench-prefill")
-    senders: dict[tuple[str, bool], KVSender] = {}
-    while True:
-        cmd = conn.recv()
-        if cmd[0] == "setup":
-            _, dtype_name, num_blocks = cmd
-            for sender in senders.values():
-                sender.close()
-            cache = KVCache(_layout(DTYPES[dtype_name], num_blocks))
-            cache.tensor.copy_(torch.randn(cache.tensor.shape).to(cache.tensor.dtype))
-            store = _store(redis_url, cluster)
-            senders = {
-                (path, checksum): KVSender(
-                    me,
-                    cache,
-                    GEO,
-                    TorchDistConnector(store, TorchDistConfig(zero_copy=zero_copy))
-                    if transport == "torch_dist"
-                    else ShmConnector(store),
-                    SenderConfig(checksum=checksum),
-                )
-                for path, transport, zero_copy in PATHS
-                for checksum in (True, False)
-            }
-            conn.send(("ok",))
-        elif cmd[0] == "kv":
-            _, path, checksum, tid, num_blocks, dest = cmd
-            sender = senders[(path, checksum)]
-            blocks = list(range(num_blocks))
-            sender.open(SendSpec(tid, dest, 0, WAIT_S))
-            began = time.monotonic()
-            for layer in range(NUM_LAYERS):
-                sender.send_layer(tid, layer, blocks, 0)
-            sender.finish(tid)
-            status = _wait_terminal(sender, tid)
-            conn.send((began, status.state.value, status.reason))
-        elif cmd[0] == "gloo":
-            _, host, port, token, msg_bytes, count, rounds, summed = cmd
-            tcp = TCPStore(
-                host, port, None, False, timeout=timedelta(seconds=30), wait_for_workers=False
-            )
-            group = new_pair_group(tcp, token, 0, "gloo", "127.0.0.1", 60.0)
-            msg = torch.ones(msg_bytes, dtype=torch.uint8)
-            starts = []
-            for _ in range(rounds):
-                group.send([torch.ones(1, dtype=torch.uint8)], 1, 0).wait()  # both ready
-                starts.append(time.monotonic())
-                works = []
-                for _ in range(count):
-                    if summed:
-                        _word_sum(msg)
-                    works.append(group.send([msg], 1, 0))
-                for work in works:
-                    work.wait()
-            conn.send((starts,))
-            del group
-        elif cmd[0] == "close":
-            for sender in senders.values():
-                sender.close()
-            conn.send(("closed",))
-            return
-
-
-# ---- the parent: receivers and baselines -------------------------------------------------
 
 
 @dataclass
@@ -224,75 +93,6 @@ class Row:
     prefill_pct: float | None = None
     median_seconds: float | None = None
     median_pct: float | None = None  # baseline_pct of the medians
-
-
-class Bench:
-    def __init__(self, conn: Connection, redis_url: str, cluster: str, repeats: int) -> None:
-        self.conn, self.redis_url, self.cluster, self.repeats = conn, redis_url, cluster, repeats
-        self._count = 0
-
-    def _call(self, *cmd: Any) -> Any:
-        self.conn.send(cmd)
-        if not self.conn.poll(WAIT_S):
-            raise TimeoutError(f"peer did not answer {cmd[0]}")
-        return self.conn.recv()
-
-    def raw_gloo(
-        self, msg_bytes: int, count: int, summed: bool = False, repeats: int | None = None
-    ) -> float:
-        """Best seconds to stream `count` messages of `msg_bytes` over a bare Gloo pair,
-        with every receive posted up front (one warm-up round, then `repeats` rounds,
-        by default the bench's). `summed`: each side also reads every message once
-        more, as a checksum does (the sender before it posts the send, the receiver
-        once it has landed)."""
-        store = TCPStore(
-            "127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
-        )
-        token = os.urandom(16)
-        rounds = (self.repeats if repeats is None else repeats) + 1
-        self.conn.send(("gloo", "127.0.0.1", store.port, token, msg_bytes, count, rounds, summed))
-        group = new_pair_group(store, token, 1, "gloo", "127.0.0.1", 60.0)
-        ring = [torch.zeros(msg_bytes, dtype=torch.uint8) for _ in range(min(count, 4))]
-        ends = []
-        for _ in range(rounds):
-            group.recv([torch.empty(1, dtype=torch.uint8)], 0, 0).wait()
-            works = [group.recv([ring[i % len(ring)]], 0, 0) for i in range(count)]
-            for i, work in enumerate(works):
-                work.wait()
-                if summed:
-                    _word_sum(ring[i % len(ring)])
-            ends.append(time.monotonic())
-        (starts,) = self.conn.recv()
-        del group
-        return float(min(e - s for s, e in list(zip(starts, ends, strict=True))[1:]))
-
-    def transfer(
-        self,
-        receiver: KVReceiver,
-        path: str,
-        checksum: bool,
-        num_blocks: int,
-        repeats: int | None = None,
-    ) -> float:
-        """Best seconds from the first send_layer to DONE on the receiver, over `repeats`
-        transfers (by default the bench's)."""
-        times = []
-        for _ in range(self.repeats if repeats is None else repeats):
-            self._count += 1
-            tid = f"bench-{self._count}"
-            receiver.expect(
-                RecvSpec(tid, tuple(range(num_blocks)), InstanceRef("bench-prefill"), 0, WAIT_S)
-            )
-            self.conn.send(
-                ("kv", path, checksum, tid, num_blocks, InstanceRef(receiver.me.instance))
-            )
-            status = _wait_terminal(receiver, tid)
-            ended = status.ended_at if status.ended_at is not None else time.monotonic()
-            began, state, reason = self.conn.recv()
-            if status.state.value != "done" or state != "done":
-                raise RuntimeError(f"{path}: receiver {status}, sender {state} {reason}")
-            times.append(ended - began)
-        return float(min(times))
 
 
 def prefill_seconds(dtype_name: str, lengths: list[int], repeats: int) -> dict[int, float]:
@@ -338,17 +138,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster = f"bench-{os.getpid()}"
         parent_end, child_end = ctx.Pipe()
         child = ctx.Process(
-            target=_peer_main, args=(child_end, redis_server.url, cluster), daemon=True
+            target=peer_main, args=(child_end, redis_server.url, cluster), daemon=True
         )
         child.start()
         bench = Bench(parent_end, redis_server.url, cluster, args.repeats)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the receiving side, like the sender's process
         try:
-            gloo_16mb = _gbps(16 * (16 << 20), bench.raw_gloo(16 << 20, 16))
+            gloo_16mb = to_gbps(16 * (16 << 20), bench.raw_gloo(16 << 20, 16))
             for dtype_name in dtypes:
                 rows += _run_dtype(bench, dtype_name, lengths, num_blocks, memcpy, gloo_16mb)
-            bench._call("close")
+            bench.call("close")
         finally:
             torch.set_num_threads(threads)
             child.join(timeout=10)
@@ -387,31 +187,31 @@ def _run_dtype(
     gloo_16mb: float,
 ) -> list[Row]:
     dtype = DTYPES[dtype_name]
-    store = _store(bench.redis_url, bench.cluster)
-    segment = ShmSegment.create(_layout(dtype, num_blocks))
+    store = rendezvous_store(bench.redis_url, bench.cluster)
+    segment = ShmSegment.create(layout(dtype, num_blocks))
     receivers = {
         "torch_dist": KVReceiver(
             LocalRank("bench-decode-td"),
-            KVCache(_layout(dtype, num_blocks)),
+            KVCache(layout(dtype, num_blocks)),
             GEO,
             TorchDistEndpoint(store),
         ),
         "shm": KVReceiver(
             LocalRank("bench-decode-shm"),
-            KVCache(_layout(dtype, num_blocks), storage=segment.cache_bytes),
+            KVCache(layout(dtype, num_blocks), storage=segment.cache_bytes),
             GEO,
             ShmEndpoint(store, segment, GEO),
         ),
     }
     rows: list[Row] = []
     try:
-        bench._call("setup", dtype_name, num_blocks)
+        bench.call("setup", dtype_name, num_blocks)
         for path, transport, _ in PATHS:  # warm-up: build pairs, fault pages in
             for checksum in (True, False):
                 bench.transfer(receivers[transport], path, checksum, num_blocks)
         for tokens in lengths:
             blocks = -(-tokens // BLOCK)
-            nbytes = _layout(dtype, blocks).total_bytes
+            nbytes = layout(dtype, blocks).total_bytes
             msg = nbytes // NUM_LAYERS
             # Repeats go round every path in turn, so that a slow spell on a shared host
             # falls on all of them and not on one path's block of repeats. Each turn
@@ -430,8 +230,8 @@ def _run_dtype(
             best = {key: min(values) for key, values in times.items()}
             median = {key: statistics.median(values) for key, values in times.items()}
             raw, summed = best[("raw", False)], best[("raw", True)]
-            copy_gbps = _gbps(Memcpy.NBYTES, best[("memcpy", False)])
-            copy_med_gbps = _gbps(Memcpy.NBYTES, median[("memcpy", False)])
+            copy_gbps = to_gbps(Memcpy.NBYTES, best[("memcpy", False)])
+            copy_med_gbps = to_gbps(Memcpy.NBYTES, median[("memcpy", False)])
             rows.append(
                 Row(
                     dtype_name,
@@ -450,7 +250,7 @@ def _run_dtype(
                     nbytes,
                     "raw-gloo",
                     raw,
-                    _gbps(nbytes, raw),
+                    to_gbps(nbytes, raw),
                     median_seconds=median[("raw", False)],
                 )
             )
@@ -461,7 +261,7 @@ def _run_dtype(
                     nbytes,
                     "raw-gloo + a read per side",
                     summed,
-                    _gbps(nbytes, summed),
+                    to_gbps(nbytes, summed),
                     100 * raw / summed,
                     median_seconds=median[("raw", True)],
                 )
@@ -469,13 +269,13 @@ def _run_dtype(
             for path, transport, _ in PATHS:
                 for checksum in (True, False):
                     seconds = best[(path, checksum)]
-                    gbps = _gbps(nbytes, seconds)
-                    base = 100 * gbps / (copy_gbps if transport == "shm" else _gbps(nbytes, raw))
+                    gbps = to_gbps(nbytes, seconds)
+                    base = 100 * gbps / (copy_gbps if transport == "shm" else to_gbps(nbytes, raw))
                     label = path + ("" if checksum else " (no checksum)")
                     g16 = 100 * gbps / gloo_16mb if transport == "torch_dist" else None
                     med = median[(path, checksum)]
                     med_pct = 100 * (
-                        _gbps(nbytes, med) / copy_med_gbps
+                        to_gbps(nbytes, med) / copy_med_gbps
                         if transport == "shm"
                         else median[("raw", False)] / med
                     )
