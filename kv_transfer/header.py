@@ -7,9 +7,9 @@ ends with a CRC32 of the bytes before it. The kinds:
   token that names the pair's process group in the receiver's store.
 * DATA announces one slice: transfer id, layer (and a count of consecutive layers
   with the same heads and blocks, 1 unless the transport takes several at once), KV-head
-  range, block range, dtype, shape, payload size and an optional payload checksum. Its
-  payload follows on the transport's data path (a torch.distributed recv, or already in
-  shared memory).
+  range, block range, dtype, shape, payload size, whether the payload moves whole or as
+  one part per layer and K/V, and an optional payload checksum. Its payload follows on
+  the transport's data path (torch.distributed recvs, or already in shared memory).
 * END says a sender rank has sent everything it will send for a transfer.
 * ABORT says a sender rank gave up on a transfer.
 
@@ -58,6 +58,7 @@ class MessageKind(enum.IntEnum):
 
 
 _FLAG_CHECKSUM = 1
+_FLAG_PARTS = 2
 
 # magic, version, kind, dtype, flags, transfer id, src rank, seq, layer, head start,
 # head count, block start, block count, layer count, ndim, shape[6], payload bytes,
@@ -95,6 +96,7 @@ class Header:
     nbytes: int = 0
     checksum: int | None = None
     layer_count: int = 1  # layers layer .. layer + layer_count - 1, same heads and blocks
+    parts: bool = False  # the payload moves as one part per layer and K/V, not whole
 
     @property
     def layers(self) -> range:
@@ -105,6 +107,9 @@ class Header:
 
     def with_checksum(self, checksum: int) -> Header:
         return dataclasses.replace(self, checksum=checksum)
+
+    def in_parts(self, parts: bool) -> Header:
+        return dataclasses.replace(self, parts=parts)
 
     def pack(self) -> bytes:
         if self.kind is MessageKind.HELLO:
@@ -117,7 +122,8 @@ class Header:
             VERSION,
             int(self.kind),
             dtype_code(self.dtype),
-            _FLAG_CHECKSUM if self.checksum is not None else 0,
+            (_FLAG_CHECKSUM if self.checksum is not None else 0)
+            | (_FLAG_PARTS if self.parts else 0),
             self.transfer_id.encode(),
             self.src_rank,
             self.seq,
@@ -197,6 +203,8 @@ def decode(buf: bytes) -> Header | Hello:
         raise ProtocolError(f"unknown dtype code {code}")
     if nl < 1:
         raise ProtocolError(f"layer count {nl}")
+    if flags & ~(_FLAG_CHECKSUM | _FLAG_PARTS):
+        raise ProtocolError(f"unknown flags {flags:#x}")
     if ndim > MAX_DIMS or any(shape_all[ndim:]):
         raise ProtocolError(f"bad shape rank {ndim}")
     return Header(
@@ -214,4 +222,5 @@ def decode(buf: bytes) -> Header | Hello:
         nbytes,
         checksum if flags & _FLAG_CHECKSUM else None,
         nl,
+        bool(flags & _FLAG_PARTS),
     )

@@ -48,7 +48,7 @@ from kv_transfer.base import (
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of, scatter_checksummed
-from kv_transfer.transport import Endpoint, Peer, Target, in_parts
+from kv_transfer.transport import Endpoint, Peer, Target
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +232,7 @@ class KVReceiver:
             for key in keys:
                 inb.cursor[key] += header.block_count
             inb.peers.add(peer)
-            checksummed = header.checksum is not None
-            direct = direct_ok and region.dense and in_parts(region, checksummed)
+            direct = direct_ok and header.parts and region.dense
             if direct:
                 inb.writing += 1
             return _Target(region, direct, inb, keys)

@@ -16,13 +16,16 @@ Gloo for CPU tensors, NCCL for CUDA ones; both with a short timeout. Per DATA me
 sender gathers the slice into a staging tensor (summing it as it copies, when the
 message carries a checksum) and writes the header on the control socket; a poster
 thread then posts asynchronous sends, and a waiter thread waits on them in order and
-resolves their completions. A message with a checksum goes whole: the receiver takes
-it into staging and sums it as it scatters it. One without goes in parts, the K and V
-halves of each layer in turn (transport.in_parts), and the receiver takes each part
-straight into its destination blocks when they are one run with all heads (else into
-staging, scattered when it lands). Any error or timeout tears the pair down on that
-side (control socket closed, group dropped or aborted); the other side's pending
-operations then fail, and the next transfer builds a new pair.
+resolves their completions. A gathered message with a checksum goes whole: the
+receiver takes it into staging and sums it as it scatters it. One without goes in
+parts, the K and V halves of each layer in turn (transport.in_parts). With
+`zero_copy`, a slice whose blocks are one run with all heads goes in parts straight
+from the cache, summed there first when checksummed, with no gather. The receiver takes
+parts straight into their destination blocks when those are one run with all heads
+(verifying a checksum there once they are in), else into staging, scattered when it
+lands. Any error or timeout tears the pair down on that side (control socket closed,
+group dropped or aborted); the other side's pending operations then fail, and the next
+transfer builds a new pair.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from kv_transfer.transport import (
     in_parts,
     message_parts,
     region_parts,
+    splits,
     staging_for,
 )
 
@@ -82,11 +86,11 @@ class TorchDistConfig:
     op_timeout_s: float = 10.0  # one send or recv; then the pair is torn down
     ttl_s: float = 10.0  # rendezvous record lifetime without refresh
     # Send slices whose blocks are one run with all heads straight from the cache, with
-    # no gather copy, when they carry no checksum (SenderConfig.checksum=False; with one
-    # the gather is also the checksum's read). The sender's finish() then waits until
-    # those sends complete (bounded by the transfer's deadline) instead of only until
-    # they are copied out: faster on few cores, but a stalled decode peer then stalls
-    # the prefill engine's step for up to the deadline.
+    # no gather copy (a checksum is then summed in place: a read, and no write). The
+    # sender's finish() then waits until those sends complete (bounded by the
+    # transfer's deadline) instead of only until they are copied out: faster on few
+    # cores, but a stalled decode peer then stalls the prefill engine's step for up to
+    # the deadline.
     zero_copy: bool = False
 
     def __post_init__(self) -> None:
@@ -159,7 +163,6 @@ class _Link(Link):
         self._lock = threading.Lock()
         self._seq = 0
         self._broken = False
-        self._told_gather = False
         self._pool = StagingPool()
         self._works: queue.SimpleQueue[tuple[list[Any], torch.Tensor | None, Completion] | None] = (
             queue.SimpleQueue()
@@ -187,23 +190,20 @@ class _Link(Link):
                 self._control.send(header.pack())
                 return Completion.resolved()
             staging: torch.Tensor | None = None
-            if self._zero_copy and checksum and not self._told_gather:
-                self._told_gather = True
-                logger.info(
-                    "pair to %s: checksummed messages are gathered; zero_copy applies "
-                    "only to senders with checksums off",
-                    self.peer,
-                )
-            if self._zero_copy and region.dense and in_parts(region, checksum):
-                # each layer's K and V are contiguous in the cache: send them as they lie
-                parts = region_parts(region)
+            if self._zero_copy and region.dense and splits(region):
+                # each layer's K and V are contiguous in the cache: send them as they lie,
+                # summed in place first when checksummed (a read, and no gather write)
+                if checksum:
+                    header = header.with_checksum(region.checksum())
+                header, parts = header.in_parts(True), region_parts(region)
             else:
                 staging = self._pool.take(region.shape, region.dtype, region.cache.device)
                 if checksum:  # gathered and summed in one pass
                     header = header.with_checksum(gather_checksummed(region, staging))
                 else:
                     region.gather(out=staging)
-                parts = message_parts(staging, checksum)
+                split = in_parts(region, checksum)
+                header, parts = header.in_parts(split), message_parts(staging, split)
             self._control.send(header.pack())
             done = Completion(holds_source=staging is None)
             self._posts.put((parts, staging, done))
@@ -356,7 +356,7 @@ class _Session:
             self._device,
             self._pool,
         )
-        works = self._post(message_parts(staging, header.checksum is not None))
+        works = self._post(message_parts(staging, header.parts))
 
         def finish_staged() -> torch.Tensor | None:
             self._wait_all(works)

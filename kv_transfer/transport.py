@@ -182,33 +182,35 @@ class Target:
         return region_parts(self.region)
 
 
-# A message without a checksum travels as one part per layer and K/V, so that each
-# part can land in place: always for one layer, and for a span only when its parts are
-# at least this big (below, a message per part costs more than the scatter it saves).
-# A message with a checksum travels whole into staging: the receiver then sums it as it
-# scatters it, one read of a buffer still in cache, where landing in place would need a
-# second read of the blocks to verify them, and a message per part.
+# A DATA payload moves whole, or as one part per layer and K/V (`Header.parts`), so
+# that each part can land in place. A one-layer message always splits; a span only when
+# its parts are at least this big (below, a message per part costs more than the
+# scatter it saves).
 MIN_SPAN_PART_BYTES = 256 << 10
 
 
-def _in_parts(shape: tuple[int, ...], element_size: int, checksummed: bool) -> bool:
-    if checksummed:
-        return False
+def _splits(shape: tuple[int, ...], element_size: int) -> bool:
     return len(shape) == 5 or math.prod(shape[2:]) * element_size >= MIN_SPAN_PART_BYTES
 
 
+def splits(region: BlockRegion | LayerSpan) -> bool:
+    """Whether a message over `region` may move in parts (see MIN_SPAN_PART_BYTES)."""
+    return _splits(region.shape, region.cache.element_size())
+
+
 def in_parts(region: BlockRegion | LayerSpan, checksummed: bool) -> bool:
-    """Whether a message over `region` travels as one part per layer and K/V (see
-    MIN_SPAN_PART_BYTES): never with a checksum; else always for one layer, and for a
-    span whose parts reach MIN_SPAN_PART_BYTES."""
-    return _in_parts(region.shape, region.cache.element_size(), checksummed)
+    """Whether a gathered message over `region` moves in parts: never with a checksum,
+    which is then summed on landing as staging is scattered (one read of a buffer still
+    in cache, where landing in place needs a second read of the blocks, and a message
+    per part); else when it `splits`."""
+    return not checksummed and splits(region)
 
 
 def region_parts(region: BlockRegion | LayerSpan) -> tuple[torch.Tensor, ...]:
     """A dense region's or span's K then V of each layer in turn, each one contiguous
-    view of the cache: where the parts of a message without a checksum lie in place."""
-    if not (region.dense and in_parts(region, checksummed=False)):
-        raise ValueError("only a dense region that travels in parts lies in the cache as them")
+    view of the cache: where the parts of a message lie in place, at either end."""
+    if not region.dense:
+        raise ValueError("only a dense region lies in the cache as its parts")
     regions = region.regions if isinstance(region, LayerSpan) else (region,)
     parts: list[torch.Tensor] = []
     for r in regions:
@@ -217,11 +219,11 @@ def region_parts(region: BlockRegion | LayerSpan) -> tuple[torch.Tensor, ...]:
     return tuple(parts)
 
 
-def message_parts(payload: torch.Tensor, checksummed: bool) -> tuple[torch.Tensor, ...]:
+def message_parts(payload: torch.Tensor, parts: bool) -> tuple[torch.Tensor, ...]:
     """A contiguous DATA payload (`[2, ...]` for one layer, `[layers, 2, ...]` for a
     span) as the pieces a transport moves one by one: K then V of each layer in turn
-    (see `in_parts`), or the whole payload."""
-    if not _in_parts(tuple(payload.shape), payload.element_size(), checksummed):
+    (`parts`), or the whole payload."""
+    if not parts:
         return (payload,)
     return tuple(payload.reshape(-1, *payload.shape[-4:]).unbind(0))
 

@@ -112,11 +112,11 @@ def test_m_to_n_is_bit_exact(
 def test_zero_copy_sender_with_direct_receiver(
     spawn: Spawn, make_decode: MakeDecode, redis_url: str, cluster_name: str, checksum: bool
 ) -> None:
-    """Consecutive blocks on both sides, no checksums: no gather on the sender, no
-    staging on the receiver. finish() returns only once the sends are done, so the
-    source stays intact. Blocks of 16 x 4 heads x 256 dims make even a 5-block chunk's
-    parts big enough to travel one by one when layers queue up into a span. With
-    checksums, messages are gathered (and summed) and staged whole instead."""
+    """Consecutive blocks on both sides: no gather on the sender, no staging on the
+    receiver, with or without checksums (summed in place on both sides). finish()
+    returns only once the sends are done, so the source stays intact. Blocks of 16 x 4
+    heads x 256 dims make even a 5-block chunk's parts big enough to travel one by one
+    when layers queue up into a span."""
     big = {"head_dim": 256, "block_size": 16}
     assert MIN_SPAN_PART_BYTES <= 5 * 16 * 4 * 256 * 4
     pre_setup = _setup(
@@ -143,7 +143,7 @@ def test_zero_copy_sender_with_direct_receiver(
     (endpoint,) = decode.endpoints
     assert isinstance(endpoint, TorchDistEndpoint)
     stats = (endpoint.stats.direct, endpoint.stats.staged)
-    assert (endpoint.stats.direct == 0) if checksum else (endpoint.stats.staged == 0), stats
+    assert endpoint.stats.direct > 0 and endpoint.stats.staged == 0, stats
     assert prefill.call("close")[0] == "closed"
     _assert_clean(decode, redis_url, cluster_name)
 
@@ -232,11 +232,13 @@ def test_killed_receiver_does_not_hang_the_sender(
 # (transport, scattered blocks, checksums): staged into scattered blocks, staged into
 # one run (checksummed messages travel whole), and, without checksums, straight into
 # one run of blocks, where only a drop can be detected.
+# transport, scrambled blocks (both sides), checksum (None: the default), zero-copy
 _FAULT_PATHS = {
-    "td": ("torch_dist", True, None),
-    "td-one-run": ("torch_dist", False, None),
-    "td-direct": ("torch_dist", False, False),
-    "shm": ("shm", True, None),
+    "td": ("torch_dist", True, None, False),
+    "td-one-run": ("torch_dist", False, None, False),
+    "td-direct": ("torch_dist", False, False, False),
+    "td-zero-copy": ("torch_dist", False, True, True),
+    "shm": ("shm", True, None, False),
 }
 
 
@@ -245,7 +247,7 @@ _FAULT_PATHS = {
     [
         (kind, path)
         for kind in (FaultKind.DROP, FaultKind.CORRUPT)
-        for path, (_, _, checksum) in _FAULT_PATHS.items()
+        for path, (_, _, checksum, _) in _FAULT_PATHS.items()
         if checksum is not False or kind is FaultKind.DROP
     ],
 )
@@ -257,7 +259,7 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
     kind: FaultKind,
     path: str,
 ) -> None:
-    transport, scramble, checksum = _FAULT_PATHS[path]
+    transport, scramble, checksum, zero_copy = _FAULT_PATHS[path]
     pre_setup = _setup(
         redis_url,
         cluster_name,
@@ -265,6 +267,8 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
         transport,
         faults=(Fault(kind, after=2),),
         checksum=checksum,
+        zero_copy=zero_copy,
+        scramble=scramble,
     )
     decode = make_decode(_setup(redis_url, cluster_name, "decode-0", transport, scramble=scramble))
     prefill = spawn(prefill_main, pre_setup)
@@ -280,6 +284,10 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
     assert [s.state.value for s in decode.wait("t2")] == ["done"]
     assert decode.landed("t2", 6, 2)
     decode.free("t2")
+    if zero_copy:  # checksummed parts landed in place, and were verified there
+        (endpoint,) = decode.endpoints
+        assert isinstance(endpoint, TorchDistEndpoint)
+        assert endpoint.stats.direct > 0 and endpoint.stats.staged == 0
     assert prefill.call("close")[0] == "closed"
     _assert_clean(decode, redis_url, cluster_name)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 import torch
 
@@ -37,6 +40,8 @@ def _data(**kw: object) -> Header:
         _data(checksum=None, dtype=torch.float32),
         _data(checksum=0),
         _data(layer=4, layer_count=26, shape=(26, 2, 64, 16, 1, 64)),
+        _data(parts=True),
+        _data(checksum=None, layer_count=2, shape=(2, 2, 64, 16, 1, 64), parts=True),
         Header(MessageKind.END, "t" * 64, 0, seq=1),
         Header(MessageKind.ABORT, "é-id", 1),
         Hello("prefill-0", 3, 2, 2, bytes(range(16))),
@@ -54,6 +59,16 @@ def test_checksum_none_and_zero_differ() -> None:
 
 def test_with_seq() -> None:
     assert _data().with_seq(99) == _data(seq=99)
+    assert _data().in_parts(True) == _data(parts=True)
+
+
+def test_unknown_flags_are_rejected() -> None:
+    """A flag this version does not know could change how the payload moves."""
+    body = bytearray(_data().pack()[:-4])
+    body[7] |= 0x80  # flags: magic (4), version, kind, dtype, then flags
+    buf = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+    with pytest.raises(ProtocolError, match="flags"):
+        decode(buf)
 
 
 @pytest.mark.parametrize("offset", [0, 5, 6, 10, 80, MESSAGE_SIZE - 1])

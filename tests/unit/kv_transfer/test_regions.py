@@ -16,7 +16,7 @@ from kv_transfer.regions import (
     runs,
     scatter_checksummed,
 )
-from kv_transfer.transport import in_parts, message_parts, region_parts
+from kv_transfer.transport import in_parts, message_parts, region_parts, splits
 
 # [layer, kv, block, slot, head, dim]
 SHAPE = (3, 2, 24, 4, 4, 16)
@@ -207,14 +207,15 @@ def test_scatter_with_checksum_scatters_and_matches_the_checksum(dtype, layers, 
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_message_parts_line_up_with_the_destination_parts(layers: int) -> None:
-    """A payload without a checksum, gathered from a dense region, travels as the same
-    pieces, in the same order, as the views it lands in: K then V of each layer. Parts
-    of 256 KiB and up."""
+    """A payload gathered from a dense region, sent in parts, travels as the same pieces,
+    in the same order, as the views it lands in (or is sent from): K then V of each
+    layer. Parts of 256 KiB and up."""
     cache = torch.randn(3, 2, 24, 16, 4, 64)  # a block's K (or V): 16 KiB
     src = region_of(cache, range(0, layers), 0, 4, tuple(range(4, 20)))  # 256 KiB parts
     dst = region_of(torch.zeros_like(cache), range(0, layers), 0, 4, tuple(range(2, 18)))
-    assert src.dense and in_parts(src, False) and in_parts(dst, False)
-    pieces = message_parts(src.gather(), checksummed=False)
+    assert src.dense and splits(src) and in_parts(src, False) and in_parts(dst, False)
+    pieces = message_parts(src.gather(), parts=True)
+    assert [torch.equal(a, b) for a, b in zip(pieces, region_parts(src), strict=True)]
     views = region_parts(dst)
     assert len(pieces) == len(views) == 2 * layers
     for piece, view in zip(pieces, views, strict=True):
@@ -223,21 +224,22 @@ def test_message_parts_line_up_with_the_destination_parts(layers: int) -> None:
 
 
 def test_checksummed_messages_and_spans_with_small_parts_travel_whole() -> None:
-    """Scattered regions, and regions with only some heads, have no parts in place."""
+    """A gathered message splits only without a checksum, and a span only when its parts
+    are big. Scattered regions, and regions with only some heads, have no parts in
+    place."""
     cache = torch.randn(3, 2, 24, 16, 4, 64)
     small = region_of(cache, range(0, 3), 0, 4, tuple(range(4, 19)))  # 240 KiB parts
-    assert not in_parts(small, False)
-    assert len(message_parts(small.gather(), checksummed=False)) == 1
-    one_layer = small.region(0).gather()
-    assert len(message_parts(one_layer, checksummed=False)) == 2  # one layer: K, V
+    assert not splits(small) and not in_parts(small, False)
+    one_layer = small.region(0)
+    assert splits(one_layer) and in_parts(one_layer, False)  # one layer: always
+    assert len(message_parts(one_layer.gather(), parts=True)) == 2  # K, V
     big = region_of(cache, range(0, 3), 0, 4, tuple(range(4, 20)))  # 256 KiB parts
     assert in_parts(big, False) and not in_parts(big, True)
-    for payload in (big.gather(), one_layer):
-        (whole,) = message_parts(payload, checksummed=True)
+    for payload in (big.gather(), one_layer.gather()):
+        (whole,) = message_parts(payload, parts=False)
         assert whole is payload
-    with pytest.raises(ValueError, match="parts"):
-        region_parts(small)
-    with pytest.raises(ValueError, match="parts"):
+    assert len(region_parts(small)) == 6  # dense: its parts lie in place, small or not
+    with pytest.raises(ValueError, match="dense"):
         region_parts(region_of(cache, range(0, 1), 0, 4, FRAGMENTED))
-    with pytest.raises(ValueError, match="parts"):  # some heads only: not contiguous
+    with pytest.raises(ValueError, match="dense"):  # some heads only: not contiguous
         region_parts(region_of(cache, range(0, 1), 1, 3, CONTIGUOUS))

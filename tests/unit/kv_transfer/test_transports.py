@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
 import time
@@ -45,7 +44,6 @@ class Pair:
     src: KVCache
     dst: KVCache
     segment: ShmSegment | None
-    zero_copy: bool = False
 
 
 @pytest.fixture(params=["torch_dist", "torch_dist-zero-copy", "shm"])
@@ -66,7 +64,7 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
         )
         receiver = KVReceiver(DEC, dst, GEO, TorchDistEndpoint(store, cfg))
         sender = KVSender(PRE, src, GEO, TorchDistConnector(store, cfg))
-    yield Pair(store, sender, receiver, src, dst, segment, request.param.endswith("copy"))
+    yield Pair(store, sender, receiver, src, dst, segment)
     sender.close()
     receiver.close()
     assert store.keys() == []  # the lease was withdrawn
@@ -105,27 +103,6 @@ def test_transfers_land_bit_exact_over_one_reused_pair(pair: Pair) -> None:
         assert _wait(pair.sender, tid).state is TransferState.DONE
         assert torch.equal(read(pair.dst, DST), shard(ref, GEO, DEC))
     assert pair.receiver.endpoint.num_connections == 1  # type: ignore[attr-defined]
-    _no_leaks(pair)
-
-
-def test_zero_copy_with_checksums_says_it_gathers(
-    pair: Pair, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Checksummed messages travel whole, so a zero-copy link gathers them (and says so
-    once per pair); the bytes land all the same."""
-    ref = reference_kv(GEO, HEAD_DIM, BLOCK, len(SRC), torch.float32)
-    fill(pair.src, ref, GEO, PRE, SRC)
-    with caplog.at_level(logging.INFO, logger="kv_transfer.torch_dist"):
-        for tid in ("t1", "t2"):
-            pair.receiver.expect(RecvSpec(tid, tuple(DST), PRE.ref))
-            pair.sender.open(SendSpec(tid, DEC.ref))
-            for layer in range(GEO.num_layers):
-                pair.sender.send_layer(tid, layer, SRC, 0)
-            pair.sender.finish(tid)
-            assert _wait(pair.receiver, tid).state is TransferState.DONE
-            assert torch.equal(read(pair.dst, DST), shard(ref, GEO, DEC))
-    told = [r for r in caplog.records if "zero_copy applies only" in r.getMessage()]
-    assert len(told) == (1 if pair.zero_copy else 0)
     _no_leaks(pair)
 
 
