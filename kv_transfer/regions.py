@@ -29,8 +29,13 @@ import torch
 
 from engine.cpu_kernels import load_kernels
 
-# Below this mean run length, a region->region copy gathers and scatters instead.
-_MIN_MEAN_RUN = 4
+# Runs of blocks are copied (or copied and summed) with one op per run, across every
+# layer of a span, when they average at least this many bytes; shorter ones are gathered
+# or scattered by index, one op per layer.
+_MIN_RUN_BYTES = 256 << 10
+# A gather by index, then one sum of the gathered buffer (still in cache), beats a
+# copy-and-sum per run until runs are much longer.
+_MIN_GATHER_RUN_BYTES = 2 << 20
 _MASK64 = (1 << 64) - 1
 
 
@@ -63,10 +68,11 @@ def _paired_runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[int, int,
     return [(a[p], b[p], q - p) for p, q in itertools.pairwise(starts)]
 
 
-def _long_runs(num_runs: int, num_blocks: int) -> bool:
-    """Runs of blocks long enough to copy run by run (one copy, or one copy-and-sum,
-    each); shorter ones are gathered or scattered by index."""
-    return num_runs == 1 or num_runs * _MIN_MEAN_RUN <= num_blocks
+def _long_runs(num_runs: int, nbytes: int, gather: bool = False) -> bool:
+    """Whether `num_runs` runs of blocks holding `nbytes` in all are long enough to copy
+    run by run (one copy, or one copy-and-sum, each); `gather`: to gather and sum."""
+    floor = _MIN_GATHER_RUN_BYTES if gather else _MIN_RUN_BYTES
+    return num_runs == 1 or nbytes >= num_runs * floor
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -206,7 +212,7 @@ class BlockRegion:
         """Write a contiguous [2, n, slot, head, dim] payload into the region."""
         _check_payload(payload, self.shape, self.dtype, "region")
         block_runs = self._runs
-        if _long_runs(len(block_runs), len(self.block_ids)):
+        if _long_runs(len(block_runs), self.nbytes):
             for pos, block, n in block_runs:
                 self.run_view(block, n).copy_(payload[:, pos : pos + n])
         else:
@@ -217,7 +223,7 @@ class BlockRegion:
         if src.shape != self.shape or src.dtype != self.dtype:
             raise ValueError(f"region {src.shape} {src.dtype} does not fit {self.shape}")
         pairs = _paired_runs(src.block_ids, self.block_ids)
-        if _long_runs(len(pairs), len(self.block_ids)):
+        if _long_runs(len(pairs), self.nbytes):
             for s, d, n in pairs:
                 self.run_view(d, n).copy_(src.run_view(s, n))
         else:
@@ -326,9 +332,12 @@ class LayerSpan:
     def copy_from(self, src: LayerSpan) -> None:
         if src.layer_count != self.layer_count:
             raise ValueError(f"span of {src.layer_count} layers into {self.layer_count}")
-        mine, theirs = self._view, src._view
-        if mine is not None and theirs is not None and mine.shape == theirs.shape:
-            mine.copy_(theirs)
+        if src.shape != self.shape or src.dtype != self.dtype:
+            raise ValueError(f"span {src.shape} {src.dtype} does not fit {self.shape}")
+        pairs = _paired_runs(src.block_ids, self.block_ids)
+        if _long_runs(len(pairs), self.nbytes):
+            for s, d, n in pairs:
+                self.run_view(d, n).copy_(src.run_view(s, n))
             return
         for dst, part in zip(self.regions, src.regions, strict=True):
             dst.copy_from(part)
@@ -347,9 +356,9 @@ class LayerSpan:
     def scatter(self, payload: torch.Tensor) -> None:
         """Write a contiguous [layers, 2, n, slot, head, dim] payload into the span."""
         _check_payload(payload, self.shape, self.dtype, "span")
-        view = self._view
-        if view is not None:
-            view.copy_(payload)
+        if _long_runs(len(self._runs), self.nbytes):
+            for pos, block, n in self._runs:
+                self.run_view(block, n).copy_(payload[:, :, pos : pos + n])
             return
         for i, region in enumerate(self.regions):
             region.scatter(payload[i])
@@ -381,7 +390,7 @@ def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
     """Gather `src` into `out` (its contiguous shape) and return its checksum, reading
     the source once per run of blocks where runs are long (else gather, then sum)."""
     _check_payload(out, src.shape, src.dtype, "source")
-    if not _long_runs(len(src._runs), len(src.block_ids)):
+    if not _long_runs(len(src._runs), src.nbytes, gather=True):
         return checksum(src.gather(out=out))
     block_dim = out.dim() - 4  # [2, n, ...] or [layers, 2, n, ...]
     sums = [
@@ -396,7 +405,7 @@ def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> 
     checksum, reading the payload once per run of blocks where runs are long (else it
     sums, then scatters)."""
     _check_payload(payload, dst.shape, dst.dtype, "destination")
-    if not _long_runs(len(dst._runs), len(dst.block_ids)):
+    if not _long_runs(len(dst._runs), dst.nbytes):
         value = checksum(payload)
         dst.scatter(payload)
         return value
@@ -419,16 +428,18 @@ def copy_into(
         raise ValueError(f"cannot copy a {type(src).__name__} into a {type(dst).__name__}")
     if src.shape != dst.shape or src.dtype != dst.dtype:
         raise ValueError(f"{src.shape} {src.dtype} does not fit {dst.shape} {dst.dtype}")
-    if checksum:
-        pairs = _paired_runs(src.block_ids, dst.block_ids)
-        if _long_runs(len(pairs), len(dst.block_ids)):
-            sums = [
-                _block_sums(src.run_view(s, n), copy_to=dst.run_view(d, n)) for s, d, n in pairs
-            ]
-            return _fold_runs(sums)
-    value = src.checksum() if checksum else None
-    if spans:
-        cast(LayerSpan, dst).copy_from(cast(LayerSpan, src))
-    else:
-        cast(BlockRegion, dst).copy_from(cast(BlockRegion, src))
+    if not checksum:
+        if spans:
+            cast(LayerSpan, dst).copy_from(cast(LayerSpan, src))
+        else:
+            cast(BlockRegion, dst).copy_from(cast(BlockRegion, src))
+        return None
+    pairs = _paired_runs(src.block_ids, dst.block_ids)
+    if _long_runs(len(pairs), dst.nbytes):
+        sums = [_block_sums(src.run_view(s, n), copy_to=dst.run_view(d, n)) for s, d, n in pairs]
+        return _fold_runs(sums)
+    # Short runs: gather by index and sum the gathered copy while it is in cache.
+    payload = torch.empty(src.shape, dtype=src.dtype, device=src.cache.device)
+    value = gather_checksummed(src, payload)
+    dst.scatter(payload)
     return value

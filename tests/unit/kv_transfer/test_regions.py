@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kv_transfer import regions
 from kv_transfer.regions import (
     BlockRegion,
     LayerSpan,
@@ -23,7 +24,17 @@ SHAPE = (3, 2, 24, 4, 4, 16)
 FRAGMENTED = (5, 9, 2, 17, 11, 0, 23, 3)
 CONTIGUOUS = (8, 9, 10, 11, 12, 13, 14, 15)
 MIXED = (4, 5, 6, 7, 20, 21, 22, 1)
-RUNS = (0, 1, 2, 3, 12, 13, 14, 15)  # two runs of four: long enough to copy run by run
+RUNS = (0, 1, 2, 3, 12, 13, 14, 15)  # two runs of four
+
+
+@pytest.fixture(params=["by-index", "by-run"])
+def run_rule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Move blocks that are not one run by index (as short runs are), or one op per run
+    (as long ones are): both ways must move the same bytes."""
+    floor = 1 << 62 if request.param == "by-index" else 1
+    monkeypatch.setattr(regions, "_MIN_RUN_BYTES", floor)
+    monkeypatch.setattr(regions, "_MIN_GATHER_RUN_BYTES", floor)
+    return str(request.param)
 
 
 def _cache(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -52,6 +63,7 @@ def test_checksum_is_the_position_weighted_sum_of_block_words() -> None:
     assert checksum(payload) == want % (1 << 64)
 
 
+@pytest.mark.usefixtures("run_rule")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ids", [FRAGMENTED, CONTIGUOUS, MIXED])
 def test_gather_scatter_copy(dtype: torch.dtype, ids: tuple[int, ...]) -> None:
@@ -116,7 +128,8 @@ def test_bad_regions_are_refused() -> None:
         region.copy_from(BlockRegion(cache, 0, 0, 1, (1, 2)))
 
 
-@pytest.mark.parametrize("ids", [CONTIGUOUS, MIXED])
+@pytest.mark.usefixtures("run_rule")
+@pytest.mark.parametrize("ids", [CONTIGUOUS, MIXED, FRAGMENTED])
 def test_layer_span_checksums_and_copies_layer_by_layer(ids: tuple[int, ...]) -> None:
     cache = _cache(torch.float32, 5)
     span = LayerSpan(cache, 0, 3, 1, 3, ids)
@@ -134,12 +147,17 @@ def test_layer_span_checksums_and_copies_layer_by_layer(ids: tuple[int, ...]) ->
     swapped = LayerSpan(copy.cache[[1, 0, 2]], 0, 3, 0, 2, copy.block_ids)
     assert swapped.checksum() != span.checksum()
 
-    dst_cache = torch.zeros(SHAPE)
-    dst = LayerSpan(dst_cache, 0, 3, 0, 2, CONTIGUOUS)
-    dst.copy_from(span)
-    for d, s in zip(dst.regions, span.regions, strict=True):
-        assert torch.equal(d.gather(), s.gather())
-    assert dst.checksum() == span.checksum()
+    for dst_ids in (CONTIGUOUS, RUNS, FRAGMENTED):
+        dst_cache = torch.zeros(SHAPE)
+        dst = LayerSpan(dst_cache, 0, 3, 0, 2, dst_ids)
+        dst.copy_from(span)
+        for d, s in zip(dst.regions, span.regions, strict=True):
+            assert torch.equal(d.gather(), s.gather())
+        assert dst.checksum() == span.checksum()
+        dst_cache.zero_()
+        dst.scatter(span.gather())
+        assert torch.equal(dst.gather(), span.gather())
+        assert dst_cache[:, :, :, :, 2:].count_nonzero() == 0  # other heads untouched
     dst.flip_byte()
     assert dst.checksum() != span.checksum()
     with pytest.raises(ValueError, match="layers"):
@@ -158,6 +176,7 @@ def test_a_layer_span_is_validated_when_built() -> None:
         LayerSpan(cache, 0, 2, 0, 2, (SHAPE[2],))
 
 
+@pytest.mark.usefixtures("run_rule")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("src_ids", [CONTIGUOUS, RUNS, MIXED, FRAGMENTED])
@@ -174,12 +193,12 @@ def test_copy_with_checksum_copies_and_matches_the_checksum(dtype, layers, src_i
         copy_into(region_of(dst_cache, range(0, layers), 2, 4, CONTIGUOUS[:-1]), src)
 
 
+@pytest.mark.usefixtures("run_rule")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("ids", [CONTIGUOUS, RUNS, MIXED, FRAGMENTED])
 def test_gather_with_checksum_matches_gather_then_checksum(dtype, layers, ids) -> None:
-    """One pass per run of blocks (CONTIGUOUS, RUNS), or gather then sum (MIXED,
-    FRAGMENTED: runs too short)."""
+    """One pass per run of blocks, or a gather by index, then a sum."""
     src = region_of(_cache(dtype, 5), range(0, layers), 1, 4, ids)
     out = torch.empty(src.shape, dtype=dtype)
     assert gather_checksummed(src, out) == src.checksum()
@@ -188,13 +207,13 @@ def test_gather_with_checksum_matches_gather_then_checksum(dtype, layers, ids) -
         gather_checksummed(src, out[..., :-1])
 
 
+@pytest.mark.usefixtures("run_rule")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("ids", [CONTIGUOUS, RUNS, MIXED, FRAGMENTED])
 def test_scatter_with_checksum_scatters_and_matches_the_checksum(dtype, layers, ids) -> None:
-    """One pass per run of blocks (CONTIGUOUS, RUNS), or sum then scatter (MIXED,
-    FRAGMENTED: runs too short); either way the payload lands where scatter puts it
-    and nothing else changes."""
+    """One pass per run of blocks, or a sum, then a scatter by index: either way the
+    payload lands where scatter puts it and nothing else changes."""
     payload = region_of(_cache(dtype, 6), range(0, layers), 1, 3, tuple(range(8))).gather()
     dst_cache, want_cache = _cache(dtype, 7), _cache(dtype, 7)
     dst = region_of(dst_cache, range(1, 1 + layers), 1, 3, ids)
