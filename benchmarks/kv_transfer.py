@@ -5,14 +5,16 @@
 
 It moves SmolLM2-135M's KV (30 layers x 3 KV heads x 64 dims, blocks of 16 tokens) for
 prompts of 128 to 16k tokens (and one block, 16 tokens, which shows a transfer's fixed
-cost), in fp32 and bf16, from a sender in a child process to a
-receiver in this one: over torch_dist (Gloo; with the default gather copy, and with the
-opt-in zero-copy sends) and over shm, each with per-slice checksums on (the CPU
-default) and off. Blocks are consecutive on both sides (a fresh pool), so torch_dist
-receives straight into them. Each side runs its torch ops on one thread, as an engine
-pinned to its share of the cores does. A transfer's time runs from the sender's first
-`send_layer` to the moment the receiver reached DONE (the status's `ended_at`, not
-when a poll saw it); both read CLOCK_MONOTONIC, which the two processes share.
+cost), in fp32 and bf16, from a sender in a child process to a receiver in this one:
+over torch_dist (Gloo; with the default gather copy, and with the opt-in zero-copy
+sends) and over shm, each with per-slice checksums on (the CPU default) and off. Blocks
+are consecutive on both sides (a fresh pool), so torch_dist receives straight into
+them; the defaults are also timed over blocks scattered in runs of 1 to 8 on both
+sides, as in caches that have served many requests (`scattered_blocks`). Each side
+runs its torch ops on one thread, as an engine pinned to its share of the cores does.
+A transfer's time runs from the sender's first `send_layer` to the moment the receiver
+reached DONE (the status's `ended_at`, not when a poll saw it); both read
+CLOCK_MONOTONIC, which the two processes share.
 
 Measured in the same run, as baselines:
 * memcpy: a single-thread copy of a 256 MB buffer, taken in turn with the transfers of
@@ -78,6 +80,35 @@ logger = logging.getLogger(__name__)
 
 LENGTHS = (16, 128, 512, 1024, 2048, 4096, 8192, 16384)
 RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed configuration: a sender path, checksums on or off, and where the
+    blocks lie in both caches."""
+
+    path: str  # a PATHS entry
+    transport: str
+    checksum: bool
+    scattered: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.scattered:
+            return f"{self.path}, scattered blocks"
+        return self.path + ("" if self.checksum else " (no checksum)")
+
+
+# Every path with checksums on (the CPU default) and off, over the first blocks of each
+# cache; then the defaults over blocks scattered as in a cache that has served many
+# requests (zero-copy needs one run of blocks, so it gathers these like the default).
+CASES = tuple(
+    Case(path, transport, checksum) for path, transport, _ in PATHS for checksum in (True, False)
+) + tuple(
+    Case(path, transport, True, scattered=True)
+    for path, transport, zero_copy in PATHS
+    if not zero_copy
+)
 
 
 @dataclass
@@ -206,41 +237,39 @@ def _run_dtype(
     rows: list[Row] = []
     try:
         bench.call("setup", dtype_name, num_blocks)
-        for path, transport, _ in PATHS:  # warm-up: build pairs, fault pages in
-            for checksum in (True, False):
-                bench.transfer(receivers[transport], path, checksum, num_blocks)
+        for case in CASES:  # warm-up: build pairs, fault pages in
+            _transfer(bench, receivers, case, num_blocks, num_blocks)
         for tokens in lengths:
             blocks = -(-tokens // BLOCK)
             nbytes = layout(dtype, blocks).total_bytes
             msg = nbytes // NUM_LAYERS
-            # Repeats go round every path in turn, so that a slow spell on a shared host
-            # falls on all of them and not on one path's block of repeats. Each turn
+            # Repeats go round every case in turn, so that a slow spell on a shared host
+            # falls on all of them and not on one case's block of repeats. Each turn
             # times two transfers back to back (and the raw stream's warmed-up round)
             # and keeps the better: a path that has been idle starts cold.
-            times: dict[tuple[str, bool], list[float]] = defaultdict(list)
+            times: dict[str, list[float]] = defaultdict(list)
             for _ in range(bench.repeats):
-                times[("memcpy", False)].append(memcpy.seconds())
-                times[("raw", False)].append(bench.raw_gloo(msg, NUM_LAYERS, repeats=1))
-                times[("raw", True)].append(bench.raw_gloo(msg, NUM_LAYERS, summed=True, repeats=1))
-                for path, transport, _ in PATHS:
-                    for checksum in (True, False):
-                        times[(path, checksum)].append(
-                            bench.transfer(receivers[transport], path, checksum, blocks, repeats=2)
-                        )
+                times["memcpy"].append(memcpy.seconds())
+                times["raw"].append(bench.raw_gloo(msg, NUM_LAYERS, repeats=1))
+                times["summed"].append(bench.raw_gloo(msg, NUM_LAYERS, summed=True, repeats=1))
+                for case in CASES:
+                    times[case.label].append(
+                        _transfer(bench, receivers, case, blocks, num_blocks, repeats=2)
+                    )
             best = {key: min(values) for key, values in times.items()}
             median = {key: statistics.median(values) for key, values in times.items()}
-            raw, summed = best[("raw", False)], best[("raw", True)]
-            copy_gbps = to_gbps(Memcpy.NBYTES, best[("memcpy", False)])
-            copy_med_gbps = to_gbps(Memcpy.NBYTES, median[("memcpy", False)])
+            raw, summed = best["raw"], best["summed"]
+            copy_gbps = to_gbps(Memcpy.NBYTES, best["memcpy"])
+            copy_med_gbps = to_gbps(Memcpy.NBYTES, median["memcpy"])
             rows.append(
                 Row(
                     dtype_name,
                     tokens,
                     Memcpy.NBYTES,
                     "memcpy (1 thread)",
-                    best[("memcpy", False)],
+                    best["memcpy"],
                     copy_gbps,
-                    median_seconds=median[("memcpy", False)],
+                    median_seconds=median["memcpy"],
                 )
             )
             rows.append(
@@ -251,7 +280,7 @@ def _run_dtype(
                     "raw-gloo",
                     raw,
                     to_gbps(nbytes, raw),
-                    median_seconds=median[("raw", False)],
+                    median_seconds=median["raw"],
                 )
             )
             rows.append(
@@ -263,42 +292,55 @@ def _run_dtype(
                     summed,
                     to_gbps(nbytes, summed),
                     100 * raw / summed,
-                    median_seconds=median[("raw", True)],
+                    median_seconds=median["summed"],
                 )
             )
-            for path, transport, _ in PATHS:
-                for checksum in (True, False):
-                    seconds = best[(path, checksum)]
-                    gbps = to_gbps(nbytes, seconds)
-                    base = 100 * gbps / (copy_gbps if transport == "shm" else to_gbps(nbytes, raw))
-                    label = path + ("" if checksum else " (no checksum)")
-                    g16 = 100 * gbps / gloo_16mb if transport == "torch_dist" else None
-                    med = median[(path, checksum)]
-                    med_pct = 100 * (
-                        to_gbps(nbytes, med) / copy_med_gbps
-                        if transport == "shm"
-                        else median[("raw", False)] / med
+            for case in CASES:
+                seconds, med = best[case.label], median[case.label]
+                gbps = to_gbps(nbytes, seconds)
+                shm = case.transport == "shm"
+                base = 100 * gbps / (copy_gbps if shm else to_gbps(nbytes, raw))
+                med_pct = 100 * (
+                    to_gbps(nbytes, med) / copy_med_gbps if shm else median["raw"] / med
+                )
+                rows.append(
+                    Row(
+                        dtype_name,
+                        tokens,
+                        nbytes,
+                        case.label,
+                        seconds,
+                        gbps,
+                        base,
+                        None if shm else 100 * gbps / gloo_16mb,
+                        median_seconds=med,
+                        median_pct=med_pct,
                     )
-                    rows.append(
-                        Row(
-                            dtype_name,
-                            tokens,
-                            nbytes,
-                            label,
-                            seconds,
-                            gbps,
-                            base,
-                            g16,
-                            median_seconds=med,
-                            median_pct=med_pct,
-                        )
-                    )
-                    logger.info("%s %d %s: %.2f GB/s", dtype_name, tokens, label, gbps)
+                )
+                logger.info("%s %d %s: %.2f GB/s", dtype_name, tokens, case.label, gbps)
     finally:
         for receiver in receivers.values():
             receiver.close()
         segment.close()
     return rows
+
+
+def _transfer(
+    bench: Bench,
+    receivers: dict[str, KVReceiver],
+    case: Case,
+    blocks: int,
+    cache_blocks: int,
+    repeats: int | None = None,
+) -> float:
+    return bench.transfer(
+        receivers[case.transport],
+        case.path,
+        case.checksum,
+        blocks,
+        repeats=repeats,
+        scattered_in=cache_blocks if case.scattered else None,
+    )
 
 
 def _mark(row: Row) -> str:
