@@ -241,7 +241,7 @@ class CpuKernels:
         )  # fmt: skip
         self._decode_scratch_floats = self._bind("pd_decode_scratch_floats", _i64, layer, _i64)
         self._decode_layer = self._bind("pd_decode_layer", i32, layer, step, _ptr, _ptr, _ptr)
-        self._word_sums = self._bind("pd_word_sums", None, *[_ptr] * 5, _i64, _ptr, i32)
+        self._word_sums = self._bind("pd_word_sums", None, *[_ptr] * 7, _i64, _ptr, i32)
         self._pack = self._bind("pd_pack", None, _ptr, _ptr, _i64, _i64)
         self._packed_numel = self._bind("pd_packed_numel", _i64, _i64, _i64)
         self.block_cols = int(self._bind("pd_block_cols", _i64)())
@@ -402,39 +402,65 @@ class CpuKernels:
         if rc != 0:
             raise RuntimeError(f"decode layer kernel failed ({rc})")
 
-    def word_sums(self, src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor | None:
+    def word_sums(
+        self,
+        src: torch.Tensor,
+        dst: torch.Tensor | None = None,
+        src_blocks: torch.Tensor | None = None,
+        dst_blocks: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """Wrapping int64 sums of the 64-bit words of each `[slot, head, dim]` block of
-        src `[..., slot, head, dim]` (1 to 3 leading dims), copying src into dst (same
-        shape and dtype) in the same pass. None when the layout doesn't fit the
-        kernel: heads not contiguous within a slot, or rows not whole 64-bit words."""
+        src `[..., block, slot, head, dim]` (up to 2 dims before the block dim), copying
+        each block into dst in the same pass. `src_blocks` / `dst_blocks` (int64 block
+        ids) pick the blocks on either side: the i-th block summed is src[...,
+        src_blocks[i], :, :, :], copied to dst[..., dst_blocks[i], :, :, :]; without
+        ids, block i. Both sides name as many blocks and agree on every other dim.
+        Returns `[..., n]` sums, or None when the layout doesn't fit the kernel: heads
+        not contiguous within a slot, or rows not whole 64-bit words."""
         lead = src.shape[:-3]
         if not 1 <= len(lead) <= 3 or src.device.type != "cpu":
             return None
-        views = (src,) if dst is None else (src, dst)
-        if dst is not None and (dst.shape != src.shape or dst.dtype != src.dtype):
-            return None
+        n = src.shape[-4] if src_blocks is None else src_blocks.numel()
+        sides = [(src, src_blocks)] if dst is None else [(src, src_blocks), (dst, dst_blocks)]
+        for v, ids in sides:
+            count = v.shape[-4] if ids is None else ids.numel()
+            if v.dtype != src.dtype or v.shape[:-4] != src.shape[:-4] or count != n:
+                raise ValueError(f"{tuple(v.shape)} with {count} blocks does not match src")
+            if v.shape[-3:] != src.shape[-3:]:
+                raise ValueError(f"blocks of {tuple(v.shape[-3:])} and {tuple(src.shape[-3:])}")
+            if ids is not None and (
+                ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous()
+            ):
+                raise ValueError("block ids must be a contiguous int64 CPU tensor")
+            if ids is not None and n and (int(ids.min()) < 0 or int(ids.max()) >= v.shape[-4]):
+                raise IndexError(f"block ids outside [0, {v.shape[-4]})")
         heads, dim, elem = src.shape[-2], src.shape[-1], src.element_size()
         run_bytes = heads * dim * elem
         if (dim * elem) % 8:
             return None
-        for v in views:
+        for v, _ in sides:
             if (v.stride(-1) != 1 or (heads > 1 and v.stride(-2) != dim)) or v.data_ptr() % 8:
                 return None
             if any((st * elem) % 8 for st in v.stride()[:-2]):
                 return None
         pad = [0] * (3 - len(lead))  # absent group dims: size 1, stride 0
-        dims = (_i64 * 4)(*[1] * len(pad), *lead, src.shape[-3])
+        dims = (_i64 * 4)(*[1] * len(pad), *lead[:-1], n, src.shape[-3])
 
         def strides(v: torch.Tensor) -> ctypes.Array[ctypes.c_int64]:
             return (_i64 * 4)(*pad, *(x * elem for x in v.stride()[: len(lead) + 1]))
 
+        def ids_ptr(ids: torch.Tensor | None) -> int | None:
+            return None if ids is None else ids.data_ptr()
+
         s_strides = strides(src)
-        sums = torch.empty(lead, dtype=torch.int64)
+        sums = torch.empty((*lead[:-1], n), dtype=torch.int64)
         self._word_sums(
             src.data_ptr(),
             s_strides,
+            ids_ptr(src_blocks),
             None if dst is None else dst.data_ptr(),
             s_strides if dst is None else strides(dst),
+            ids_ptr(dst_blocks),
             dims,
             run_bytes,
             sums.data_ptr(),

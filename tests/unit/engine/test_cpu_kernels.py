@@ -209,6 +209,49 @@ def test_word_sums_match_torch_and_copy_in_one_pass(
     assert torch.count_nonzero(dst_cache) == 0  # nothing written outside dst
 
 
+@pytest.mark.parametrize("lead", [(7,), (2, 7), (3, 2, 7)])
+def test_word_sums_take_blocks_by_id_on_either_side(kernels, lead) -> None:
+    """Blocks picked by id: summed in place, gathered into a contiguous buffer,
+    scattered out of one, or copied id to id, in the order the ids give."""
+    cache = torch.randn(*lead, 4, 6, 8)
+    src = cache[..., 1:4, :]  # strided slots
+    src_ids = torch.tensor([5, 0, 6, 2], dtype=torch.int64)
+    dst_ids = torch.tensor([1, 3, 4, 0], dtype=torch.int64)
+    picked = src[..., src_ids, :, :, :]
+    want = torch_word_sums(picked)
+    torch.testing.assert_close(kernels.word_sums(src, src_blocks=src_ids), want, rtol=0, atol=0)
+    gathered = torch.zeros_like(picked)
+    sums = kernels.word_sums(src, gathered, src_blocks=src_ids)
+    torch.testing.assert_close(sums, want, rtol=0, atol=0)
+    assert torch.equal(gathered, picked)
+    dst_cache = torch.zeros(*lead, 4, 5, 8)
+    dst = dst_cache[..., 2:5, :]
+    torch.testing.assert_close(
+        kernels.word_sums(gathered, dst, dst_blocks=dst_ids), want, rtol=0, atol=0
+    )
+    assert torch.equal(dst[..., dst_ids, :, :, :], picked)
+    untouched = [b for b in range(lead[-1]) if b not in dst_ids.tolist()]
+    assert torch.count_nonzero(dst_cache[..., untouched, :, :, :]) == 0
+    assert torch.count_nonzero(dst_cache[..., :2, :]) == 0  # other heads
+    dst_cache.zero_()
+    torch.testing.assert_close(
+        kernels.word_sums(src, dst, src_blocks=src_ids, dst_blocks=dst_ids), want, rtol=0, atol=0
+    )
+    assert torch.equal(dst[..., dst_ids, :, :, :], picked)
+
+
+def test_word_sums_check_block_ids(kernels) -> None:
+    cache = torch.randn(2, 7, 4, 6, 8)
+    with pytest.raises(IndexError, match="outside"):
+        kernels.word_sums(cache, src_blocks=torch.tensor([0, 7]))
+    with pytest.raises(IndexError, match="outside"):
+        kernels.word_sums(cache, src_blocks=torch.tensor([-1]))
+    with pytest.raises(ValueError, match="int64"):
+        kernels.word_sums(cache, src_blocks=torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="does not match"):  # 2 blocks into 3
+        kernels.word_sums(cache, torch.empty(2, 3, 4, 6, 8), src_blocks=torch.tensor([0, 1]))
+
+
 def test_word_sums_decline_layouts_they_cant_take(kernels) -> None:
     assert kernels.word_sums(torch.randn(2, 3, 4, 2, 3)) is None  # 12-byte rows
     assert kernels.word_sums(torch.randn(2, 3, 4, 2, 8).transpose(-1, -2)) is None
