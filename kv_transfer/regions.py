@@ -6,8 +6,9 @@ Its contiguous form, the payload of a DATA message, has shape
 `[2, num_blocks, block_size, num_heads, head_dim]`.
 
 Copies read runs of consecutive block ids as plain strided views, so a region of
-contiguous blocks moves with one copy per run; a fragmented region falls back to
-index_select/index_copy_.
+contiguous blocks moves with one copy per run. Blocks in short runs move, and are
+summed, by id: on the CPU with one call of the engine's native kernel for a whole
+region or span (`_by_id`), elsewhere with index_select/index_copy_.
 
 The checksum sums the region's bytes as 64-bit (or narrower) words per (K/V, block)
 and weights each sum by its position. It costs one read pass at memory bandwidth,
@@ -84,14 +85,27 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
+def _by_id(
+    src: torch.Tensor,
+    copy_to: torch.Tensor | None = None,
+    src_ids: torch.Tensor | None = None,
+    dst_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """[..., 2, n] word sums of the blocks `src_ids` of src (all its blocks without
+    ids), each copied to block `dst_ids[i]` (or i) of `copy_to` in the same pass, by the
+    native kernel: one call, however scattered the blocks. None without the kernel (not
+    on the CPU, or a layout it doesn't take)."""
+    kernels = load_kernels() if src.device.type == "cpu" else None
+    return None if kernels is None else kernels.word_sums(src, copy_to, src_ids, dst_ids)
+
+
 def _block_sums(t: torch.Tensor, copy_to: torch.Tensor | None = None) -> torch.Tensor:
     """[..., 2, n] int64 word sums of a [..., 2, n, slot, head, dim] tensor (wrapping).
 
     With `copy_to`, t is also copied there. On the CPU, the engine's native kernel
     does both in one read of t where the layout allows; torch ops otherwise.
     """
-    kernels = load_kernels() if t.device.type == "cpu" else None
-    sums = None if kernels is None else kernels.word_sums(t, copy_to)
+    sums = _by_id(t, copy_to)
     if sums is not None:
         return sums
     sums = _words(t).sum(dim=(-3, -2, -1), dtype=torch.int64)
@@ -173,6 +187,11 @@ class BlockRegion:
         return self.cache[self.layer, :, :, :, self.head_start : self.head_stop]
 
     @property
+    def _blocks(self) -> torch.Tensor:
+        """Every block of the cache, with the region's layer and heads (`_index` picks)."""
+        return self._layer
+
+    @property
     def dense(self) -> bool:
         """One run of blocks with all the cache's heads: K and V are each contiguous."""
         return (
@@ -223,6 +242,8 @@ class BlockRegion:
         if src.shape != self.shape or src.dtype != self.dtype:
             raise ValueError(f"region {src.shape} {src.dtype} does not fit {self.shape}")
         pairs = _paired_runs(src.block_ids, self.block_ids)
+        if len(pairs) > 1 and _copy_by_id(self, src) is not None:
+            return
         if _long_runs(len(pairs), self.nbytes):
             for s, d, n in pairs:
                 self.run_view(d, n).copy_(src.run_view(s, n))
@@ -230,7 +251,7 @@ class BlockRegion:
             self.scatter(src.gather())
 
     def checksum(self) -> int:
-        return _fold_runs([_block_sums(self.run_view(b, n)) for _, b, n in self._runs])
+        return _checksum(self)
 
     def private_copy(self) -> BlockRegion:
         """A region over a copy of these bytes, in a cache of its own."""
@@ -301,6 +322,17 @@ class LayerSpan:
     def _runs(self) -> list[tuple[int, int, int]]:
         return runs(self.block_ids)
 
+    @cached_property
+    def _index(self) -> torch.Tensor:
+        return torch.tensor(self.block_ids, dtype=torch.long, device=self.cache.device)
+
+    @cached_property
+    def _blocks(self) -> torch.Tensor:
+        """Every block of the cache, with the span's layers and heads (`_index` picks)."""
+        return self.cache[
+            self.layer : self.layer + self.layer_count, :, :, :, self.head_start : self.head_stop
+        ]
+
     def run_view(self, first_block: int, length: int) -> torch.Tensor:
         """`[layers, 2, length, slot, head, dim]`: a strided view of blocks
         `first_block ... first_block + length - 1` of every layer."""
@@ -327,7 +359,7 @@ class LayerSpan:
         ]
 
     def checksum(self) -> int:
-        return _fold_runs([_block_sums(self.run_view(b, n)) for _, b, n in self._runs])
+        return _checksum(self)
 
     def copy_from(self, src: LayerSpan) -> None:
         if src.layer_count != self.layer_count:
@@ -335,6 +367,8 @@ class LayerSpan:
         if src.shape != self.shape or src.dtype != self.dtype:
             raise ValueError(f"span {src.shape} {src.dtype} does not fit {self.shape}")
         pairs = _paired_runs(src.block_ids, self.block_ids)
+        if len(pairs) > 1 and _copy_by_id(self, src) is not None:
+            return
         if _long_runs(len(pairs), self.nbytes):
             for s, d, n in pairs:
                 self.run_view(d, n).copy_(src.run_view(s, n))
@@ -349,6 +383,8 @@ class LayerSpan:
         view = self._view
         if view is not None:
             return out.copy_(view)
+        if _by_id(self._blocks, out, src_ids=self._index) is not None:
+            return out
         for i, region in enumerate(self.regions):
             region.gather(out=out[i])
         return out
@@ -356,6 +392,8 @@ class LayerSpan:
     def scatter(self, payload: torch.Tensor) -> None:
         """Write a contiguous [layers, 2, n, slot, head, dim] payload into the span."""
         _check_payload(payload, self.shape, self.dtype, "span")
+        if len(self._runs) > 1 and _by_id(payload, self._blocks, dst_ids=self._index) is not None:
+            return
         if _long_runs(len(self._runs), self.nbytes):
             for pos, block, n in self._runs:
                 self.run_view(block, n).copy_(payload[:, :, pos : pos + n])
@@ -373,6 +411,21 @@ class LayerSpan:
         self.region(self.layer).flip_byte()
 
 
+def _checksum(region: BlockRegion | LayerSpan) -> int:
+    if len(region._runs) > 1:
+        sums = _by_id(region._blocks, src_ids=region._index)
+        if sums is not None:
+            return _fold(sums)
+    return _fold_runs([_block_sums(region.run_view(b, n)) for _, b, n in region._runs])
+
+
+def _copy_by_id(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> int | None:
+    """Copy `src` into `dst` (same shape) block by block, summing as it goes, in one
+    native call; the checksum, or None without the kernel."""
+    sums = _by_id(src._blocks, dst._blocks, src._index, dst._index)
+    return None if sums is None else _fold(sums)
+
+
 def region_of(
     cache: torch.Tensor,
     layers: range,
@@ -388,8 +441,13 @@ def region_of(
 
 def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
     """Gather `src` into `out` (its contiguous shape) and return its checksum, reading
-    the source once per run of blocks where runs are long (else gather, then sum)."""
+    the source once: in one native call for blocks in several runs; without the
+    kernel, once per run where runs are long (else gather, then sum)."""
     _check_payload(out, src.shape, src.dtype, "source")
+    if len(src._runs) > 1:
+        by_id = _by_id(src._blocks, out, src_ids=src._index)
+        if by_id is not None:
+            return _fold(by_id)
     if not _long_runs(len(src._runs), src.nbytes, gather=True):
         return checksum(src.gather(out=out))
     block_dim = out.dim() - 4  # [2, n, ...] or [layers, 2, n, ...]
@@ -402,9 +460,14 @@ def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
 
 def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> int:
     """Write a contiguous payload (`dst`'s shape) into `dst` and return the payload's
-    checksum, reading the payload once per run of blocks where runs are long (else it
-    sums, then scatters)."""
+    checksum, reading the payload once: in one native call for blocks in several runs;
+    without the kernel, once per run where runs are long (else it sums, then
+    scatters)."""
     _check_payload(payload, dst.shape, dst.dtype, "destination")
+    if len(dst._runs) > 1:
+        by_id = _by_id(payload, dst._blocks, dst_ids=dst._index)
+        if by_id is not None:
+            return _fold(by_id)
     if not _long_runs(len(dst._runs), dst.nbytes):
         value = checksum(payload)
         dst.scatter(payload)
@@ -421,8 +484,9 @@ def copy_into(
     dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan, checksum: bool = False
 ) -> int | None:
     """Copy a region into a region, or a span into a span of as many layers. With
-    `checksum`, returns src's checksum, taken in the same pass as the copy, one run of
-    blocks (consecutive on both sides) at a time, where runs are long."""
+    `checksum`, returns src's checksum, taken in the same pass as the copy: in one
+    native call for blocks in several runs; without the kernel, one run of blocks
+    (consecutive on both sides) at a time where runs are long."""
     spans = isinstance(dst, LayerSpan) and isinstance(src, LayerSpan)
     if not spans and not (isinstance(dst, BlockRegion) and isinstance(src, BlockRegion)):
         raise ValueError(f"cannot copy a {type(src).__name__} into a {type(dst).__name__}")
@@ -435,6 +499,10 @@ def copy_into(
             cast(BlockRegion, dst).copy_from(cast(BlockRegion, src))
         return None
     pairs = _paired_runs(src.block_ids, dst.block_ids)
+    if len(pairs) > 1:
+        value = _copy_by_id(dst, src)
+        if value is not None:
+            return value
     if _long_runs(len(pairs), dst.nbytes):
         sums = [_block_sums(src.run_view(s, n), copy_to=dst.run_view(d, n)) for s, d, n in pairs]
         return _fold_runs(sums)

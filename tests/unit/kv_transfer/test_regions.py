@@ -3,6 +3,9 @@ checksum catches changed bytes and misplaced blocks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import pytest
 import torch
 
@@ -27,13 +30,17 @@ MIXED = (4, 5, 6, 7, 20, 21, 22, 1)
 RUNS = (0, 1, 2, 3, 12, 13, 14, 15)  # two runs of four
 
 
-@pytest.fixture(params=["by-index", "by-run"])
+@pytest.fixture(params=["native", "by-index", "by-run"])
 def run_rule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Move blocks that are not one run by index (as short runs are), or one op per run
-    (as long ones are): both ways must move the same bytes."""
-    floor = 1 << 62 if request.param == "by-index" else 1
-    monkeypatch.setattr(regions, "_MIN_RUN_BYTES", floor)
-    monkeypatch.setattr(regions, "_MIN_GATHER_RUN_BYTES", floor)
+    """Move blocks that are not one run with the native kernel, block by block in one
+    call; or, as without it (CUDA), by index (short runs) or one op per run (long
+    ones). Every way must move the same bytes and give the same checksum."""
+    if request.param != "native":
+        assert regions._by_id(torch.zeros(2, 1, 1, 1, 2)) is not None  # the kernel is here
+        monkeypatch.setattr(regions, "_by_id", lambda *args, **kwargs: None)
+        floor = 1 << 62 if request.param == "by-index" else 1
+        monkeypatch.setattr(regions, "_MIN_RUN_BYTES", floor)
+        monkeypatch.setattr(regions, "_MIN_GATHER_RUN_BYTES", floor)
     return str(request.param)
 
 
@@ -262,3 +269,41 @@ def test_checksummed_messages_and_spans_with_small_parts_travel_whole() -> None:
         region_parts(region_of(cache, range(0, 1), 0, 4, FRAGMENTED))
     with pytest.raises(ValueError, match="dense"):  # some heads only: not contiguous
         region_parts(region_of(cache, range(0, 1), 1, 3, CONTIGUOUS))
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_scattered_blocks_move_in_one_native_call(
+    layers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However scattered the blocks, a checksum, a checksummed gather, scatter or copy,
+    and a span's plain copy, gather or scatter each make one call of the kernel."""
+    calls: list[int] = []
+    by_id = regions._by_id
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        calls.append(1)
+        return by_id(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(regions, "_by_id", counted)
+    cache, dst_cache = _cache(torch.float32, 8), torch.zeros(SHAPE)
+    src = region_of(cache, range(0, layers), 1, 3, FRAGMENTED)
+    dst = region_of(dst_cache, range(0, layers), 0, 2, MIXED)
+    out = torch.empty(src.shape)
+    ops: list[Callable[[], object]] = [
+        lambda: src.checksum(),
+        lambda: gather_checksummed(src, out),
+        lambda: scatter_checksummed(dst, out),
+        lambda: copy_into(dst, src, checksum=True),
+    ]
+    if layers > 1:
+        span, into = cast(LayerSpan, src), cast(LayerSpan, dst)
+        ops += [
+            lambda: span.gather(out=out),
+            lambda: into.scatter(out),
+            lambda: into.copy_from(span),
+        ]
+    for op in ops:
+        calls.clear()
+        op()
+        assert len(calls) == 1
+    assert torch.equal(dst.gather(), src.gather())
