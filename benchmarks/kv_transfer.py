@@ -8,9 +8,10 @@ prompts of 128 to 16k tokens (and one block, 16 tokens, which shows a transfer's
 cost), in fp32 and bf16, from a sender in a child process to a receiver in this one:
 over torch_dist (Gloo; with the default gather copy, and with the opt-in zero-copy
 sends) and over shm, each with per-slice checksums on (the CPU default) and off. Blocks
-are consecutive on both sides (a fresh pool), so torch_dist receives straight into
-them; the defaults are also timed over blocks scattered in runs of 1 to 8 on both
-sides, as in caches that have served many requests (`scattered_blocks`). Each side
+are consecutive on both sides (a fresh pool), so messages that travel in parts
+(unchecked, or zero-copy) land straight in them; the defaults are also timed over
+blocks scattered in runs of 1 to 8 on both sides, as in caches that have served many
+requests (`scattered_blocks`). Each side
 runs its torch ops on one thread, as an engine pinned to its share of the cores does.
 A transfer's time runs from the sender's first `send_layer` to the moment the receiver
 reached DONE (the status's `ended_at`, not when a poll saw it); both read
