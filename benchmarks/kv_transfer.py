@@ -11,11 +11,10 @@ sends) and over shm, each with per-slice checksums on (the CPU default) and off.
 are consecutive on both sides (a fresh pool), so messages that travel in parts
 (unchecked, or zero-copy) land straight in them; the defaults are also timed over
 blocks scattered in runs of 1 to 8 on both sides, as in caches that have served many
-requests (`scattered_blocks`). Each side
-runs its torch ops on one thread, as an engine pinned to its share of the cores does.
-A transfer's time runs from the sender's first `send_layer` to the moment the receiver
-reached DONE (the status's `ended_at`, not when a poll saw it); both read
-CLOCK_MONOTONIC, which the two processes share.
+requests (`scattered_blocks`). Each side runs its torch ops on one thread, as an
+engine pinned to its share of the cores does. A transfer's time runs from the sender's
+first `send_layer` to the moment the receiver reached DONE (the status's `ended_at`,
+not when a poll saw it); both read CLOCK_MONOTONIC, which the two processes share.
 
 Measured in the same run, as baselines:
 * memcpy: a single-thread copy of a 256 MB buffer, taken in turn with the transfers of
