@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import socket
 import time
 import urllib.error
@@ -57,10 +58,24 @@ def greedy_references(
     return {p: o.token_ids for p, o in zip(long + short, outs, strict=True)}
 
 
+# Ports for servers that bind later, after ray.init: below the kernel's ephemeral range
+# (32768 and up here), from which Ray's many processes take theirs as they start, so
+# none of them can take the port between the pick and the bind.
+_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now, outside the ephemeral range (see _PORTS)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(_PORTS.start, _PORTS.stop)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {_PORTS}")
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float, what: str, step_s: float = 0.1) -> float:
@@ -115,6 +130,17 @@ class ClusterHarness:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> ClusterHarness:
+        """Start Redis, Ray and the app; on any failure, stop what did start, so that
+        the tests after this one get a clean process (no Ray left initialized)."""
+        try:
+            self._start()
+        except BaseException:
+            self._stop_ray()
+            self._stop_redis()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.redis.start()
         self._redis_client = connect(self.redis.url)
         self.registry = Registry(self._redis_client, self.config.name)
@@ -129,16 +155,25 @@ class ClusterHarness:
         with self.client() as c:
             wait_until(lambda: c.healthy() and c.cluster_status().ready, START_TIMEOUT_S, "ready")
         self._baseline = {s.instance_id: s for s in self.worker_states()}
-        return self
+
+    @staticmethod
+    def _stop_ray() -> None:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+    def _stop_redis(self) -> None:
+        if self._redis_client is not None:
+            self._redis_client.close()
+            self._redis_client = None
+        self.redis.stop()
 
     def stop(self) -> None:
         problems: list[str] = []
         try:
             problems = self.leaks(timeout_s=20.0)
         finally:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            ray.shutdown()
+            self._stop_ray()
             registry = self.registry
             if registry is not None:
                 with contextlib.suppress(Exception):
@@ -150,9 +185,7 @@ class ClusterHarness:
                     )
                     if stray:
                         problems.append(f"keys left in Redis: {stray}")
-            if self._redis_client is not None:
-                self._redis_client.close()
-            self.redis.stop()
+            self._stop_redis()
         assert not problems, "leaks at teardown: " + "; ".join(problems)
 
     # -- access ----------------------------------------------------------------------------
