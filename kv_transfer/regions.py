@@ -241,13 +241,7 @@ class BlockRegion:
         """Copy `src` (same shape) into this region: one copy when runs are long."""
         if src.shape != self.shape or src.dtype != self.dtype:
             raise ValueError(f"region {src.shape} {src.dtype} does not fit {self.shape}")
-        pairs = _paired_runs(src.block_ids, self.block_ids)
-        if len(pairs) > 1 and _copy_by_id(self, src) is not None:
-            return
-        if _long_runs(len(pairs), self.nbytes):
-            for s, d, n in pairs:
-                self.run_view(d, n).copy_(src.run_view(s, n))
-        else:
+        if not _copy_fast(self, src):
             self.scatter(src.gather())
 
     def checksum(self) -> int:
@@ -366,12 +360,7 @@ class LayerSpan:
             raise ValueError(f"span of {src.layer_count} layers into {self.layer_count}")
         if src.shape != self.shape or src.dtype != self.dtype:
             raise ValueError(f"span {src.shape} {src.dtype} does not fit {self.shape}")
-        pairs = _paired_runs(src.block_ids, self.block_ids)
-        if len(pairs) > 1 and _copy_by_id(self, src) is not None:
-            return
-        if _long_runs(len(pairs), self.nbytes):
-            for s, d, n in pairs:
-                self.run_view(d, n).copy_(src.run_view(s, n))
+        if _copy_fast(self, src):
             return
         for dst, part in zip(self.regions, src.regions, strict=True):
             dst.copy_from(part)
@@ -417,6 +406,20 @@ def _checksum(region: BlockRegion | LayerSpan) -> int:
         if sums is not None:
             return _fold(sums)
     return _fold_runs([_block_sums(region.run_view(b, n)) for _, b, n in region._runs])
+
+
+def _copy_fast(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> bool:
+    """Copy `src` into `dst` (same shape) by block id in one native call, or one copy
+    per run of blocks (consecutive on both sides) when runs are long; False when
+    neither applies and the caller moves the bytes by index."""
+    pairs = _paired_runs(src.block_ids, dst.block_ids)
+    if len(pairs) > 1 and _copy_by_id(dst, src) is not None:
+        return True
+    if not _long_runs(len(pairs), dst.nbytes):
+        return False
+    for s, d, n in pairs:
+        dst.run_view(d, n).copy_(src.run_view(s, n))
+    return True
 
 
 def _copy_by_id(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> int | None:
