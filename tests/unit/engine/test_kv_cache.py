@@ -9,6 +9,7 @@ from leak_checks import assert_engine_empty
 
 from engine import SamplingParams
 from engine.block_hash import chain_hashes
+from engine.block_pins import BlockPins
 from engine.block_pool import BlockPool, CacheEvent, OutOfBlocksError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -112,6 +113,26 @@ def test_block_pool_refcounts_and_lru_eviction() -> None:
     with pytest.raises(RuntimeError):
         pool.release([a[0]])
     assert pool.num_free == 4
+
+
+def test_pins_hold_blocks_after_their_sequence_lets_go() -> None:
+    pool = BlockPool(4)
+    pins = BlockPins(pool)
+    seq = pool.allocate(3)
+    pool.cache(seq[0], 111)
+    pins.pin("t", seq[:1])
+    pins.pin("t", seq[1:2])  # a second chunk's blocks join the same key
+    pool.release(reversed(seq))  # the engine is done with the sequence
+    assert pool.num_free == 2 and "t" in pins and pins.num_pinned == 1
+    assert pool.lookup(111) == seq[0]  # a pinned full block stays a prefix hit
+    with pytest.raises(ValueError, match="is free"):
+        pins.pin("u", [seq[2]])
+    assert "u" not in pins
+    assert set(pool.allocate(2)) == {seq[2], 3}  # never a pinned block
+    pins.release("t")  # tail first: seq[1] is handed out before seq[0]
+    pins.release("t")  # a key not pinned is a no-op
+    assert pool.num_free == 2 and pins.num_pinned == 0
+    assert pool.allocate(1) == [seq[1]]
 
 
 def test_chain_hashes_depend_on_the_whole_prefix() -> None:
