@@ -213,7 +213,8 @@ class SendSpec:
 
 
 class TransferSender(Protocol):
-    """The prefill side of one rank. `send_layer` and `finish` never wait on the network."""
+    """The prefill side of one rank. `send_layer` never waits on the network, nor does
+    `finish` without `wait`."""
 
     def open(self, spec: SendSpec) -> None: ...
 
@@ -223,12 +224,17 @@ class TransferSender(Protocol):
         """Queue `layer`'s K/V of prompt blocks `first_block...` held in local `block_ids`.
 
         `layer` is the model's (global) layer index. Called on the engine thread right
-        after the layer wrote them; the blocks must stay unchanged until `finish` returns.
+        after the layer wrote them; the blocks must stay unchanged until `finish(wait=True)`
+        returns, or until the transfer is DONE or FAILED.
         """
         ...
 
-    def finish(self, transfer_id: str) -> None:
-        """No more slices. Returns once the source blocks are no longer read."""
+    def finish(self, transfer_id: str, wait: bool = True) -> None:
+        """No more slices. With `wait`, returns once the source blocks are no longer read
+        (bounded by the deadline), which may mean once they are sent; without, at once,
+        and the caller keeps the blocks unchanged until `poll` says DONE or FAILED. (After
+        FAILED a send may still read them until its pair is torn down; what it reads then
+        reaches no one.)"""
         ...
 
     def poll(self, transfer_id: str) -> TransferStatus: ...

@@ -8,9 +8,17 @@ the engine thread:
                                    layer's newly complete blocks: the full blocks from the
                                    request's cursor up to the chunk's end, plus the last,
                                    partial block when the chunk completes the prompt
-    on_step_done(chunks)           advance the cursors; `finish` the transfers whose
-                                   prompt completed. It returns once the sender no longer
-                                   reads their blocks, before the engine may free them.
+    on_step_done(chunks)           advance the cursors, pinning the blocks just queued
+                                   (with `pins`); `finish` the transfers whose prompt
+                                   completed, before the engine frees their blocks
+
+The sender reads a block after `send_layer` returns: it copies it out, or sends it
+straight from the cache. With `pins`, every block queued is pinned (keyed by transfer
+id) before the engine could free it, by finishing or by preempting the request, and
+`finish` returns at once; the owner of the pins releases them once the transfer is DONE
+or FAILED. Without, `finish` returns once the sender no longer reads the blocks (for
+sends straight from the cache, once they are sent), and the engine must not preempt a
+request whose transfer is running.
 
 Prefix-cached blocks at the start of the prompt are sent with the first chunk. A
 request preempted and recomputed restarts its chunks; blocks already sent stay sent.
@@ -22,11 +30,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from engine.forward_hooks import ScheduledChunk
 from kv_transfer.base import SendSpec, TransferSender
 
 logger = logging.getLogger(__name__)
+
+
+class SourcePins(Protocol):
+    """Keeps sent blocks allocated after the engine is done with them (engine thread)."""
+
+    def pin(self, key: str, block_ids: Sequence[int]) -> None: ...
 
 
 @dataclass
@@ -45,18 +60,22 @@ class SendHook:
     """
 
     def __init__(
-        self, block_size: int, sender: TransferSender | None = None, layer_offset: int = 0
+        self,
+        block_size: int,
+        sender: TransferSender | None = None,
+        layer_offset: int = 0,
+        pins: SourcePins | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self._bs, self._offset = block_size, layer_offset
-        self._bound = sender
+        self._bound, self._pins = sender, pins
         self._requests: dict[str, _Request] = {}
 
-    def bind(self, sender: TransferSender) -> None:
+    def bind(self, sender: TransferSender, pins: SourcePins | None = None) -> None:
         if self._bound is not None:
             raise RuntimeError("SendHook already has a sender")
-        self._bound = sender
+        self._bound, self._pins = sender, pins
 
     @property
     def _sender(self) -> TransferSender:
@@ -106,7 +125,11 @@ class SendHook:
             req = self._requests.get(chunk.request_id)
             if req is None:
                 continue
-            req.cursor = max(req.cursor, self._upto(chunk))
+            upto = self._upto(chunk)
+            if upto > req.cursor:
+                if self._pins is not None:
+                    self._pins.pin(req.transfer_id, chunk.block_ids[req.cursor : upto])
+                req.cursor = upto
             if chunk.completes_prompt:
                 del self._requests[chunk.request_id]
-                self._sender.finish(req.transfer_id)
+                self._sender.finish(req.transfer_id, wait=self._pins is None)

@@ -8,7 +8,9 @@ Lifecycle of one transfer on one sender rank:
                                 region (the link copies it out and checksums what it
                                 read) -> TRANSFERRING
     finish()                    engine thread: queue END, return once the pump has read
-                                every source block of the transfer
+                                every source block of the transfer (zero-copy links:
+                                once those sends completed); with wait=False at once,
+                                and the caller holds the blocks until DONE or FAILED
         pump thread             send END to every receiver rank the routes reach
     completions resolve         all ok and END sent -> DONE
     error / abort / deadline    FAILED; ABORT goes to the receivers (best effort), and a
@@ -188,7 +190,7 @@ class KVSender:
             ready.record()
         self._jobs.put(_Slice(out, layer, ids, first_block + skip, ready))
 
-    def finish(self, transfer_id: str) -> None:
+    def finish(self, transfer_id: str, wait: bool = True) -> None:
         with self._lock:
             out = self._get(transfer_id)
             if out is None:
@@ -197,9 +199,11 @@ class KVSender:
                 raise RuntimeError(f"finish called twice for {transfer_id!r}")
             out.finishing = True
         self._jobs.put(_Finish(out))
-        wait = max(0.0, out.deadline - time.monotonic()) + self._cfg.op_timeout_s
-        if not out.released.wait(wait):
-            self._fail(out, f"finish timed out after {wait:.1f}s", teardown=True)
+        if not wait:
+            return  # the caller holds the blocks until the transfer is terminal
+        wait_s = max(0.0, out.deadline - time.monotonic()) + self._cfg.op_timeout_s
+        if not out.released.wait(wait_s):
+            self._fail(out, f"finish timed out after {wait_s:.1f}s", teardown=True)
             logger.error("transfer %s: source blocks may still be read", transfer_id)
 
     def poll(self, transfer_id: str) -> TransferStatus:

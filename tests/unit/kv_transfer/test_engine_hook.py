@@ -23,8 +23,8 @@ class RecordingSender:
     ) -> None:
         self.calls.append(("send", transfer_id, layer, tuple(block_ids), first_block))
 
-    def finish(self, transfer_id: str) -> None:
-        self.calls.append(("finish", transfer_id))
+    def finish(self, transfer_id: str, wait: bool = True) -> None:
+        self.calls.append(("finish", transfer_id) if wait else ("finish-nowait", transfer_id))
 
     def poll(self, transfer_id: str) -> TransferStatus:
         return DONE
@@ -38,6 +38,14 @@ class RecordingSender:
 
     def close(self) -> None:
         pass
+
+
+class RecordingPins:
+    def __init__(self, sender: RecordingSender) -> None:
+        self.calls = sender.calls  # one record, to see pins and sends in order
+
+    def pin(self, key: str, block_ids: Sequence[int]) -> None:
+        self.calls.append(("pin", key, tuple(block_ids)))
 
 
 def _step(hook: SendHook, layers: int, chunks: Sequence[ScheduledChunk]) -> None:
@@ -114,3 +122,20 @@ def test_unbound_hook_refuses_work() -> None:
     hook.bind(RecordingSender())
     with pytest.raises(RuntimeError):
         hook.bind(RecordingSender())
+
+
+def test_with_pins_every_queued_block_is_pinned_and_finish_does_not_wait() -> None:
+    sender = RecordingSender()
+    hook = SendHook(4, sender, pins=RecordingPins(sender))
+    hook.add("r", SendSpec("t", InstanceRef("d"), first_block=1))
+    _step(hook, 1, [ScheduledChunk("r", TABLE[:3], 0, 9, False)])
+    # Preempted: blocks 10-11 are freed by the engine, yet a send may still read block
+    # 11, which stays pinned; the recompute's new blocks are pinned as they are sent.
+    _step(hook, 1, [ScheduledChunk("r", (30, 31, 32, 33), 0, 14, True)])
+    assert sender.calls[1:] == [
+        ("send", "t", 0, (11,), 1),
+        ("pin", "t", (11,)),
+        ("send", "t", 0, (32, 33), 2),
+        ("pin", "t", (32, 33)),
+        ("finish-nowait", "t"),
+    ]
