@@ -16,7 +16,8 @@ Lifecycle:
     transfers             every rank moves its own KV slices (kv_transfer's M:N plan):
                             prefill  rank 0 registers the request on every rank's
                                      SendHook (`add_transfer`) before the engine sees it;
-                                     the transfer is sent once every rank reports DONE
+                                     the transfer is sent once every rank reports DONE;
+                                     rank 0's block pins cover every rank's sources
                             decode   `RankedReceiver` expects the transfer on every
                                      rank; it is DONE once every rank's receiver is
     close()               after rank 0's engine broadcast STOP: each actor's thread ends,
@@ -71,6 +72,16 @@ logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 30.0  # one round of calls to every actor
 _HISTORY = 4096  # terminal statuses kept for poll()
+
+
+class _HeldByRankZero:
+    """The source pins of ranks 1..N-1. Rank 0's engine hands out every rank's block
+    ids, and its own pins keep a transfer's ids from being handed out again until the
+    transfer is DONE on every rank or has failed; so `finish` need not wait here
+    either, and there is nothing to hold."""
+
+    def pin(self, key: str, block_ids: Sequence[int]) -> None:
+        del key, block_ids
 
 
 class _LockedHook:
@@ -147,7 +158,12 @@ class RankActor:
             self._sender = KVSender(
                 me, self._worker.kv, geometry, sender_connector(settings, rendezvous, host)
             )
-            hook = SendHook(settings.block_size, self._sender, self._worker.layer_offset)
+            hook = SendHook(
+                settings.block_size,
+                self._sender,
+                self._worker.layer_offset,
+                pins=_HeldByRankZero(),
+            )
             self._hook = _LockedHook(hook)
         elif settings.role is PoolRole.DECODE:
             segment = self._storage.segment if self._storage is not None else None

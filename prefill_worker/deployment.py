@@ -16,14 +16,17 @@ Lifecycle of a replica:
                    chunked prefill; as each layer finishes, the hook queues that
                    layer's newly complete blocks to the sender, which pushes them into
                    the decode replica's blocks while the next layer computes
-                   the chunk that completes the prompt samples the first token; the
-                   hook's `finish` returns once the sender no longer reads the blocks,
-                   and the engine then frees them (full prompt blocks stay as prefix
-                   cache)
-                   wait (bounded) for every rank's sender to report DONE; return the
-                   first token and timings, or why it failed
+                   the hook pins every block it queues (`BlockPins`), since the sender
+                   may send them straight from the cache after the engine is done with
+                   them; the chunk that completes the prompt samples the first token,
+                   the hook's `finish` returns at once, and the engine frees the
+                   request (full prompt blocks stay as prefix cache)
+                   wait (bounded) for every rank's sender to report DONE; release the
+                   pins; return the first token and timings, or why it failed
                  If the caller goes away first, the transfer and the request are
-                 aborted and the blocks freed.
+                 aborted, the pins released and the blocks freed. The other ranks' hooks
+                 pin nothing: rank 0's pins hold the same block ids in every rank's
+                 cache.
     abort()      the same abort, by request id
     __del__      deregister, stop the engine thread, close the sender
 """
@@ -47,6 +50,7 @@ from decode_worker.messages import (
 from decode_worker.ranks import RemoteRanks, combine
 from decode_worker.runtime import WorkerRuntime, replica_unique_id
 from engine import RequestOutput
+from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
@@ -72,7 +76,8 @@ class PrefillWorker:
             self._rt.geometry,
             connector,
         )
-        self._hook.bind(self._sender)
+        self._pins = BlockPins(self._rt.engine.block_pool)
+        self._hook.bind(self._sender, self._pins)
         self._ranks: RemoteRanks | None = self._rt.ranks
         self._rt.start()
 
@@ -138,6 +143,8 @@ class PrefillWorker:
                 self._sender.abort(request.transfer_id, "prefill abandoned")
                 self._abort_ranks(request, "prefill abandoned")
                 loop.submit(lambda: self._abort(rid))
+            # DONE on every rank, or FAILED: no send reads the blocks for anyone any more
+            loop.submit(lambda: self._pins.release(request.transfer_id))
 
     async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
         while True:

@@ -101,7 +101,7 @@ class Setup:
     faults: tuple[Fault, ...] = ()
     device: str = "cpu"  # cuda:N puts the caches on a GPU (torch_dist then uses NCCL)
     scramble: bool = True  # hand out blocks in scattered runs; False: consecutive ids
-    zero_copy: bool = False  # torch_dist senders send dense slices straight from the cache
+    zero_copy: bool | None = None  # torch_dist: dense slices from the cache; None: default
     max_span_bytes: int | None = None  # None: the links' own; 1: every layer alone
     spans: bool = False  # faulty links take spans of layers (else one layer per message)
     checksum: bool | None = None  # senders' per-slice checksums; None: the CPU default (on)
@@ -402,8 +402,10 @@ class EngineSetup:
 
 
 def prefill_engine_main(conn: Connection, setup: EngineSetup) -> None:
-    """Child: a prefill engine whose forward pass streams KV through a SendHook."""
+    """Child: a prefill engine whose forward pass streams KV through a SendHook, with
+    the blocks it sends pinned until their transfer is over, as the prefill worker does."""
     from engine import LLMEngine, SamplingParams
+    from engine.block_pins import BlockPins
     from kv_transfer.engine_hook import SendHook
 
     _init_child()
@@ -422,7 +424,8 @@ def prefill_engine_main(conn: Connection, setup: EngineSetup) -> None:
         KVGeometry(mc.num_layers, mc.num_kv_heads),
         connector,
     )
-    hook.bind(sender)
+    pins = BlockPins(engine.block_pool)
+    hook.bind(sender, pins)
     conn.send(("ready",))
     while True:
         cmd = _recv(conn)
@@ -438,12 +441,15 @@ def prefill_engine_main(conn: Connection, setup: EngineSetup) -> None:
                     if out.finished:
                         first[out.request_id] = out.token_ids[0]
             states = {tid: status_tuple(wait_terminal([sender], tid)[0]) for _, tid, _ in requests}
+            for _, tid, _ in requests:
+                pins.release(tid)
             conn.send(("prefilled", first, states))
         elif cmd[0] == "close":
             pool = engine.block_pool
             leaks = {
                 "active": sender.num_active,
                 "hooked": hook.num_requests,
+                "pinned": pins.num_pinned,
                 "blocks_in_use": pool.num_blocks - pool.num_free,
                 "unfinished": engine.has_unfinished_requests(),
             }

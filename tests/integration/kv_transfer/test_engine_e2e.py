@@ -143,7 +143,7 @@ def test_disaggregated_greedy_matches_one_engine(
         assert endpoint.num_free_slots == endpoint.num_slots
     assert prefill.call("close") == (
         "closed",
-        {"active": 0, "hooked": 0, "blocks_in_use": 0, "unfinished": False},
+        {"active": 0, "hooked": 0, "pinned": 0, "blocks_in_use": 0, "unfinished": False},
     )
     receiver.close()
     if storage is not None and storage.segment is not None:

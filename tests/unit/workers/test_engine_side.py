@@ -19,6 +19,7 @@ from decode_worker.engine_loop import EngineLoop, EngineStopped
 from decode_worker.messages import PrefillOutcome, RemotePrefillPlan, TokenChunk, WorkerRequest
 from decode_worker.remote_prefill import RemotePrefills
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.fake import FakeFabric
@@ -133,6 +134,7 @@ def test_abort_frees_blocks(tiny_model_dir: Path) -> None:
 class Pair:
     prefill: EngineLoop
     hook: SendHook
+    pins: BlockPins
     sender: KVSender
     decode: EngineLoop
     receiver: KVReceiver
@@ -154,6 +156,10 @@ class Pair:
         while self.sender.poll(tid).state is not TransferState.DONE:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.001)
+        # The request is over, but its three blocks stay pinned until the transfer is.
+        pool = self.prefill.engine.block_pool
+        assert await self.prefill.call(lambda: pool.num_blocks - pool.num_free) == 3
+        await self.prefill.call(lambda: self.pins.release(tid))
         final = outs[-1]
         return PrefillOutcome(
             ok=True,
@@ -195,6 +201,7 @@ class Pair:
             0,
             0,
         )
+        assert self.pins.num_pinned == 0
         assert self.remote.num_pending == 0
 
 
@@ -206,7 +213,8 @@ def pair(tiny_model_dir: Path) -> Iterator[Pair]:
     mc = p_engine.model_config
     geo = KVGeometry(mc.num_layers, mc.num_kv_heads)
     sender = KVSender(LocalRank("prefill-0"), p_engine.kv_cache, geo, fabric.connector())
-    hook.bind(sender)
+    pins = BlockPins(p_engine.block_pool)
+    hook.bind(sender, pins)
     d_engine = LLMEngine(_config(tiny_model_dir))
     receiver = KVReceiver(LocalRank("decode-0"), d_engine.kv_cache, geo, fabric.endpoint())
     holder: list[RemotePrefills] = []
@@ -219,7 +227,13 @@ def pair(tiny_model_dir: Path) -> Iterator[Pair]:
     remote = RemotePrefills(d_engine, receiver, decode.post)
     holder.append(remote)
     p = Pair(
-        EngineLoop(p_engine, name="prefill").start(), hook, sender, decode.start(), receiver, remote
+        EngineLoop(p_engine, name="prefill").start(),
+        hook,
+        pins,
+        sender,
+        decode.start(),
+        receiver,
+        remote,
     )
     yield p
     p.prefill.stop()
