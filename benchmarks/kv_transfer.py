@@ -6,12 +6,12 @@
 It moves SmolLM2-135M's KV (30 layers x 3 KV heads x 64 dims, blocks of 16 tokens) for
 prompts of 128 to 16k tokens (and one block, 16 tokens, which shows a transfer's fixed
 cost), in fp32 and bf16, from a sender in a child process to a receiver in this one:
-over torch_dist (Gloo; with the default gather copy, and with the opt-in zero-copy
-sends) and over shm, each with per-slice checksums on (the CPU default) and off. Blocks
-are consecutive on both sides (a fresh pool), so messages that travel in parts
-(unchecked, or zero-copy) land straight in them; the defaults are also timed over
-blocks scattered in runs of 1 to 8 on both sides, as in caches that have served many
-requests (`scattered_blocks`). Each side runs its torch ops on one thread, as an
+over torch_dist (Gloo; by default sending from the cache, and with a gather copy of
+every message) and over shm, each with per-slice checksums on (the CPU default) and
+off. Blocks are consecutive on both sides (a fresh pool), so messages that travel in
+parts (sent from the cache, or unchecked) land straight in them; the defaults are also
+timed over blocks scattered in runs of 1 to 8 on both sides, as in caches that have
+served many requests (`scattered_blocks`). Each side runs its torch ops on one thread, as an
 engine pinned to its share of the cores does. A transfer's time runs from the sender's
 first `send_layer` to the moment the receiver reached DONE (the status's `ended_at`,
 not when a poll saw it); both read CLOCK_MONOTONIC, which the two processes share.
@@ -101,13 +101,13 @@ class Case:
 
 # Every path with checksums on (the CPU default) and off, over the first blocks of each
 # cache; then the defaults over blocks scattered as in a cache that has served many
-# requests (zero-copy needs one run of blocks, so it gathers these like the default).
+# requests (sending from the cache needs one run of blocks, so these are gathered).
 CASES = tuple(
     Case(path, transport, checksum) for path, transport, _ in PATHS for checksum in (True, False)
 ) + tuple(
     Case(path, transport, True, scattered=True)
     for path, transport, zero_copy in PATHS
-    if not zero_copy
+    if zero_copy is None
 )
 
 

@@ -19,13 +19,13 @@ thread then posts asynchronous sends, and a waiter thread waits on them in order
 resolves their completions. A gathered message with a checksum goes whole: the
 receiver takes it into staging and sums it as it scatters it. One without goes in
 parts, the K and V halves of each layer in turn (transport.in_parts). With
-`zero_copy`, a slice whose blocks are one run with all heads goes in parts straight
-from the cache, summed there first when checksummed, with no gather. The receiver takes
-parts straight into their destination blocks when those are one run with all heads
-(verifying a checksum there once they are in), else into staging, scattered when it
-lands. Any error or timeout tears the pair down on that side (control socket closed,
-group dropped or aborted); the other side's pending operations then fail, and the next
-transfer builds a new pair.
+`zero_copy` (the default over Gloo), a slice whose blocks are one run with all heads
+goes in parts straight from the cache, summed there first when checksummed, with no
+gather. The receiver takes parts straight into their destination blocks when those
+are one run with all heads (verifying a checksum there once they are in), else into
+staging, scattered when it lands. Any error or timeout tears the pair down on that
+side (control socket closed, group dropped or aborted); the other side's pending
+operations then fail, and the next transfer builds a new pair.
 """
 
 from __future__ import annotations
@@ -86,12 +86,13 @@ class TorchDistConfig:
     op_timeout_s: float = 10.0  # one send or recv; then the pair is torn down
     ttl_s: float = 10.0  # rendezvous record lifetime without refresh
     # Send slices whose blocks are one run with all heads straight from the cache, with
-    # no gather copy (a checksum is then summed in place: a read, and no write). The
-    # sender's finish() then waits until those sends complete (bounded by the
-    # transfer's deadline) instead of only until they are copied out: faster on few
-    # cores, but a stalled decode peer then stalls the prefill engine's step for up to
-    # the deadline.
-    zero_copy: bool = False
+    # no gather copy (a checksum is then summed in place: a read, and no write), so the
+    # blocks are read until the sends complete: a prefill engine pins them
+    # (kv_transfer.engine_hook), or its sender's finish(wait=True) waits for the sends.
+    # None: on for Gloo pairs, where the gather competes with the loopback copies for
+    # the cores; off for NCCL ones, where a gather on the device is cheap and one send
+    # per message beats one per layer and K/V.
+    zero_copy: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in (None, "gloo", "nccl"):
@@ -298,9 +299,8 @@ class TorchDistConnector(Connector):
             control.close()
             raise TransferError(f"cannot build the pair group with {peer}: {e}") from e
         logger.info("%s -> %s: %s pair ready", me.id, peer, backend)
-        return _Link(
-            peer, control, store, group, backend, self._cfg.op_timeout_s, self._cfg.zero_copy
-        )
+        zero_copy = backend == "gloo" if self._cfg.zero_copy is None else self._cfg.zero_copy
+        return _Link(peer, control, store, group, backend, self._cfg.op_timeout_s, zero_copy)
 
 
 class ReceiveStats:

@@ -46,7 +46,7 @@ class Pair:
     segment: ShmSegment | None
 
 
-@pytest.fixture(params=["torch_dist", "torch_dist-zero-copy", "shm"])
+@pytest.fixture(params=["torch_dist", "torch_dist-gather", "shm"])
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     store = MemoryRendezvous()
     src = KVCache(rank_layout(GEO, PRE, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32))
@@ -59,9 +59,9 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
         sender = KVSender(PRE, src, GEO, ShmConnector(store))
     else:
         dst = KVCache(layout)
-        cfg = TorchDistConfig(
-            op_timeout_s=3.0, connect_timeout_s=3.0, zero_copy=request.param.endswith("copy")
-        )
+        # the default sends straight from the cache (zero-copy) over Gloo
+        zero_copy = False if request.param.endswith("gather") else None
+        cfg = TorchDistConfig(op_timeout_s=3.0, connect_timeout_s=3.0, zero_copy=zero_copy)
         receiver = KVReceiver(DEC, dst, GEO, TorchDistEndpoint(store, cfg))
         sender = KVSender(PRE, src, GEO, TorchDistConnector(store, cfg))
     yield Pair(store, sender, receiver, src, dst, segment)
