@@ -8,17 +8,12 @@ Its contiguous form, the payload of a DATA message, has shape
 Copies read runs of consecutive block ids as plain strided views, so a region of
 contiguous blocks moves with one copy per run. Blocks in short runs move, and are
 summed, by id: on the CPU with one call of the engine's native kernel for a whole
-region or span (`_by_id`), elsewhere with index_select/index_copy_.
-
-The checksum sums the region's bytes as 64-bit (or narrower) words per (K/V, block)
-and weights each sum by its position. It costs one read pass at memory bandwidth,
-catches any changed word and any misplaced block, and gives the same value for a
-region and for its gathered copy. It is an integrity check, not a MAC.
+region or span (`word_sums.by_id`), elsewhere with index_select/index_copy_. A region's
+checksum (kv_transfer.word_sums) equals its gathered payload's.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -28,7 +23,8 @@ from typing import cast
 import numpy as np
 import torch
 
-from engine.cpu_kernels import load_kernels
+from kv_transfer import word_sums
+from kv_transfer.word_sums import block_sums, checksum, fold, fold_runs
 
 # Runs of blocks are copied (or copied and summed) with one op per run, across every
 # layer of a span, when they average at least this many bytes; shorter ones are gathered
@@ -37,7 +33,6 @@ _MIN_RUN_BYTES = 256 << 10
 # A gather by index, then one sum of the gathered buffer (still in cache), beats a
 # copy-and-sum per run until runs are much longer.
 _MIN_GATHER_RUN_BYTES = 2 << 20
-_MASK64 = (1 << 64) - 1
 
 
 def _consecutive(ids: tuple[int, ...]) -> bool:
@@ -76,57 +71,6 @@ def _long_runs(num_runs: int, nbytes: int, gather: bool = False) -> bool:
     return num_runs == 1 or nbytes >= num_runs * floor
 
 
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """`t` reinterpreted as the widest integer words its last dim allows (a view)."""
-    row = t.shape[-1] * t.element_size()
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if row % size == 0:
-            return t.view(dtype)
-    return t.view(torch.uint8)
-
-
-def _by_id(
-    src: torch.Tensor,
-    copy_to: torch.Tensor | None = None,
-    src_ids: torch.Tensor | None = None,
-    dst_ids: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """[..., 2, n] word sums of the blocks `src_ids` of src (all its blocks without
-    ids), each copied to block `dst_ids[i]` (or i) of `copy_to` in the same pass, by the
-    native kernel: one call, however scattered the blocks. None without the kernel (not
-    on the CPU, or a layout it doesn't take)."""
-    kernels = load_kernels() if src.device.type == "cpu" else None
-    return None if kernels is None else kernels.word_sums(src, copy_to, src_ids, dst_ids)
-
-
-def _block_sums(t: torch.Tensor, copy_to: torch.Tensor | None = None) -> torch.Tensor:
-    """[..., 2, n] int64 word sums of a [..., 2, n, slot, head, dim] tensor (wrapping).
-
-    With `copy_to`, t is also copied there. On the CPU, the engine's native kernel
-    does both in one read of t where the layout allows; torch ops otherwise.
-    """
-    sums = _by_id(t, copy_to)
-    if sums is not None:
-        return sums
-    sums = _words(t).sum(dim=(-3, -2, -1), dtype=torch.int64)
-    if copy_to is not None:
-        copy_to.copy_(t)
-    return sums
-
-
-@functools.lru_cache(maxsize=64)
-def _weights(n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(1, 2 * n, 2, dtype=torch.int64, device=device)
-
-
-def _fold(sums: torch.Tensor) -> int:
-    flat = sums.reshape(-1)
-    weights = _weights(flat.numel(), flat.device)
-    # Both wrap modulo 2**64; CUDA has no integer dot.
-    folded = (flat * weights).sum() if flat.is_cuda else torch.dot(flat, weights)
-    return int(folded) & _MASK64
-
-
 def _check_payload(
     payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, what: str
 ) -> None:
@@ -134,16 +78,6 @@ def _check_payload(
         raise ValueError(
             f"payload {tuple(payload.shape)} {payload.dtype} does not fit {what} {shape} {dtype}"
         )
-
-
-def _fold_runs(sums: list[torch.Tensor]) -> int:
-    """The checksum from per-run sums `[..., 2, k]`, in block order."""
-    return _fold(torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0])
-
-
-def checksum(payload: torch.Tensor) -> int:
-    """Checksum of a [2, n, slot, head, dim] tensor; equals its source region's."""
-    return _fold(_block_sums(payload))
 
 
 @dataclass(frozen=True)
@@ -372,7 +306,7 @@ class LayerSpan:
         view = self._view
         if view is not None:
             return out.copy_(view)
-        if _by_id(self._blocks, out, src_ids=self._index) is not None:
+        if word_sums.by_id(self._blocks, out, src_ids=self._index) is not None:
             return out
         for i, region in enumerate(self.regions):
             region.gather(out=out[i])
@@ -381,7 +315,10 @@ class LayerSpan:
     def scatter(self, payload: torch.Tensor) -> None:
         """Write a contiguous [layers, 2, n, slot, head, dim] payload into the span."""
         _check_payload(payload, self.shape, self.dtype, "span")
-        if len(self._runs) > 1 and _by_id(payload, self._blocks, dst_ids=self._index) is not None:
+        if (
+            len(self._runs) > 1
+            and word_sums.by_id(payload, self._blocks, dst_ids=self._index) is not None
+        ):
             return
         if _long_runs(len(self._runs), self.nbytes):
             for pos, block, n in self._runs:
@@ -402,10 +339,10 @@ class LayerSpan:
 
 def _checksum(region: BlockRegion | LayerSpan) -> int:
     if len(region._runs) > 1:
-        sums = _by_id(region._blocks, src_ids=region._index)
+        sums = word_sums.by_id(region._blocks, src_ids=region._index)
         if sums is not None:
-            return _fold(sums)
-    return _fold_runs([_block_sums(region.run_view(b, n)) for _, b, n in region._runs])
+            return fold(sums)
+    return fold_runs([block_sums(region.run_view(b, n)) for _, b, n in region._runs])
 
 
 def _copy_fast(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> bool:
@@ -425,8 +362,8 @@ def _copy_fast(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> bo
 def _copy_by_id(dst: BlockRegion | LayerSpan, src: BlockRegion | LayerSpan) -> int | None:
     """Copy `src` into `dst` (same shape) block by block, summing as it goes, in one
     native call; the checksum, or None without the kernel."""
-    sums = _by_id(src._blocks, dst._blocks, src._index, dst._index)
-    return None if sums is None else _fold(sums)
+    sums = word_sums.by_id(src._blocks, dst._blocks, src._index, dst._index)
+    return None if sums is None else fold(sums)
 
 
 def region_of(
@@ -448,17 +385,17 @@ def gather_checksummed(src: BlockRegion | LayerSpan, out: torch.Tensor) -> int:
     kernel, once per run where runs are long (else gather, then sum)."""
     _check_payload(out, src.shape, src.dtype, "source")
     if len(src._runs) > 1:
-        by_id = _by_id(src._blocks, out, src_ids=src._index)
+        by_id = word_sums.by_id(src._blocks, out, src_ids=src._index)
         if by_id is not None:
-            return _fold(by_id)
+            return fold(by_id)
     if not _long_runs(len(src._runs), src.nbytes, gather=True):
         return checksum(src.gather(out=out))
     block_dim = out.dim() - 4  # [2, n, ...] or [layers, 2, n, ...]
     sums = [
-        _block_sums(src.run_view(block, n), copy_to=out.narrow(block_dim, pos, n))
+        block_sums(src.run_view(block, n), copy_to=out.narrow(block_dim, pos, n))
         for pos, block, n in src._runs
     ]
-    return _fold_runs(sums)
+    return fold_runs(sums)
 
 
 def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> int:
@@ -468,19 +405,19 @@ def scatter_checksummed(dst: BlockRegion | LayerSpan, payload: torch.Tensor) -> 
     scatters)."""
     _check_payload(payload, dst.shape, dst.dtype, "destination")
     if len(dst._runs) > 1:
-        by_id = _by_id(payload, dst._blocks, dst_ids=dst._index)
+        by_id = word_sums.by_id(payload, dst._blocks, dst_ids=dst._index)
         if by_id is not None:
-            return _fold(by_id)
+            return fold(by_id)
     if not _long_runs(len(dst._runs), dst.nbytes):
         value = checksum(payload)
         dst.scatter(payload)
         return value
     block_dim = payload.dim() - 4  # [2, n, ...] or [layers, 2, n, ...]
     sums = [
-        _block_sums(payload.narrow(block_dim, pos, n), copy_to=dst.run_view(block, n))
+        block_sums(payload.narrow(block_dim, pos, n), copy_to=dst.run_view(block, n))
         for pos, block, n in dst._runs
     ]
-    return _fold_runs(sums)
+    return fold_runs(sums)
 
 
 def copy_into(
@@ -507,8 +444,8 @@ def copy_into(
         if value is not None:
             return value
     if _long_runs(len(pairs), dst.nbytes):
-        sums = [_block_sums(src.run_view(s, n), copy_to=dst.run_view(d, n)) for s, d, n in pairs]
-        return _fold_runs(sums)
+        sums = [block_sums(src.run_view(s, n), copy_to=dst.run_view(d, n)) for s, d, n in pairs]
+        return fold_runs(sums)
     # Short runs: gather by index and sum the gathered copy while it is in cache.
     payload = torch.empty(src.shape, dtype=src.dtype, device=src.cache.device)
     value = gather_checksummed(src, payload)

@@ -9,11 +9,10 @@ from typing import cast
 import pytest
 import torch
 
-from kv_transfer import regions
+from kv_transfer import regions, word_sums
 from kv_transfer.regions import (
     BlockRegion,
     LayerSpan,
-    checksum,
     copy_into,
     gather_checksummed,
     region_of,
@@ -21,6 +20,7 @@ from kv_transfer.regions import (
     scatter_checksummed,
 )
 from kv_transfer.transport import in_parts, message_parts, region_parts, splits
+from kv_transfer.word_sums import checksum
 
 # [layer, kv, block, slot, head, dim]
 SHAPE = (3, 2, 24, 4, 4, 16)
@@ -36,8 +36,8 @@ def run_rule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     call; or, as without it (CUDA), by index (short runs) or one op per run (long
     ones). Every way must move the same bytes and give the same checksum."""
     if request.param != "native":
-        assert regions._by_id(torch.zeros(2, 1, 1, 1, 2)) is not None  # the kernel is here
-        monkeypatch.setattr(regions, "_by_id", lambda *args, **kwargs: None)
+        assert word_sums.by_id(torch.zeros(2, 1, 1, 1, 2)) is not None  # the kernel is here
+        monkeypatch.setattr(word_sums, "by_id", lambda *args, **kwargs: None)
         floor = 1 << 62 if request.param == "by-index" else 1
         monkeypatch.setattr(regions, "_MIN_RUN_BYTES", floor)
         monkeypatch.setattr(regions, "_MIN_GATHER_RUN_BYTES", floor)
@@ -278,13 +278,13 @@ def test_scattered_blocks_move_in_one_native_call(
     """However scattered the blocks, a checksum, a checksummed gather, scatter or copy,
     and a span's plain copy, gather or scatter each make one call of the kernel."""
     calls: list[int] = []
-    by_id = regions._by_id
+    by_id = word_sums.by_id
 
     def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
         calls.append(1)
         return by_id(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(regions, "_by_id", counted)
+    monkeypatch.setattr(word_sums, "by_id", counted)
     cache, dst_cache = _cache(torch.float32, 8), torch.zeros(SHAPE)
     src = region_of(cache, range(0, layers), 1, 3, FRAGMENTED)
     dst = region_of(dst_cache, range(0, layers), 0, 2, MIXED)
