@@ -40,7 +40,7 @@ class Completion:
 
     def __init__(self, holds_source: bool = False) -> None:
         # True when the transport reads the source blocks until this resolves
-        # (zero-copy); the sender's finish() then waits for it.
+        # (zero-copy); the sender's finish(wait=True) then waits for it.
         self.holds_source = holds_source
         self._lock = threading.Lock()
         self._event = threading.Event()
