@@ -143,7 +143,7 @@ class PrefillWorker:
                 self._sender.abort(request.transfer_id, "prefill abandoned")
                 self._abort_ranks(request, "prefill abandoned")
                 loop.submit(lambda: self._abort(rid))
-            # DONE on every rank, or FAILED: no send reads the blocks for anyone any more
+            # DONE on every rank, or FAILED: nothing a send may still read reaches anyone
             loop.submit(lambda: self._pins.release(request.transfer_id))
 
     async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
