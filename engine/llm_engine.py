@@ -231,9 +231,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
-                # Cannot happen while one max_model_len sequence fits the cache; fail
-                # loudly rather than spin.
+            # Prompts may wait for blocks held outside running sequences (pins of
+            # transfers still reading them, remote prefills): those come back through a
+            # command. With nothing held, a prompt that does not fit cannot happen while
+            # one max_model_len sequence fits the cache; fail loudly rather than spin.
+            idle = self.scheduler.waiting and not self.scheduler.running
+            if idle and self.block_pool.num_free == self.block_pool.num_blocks:
                 raise RuntimeError("scheduler made no progress with an idle batch")
             return []
         sampling = [s.seq for s in sched.scheduled if s.samples]

@@ -135,6 +135,25 @@ def test_pins_hold_blocks_after_their_sequence_lets_go() -> None:
     assert pool.allocate(1) == [seq[1]]
 
 
+def test_a_prompt_waits_for_pinned_blocks(make_llm, tiny_model_dir) -> None:
+    llm = make_llm(tiny_model_dir, block_size=8, max_model_len=64, kv_cache_bytes=8 * 8 * 1024)
+    eng = llm.engine
+    pool = eng.block_pool
+    assert pool.num_blocks == 8
+    pins = BlockPins(pool)
+    held = pool.allocate(5)
+    pins.pin("t", held)
+    pool.release(held)  # only the pins hold them now, as after a finished prefill
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    eng.add_request("r", _prompt(40, 1), params)  # needs 6 blocks; 3 are free
+    assert eng.step() == [] and eng.step() == []  # it waits instead of failing
+    pins.release("t")
+    for _ in range(20):
+        if any(out.finished for out in eng.step()):
+            break
+    assert not eng.has_unfinished_requests() and pool.num_free == pool.num_blocks
+
+
 def test_chain_hashes_depend_on_the_whole_prefix() -> None:
     x = list(range(40))
     y = [99, *x[1:]]
