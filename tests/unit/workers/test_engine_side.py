@@ -206,10 +206,22 @@ class Pair:
 
 
 @pytest.fixture
-def pair(tiny_model_dir: Path) -> Iterator[Pair]:
+def pair(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """`request.param` may give the prefill engine `num_blocks` and a token budget."""
     fabric = FakeFabric()
     hook = SendHook(16)
-    p_engine = LLMEngine(_config(tiny_model_dir), layer_hook=hook)
+    p_config = _config(tiny_model_dir)
+    tight: dict[str, int] = getattr(request, "param", {})
+    if tight:
+        per_block = p_config.kv_cache_bytes // LLMEngine(p_config).block_pool.num_blocks
+        p_config = dataclasses.replace(
+            p_config,
+            kv_cache_bytes=tight["num_blocks"] * per_block,
+            max_model_len=tight["num_blocks"] * p_config.block_size,
+            max_num_batched_tokens=tight["max_num_batched_tokens"],
+        )
+    p_engine = LLMEngine(p_config, layer_hook=hook)
+    assert not tight or p_engine.block_pool.num_blocks == tight["num_blocks"]
     mc = p_engine.model_config
     geo = KVGeometry(mc.num_layers, mc.num_kv_heads)
     sender = KVSender(LocalRank("prefill-0"), p_engine.kv_cache, geo, fabric.connector())
@@ -263,6 +275,66 @@ def test_remote_prefill_commits_and_matches(pair: Pair, reference: LLM) -> None:
     final = chunks[-1].final
     assert final is not None and final.disaggregated and not final.fallback_reason
     assert final.kv_transfer_s >= 0 and final.prefill_s == 0
+    assert pair.decode.engine.num_remote_prefill_fallbacks == 0
+    pair.assert_clean()
+
+
+@pytest.mark.parametrize("pair", [{"num_blocks": 5, "max_num_batched_tokens": 64}], indirect=True)
+def test_a_prompt_preempted_on_the_prefill_engine_still_decodes_right(
+    pair: Pair, reference: LLM
+) -> None:
+    """Two 40-token prompts (3 blocks each) in one step of a 5-block prefill engine: a
+    finishes and its blocks stay pinned until its transfer is over; b has sent its first
+    block, cannot grow, and is preempted. Its recompute finds that block (pinned, so
+    never handed out) by prefix hash, waits for a's pins, and completes. Both decode
+    exactly as a single engine."""
+    params = _greedy()
+    prompts = {"a": PROMPT, "b": [t + 1000 for t in PROMPT]}
+    want = reference.generate(list(prompts.values()), params)
+    reqs = {
+        rid: WorkerRequest(
+            rid, tuple(p), params, time.time(), RemotePrefillPlan(f"x-{rid}", "prefill-0", 10.0)
+        )
+        for rid, p in prompts.items()
+    }
+
+    async def run() -> dict[str, list[int]]:
+        decoded = {rid: pair.decode.open_stream(rid) for rid in reqs}
+        prefilled = {rid: pair.prefill.open_stream(rid) for rid in reqs}
+        for req in reqs.values():
+            assert await pair.decode.call(lambda req=req: pair.remote.start(req)) == ""
+
+        def start_both() -> None:  # one command: both land in the same step
+            for rid, prompt in prompts.items():
+                pair.hook.add(rid, SendSpec(f"x-{rid}", InstanceRef("decode-0"), 0, 10.0))
+                pair.prefill.engine.add_request(
+                    rid, prompt, dataclasses.replace(params, max_tokens=1)
+                )
+
+        await pair.prefill.call(start_both)
+        for rid, stream in prefilled.items():
+            outs = await stream.get(WAIT_S)
+            while not outs[-1].finished:
+                outs = await stream.get(WAIT_S)
+            tid = f"x-{rid}"
+            deadline = time.monotonic() + WAIT_S
+            while pair.sender.poll(tid).state is not TransferState.DONE:
+                assert time.monotonic() < deadline, pair.sender.poll(tid)
+                await asyncio.sleep(0.001)
+            await pair.prefill.call(lambda tid=tid: pair.pins.release(tid))
+            outcome = PrefillOutcome(ok=True, first_token_id=outs[-1].token_ids[0])
+            await pair.decode.call(lambda rid=rid, o=outcome: pair.remote.deliver(rid, o))
+        tokens: dict[str, list[int]] = {}
+        for rid, stream in decoded.items():
+            builder = ChunkBuilder(len(prompts[rid]))
+            chunks: list[TokenChunk] = []
+            while not chunks or not chunks[-1].finished:
+                chunks.append(builder.build(await stream.get(WAIT_S), pair.remote.info(rid)))
+            tokens[rid] = [t for c in chunks for t in c.token_ids]
+        return tokens
+
+    assert asyncio.run(run()) == {rid: w.token_ids for rid, w in zip(prompts, want, strict=True)}
+    assert pair.prefill.engine.scheduler.num_preemptions > 0
     assert pair.decode.engine.num_remote_prefill_fallbacks == 0
     pair.assert_clean()
 
