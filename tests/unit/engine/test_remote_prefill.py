@@ -104,3 +104,20 @@ def test_abort_and_out_of_blocks_while_reserved(make_llm, tiny_model_dir) -> Non
     with pytest.raises(KeyError):
         eng.commit_remote_prefill("a", 5)
     assert_engine_empty(decode)
+
+
+def test_local_prompt_waits_for_blocks_held_by_a_reservation(make_llm, tiny_model_dir) -> None:
+    """A local prompt that cannot fit next to a reservation, with nothing running,
+    waits for it (the step is idle) instead of failing the engine."""
+    decode = make_llm(tiny_model_dir, kv_cache_bytes=8 * 16 * 1024, max_model_len=128)
+    eng = decode.engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    eng.reserve_remote_prefill("a", PROMPT, params)  # 3 of 8 blocks
+    eng.add_request("b", PROMPT * 2, params)  # 82 + 4 tokens: 6 blocks, 5 free
+    assert eng.step() == [] and eng.step() == []
+    eng.fail_remote_prefill("a")  # its blocks come back; both prompts run locally
+    for _ in range(50):
+        eng.step()
+        if not eng.has_unfinished_requests():
+            break
+    assert_engine_empty(decode)
