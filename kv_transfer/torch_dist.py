@@ -304,19 +304,23 @@ class TorchDistConnector(Connector):
 
 
 class ReceiveStats:
-    """How DATA payloads arrived: straight into their blocks, or through staging; and
-    how many of them carried a span of several layers."""
+    """How DATA payloads arrived: straight into their blocks, through staging, or
+    drained (received with nowhere to land: a failed or revoked transfer's messages
+    still on the wire); and how many of them carried a span of several layers."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.direct = 0
         self.staged = 0
+        self.drained = 0
         self.spans = 0
 
-    def count(self, direct: bool, span: bool = False) -> None:
+    def count(self, direct: bool, span: bool = False, drained: bool = False) -> None:
         with self._lock:
             if direct:
                 self.direct += 1
+            elif drained:
+                self.drained += 1
             else:
                 self.staged += 1
             self.spans += span
@@ -348,7 +352,7 @@ class _Session:
                 self._wait_all(works)
 
             return finish_direct
-        self._stats.count(direct=False, span=header.layer_count > 1)
+        self._stats.count(direct=False, span=header.layer_count > 1, drained=target is None)
         staging = staging_for(
             header,
             self._inbox.max_payload_bytes,

@@ -288,6 +288,9 @@ def test_drop_or_corruption_fails_then_the_pair_recovers(
         (endpoint,) = decode.endpoints
         assert isinstance(endpoint, TorchDistEndpoint)
         assert endpoint.stats.direct > 0 and endpoint.stats.staged == 0
+        # t1's last layer, after the fault in layer 2, may arrive once t1 has failed:
+        # it is drained, never staged
+        assert endpoint.stats.drained <= 1
     assert prefill.call("close")[0] == "closed"
     _assert_clean(decode, redis_url, cluster_name)
 
