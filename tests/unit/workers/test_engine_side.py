@@ -210,13 +210,13 @@ def pair(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pair]
     """`request.param` may give the prefill engine `num_blocks` and a token budget."""
     fabric = FakeFabric()
     hook = SendHook(16)
+    d_engine = LLMEngine(_config(tiny_model_dir))
     p_config = _config(tiny_model_dir)
     tight: dict[str, int] = getattr(request, "param", {})
-    if tight:
-        per_block = p_config.kv_cache_bytes // LLMEngine(p_config).block_pool.num_blocks
+    if tight:  # the same model and block size as the decode engine's
         p_config = dataclasses.replace(
             p_config,
-            kv_cache_bytes=tight["num_blocks"] * per_block,
+            kv_cache_bytes=tight["num_blocks"] * d_engine.kv_cache.layout.block_bytes,
             max_model_len=tight["num_blocks"] * p_config.block_size,
             max_num_batched_tokens=tight["max_num_batched_tokens"],
         )
@@ -227,7 +227,6 @@ def pair(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pair]
     sender = KVSender(LocalRank("prefill-0"), p_engine.kv_cache, geo, fabric.connector())
     pins = BlockPins(p_engine.block_pool)
     hook.bind(sender, pins)
-    d_engine = LLMEngine(_config(tiny_model_dir))
     receiver = KVReceiver(LocalRank("decode-0"), d_engine.kv_cache, geo, fabric.endpoint())
     holder: list[RemotePrefills] = []
     decode = EngineLoop(
