@@ -288,6 +288,7 @@ def test_a_prompt_preempted_on_the_prefill_engine_still_decodes_right(
     never handed out) by prefix hash, waits for a's pins, and completes. Both decode
     exactly as a single engine."""
     params = _greedy()
+    scheduler = pair.prefill.engine.scheduler
     prompts = {"a": PROMPT, "b": [t + 1000 for t in PROMPT]}
     want = reference.generate(list(prompts.values()), params)
     reqs = {
@@ -320,6 +321,10 @@ def test_a_prompt_preempted_on_the_prefill_engine_still_decodes_right(
             while pair.sender.poll(tid).state is not TransferState.DONE:
                 assert time.monotonic() < deadline, pair.sender.poll(tid)
                 await asyncio.sleep(0.001)
+            if rid == "a":  # a's pinned blocks leave b no room to grow: b must be preempted
+                while not await pair.prefill.call(lambda: scheduler.num_preemptions > 0):
+                    assert time.monotonic() < deadline, "b was never preempted"
+                    await asyncio.sleep(0.001)
             await pair.prefill.call(lambda tid=tid: pair.pins.release(tid))
             outcome = PrefillOutcome(ok=True, first_token_id=outs[-1].token_ids[0])
             await pair.decode.call(lambda rid=rid, o=outcome: pair.remote.deliver(rid, o))
@@ -333,7 +338,6 @@ def test_a_prompt_preempted_on_the_prefill_engine_still_decodes_right(
         return tokens
 
     assert asyncio.run(run()) == {rid: w.token_ids for rid, w in zip(prompts, want, strict=True)}
-    assert pair.prefill.engine.scheduler.num_preemptions > 0
     assert pair.decode.engine.num_remote_prefill_fallbacks == 0
     pair.assert_clean()
 
