@@ -21,7 +21,13 @@ Measured in the same run, as baselines:
   each length (the shm rows of a length compare with its copies);
 * raw Gloo p2p: a ProcessGroupGloo pair between the same two processes streaming the
   same bytes in messages of one layer's size, every receive posted up front (no
-  header, gather, checksum or landing), plus the 16 MB-message reference;
+  header, gather, checksum or landing), from one buffer of the transfer's size into
+  another, as a transfer moves its bytes from one cache into another (and, like the
+  memcpy, not from the CPU's caches once it outgrows them); plus the 16 MB-message
+  reference;
+* raw Gloo p2p, cache-resident: the same stream sending one message's buffer over and
+  over into a ring of 4, which stays in the CPU's caches for small messages: the
+  fastest this pair moves bytes, and no transfer's footprint;
 * raw Gloo p2p with one more read pass per side: the same stream, where the sender
   reads each message once before posting it and the receiver once after it landed,
   the memory traffic a per-message checksum adds. Its "vs base" is its share of the
@@ -121,6 +127,7 @@ class Row:
     gbps: float
     baseline_pct: float | None = None  # % of memcpy (shm) or of raw Gloo (torch_dist)
     gloo16_pct: float | None = None  # torch_dist: % of raw Gloo with 16 MB messages
+    resident_pct: float | None = None  # torch_dist: % of the cache-resident raw stream
     prefill_pct: float | None = None
     median_seconds: float | None = None
     median_pct: float | None = None  # baseline_pct of the medians
@@ -251,6 +258,7 @@ def _run_dtype(
             for _ in range(bench.repeats):
                 times["memcpy"].append(memcpy.seconds())
                 times["raw"].append(bench.raw_gloo(msg, NUM_LAYERS, repeats=1))
+                times["resident"].append(bench.raw_gloo(msg, NUM_LAYERS, repeats=1, resident=True))
                 times["summed"].append(bench.raw_gloo(msg, NUM_LAYERS, summed=True, repeats=1))
                 for case in CASES:
                     times[case.label].append(
@@ -258,7 +266,7 @@ def _run_dtype(
                     )
             best = {key: min(values) for key, values in times.items()}
             median = {key: statistics.median(values) for key, values in times.items()}
-            raw, summed = best["raw"], best["summed"]
+            raw, summed, resident = best["raw"], best["summed"], best["resident"]
             copy_gbps = to_gbps(Memcpy.NBYTES, best["memcpy"])
             copy_med_gbps = to_gbps(Memcpy.NBYTES, median["memcpy"])
             rows.append(
@@ -281,6 +289,18 @@ def _run_dtype(
                     raw,
                     to_gbps(nbytes, raw),
                     median_seconds=median["raw"],
+                )
+            )
+            rows.append(
+                Row(
+                    dtype_name,
+                    tokens,
+                    nbytes,
+                    "raw-gloo, cache-resident",
+                    resident,
+                    to_gbps(nbytes, resident),
+                    100 * raw / resident,
+                    median_seconds=median["resident"],
                 )
             )
             rows.append(
@@ -313,6 +333,7 @@ def _run_dtype(
                         gbps,
                         base,
                         None if shm else 100 * gbps / gloo_16mb,
+                        None if shm else 100 * resident / seconds,
                         median_seconds=med,
                         median_pct=med_pct,
                     )
@@ -362,26 +383,30 @@ def table(result: dict[str, Any]) -> str:
         ),
         "",
         f"{'dtype':5} {'tokens':>6} {'MiB':>8}  {'path':<34} {'ms':>9} {'GB/s':>6} "
-        f"{'vs base':>8} {'target':>6} {'vs 16MB':>8} {'% prefill':>9} {'med ms':>9} "
+        f"{'vs base':>8} {'target':>6} {'vs 16MB':>8} {'vs res':>7} {'% prefill':>9} "
+        f"{'med ms':>9} "
         f"{'med vs':>7}",
     ]
     for r in result["rows"]:
         row = Row(**r)
         base = f"{row.baseline_pct:.0f}%" if row.baseline_pct is not None else ""
         g16 = f"{row.gloo16_pct:.0f}%" if row.gloo16_pct is not None else ""
+        res = f"{row.resident_pct:.0f}%" if row.resident_pct is not None else ""
         pre = f"{row.prefill_pct:.2f}%" if row.prefill_pct is not None else ""
         med = f"{row.median_seconds * 1e3:.2f}" if row.median_seconds is not None else ""
         med_pct = f"{row.median_pct:.0f}%" if row.median_pct is not None else ""
         lines.append(
             f"{row.dtype:5} {row.tokens:>6} {row.nbytes / 2**20:>8.1f}  {row.path:<34} "
             f"{row.seconds * 1e3:>9.2f} {row.gbps:>6.2f} {base:>8} {_mark(row):>6} {g16:>8} "
-            f"{pre:>9} {med:>9} {med_pct:>7}"
+            f"{res:>7} {pre:>9} {med:>9} {med_pct:>7}"
         )
     lines.append(
         "vs base: shm vs the memcpy row of its length (target >= 50% from 4 MB); "
         "torch_dist vs raw Gloo streaming the same bytes in messages of the same size, "
-        "all receives posted up front "
-        "(target >= 80%); raw-gloo + a read per side: that stream when each side also "
+        "all receives posted up front, from and into buffers of the transfer's size "
+        "(target >= 80%); raw-gloo, cache-resident: that stream from one buffer into a "
+        "ring of 4 (its vs base: the plain stream's time as a share of its own; vs res: "
+        "torch_dist vs this stream); raw-gloo + a read per side: that stream when each side also "
         "reads every message once, as a checksum does. vs 16MB: torch_dist vs raw Gloo "
         "with 16 MB messages. med ms, med vs: the median over the repeats, and vs base "
         "from the medians. "

@@ -89,6 +89,12 @@ class Memcpy:
         return to_gbps(self.NBYTES, min(self.seconds() for _ in range(repeats)))
 
 
+def _messages(msg_bytes: int, count: int) -> list[torch.Tensor]:
+    """`count` messages of `msg_bytes`, one after another in one buffer (written once,
+    so that its pages are in)."""
+    return list(torch.ones(count * msg_bytes, dtype=torch.uint8).view(count, msg_bytes))
+
+
 def _word_sum(buf: torch.Tensor) -> int:
     """One read pass over a message, as a checksum makes (64-bit word sum)."""
     return int(buf.view(torch.int64).sum())
@@ -150,18 +156,19 @@ def peer_main(conn: Connection, redis_url: str, cluster: str) -> None:
             status = _wait_terminal(sender, tid)
             conn.send((began, status.state.value, status.reason))
         elif cmd[0] == "gloo":
-            _, host, port, token, msg_bytes, count, rounds, summed = cmd
+            _, host, port, token, msg_bytes, count, rounds, summed, resident = cmd
             tcp = TCPStore(
                 host, port, None, False, timeout=timedelta(seconds=30), wait_for_workers=False
             )
             group = new_pair_group(tcp, token, 0, "gloo", "127.0.0.1", 60.0)
-            msg = torch.ones(msg_bytes, dtype=torch.uint8)
+            msgs = _messages(msg_bytes, 1 if resident else count)
             starts = []
             for _ in range(rounds):
                 group.send([torch.ones(1, dtype=torch.uint8)], 1, 0).wait()  # both ready
                 starts.append(time.monotonic())
                 works = []
-                for _ in range(count):
+                for i in range(count):
+                    msg = msgs[i % len(msgs)]
                     if summed:
                         _word_sum(msg)
                     works.append(group.send([msg], 1, 0))
@@ -191,21 +198,32 @@ class Bench:
         return self.conn.recv()
 
     def raw_gloo(
-        self, msg_bytes: int, count: int, summed: bool = False, repeats: int | None = None
+        self,
+        msg_bytes: int,
+        count: int,
+        summed: bool = False,
+        repeats: int | None = None,
+        resident: bool = False,
     ) -> float:
         """Best seconds to stream `count` messages of `msg_bytes` over a bare Gloo pair,
         with every receive posted up front (one warm-up round, then `repeats` rounds,
-        by default the bench's). `summed`: each side also reads every message once
-        more, as a checksum does (the sender before it posts the send, the receiver
-        once it has landed)."""
+        by default the bench's). The messages leave from, and land in, consecutive
+        slices of a buffer of all of them on each side, as a transfer's bytes leave one
+        cache and land in another. `resident`: the sender sends one buffer over and
+        over, and the receiver takes them into a ring of 4, so that small streams run
+        from the CPU's caches. `summed`: each side also reads every message once more,
+        as a checksum does (the sender before it posts the send, the receiver once it
+        has landed)."""
         store = TCPStore(
             "127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
         )
         token = os.urandom(16)
         rounds = (self.repeats if repeats is None else repeats) + 1
-        self.conn.send(("gloo", "127.0.0.1", store.port, token, msg_bytes, count, rounds, summed))
+        self.conn.send(
+            ("gloo", "127.0.0.1", store.port, token, msg_bytes, count, rounds, summed, resident)
+        )
         group = new_pair_group(store, token, 1, "gloo", "127.0.0.1", 60.0)
-        ring = [torch.zeros(msg_bytes, dtype=torch.uint8) for _ in range(min(count, 4))]
+        ring = _messages(msg_bytes, min(count, 4) if resident else count)
         ends = []
         for _ in range(rounds):
             group.recv([torch.empty(1, dtype=torch.uint8)], 0, 0).wait()
