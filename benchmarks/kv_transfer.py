@@ -38,7 +38,8 @@ Measured in the same run, as baselines:
 Every figure is the best of its repeats: the host may be shared, and interference only
 ever slows a run down. The repeats take turns across the paths and baselines of a
 length, so a slow spell falls on all of them (a turn keeps the better of two transfers
-back to back); the table also gives the median of the turns.
+back to back, and starts one path further on than the turn before); the table also
+gives the median of the turns.
 Targets, marked in the table: shm >= 50% of memcpy for transfers of 4 MB or more;
 torch_dist >= 80% of raw Gloo; a transfer <= 5% of the prefill time at 1k tokens. It
 prints a table and writes JSON to benchmarks/results/.
@@ -55,7 +56,9 @@ import platform
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -251,19 +254,26 @@ def _run_dtype(
             nbytes = layout(dtype, blocks).total_bytes
             msg = nbytes // NUM_LAYERS
             # Repeats go round every case in turn, so that a slow spell on a shared host
-            # falls on all of them and not on one case's block of repeats. Each turn
-            # times two transfers back to back (and the raw stream's warmed-up round)
-            # and keeps the better: a path that has been idle starts cold.
+            # falls on all of them and not on one case's block of repeats, each turn
+            # starting one case further on, so that no case always runs right after the
+            # same one. Each turn times two transfers back to back (and the raw
+            # stream's warmed-up round) and keeps the better: a path that has been idle
+            # starts cold.
+            timed: list[tuple[str, Callable[[], float]]] = [
+                ("memcpy", memcpy.seconds),
+                ("raw", partial(bench.raw_gloo, msg, NUM_LAYERS, repeats=1)),
+                ("resident", partial(bench.raw_gloo, msg, NUM_LAYERS, repeats=1, resident=True)),
+                ("summed", partial(bench.raw_gloo, msg, NUM_LAYERS, summed=True, repeats=1)),
+            ]
+            timed += [
+                (case.label, partial(_transfer, bench, receivers, case, blocks, num_blocks, 2))
+                for case in CASES
+            ]
             times: dict[str, list[float]] = defaultdict(list)
-            for _ in range(bench.repeats):
-                times["memcpy"].append(memcpy.seconds())
-                times["raw"].append(bench.raw_gloo(msg, NUM_LAYERS, repeats=1))
-                times["resident"].append(bench.raw_gloo(msg, NUM_LAYERS, repeats=1, resident=True))
-                times["summed"].append(bench.raw_gloo(msg, NUM_LAYERS, summed=True, repeats=1))
-                for case in CASES:
-                    times[case.label].append(
-                        _transfer(bench, receivers, case, blocks, num_blocks, repeats=2)
-                    )
+            for turn in range(bench.repeats):
+                shift = turn % len(timed)
+                for key, measure in timed[shift:] + timed[:shift]:
+                    times[key].append(measure())
             best = {key: min(values) for key, values in times.items()}
             median = {key: statistics.median(values) for key, values in times.items()}
             raw, summed, resident = best["raw"], best["summed"], best["resident"]
