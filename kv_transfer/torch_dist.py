@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -303,6 +303,9 @@ class TorchDistConnector(Connector):
         return _Link(peer, control, store, group, backend, self._cfg.op_timeout_s, zero_copy)
 
 
+Landing = Literal["direct", "staged", "drained"]
+
+
 class ReceiveStats:
     """How DATA payloads arrived: straight into their blocks, through staging, or
     drained (received with nowhere to land: a failed or revoked transfer's messages
@@ -315,14 +318,14 @@ class ReceiveStats:
         self.drained = 0
         self.spans = 0
 
-    def count(self, direct: bool, span: bool = False, drained: bool = False) -> None:
+    def count(self, landing: Landing, span: bool) -> None:
         with self._lock:
-            if direct:
+            if landing == "direct":
                 self.direct += 1
-            elif drained:
-                self.drained += 1
-            else:
+            elif landing == "staged":
                 self.staged += 1
+            else:
+                self.drained += 1
             self.spans += span
 
 
@@ -346,13 +349,14 @@ class _Session:
     def start(self, header: Header, target: Target | None) -> Finish:
         if target is not None and target.direct:
             works = self._post(target.views())
-            self._stats.count(direct=True, span=header.layer_count > 1)
+            self._stats.count("direct", span=header.layer_count > 1)
 
             def finish_direct() -> None:
                 self._wait_all(works)
 
             return finish_direct
-        self._stats.count(direct=False, span=header.layer_count > 1, drained=target is None)
+        landing: Landing = "drained" if target is None else "staged"
+        self._stats.count(landing, span=header.layer_count > 1)
         staging = staging_for(
             header,
             self._inbox.max_payload_bytes,
