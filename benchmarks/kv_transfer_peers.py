@@ -223,15 +223,15 @@ class Bench:
             ("gloo", "127.0.0.1", store.port, token, msg_bytes, count, rounds, summed, resident)
         )
         group = new_pair_group(store, token, 1, "gloo", "127.0.0.1", 60.0)
-        ring = _messages(msg_bytes, min(count, 4) if resident else count)
+        into = _messages(msg_bytes, min(count, 4) if resident else count)
         ends = []
         for _ in range(rounds):
             group.recv([torch.empty(1, dtype=torch.uint8)], 0, 0).wait()
-            works = [group.recv([ring[i % len(ring)]], 0, 0) for i in range(count)]
+            works = [group.recv([into[i % len(into)]], 0, 0) for i in range(count)]
             for i, work in enumerate(works):
                 work.wait()
                 if summed:
-                    _word_sum(ring[i % len(ring)])
+                    _word_sum(into[i % len(into)])
             ends.append(time.monotonic())
         (starts,) = self.conn.recv()
         del group
