@@ -225,16 +225,21 @@ class TransferSender(Protocol):
 
         `layer` is the model's (global) layer index. Called on the engine thread right
         after the layer wrote them; the blocks must stay unchanged until `finish(wait=True)`
-        returns, or until the transfer is DONE or FAILED.
+        returns, or until `reading` is False.
         """
         ...
 
     def finish(self, transfer_id: str, wait: bool = True) -> None:
         """No more slices. With `wait`, returns once the source blocks are no longer read
         (bounded by the deadline), which may mean once they are sent; without, at once,
-        and the caller keeps the blocks unchanged until `poll` says DONE or FAILED. (After
-        FAILED a send may still read them until its pair is torn down; what it reads then
-        reaches no one.)"""
+        and the caller keeps the blocks unchanged until `reading` is False."""
+        ...
+
+    def reading(self, transfer_id: str) -> bool:
+        """Whether a send may still read the transfer's source blocks: False once DONE
+        (as soon as the pump is past the transfer's end), and after FAILED once the
+        sends in flight have completed or failed (FAILED alone does not stop them: an
+        abort leaves the pair up for other transfers)."""
         ...
 
     def poll(self, transfer_id: str) -> TransferStatus: ...

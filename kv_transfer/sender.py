@@ -10,7 +10,9 @@ Lifecycle of one transfer on one sender rank:
     finish()                    engine thread: queue END, return once the pump has read
                                 every source block of the transfer (zero-copy links:
                                 once those sends completed); with wait=False at once,
-                                and the caller holds the blocks until DONE or FAILED
+                                and the caller holds the blocks until `reading` is
+                                False (at DONE; after a failure, once the sends in
+                                flight are over)
         pump thread             send END to every receiver rank the routes reach
     completions resolve         all ok and END sent -> DONE
     error / abort / deadline    FAILED; ABORT goes to the receivers (best effort), and a
@@ -141,6 +143,7 @@ class KVSender:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._active: dict[str, _Outbound] = {}
+        self._unreleased: set[str] = set()  # transfers whose sources a send may still read
         self._history: OrderedDict[str, TransferStatus] = OrderedDict()
         self._links: dict[RankId, Link] = {}
         self._inflight_bytes = 0
@@ -167,6 +170,7 @@ class KVSender:
             self._active[spec.transfer_id] = _Outbound(
                 spec, by_layer, time.monotonic() + spec.timeout_s
             )
+            self._unreleased.add(spec.transfer_id)
 
     def send_layer(
         self, transfer_id: str, layer: int, block_ids: Sequence[int], first_block: int
@@ -213,6 +217,20 @@ class KVSender:
             if out is not None:
                 return out.status
             return self._history[transfer_id]
+
+    def reading(self, transfer_id: str) -> bool:
+        """Whether a send of the transfer may still read its source blocks. False once
+        it is over (finished and pumped, or terminal) with no send reading: once DONE,
+        as soon as the pump is past its END; after a failure, once the sends in flight
+        have completed or failed. Whoever holds the blocks may free them only then."""
+        with self._lock:
+            return transfer_id in self._unreleased
+
+    @property
+    def num_reading(self) -> int:
+        """Transfers whose source blocks a send may still read (active ones included)."""
+        with self._lock:
+            return len(self._unreleased)
 
     def abort(self, transfer_id: str, reason: str = "aborted") -> None:
         with self._lock:
@@ -284,6 +302,7 @@ class KVSender:
         over = out.finish_pumped or out.status.terminal
         if over and out.reading == 0 and self._current is not out:
             out.released.set()
+            self._unreleased.discard(out.spec.transfer_id)
 
     def _maybe_done_locked(self, out: _Outbound) -> None:
         if out.ended and out.inflight == 0 and not out.status.terminal:

@@ -199,6 +199,12 @@ def assert_no_leaks(c: Cluster) -> None:
     for inst in c.prefills + c.decodes:
         assert all(role.num_active == 0 for role in inst.roles)
         assert inst.pool.num_free == NUM_BLOCKS
+    # Every sender lets go of its sources, once its pump is past each transfer's end.
+    senders = [r for inst in c.prefills for r in inst.roles if isinstance(r, KVSender)]
+    deadline = time.monotonic() + 5.0
+    while any(s.num_reading for s in senders):
+        assert time.monotonic() < deadline, [s.num_reading for s in senders]
+        time.sleep(0.001)
 
 
 def states(statuses: list[TransferStatus]) -> set[TransferState]:

@@ -1,6 +1,7 @@
 """KVSender.finish over a link that reads the source blocks until its sends complete
 (zero-copy): with `wait` it returns only once they did; without, at once, and the
-transfer still ends DONE, or FAILED on abort."""
+transfer still ends DONE, or FAILED on abort. `reading` says when the blocks are free to
+go: never while a send still reads them, even after the transfer failed."""
 
 from __future__ import annotations
 
@@ -129,3 +130,41 @@ def test_finish_without_wait_returns_while_the_sends_read(
     assert sender.poll("t2").state is TransferState.FAILED
     link.resolve_all()
     assert sender.num_active == 0
+
+
+def _wait_unread(sender: KVSender, tid: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while sender.reading(tid):
+        assert time.monotonic() < deadline, f"{tid} is still read"
+        time.sleep(0.001)
+
+
+def test_a_failed_transfer_is_read_until_its_sends_in_flight_are_over(
+    held: tuple[KVSender, HeldConnector],
+) -> None:
+    sender, connector = held
+    link = _send_all(sender, connector, "t")
+    assert sender.reading("t")
+    sender.finish("t", wait=False)
+    sender.abort("t", "caller went away")
+    assert sender.poll("t").state is TransferState.FAILED
+    time.sleep(0.05)
+    assert sender.reading("t")  # failed, but the pending sends still read the blocks
+    link.resolve_all()
+    _wait_unread(sender, "t")
+
+
+def test_a_done_transfer_is_unread_and_one_that_never_sent_at_once(
+    held: tuple[KVSender, HeldConnector],
+) -> None:
+    sender, connector = held
+    link = _send_all(sender, connector, "t1")
+    sender.finish("t1", wait=False)
+    link.resolve_all()
+    assert _wait_terminal(sender, "t1") is TransferState.DONE
+    _wait_unread(sender, "t1")  # once the pump is past its END
+    sender.open(SendSpec("t2", DEST, 0, 10.0))
+    assert sender.reading("t2")  # blocks may be queued until it is over
+    sender.abort("t2", "nothing to send")
+    _wait_unread(sender, "t2")
+    assert not sender.reading("never-opened")
