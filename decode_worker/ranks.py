@@ -17,7 +17,8 @@ Lifecycle:
                             prefill  rank 0 registers the request on every rank's
                                      SendHook (`add_transfer`) before the engine sees it;
                                      the transfer is sent once every rank reports DONE;
-                                     rank 0's block pins cover every rank's sources
+                                     rank 0's block pins cover every rank's sources,
+                                     until no rank's sender reads them
                             decode   `RankedReceiver` expects the transfer on every
                                      rank; it is DONE once every rank's receiver is
     close()               after rank 0's engine broadcast STOP: each actor's thread ends,
@@ -76,8 +77,8 @@ _HISTORY = 4096  # terminal statuses kept for poll()
 
 class _HeldByRankZero:
     """The source pins of ranks 1..N-1. Rank 0's engine hands out every rank's block
-    ids, and its own pins keep a transfer's ids from being handed out again until the
-    transfer is DONE on every rank or has failed; so `finish` need not wait here
+    ids, and its own pins keep a transfer's ids from being handed out again until no
+    rank's sender reads them (`RankActor.reading`); so `finish` need not wait here
     either, and there is nothing to hold."""
 
     def pin(self, key: str, block_ids: Sequence[int]) -> None:
@@ -194,6 +195,11 @@ class RankActor:
         if self._hook is not None and self._sender is not None:
             self._hook.discard(request_id, reason)
             self._sender.abort(transfer_id, reason)
+
+    def reading(self, transfer_ids: list[str]) -> list[bool]:
+        """Whether this rank's sender may still read each transfer's source blocks."""
+        sender = self._sender
+        return [sender is not None and sender.reading(t) for t in transfer_ids]
 
     # -- decode ranks --------------------------------------------------------------------
 

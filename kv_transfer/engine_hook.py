@@ -15,8 +15,9 @@ the engine thread:
 The sender reads a block after `send_layer` returns: it copies it out, or sends it
 straight from the cache. With `pins`, every block queued is pinned (keyed by transfer
 id) before the engine could free it, by finishing or by preempting the request, and
-`finish` returns at once; the owner of the pins releases them once the transfer is DONE
-or FAILED. Without, `finish` returns once the sender no longer reads the blocks (for
+`finish` returns at once; the owner of the pins releases them once no send reads them
+(`KVSender.reading`: at DONE, or once a failed transfer's sends in flight are over).
+Without, `finish` returns once the sender no longer reads the blocks (for
 sends straight from the cache, once they are sent), and the engine must not preempt a
 request whose transfer is running.
 

@@ -21,10 +21,13 @@ Lifecycle of a replica:
                    them; the chunk that completes the prompt samples the first token,
                    the hook's `finish` returns at once, and the engine frees the
                    request (full prompt blocks stay as prefix cache)
-                   wait (bounded) for every rank's sender to report DONE; release the
-                   pins; return the first token and timings, or why it failed
+                   wait (bounded) for every rank's sender to report DONE; return the
+                   first token and timings, or why it failed
                  If the caller goes away first, the transfer and the request are
-                 aborted, the pins released and the blocks freed. The other ranks' hooks
+                 aborted and the blocks freed. Either way, the pins are released in the
+                 background once no rank's sender reads the blocks any more (at once
+                 after DONE; after a failure, once the sends in flight are over, within
+                 their transport's operation timeout). The other ranks' hooks
                  pin nothing: rank 0's pins hold the same block ids in every rank's
                  cache.
     abort()      the same abort, by request id
@@ -37,6 +40,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from decode_worker.engine_loop import OutputStream
 from decode_worker.kv_roles import local_rank, sender_connector, transfer_host
@@ -59,6 +63,36 @@ logger = logging.getLogger(__name__)
 
 _COMMAND_TIMEOUT_S = 30.0
 _SEND_POLL_S = 0.001
+# Sends in flight end within their transport's operation timeout (then the pair is
+# torn down); past this bound a transfer's pins are released regardless.
+_UNREAD_TIMEOUT_S = 60.0
+
+
+async def release_when_unread(
+    transfer_id: str,
+    reading: Callable[[], Awaitable[bool]],
+    release: Callable[[], object],
+    timeout_s: float = _UNREAD_TIMEOUT_S,
+    poll_s: float = _SEND_POLL_S,
+) -> None:
+    """Call `release` once `reading` says no sender reads the transfer's blocks, or
+    after `timeout_s` (logged), or when `reading` fails (a rank that cannot answer
+    reads nothing more); also when cancelled."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while await reading():
+            if time.monotonic() > deadline:
+                logger.error(
+                    "transfer %s: sends still read its blocks after %gs; unpinning them",
+                    transfer_id,
+                    timeout_s,
+                )
+                return
+            await asyncio.sleep(poll_s)
+    except Exception as e:
+        logger.warning("transfer %s: unpinning without every rank: %s", transfer_id, e)
+    finally:
+        release()
 
 
 class PrefillWorker:
@@ -79,6 +113,7 @@ class PrefillWorker:
         self._pins = BlockPins(self._rt.engine.block_pool)
         self._hook.bind(self._sender, self._pins)
         self._ranks: RemoteRanks | None = self._rt.ranks
+        self._unpinning: set[asyncio.Task[None]] = set()
         self._rt.start()
 
     # -- engine thread --------------------------------------------------------------------
@@ -143,8 +178,31 @@ class PrefillWorker:
                 self._sender.abort(request.transfer_id, "prefill abandoned")
                 self._abort_ranks(request, "prefill abandoned")
                 loop.submit(lambda: self._abort(rid))
-            # DONE on every rank, or FAILED: nothing a send may still read reaches anyone
-            loop.submit(lambda: self._pins.release(request.transfer_id))
+            self._release_when_unread(request.transfer_id)
+
+    def _release_when_unread(self, transfer_id: str) -> None:
+        """Release the transfer's pins once no rank's sender reads its blocks: at once
+        after DONE; after a failure, once the sends in flight are over. In the
+        background, so that a failure reaches the caller without waiting for them."""
+        task = asyncio.get_running_loop().create_task(self._unpin(transfer_id))
+        self._unpinning.add(task)
+        task.add_done_callback(self._unpinning.discard)
+
+    async def _unpin(self, transfer_id: str) -> None:
+        await release_when_unread(
+            transfer_id,
+            lambda: self._reading(transfer_id),
+            lambda: self._rt.loop.submit(lambda: self._pins.release(transfer_id)),
+        )
+
+    async def _reading(self, transfer_id: str) -> bool:
+        """Whether any rank's sender may still read the transfer's source blocks."""
+        if self._sender.reading(transfer_id):
+            return True
+        if self._ranks is None:
+            return False
+        per_rank = await self._ranks.acall("reading", [transfer_id])
+        return any(r[0] for r in per_rank)
 
     async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
         while True:
