@@ -44,6 +44,9 @@ class BlockPool:
         # Free blocks in eviction order (oldest first). Values are unused.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._listener = listener
+        # Bumped each time a block is handed out afresh: a block whose generation is
+        # unchanged still holds what its last owner wrote.
+        self._generation = [0] * num_blocks
         self.stats = PoolStats()
 
     @property
@@ -62,8 +65,20 @@ class BlockPool:
             block_id, _ = self._free.popitem(last=False)
             self._evict(block_id)
             self._ref[block_id] = 1
+            self._generation[block_id] += 1
             out.append(block_id)
         return out
+
+    def generation(self, block_id: int) -> int:
+        return self._generation[block_id]
+
+    def reclaim(self, block_id: int, generation: int) -> bool:
+        """Take a reference to a block its last owner let go of, if it has not been
+        handed out since (so it still holds what that owner wrote); False otherwise."""
+        if self._generation[block_id] != generation:
+            return False
+        self.acquire(block_id)
+        return True
 
     def lookup(self, block_hash: int) -> int | None:
         """The block caching `block_hash`, or None. Counts toward the hit rate."""

@@ -4,7 +4,10 @@ Each step: running decodes go first (one token each), then running prompts conti
 their chunks, then waiting requests are admitted in arrival order while the token
 budget, `max_num_seqs` and free blocks allow. When a running sequence cannot get a
 block, the most recently admitted running sequence is preempted by recompute: its
-blocks are freed and it goes back to the head of the waiting queue.
+blocks are freed and it goes back to the head of the waiting queue. Its recompute
+starts after the leading full blocks it computed that are still intact: found by
+prefix hash, or, without prefix caching, taken back if not handed out since (blocks
+pinned for a transfer, say).
 
 `schedule()` is side-effect free on the cache contents; it only moves sequences
 between queues and grows block tables. Invariant: only running sequences hold
@@ -119,7 +122,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self.blocks.preempt(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -56,6 +56,9 @@ class Sequence:
         self.num_cached_prompt_tokens = 0  # prefix-cache hits at first admission
         self.block_table: list[int] = []
         self.num_published_blocks = 0  # leading blocks already in the prefix cache
+        # Without prefix caching: the full blocks it had computed when last preempted,
+        # as (block id, pool generation), for its recompute to take back (BlockManager).
+        self.retained_blocks: list[tuple[int, int]] = []
         self.finish_reason: str | None = None
         self.detok = detok
         self.generator = generator

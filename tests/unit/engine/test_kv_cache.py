@@ -45,13 +45,22 @@ def test_fully_cached_prompt_still_computes_its_last_token(make_llm, tiny_model_
     assert again.token_ids == first.token_ids
 
 
-def test_preemption_under_tiny_budget_keeps_outputs(make_llm, tiny_model_dir) -> None:
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_preemption_under_tiny_budget_keeps_outputs(
+    make_llm, tiny_model_dir, prefix_caching: bool
+) -> None:
+    """Without prefix caching, a recompute resumes after the leading blocks it had
+    computed that were not handed out since; outputs are the same either way."""
     prompts = [_prompt(n, 10 + n) for n in (40, 55, 70, 33, 90, 61)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     roomy = make_llm(tiny_model_dir, block_size=8).generate(prompts, params)
     # 40 blocks of 8 tokens: far less than six sequences of ~100 tokens need at once.
     tight_llm = make_llm(
-        tiny_model_dir, block_size=8, max_model_len=256, kv_cache_bytes=40 * 8 * 1024
+        tiny_model_dir,
+        block_size=8,
+        max_model_len=256,
+        kv_cache_bytes=40 * 8 * 1024,
+        enable_prefix_caching=prefix_caching,
     )
     assert tight_llm.engine.block_pool.num_blocks == 40
     eng = tight_llm.engine
@@ -113,6 +122,23 @@ def test_block_pool_refcounts_and_lru_eviction() -> None:
     with pytest.raises(RuntimeError):
         pool.release([a[0]])
     assert pool.num_free == 4
+
+
+def test_a_block_is_reclaimed_only_if_not_handed_out_since() -> None:
+    pool = BlockPool(3)
+    a, b = pool.allocate(2)
+    gens = {a: pool.generation(a), b: pool.generation(b)}
+    pool.acquire(a)  # a second holder (a pin) keeps a allocated
+    pool.release([b, a])  # the sequence lets go of both
+    assert pool.num_free == 2
+    assert pool.reclaim(a, gens[a]) and pool.ref_count(a) == 2  # held all along
+    assert pool.reclaim(b, gens[b]) and pool.ref_count(b) == 1  # free, never reused
+    assert pool.num_free == 1
+    pool.release([b])
+    taken = pool.allocate(2)  # the never-used block, then b: written by someone else
+    assert b in taken and not pool.reclaim(b, gens[b])
+    pool.release([a, a, *taken])
+    assert pool.num_free == 3
 
 
 def test_pins_hold_blocks_after_their_sequence_lets_go() -> None:

@@ -219,6 +219,7 @@ def pair(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pair]
             kv_cache_bytes=tight["num_blocks"] * d_engine.kv_cache.layout.block_bytes,
             max_model_len=tight["num_blocks"] * p_config.block_size,
             max_num_batched_tokens=tight["max_num_batched_tokens"],
+            enable_prefix_caching=bool(tight.get("prefix_caching", True)),
         )
     p_engine = LLMEngine(p_config, layer_hook=hook)
     assert not tight or p_engine.block_pool.num_blocks == tight["num_blocks"]
@@ -278,19 +279,14 @@ def test_remote_prefill_commits_and_matches(pair: Pair, reference: LLM) -> None:
     pair.assert_clean()
 
 
-@pytest.mark.parametrize("pair", [{"num_blocks": 5, "max_num_batched_tokens": 64}], indirect=True)
-def test_a_prompt_preempted_on_the_prefill_engine_still_decodes_right(
-    pair: Pair, reference: LLM
-) -> None:
-    """Two 40-token prompts (3 blocks each) in one step of a 5-block prefill engine: a
-    finishes and its blocks stay pinned until its transfer is over; b has sent its first
-    block, cannot grow, and is preempted. Its recompute finds that block (pinned, so
-    never handed out) by prefix hash, waits for a's pins, and completes. Both decode
-    exactly as a single engine."""
+def _preempted_run(pair: Pair, prompts: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Start both prompts in one prefill step; the first finishes and its blocks stay
+    pinned until its transfer is DONE, and the second must be preempted before those
+    pins go. Every transfer's pins are released once it is DONE. The tokens each
+    request decodes."""
     params = _greedy()
     scheduler = pair.prefill.engine.scheduler
-    prompts = {"a": PROMPT, "b": [t + 1000 for t in PROMPT]}
-    want = reference.generate(list(prompts.values()), params)
+    first = next(iter(prompts))
     reqs = {
         rid: WorkerRequest(
             rid, tuple(p), params, time.time(), RemotePrefillPlan(f"x-{rid}", "prefill-0", 10.0)
@@ -321,9 +317,9 @@ def test_a_prompt_preempted_on_the_prefill_engine_still_decodes_right(
             while pair.sender.poll(tid).state is not TransferState.DONE:
                 assert time.monotonic() < deadline, pair.sender.poll(tid)
                 await asyncio.sleep(0.001)
-            if rid == "a":  # a's pinned blocks leave b no room to grow: b must be preempted
+            if rid == first:  # its pinned blocks leave the other no room to grow
                 while not await pair.prefill.call(lambda: scheduler.num_preemptions > 0):
-                    assert time.monotonic() < deadline, "b was never preempted"
+                    assert time.monotonic() < deadline, "the second prompt was never preempted"
                     await asyncio.sleep(0.001)
             await pair.prefill.call(lambda tid=tid: pair.pins.release(tid))
             outcome = PrefillOutcome(ok=True, first_token_id=outs[-1].token_ids[0])
@@ -337,7 +333,45 @@ def test_a_prompt_preempted_on_the_prefill_engine_still_decodes_right(
             tokens[rid] = [t for c in chunks for t in c.token_ids]
         return tokens
 
-    assert asyncio.run(run()) == {rid: w.token_ids for rid, w in zip(prompts, want, strict=True)}
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("pair", [{"num_blocks": 5, "max_num_batched_tokens": 64}], indirect=True)
+def test_a_prompt_preempted_on_the_prefill_engine_still_decodes_right(
+    pair: Pair, reference: LLM
+) -> None:
+    """Two 40-token prompts (3 blocks each) in one step of a 5-block prefill engine: a
+    finishes and its blocks stay pinned until its transfer is over; b has sent its first
+    block, cannot grow, and is preempted. Its recompute finds that block (pinned, so
+    never handed out) by prefix hash, waits for a's pins, and completes. Both decode
+    exactly as a single engine."""
+    prompts = {"a": PROMPT, "b": [t + 1000 for t in PROMPT]}
+    want = reference.generate(list(prompts.values()), _greedy())
+    tokens = _preempted_run(pair, prompts)
+    assert tokens == {rid: w.token_ids for rid, w in zip(prompts, want, strict=True)}
+    assert pair.decode.engine.num_remote_prefill_fallbacks == 0
+    pair.assert_clean()
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [{"num_blocks": 6, "max_num_batched_tokens": 64, "prefix_caching": False}],
+    indirect=True,
+)
+def test_without_prefix_caching_a_preempted_prompt_resumes_after_its_pinned_blocks(
+    pair: Pair, reference: LLM
+) -> None:
+    """A 6-block prefill engine without prefix caching. x (24 tokens, 2 blocks) and the
+    first 40 tokens of c (72 tokens, 5 blocks) share a step; x finishes with its blocks
+    pinned, and c, having sent its 2 full blocks (pinned), cannot grow and is
+    preempted. Once x's pins go, 4 blocks are free: too few for all of c, but its
+    recompute takes back its 2 pinned blocks (never handed out since) and needs only 3.
+    Recomputing from scratch instead would wait for c's own pins, that is, for its own
+    transfer, until the deadline."""
+    prompts = {"x": list(range(200, 224)), "c": list(range(300, 372))}
+    want = reference.generate(list(prompts.values()), _greedy())
+    tokens = _preempted_run(pair, prompts)
+    assert tokens == {rid: w.token_ids for rid, w in zip(prompts, want, strict=True)}
     assert pair.decode.engine.num_remote_prefill_fallbacks == 0
     pair.assert_clean()
 
