@@ -66,6 +66,7 @@ _SEND_POLL_S = 0.001
 # Sends in flight end within their transport's operation timeout (then the pair is
 # torn down); past this bound a transfer's pins are released regardless.
 _UNREAD_TIMEOUT_S = 60.0
+_UNREAD_POLL_S = 0.005  # with TP/PP, each poll asks every rank actor
 
 
 async def release_when_unread(
@@ -73,7 +74,7 @@ async def release_when_unread(
     reading: Callable[[], Awaitable[bool]],
     release: Callable[[], object],
     timeout_s: float = _UNREAD_TIMEOUT_S,
-    poll_s: float = _SEND_POLL_S,
+    poll_s: float = _UNREAD_POLL_S,
 ) -> None:
     """Call `release` once `reading` says no sender reads the transfer's blocks, or
     after `timeout_s` (logged), or when `reading` fails (a rank that cannot answer
