@@ -114,24 +114,6 @@ def test_finish_waits_for_sends_that_read_the_source(
     assert _wait_terminal(sender, "t") is TransferState.DONE
 
 
-def test_finish_without_wait_returns_while_the_sends_read(
-    held: tuple[KVSender, HeldConnector],
-) -> None:
-    sender, connector = held
-    link = _send_all(sender, connector, "t1")
-    sender.finish("t1", wait=False)
-    assert sender.poll("t1").state is TransferState.TRANSFERRING
-    link.resolve_all()
-    assert _wait_terminal(sender, "t1") is TransferState.DONE
-    # Aborted after finish, while its sends are pending: FAILED, and nothing is left.
-    link = _send_all(sender, connector, "t2")
-    sender.finish("t2", wait=False)
-    sender.abort("t2", "caller went away")
-    assert sender.poll("t2").state is TransferState.FAILED
-    link.resolve_all()
-    assert sender.num_active == 0
-
-
 def _wait_unread(sender: KVSender, tid: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while sender.reading(tid):
@@ -139,32 +121,36 @@ def _wait_unread(sender: KVSender, tid: str) -> None:
         time.sleep(0.001)
 
 
-def test_a_failed_transfer_is_read_until_its_sends_in_flight_are_over(
-    held: tuple[KVSender, HeldConnector],
-) -> None:
-    sender, connector = held
-    link = _send_all(sender, connector, "t")
-    assert sender.reading("t")
-    sender.finish("t", wait=False)
-    sender.abort("t", "caller went away")
-    assert sender.poll("t").state is TransferState.FAILED
-    time.sleep(0.05)
-    assert sender.reading("t")  # failed, but the pending sends still read the blocks
-    link.resolve_all()
-    _wait_unread(sender, "t")
-
-
-def test_a_done_transfer_is_unread_and_one_that_never_sent_at_once(
+def test_finish_without_wait_returns_while_the_sends_read(
     held: tuple[KVSender, HeldConnector],
 ) -> None:
     sender, connector = held
     link = _send_all(sender, connector, "t1")
+    assert sender.reading("t1")
     sender.finish("t1", wait=False)
+    assert sender.poll("t1").state is TransferState.TRANSFERRING
     link.resolve_all()
     assert _wait_terminal(sender, "t1") is TransferState.DONE
     _wait_unread(sender, "t1")  # once the pump is past its END
-    sender.open(SendSpec("t2", DEST, 0, 10.0))
-    assert sender.reading("t2")  # blocks may be queued until it is over
-    sender.abort("t2", "nothing to send")
+    # Aborted after finish, while its sends are pending: FAILED, but its blocks are
+    # read until those sends are over; then nothing is left.
+    link = _send_all(sender, connector, "t2")
+    sender.finish("t2", wait=False)
+    sender.abort("t2", "caller went away")
+    assert sender.poll("t2").state is TransferState.FAILED
+    time.sleep(0.05)
+    assert sender.reading("t2")
+    link.resolve_all()
     _wait_unread(sender, "t2")
+    assert sender.num_active == sender.num_reading == 0
+
+
+def test_a_transfer_that_never_sent_is_unread_once_it_ends(
+    held: tuple[KVSender, HeldConnector],
+) -> None:
+    sender, _ = held
+    sender.open(SendSpec("t", DEST, 0, 10.0))
+    assert sender.reading("t")  # blocks may be queued until it is over
+    sender.abort("t", "nothing to send")
+    _wait_unread(sender, "t")
     assert not sender.reading("never-opened")
