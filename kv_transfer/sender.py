@@ -80,7 +80,7 @@ class SenderConfig:
 @dataclass(eq=False)
 class _Outbound:
     spec: SendSpec
-    by_layer: dict[int, list[Route]]
+    by_layer: dict[int, list[Route]]  # where each layer goes; one list per route shape
     deadline: float
     status: TransferStatus = PENDING
     inflight: int = 0
@@ -92,7 +92,7 @@ class _Outbound:
     released: threading.Event = field(default_factory=threading.Event)  # sources unread
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per layer sent: a frozen dataclass costs 4x to build
 class _Slice:
     out: _Outbound
     layer: int
@@ -127,6 +127,8 @@ class KVSender:
     ) -> None:
         self.me, self._geo, self._connector, self._cfg = me, geometry, connector, config
         self._cache = cache.tensor
+        self._on_cuda = self._cache.device.type == "cuda"
+        self._block_bytes = self._cache[0, :, 0].numel() * self._cache.element_size()
         self._layers = geometry.layers(me.parallel, me.pp_rank)
         self._heads = geometry.heads(me.parallel, me.tp_rank)
         if (cache.layout.num_layers, cache.layout.num_kv_heads) != (
@@ -162,6 +164,11 @@ class KVSender:
         for route in routes:
             for layer in route.layers:
                 by_layer.setdefault(layer, []).append(route)
+        # Layers whose routes send the same heads to the same ranks share one list, so
+        # that coalescing compares them by identity.
+        shared: dict[tuple[tuple[int, int, int], ...], list[Route]] = {}
+        for layer, layer_routes in by_layer.items():
+            by_layer[layer] = shared.setdefault(_route_shape(layer_routes), layer_routes)
         with self._lock:
             if self._closed:
                 raise RuntimeError("sender is closed")
@@ -189,7 +196,7 @@ class KVSender:
                 return
             out.status = TRANSFERRING
         ready = None
-        if self._cache.device.type == "cuda":
+        if self._on_cuda:
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
         self._jobs.put(_Slice(out, layer, ids, first_block + skip, ready))
@@ -427,9 +434,7 @@ class KVSender:
         span_bytes = self._cfg.max_span_bytes
         if span_bytes is None:
             span_bytes = min(self._link(first.out, r.dst).max_span_bytes for r in routes)
-        block_bytes = self._cache[0, :, 0].numel() * self._cache.element_size()
-        limit = max(1, span_bytes // (block_bytes * len(first.block_ids)))
-        shape = _route_shape(routes)
+        limit = max(1, span_bytes // (self._block_bytes * len(first.block_ids)))
         while len(group) < limit:
             if not self._backlog:
                 try:
@@ -444,7 +449,7 @@ class KVSender:
                 and nxt.ready is None
                 and nxt.layer == last.layer + 1
                 and (nxt.block_ids, nxt.first_block) == (first.block_ids, first.first_block)
-                and _route_shape(first.out.by_layer[nxt.layer]) == shape
+                and first.out.by_layer[nxt.layer] is routes  # one list per route shape
             ):
                 break
             group.append(nxt)
@@ -511,6 +516,6 @@ class KVSender:
                 self._maybe_done_locked(out)
 
 
-def _route_shape(routes: list[Route]) -> list[tuple[int, int, int]]:
+def _route_shape(routes: list[Route]) -> tuple[tuple[int, int, int], ...]:
     """What a layer's routes send where: (receiver rank, first head, head stop)."""
-    return [(r.dst, r.head_start, r.head_stop) for r in routes]
+    return tuple((r.dst, r.head_start, r.head_stop) for r in routes)
