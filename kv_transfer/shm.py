@@ -7,6 +7,9 @@ engine `ShmKVStorage` as its kv_storage), followed by a slot table:
     [cache bytes, end)   slots x int32 rows: state, generation, first block, block count,
                          transfer id (64 bytes), 4 spare words, block ids
 
+A transfer's slot is the first free one from a home slot that its id hashes to, so that
+a sender finds it by reading a row or two, not by scanning the table.
+
 Receiver (`ShmEndpoint`): `expect` fills a free slot and sets it OPEN last. `revoke`
 takes the file's exclusive flock and frees the slot, so once it returns no sender can
 write into the transfer's blocks. The control listener is an abstract Unix socket.
@@ -31,8 +34,11 @@ import logging
 import mmap
 import os
 import re
+import struct
 import threading
 import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +63,7 @@ _NAME = re.compile(r"^pdkv-(\d+)-[0-9a-f]{16}$")
 _FREE, _OPEN = 0, 1
 _HEAD_WORDS = 24  # state, generation, first block, count, 16 id words, 4 spare
 _ID_WORDS = MAX_TRANSFER_ID_BYTES // 4
+_ROW_HEAD = struct.Struct(f"<4i{MAX_TRANSFER_ID_BYTES}s")  # state .. transfer id
 _RECORD = {
     "control": str,
     "path": str,
@@ -80,9 +87,17 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _id_words(transfer_id: str) -> np.ndarray:
-    raw = transfer_id.encode().ljust(MAX_TRANSFER_ID_BYTES, b"\x00")
-    return np.frombuffer(raw, dtype=np.int32)
+def _id_bytes(transfer_id: str) -> bytes:
+    return transfer_id.encode().ljust(MAX_TRANSFER_ID_BYTES, b"\x00")
+
+
+@dataclass(frozen=True)
+class OpenSlot:
+    """A transfer's slot as a sender found it: its row and block range."""
+
+    slot: int
+    first_block: int
+    block_count: int
 
 
 def _flock(fd: int, op: int, timeout_s: float) -> bool:
@@ -123,6 +138,7 @@ class ShmSegment:
         self.path, self.layout, self.max_slots = path, layout, max_slots
         self._row = _HEAD_WORDS + layout.num_blocks
         size = layout.total_bytes + 4 * max_slots * self._row
+        self._table = layout.total_bytes  # byte offset of the slot table
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         self.fd = os.open(path, flags, 0o600)
         try:
@@ -151,6 +167,28 @@ class ShmSegment:
         sweep_stale_segments()
         name = f"pdkv-{os.getpid()}-{os.urandom(8).hex()}"
         return cls(SHM_DIR / name, layout, max_slots, create=True)
+
+    def probe(self, transfer_id: str) -> Iterator[int]:
+        """Every slot, starting from the one `transfer_id` hashes to."""
+        home = zlib.crc32(transfer_id.encode()) % self.max_slots
+        return ((home + i) % self.max_slots for i in range(self.max_slots))
+
+    def find_open(self, transfer_id: str) -> OpenSlot | None:
+        """The transfer's OPEN slot, read from the table row by row from its home."""
+        key = _id_bytes(transfer_id)
+        for slot in self.probe(transfer_id):
+            state, _, first, count, tid = _ROW_HEAD.unpack_from(self._map, self._offset(slot))
+            if state == _OPEN and tid == key and 0 <= count <= self.layout.num_blocks:
+                return OpenSlot(slot, first, count)
+        return None
+
+    def block_ids(self, found: OpenSlot, start: int, count: int) -> tuple[int, ...]:
+        """Destination blocks `start .. start + count` of a slot's reservation."""
+        offset = self._offset(found.slot) + 4 * (_HEAD_WORDS + start)
+        return struct.unpack_from(f"<{count}i", self._map, offset)
+
+    def _offset(self, slot: int) -> int:
+        return self._table + 4 * self._row * slot
 
     def unlink(self) -> None:
         """Remove the name; the memory lives on while mappings do."""
@@ -223,7 +261,7 @@ class ShmEndpoint(Endpoint):
     ) -> None:
         self._store, self._seg, self._geo, self._cfg = store, segment, geometry, config
         self._lock = threading.Lock()
-        self._free = list(range(segment.max_slots))
+        self._free = set(range(segment.max_slots))
         self._slot_of: dict[str, int] = {}
         self._server: ControlServer | None = None
         self._lease: Lease | None = None
@@ -271,11 +309,12 @@ class ShmEndpoint(Endpoint):
         with self._lock:
             if not self._free:
                 raise RuntimeError(f"all {self._seg.max_slots} transfer slots are in use")
-            slot = self._free.pop()
+            slot = next(s for s in self._seg.probe(spec.transfer_id) if s in self._free)
+            self._free.discard(slot)
             self._slot_of[spec.transfer_id] = slot
         row = self._seg.slots[slot]
         row[2], row[3] = spec.first_block, len(spec.block_ids)
-        row[4 : 4 + _ID_WORDS] = _id_words(spec.transfer_id)
+        row[4 : 4 + _ID_WORDS] = np.frombuffer(_id_bytes(spec.transfer_id), dtype=np.int32)
         n = len(spec.block_ids)
         row[_HEAD_WORDS : _HEAD_WORDS + n] = spec.block_ids
         row[1] += 1
@@ -302,7 +341,7 @@ class ShmEndpoint(Endpoint):
             if locked:
                 fcntl.flock(self._seg.fd, fcntl.LOCK_UN)
         with self._lock:
-            self._free.append(slot)
+            self._free.add(slot)
 
     def close(self) -> None:
         if self._lease is not None:
@@ -366,19 +405,14 @@ class _ShmLink(Link):
         if not _flock(self._seg.fd, fcntl.LOCK_SH, self._lock_timeout):
             return "timed out waiting for the receiver's cache lock", None
         try:
-            slots = self._seg.slots
-            match = (slots[:, 0] == _OPEN) & (
-                slots[:, 4 : 4 + _ID_WORDS] == _id_words(header.transfer_id)
-            ).all(axis=1)
-            found = np.flatnonzero(match)
-            if found.size != 1:
+            found = self._seg.find_open(header.transfer_id)
+            if found is None:
                 return f"transfer {header.transfer_id} is not open at {self.peer}", None
-            row = slots[int(found[0])]
-            pos = header.block_start - int(row[2])
-            if pos < 0 or pos + header.block_count > int(row[3]):
+            pos = header.block_start - found.first_block
+            if pos < 0 or pos + header.block_count > found.block_count:
                 where = f"{header.block_start}+{header.block_count}"
                 return f"blocks {where} outside the reservation", None
-            ids = tuple(row[_HEAD_WORDS + pos : _HEAD_WORDS + pos + header.block_count].tolist())
+            ids = self._seg.block_ids(found, pos, header.block_count)
             heads = header.head_start - self._head0
             try:
                 layers = range(header.layer - self._layer0, header.layers.stop - self._layer0)

@@ -177,3 +177,42 @@ def test_segments_of_dead_processes_are_swept(tmp_path: Path) -> None:
         path.write_bytes(b"x")
     assert sweep_stale_segments(tmp_path) == [dead]
     assert alive.exists() and other.exists()
+
+
+def test_senders_find_each_open_slot_from_its_home_past_collisions() -> None:
+    layout = rank_layout(GEO, DEC, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32)
+    segment = ShmSegment.create(layout, max_slots=4)
+    endpoint = ShmEndpoint(MemoryRendezvous(), segment, GEO)
+    try:
+        # Three ids with one home slot, and one with another: they take slots in turn.
+        home = next(segment.probe("a"))
+        ids = [t for t in (f"t{i}" for i in range(200)) if next(segment.probe(t)) == home]
+        other = next(t for t in (f"u{i}" for i in range(200)) if next(segment.probe(t)) != home)
+        specs = [
+            RecvSpec(tid, (10 + i, 20 + i, 30 + i), PRE.ref, first_block=i)
+            for i, tid in enumerate([*ids[:3], other])
+        ]
+        for spec in specs:
+            endpoint.expect(spec)
+        assert endpoint.num_free_slots == 0
+        for spec in specs:
+            found = segment.find_open(spec.transfer_id)
+            assert found is not None
+            assert (found.first_block, found.block_count) == (spec.first_block, 3)
+            assert segment.block_ids(found, 1, 2) == spec.block_ids[1:]
+        assert segment.find_open(ids[3]) is None  # a colliding id that was never opened
+        endpoint.revoke(ids[0])  # frees the home slot; the others stay where they are
+        assert segment.find_open(ids[0]) is None
+        for spec in specs[1:]:
+            assert segment.find_open(spec.transfer_id) is not None
+        endpoint.expect(RecvSpec(ids[3], (5,), PRE.ref))
+        found = segment.find_open(ids[3])
+        assert found is not None and found.slot == home
+        for spec in specs[1:]:
+            endpoint.revoke(spec.transfer_id)
+        endpoint.revoke(ids[3])
+        assert endpoint.num_free_slots == 4
+        assert all(segment.find_open(spec.transfer_id) is None for spec in specs)
+    finally:
+        endpoint.close()
+        segment.close()
