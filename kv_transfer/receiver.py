@@ -46,13 +46,32 @@ from kv_transfer.base import (
     failed,
 )
 from kv_transfer.header import Header, MessageKind
-from kv_transfer.mapping import KVGeometry, Route, plan, routes_to
+from kv_transfer.mapping import KVGeometry, plan, routes_to
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of, scatter_checksummed
 from kv_transfer.transport import Endpoint, Peer, Target
 
 logger = logging.getLogger(__name__)
 
-Key = tuple[int, int]  # (sender rank, layer)
+
+@dataclass(eq=False)
+class _Stream:
+    """What one sender rank sends this rank, per layer of this rank (local index): the
+    heads, or None where it sends nothing; the next prompt block it will announce; and
+    the blocks landed. Lists, so that a message over many layers is checked and counted
+    with a few list operations rather than a Python loop over its layers."""
+
+    heads: list[tuple[int, int] | None]  # (first head, head count)
+    cursor: list[int]
+    landed: list[int]
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.heads) - self.heads.count(None)
+
+    def incomplete(self, total: int) -> int:
+        return sum(
+            1 for h, n in zip(self.heads, self.landed, strict=True) if h is not None and n < total
+        )
 
 
 @dataclass(frozen=True)
@@ -70,10 +89,8 @@ class ReceiverConfig:
 @dataclass(eq=False)
 class _Inbound:
     spec: RecvSpec
-    routes: dict[Key, Route]
-    cursor: dict[Key, int]  # next prompt block each stream will announce
-    landed: dict[Key, int]  # blocks of each stream landed so far
-    remaining: int  # streams not complete
+    streams: dict[int, _Stream]  # by sender rank
+    remaining: int  # (sender rank, layer) slices not complete
     deadline: float
     status: TransferStatus = PENDING
     ending: bool = False
@@ -90,13 +107,15 @@ class _Inbound:
         return len(self.spec.block_ids)
 
     def missing_from(self, rank: int) -> int:
-        return sum(1 for (src, _), n in self.landed.items() if src == rank and n < self.total)
+        stream = self.streams.get(rank)
+        return 0 if stream is None else stream.incomplete(self.total)
 
 
 @dataclass(eq=False)
 class _Target(Target):
     inbound: _Inbound
-    keys: tuple[Key, ...]  # one per layer the message covers
+    stream: _Stream
+    layers: slice  # the local layers the message covers
 
 
 class KVReceiver:
@@ -139,15 +158,14 @@ class KVReceiver:
         if max(spec.block_ids) >= num_blocks:
             raise ValueError(f"block id {max(spec.block_ids)} >= num_blocks {num_blocks}")
         routes = routes_to(plan(self._geo, spec.source.parallel, self.me.parallel), self.me.rank)
-        keyed = {(r.src, layer): r for r in routes for layer in r.layers}
-        inb = _Inbound(
-            spec,
-            keyed,
-            dict.fromkeys(keyed, spec.first_block),
-            dict.fromkeys(keyed, 0),
-            len(keyed),
-            time.monotonic() + spec.timeout_s,
-        )
+        n = len(self._layers)
+        streams: dict[int, _Stream] = {}
+        for r in routes:
+            stream = streams.setdefault(r.src, _Stream([None] * n, [spec.first_block] * n, [0] * n))
+            for layer in r.layers:
+                stream.heads[layer - self._layers.start] = (r.head_start, r.num_heads)
+        slices = sum(stream.num_slices for stream in streams.values())
+        inb = _Inbound(spec, streams, slices, time.monotonic() + spec.timeout_s)
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("receiver is closed")
@@ -228,14 +246,14 @@ class KVReceiver:
             if isinstance(found, str):
                 self._end_locked(inb, failed(f"from {peer.id}: {found}"))
                 return None
-            region, keys = found
-            for key in keys:
-                inb.cursor[key] += header.block_count
+            region, stream, layers = found
+            n = layers.stop - layers.start
+            stream.cursor[layers] = [header.block_start + header.block_count] * n
             inb.peers.add(peer)
             direct = direct_ok and header.parts and region.dense
             if direct:
                 inb.writing += 1
-            return _Target(region, direct, inb, keys)
+            return _Target(region, direct, inb, stream, layers)
 
     def written(self, target: Target) -> None:
         """A direct receive into `target` has stopped writing (done or failed)."""
@@ -314,10 +332,9 @@ class KVReceiver:
                     region.scatter(payload)
                 if payload.is_cuda:  # landed before DONE, and before the buffer is reused
                     torch.cuda.current_stream(payload.device).synchronize()
-            for key in target.keys:
-                inb.landed[key] += h.block_count
-                if inb.landed[key] == inb.total:
-                    inb.remaining -= 1
+            landed = [n + h.block_count for n in target.stream.landed[target.layers]]
+            target.stream.landed[target.layers] = landed
+            inb.remaining -= landed.count(inb.total)  # each message adds blocks: newly full
             if inb.remaining == 0:
                 self._end_locked(inb, DONE)
             else:
@@ -325,31 +342,32 @@ class KVReceiver:
 
     def _check(
         self, inb: _Inbound, peer: Peer, h: Header
-    ) -> tuple[BlockRegion | LayerSpan, tuple[Key, ...]] | str:
-        """The destination of a DATA message, or why it does not belong here."""
-        keys = tuple((peer.id.rank, layer) for layer in h.layers)
-        for key in keys:
-            route = inb.routes.get(key)
-            if route is None or (h.head_start, h.head_count) != (
-                route.head_start,
-                route.num_heads,
-            ):
-                return f"unexpected slice: layer {key[1]} heads {h.head_start}+{h.head_count}"
-            if h.block_start != inb.cursor[key]:
-                return (
-                    f"layer {key[1]}: expected block {inb.cursor[key]}, got {h.block_start} "
-                    "(lost or repeated message)"
-                )
+    ) -> tuple[BlockRegion | LayerSpan, _Stream, slice] | str:
+        """The destination of a DATA message (its region, and the sender's stream and
+        local layers), or why it does not belong here."""
+        stream = inb.streams.get(peer.id.rank)
+        start = h.layer - self._layers.start
+        layers = slice(start, start + h.layer_count)
+        heads = (h.head_start, h.head_count)
+        if stream is None or start < 0 or stream.heads[layers].count(heads) != h.layer_count:
+            return f"unexpected slice: layers {h.layers} heads {h.head_start}+{h.head_count}"
+        cursor = stream.cursor[layers]
+        if cursor.count(h.block_start) != len(cursor):
+            i, expected = next((i, c) for i, c in enumerate(cursor) if c != h.block_start)
+            return (
+                f"layer {h.layer + i}: expected block {expected}, got {h.block_start} "
+                "(lost or repeated message)"
+            )
         first = h.block_start - inb.spec.first_block
         if h.block_count < 1 or first + h.block_count > inb.total:
             return f"blocks {h.block_start}+{h.block_count} outside the reserved blocks"
-        heads = h.head_start - self._heads.start
+        head = h.head_start - self._heads.start
         ids = inb.spec.block_ids[first : first + h.block_count]
-        layers = range(h.layer - self._layers.start, h.layer + h.layer_count - self._layers.start)
-        region = region_of(self._cache, layers, heads, heads + h.head_count, ids)
+        local = range(layers.start, layers.stop)
+        region = region_of(self._cache, local, head, head + h.head_count, ids)
         if (h.dtype, h.shape, h.nbytes) != (region.dtype, region.shape, region.nbytes):
             return f"payload {h.dtype} {h.shape} does not match {region.dtype} {region.shape}"
-        return region, keys
+        return region, stream, layers
 
     # ---- endings ------------------------------------------------------------------------
 
@@ -387,10 +405,11 @@ class KVReceiver:
 
     @staticmethod
     def _timeout_status(inb: _Inbound) -> TransferStatus:
-        missing = sum(1 for n in inb.landed.values() if n < inb.total)
+        missing = sum(stream.incomplete(inb.total) for stream in inb.streams.values())
+        slices = sum(stream.num_slices for stream in inb.streams.values())
         return failed(
             f"timed out after {inb.spec.timeout_s:g}s with {missing} of "
-            f"{len(inb.landed)} layer slices incomplete"
+            f"{slices} layer slices incomplete"
         )
 
     def _watch(self) -> None:
