@@ -242,6 +242,7 @@ class CpuKernels:
         self._decode_scratch_floats = self._bind("pd_decode_scratch_floats", _i64, layer, _i64)
         self._decode_layer = self._bind("pd_decode_layer", i32, layer, step, _ptr, _ptr, _ptr)
         self._word_sums = self._bind("pd_word_sums", None, *[_ptr] * 7, _i64, _ptr, i32)
+        self._sums_plans: dict[tuple[Any, ...], _SumsPlan] = {}
         self._pack = self._bind("pd_pack", None, _ptr, _ptr, _i64, _i64)
         self._packed_numel = self._bind("pd_packed_numel", _i64, _i64, _i64)
         self.block_cols = int(self._bind("pd_block_cols", _i64)())
@@ -416,10 +417,76 @@ class CpuKernels:
         src_blocks[i], :, :, :], copied to dst[..., dst_blocks[i], :, :, :]; without
         ids, block i. Both sides name as many blocks and agree on every other dim.
         Returns `[..., n]` sums, or None when the layout doesn't fit the kernel: heads
-        not contiguous within a slot, or rows not whole 64-bit words."""
+        not contiguous within a slot, or rows not whole 64-bit words.
+
+        The checks and arguments that depend only on shapes and strides are worked out
+        once per layout (`_SumsPlan`); a call then checks only what can change with the
+        same layout: alignment, and the block ids."""
+        key = (
+            src.shape,
+            src.stride(),
+            src.dtype,
+            src.device.type,
+            None if dst is None else (dst.shape, dst.stride(), dst.dtype),
+            None if src_blocks is None else src_blocks.numel(),
+            None if dst_blocks is None else dst_blocks.numel(),
+        )
+        plan = self._sums_plans.get(key)
+        if plan is None:
+            plan = _SumsPlan.of(src, dst, src_blocks, dst_blocks)
+            if len(self._sums_plans) >= 256:
+                self._sums_plans.clear()
+            self._sums_plans[key] = plan
+        if not plan.fits:
+            return None
+        for v, ids in ((src, src_blocks), (dst, dst_blocks)):
+            if v is None or ids is None:
+                continue
+            if ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous():
+                raise ValueError("block ids must be a contiguous int64 CPU tensor")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v.shape[-4]):
+                raise IndexError(f"block ids outside [0, {v.shape[-4]})")
+        if src.data_ptr() % 8 or (dst is not None and dst.data_ptr() % 8):
+            return None
+        sums = torch.empty(plan.sums_shape, dtype=torch.int64)
+        self._word_sums(
+            src.data_ptr(),
+            plan.src_strides,
+            None if src_blocks is None else src_blocks.data_ptr(),
+            None if dst is None else dst.data_ptr(),
+            plan.dst_strides,
+            None if dst_blocks is None else dst_blocks.data_ptr(),
+            plan.dims,
+            plan.run_bytes,
+            sums.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return sums
+
+
+@dataclass(frozen=True)
+class _SumsPlan:
+    """`word_sums` arguments for one layout of src and dst (shapes, strides, dtype)."""
+
+    fits: bool
+    dims: Any = None  # ctypes int64[4]
+    src_strides: Any = None
+    dst_strides: Any = None
+    run_bytes: int = 0
+    sums_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        src: torch.Tensor,
+        dst: torch.Tensor | None,
+        src_blocks: torch.Tensor | None,
+        dst_blocks: torch.Tensor | None,
+    ) -> _SumsPlan:
+        """The plan, or one that doesn't fit; ValueError if the sides disagree."""
         lead = src.shape[:-3]
         if not 1 <= len(lead) <= 3 or src.device.type != "cpu":
-            return None
+            return cls(False)
         n = src.shape[-4] if src_blocks is None else src_blocks.numel()
         sides = [(src, src_blocks)] if dst is None else [(src, src_blocks), (dst, dst_blocks)]
         for v, ids in sides:
@@ -428,45 +495,28 @@ class CpuKernels:
                 raise ValueError(f"{tuple(v.shape)} with {count} blocks does not match src")
             if v.shape[-3:] != src.shape[-3:]:
                 raise ValueError(f"blocks of {tuple(v.shape[-3:])} and {tuple(src.shape[-3:])}")
-            if ids is not None and (
-                ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous()
-            ):
-                raise ValueError("block ids must be a contiguous int64 CPU tensor")
-            if ids is not None and n and (int(ids.min()) < 0 or int(ids.max()) >= v.shape[-4]):
-                raise IndexError(f"block ids outside [0, {v.shape[-4]})")
         heads, dim, elem = src.shape[-2], src.shape[-1], src.element_size()
-        run_bytes = heads * dim * elem
         if (dim * elem) % 8:
-            return None
+            return cls(False)
         for v, _ in sides:
-            if (v.stride(-1) != 1 or (heads > 1 and v.stride(-2) != dim)) or v.data_ptr() % 8:
-                return None
+            if v.stride(-1) != 1 or (heads > 1 and v.stride(-2) != dim):
+                return cls(False)
             if any((st * elem) % 8 for st in v.stride()[:-2]):
-                return None
+                return cls(False)
         pad = [0] * (3 - len(lead))  # absent group dims: size 1, stride 0
-        dims = (_i64 * 4)(*[1] * len(pad), *lead[:-1], n, src.shape[-3])
 
         def strides(v: torch.Tensor) -> ctypes.Array[ctypes.c_int64]:
             return (_i64 * 4)(*pad, *(x * elem for x in v.stride()[: len(lead) + 1]))
 
-        def ids_ptr(ids: torch.Tensor | None) -> int | None:
-            return None if ids is None else ids.data_ptr()
-
-        s_strides = strides(src)
-        sums = torch.empty((*lead[:-1], n), dtype=torch.int64)
-        self._word_sums(
-            src.data_ptr(),
-            s_strides,
-            ids_ptr(src_blocks),
-            None if dst is None else dst.data_ptr(),
-            s_strides if dst is None else strides(dst),
-            ids_ptr(dst_blocks),
-            dims,
-            run_bytes,
-            sums.data_ptr(),
-            torch.get_num_threads(),
+        src_strides = strides(src)
+        return cls(
+            True,
+            (_i64 * 4)(*[1] * len(pad), *lead[:-1], n, src.shape[-3]),
+            src_strides,
+            src_strides if dst is None else strides(dst),
+            heads * dim * elem,
+            (*lead[:-1], n),
         )
-        return sums
 
 
 @functools.cache

@@ -252,6 +252,23 @@ def test_word_sums_check_block_ids(kernels) -> None:
         kernels.word_sums(cache, torch.empty(2, 3, 4, 6, 8), src_blocks=torch.tensor([0, 1]))
 
 
+def test_word_sums_reuse_a_layout_plan_and_check_each_call(kernels) -> None:
+    """Calls over one layout share its worked-out arguments; each call's data,
+    alignment and block ids are still its own."""
+    cache = torch.randn(2, 7, 4, 6, 8)
+    for b in range(3):  # the same shape and strides over different blocks
+        view = cache[:, b : b + 4]
+        torch.testing.assert_close(kernels.word_sums(view), torch_word_sums(view), rtol=0, atol=0)
+    assert kernels.word_sums(cache, src_blocks=torch.tensor([6, 0])) is not None
+    with pytest.raises(IndexError, match="outside"):  # the same layout, ids out of range
+        kernels.word_sums(cache, src_blocks=torch.tensor([0, 7]))
+    flat = torch.zeros(2 * 7 * 4 * 6 * 8 + 1)
+    aligned, shifted = flat[:-1].view(2, 7, 4, 6, 8), flat[1:].view(2, 7, 4, 6, 8)
+    assert aligned.data_ptr() % 8 == 0 and aligned.stride() == shifted.stride()
+    assert kernels.word_sums(aligned) is not None
+    assert kernels.word_sums(shifted) is None  # 4-byte aligned: not whole 64-bit words
+
+
 def test_word_sums_decline_layouts_they_cant_take(kernels) -> None:
     assert kernels.word_sums(torch.randn(2, 3, 4, 2, 3)) is None  # 12-byte rows
     assert kernels.word_sums(torch.randn(2, 3, 4, 2, 8).transpose(-1, -2)) is None
