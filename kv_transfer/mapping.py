@@ -16,6 +16,7 @@ which spreads the load over the replicas.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -92,6 +93,7 @@ def _source_tp_rank(geo: KVGeometry, src: Parallelism, head: int, dst_tp_rank: i
     return head * replicas + dst_tp_rank % replicas
 
 
+@functools.lru_cache(maxsize=256)  # one per pair of layouts in practice; routes are frozen
 def plan(geo: KVGeometry, src: Parallelism, dst: Parallelism) -> tuple[Route, ...]:
     """Every route from a `src`-sharded instance to a `dst`-sharded one, sorted."""
     geo.check(src)

@@ -162,8 +162,8 @@ class KVReceiver:
         streams: dict[int, _Stream] = {}
         for r in routes:
             stream = streams.setdefault(r.src, _Stream([None] * n, [spec.first_block] * n, [0] * n))
-            for layer in r.layers:
-                stream.heads[layer - self._layers.start] = (r.head_start, r.num_heads)
+            local = slice(r.layer_start - self._layers.start, r.layer_stop - self._layers.start)
+            stream.heads[local] = [(r.head_start, r.num_heads)] * len(r.layers)
         slices = sum(stream.num_slices for stream in streams.values())
         inb = _Inbound(spec, streams, slices, time.monotonic() + spec.timeout_s)
         with self._lock:
