@@ -57,9 +57,16 @@ def test_checksum_none_and_zero_differ() -> None:
     assert decode(_data(checksum=None).pack()) != decode(_data(checksum=0).pack())
 
 
-def test_with_seq() -> None:
-    assert _data().with_seq(99) == _data(seq=99)
-    assert _data().in_parts(True) == _data(parts=True)
+def test_stamped_copies_equal_headers_built_whole() -> None:
+    header = _data()
+    assert header.with_seq(99) == _data(seq=99)
+    assert header.in_parts(True) == _data(parts=True)
+    stamped = header.with_checksum(7).with_seq(3)
+    assert stamped == _data(checksum=7, seq=3) and hash(stamped) == hash(_data(checksum=7, seq=3))
+    assert header == _data()  # the original is untouched
+    assert decode(stamped.pack()) == stamped
+    with pytest.raises(TypeError, match="unknown header fields"):
+        header._with(sequence=1)
 
 
 def test_unknown_flags_are_rejected() -> None:
