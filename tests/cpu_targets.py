@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-from engine.cpu_kernels import cpu_flags
+from engine.kernel_build import cpu_flags
 
 
 def has_avx2() -> bool:

@@ -14,8 +14,9 @@ from cpu_targets import has_avx2
 from hf_reference import assert_matches, hf_greedy
 
 from engine import SamplingParams
-from engine.cpu_kernels import CpuKernels, build_library
+from engine.cpu_kernels import CpuKernels
 from engine.cpu_linear import NativeLinear
+from engine.kernel_build import build_library
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

@@ -13,14 +13,9 @@ from torch import nn
 
 from engine import EngineConfig
 from engine.attention import _decode
-from engine.cpu_kernels import (
-    MARCH_ENV,
-    CpuKernels,
-    KernelBuildError,
-    build_library,
-    load_kernels,
-)
+from engine.cpu_kernels import CpuKernels, load_kernels
 from engine.cpu_linear import NativeLinear, OneDnnLinear, onednn_available, pack_linears
+from engine.kernel_build import MARCH_ENV, KernelBuildError, build_library
 from engine.model import RMSNorm
 
 
