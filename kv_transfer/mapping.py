@@ -125,3 +125,18 @@ def routes_from(routes: tuple[Route, ...], src_rank: int) -> tuple[Route, ...]:
 
 def routes_to(routes: tuple[Route, ...], dst_rank: int) -> tuple[Route, ...]:
     return tuple(r for r in routes if r.dst == dst_rank)
+
+
+def routes_by_layer(routes: tuple[Route, ...]) -> dict[int, list[Route]]:
+    """A sender rank's routes by layer. Layers whose routes send the same heads to the
+    same ranks share one list, so that consecutive layers that can travel together are
+    found by comparing lists by identity."""
+    by_layer: dict[int, list[Route]] = {}
+    for route in routes:
+        for layer in route.layers:
+            by_layer.setdefault(layer, []).append(route)
+    shared: dict[tuple[tuple[int, int, int], ...], list[Route]] = {}
+    for layer, layer_routes in by_layer.items():
+        shape = tuple((r.dst, r.head_start, r.head_stop) for r in layer_routes)
+        by_layer[layer] = shared.setdefault(shape, layer_routes)
+    return by_layer

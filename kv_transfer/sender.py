@@ -54,7 +54,7 @@ from kv_transfer.base import (
     failed,
 )
 from kv_transfer.header import Header, MessageKind
-from kv_transfer.mapping import KVGeometry, Route, plan, routes_from
+from kv_transfer.mapping import KVGeometry, Route, plan, routes_by_layer, routes_from
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of
 from kv_transfer.transport import Completion, Connector, Link
 
@@ -160,15 +160,7 @@ class KVSender:
 
     def open(self, spec: SendSpec) -> None:
         routes = routes_from(plan(self._geo, self.me.parallel, spec.dest.parallel), self.me.rank)
-        by_layer: dict[int, list[Route]] = {}
-        for route in routes:
-            for layer in route.layers:
-                by_layer.setdefault(layer, []).append(route)
-        # Layers whose routes send the same heads to the same ranks share one list, so
-        # that coalescing compares them by identity.
-        shared: dict[tuple[tuple[int, int, int], ...], list[Route]] = {}
-        for layer, layer_routes in by_layer.items():
-            by_layer[layer] = shared.setdefault(_route_shape(layer_routes), layer_routes)
+        by_layer = routes_by_layer(routes)
         with self._lock:
             if self._closed:
                 raise RuntimeError("sender is closed")
@@ -514,8 +506,3 @@ class KVSender:
             with self._lock:
                 out.ended = True
                 self._maybe_done_locked(out)
-
-
-def _route_shape(routes: list[Route]) -> tuple[tuple[int, int, int], ...]:
-    """What a layer's routes send where: (receiver rank, first head, head stop)."""
-    return tuple((r.dst, r.head_start, r.head_stop) for r in routes)

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from kv_transfer.base import Parallelism
-from kv_transfer.mapping import KVGeometry, Route, plan, routes_from, routes_to
+from kv_transfer.mapping import KVGeometry, Route, plan, routes_by_layer, routes_from, routes_to
 
 LAYOUTS = [Parallelism(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4)]
 
@@ -103,3 +103,17 @@ def test_layouts_that_do_not_divide_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         plan(KVGeometry(layers, heads), parallel, Parallelism())
+
+
+def test_layers_that_go_the_same_way_share_one_route_list() -> None:
+    """A TP=1 sender to a TP=2, PP=2 receiver: layers 0-3 go to ranks 0 and 1, layers
+    4-7 to ranks 2 and 3. Each half shares one list, so spans can grow within it."""
+    geo = KVGeometry(num_layers=8, num_kv_heads=2)
+    by_layer = routes_by_layer(routes_from(plan(geo, Parallelism(), Parallelism(2, 2)), 0))
+    assert sorted(by_layer) == list(range(8))
+    first, second = by_layer[0], by_layer[4]
+    assert all(by_layer[layer] is first for layer in range(4))
+    assert all(by_layer[layer] is second for layer in range(4, 8))
+    assert first is not second
+    assert [(r.dst, r.head_start, r.head_stop) for r in first] == [(0, 0, 1), (1, 1, 2)]
+    assert [(r.dst, r.head_start, r.head_stop) for r in second] == [(2, 0, 1), (3, 1, 2)]
