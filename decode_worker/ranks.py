@@ -196,10 +196,9 @@ class RankActor:
             self._hook.discard(request_id, reason)
             self._sender.abort(transfer_id, reason)
 
-    def reading(self, transfer_ids: list[str]) -> list[bool]:
-        """Whether this rank's sender may still read each transfer's source blocks."""
-        sender = self._sender
-        return [sender is not None and sender.reading(t) for t in transfer_ids]
+    def reading(self, transfer_id: str) -> bool:
+        """Whether this rank's sender may still read the transfer's source blocks."""
+        return self._sender is not None and self._sender.reading(transfer_id)
 
     # -- decode ranks --------------------------------------------------------------------
 

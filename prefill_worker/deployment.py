@@ -202,8 +202,7 @@ class PrefillWorker:
             return True
         if self._ranks is None:
             return False
-        per_rank = await self._ranks.acall("reading", [transfer_id])
-        return any(r[0] for r in per_rank)
+        return any(await self._ranks.acall("reading", transfer_id))
 
     async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
         while True:
