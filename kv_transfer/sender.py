@@ -27,6 +27,8 @@ one header and one checksum for the span, and one copy (shm) or one staged send
 (torch_dist).
 Links are created lazily per receiver rank and reused; a broken link is dropped and the
 next transfer that needs the pair connects again.
+
+A transfer's record (`Outbound`) and the pump's jobs live in kv_transfer/outbound.py.
 """
 
 from __future__ import annotations
@@ -37,13 +39,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from engine.kv_cache import KVCache
 from kv_transfer.base import (
-    PENDING,
     TRANSFERRING,
     LocalRank,
     RankId,
@@ -54,7 +55,8 @@ from kv_transfer.base import (
     failed,
 )
 from kv_transfer.header import Header, MessageKind
-from kv_transfer.mapping import KVGeometry, Route, plan, routes_by_layer, routes_from
+from kv_transfer.mapping import KVGeometry, plan, routes_by_layer, routes_from
+from kv_transfer.outbound import AbortJob, FinishJob, Job, Outbound, SliceJob
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of
 from kv_transfer.transport import Completion, Connector, Link
 
@@ -75,43 +77,6 @@ class SenderConfig:
         span = 1 if self.max_span_bytes is None else self.max_span_bytes
         if min(self.max_inflight_bytes, span) < 1 or min(self.op_timeout_s, self.tick_s) <= 0:
             raise ValueError(f"invalid SenderConfig {self}")
-
-
-@dataclass(eq=False)
-class _Outbound:
-    spec: SendSpec
-    by_layer: dict[int, list[Route]]  # where each layer goes; one list per route shape
-    deadline: float
-    status: TransferStatus = PENDING
-    inflight: int = 0
-    finishing: bool = False
-    ended: bool = False
-    links: set[Link] = field(default_factory=set)
-    reading: int = 0  # sends still reading the source blocks (zero-copy links)
-    finish_pumped: bool = False  # the pump has processed finish()
-    released: threading.Event = field(default_factory=threading.Event)  # sources unread
-
-
-@dataclass(slots=True)  # one per layer sent: a frozen dataclass costs 4x to build
-class _Slice:
-    out: _Outbound
-    layer: int
-    block_ids: tuple[int, ...]
-    first_block: int
-    ready: torch.cuda.Event | None
-
-
-@dataclass(frozen=True)
-class _Finish:
-    out: _Outbound
-
-
-@dataclass(frozen=True)
-class _Abort:
-    out: _Outbound
-
-
-_Job = _Slice | _Finish | _Abort | None
 
 
 class KVSender:
@@ -144,15 +109,15 @@ class KVSender:
         )
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._active: dict[str, _Outbound] = {}
+        self._active: dict[str, Outbound] = {}
         self._unreleased: set[str] = set()  # transfers whose sources a send may still read
         self._history: OrderedDict[str, TransferStatus] = OrderedDict()
         self._links: dict[RankId, Link] = {}
         self._inflight_bytes = 0
-        self._current: _Outbound | None = None
+        self._current: Outbound | None = None
         self._closed = False
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._backlog: deque[_Job] = deque()  # taken from _jobs, not yet pumped (pump only)
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._backlog: deque[Job] = deque()  # taken from _jobs, not yet pumped (pump only)
         self._pump_thread = threading.Thread(target=self._pump, name="kv-sender", daemon=True)
         self._pump_thread.start()
 
@@ -166,7 +131,7 @@ class KVSender:
                 raise RuntimeError("sender is closed")
             if spec.transfer_id in self._active or spec.transfer_id in self._history:
                 raise ValueError(f"transfer {spec.transfer_id!r} already exists")
-            self._active[spec.transfer_id] = _Outbound(
+            self._active[spec.transfer_id] = Outbound(
                 spec, by_layer, time.monotonic() + spec.timeout_s
             )
             self._unreleased.add(spec.transfer_id)
@@ -191,7 +156,7 @@ class KVSender:
         if self._on_cuda:
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
-        self._jobs.put(_Slice(out, layer, ids, first_block + skip, ready))
+        self._jobs.put(SliceJob(out, layer, ids, first_block + skip, ready))
 
     def finish(self, transfer_id: str, wait: bool = True) -> None:
         with self._lock:
@@ -201,7 +166,7 @@ class KVSender:
             if out.finishing:
                 raise RuntimeError(f"finish called twice for {transfer_id!r}")
             out.finishing = True
-        self._jobs.put(_Finish(out))
+        self._jobs.put(FinishJob(out))
         if not wait:
             return  # the caller holds the blocks until the transfer is terminal
         wait_s = max(0.0, out.deadline - time.monotonic()) + self._cfg.op_timeout_s
@@ -260,14 +225,14 @@ class KVSender:
 
     # ---- state ----------------------------------------------------------------------
 
-    def _get(self, transfer_id: str) -> _Outbound | None:
+    def _get(self, transfer_id: str) -> Outbound | None:
         """The active transfer, None if terminal; KeyError if never opened. Locked."""
         out = self._active.get(transfer_id)
         if out is None and transfer_id not in self._history:
             raise KeyError(f"unknown transfer {transfer_id!r}")
         return out
 
-    def _terminate_locked(self, out: _Outbound, status: TransferStatus) -> bool:
+    def _terminate_locked(self, out: Outbound, status: TransferStatus) -> bool:
         if out.status.terminal:
             return False
         out.status = status = status.ended_now()
@@ -280,7 +245,7 @@ class KVSender:
         return True
 
     def _fail(
-        self, out: _Outbound, reason: str, notify: bool = True, teardown: bool = False
+        self, out: Outbound, reason: str, notify: bool = True, teardown: bool = False
     ) -> None:
         """FAILED; tell the receivers with ABORT (`notify`), or, when sends seem stuck
         (`teardown`), tear down the pairs they are stuck on instead."""
@@ -294,20 +259,20 @@ class KVSender:
         for link in stuck:
             self._drop_link(link)
         if notify and not stuck:
-            self._jobs.put(_Abort(out))
+            self._jobs.put(AbortJob(out))
 
-    def _maybe_release_locked(self, out: _Outbound) -> None:
+    def _maybe_release_locked(self, out: Outbound) -> None:
         """Signal finish() once nothing reads the transfer's source blocks any more."""
         over = out.finish_pumped or out.status.terminal
         if over and out.reading == 0 and self._current is not out:
             out.released.set()
             self._unreleased.discard(out.spec.transfer_id)
 
-    def _maybe_done_locked(self, out: _Outbound) -> None:
+    def _maybe_done_locked(self, out: Outbound) -> None:
         if out.ended and out.inflight == 0 and not out.status.terminal:
             self._terminate_locked(out, TransferStatus(TransferState.DONE))
 
-    def _on_sent(self, out: _Outbound, link: Link, nbytes: int, done: Completion) -> None:
+    def _on_sent(self, out: Outbound, link: Link, nbytes: int, done: Completion) -> None:
         with self._lock:
             out.inflight -= 1
             self._inflight_bytes -= nbytes
@@ -353,9 +318,9 @@ class KVSender:
             with self._lock:
                 self._current = job.out
             try:
-                if isinstance(job, _Slice):
+                if isinstance(job, SliceJob):
                     self._send_slices(self._coalesce(job))
-                elif isinstance(job, _Finish):
+                elif isinstance(job, FinishJob):
                     self._send_control(job.out, MessageKind.END)
                 else:
                     self._send_control(job.out, MessageKind.ABORT)
@@ -367,12 +332,12 @@ class KVSender:
             finally:
                 with self._lock:
                     self._current = None
-                    if isinstance(job, _Finish):
+                    if isinstance(job, FinishJob):
                         job.out.finish_pumped = True
                     self._maybe_release_locked(job.out)
             self._reap_deadlines()
 
-    def _link(self, out: _Outbound, dst_rank: int) -> Link:
+    def _link(self, out: Outbound, dst_rank: int) -> Link:
         peer = RankId(out.spec.dest.name, dst_rank)
         with self._lock:
             link = self._links.get(peer)
@@ -386,7 +351,7 @@ class KVSender:
 
     def _send(
         self,
-        out: _Outbound,
+        out: Outbound,
         link: Link,
         header: Header,
         region: BlockRegion | LayerSpan | None,
@@ -404,7 +369,7 @@ class KVSender:
             self._inflight_bytes += header.nbytes
         done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d))
 
-    def _wait_for_room(self, out: _Outbound) -> None:
+    def _wait_for_room(self, out: Outbound) -> None:
         with self._room:
             while (
                 self._inflight_bytes > self._cfg.max_inflight_bytes
@@ -413,7 +378,7 @@ class KVSender:
             ):
                 self._room.wait(self._cfg.tick_s)
 
-    def _coalesce(self, first: _Slice) -> list[_Slice]:
+    def _coalesce(self, first: SliceJob) -> list[SliceJob]:
         """`first` and the queued slices that can share its messages: the next layers
         in order, with the same blocks and routes, up to `max_span_bytes` (by default,
         the smallest span size of the links the routes take)."""
@@ -436,7 +401,7 @@ class KVSender:
             nxt = self._backlog[0]
             last = group[-1]
             if not (
-                isinstance(nxt, _Slice)
+                isinstance(nxt, SliceJob)
                 and nxt.out is first.out
                 and nxt.ready is None
                 and nxt.layer == last.layer + 1
@@ -448,7 +413,7 @@ class KVSender:
             self._backlog.popleft()
         return group
 
-    def _send_slices(self, group: list[_Slice]) -> None:
+    def _send_slices(self, group: list[SliceJob]) -> None:
         """One message per route for the whole group where every route's link takes
         spans of its length; else one message per route for each slice in turn."""
         out, first = group[0].out, group[0]
@@ -489,7 +454,7 @@ class KVSender:
                 return
             self._send(out, self._link(out, route.dst), header, source, self._checksum)
 
-    def _send_control(self, out: _Outbound, kind: MessageKind) -> None:
+    def _send_control(self, out: Outbound, kind: MessageKind) -> None:
         if kind is MessageKind.END and out.status.terminal:
             return
         dsts = sorted({r.dst for routes in out.by_layer.values() for r in routes})
