@@ -311,8 +311,8 @@ class CpuKernels:
         ids) pick the blocks on either side: the i-th block summed is src[...,
         src_blocks[i], :, :, :], copied to dst[..., dst_blocks[i], :, :, :]; without
         ids, block i. Both sides name as many blocks and agree on every other dim.
-        Returns `[..., n]` sums, or None when the layout doesn't fit the kernel: heads
-        not contiguous within a slot, or rows not whole 64-bit words.
+        Returns `[..., n]` sums, or None when the layout doesn't fit the kernel: a side
+        off the CPU, heads not contiguous within a slot, or rows not whole 64-bit words.
 
         The checks and arguments that depend only on shapes and strides are worked out
         once per layout (`_SumsPlan`); a call then checks only what can change with the
@@ -322,7 +322,7 @@ class CpuKernels:
             src.stride(),
             src.dtype,
             src.device.type,
-            None if dst is None else (dst.shape, dst.stride(), dst.dtype),
+            None if dst is None else (dst.shape, dst.stride(), dst.dtype, dst.device.type),
             None if src_blocks is None else src_blocks.numel(),
             None if dst_blocks is None else dst_blocks.numel(),
         )
@@ -380,7 +380,8 @@ class _SumsPlan:
     ) -> _SumsPlan:
         """The plan, or one that doesn't fit; ValueError if the sides disagree."""
         lead = src.shape[:-3]
-        if not 1 <= len(lead) <= 3 or src.device.type != "cpu":
+        on_cpu = src.device.type == "cpu" and (dst is None or dst.device.type == "cpu")
+        if not 1 <= len(lead) <= 3 or not on_cpu:
             return cls(False)
         n = src.shape[-4] if src_blocks is None else src_blocks.numel()
         sides = [(src, src_blocks)] if dst is None else [(src, src_blocks), (dst, dst_blocks)]

@@ -268,6 +268,10 @@ def test_word_sums_decline_layouts_they_cant_take(kernels) -> None:
     assert kernels.word_sums(torch.randn(2, 3, 4, 2, 3)) is None  # 12-byte rows
     assert kernels.word_sums(torch.randn(2, 3, 4, 2, 8).transpose(-1, -2)) is None
     assert kernels.word_sums(torch.randn(4, 2, 8)) is None  # no block dim
+    src = torch.randn(2, 3, 4, 2, 8)
+    assert kernels.word_sums(src, torch.empty_like(src)) is not None
+    # A destination off the CPU: declined, never treated as no destination.
+    assert kernels.word_sums(src, torch.empty_like(src, device="meta")) is None
 
 
 class _Recorder:
