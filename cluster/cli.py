@@ -65,6 +65,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
             out.append(f"{key}={value}")
     if getattr(args, "colocated", False):
         out.insert(0, "pools=[{name: main, role: colocated}]")
+    if getattr(args, "redis_url", "") is None and os.environ.get(REDIS_URL_ENV):
+        # a URL with credentials, kept out of argv
+        out.insert(0, f"redis.url={os.environ[REDIS_URL_ENV]}")
     return out
 
 
@@ -146,10 +149,24 @@ def _target(args: argparse.Namespace) -> str:
     return DEFAULT_TARGET
 
 
+TOKEN_ENV = "PDSERVE_GRPC_BEARER_TOKEN"
+REDIS_URL_ENV = "PDSERVE_REDIS_URL"
+
+
 def _token(args: argparse.Namespace) -> str | None:
+    """The gRPC bearer token: --token-file, else $PDSERVE_GRPC_BEARER_TOKEN, else
+    --token (which every local user can read in the process list, hence the warning)."""
     if args.token_file:
         return Path(args.token_file).read_text().strip()
-    return str(args.token) if args.token else None
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    if args.token:
+        print(
+            f"warning: --token is visible in the process list; use --token-file or ${TOKEN_ENV}",
+            file=sys.stderr,
+        )
+        return str(args.token)
+    return None
 
 
 def _print_status(state: ClusterState, healthy: bool) -> None:
@@ -270,7 +287,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="HTTP bind address")
     p.add_argument("--grpc-port", type=int)
     p.add_argument("--http-port", type=int)
-    p.add_argument("--redis-url", help="use this Redis instead of an embedded one")
+    p.add_argument(
+        "--redis-url",
+        help=f"use this Redis instead of an embedded one (with credentials: ${REDIS_URL_ENV})",
+    )
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
     p.add_argument("--prefill-replicas", type=int)
     p.add_argument("--decode-replicas", type=int)
@@ -281,7 +301,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="pdserve", help="cluster name (to find its address)")
     p.add_argument("--target", help="gRPC address HOST:PORT")
-    p.add_argument("--token", help="gRPC bearer token")
+    p.add_argument("--token", help=f"gRPC bearer token (others can see it; prefer ${TOKEN_ENV})")
     p.add_argument("--token-file", help="file holding the gRPC bearer token")
 
 

