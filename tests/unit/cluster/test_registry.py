@@ -157,7 +157,7 @@ def test_heartbeat_rides_out_a_redis_outage() -> None:
         server.stop()
         _wait_until(lambda: hb.consecutive_failures >= 2, timeout_s=3.0)
         assert hb.running
-        with RedisServer(port=port) as again:
+        with RedisServer(port=port, password=server.password) as again:
             assert back.wait(timeout=3.0)
             assert hb.consecutive_failures == 0
             assert [i.instance_id for i in reg.live_instances()] == ["d0"]
