@@ -72,6 +72,7 @@ from benchmarks.kv_transfer_peers import (
     NUM_KV_HEADS,
     NUM_LAYERS,
     PATHS,
+    SECRET,
     Bench,
     Memcpy,
     layout,
@@ -82,8 +83,8 @@ from benchmarks.kv_transfer_peers import (
 from engine.kv_cache import KVCache
 from kv_transfer.base import LocalRank
 from kv_transfer.receiver import KVReceiver
-from kv_transfer.shm import ShmEndpoint, ShmSegment
-from kv_transfer.torch_dist import TorchDistEndpoint
+from kv_transfer.shm import ShmConfig, ShmEndpoint, ShmSegment
+from kv_transfer.torch_dist import TorchDistConfig, TorchDistEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -235,13 +236,15 @@ def _run_dtype(
             LocalRank("bench-decode-td"),
             KVCache(layout(dtype, num_blocks)),
             GEO,
-            TorchDistEndpoint(store),
+            TorchDistEndpoint(store, TorchDistConfig(secret=SECRET)),
         ),
         "shm": KVReceiver(
             LocalRank("bench-decode-shm"),
             KVCache(layout(dtype, num_blocks), storage=segment.cache_bytes),
             GEO,
-            ShmEndpoint(store, segment, GEO),
+            # The unchecked rows measure what checksums cost; a production shm
+            # receiver refuses messages without one (ShmConfig.require_checksum).
+            ShmEndpoint(store, segment, GEO, ShmConfig(secret=SECRET, require_checksum=False)),
         ),
     }
     rows: list[Row] = []

@@ -25,7 +25,7 @@ from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import RedisRendezvous
 from kv_transfer.sender import KVSender, SenderConfig
-from kv_transfer.shm import ShmConnector
+from kv_transfer.shm import ShmConfig, ShmConnector
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, new_pair_group
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,6 +41,9 @@ PATHS = (
     ("shm", "shm", None),
 )
 WAIT_S = 120.0
+# The cluster secret both processes seal and check control HELLOs with, as a cluster
+# does (once per connection: nothing per transfer).
+SECRET = b"pdserve benchmark: kv_transfer cluster secret"
 
 
 def scattered_blocks(count: int, pool: int, seed: int) -> list[int]:
@@ -136,9 +139,9 @@ def peer_main(conn: Connection, redis_url: str, cluster: str) -> None:
                     me,
                     cache,
                     GEO,
-                    TorchDistConnector(store, TorchDistConfig(zero_copy=zero_copy))
+                    TorchDistConnector(store, TorchDistConfig(zero_copy=zero_copy, secret=SECRET))
                     if transport == "torch_dist"
-                    else ShmConnector(store),
+                    else ShmConnector(store, ShmConfig(secret=SECRET)),
                     SenderConfig(checksum=checksum),
                 )
                 for path, transport, zero_copy in PATHS

@@ -7,70 +7,57 @@ socket is how each side learns that the other one died.
 
 Receiver side, `ControlServer`:
 
-    accept thread     accepts connections on the listening socket
+    accept thread     accepts connections on the listening socket, at most
+                      `max_connections` at once (more are closed at once, logged);
+                      `check_peer` may refuse one by its socket (shm: SO_PEERCRED)
     reader thread     one per connection:
-                        HELLO (within the handshake timeout) -> open_session(peer)
+                        HELLO and its seal (auth.py), within the handshake timeout;
+                        a bad seal is refused with a one-line warning
+                        -> open_session(peer)
                         loop: header -> seq check -> DATA: inbox.prepare, then
                         session.start posts the receive at once (up to `window`
                         posted or waiting to land); without `pipelined` (payloads
                         already in place), inbox.land right away
-                        EOF, error or bad message -> inbox.on_peer_lost, session.close()
+                        EOF, error, bad message, or no message for
+                        `idle_timeout_s` -> inbox.on_peer_lost, session.close()
     waiter thread     with `pipelined`, one per connection: finishes each posted
                       receive in order (inbox.written for a direct one)
     lander thread     with `pipelined`, one per connection: inbox.land for each
                       received message in order, while later payloads arrive
 
-Sender side, `ControlClient`: connect, send the HELLO, then `send` headers with a
-bounded blocking write. Addresses are `tcp://host:port` or `unix:@name` (a Linux
-abstract socket, which needs no file and vanishes with its owner).
+Sender side, `ControlClient`: connect, send the HELLO (sealed when the transport has
+the cluster secret), then `send` headers with a bounded blocking write. A client idle
+for half the server's idle timeout is `stale`: its link reports itself broken, so the
+sender reconnects instead of writing into a connection the server may have closed.
+TCP sockets have keepalive on both ends, so a vanished peer is noticed while idle.
+Addresses are `tcp://host:port` or `unix:@name` (a Linux abstract socket, which needs
+no file and vanishes with its owner).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import socket
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+import time
 
-import torch
-
+from kv_transfer.auth import SEAL_SIZE, AuthError, HelloAuth
 from kv_transfer.base import Parallelism, ProtocolError, RankId, TransferError
+from kv_transfer.guard import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    ServerGuard,
+    Throttle,
+    describe_peer,
+    tune_socket,
+)
 from kv_transfer.header import MESSAGE_SIZE, Header, Hello, MessageKind, decode
-from kv_transfer.transport import Inbox, Peer, Target
+from kv_transfer.lander import Finish, Lander, OpenSession, Pending, Session, finish_receive
+from kv_transfer.transport import Inbox, Peer
+
+__all__ = ["ControlClient", "ControlServer", "Finish", "OpenSession", "Session", "listen"]
 
 logger = logging.getLogger(__name__)
-
-
-Finish = Callable[[], torch.Tensor | None]
-
-
-class Session(Protocol):
-    """A transport's per-connection state on the receiver."""
-
-    direct_ok: bool  # it can receive straight into contiguous destination blocks
-
-    def start(self, header: Header, target: Target | None) -> Finish:
-        """Post the receive of a DATA payload; the returned call waits for it.
-
-        The payload goes into `target.views()` when the target is direct (the call then
-        returns None), else into staging (returned; None when `target` is None and the
-        bytes were dropped, or when the payload is already in place). Either raises
-        TransferError or ProtocolError, which ends the connection.
-        """
-        ...
-
-    def done(self, payload: torch.Tensor) -> None:
-        """The payload from `start` has landed; its buffer may be reused."""
-        ...
-
-    def close(self) -> None: ...
-
-
-OpenSession = Callable[[Peer], Session]
 
 
 def _socket_for(address: str) -> tuple[socket.socket, str | tuple[str, int]]:
@@ -79,7 +66,7 @@ def _socket_for(address: str) -> tuple[socket.socket, str | tuple[str, int]]:
         if not host or not port.isdigit():
             raise TransferError(f"bad control address {address!r}")
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_socket(sock)
         return sock, (host.strip("[]"), int(port))
     if address.startswith("unix:@"):
         return socket.socket(socket.AF_UNIX), "\0" + address[len("unix:@") :]
@@ -118,19 +105,39 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 class ControlClient:
-    """The sender's end of a control channel."""
+    """The sender's end of a control channel.
 
-    def __init__(self, address: str, hello: Hello, timeout_s: float) -> None:
+    `auth` seals the HELLO for `address` (the receiver's published address). The
+    client is `stale` once nothing was sent for `max_idle_s` (half the server's idle
+    timeout, so the server never closes a connection the client still trusts).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        hello: Hello,
+        timeout_s: float,
+        auth: HelloAuth | None = None,
+        max_idle_s: float = DEFAULT_IDLE_TIMEOUT_S / 2,
+    ) -> None:
         self.address = address
         self._lock = threading.Lock()
+        self._max_idle_s = max_idle_s
         self._sock, target = _socket_for(address)
         self._sock.settimeout(timeout_s)  # bounds connect and every write
+        packed = hello.pack()
+        opening = packed + auth.seal(address, packed) if auth is not None else packed
         try:
             self._sock.connect(target)
-            self._sock.sendall(hello.pack())
+            self._sock.sendall(opening)
         except OSError as e:
             self._sock.close()
             raise TransferError(f"cannot connect to {address}: {e}") from e
+        self._last_send = time.monotonic()
+
+    @property
+    def stale(self) -> bool:
+        return time.monotonic() - self._last_send > self._max_idle_s
 
     def send(self, message: bytes) -> None:
         with self._lock:
@@ -138,6 +145,7 @@ class ControlClient:
                 self._sock.sendall(message)
             except OSError as e:
                 raise TransferError(f"control channel to {self.address} failed: {e}") from e
+            self._last_send = time.monotonic()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -157,11 +165,14 @@ class ControlServer:
         name: str,
         pipelined: bool = False,
         window: int = 4,
+        guard: ServerGuard | None = None,
     ) -> None:
         self._listener, self._inbox, self._open = listener, inbox, open_session
         self._pipelined, self._window = pipelined, window
         self._handshake_timeout = handshake_timeout_s
+        self._guard = guard or ServerGuard()
         self._name = name
+        self._throttle = Throttle()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._closing = threading.Event()
@@ -201,8 +212,12 @@ class ControlServer:
                 if not self._closing.is_set():
                     logger.exception("%s: accept failed", self._name)
                 return
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self._admit(sock):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                continue
+            tune_socket(sock)
             thread = threading.Thread(
                 target=self._serve, args=(sock,), name=f"kv-conn-{self._name}", daemon=True
             )
@@ -210,27 +225,95 @@ class ControlServer:
                 self._conns[sock] = thread
             thread.start()
 
+    def _admit(self, sock: socket.socket) -> bool:
+        """Whether a new connection may stay: under the cap, and a peer `check_peer`
+        accepts. A refusal is logged (throttled)."""
+        with self._lock:
+            full = len(self._conns) >= self._guard.max_connections
+        if full:
+            self._throttle.warn(
+                "cap",
+                "%s: refused a control connection from %s: %d connections open (the cap)",
+                self._name,
+                describe_peer(sock),
+                self._guard.max_connections,
+            )
+            return False
+        if self._guard.check_peer is not None:
+            try:
+                self._guard.check_peer(sock)
+            except (AuthError, OSError) as e:
+                self._throttle.warn(
+                    "peer",
+                    "%s: refused a control connection from %s: %s",
+                    self._name,
+                    describe_peer(sock),
+                    e,
+                )
+                return False
+        return True
+
+    def _handshake(self, sock: socket.socket) -> Peer | None:
+        """Read and check the HELLO (and its seal); None when refused (logged)."""
+        sock.settimeout(self._handshake_timeout)
+        raw = _recv_exact(sock, MESSAGE_SIZE)
+        if raw is None:
+            raise ProtocolError("connection closed before its HELLO")
+        auth = self._guard.auth
+        if auth is not None:
+            try:
+                seal = self._read_seal(sock)
+                auth.check(self._guard.address, raw, seal)
+            except AuthError as e:
+                self._throttle.warn(
+                    "auth",
+                    "%s: refused a control connection from %s: %s",
+                    self._name,
+                    describe_peer(sock),
+                    e,
+                )
+                return None
+        hello = decode(raw)
+        if not isinstance(hello, Hello):
+            raise ProtocolError("connection did not start with HELLO")
+        return Peer(
+            RankId(hello.instance, hello.rank), Parallelism(hello.tp, hello.pp), hello.token
+        )
+
+    def _read_seal(self, sock: socket.socket) -> bytes:
+        try:
+            seal = _recv_exact(sock, SEAL_SIZE)
+        except TimeoutError:
+            raise AuthError(
+                f"HELLO is not sealed (nothing after it for {self._handshake_timeout:g}s)"
+            ) from None
+        except ProtocolError:
+            seal = None
+        if seal is None:
+            raise AuthError("HELLO is not sealed (the connection closed after it)")
+        return seal
+
     def _serve(self, sock: socket.socket) -> None:
         peer: Peer | None = None
         session: Session | None = None
-        lander: _Lander | None = None
+        lander: Lander | None = None
         reason = "connection closed"
         try:
-            sock.settimeout(self._handshake_timeout)
-            raw = _recv_exact(sock, MESSAGE_SIZE)
-            hello = decode(raw) if raw is not None else None
-            if not isinstance(hello, Hello):
-                raise ProtocolError("connection did not start with HELLO")
-            peer = Peer(
-                RankId(hello.instance, hello.rank), Parallelism(hello.tp, hello.pp), hello.token
-            )
+            peer = self._handshake(sock)
+            if peer is None:
+                return
             session = self._open(peer)
             if self._pipelined:
-                lander = _Lander(self._inbox, peer, session, sock, self._name, self._window)
-            sock.settimeout(None)  # idle connections wait; close() shuts them down
+                lander = Lander(self._inbox, peer, session, sock, self._name, self._window)
+            sock.settimeout(self._guard.idle_timeout_s)  # close() shuts waiting ones down
             seq = 0
             while not self._closing.is_set():
-                raw = _recv_exact(sock, MESSAGE_SIZE)
+                try:
+                    raw = _recv_exact(sock, MESSAGE_SIZE)
+                except TimeoutError:
+                    raise TransferError(
+                        f"idle for over {self._guard.idle_timeout_s:g}s (or a message cut short)"
+                    ) from None
                 if raw is None:
                     break
                 header = decode(raw)
@@ -241,7 +324,7 @@ class ControlServer:
                 if lander is not None:
                     lander.put(item)
                 else:
-                    payload = _finish(self._inbox, item)
+                    payload = finish_receive(self._inbox, item)
                     self._inbox.land(peer, header, item.target, payload)
                     if payload is not None:
                         session.done(payload)
@@ -269,11 +352,11 @@ class ControlServer:
                 self._conns.pop(sock, None)
 
     def _start(
-        self, peer: Peer, session: Session, header: Header, lander: _Lander | None
-    ) -> _Pending:
+        self, peer: Peer, session: Session, header: Header, lander: Lander | None
+    ) -> Pending:
         """Validate a message and post its receive (a window slot first, when pipelined)."""
         if header.kind is not MessageKind.DATA:
-            return _Pending(header, None, None)
+            return Pending(header, None, None)
         target = self._inbox.prepare(peer, header, session.direct_ok)
         reserved = False
         try:
@@ -287,117 +370,4 @@ class ControlServer:
             if target is not None and target.direct:
                 self._inbox.written(target)
             raise
-        return _Pending(header, target, finish)
-
-
-@dataclass(frozen=True)
-class _Pending:
-    header: Header
-    target: Target | None
-    finish: Finish | None  # None for END/ABORT
-
-
-def _finish(inbox: Inbox, item: _Pending) -> torch.Tensor | None:
-    """Wait for a posted receive to stop writing; its staged payload, if any."""
-    if item.finish is None:
-        return None
-    try:
-        return item.finish()
-    finally:
-        if item.target is not None and item.target.direct:
-            inbox.written(item.target)
-
-
-class _Lander:
-    """Waits for one connection's posted receives and lands their messages in order, so
-    that the reader posts the next receive as soon as its header arrives.
-
-    Two threads: a waiter finishes each posted receive in order (so a direct receive
-    reports `written` however slowly landing goes: ending a transfer waits for that) and
-    hands the message to the lander, which lands it (checksum, scatter) while later
-    payloads arrive. At most `window` receives are posted or waiting to land at once
-    (each may hold a staging buffer). A receive that fails ends the connection: the
-    socket is shut down, so the reader stops, and nothing after it lands.
-    """
-
-    _SLOT_WAIT_S = 0.2  # how often a reader waiting for a window slot checks for close
-
-    def __init__(
-        self,
-        inbox: Inbox,
-        peer: Peer,
-        session: Session,
-        sock: socket.socket,
-        name: str,
-        window: int,
-    ) -> None:
-        self._inbox, self._peer, self._session, self._sock = inbox, peer, session, sock
-        self._slots = threading.Semaphore(window)
-        self._posted: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._arrived: queue.SimpleQueue[tuple[_Pending, torch.Tensor | None] | None] = (
-            queue.SimpleQueue()
-        )
-        self.error: str | None = None
-        self._threads = [
-            threading.Thread(target=self._wait_loop, name=f"kv-wait-{name}", daemon=True),
-            threading.Thread(target=self._land_loop, name=f"kv-land-{name}", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def reserve(self, closing: threading.Event) -> None:
-        """Take a window slot for one more posted receive (the reader's thread)."""
-        while not self._slots.acquire(timeout=self._SLOT_WAIT_S):
-            if closing.is_set() or self.error is not None:
-                raise TransferError(self.error or "server closing")
-
-    def unreserve(self) -> None:
-        self._slots.release()
-
-    def put(self, item: _Pending) -> None:
-        self._posted.put(item)
-
-    def _wait_loop(self) -> None:
-        while (item := self._posted.get()) is not None:
-            try:
-                payload = _finish(self._inbox, item)
-            except Exception as e:
-                payload = None
-                if self.error is None:
-                    self.error = str(e)
-                    logger.warning("receive from %s failed: %s", self._peer.id, e)
-                    with contextlib.suppress(OSError):
-                        self._sock.shutdown(socket.SHUT_RDWR)  # the reader stops
-            if self.error is None:
-                self._arrived.put((item, payload))
-                continue
-            if payload is not None:  # nothing after a failed receive lands
-                self._session.done(payload)
-            if item.finish is not None:
-                self._slots.release()
-        self._arrived.put(None)
-
-    def _land_loop(self) -> None:
-        while (arrived := self._arrived.get()) is not None:
-            item, payload = arrived
-            try:
-                self._inbox.land(self._peer, item.header, item.target, payload)
-            except Exception:
-                logger.exception(
-                    "landing %s from %s failed", item.header.transfer_id, self._peer.id
-                )
-            finally:
-                if payload is not None:
-                    self._session.done(payload)
-                if item.finish is not None:
-                    self._slots.release()
-
-    def close(self, closing: threading.Event) -> str | None:
-        """Land what arrived, stop the threads, and return the error that ended the
-        connection here, if any."""
-        self._posted.put(None)
-        for thread in self._threads:
-            thread.join(timeout=30.0)
-            if thread.is_alive() and not closing.is_set():
-                logger.error("%s for %s did not stop", thread.name, self._peer.id)
-        return self.error
+        return Pending(header, target, finish)

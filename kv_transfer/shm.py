@@ -19,8 +19,14 @@ message, under a shared flock, it finds the transfer's OPEN slot, looks up the
 destination blocks there, and copies the source region (or a span of consecutive
 layers) straight into them (one copy, like CUDA IPC within a node); then it writes the
 header, which tells the receiver the slice is complete. The receiver verifies the
-checksum in place. A sender can only write into blocks of a slot the receiver opened,
-within that slot's block range.
+checksum in place, and refuses a DATA message without one (`require_checksum`): what a
+sender wrote into this process's memory is always checked. A sender can only write into
+blocks of a slot the receiver opened, within that slot's block range.
+
+Who may connect: the segment file is mode 0600, and the control socket admits only
+processes of the same user (or `peer_uid`), by the credentials the kernel records for
+the connection (SO_PEERCRED), before it reads a byte; with the cluster secret the HELLO
+is sealed as on every control channel (kv_transfer.auth).
 
 Segments are named `pdkv-<pid>-<random>`; `sweep_stale_segments` removes those whose
 creating process is gone (a receiver that was killed cannot unlink its own).
@@ -39,7 +45,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +53,22 @@ import torch
 
 from engine.config import parse_dtype
 from engine.kv_cache import KVCacheLayout
-from kv_transfer.base import MAX_TRANSFER_ID_BYTES, LocalRank, RankId, RecvSpec, TransferError
+from kv_transfer.auth import HelloAuth
+from kv_transfer.base import (
+    MAX_TRANSFER_ID_BYTES,
+    LocalRank,
+    ProtocolError,
+    RankId,
+    RecvSpec,
+    TransferError,
+)
 from kv_transfer.control import ControlClient, ControlServer, Finish, listen
+from kv_transfer.guard import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    same_user,
+    server_guard,
+)
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.regions import BlockRegion, LayerSpan, copy_into, region_of
@@ -226,10 +246,18 @@ class ShmConfig:
     connect_timeout_s: float = 10.0
     lock_timeout_s: float = 5.0  # waiting for a flock (a writer holds it for one copy)
     ttl_s: float = 10.0
+    secret: bytes | None = field(default=None, repr=False)  # seals HELLOs (auth.py)
+    peer_uid: int | None = None  # the user senders run as; None: this process's user
+    require_checksum: bool = True  # refuse DATA messages that carry no checksum
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S  # after HELLO; senders reconnect at half
 
     def __post_init__(self) -> None:
-        if min(self.connect_timeout_s, self.lock_timeout_s, self.ttl_s) <= 0:
+        timeouts = (self.connect_timeout_s, self.lock_timeout_s, self.ttl_s, self.idle_timeout_s)
+        if min(timeouts) <= 0:
             raise ValueError(f"timeouts must be > 0: {self}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1: {self}")
 
 
 def _nothing() -> None:
@@ -239,7 +267,15 @@ def _nothing() -> None:
 class _InPlace:
     direct_ok = False  # senders have written the payload before its header arrives
 
+    def __init__(self, require_checksum: bool) -> None:
+        self._require_checksum = require_checksum
+
     def start(self, header: Header, target: Target | None) -> Finish:
+        if self._require_checksum and header.checksum is None:
+            raise ProtocolError(
+                f"DATA for {header.transfer_id} without a checksum: what senders write "
+                "into this receiver's memory is always verified"
+            )
         return _nothing
 
     def done(self, payload: torch.Tensor) -> None:
@@ -283,8 +319,20 @@ class ShmEndpoint(Endpoint):
         if cache.data_ptr() != self._seg.cache.data_ptr() or cache.shape != self._seg.cache.shape:
             raise ValueError("the receiver's cache must be the segment's cache")
         listener, address = listen(f"unix:@pdkv-{os.getpid()}-{os.urandom(8).hex()}")
+        cfg = self._cfg
         self._server = ControlServer(
-            listener, inbox, lambda peer: _InPlace(), self._cfg.connect_timeout_s, str(me.id)
+            listener,
+            inbox,
+            lambda peer: _InPlace(cfg.require_checksum),
+            cfg.connect_timeout_s,
+            str(me.id),
+            guard=server_guard(
+                cfg.secret,
+                address,
+                max_connections=cfg.max_connections,
+                idle_timeout_s=cfg.idle_timeout_s,
+                check_peer=same_user(cfg.peer_uid),
+            ),
         )
         lay = self._seg.layout
         record = encode_record(
@@ -375,7 +423,7 @@ class _ShmLink(Link):
 
     @property
     def broken(self) -> bool:
-        return self._broken
+        return self._broken or self._control.stale
 
     def send(
         self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
@@ -436,6 +484,7 @@ class ShmConnector(Connector):
 
     def __init__(self, store: RendezvousStore, config: ShmConfig = ShmConfig()) -> None:
         self._store, self._cfg = store, config
+        self._auth = HelloAuth(config.secret) if config.secret is not None else None
 
     def connect(self, me: LocalRank, peer: RankId) -> Link:
         rec = resolve(self._store, TRANSPORT, peer, _RECORD)
@@ -458,7 +507,13 @@ class ShmConnector(Connector):
             raise TransferError(f"cannot map {peer}'s segment {path}: {e}") from e
         hello = Hello(me.instance, me.rank, me.parallel.tp, me.parallel.pp, os.urandom(TOKEN_BYTES))
         try:
-            control = ControlClient(rec["control"], hello, self._cfg.connect_timeout_s)
+            control = ControlClient(
+                rec["control"],
+                hello,
+                self._cfg.connect_timeout_s,
+                self._auth,
+                max_idle_s=self._cfg.idle_timeout_s / 2,
+            )
         except TransferError:
             segment.close_mapping()
             raise

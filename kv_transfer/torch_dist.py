@@ -1,8 +1,9 @@
 """The torch.distributed transport: point-to-point send/recv over per-pair process groups.
 
 Each receiver rank runs a TCPStore server and a control listener, both on free ports
-of the configured host, and publishes them under `torch_dist:<instance>:<rank>` in the
-rendezvous store with a TTL. There is no global world and no init_process_group.
+of the configured host, and publishes them under
+`torch_dist:<instance>:<rank>` in the rendezvous store with a TTL. There is no global
+world and no init_process_group.
 
 A pair (sender rank, receiver rank) is created lazily on its first slice and reused:
 
@@ -35,7 +36,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -43,8 +44,10 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCPStore
 
+from kv_transfer.auth import HelloAuth
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.control import ControlClient, ControlServer, Finish, listen
+from kv_transfer.guard import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, server_guard
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.regions import BlockRegion, LayerSpan, gather_checksummed
 from kv_transfer.rendezvous import (
@@ -93,12 +96,20 @@ class TorchDistConfig:
     # the cores; off for NCCL ones, where a gather on the device is cheap and one send
     # per message beats one per layer and K/V.
     zero_copy: bool | None = None
+    # The cluster secret: HELLOs are sealed with it (kv_transfer.auth). None: unsealed,
+    # which the receiver logs as a warning; both ends must agree.
+    secret: bytes | None = field(default=None, repr=False)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open control connections per rank
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S  # after HELLO; senders reconnect at half
+    max_staging_bytes: int = 1 << 30  # receiver staging held by messages in flight
 
     def __post_init__(self) -> None:
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
-        if min(self.connect_timeout_s, self.op_timeout_s, self.ttl_s) <= 0:
+        if min(self.connect_timeout_s, self.op_timeout_s, self.ttl_s, self.idle_timeout_s) <= 0:
             raise ValueError(f"timeouts must be > 0: {self}")
+        if self.max_connections < 1 or self.max_staging_bytes < 1:
+            raise ValueError(f"max_connections and max_staging_bytes must be >= 1: {self}")
 
 
 def _backend_for(device: torch.device) -> str:
@@ -178,7 +189,7 @@ class _Link(Link):
 
     @property
     def broken(self) -> bool:
-        return self._broken
+        return self._broken or self._control.stale
 
     def send(
         self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
@@ -275,6 +286,7 @@ class TorchDistConnector(Connector):
 
     def __init__(self, store: RendezvousStore, config: TorchDistConfig = TorchDistConfig()) -> None:
         self._store, self._cfg = store, config
+        self._auth = HelloAuth(config.secret) if config.secret is not None else None
 
     def connect(self, me: LocalRank, peer: RankId) -> Link:
         rec = resolve(self._store, TRANSPORT, peer, _RECORD)
@@ -283,7 +295,13 @@ class TorchDistConnector(Connector):
             raise TransferError(f"{peer} uses {backend}, this sender {self._cfg.backend}")
         token = os.urandom(TOKEN_BYTES)
         hello = Hello(me.instance, me.rank, me.parallel.tp, me.parallel.pp, token)
-        control = ControlClient(rec["control"], hello, self._cfg.connect_timeout_s)
+        control = ControlClient(
+            rec["control"],
+            hello,
+            self._cfg.connect_timeout_s,
+            self._auth,
+            max_idle_s=self._cfg.idle_timeout_s / 2,
+        )
         try:
             host, port = split_hostport(rec["store"])
             store = TCPStore(
@@ -364,10 +382,18 @@ class _Session:
             self._device,
             self._pool,
         )
-        works = self._post(message_parts(staging, header.parts))
+        try:
+            works = self._post(message_parts(staging, header.parts))
+        except BaseException:
+            self._pool.forget(staging)
+            raise
 
         def finish_staged() -> torch.Tensor | None:
-            self._wait_all(works)
+            try:
+                self._wait_all(works)
+            except BaseException:
+                self._pool.forget(staging)
+                raise
             if target is None:  # nowhere to land: the bytes only had to leave the pair
                 self._pool.give(staging)
                 return None
@@ -422,7 +448,7 @@ class TorchDistEndpoint(Endpoint):
         )
         tcp_store = self._tcp_store
         device, timeout = cache.device, self._cfg.op_timeout_s
-        pool = StagingPool()
+        pool = StagingPool(max_in_use=self._cfg.max_staging_bytes, wait_s=timeout)
 
         def open_session(peer: Peer) -> _Session:
             try:
@@ -434,7 +460,18 @@ class TorchDistEndpoint(Endpoint):
 
         listener, address = listen(f"tcp://{host}:0")
         self._server = ControlServer(
-            listener, inbox, open_session, self._cfg.connect_timeout_s, str(me.id), pipelined=True
+            listener,
+            inbox,
+            open_session,
+            self._cfg.connect_timeout_s,
+            str(me.id),
+            pipelined=True,
+            guard=server_guard(
+                self._cfg.secret,
+                address,
+                max_connections=self._cfg.max_connections,
+                idle_timeout_s=self._cfg.idle_timeout_s,
+            ),
         )
         record = encode_record(control=address, store=f"{host}:{tcp_store.port}", backend=backend)
         self._lease = Lease(self._store, rank_key(TRANSPORT, me.id), record, self._cfg.ttl_s)

@@ -37,10 +37,14 @@ from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import RedisRendezvous
 from kv_transfer.sender import KVSender, SenderConfig
-from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
+from kv_transfer.shm import ShmConfig, ShmConnector, ShmEndpoint, ShmSegment
 from kv_transfer.testing import fill, rank_layout, read, reference_kv, shard
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, TorchDistEndpoint
 from kv_transfer.transport import Connector
+
+# The cluster secret both sides seal and check HELLOs with, as a cluster's processes
+# get it from their config.
+CLUSTER_SECRET = b"pdserve tests: the kv_transfer cluster secret"
 
 
 def kv_keys(redis_url: str, cluster: str) -> list[str]:
@@ -138,12 +142,15 @@ class Setup:
 
     def connector(self) -> Connector:
         cfg = TorchDistConfig(
-            op_timeout_s=self.op_timeout_s, connect_timeout_s=5.0, zero_copy=self.zero_copy
+            op_timeout_s=self.op_timeout_s,
+            connect_timeout_s=5.0,
+            zero_copy=self.zero_copy,
+            secret=CLUSTER_SECRET,
         )
         inner: Connector = (
             TorchDistConnector(self.store(), cfg)
             if self.transport == "torch_dist"
-            else ShmConnector(self.store())
+            else ShmConnector(self.store(), ShmConfig(secret=CLUSTER_SECRET))
         )
         return FaultyConnector(inner, self.faults, spans=self.spans) if self.faults else inner
 
@@ -296,12 +303,13 @@ class Decode:
                 segment = ShmSegment.create(layout)
                 self.segments.append(segment)
                 cache = KVCache(layout, storage=segment.cache_bytes)
-                endpoint = ShmEndpoint(store, segment, s.geo)
+                endpoint = ShmEndpoint(store, segment, s.geo, ShmConfig(secret=CLUSTER_SECRET))
             else:
                 cache = s.layout_cache(me)
-                endpoint = TorchDistEndpoint(
-                    store, TorchDistConfig(op_timeout_s=s.op_timeout_s, connect_timeout_s=5.0)
+                cfg = TorchDistConfig(
+                    op_timeout_s=s.op_timeout_s, connect_timeout_s=5.0, secret=CLUSTER_SECRET
                 )
+                endpoint = TorchDistEndpoint(store, cfg)
             self.caches.append(cache)
             self.endpoints.append(endpoint)
             self.receivers.append(KVReceiver(me, cache, s.geo, endpoint))

@@ -9,31 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.kv_cache import KVCache
+from kv_transfer.auth import HelloAuth
 from kv_transfer.base import LocalRank, RecvSpec, SendSpec, TransferState, TransferStatus
 from kv_transfer.header import Header, Hello, MessageKind
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import MemoryRendezvous
-from kv_transfer.sender import KVSender
-from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
+from kv_transfer.sender import KVSender, SenderConfig
+from kv_transfer.shm import ShmConfig, ShmConnector, ShmEndpoint, ShmSegment
 from kv_transfer.testing import fill, rank_layout, read, reference_kv, shard
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, TorchDistEndpoint
+from kv_transfer.transport import Connector
 
 GEO = KVGeometry(4, 2)
 HEAD_DIM, BLOCK, NUM_BLOCKS = 16, 4, 32
 PRE, DEC = LocalRank("prefill-0"), LocalRank("decode-0")
 SRC, DST = [3, 4, 5, 9, 1], [7, 8, 20, 21, 22]
+SECRET = os.urandom(32)  # the cluster secret every pair here seals its HELLOs with
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Pair:
     src: KVCache
     dst: KVCache
     segment: ShmSegment | None
+    connector: Callable[[bytes | None], Connector]  # another sender's, with this secret
 
 
 @pytest.fixture(params=["torch_dist", "torch_dist-gather", "shm"])
@@ -52,19 +57,30 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     src = KVCache(rank_layout(GEO, PRE, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32))
     layout = rank_layout(GEO, DEC, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32)
     segment = None
+    connector: Callable[[bytes | None], Connector]
     if request.param == "shm":
         segment = ShmSegment.create(layout)
         dst = KVCache(layout, storage=segment.cache_bytes)
-        receiver = KVReceiver(DEC, dst, GEO, ShmEndpoint(store, segment, GEO))
-        sender = KVSender(PRE, src, GEO, ShmConnector(store))
+        shm = ShmConfig(secret=SECRET)
+        receiver = KVReceiver(DEC, dst, GEO, ShmEndpoint(store, segment, GEO, shm))
+
+        def connector(secret: bytes | None) -> Connector:
+            return ShmConnector(store, replace(shm, secret=secret))
+
     else:
         dst = KVCache(layout)
         # the default sends straight from the cache (zero-copy) over Gloo
         zero_copy = False if request.param.endswith("gather") else None
-        cfg = TorchDistConfig(op_timeout_s=3.0, connect_timeout_s=3.0, zero_copy=zero_copy)
+        cfg = TorchDistConfig(
+            op_timeout_s=3.0, connect_timeout_s=3.0, zero_copy=zero_copy, secret=SECRET
+        )
         receiver = KVReceiver(DEC, dst, GEO, TorchDistEndpoint(store, cfg))
-        sender = KVSender(PRE, src, GEO, TorchDistConnector(store, cfg))
-    yield Pair(store, sender, receiver, src, dst, segment)
+
+        def connector(secret: bytes | None) -> Connector:
+            return TorchDistConnector(store, replace(cfg, secret=secret))
+
+    sender = KVSender(PRE, src, GEO, connector(SECRET))
+    yield Pair(store, sender, receiver, src, dst, segment, connector)
     sender.close()
     receiver.close()
     assert store.keys() == []  # the lease was withdrawn
@@ -143,7 +159,8 @@ def test_a_malformed_peer_is_dropped(pair: Pair) -> None:
         host, _, port = ctl[len("tcp://") :].rpartition(":")
         sock = socket.create_connection((host, int(port)), timeout=5)
     with sock:
-        sock.sendall(Hello("prefill-0", 0, 1, 1, os.urandom(16)).pack())
+        hello = Hello("prefill-0", 0, 1, 1, os.urandom(16)).pack()
+        sock.sendall(hello + HelloAuth(SECRET).seal(ctl, hello))  # a peer of this cluster
         bad = bytearray(Header(MessageKind.END, "t", 0).pack())
         bad[-1] ^= 0xFF  # CRC mismatch
         sock.sendall(bytes(bad))
@@ -154,6 +171,64 @@ def test_a_malformed_peer_is_dropped(pair: Pair) -> None:
     assert pair.receiver.poll("t").state is TransferState.PENDING  # it fed nothing
     pair.receiver.abort("t")
     _no_leaks(pair)
+
+
+@pytest.mark.parametrize("secret", [None, b"another cluster's secret"], ids=["none", "foreign"])
+def test_a_sender_without_the_cluster_secret_is_refused(
+    pair: Pair, secret: bytes | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender whose HELLO is unsealed or sealed with another secret never gets a
+    session: nothing it sends counts at the receiver, and the refusal is one warning.
+    (Over shm the segment file is the user's own, so a process of the same user could
+    write into it anyway; what the seal keeps out is its word that the data is there.)"""
+    ref = reference_kv(GEO, HEAD_DIM, BLOCK, len(SRC), torch.float32)
+    fill(pair.src, ref, GEO, PRE, SRC)
+    before = pair.dst.tensor.clone()
+    stranger = KVSender(PRE, pair.src, GEO, pair.connector(secret))
+    pair.receiver.expect(RecvSpec("t", tuple(DST), PRE.ref, timeout_s=8))
+    with caplog.at_level(logging.WARNING, logger="kv_transfer.control"):
+        stranger.open(SendSpec("t", DEC.ref, timeout_s=8))
+        for layer in range(GEO.num_layers):
+            stranger.send_layer("t", layer, SRC, 0)
+        stranger.finish("t")
+        sent = _wait(stranger, "t", limit=10).state
+    # Over shm a send is done once written (or failed, once the refusal closed the
+    # socket); the receiver never takes the stranger's word either way.
+    assert sent is TransferState.FAILED or pair.segment is not None
+    assert pair.receiver.poll("t").state is TransferState.PENDING
+    refused = [r for r in caplog.records if "refused a control connection" in r.getMessage()]
+    assert refused and refused[0].levelno == logging.WARNING
+    if pair.segment is None:  # over shm the stranger wrote before its header was refused
+        assert torch.equal(pair.dst.tensor, before)
+    pair.receiver.abort("t")
+    assert pair.receiver.endpoint.num_connections == 0  # type: ignore[attr-defined]
+    stranger.close()
+    _no_leaks(pair)
+
+
+def test_shm_refuses_data_without_a_checksum() -> None:
+    """What a sender writes into the receiver's memory is always verified: a DATA
+    message that carries no checksum ends the connection and fails the transfer."""
+    store = MemoryRendezvous()
+    src = KVCache(rank_layout(GEO, PRE, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32))
+    layout = rank_layout(GEO, DEC, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32)
+    segment = ShmSegment.create(layout)
+    dst = KVCache(layout, storage=segment.cache_bytes)
+    receiver = KVReceiver(DEC, dst, GEO, ShmEndpoint(store, segment, GEO))
+    sender = KVSender(PRE, src, GEO, ShmConnector(store), SenderConfig(checksum=False))
+    try:
+        receiver.expect(RecvSpec("t", tuple(DST), PRE.ref))
+        sender.open(SendSpec("t", DEC.ref))
+        for layer in range(GEO.num_layers):
+            sender.send_layer("t", layer, SRC, 0)
+        sender.finish("t")
+        status = _wait(receiver, "t")
+        assert status.state is TransferState.FAILED
+        assert "without a checksum" in (status.reason or ""), status.reason
+    finally:
+        sender.close()
+        receiver.close()
+        segment.close()
 
 
 def test_a_missing_receiver_fails_the_sender_at_once(pair: Pair) -> None:
