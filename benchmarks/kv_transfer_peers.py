@@ -20,6 +20,7 @@ import torch
 from torch._C._distributed_c10d import TCPStore
 
 from engine.kv_cache import KVCache, KVCacheLayout
+from engine.parallel.tcp_store import serve_tcp_store
 from kv_transfer.base import InstanceRef, LocalRank, RecvSpec, SendSpec, TransferStatus
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
@@ -217,9 +218,7 @@ class Bench:
         from the CPU's caches. `summed`: each side also reads every message once more,
         as a checksum does (the sender before it posts the send, the receiver once it
         has landed)."""
-        store = TCPStore(
-            "127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
-        )
+        store = serve_tcp_store("127.0.0.1", 30.0)
         token = os.urandom(16)
         rounds = (self.repeats if repeats is None else repeats) + 1
         self.conn.send(

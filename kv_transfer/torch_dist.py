@@ -1,7 +1,7 @@
 """The torch.distributed transport: point-to-point send/recv over per-pair process groups.
 
 Each receiver rank runs a TCPStore server and a control listener, both on free ports
-of the configured host, and publishes them under
+of the configured host and listening there only, and publishes them under
 `torch_dist:<instance>:<rank>` in the rendezvous store with a TTL. There is no global
 world and no init_process_group.
 
@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCPStore
 
+from engine.parallel.tcp_store import serve_tcp_store
 from kv_transfer.auth import HelloAuth
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.control import ControlClient, ControlServer, Finish, listen
@@ -438,14 +439,8 @@ class TorchDistEndpoint(Endpoint):
         if backend != _backend_for(cache.device):
             raise ValueError(f"backend {backend} cannot move {cache.device.type} tensors")
         host = self._cfg.host
-        self._tcp_store = TCPStore(
-            host,
-            0,
-            None,
-            True,
-            timeout=timedelta(seconds=self._cfg.connect_timeout_s),
-            wait_for_workers=False,
-        )
+        # torch's own server would listen on every interface: bind `host` only
+        self._tcp_store = serve_tcp_store(host, self._cfg.connect_timeout_s)
         tcp_store = self._tcp_store
         device, timeout = cache.device, self._cfg.op_timeout_s
         pool = StagingPool(max_in_use=self._cfg.max_staging_bytes, wait_s=timeout)

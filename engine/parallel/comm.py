@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCPStore
 
 from engine.parallel.layout import ParallelLayout
+from engine.parallel.tcp_store import serve_tcp_store
 
 
 def make_group(
@@ -72,10 +73,9 @@ class StoreAddress:
 
 
 def serve_store(timeout_s: float = 30.0, host: str = "127.0.0.1") -> tuple[TCPStore, StoreAddress]:
-    """Start the driver's TCPStore on a free port; the other ranks reach it at `host`."""
-    store = TCPStore(
-        host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
-    )
+    """Start the driver's TCPStore on a free port of `host` only (tcp_store.py); the
+    other ranks reach it there."""
+    store = serve_tcp_store(host, timeout_s)
     return store, StoreAddress(host, store.port)
 
 
