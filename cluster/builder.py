@@ -24,8 +24,10 @@ TP/PP geometry), so a config that cannot run fails here, not in a replica.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from pydantic import SecretStr
 from ray import serve
 from ray.serve.config import HTTPOptions, RequestRouterConfig, gRPCOptions
 from ray.serve.schema import LoggingConfig
@@ -46,6 +48,8 @@ from router.dispatch import DispatchTimeouts
 from router.pinning import ROUTER_CLASS_PATH
 from router.settings import PoolSpec, RouterSettings
 from router.validation import Limits
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = APPLICATION  # the name the clients' calls carry
 # Ray Serve's own low-latency switches (its "throughput optimized" set, minus direct
@@ -126,6 +130,10 @@ def check_against_model(config: ClusterConfig, model_dir: str) -> ModelConfig:
     return mc
 
 
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
+
+
 def worker_settings(
     config: ClusterConfig, pool: PoolConfig, model_dir: str, redis_url: str
 ) -> WorkerSettings:
@@ -163,6 +171,7 @@ def worker_settings(
         )
         if pool.role is PoolRole.PREFILL
         else (),
+        transfer_secret=_reveal(config.kv_transfer.secret),
     )
 
 
@@ -236,9 +245,14 @@ def build_app(config: ClusterConfig, *, model_dir: str, redis_url: str) -> Any:
     """The Serve application for `config` (a `serve.Application`).
 
     `model_dir` is the model as an HF-format directory (`engine.model_source.
-    resolve_model` makes one from any source); `redis_url` the cluster's Redis.
+    resolve_model` makes one from any source); `redis_url` the cluster's Redis. Every
+    pool gets the config's KV-transfer secret in its settings (the deployments' init
+    args), or one generated here for all of them; it never goes through Redis.
     """
     check_against_model(config, model_dir)
+    if config.kv_transfer.secret is None:
+        logger.info("kv_transfer.secret unset: a new one seals this application's KV channels")
+        config = config.with_transfer_secret()
     decode = _pool_deployment(config, config.generating_pool, model_dir, redis_url)
     prefill_pool = config.prefill_pool
     prefill = _pool_deployment(config, prefill_pool, model_dir, redis_url) if prefill_pool else None

@@ -18,6 +18,7 @@ Checks that need the model's shape (KV cache size, TP/PP geometry) run in the bu
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,6 +40,7 @@ from engine.config import CpuLinearKind
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 _STRICT = ConfigDict(extra="forbid")
+MIN_TRANSFER_SECRET_CHARS = 32
 
 
 class ConfigError(ValueError):
@@ -286,6 +288,20 @@ class KVTransferConfig(BaseModel):
         description="Fault drill: faults each prefill replica injects into the KV it "
         "sends, counted per replica. Empty in production.",
     )
+    secret: SecretStr | None = Field(
+        default=None,
+        description="Cluster secret sealing the KV control channels' HELLOs (HMAC-SHA256), "
+        f"at least {MIN_TRANSFER_SECRET_CHARS} characters. None: generated for each "
+        "`pdserve up` (and each build of the application); on Kubernetes it comes from a "
+        "Secret (kubernetes.secrets.kv_transfer_secret). Never stored in Redis.",
+    )
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_length(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_TRANSFER_SECRET_CHARS:
+            raise ValueError(f"must be at least {MIN_TRANSFER_SECRET_CHARS} characters")
+        return v
 
 
 class RayConfig(BaseModel):
@@ -364,6 +380,14 @@ class ClusterConfig(BaseModel):
     @property
     def block_size(self) -> int:
         return self.pools[0].engine.block_size
+
+    def with_transfer_secret(self) -> ClusterConfig:
+        """This config with a KV-transfer secret: its own, or a new random one."""
+        if self.kv_transfer.secret is not None:
+            return self
+        secret = SecretStr(secrets.token_hex(MIN_TRANSFER_SECRET_CHARS))
+        kv = self.kv_transfer.model_copy(update={"secret": secret})
+        return self.model_copy(update={"kv_transfer": kv})
 
     def required_cpus(self) -> float:
         """Logical CPUs that the router and every pool replica ask Ray for."""

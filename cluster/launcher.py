@@ -3,8 +3,10 @@
 `Launcher(config).start()`:
 
 1. The run dir (`<cache>/run/<cluster name>`) must not record a live `up` process.
-2. Redis: the configured URL, or an embedded redis-server on a free loopback port. Its
-   state file goes in the run dir, so `down` can stop it even if `up` died.
+2. Redis: the configured URL, or an embedded redis-server on a free loopback port with
+   a generated password. Its state and password files (0600) go in the run dir, so
+   `down` can stop it even if `up` died. The KV control channels' secret is generated
+   here too (unless configured) and reaches the pools only through their settings.
 3. Ray: connect to `ray.address`, or start a local Ray with enough logical CPUs for
    the router and every pool replica (engines pin their torch threads, so logical CPUs
    may exceed the cores). A Ray Client address on another machine
@@ -161,6 +163,9 @@ class Launcher:
                 "run `pdserve down` first"
             )
         check_remote(self.config)
+        # One secret for this run's KV control channels, handed to the pools in their
+        # settings: it is never written to Redis or the run dir.
+        self.config = self.config.with_transfer_secret()
         deadline = time.monotonic() + timeout_s
         try:
             model_dir = self._model()

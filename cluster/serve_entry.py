@@ -12,6 +12,8 @@ manifest comes from the Ray pods' environment, filled from Secrets:
                                unless the config has redis.url)
     PDSERVE_HTTP_API_KEY       the HTTP API key (optional)
     PDSERVE_GRPC_BEARER_TOKEN  the gRPC bearer token (optional)
+    PDSERVE_KV_TRANSFER_SECRET the cluster secret that seals the KV control channels'
+                               HELLOs (without it, each build generates its own)
     PDSERVE_REGISTRY_SCOPE     the RayCluster's name (optional): registry keys are then
                                namespaced by "<cluster name>.<scope>", so the old and
                                new RayCluster of a RayService upgrade, which share the
@@ -38,6 +40,7 @@ REDIS_URL_ENV = "PDSERVE_REDIS_URL"
 HTTP_API_KEY_ENV = "PDSERVE_HTTP_API_KEY"
 GRPC_TOKEN_ENV = "PDSERVE_GRPC_BEARER_TOKEN"
 SCOPE_ENV = "PDSERVE_REGISTRY_SCOPE"
+KV_SECRET_ENV = "PDSERVE_KV_TRANSFER_SECRET"
 
 
 def entry_args(config: ClusterConfig) -> dict[str, Any]:
@@ -46,7 +49,11 @@ def entry_args(config: ClusterConfig) -> dict[str, Any]:
     data = config.model_dump(
         mode="json",
         exclude_defaults=True,
-        exclude={"kubernetes": True, "server": {"api_key", "grpc_bearer_token"}},
+        exclude={
+            "kubernetes": True,
+            "server": {"api_key", "grpc_bearer_token"},
+            "kv_transfer": {"secret"},
+        },
     )
     return {"config": data}
 
@@ -68,6 +75,14 @@ def config_from_args(args: dict[str, Any], env: dict[str, str] | None = None) ->
     if environ.get(GRPC_TOKEN_ENV):
         server_update["grpc_bearer_token"] = SecretStr(environ[GRPC_TOKEN_ENV])
     update: dict[str, Any] = {"server": config.server.model_copy(update=server_update)}
+    if environ.get(KV_SECRET_ENV):
+        try:
+            kv = config.kv_transfer.model_validate(
+                {**config.kv_transfer.model_dump(), "secret": environ[KV_SECRET_ENV]}
+            )
+        except ValidationError as e:
+            raise ConfigError(f"serve entry: {KV_SECRET_ENV}: {e.errors()[0]['msg']}") from None
+        update["kv_transfer"] = kv
     if environ.get(REDIS_URL_ENV):
         update["redis"] = config.redis.model_copy(update={"url": environ[REDIS_URL_ENV]})
     elif config.redis.url is None:

@@ -17,7 +17,7 @@ from kv_transfer.base import LocalRank, Parallelism
 from kv_transfer.faults import FaultyConnector
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RendezvousStore
-from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
+from kv_transfer.shm import ShmConfig, ShmConnector, ShmEndpoint, ShmSegment
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, TorchDistEndpoint
 from kv_transfer.transport import Connector, Endpoint
 
@@ -40,11 +40,16 @@ def local_rank(settings: WorkerSettings, instance_id: str, rank: int) -> LocalRa
     return LocalRank(instance_id, parallel, tp_rank, pp_rank)
 
 
+def _secret(settings: WorkerSettings) -> bytes | None:
+    return settings.transfer_secret.encode() if settings.transfer_secret else None
+
+
 def sender_connector(settings: WorkerSettings, store: RendezvousStore, host: str) -> Connector:
+    secret = _secret(settings)
     connector: Connector = (
-        ShmConnector(store)
+        ShmConnector(store, ShmConfig(secret=secret))
         if settings.transport == "shm"
-        else TorchDistConnector(store, TorchDistConfig(host=host))
+        else TorchDistConnector(store, TorchDistConfig(host=host, secret=secret))
     )
     if settings.faults:
         logger.warning("%s injects KV-transfer faults %s", settings.pool, settings.faults)
@@ -62,5 +67,5 @@ def receiver_endpoint(
     if settings.transport == "shm":
         if segment is None:
             raise ValueError("the shm transport needs the KV cache in a shared-memory segment")
-        return ShmEndpoint(store, segment, geometry)
-    return TorchDistEndpoint(store, TorchDistConfig(host=host))
+        return ShmEndpoint(store, segment, geometry, ShmConfig(secret=_secret(settings)))
+    return TorchDistEndpoint(store, TorchDistConfig(host=host, secret=_secret(settings)))

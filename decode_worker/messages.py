@@ -59,6 +59,8 @@ class WorkerSettings:
     rank_start_timeout_s: float = 120.0  # the ranks joining a new replica
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
     cpu_linear: CpuLinearKind = "auto"  # the engine's CPU matmul backend
+    # the cluster secret sealing KV control HELLOs (kv_transfer.auth); None: unsealed
+    transfer_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

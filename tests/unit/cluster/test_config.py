@@ -194,6 +194,31 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
     assert isinstance(app, serve.Application)
 
 
+def test_kv_transfer_secret_reaches_every_pool_and_nothing_prints_it(
+    tiny_model_dir: Path,
+) -> None:
+    """The cluster secret sealing KV control HELLOs: long enough, generated once per
+    build when unset (the same for every pool), carried in the pools' settings only."""
+    with pytest.raises(ConfigError, match=r"kv_transfer\.secret"):
+        load_config(None, ["kv_transfer.secret=too-short"])
+    given = "g" * 40
+    c = _tiny(tiny_model_dir, f"kv_transfer.secret={given}")
+    assert c.with_transfer_secret() is c
+    ws = worker_settings(c, c.pools[0], str(tiny_model_dir), "redis://x")
+    assert ws.transfer_secret == given and given not in repr(ws) and given not in repr(c)
+    unset = _tiny(tiny_model_dir)
+    made, again = unset.with_transfer_secret(), unset.with_transfer_secret()
+    assert made.kv_transfer.secret is not None and again.kv_transfer.secret is not None
+    secret = made.kv_transfer.secret.get_secret_value()
+    assert len(secret) >= 32 and secret != again.kv_transfer.secret.get_secret_value()
+    app = build_app(unset, model_dir=str(tiny_model_dir), redis_url="redis://127.0.0.1:1/0")
+    router = app._bound_deployment
+    secrets = {a._bound_deployment.init_args[0].transfer_secret for a in router.init_args[1:]}
+    (one,) = secrets  # both pools got the same, generated one
+    assert one is not None and len(one) >= 32
+    assert one not in str(router.init_args[0])  # the router never gets it
+
+
 @pytest.mark.parametrize("name", ["local.yaml", "colocated.yaml"])
 def test_example_configs_are_valid(name: str, smollm2_dir: Path) -> None:
     path = Path(__file__).resolve().parents[3] / "deploy" / "configs" / name

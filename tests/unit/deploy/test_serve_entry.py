@@ -22,6 +22,7 @@ ENV = {
     "PDSERVE_HTTP_API_KEY": "k3y",
     "PDSERVE_GRPC_BEARER_TOKEN": "t0ken",
     "PDSERVE_REGISTRY_SCOPE": "pdserve-raycluster-x7k2p",
+    "PDSERVE_KV_TRANSFER_SECRET": "f" * 64,
 }
 
 
@@ -34,15 +35,23 @@ def _rendered_args() -> dict[str, Any]:
 
 
 def test_args_carry_the_config_without_secrets() -> None:
-    config = load_config(None, ["server.api_key=s3cret", "pools.decode.replicas=3"])
+    kv = "kv-" + "x" * 40
+    config = load_config(
+        None, ["server.api_key=s3cret", "pools.decode.replicas=3", f"kv_transfer.secret={kv}"]
+    )
     args = entry_args(config)
     assert "s3cret" not in str(args) and "kubernetes" not in args["config"]
+    assert kv not in str(args)
     back = config_from_args(args, ENV)
     assert back.pools[1].replicas == 3
     assert back.server.api_key is not None and back.server.api_key.get_secret_value() == "k3y"
     assert back.server.grpc_bearer_token is not None
     assert back.redis.url == ENV["PDSERVE_REDIS_URL"]
     assert back.name == "pdserve.pdserve-raycluster-x7k2p"
+    assert back.kv_transfer.secret is not None
+    assert back.kv_transfer.secret.get_secret_value() == "f" * 64
+    with pytest.raises(ConfigError, match=r"PDSERVE_KV_TRANSFER_SECRET: .*at least 32"):
+        config_from_args(args, {**ENV, "PDSERVE_KV_TRANSFER_SECRET": "short"})
 
 
 def test_without_a_redis_url_it_says_which_variable() -> None:
@@ -71,4 +80,6 @@ def test_builds_the_app_of_the_rendered_example(
         assert settings.transfer_host == "auto"
         assert settings.redis_url == ENV["PDSERVE_REDIS_URL"]
         assert settings.cluster == "pdserve.pdserve-raycluster-x7k2p"
+        assert settings.transfer_secret == ENV["PDSERVE_KV_TRANSFER_SECRET"]
+        assert settings.transfer_secret not in repr(settings)
         assert Path(settings.model_dir) == smollm2_dir
