@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ import kubernetes_validate
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CRD_DIR = REPO.parent / "shared" / "k8s-schemas"
+# ../shared/k8s-schemas next to the checkout, or where PDSERVE_K8S_SCHEMAS points
+CRD_DIR = Path(os.environ.get("PDSERVE_K8S_SCHEMAS") or REPO.parent / "shared" / "k8s-schemas")
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 # The oldest and the newest Kubernetes version kubernetes-validate 1.37 ships schemas
 # for that this project claims (kubectl here is 1.32).

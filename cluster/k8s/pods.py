@@ -6,8 +6,13 @@ Every Ray container gets, in this order (later entries may refer to earlier ones
 2. NCCL/Gloo settings (`NcclSettings`; documented in deploy/README.md);
 3. PDSERVE_REGISTRY_SCOPE from the pod's `ray.io/cluster` label;
 4. the project's Redis URL (composed from the in-cluster Redis password Secret, or an
-   external URL Secret) and the API secrets, as `cluster.serve_entry` reads them;
-5. on the head only, GCS fault tolerance: RAY_REDIS_ADDRESS and REDIS_PASSWORD.
+   external URL Secret), the API secrets and the KV-transfer secret (Secret
+   `<name>-kv-transfer` unless configured), as `cluster.serve_entry` reads them;
+5. on the head only, its pod IP (the dashboard binds there, not on every interface)
+   and GCS fault tolerance: RAY_REDIS_ADDRESS and REDIS_PASSWORD.
+
+With the project Redis on TLS, every Ray pod mounts the Secret's ca.crt and the URL is
+rediss:// with certificate checks.
 
 Probes use Ray's own health endpoints over HTTP: the dashboard agent's `/api/healthz`
 (raylet, plus GCS on the head) for liveness everywhere and readiness on the head;
@@ -23,7 +28,13 @@ from cluster.config import ClusterConfig
 from cluster.k8s.groups import GroupPlan
 from cluster.k8s.serve_config import serve_env
 from cluster.k8s.settings import SecretRef
-from cluster.serve_entry import GRPC_TOKEN_ENV, HTTP_API_KEY_ENV, REDIS_URL_ENV, SCOPE_ENV
+from cluster.serve_entry import (
+    GRPC_TOKEN_ENV,
+    HTTP_API_KEY_ENV,
+    KV_SECRET_ENV,
+    REDIS_URL_ENV,
+    SCOPE_ENV,
+)
 
 Manifest = dict[str, Any]
 
@@ -34,8 +45,11 @@ CLIENT_PORT = 10001
 METRICS_PORT = 8080
 REDIS_PORT = 6379
 REDIS_PASSWORD_ENV = "PDSERVE_REDIS_PASSWORD"
+POD_IP_ENV = "PDSERVE_POD_IP"
 SHM_VOLUME = "dshm"
 MODEL_VOLUME = "models"
+REDIS_CA_VOLUME = "redis-ca"
+REDIS_CA_DIR = "/etc/pdserve/redis-ca"
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -82,7 +96,12 @@ def _redis_env(config: ClusterConfig, name: str) -> list[Manifest]:
         assert r.url is not None
         return [secret_env(REDIS_URL_ENV, r.url)]
     password = redis_password_ref(name, r.server.password, "redis")
-    url = f"redis://:$({REDIS_PASSWORD_ENV})@{name}-redis:{REDIS_PORT}/0"
+    auth = f":$({REDIS_PASSWORD_ENV})@{name}-redis:{REDIS_PORT}/0"
+    url = (
+        f"rediss://{auth}?ssl_cert_reqs=required&ssl_ca_certs={REDIS_CA_DIR}/ca.crt"
+        if r.server.tls_secret is not None
+        else f"redis://{auth}"
+    )
     return [secret_env(REDIS_PASSWORD_ENV, password), {"name": REDIS_URL_ENV, "value": url}]
 
 
@@ -127,7 +146,10 @@ def ray_env(
         env.append(secret_env(HTTP_API_KEY_ENV, secrets.http_api_key))
     if secrets.grpc_bearer_token is not None:
         env.append(secret_env(GRPC_TOKEN_ENV, secrets.grpc_bearer_token))
+    kv_secret = secrets.kv_transfer_secret or SecretRef(name=f"{name}-kv-transfer", key="secret")
+    env.append(secret_env(KV_SECRET_ENV, kv_secret))
     if head:
+        env.append({"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
         env += _gcs_env(config, name)
     return env
 
@@ -177,6 +199,18 @@ def pod_template(
             "emptyDir": {"medium": "Memory", "sizeLimit": quantity_bytes(plan.shm_bytes)},
         }
     ]
+    tls_secret = k.redis.server.tls_secret if k.redis.mode == "in_cluster" else None
+    if tls_secret is not None:  # the CA that signed the project Redis's certificate
+        mounts.append({"name": REDIS_CA_VOLUME, "mountPath": REDIS_CA_DIR, "readOnly": True})
+        volumes.append(
+            {
+                "name": REDIS_CA_VOLUME,
+                "secret": {
+                    "secretName": tls_secret,
+                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                },
+            }
+        )
     if k.model_volume is not None:
         mounts.append(
             {"name": MODEL_VOLUME, "mountPath": k.model_volume.mount_path, "readOnly": True}

@@ -7,6 +7,11 @@
         headGroupSpec       GCS, dashboard, Serve controller; num-cpus 0
         workerGroupSpecs    router, then one group per pool (`cluster.k8s.groups`)
 
+Ray's token authentication is on (`authOptions`, mode token): KubeRay sets
+RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from a Secret it generates, or
+kubernetes.ray_auth_secret) on every Ray container, so the GCS, the dashboard and Ray
+Client refuse callers without the token; the dashboard binds the head pod's IP only.
+
 KubeRay creates the RayCluster, starts `ray start` in each pod with the group's
 rayStartParams, and submits serveConfigV2 to the head's dashboard. On a change of
 `rayClusterConfig` it brings up a new RayCluster, switches traffic when its
@@ -23,7 +28,7 @@ from importlib.metadata import version
 
 from cluster.config import ClusterConfig
 from cluster.k8s.groups import GroupPlan
-from cluster.k8s.pods import Manifest, labels, pod_template
+from cluster.k8s.pods import POD_IP_ENV, Manifest, labels, pod_template
 from cluster.k8s.serve_config import serve_config_v2
 
 
@@ -38,8 +43,13 @@ def _ray_start_params(plan: GroupPlan, gcs_ft: bool) -> dict[str, str]:
         resources = json.dumps(amounts, sort_keys=True, separators=(",", ":"))
         params["resources"] = f"'{resources}'"
     if plan.kind == "head":
-        params["dashboard-host"] = "0.0.0.0"
+        # The pod's own IP, not every interface: KubeRay's operator reaches the
+        # dashboard through the head Service (the NetworkPolicy admits only it), and
+        # Ray's token authentication guards it.
+        params["dashboard-host"] = f"${POD_IP_ENV}"
         if gcs_ft:
+            # Ray 2.60 takes the GCS Redis password only on its command line (and hands
+            # it to gcs_server the same way); the value comes from the environment.
             params["redis-password"] = "$REDIS_PASSWORD"
     return params
 
@@ -64,6 +74,9 @@ def rayservice(
         for plan in workers
     ]
     metadata: Manifest = {"name": name, "namespace": k.namespace, "labels": labels(name, "ray")}
+    auth: Manifest = {"mode": "token"}  # RAY_AUTH_MODE=token on every Ray container
+    if k.ray_auth_secret is not None:
+        auth["secretName"] = k.ray_auth_secret
     if annotations:
         metadata["annotations"] = annotations
     return {
@@ -75,6 +88,7 @@ def rayservice(
             "rayClusterConfig": {
                 "rayVersion": version("ray"),
                 "enableInTreeAutoscaling": False,
+                "authOptions": auth,
                 "headGroupSpec": {
                     "rayStartParams": _ray_start_params(head, gcs_ft),
                     "template": pod_template(config, pod_config, name, head),

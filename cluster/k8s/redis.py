@@ -3,11 +3,14 @@
 Up to two are rendered: `<name>-redis`, the project's Redis (unless
 kubernetes.redis.mode is external), which by default also holds the GCS fault
 tolerance state, and `<name>-gcs-redis` when gcs_fault_tolerance.redis is
-`separate`. The password comes from a Secret (`requirepass` via the container's
-environment); with `storage` the data lives on a PersistentVolumeClaim with
-append-only persistence, otherwise in an emptyDir. `maxmemory` is 3/4 of the
-container's memory with `noeviction`: neither the registry nor the GCS tolerate
-silently evicted keys, so a full Redis answers errors instead.
+`separate`. The password comes from a Secret through the container's environment: the
+server reads its config, `requirepass` included, on stdin from the shell's builtin
+printf, and the readiness probe's redis-cli reads REDISCLI_AUTH, so the password is
+in no command line. With `tls_secret` the server speaks TLS only (clients use
+rediss:// and the Secret's ca.crt). With `storage` the data lives on a
+PersistentVolumeClaim with append-only persistence, otherwise in an emptyDir.
+`maxmemory` is 3/4 of the container's memory with `noeviction`: neither the registry
+nor the GCS tolerate silently evicted keys, so a full Redis answers errors instead.
 """
 
 from __future__ import annotations
@@ -25,31 +28,52 @@ from cluster.k8s.pods import (
 from cluster.k8s.settings import RedisServer
 
 _PASSWORD_ENV = "REDIS_PASSWORD"
+TLS_DIR = "/etc/redis-tls"
+# The server reads its config on stdin (`redis-server -`), written by the shell's
+# builtin printf: the password expands there, in no process's argv.
+_START = "printf '%s\\n' {lines} | exec redis-server -"
+_PING = "redis-cli {tls}ping | grep -q PONG"  # password from REDISCLI_AUTH
+
+
+def _config_lines(server: RedisServer) -> list[str]:
+    persistent = server.storage is not None
+    lines = [
+        f'"requirepass \\"${_PASSWORD_ENV}\\""',
+        f"'maxmemory {int(server.memory) * 3 // 4}'",
+        "'maxmemory-policy noeviction'",
+        f"'appendonly {'yes' if persistent else 'no'}'",
+        "'save \"\"'",
+        "'dir /data'",
+    ]
+    if server.tls_secret is not None:
+        lines += [
+            "'port 0'",
+            f"'tls-port {REDIS_PORT}'",
+            f"'tls-cert-file {TLS_DIR}/tls.crt'",
+            f"'tls-key-file {TLS_DIR}/tls.key'",
+            f"'tls-ca-cert-file {TLS_DIR}/ca.crt'",
+            "'tls-auth-clients no'",  # clients prove themselves with the password
+        ]
+    else:
+        lines.append(f"'port {REDIS_PORT}'")
+    return lines
 
 
 def _statefulset(server: RedisServer, service: str, name: str, namespace: str) -> Manifest:
     lab = labels(name, service.removeprefix(f"{name}-"))
     password = redis_password_ref(name, server.password, service.removeprefix(f"{name}-"))
     persistent = server.storage is not None
-    args = [
-        "--requirepass",
-        f"$({_PASSWORD_ENV})",
-        "--maxmemory",
-        str(int(server.memory) * 3 // 4),
-        "--maxmemory-policy",
-        "noeviction",
-        "--appendonly",
-        "yes" if persistent else "no",
-        "--save",
-        "",
-    ]
+    tls = server.tls_secret is not None
     resources = {"cpu": quantity_cpus(server.cpu), "memory": quantity_bytes(int(server.memory))}
-    ping = f'redis-cli -a "${_PASSWORD_ENV}" --no-auth-warning ping | grep -q PONG'
+    ping = _PING.format(tls=f"--tls --cacert {TLS_DIR}/ca.crt " if tls else "")
+    mounts: list[Manifest] = [{"name": "data", "mountPath": "/data"}]
+    if tls:
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     container: Manifest = {
         "name": "redis",
         "image": server.image,
-        "args": args,
-        "env": [secret_env(_PASSWORD_ENV, password)],
+        "command": ["sh", "-c", _START.format(lines=" ".join(_config_lines(server)))],
+        "env": [secret_env(_PASSWORD_ENV, password), secret_env("REDISCLI_AUTH", password)],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "readinessProbe": {
@@ -62,7 +86,7 @@ def _statefulset(server: RedisServer, service: str, name: str, namespace: str) -
             "initialDelaySeconds": 10,
             "periodSeconds": 10,
         },
-        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "volumeMounts": mounts,
     }
     spec: Manifest = {
         "serviceName": service,
@@ -79,8 +103,13 @@ def _statefulset(server: RedisServer, service: str, name: str, namespace: str) -
         if server.storage_class is not None:
             claim["storageClassName"] = server.storage_class
         spec["volumeClaimTemplates"] = [{"metadata": {"name": "data"}, "spec": claim}]
-    else:
-        spec["template"]["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+    volumes: list[Manifest] = [] if persistent else [{"name": "data", "emptyDir": {}}]
+    if tls:
+        volumes.append(
+            {"name": "tls", "secret": {"secretName": server.tls_secret, "defaultMode": 0o400}}
+        )
+    if volumes:
+        spec["template"]["spec"]["volumes"] = volumes
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",

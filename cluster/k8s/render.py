@@ -9,11 +9,14 @@ Files, each a YAML stream with sorted keys so re-renders diff cleanly:
     redis.yaml           in-cluster Redis StatefulSets and Services (`cluster.k8s.redis`)
     rayservice.yaml      the RayService (`cluster.k8s.rayservice`)
     services.yaml        gRPC and HTTP Services (`cluster.k8s.services`)
+    networkpolicy.yaml   the release's ingress policy (`cluster.k8s.network_policy`)
     kustomization.yaml   lists the above, so the directory is a kustomize base
 
 Before building anything, `check` rejects what cannot run on Kubernetes, naming the
-field: secrets or a Redis URL written in the config, shared-memory KV transfer between
-pods, a model the pods cannot reach, names that are not DNS labels, and (in
+field: secrets or a Redis URL written in the config, Services reachable from outside
+the cluster (NodePort, LoadBalancer) without both API secrets, shared-memory KV
+transfer between pods, a model the pods cannot reach, names that are not DNS labels,
+and (in
 `cluster.k8s.groups`) fractional GPUs per pod or Ray resources without a Kubernetes
 counterpart.
 """
@@ -30,6 +33,7 @@ import yaml
 
 from cluster.config import ClusterConfig
 from cluster.k8s.groups import RenderError, plan_groups
+from cluster.k8s.network_policy import network_policy
 from cluster.k8s.pods import Manifest
 from cluster.k8s.rayservice import rayservice
 from cluster.k8s.redis import redis_servers
@@ -115,6 +119,23 @@ def check(config: ClusterConfig) -> None:
                 f"server.{field}: secrets are not written into manifests; put it in a Secret "
                 f"and set kubernetes.secrets.{'http_api_key' if field == 'api_key' else field}"
             )
+    k = config.kubernetes
+    if k.service_type != "ClusterIP":
+        missing = [
+            f"kubernetes.secrets.{field}"
+            for field in ("http_api_key", "grpc_bearer_token")
+            if getattr(k.secrets, field) is None
+        ]
+        if missing:
+            raise RenderError(
+                f"kubernetes.service_type: a {k.service_type} Service is reachable from "
+                f"outside the cluster; set {' and '.join(missing)} (Secrets) first"
+            )
+    if config.kv_transfer.secret is not None:
+        raise RenderError(
+            "kv_transfer.secret: secrets are not written into manifests; put it in a Secret "
+            "and set kubernetes.secrets.kv_transfer_secret"
+        )
     if config.redis.url is not None:
         raise RenderError(
             "redis.url: on Kubernetes the project's Redis is kubernetes.redis (in_cluster, or "
@@ -142,6 +163,9 @@ def render(config: ClusterConfig, *, source: str = "cluster.yaml") -> list[Manif
         files.append(ManifestFile("redis.yaml", tuple(redis), source))
     files.append(ManifestFile("rayservice.yaml", (rayservice(config, pods, name, plans),), source))
     files.append(ManifestFile("services.yaml", tuple(client_services(config, name)), source))
+    if config.kubernetes.network_policy.enabled:
+        policy = (network_policy(config, name),)
+        files.append(ManifestFile("networkpolicy.yaml", policy, source))
     kustomization: Manifest = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",

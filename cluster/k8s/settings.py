@@ -7,7 +7,9 @@ KubeRay operator: the CPU image, an in-cluster Redis that also holds the GCS fau
 tolerance state, ClusterIP Services.
 
 Secrets are only ever referenced (`SecretRef`: a Secret's name and key); no password,
-token or URL with credentials is ever written into a manifest. Checks that need the
+token or URL with credentials is ever written into a manifest, and they reach the
+containers through their environment (secretKeyRef) or mounted files, never their
+command lines. Checks that need the
 rest of the config (pool names exist, GPU counts are whole, the model is reachable)
 run in `cluster.k8s.render`.
 """
@@ -117,6 +119,12 @@ class RedisServer(BaseModel):
     storage_class: str | None = Field(default=None, description="The claim's StorageClass.")
     memory: ByteSize = Field(default=ByteSize(1 << 30), description="Memory (request = limit).")
     cpu: float = Field(default=0.5, gt=0, description="CPU request and limit.")
+    tls_secret: SecretName | None = Field(
+        default=None,
+        description="Serve TLS only, from this Secret (keys tls.crt, tls.key and ca.crt, "
+        "e.g. from cert-manager); clients then use rediss:// and check the server's "
+        "certificate against ca.crt. None: plaintext inside the cluster network.",
+    )
 
 
 class ProjectRedis(BaseModel):
@@ -177,6 +185,31 @@ class ApiSecrets(BaseModel):
 
     http_api_key: SecretRef | None = Field(default=None, description="HTTP Bearer API key.")
     grpc_bearer_token: SecretRef | None = Field(default=None, description="gRPC bearer token.")
+    kv_transfer_secret: SecretRef | None = Field(
+        default=None,
+        description="The cluster secret sealing the KV control channels' HELLOs (at least "
+        "32 characters, e.g. 64 hex digits); default: Secret `<name>-kv-transfer`, key "
+        "`secret`.",
+    )
+
+
+class NetworkPolicySettings(BaseModel):
+    """A NetworkPolicy over the release's pods: from outside the release only the
+    Services' ports (gRPC, HTTP) are admitted, plus the Ray dashboard and agent ports
+    from the KubeRay operator (which submits the Serve config there); inside the
+    release, everything."""
+
+    model_config = _STRICT
+
+    enabled: bool = Field(default=True, description="Render the NetworkPolicy.")
+    operator_namespace: DnsLabel | None = Field(
+        default=None,
+        description="The KubeRay operator's namespace; None: its pods in any namespace.",
+    )
+    operator_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "kuberay-operator"},
+        description="Labels of the KubeRay operator's pods (its Helm chart's default).",
+    )
 
 
 class NcclSettings(BaseModel):
@@ -242,7 +275,17 @@ class KubernetesSettings(BaseModel):
     secrets: ApiSecrets = Field(default_factory=lambda: ApiSecrets.model_validate({}))
     nccl: NcclSettings = Field(default_factory=lambda: NcclSettings.model_validate({}))
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
-        default="ClusterIP", description="Type of the gRPC and HTTP Services."
+        default="ClusterIP",
+        description="Type of the gRPC and HTTP Services; NodePort and LoadBalancer need "
+        "secrets.http_api_key and secrets.grpc_bearer_token.",
+    )
+    network_policy: NetworkPolicySettings = Field(
+        default_factory=lambda: NetworkPolicySettings.model_validate({})
+    )
+    ray_auth_secret: SecretName | None = Field(
+        default=None,
+        description="Ray's token authentication (RAY_AUTH_MODE=token, always on): the "
+        "Secret holding the token (key `auth_token`); None: KubeRay generates one.",
     )
 
     @model_validator(mode="after")
@@ -251,5 +294,13 @@ class KubernetesSettings(BaseModel):
             raise ValueError(
                 "gcs_fault_tolerance.redis: 'same' needs the project's Redis in the cluster; "
                 "with an external project Redis use 'external' (address and password Secrets)"
+            )
+        ft = self.gcs_fault_tolerance
+        gcs_tls = self.redis.server.tls_secret if ft.redis == "same" else ft.server.tls_secret
+        if ft.redis in ("same", "separate") and gcs_tls is not None:
+            raise ValueError(
+                "gcs_fault_tolerance.redis: the renderer does not give Ray's GCS a TLS "
+                "connection to Redis; with redis.server.tls_secret use 'separate' (a "
+                "plaintext GCS Redis without tls_secret), 'external' or 'disabled'"
             )
         return self

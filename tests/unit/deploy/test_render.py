@@ -54,6 +54,7 @@ def test_defaults_render_a_cpu_dev_cluster() -> None:
         "redis.yaml",
         "rayservice.yaml",
         "services.yaml",
+        "networkpolicy.yaml",
         "kustomization.yaml",
     ]
     docs = _docs(files)
@@ -64,6 +65,7 @@ def test_defaults_render_a_cpu_dev_cluster() -> None:
         ("RayService", "pdserve"),
         ("Service", "pdserve-grpc"),
         ("Service", "pdserve-http"),
+        ("NetworkPolicy", "pdserve-ingress"),
     }
     rs = docs[("RayService", "pdserve")]
     cluster = rs["spec"]["rayClusterConfig"]
@@ -255,6 +257,7 @@ def test_rendering_is_deterministic_and_write_removes_stale_files(tmp_path: Path
     assert sorted(p.name for p in tmp_path.glob("*.yaml")) == [
         "kustomization.yaml",
         "namespace.yaml",
+        "networkpolicy.yaml",
         "notes.yaml",
         "rayservice.yaml",
         "services.yaml",
@@ -270,6 +273,19 @@ CANNOT = [
     (["redis.url=redis://10.0.0.5:6379/0"], "redis.url: on Kubernetes"),
     (["server.api_key=s3cret"], "kubernetes.secrets.http_api_key"),
     (["server.grpc_bearer_token=t0k"], "kubernetes.secrets.grpc_bearer_token"),
+    (["kv_transfer.secret=" + "s" * 32], "kubernetes.secrets.kv_transfer_secret"),
+    (
+        ["kubernetes.service_type=LoadBalancer"],
+        "set kubernetes.secrets.http_api_key and kubernetes.secrets.grpc_bearer_token",
+    ),
+    (
+        [
+            "kubernetes.service_type=NodePort",
+            "kubernetes.secrets.http_api_key={name: api, key: http}",
+        ],
+        "a NodePort Service is reachable from outside the cluster; set "
+        "kubernetes.secrets.grpc_bearer_token",
+    ),
     (["model.source=llama"], "must exist inside the pods"),
     (
         ["model.source=/models/m.gguf", "kubernetes.model_volume={claim_name: m}"],
@@ -307,6 +323,8 @@ BAD_SETTINGS = [
         "takes no value",
     ),
     (["kubernetes.secrets.http_api_key={name: api}"], "kubernetes.secrets.http_api_key.key"),
+    (["kubernetes.redis.server.tls_secret=redis-tls"], "does not give Ray's GCS a TLS"),
+    (["kv_transfer.secret=short"], "kv_transfer.secret"),
 ]
 
 
