@@ -13,8 +13,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 from cluster_harness import free_port, greedy
 
+from cluster.redis_server import read_password
 from engine import LLM
 
 REPO = Path(__file__).resolve().parents[3]
@@ -104,6 +106,14 @@ def test_up_status_generate_chat_down(
         assert state["status"] == "ready" and state["embedded_redis"]
         redis_port = int(state["redis_url"].rsplit(":", 1)[1].split("/")[0])
         assert _port_open(redis_port) and _port_open(grpc_port) and _port_open(http_port)
+        # the embedded Redis wants the password `up` generated into the run dir (0600)
+        password = read_password(run_dir)
+        assert password and (run_dir / "redis-password").stat().st_mode & 0o777 == 0o600
+        anon = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5.0)
+        with pytest.raises(redis.AuthenticationError):
+            anon.ping()
+        anon.close()
+        assert redis.Redis(host="127.0.0.1", port=redis_port, password=password).ping()
 
         status = _pdserve(["status", "--name", name], env)
         assert status.returncode == 0, status.stderr
