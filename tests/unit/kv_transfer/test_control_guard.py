@@ -275,14 +275,16 @@ def test_unix_control_socket_checks_peer_credentials() -> None:
     b.close()
     name = f"unix:@pdkv-test-{os.urandom(6).hex()}"
     with _server(name, check_peer=same_user(os.getuid() + 1)) as (_srv, inbox, address):
-        client = ControlClient(address, _hello(), WAIT_S, HelloAuth(SECRET))
-        time.sleep(0.2)
-        assert inbox.opened == []
-        with pytest.raises(TransferError):  # the server closed it at accept
+        clients: list[ControlClient] = []
+        # the server closes it at accept: the HELLO or a later header meets a closed pipe
+        with pytest.raises(TransferError):
+            clients.append(ControlClient(address, _hello(), WAIT_S, HelloAuth(SECRET)))
             for _ in range(50):
-                client.send(Header(MessageKind.END, "t", 0).pack())
+                clients[0].send(Header(MessageKind.END, "t", 0).pack())
                 time.sleep(0.01)
-        client.close()
+        assert inbox.opened == []
+        for client in clients:
+            client.close()
     with _server(name, check_peer=same_user()) as (_srv, inbox, address):
         client = ControlClient(address, _hello(), WAIT_S, HelloAuth(SECRET))
         assert _until(lambda: len(inbox.opened) == 1)

@@ -173,6 +173,10 @@ def test_a_malformed_peer_is_dropped(pair: Pair) -> None:
     _no_leaks(pair)
 
 
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "refused a control connection" in r.getMessage()]
+
+
 @pytest.mark.parametrize("secret", [None, b"another cluster's secret"], ids=["none", "foreign"])
 def test_a_sender_without_the_cluster_secret_is_refused(
     pair: Pair, secret: bytes | None, caplog: pytest.LogCaptureFixture
@@ -192,11 +196,14 @@ def test_a_sender_without_the_cluster_secret_is_refused(
             stranger.send_layer("t", layer, SRC, 0)
         stranger.finish("t")
         sent = _wait(stranger, "t", limit=10).state
+        deadline = time.monotonic() + 10  # an unsealed HELLO is refused at the handshake timeout
+        while not _refusals(caplog) and time.monotonic() < deadline:
+            time.sleep(0.01)
     # Over shm a send is done once written (or failed, once the refusal closed the
     # socket); the receiver never takes the stranger's word either way.
     assert sent is TransferState.FAILED or pair.segment is not None
     assert pair.receiver.poll("t").state is TransferState.PENDING
-    refused = [r for r in caplog.records if "refused a control connection" in r.getMessage()]
+    refused = _refusals(caplog)
     assert refused and refused[0].levelno == logging.WARNING
     if pair.segment is None:  # over shm the stranger wrote before its header was refused
         assert torch.equal(pair.dst.tensor, before)
