@@ -14,13 +14,17 @@ them (`send_layer`, fed by `SendHook` on the engine) and then `finish`es. Both s
     receiver.py    the receiver role, over any transport
     transport.py   what a transport plugs in: Connector/Link, Endpoint/Inbox
     control.py     per-pair control sockets carrying the headers
+    auth.py        the HELLO's seal: HMAC-SHA256 with the cluster secret, no replay
+    guard.py       who a control server admits: seal, peer check, caps, idle timeout
+    lander.py      a control connection's receive pipeline (posted receives land)
     torch_dist.py  point-to-point send/recv over per-pair Gloo/NCCL groups
     shm.py         same-host: senders write straight into the decode cache
+    shm_segment.py the shared-memory cache file and its slot table
     fake.py        in-process transport for unit tests
     faults.py      drop / delay / corrupt / kill, around any transport
     rendezvous.py  receiver addresses in Redis (or memory) with TTL leases
     engine_hook.py the prefill engine's LayerHook
-    staging.py     reusable staging buffers
+    staging.py     reusable staging buffers, bounded on a receiver
     testing.py     reference KV and per-rank caches for tests and benchmarks
 
 It depends on torch, on the engine's cache layout and hook types, and on a rendezvous

@@ -1,14 +1,8 @@
 """The same-host transport: senders write straight into the decode cache in shared memory.
 
-The decode rank's KV cache lives in a file under /dev/shm (`ShmSegment`; give the
-engine `ShmKVStorage` as its kv_storage), followed by a slot table:
-
-    [0, cache bytes)     the KV cache tensor, exactly as engine/kv_cache.py lays it out
-    [cache bytes, end)   slots x int32 rows: state, generation, first block, block count,
-                         transfer id (64 bytes), 4 spare words, block ids
-
-A transfer's slot is the first free one from a home slot that its id hashes to, so that
-a sender finds it by reading a row or two, not by scanning the table.
+The decode rank's KV cache lives in a shared file with a slot table
+(kv_transfer/shm_segment.py: `ShmSegment`; give the engine `ShmKVStorage` as its
+kv_storage).
 
 Receiver (`ShmEndpoint`): `expect` fills a free slot and sets it OPEN last. `revoke`
 takes the file's exclusive flock and frees the slot, so once it returns no sender can
@@ -27,24 +21,14 @@ Who may connect: the segment file is mode 0600, and the control socket admits on
 processes of the same user (or `peer_uid`), by the credentials the kernel records for
 the connection (SO_PEERCRED), before it reads a byte; with the cluster secret the HELLO
 is sealed as on every control channel (kv_transfer.auth).
-
-Segments are named `pdkv-<pid>-<random>`; `sweep_stale_segments` removes those whose
-creating process is gone (a receiver that was killed cannot unlink its own).
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
-import mmap
 import os
-import re
-import struct
 import threading
-import time
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +39,6 @@ from engine.config import parse_dtype
 from engine.kv_cache import KVCacheLayout
 from kv_transfer.auth import HelloAuth
 from kv_transfer.base import (
-    MAX_TRANSFER_ID_BYTES,
     LocalRank,
     ProtocolError,
     RankId,
@@ -73,17 +56,33 @@ from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.regions import BlockRegion, LayerSpan, copy_into, region_of
 from kv_transfer.rendezvous import Lease, RendezvousStore, encode_record, rank_key, resolve
+from kv_transfer.shm_segment import (
+    FREE,
+    HEAD_WORDS,
+    ID_WORDS,
+    OPEN,
+    SEGMENT_NAME,
+    SHM_DIR,
+    ShmKVStorage,
+    ShmSegment,
+    flock,
+    id_bytes,
+    sweep_stale_segments,
+)
 from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Target
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "ShmConfig",
+    "ShmConnector",
+    "ShmEndpoint",
+    "ShmKVStorage",
+    "ShmSegment",
+    "sweep_stale_segments",
+]
+
 TRANSPORT = "shm"
-SHM_DIR = Path("/dev/shm")
-_NAME = re.compile(r"^pdkv-(\d+)-[0-9a-f]{16}$")
-_FREE, _OPEN = 0, 1
-_HEAD_WORDS = 24  # state, generation, first block, count, 16 id words, 4 spare
-_ID_WORDS = MAX_TRANSFER_ID_BYTES // 4
-_ROW_HEAD = struct.Struct(f"<4i{MAX_TRANSFER_ID_BYTES}s")  # state .. transfer id
 _RECORD = {
     "control": str,
     "path": str,
@@ -105,140 +104,6 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return "unknown"
-
-
-def _id_bytes(transfer_id: str) -> bytes:
-    return transfer_id.encode().ljust(MAX_TRANSFER_ID_BYTES, b"\x00")
-
-
-@dataclass(frozen=True)
-class OpenSlot:
-    """A transfer's slot as a sender found it: its row and block range."""
-
-    slot: int
-    first_block: int
-    block_count: int
-
-
-def _flock(fd: int, op: int, timeout_s: float) -> bool:
-    """Take a flock with a bounded wait; False if it timed out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1e-4)
-
-
-def sweep_stale_segments(directory: Path = SHM_DIR) -> list[Path]:
-    """Unlink segments whose creating process no longer exists."""
-    removed = []
-    for path in directory.glob("pdkv-*"):
-        m = _NAME.match(path.name)
-        if m is None:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
-        except PermissionError:
-            pass  # alive, someone else's
-    return removed
-
-
-class ShmSegment:
-    """A KV cache plus its slot table in one shared file, mapped into this process."""
-
-    def __init__(self, path: Path, layout: KVCacheLayout, max_slots: int, create: bool) -> None:
-        self.path, self.layout, self.max_slots = path, layout, max_slots
-        self._row = _HEAD_WORDS + layout.num_blocks
-        size = layout.total_bytes + 4 * max_slots * self._row
-        self._table = layout.total_bytes  # byte offset of the slot table
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        self.fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(self.fd, size)
-            elif os.fstat(self.fd).st_size != size:
-                raise TransferError(f"{path} is not a segment of the advertised layout")
-            self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        except BaseException:
-            os.close(self.fd)
-            if create:
-                path.unlink(missing_ok=True)
-            raise
-        whole = torch.frombuffer(self._map, dtype=torch.uint8)
-        self.cache_bytes = whole[: layout.total_bytes]
-        self.cache = self.cache_bytes.view(layout.dtype).view(layout.shape)
-        # The slot table as numpy: its few-element reads and writes cost far less there.
-        self.slots = (
-            whole[layout.total_bytes :].view(torch.int32).view(max_slots, self._row).numpy()
-        )
-
-    @classmethod
-    def create(cls, layout: KVCacheLayout, max_slots: int = 64) -> ShmSegment:
-        if max_slots < 1:
-            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
-        sweep_stale_segments()
-        name = f"pdkv-{os.getpid()}-{os.urandom(8).hex()}"
-        return cls(SHM_DIR / name, layout, max_slots, create=True)
-
-    def probe(self, transfer_id: str) -> Iterator[int]:
-        """Every slot, starting from the one `transfer_id` hashes to."""
-        home = zlib.crc32(transfer_id.encode()) % self.max_slots
-        return ((home + i) % self.max_slots for i in range(self.max_slots))
-
-    def find_open(self, transfer_id: str) -> OpenSlot | None:
-        """The transfer's OPEN slot, read from the table row by row from its home."""
-        key = _id_bytes(transfer_id)
-        for slot in self.probe(transfer_id):
-            state, _, first, count, tid = _ROW_HEAD.unpack_from(self._map, self._offset(slot))
-            if state == _OPEN and tid == key and 0 <= count <= self.layout.num_blocks:
-                return OpenSlot(slot, first, count)
-        return None
-
-    def block_ids(self, found: OpenSlot, start: int, count: int) -> tuple[int, ...]:
-        """Destination blocks `start .. start + count` of a slot's reservation."""
-        offset = self._offset(found.slot) + 4 * (_HEAD_WORDS + start)
-        return struct.unpack_from(f"<{count}i", self._map, offset)
-
-    def _offset(self, slot: int) -> int:
-        return self._table + 4 * self._row * slot
-
-    def unlink(self) -> None:
-        """Remove the name; the memory lives on while mappings do."""
-        self.path.unlink(missing_ok=True)
-
-    def close_mapping(self) -> None:
-        """Drop this process's file handle, keeping the name (what a sender does)."""
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
-
-    def close(self) -> None:
-        """Unlink and drop the handle (what the creator does)."""
-        self.unlink()
-        self.close_mapping()
-
-
-class ShmKVStorage:
-    """`kv_storage` for the decode engine: the cache is allocated in a new segment."""
-
-    def __init__(self, max_slots: int = 64) -> None:
-        self.max_slots = max_slots
-        self.segment: ShmSegment | None = None
-
-    def __call__(self, layout: KVCacheLayout) -> torch.Tensor:
-        if self.segment is not None:
-            raise RuntimeError("ShmKVStorage already holds a cache")
-        self.segment = ShmSegment.create(layout, self.max_slots)
-        return self.segment.cache_bytes
 
 
 @dataclass(frozen=True)
@@ -362,18 +227,18 @@ class ShmEndpoint(Endpoint):
             self._slot_of[spec.transfer_id] = slot
         row = self._seg.slots[slot]
         row[2], row[3] = spec.first_block, len(spec.block_ids)
-        row[4 : 4 + _ID_WORDS] = np.frombuffer(_id_bytes(spec.transfer_id), dtype=np.int32)
+        row[4 : 4 + ID_WORDS] = np.frombuffer(id_bytes(spec.transfer_id), dtype=np.int32)
         n = len(spec.block_ids)
-        row[_HEAD_WORDS : _HEAD_WORDS + n] = spec.block_ids
+        row[HEAD_WORDS : HEAD_WORDS + n] = spec.block_ids
         row[1] += 1
-        row[0] = _OPEN  # last: a sender only trusts an OPEN slot
+        row[0] = OPEN  # last: a sender only trusts an OPEN slot
 
     def revoke(self, transfer_id: str) -> None:
         with self._lock:
             slot = self._slot_of.pop(transfer_id, None)
         if slot is None:
             return
-        locked = _flock(self._seg.fd, fcntl.LOCK_EX, self._cfg.lock_timeout_s)
+        locked = flock(self._seg.fd, fcntl.LOCK_EX, self._cfg.lock_timeout_s)
         if not locked:
             logger.error(
                 "transfer %s: a sender held the cache lock for over %gs; revoking without it",
@@ -382,9 +247,9 @@ class ShmEndpoint(Endpoint):
             )
         try:
             row = self._seg.slots[slot]
-            row[0] = _FREE
+            row[0] = FREE
             row[1] += 1
-            row[4 : 4 + _ID_WORDS] = 0
+            row[4 : 4 + ID_WORDS] = 0
         finally:
             if locked:
                 fcntl.flock(self._seg.fd, fcntl.LOCK_UN)
@@ -450,7 +315,7 @@ class _ShmLink(Link):
     ) -> tuple[str | None, int | None]:
         """Copy `region` into the transfer's blocks, with its checksum when asked (taken
         in the same pass where the layout allows); or the reason it may not."""
-        if not _flock(self._seg.fd, fcntl.LOCK_SH, self._lock_timeout):
+        if not flock(self._seg.fd, fcntl.LOCK_SH, self._lock_timeout):
             return "timed out waiting for the receiver's cache lock", None
         try:
             found = self._seg.find_open(header.transfer_id)
@@ -491,7 +356,7 @@ class ShmConnector(Connector):
         if rec["boot_id"] != _boot_id():
             raise TransferError(f"{peer} is on another host; shm needs the same host")
         path = Path(rec["path"])
-        if path.parent != SHM_DIR or not _NAME.match(path.name):
+        if path.parent != SHM_DIR or not SEGMENT_NAME.match(path.name):
             raise TransferError(f"{peer} advertised an unexpected segment path {path}")
         try:
             layout = KVCacheLayout(
