@@ -182,6 +182,12 @@ class RouterConfig(BaseModel):
     dispatch_timeout_s: float = Field(
         default=30.0, gt=0, description="Wait for a pool's first answer."
     )
+    probe_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Longest probe of an instance excluded after a failure, before it "
+        "returns to routing.",
+    )
     stream_idle_timeout_s: float = Field(
         default=120.0, gt=0, description="Longest gap between two chunks of one stream."
     )

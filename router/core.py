@@ -25,10 +25,12 @@ from typing import Any
 from cluster.registry import LoadReport, Registry, Role, connect
 from decode_worker.messages import PoolRole
 from router.admission import Admission
+from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
+from router.pinning import probe_replica, watch_replica_deaths
 from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
 from router.results import Delta
 from router.settings import PoolSpec, RouterSettings
@@ -118,7 +120,18 @@ class RouterCore:
         self.validator = RequestValidator(settings.limits, self.encoder, settings.served_model)
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-router")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
-        self.view = ClusterView(registry, settings.view_refresh_interval_s)
+        breaker = CircuitBreaker(on_trip=lambda kind: self.metrics.exclusions.labels(kind).inc())
+        pools = {Role.DECODE: decode, Role.PREFILL: prefill}
+        self.view = ClusterView(
+            registry,
+            settings.view_refresh_interval_s,
+            breaker,
+            lambda info: probe_replica(pools[info.role], info.address),
+            settings.probe_timeout_s,
+        )
+        self._unwatch = watch_replica_deaths(
+            lambda address: breaker.trip(address, "serve", "Serve dropped its replica")
+        )
         self.policy = LoadBalancedPolicy(settings.disaggregation_threshold)
         self.admission = Admission(settings.max_inflight_requests)
         self.dispatcher = Dispatcher(
@@ -133,6 +146,7 @@ class RouterCore:
         await self.view.start()
 
     async def stop(self) -> None:
+        self._unwatch()
         await self.view.stop()
         self._redis.close()
 
