@@ -7,7 +7,8 @@ session = core.open(raw, names, protocol)
     before anything reaches a pool, and raises RouterError.
 async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
-    the last one carries finish reason, usage and timings.
+    the last one carries finish reason, usage and timings. A request whose decode
+    instance fails before the first delta is retried on another one (router.retry).
 session.close()
     releases the admission slot (the stream does it when it ends; closing twice is
     harmless), so a front end that fails between the two never leaks a slot.
@@ -33,6 +34,7 @@ from router.metrics import RouterMetrics
 from router.pinning import probe_replica, watch_replica_deaths
 from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
 from router.results import Delta
+from router.retry import with_retries
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
@@ -80,8 +82,12 @@ class Session:
         outcome = "cancelled"
         tag = self.request.client_tag
         try:
-            async for delta in core.dispatcher.run(
-                self.request_id, self.request, self.route, self._arrival, self._arrival_wall
+            async for delta in with_retries(
+                self._run,
+                lambda avoid: core.route(self.request, avoid),
+                self.route,
+                core.settings.max_dispatch_attempts,
+                lambda e: core.metrics.retries.labels(e.kind.value).inc(),
             ):
                 if delta.finish is not None:
                     core.metrics.finished(self._protocol, delta.finish)
@@ -104,6 +110,12 @@ class Session:
                 if outcome == "cancelled":
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
+
+    def _run(self, route: RouteDecision) -> AsyncIterator[Delta]:
+        self.route = route
+        return self._core.dispatcher.run(
+            self.request_id, self.request, route, self._arrival, self._arrival_wall
+        )
 
     def close(self) -> None:
         if self._open:
@@ -161,7 +173,7 @@ class RouterCore:
         self.metrics.inflight.set(self.admission.inflight)
         try:
             req = self.validator.validate(raw, names)
-            route = self._route(req)
+            route = self.route(req)
         except InvalidRequest as e:
             self._reject(protocol, ErrorKind.INVALID_ARGUMENT)
             raise RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field) from None
@@ -179,9 +191,11 @@ class RouterCore:
         self.metrics.inflight.set(self.admission.inflight)
         self.metrics.failed(protocol, kind.value)
 
-    def _route(self, req: ValidRequest) -> RouteDecision:
+    def route(self, req: ValidRequest, avoid: frozenset[str] = frozenset()) -> RouteDecision:
+        """The routing decision over the current view, never to a decode instance whose
+        address is in `avoid` (raises RouterError UNAVAILABLE when none is left)."""
         hashes = self.encoder.block_hashes(req.prompt_token_ids)
-        decode = self.view.candidates(Role.DECODE, hashes)
+        decode = self.view.candidates(Role.DECODE, hashes, avoid)
         prefill = self.view.candidates(Role.PREFILL) if self.settings.has_prefill_pool else []
         request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
         try:

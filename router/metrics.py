@@ -5,7 +5,8 @@ in the same process starts from zero). Ray Serve exports its own per-deployment
 metrics through Ray's metrics agent; these are the request-level ones that only the
 router sees: outcomes, TTFT and TPOT, the TTFT breakdown, tokens, the
 remote-prefill fallbacks and KV-transfer failures reported back by the decode pool,
-and the instances excluded from routing after a failure.
+and the failure handling: instances excluded from routing and requests retried on
+another instance before their first token.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class RouterMetrics:
             "Instances taken out of routing after a failure (call: a pool call failed; "
             "serve: Serve dropped the replica; probe: a probe failed)",
             ["kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "pdserve_request_retries",
+            "Requests sent to another instance after failing before their first token",
+            ["reason"],
             registry=r,
         )
 
