@@ -9,6 +9,8 @@ async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
     the last one carries finish reason, usage and timings. A request whose decode
     instance fails before the first delta is retried on another one (router.retry).
+    Every failure, expected or not, is raised as a RouterError, so that each front
+    end can end the stream with its protocol's error.
 session.close()
     releases the admission slot (the stream does it when it ends; closing twice is
     harmless), so a front end that fails between the two never leaks a slot.
@@ -104,6 +106,10 @@ class Session:
             outcome = e.kind.value
             logger.warning("request %s (tag %r) failed: %s", self.request_id, tag, e.message)
             raise
+        except Exception as e:  # a bug or an unexpected pool error: still a proper ending
+            outcome = ErrorKind.INTERNAL.value
+            logger.exception("request %s (tag %r) failed", self.request_id, tag)
+            raise RouterError(ErrorKind.INTERNAL, f"internal error: {type(e).__name__}") from e
         finally:
             if outcome:
                 core.metrics.failed(self._protocol, outcome)
