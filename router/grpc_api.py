@@ -6,7 +6,9 @@ deployment's method of the same name with the request message (and the call's
 protocol work for those methods: the bearer-token check, proto <-> router types, and
 errors. An error sets the status code and details on the context and raises, which
 Serve's proxy turns into that status for the client; an unexpected error after the
-stream started ends it with INTERNAL, never a cut stream.
+stream started ends it with INTERNAL, never a cut stream. The raised exception's class
+is `router.errors.GrpcStatusError`, which the proxy can unpickle without importing the
+router (see router.errors).
 
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
 live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
@@ -28,7 +30,7 @@ from grpc_health.v1 import health_pb2
 from decode_worker.messages import PoolRole
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from router.core import RouterCore
-from router.errors import ErrorKind, RouterError
+from router.errors import ErrorKind, GrpcStatusError, RouterError
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
 
@@ -54,10 +56,6 @@ logger = logging.getLogger(__name__)
 
 _HEALTH_NAMES = ("", SERVICE_NAME)
 _WATCH_PERIOD_S = 1.0
-
-
-class GrpcStatusError(Exception):
-    """Raised after the status is set on the context; Serve reports that status."""
 
 
 def fail(context: Any, error: RouterError) -> GrpcStatusError:
