@@ -3,7 +3,9 @@
 `SseStream` runs one streamed /v1/completions request in a thread and records how it
 ended: `[DONE]` after the last token, an SSE `error` event then `[DONE]`, a cut
 connection, or no byte for `read_timeout_s` (a stall). It also records the longest gap
-between two reads. `HealthWatch` asks the router's gRPC health service and its HTTP
+between two reads. `GrpcStream` does the same for a streamed Generate: it ends with
+its last message or with a status (recorded as an error with the status's code).
+`HealthWatch` asks the router's gRPC health service and its HTTP
 /health, each with a 1 s deadline, every `period_s`, and records every check that did
 not answer in time.
 """
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.client import Client
+from cluster.client import Client, ClientError, Sampling
 
 MAX_MODEL_LEN = 1024  # of the fault tests' clusters and their reference engine
 
@@ -108,6 +110,44 @@ class SseStream:
             else:
                 for choice in event["choices"]:
                     r.tokens.extend(choice["token_ids"])
+
+
+class GrpcStream:
+    def __init__(self, target: str, prompt: str, sampling: Sampling, timeout_s: float) -> None:
+        self.result = StreamResult()
+        self._target = target
+        self._prompt = prompt
+        self._sampling = sampling
+        self._timeout = timeout_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> GrpcStream:
+        self.result.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float) -> StreamResult:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.result.failure = self.result.failure or f"stall: still open after {timeout_s}s"
+        return self.result
+
+    def _run(self) -> None:
+        r = self.result
+        try:
+            with Client(self._target, timeout_s=self._timeout) as c:
+                for chunk in c.stream(self._prompt, self._sampling, timeout_s=self._timeout):
+                    r.reads.append(time.monotonic())
+                    r.tokens.extend(chunk.token_ids)
+            r.done = True
+        except ClientError as e:
+            r.reads.append(time.monotonic())
+            r.errors.append({"type": e.code.name, "message": e.details})
+            r.done = True
+        except Exception as e:
+            r.failure = f"cut: {type(e).__name__}: {e}"
+        finally:
+            r.ended = time.monotonic()
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import ray
 from cluster_harness import ClusterHarness, tiny_config, wait_until
-from fault_load import MAX_MODEL_LEN, HealthWatch, SseStream, StreamResult
+from fault_load import MAX_MODEL_LEN, GrpcStream, HealthWatch, SseStream, StreamResult
 
 from cluster.builder import APP_NAME
+from cluster.client import Sampling
 from engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -119,6 +120,8 @@ def _check(
         f"{stall:.1f} s; health checks: {watch.checks}, missed: "
         f"{[(m.what, round(m.at - killed_at, 1), round(m.took_s, 2)) for m in watch.missed]}"
     )
+    for prompt, r in [*streams.items(), *after.items()]:
+        print(f"  {prompt[:16]!r}: {len(r.tokens)} tokens, done={r.done}, errors={r.errors}"[:300])
     problems = []
     for prompt, r in [*streams.items(), *after.items()]:
         want = reference[prompt]
@@ -127,6 +130,11 @@ def _check(
         elif r.errors:
             if r.tokens != want[: len(r.tokens)]:
                 problems.append(f"{prompt[:20]!r}: tokens before the error differ")
+            # The router's own error (it names the instance), not a transport's status.
+            if not all(e["type"] in ("unavailable", "UNAVAILABLE") for e in r.errors) or not all(
+                "instance" in e["message"] for e in r.errors
+            ):
+                problems.append(f"{prompt[:20]!r}: unexpected error {r.errors}")
         elif r.tokens != want:
             problems.append(f"{prompt[:20]!r}: {len(r.tokens)} tokens, not the greedy text")
     for prompt, r in after.items():
@@ -139,12 +147,28 @@ def _check(
     assert not problems, "; ".join(problems)
 
 
-def _run_streams(cluster: ClusterHarness, prompts: list[str]) -> dict[str, SseStream]:
-    out = {p: SseStream(_port(cluster), _body(p), READ_TIMEOUT_S).start() for p in prompts}
+def _counter(cluster: ClusterHarness, name: str) -> float:
+    """The sum of a router metric's samples, from /metrics."""
+    reply = cluster.http("GET", "/metrics", timeout_s=10)
+    assert reply.status == 200
+    lines = reply.body.decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+def _run_streams(
+    cluster: ClusterHarness, prompts: list[str], grpc: tuple[str, ...] = ()
+) -> dict[str, SseStream | GrpcStream]:
+    """Streams over HTTP for `prompts` and over gRPC for `grpc`."""
+    out: dict[str, SseStream | GrpcStream] = {
+        p: SseStream(_port(cluster), _body(p), READ_TIMEOUT_S).start() for p in prompts
+    }
+    sampling = Sampling(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    for p in grpc:
+        out[p] = GrpcStream(cluster.grpc_target, p, sampling, 4 * READ_TIMEOUT_S).start()
     return out
 
 
-def _join(streams: dict[str, SseStream]) -> dict[str, StreamResult]:
+def _join(streams: dict[str, SseStream | GrpcStream]) -> dict[str, StreamResult]:
     deadline = time.monotonic() + 2 * READ_TIMEOUT_S + MAX_TOKENS * 0.2
     return {p: s.join(max(1.0, deadline - time.monotonic())) for p, s in streams.items()}
 
@@ -154,7 +178,7 @@ def test_a_killed_decode_replica_costs_no_stall_and_no_cut_stream(
 ) -> None:
     _wait_for_full_cluster(cluster)
     with HealthWatch(cluster.grpc_target, _port(cluster)) as watch:
-        running = _run_streams(cluster, [*SHORT[:3], *LONG[:3]])
+        running = _run_streams(cluster, [*SHORT[:2], *LONG[:2]], grpc=(SHORT[2], LONG[2]))
         wait_until(
             lambda: all(s.result.tokens or s.result.ended for s in running.values()),
             60.0,
@@ -169,6 +193,8 @@ def test_a_killed_decode_replica_costs_no_stall_and_no_cut_stream(
         later = _run_streams(cluster, [SHORT[3], LONG[3]])
         results, after = _join(running), _join(later)
     _check("decode SIGKILL", results, after, watch, reference, killed_at)
+    # The router took the dead instance out of routing itself (not by lease expiry).
+    assert _counter(cluster, "pdserve_instance_exclusions_total") >= 1
 
 
 def test_a_killed_prefill_replica_costs_no_stall_and_no_cut_stream(
