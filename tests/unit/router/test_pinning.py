@@ -120,8 +120,10 @@ def test_a_pin_to_a_replica_that_is_not_running_fails_without_freezing_the_loop(
 
     result, stall, took = _run_bounded(run)
     assert isinstance(result, PinnedReplicaUnavailable) and result.replica == "x"
-    assert PIN_GRACE_S <= took < PIN_GRACE_S + 2.0
-    assert stall < 0.5, f"the event loop stalled {stall:.2f}s"
+    assert took >= PIN_GRACE_S  # the grace a replica the handle has not seen yet gets
+    # A spinning loop never lets the ticker run (and never finishes: see _run_bounded);
+    # the bound only has to sit far above a busy host's scheduling delays.
+    assert stall < 3.0, f"the event loop stalled {stall:.2f}s"
 
 
 def test_a_dropped_replica_is_reported_and_its_pins_fail_at_once() -> None:
