@@ -206,6 +206,8 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
         max_request_bytes=int(r.max_request_bytes),
         view_refresh_interval_s=r.view_refresh_interval_s,
         default_chat_max_tokens=r.default_chat_max_tokens,
+        max_dispatch_attempts=r.max_dispatch_attempts,
+        probe_timeout_s=r.probe_timeout_s,
         grpc_bearer_token=s.grpc_bearer_token.get_secret_value() if s.grpc_bearer_token else None,
         http_api_key=s.api_key.get_secret_value() if s.api_key else None,
     )

@@ -184,6 +184,19 @@ class RouterConfig(BaseModel):
     dispatch_timeout_s: float = Field(
         default=30.0, gt=0, description="Wait for a pool's first answer."
     )
+    max_dispatch_attempts: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Tries of a request whose decode instance fails before its first token, "
+        "each on another instance (1: no retry).",
+    )
+    probe_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Longest probe of an instance excluded after a failure, before it "
+        "returns to routing.",
+    )
     stream_idle_timeout_s: float = Field(
         default=120.0, gt=0, description="Longest gap between two chunks of one stream."
     )

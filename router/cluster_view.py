@@ -6,6 +6,12 @@ events since the previous read (the first read takes a snapshot; a trimmed strea
 takes a new one). Requests never wait on Redis: `candidates()` combines the latest
 picture with what this router sent each instance since its report (`sent`/`done`),
 so a burst between two reports does not pile onto one instance.
+
+Instances the router saw fail (`failed`, fed by the dispatcher and by Serve's replica
+deaths) leave the candidates at once through a `CircuitBreaker`, long before their
+lease expires. After each refresh, an excluded instance whose load report (its
+heartbeat) is newer than its exclusion gets one probe (`prober`, bounded by
+`probe_timeout_s`); it returns to the candidates when the probe succeeds.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -30,6 +36,7 @@ from cluster.registry import (
     Registry,
     Role,
 )
+from router.breaker import CircuitBreaker, is_instance_failure
 from router.policy import Candidate
 
 logger = logging.getLogger(__name__)
@@ -47,10 +54,24 @@ class InstanceView:
     load: LoadReport | None
 
 
+Prober = Callable[[InstanceInfo], Awaitable[object]]  # raises when the instance is down
+
+
 class ClusterView:
-    def __init__(self, registry: Registry, refresh_interval_s: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        refresh_interval_s: float,
+        breaker: CircuitBreaker | None = None,
+        prober: Prober | None = None,
+        probe_timeout_s: float = 1.0,
+    ) -> None:
         self._registry = registry
         self._interval_s = refresh_interval_s
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self._prober = prober
+        self._probe_timeout_s = probe_timeout_s
+        self._probes: set[asyncio.Task[None]] = set()
         self._instances: list[InstanceInfo] = []
         self._loads: dict[str, LoadReport] = {}
         self._blocks: dict[str, set[int]] = {}
@@ -66,11 +87,13 @@ class ClusterView:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [*self._probes, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._task = None
 
     @property
     def refreshing(self) -> bool:
@@ -98,6 +121,37 @@ class ClusterView:
                 self._blocks.pop(ev.instance_id, None)
         self._instances, self._loads = instances, loads
         self.last_refresh = time.monotonic()
+        self._review_exclusions()
+
+    # -- failures -------------------------------------------------------------------------
+
+    def failed(self, address: str, error: BaseException, what: str) -> None:
+        """A call to the instance at `address` raised `error`: exclude the instance if
+        the error says it is dead or unreachable."""
+        if is_instance_failure(error):
+            self.breaker.trip(address, "call", f"{what}: {type(error).__name__}: {error}")
+
+    def _review_exclusions(self) -> None:
+        self.breaker.forget(i.address for i in self._instances)
+        if self._prober is None:
+            return
+        for info in self._instances:
+            load = self._loads.get(info.instance_id)
+            if self.breaker.probe_due(info.address, load.ts if load is not None else None):
+                task = asyncio.get_running_loop().create_task(self._probe(info))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, info: InstanceInfo) -> None:
+        assert self._prober is not None
+        try:
+            await asyncio.wait_for(self._prober(info), self._probe_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.breaker.probed(info.address, False, f"{type(e).__name__}: {e}")
+        else:
+            self.breaker.probed(info.address, True)
 
     def _read(
         self,
@@ -122,12 +176,18 @@ class ClusterView:
         return [InstanceView(i, self._loads.get(i.instance_id)) for i in self._instances]
 
     def has_role(self, role: Role) -> bool:
-        return any(i.role is role for i in self._instances)
+        """A live instance of the role that is not excluded."""
+        out = self.breaker.excluded_addresses()
+        return any(i.role is role and i.address not in out for i in self._instances)
 
-    def candidates(self, role: Role, block_hashes: Sequence[int] = ()) -> list[Candidate]:
+    def candidates(
+        self, role: Role, block_hashes: Sequence[int] = (), avoid: frozenset[str] = frozenset()
+    ) -> list[Candidate]:
+        """Live instances of the role, less excluded ones and the addresses in `avoid`."""
         out = []
+        skip = self.breaker.excluded_addresses() | avoid
         for info in self._instances:
-            if info.role is not role:
+            if info.role is not role or info.address in skip:
                 continue
             load = self._loads.get(info.instance_id)
             since = load.ts if load is not None else 0.0

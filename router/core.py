@@ -7,7 +7,10 @@ session = core.open(raw, names, protocol)
     before anything reaches a pool, and raises RouterError.
 async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
-    the last one carries finish reason, usage and timings.
+    the last one carries finish reason, usage and timings. A request whose decode
+    instance fails before the first delta is retried on another one (router.retry).
+    Every failure, expected or not, is raised as a RouterError, so that each front
+    end can end the stream with its protocol's error.
 session.close()
     releases the admission slot (the stream does it when it ends; closing twice is
     harmless), so a front end that fails between the two never leaks a slot.
@@ -25,12 +28,15 @@ from typing import Any
 from cluster.registry import LoadReport, Registry, Role, connect
 from decode_worker.messages import PoolRole
 from router.admission import Admission
+from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
+from router.pinning import probe_replica, watch_replica_deaths
 from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
 from router.results import Delta
+from router.retry import with_retries
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
@@ -78,8 +84,12 @@ class Session:
         outcome = "cancelled"
         tag = self.request.client_tag
         try:
-            async for delta in core.dispatcher.run(
-                self.request_id, self.request, self.route, self._arrival, self._arrival_wall
+            async for delta in with_retries(
+                self._run,
+                lambda avoid: core.route(self.request, avoid),
+                self.route,
+                core.settings.max_dispatch_attempts,
+                lambda e: core.metrics.retries.labels(e.kind.value).inc(),
             ):
                 if delta.finish is not None:
                     core.metrics.finished(self._protocol, delta.finish)
@@ -96,12 +106,22 @@ class Session:
             outcome = e.kind.value
             logger.warning("request %s (tag %r) failed: %s", self.request_id, tag, e.message)
             raise
+        except Exception as e:  # a bug or an unexpected pool error: still a proper ending
+            outcome = ErrorKind.INTERNAL.value
+            logger.exception("request %s (tag %r) failed", self.request_id, tag)
+            raise RouterError(ErrorKind.INTERNAL, f"internal error: {type(e).__name__}") from e
         finally:
             if outcome:
                 core.metrics.failed(self._protocol, outcome)
                 if outcome == "cancelled":
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
+
+    def _run(self, route: RouteDecision) -> AsyncIterator[Delta]:
+        self.route = route
+        return self._core.dispatcher.run(
+            self.request_id, self.request, route, self._arrival, self._arrival_wall
+        )
 
     def close(self) -> None:
         if self._open:
@@ -118,7 +138,18 @@ class RouterCore:
         self.validator = RequestValidator(settings.limits, self.encoder, settings.served_model)
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-router")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
-        self.view = ClusterView(registry, settings.view_refresh_interval_s)
+        breaker = CircuitBreaker(on_trip=lambda kind: self.metrics.exclusions.labels(kind).inc())
+        pools = {Role.DECODE: decode, Role.PREFILL: prefill}
+        self.view = ClusterView(
+            registry,
+            settings.view_refresh_interval_s,
+            breaker,
+            lambda info: probe_replica(pools[info.role], info.address),
+            settings.probe_timeout_s,
+        )
+        self._unwatch = watch_replica_deaths(
+            lambda address: breaker.trip(address, "serve", "Serve dropped its replica")
+        )
         self.policy = LoadBalancedPolicy(settings.disaggregation_threshold)
         self.admission = Admission(settings.max_inflight_requests)
         self.dispatcher = Dispatcher(
@@ -133,6 +164,7 @@ class RouterCore:
         await self.view.start()
 
     async def stop(self) -> None:
+        self._unwatch()
         await self.view.stop()
         self._redis.close()
 
@@ -147,7 +179,7 @@ class RouterCore:
         self.metrics.inflight.set(self.admission.inflight)
         try:
             req = self.validator.validate(raw, names)
-            route = self._route(req)
+            route = self.route(req)
         except InvalidRequest as e:
             self._reject(protocol, ErrorKind.INVALID_ARGUMENT)
             raise RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field) from None
@@ -165,9 +197,11 @@ class RouterCore:
         self.metrics.inflight.set(self.admission.inflight)
         self.metrics.failed(protocol, kind.value)
 
-    def _route(self, req: ValidRequest) -> RouteDecision:
+    def route(self, req: ValidRequest, avoid: frozenset[str] = frozenset()) -> RouteDecision:
+        """The routing decision over the current view, never to a decode instance whose
+        address is in `avoid` (raises RouterError UNAVAILABLE when none is left)."""
         hashes = self.encoder.block_hashes(req.prompt_token_ids)
-        decode = self.view.candidates(Role.DECODE, hashes)
+        decode = self.view.candidates(Role.DECODE, hashes, avoid)
         prefill = self.view.candidates(Role.PREFILL) if self.settings.has_prefill_pool else []
         request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
         try:

@@ -122,7 +122,7 @@ class Dispatcher:
         outcome: PrefillOutcome | None = None
         try:
             if plan is not None and remote is not None:
-                first = await self._next(it, self._t.dispatch_s, "the decode instance")
+                first = await self._next(it, self._t.dispatch_s, "the decode instance", decode_pin)
                 if not isinstance(first, Reserved):
                     raise RouterError(
                         ErrorKind.INTERNAL, "decode stream did not start with Reserved"
@@ -143,7 +143,7 @@ class Dispatcher:
             timeout = self._t.dispatch_s if plan is None else self._t.stream_idle_s
             first_at: float | None = None
             while True:
-                item = await self._next(it, timeout, "the decode instance")
+                item = await self._next(it, timeout, "the decode instance", decode_pin)
                 timeout = self._t.stream_idle_s
                 if not isinstance(item, TokenChunk):
                     raise RouterError(ErrorKind.INTERNAL, f"unexpected {type(item).__name__}")
@@ -166,12 +166,13 @@ class Dispatcher:
                     rid, decode_pin, remote.address if prefill_started and remote else None
                 )
 
-    async def _next(self, it: Any, timeout: float, what: str) -> Any:
+    async def _next(self, it: Any, timeout: float, what: str, pin: str) -> Any:
         try:
             return await asyncio.wait_for(it.__anext__(), timeout)
         except StopAsyncIteration:
             raise RouterError(ErrorKind.INTERNAL, f"{what} ended the stream early") from None
         except Exception as e:
+            self._view.failed(pin, e, what)
             raise worker_error(e, what) from e
 
     async def _remote_prefill(
@@ -195,6 +196,7 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            self._view.failed(pin, e, "the prefill instance")
             logger.warning(
                 "request %s: prefill failed: %s", rid, worker_error(e, "prefill").message
             )

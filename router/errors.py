@@ -1,5 +1,11 @@
 """Errors the router reports to clients, by kind; each front end maps the kind to its
-protocol (a gRPC status code or an HTTP status)."""
+protocol (a gRPC status code or an HTTP status).
+
+This module imports nothing but the standard library, and must stay so: Serve's proxy
+unpickles the exception a gRPC method raises (`GrpcStatusError`), which imports the
+module that defines its class. Importing a heavy module there (torch, through the
+rest of the router) would block the proxy's event loop, and every request and health
+check it serves, for seconds."""
 
 from __future__ import annotations
 
@@ -21,6 +27,11 @@ class RouterError(Exception):
         self.kind = kind
         self.message = message
         self.field = field
+
+
+class GrpcStatusError(Exception):
+    """Raised by a gRPC method after it set the status code and details on the call's
+    context; Serve's proxy reports that status to the client."""
 
 
 HTTP_STATUS: dict[ErrorKind, int] = {

@@ -5,7 +5,10 @@ deployment's method of the same name with the request message (and the call's
 `grpc_context`); server-streaming methods are async generators. This module does the
 protocol work for those methods: the bearer-token check, proto <-> router types, and
 errors. An error sets the status code and details on the context and raises, which
-Serve's proxy turns into that status for the client.
+Serve's proxy turns into that status for the client; an unexpected error after the
+stream started ends it with INTERNAL, never a cut stream. The raised exception's class
+is `router.errors.GrpcStatusError`, which the proxy can unpickle without importing the
+router (see router.errors).
 
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
 live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +30,7 @@ from grpc_health.v1 import health_pb2
 from decode_worker.messages import PoolRole
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from router.core import RouterCore
-from router.errors import ErrorKind, RouterError
+from router.errors import ErrorKind, GrpcStatusError, RouterError
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
 
@@ -48,12 +52,10 @@ _ROLE = {
     PoolRole.DECODE: pdserve_pb2.POOL_ROLE_DECODE,
     PoolRole.COLOCATED: pdserve_pb2.POOL_ROLE_COLOCATED,
 }
+logger = logging.getLogger(__name__)
+
 _HEALTH_NAMES = ("", SERVICE_NAME)
 _WATCH_PERIOD_S = 1.0
-
-
-class GrpcStatusError(Exception):
-    """Raised after the status is set on the context; Serve reports that status."""
 
 
 def fail(context: Any, error: RouterError) -> GrpcStatusError:
@@ -167,6 +169,9 @@ class GrpcFrontend:
                 yield response(delta)
         except RouterError as e:
             raise fail(context, e) from None
+        except Exception:  # building a message failed: still a proper status
+            logger.exception("request %s: streaming failed", session.request_id)
+            raise fail(context, RouterError(ErrorKind.INTERNAL, "internal error")) from None
         finally:
             session.close()
 

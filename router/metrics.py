@@ -3,8 +3,10 @@
 Each replica keeps its own registry (no global state, so a test or a second replica
 in the same process starts from zero). Ray Serve exports its own per-deployment
 metrics through Ray's metrics agent; these are the request-level ones that only the
-router sees: outcomes, TTFT and TPOT, the TTFT breakdown, tokens, and the
-remote-prefill fallbacks and KV-transfer failures reported back by the decode pool.
+router sees: outcomes, TTFT and TPOT, the TTFT breakdown, tokens, the
+remote-prefill fallbacks and KV-transfer failures reported back by the decode pool,
+and the failure handling: instances excluded from routing and requests retried on
+another instance before their first token.
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ class RouterMetrics:
         )
         self.transfer_failures = Counter(
             "pdserve_kv_transfer_failures", "KV transfers that failed", registry=r
+        )
+        self.exclusions = Counter(
+            "pdserve_instance_exclusions",
+            "Instances taken out of routing after a failure (call: a pool call failed; "
+            "serve: Serve dropped the replica; probe: a probe failed)",
+            ["kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "pdserve_request_retries",
+            "Requests sent to another instance after failing before their first token",
+            ["reason"],
+            registry=r,
         )
 
     def finished(self, protocol: str, finish: Finish) -> None:

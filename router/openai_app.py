@@ -10,8 +10,9 @@ Bodies are read with a size bound (413 beyond it) and parsed with the schemas in
 `openai_schema`; any bad field is a 400 in OpenAI's error shape, with the field named
 in `param`. With an API key configured, every route but /health needs
 `Authorization: Bearer <key>`. Streams are server-sent events ending in `data: [DONE]`;
-an error after the stream started is sent as an `error` event. When the client goes
-away, Serve cancels the handler and the request is aborted on every pool.
+an error after the stream started, whatever its cause, is sent as an `error` event
+followed by `data: [DONE]`, never as a cut connection. When the client goes away,
+Serve cancels the handler and the request is aborted on every pool.
 
 Each choice also carries the generated `token_ids`, and the last message `timings`
 (the TTFT breakdown), as pdserve extensions.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +37,8 @@ from router.errors import HTTP_STATUS, ErrorKind, RouterError
 from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.results import Delta, Finish
 from router.validation import OPENAI_FIELDS, InvalidRequest
+
+logger = logging.getLogger(__name__)
 
 
 def _error(kind: ErrorKind, message: str, param: str | None = None) -> JSONResponse:
@@ -192,6 +196,9 @@ class OpenAIApp:
                 deltas.append(delta)
         except RouterError as e:
             return _from(e)
+        except Exception:
+            logger.exception("request %s: rendering failed", session.request_id)
+            return _error(ErrorKind.INTERNAL, "internal error")
         finally:
             session.close()
         return JSONResponse(r.whole(deltas))
@@ -207,7 +214,10 @@ class OpenAIApp:
                 if delta.finish is not None and include_usage:
                     yield _event(r.usage_chunk(delta.finish))
         except RouterError as e:
-            yield _event({"error": {"message": e.message, "type": e.kind.value, "param": e.field}})
+            yield _error_event(e.kind, e.message, e.field)
+        except Exception:  # rendering failed: the client still gets a proper ending
+            logger.exception("request %s: streaming failed", session.request_id)
+            yield _error_event(ErrorKind.INTERNAL, "internal error", None)
         finally:
             session.close()
         yield b"data: [DONE]\n\n"
@@ -215,6 +225,10 @@ class OpenAIApp:
 
 def _event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _error_event(kind: ErrorKind, message: str, param: str | None) -> bytes:
+    return _event({"error": {"message": message, "type": kind.value, "param": param}})
 
 
 class _Renderer:

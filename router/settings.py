@@ -36,6 +36,8 @@ class RouterSettings:
     max_request_bytes: int
     view_refresh_interval_s: float
     default_chat_max_tokens: int
+    max_dispatch_attempts: int = 2  # tries before the first token, each elsewhere
+    probe_timeout_s: float = 1.0  # probing an excluded instance before it returns
     grpc_bearer_token: str | None = None
     http_api_key: str | None = None
 

@@ -1,6 +1,7 @@
 """The router's cluster view against a real redis-server: live instances, load reports
-plus what the router sent since, the prefix-block index, and instances leaving. Also
-the admission bound."""
+plus what the router sent since, the prefix-block index, and instances leaving; an
+instance that failed leaving the candidates at once and returning after a newer
+heartbeat and a good probe. Also the admission bound."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 from cluster.redis_server import RedisServer
 from cluster.registry import InstanceInfo, LoadReport, PrefixOp, Registry, Role, connect
 from router.admission import Admission
+from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
+from router.pinning import PinnedReplicaUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,57 @@ def test_view_combines_reports_sent_requests_and_cached_blocks(registry: Registr
         finally:
             await view.stop()
             registry.deregister("d0")
+
+    asyncio.run(run())
+
+
+def test_a_failed_instance_leaves_at_once_and_returns_after_a_heartbeat_and_a_probe(
+    registry: Registry,
+) -> None:
+    registry.register(_info("d1", Role.DECODE))
+    registry.register(_info("d2", Role.DECODE))
+    registry.report_load("d1", _load(queued=0, running=0, free=64, ts=time.time()))
+    probes: list[str] = []
+    healthy = {"addr-d1": False}
+
+    async def prober(info: InstanceInfo) -> None:
+        probes.append(info.address)
+        if not healthy[info.address]:
+            raise PinnedReplicaUnavailable(info.address, "is not running")
+
+    async def run() -> None:
+        kinds: list[str] = []
+        view = ClusterView(registry, 0.05, CircuitBreaker(on_trip=kinds.append), prober)
+        await view.start()
+        try:
+            assert {c.instance_id for c in view.candidates(Role.DECODE)} == {"d1", "d2"}
+            view.failed("addr-d1", ValueError("bad prompt"), "decode")  # not the instance's
+            assert len(view.candidates(Role.DECODE)) == 2
+            view.failed("addr-d1", PinnedReplicaUnavailable("addr-d1", "died"), "decode")
+            assert [c.instance_id for c in view.candidates(Role.DECODE)] == ["d2"]
+            assert [c.instance_id for c in view.candidates(Role.DECODE, avoid=frozenset(
+                {"addr-d2"}))] == []  # fmt: skip
+            await asyncio.sleep(0.3)
+            assert probes == []  # its last heartbeat is older than the failure
+            registry.report_load("d1", _load(queued=0, running=0, free=64, ts=time.time()))
+            await asyncio.sleep(0.3)
+            assert probes == ["addr-d1"]  # probed once; the probe failed
+            assert [c.instance_id for c in view.candidates(Role.DECODE)] == ["d2"]
+            healthy["addr-d1"] = True
+            registry.report_load("d1", _load(queued=0, running=0, free=64, ts=time.time()))
+            await asyncio.sleep(0.3)
+            assert probes == ["addr-d1", "addr-d1"]
+            assert {c.instance_id for c in view.candidates(Role.DECODE)} == {"d1", "d2"}
+            assert kinds == ["call", "probe"]
+            # An instance that leaves the registry leaves the breaker too.
+            view.failed("addr-d2", PinnedReplicaUnavailable("addr-d2", "died"), "decode")
+            assert [c.instance_id for c in view.candidates(Role.DECODE)] == ["d1"]
+            registry.deregister("d2")
+            await asyncio.sleep(0.3)
+            assert view.breaker.excluded_addresses() == set()
+        finally:
+            await view.stop()
+            registry.deregister("d1")
 
     asyncio.run(run())
 

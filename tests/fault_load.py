@@ -1,0 +1,216 @@
+"""Streamed load and a health watch for the fault tests, each bounded in time.
+
+`SseStream` runs one streamed /v1/completions request in a thread and records how it
+ended: `[DONE]` after the last token, an SSE `error` event then `[DONE]`, a cut
+connection, or no byte for `read_timeout_s` (a stall). It also records the longest gap
+between two reads. `GrpcStream` does the same for a streamed Generate: it ends with
+its last message or with a status (recorded as an error with the status's code).
+`HealthWatch` asks the router's gRPC health service and its HTTP
+/health, each with a 1 s deadline, every `period_s`, and records every check that did
+not answer in time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.client import Client, ClientError, Sampling
+
+MAX_MODEL_LEN = 1024  # of the fault tests' clusters and their reference engine
+
+
+@dataclass
+class StreamResult:
+    tokens: list[int] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False  # saw `data: [DONE]`
+    status: int | None = None
+    failure: str = ""  # "cut: ...", "stall: ..." or "http <status>"
+    started: float = 0.0  # time.monotonic()
+    ended: float = 0.0
+    reads: list[float] = field(default_factory=list)  # time.monotonic() of each event
+
+    @property
+    def ended_properly(self) -> bool:
+        return self.done and not self.failure
+
+    def longest_gap_after(self, t: float) -> float:
+        """Longest wait for a byte after `t` (up to the end of the stream)."""
+        marks = [t] + [r for r in self.reads if r > t] + [self.ended]
+        return max((b - a for a, b in itertools.pairwise(marks)), default=0.0)
+
+
+class SseStream:
+    def __init__(
+        self, port: int, body: dict[str, Any], read_timeout_s: float, path: str = "/v1/completions"
+    ) -> None:
+        self.result = StreamResult()
+        self._port = port
+        self._body = {**body, "stream": True}
+        self._path = path
+        self._timeout = read_timeout_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> SseStream:
+        self.result.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float) -> StreamResult:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.result.failure = self.result.failure or f"stall: still open after {timeout_s}s"
+        return self.result
+
+    def _run(self) -> None:
+        r = self.result
+        conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=self._timeout)
+        try:
+            conn.request(
+                "POST", self._path, json.dumps(self._body), {"Content-Type": "application/json"}
+            )
+            resp = conn.getresponse()
+            r.status = resp.status
+            if resp.status != 200:
+                r.failure = f"http {resp.status}: {resp.read()[:200]!r}"
+                return
+            self._read(resp)
+        except TimeoutError as e:
+            r.failure = f"stall: no byte for {self._timeout}s ({e})"
+        except (http.client.HTTPException, OSError) as e:
+            r.failure = f"cut: {type(e).__name__}: {e}"
+        finally:
+            r.ended = time.monotonic()
+            conn.close()
+
+    def _read(self, resp: http.client.HTTPResponse) -> None:
+        r = self.result
+        while True:
+            line = resp.readline()
+            if not line:
+                r.failure = "cut: the stream ended without [DONE]"
+                return
+            text = line.decode().strip()
+            if not text:
+                continue
+            r.reads.append(time.monotonic())
+            payload = text.removeprefix("data: ")
+            if payload == "[DONE]":
+                r.done = True
+                return
+            event = json.loads(payload)
+            if "error" in event:
+                r.errors.append(event["error"])
+            else:
+                for choice in event["choices"]:
+                    r.tokens.extend(choice["token_ids"])
+
+
+class GrpcStream:
+    def __init__(self, target: str, prompt: str, sampling: Sampling, timeout_s: float) -> None:
+        self.result = StreamResult()
+        self._target = target
+        self._prompt = prompt
+        self._sampling = sampling
+        self._timeout = timeout_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> GrpcStream:
+        self.result.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float) -> StreamResult:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.result.failure = self.result.failure or f"stall: still open after {timeout_s}s"
+        return self.result
+
+    def _run(self) -> None:
+        r = self.result
+        try:
+            with Client(self._target, timeout_s=self._timeout) as c:
+                for chunk in c.stream(self._prompt, self._sampling, timeout_s=self._timeout):
+                    r.reads.append(time.monotonic())
+                    r.tokens.extend(chunk.token_ids)
+            r.done = True
+        except ClientError as e:
+            r.reads.append(time.monotonic())
+            r.errors.append({"type": e.code.name, "message": e.details})
+            r.done = True
+        except Exception as e:
+            r.failure = f"cut: {type(e).__name__}: {e}"
+        finally:
+            r.ended = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Missed:
+    at: float  # time.monotonic() the check was sent
+    what: str  # "grpc" or "http"
+    took_s: float
+    detail: str
+
+
+class HealthWatch:
+    """Checks both health endpoints until stopped; `missed` lists the slow or failed
+    ones (a NOT_SERVING answer in time is an answer; it is recorded in `not_serving`)."""
+
+    def __init__(self, grpc_target: str, http_port: int, period_s: float = 0.25) -> None:
+        self.missed: list[Missed] = []
+        self.not_serving: list[float] = []
+        self.checks = 0
+        self._target = grpc_target
+        self._port = http_port
+        self._period = period_s
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(self._grpc,), daemon=True),
+            threading.Thread(target=self._loop, args=(self._http,), daemon=True),
+        ]
+
+    def __enter__(self) -> HealthWatch:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10.0)
+
+    def _loop(self, check: Any) -> None:
+        with Client(self._target, timeout_s=1.0) as client:
+            while not self._stop.is_set():
+                check(client)
+                self.checks += 1
+                self._stop.wait(self._period)
+
+    def _grpc(self, client: Client) -> None:
+        began = time.monotonic()
+        ok = client.healthy(timeout_s=1.0)
+        took = time.monotonic() - began
+        if took > 1.0 or (not ok and took > 0.9):
+            self.missed.append(Missed(began, "grpc", took, "no answer within 1 s"))
+        elif not ok:
+            self.not_serving.append(began)
+
+    def _http(self, client: Client) -> None:
+        began = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=1.0)
+        try:
+            conn.request("GET", "/health")
+            status = conn.getresponse().status
+            if status != 200:
+                self.not_serving.append(began)
+        except (OSError, http.client.HTTPException) as e:
+            took = time.monotonic() - began
+            self.missed.append(Missed(began, "http", took, f"{type(e).__name__}: {e}"))
+        finally:
+            conn.close()
