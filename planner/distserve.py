@@ -31,6 +31,14 @@ from benchmarks.workload import Mix
 from planner.costs import DecodeCost, PrefillCost, StepCost
 from planner.layout import Layout, PoolShape
 from planner.metrics import Slo, goodput
+from planner.profile import (
+    DecodePoint,
+    LayoutProfile,
+    PrefillPoint,
+    Profile,
+    fit_decode,
+    fit_prefill,
+)
 from planner.simulator import ClusterModel, simulate
 from planner.workload import Workload
 
@@ -102,3 +110,35 @@ def run(setup: Setup, requests: int = 1000, seed: int = 1) -> Row:
 
     found = goodput(attainment, setup.slo.goal, high=40.0, rel_tol=0.005)
     return Row(setup, found.rate)
+
+
+def profile() -> Profile:
+    """The example's step times as a profile file's content (points computed from the
+    coefficients above), so `pdserve plan` can plan for it."""
+    prefill = [
+        PrefillPoint(tokens=n, batch=b, seconds=PREFILL.time([(n, 0)] * b))
+        for n in (128, 256, 512, 1024, 2048)
+        for b in (1, 2, 4)
+    ]
+    decode = [
+        DecodePoint(batch=b, context=c, seconds=DECODE.time(b, b * c))
+        for b in (1, 8, 32, 128)
+        for c in (256, 1024)
+    ]
+    layout = LayoutProfile(
+        tp=1,
+        pp=1,
+        num_threads=1,
+        prefill_points=prefill,
+        decode_points=decode,
+        prefill=fit_prefill(prefill),
+        decode=fit_decode(decode),
+    )
+    return Profile(
+        model="OPT-13B (DistServe's published vLLM step times; decode x1.32)",
+        dtype="float16",
+        device="A100-80GB (from the DistServe repository, not measured here)",
+        created="2024 (OSDI'24 artifact)",
+        kv_bytes_per_token=0,
+        layouts=[layout],
+    )
