@@ -49,6 +49,7 @@ def test_plan_writes_a_config_up_accepts(
     assert roles == {PoolRole.PREFILL: 1, PoolRole.DECODE: 1}
     assert config.router.disaggregation_threshold == 0
     assert out.read_text().startswith("# pdserve plan: 1P1D")
+    assert main(["render", "k8s", "-c", str(out), "--out", str(tmp_path / "k8s")]) == 0
 
 
 def test_colocated_layout_and_shapes_become_pools(tmp_path: Path) -> None:
