@@ -112,6 +112,14 @@ def _workload(args: argparse.Namespace, block_size: int) -> Workload:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        return _plan(args)
+    except (ValueError, KeyError) as e:  # bad profile, workload, SLO or budget
+        print(f"pdserve plan: {e}", file=sys.stderr)
+        return 2
+
+
+def _plan(args: argparse.Namespace) -> int:
     from planner.profile import Profile
 
     base = load_config(args.config, list(args.set or []))

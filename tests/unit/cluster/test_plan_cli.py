@@ -94,3 +94,12 @@ def test_profile_command_measures_the_config_layouts(tiny_model_dir: Path, tmp_p
     assert profile.shapes == [(1, 1)]
     assert profile.transfer is not None and profile.transfer.transport == "shm"
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_plan_says_when_no_layout_meets_the_slos(
+    profile_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["plan", "--profile", str(profile_path), "--workload", "prompt-heavy"]
+    args += ["--ttft-slo", "0.01", "--tpot-slo", "0.04", "--budget-devices", "1"]
+    assert main(args) == 2
+    assert "no layout within the budget meets the SLOs" in capsys.readouterr().err
