@@ -56,7 +56,7 @@ class ProfileSpec:
     prefill_tokens: tuple[int, ...] = (32, 128, 512, 1024)
     prefill_batches: tuple[int, ...] = (1, 2)
     decode_batches: tuple[int, ...] = (1, 4, 16)
-    decode_contexts: tuple[int, ...] = (128, 1024)
+    decode_contexts: tuple[int, ...] = (128, 512)
     decode_steps: int = 5
     repeats: int = 2
     transfer_tokens: tuple[int, ...] = (16, 256, 1024, 4096)
