@@ -12,7 +12,9 @@ candidates are simulated in decreasing order of bound per device, and the search
 (prunes the rest) once a bound per device falls below the `keep`-th best goodput per
 device found. A candidate whose unloaded latency already misses an SLO (one prompt of
 the SLO percentile's length alone, or one decode step of a single sequence) is pruned
-as infeasible. Goodput is then bisected on the simulator between 0 and the bound.
+as infeasible, and a threshold that sends the same requests of the workload's sample
+to the prefill pool as a smaller one is the same layout. Goodput is then bisected on
+the simulator between 0 and the bound.
 """
 
 from __future__ import annotations
@@ -177,7 +179,15 @@ def search(
     demand = _demand(workload, seed)
     candidates = []
     result = SearchResult([])
+    routes: set[tuple[object, ...]] = set()
     for layout in space.layouts():
+        # thresholds that send the same requests to the prefill pool are one layout
+        local = sum(r.uncached_tokens < layout.threshold for r in demand.sample)
+        key = (layout.generating, layout.prefill, None if layout.colocated else local)
+        if key in routes:
+            result.pruned.append((layout, "routes like another threshold"))
+            continue
+        routes.add(key)
         bound = capacity_bound(layout, model, slo, demand)
         if bound <= 0:
             result.pruned.append((layout, "an SLO is missed even unloaded"))

@@ -67,3 +67,11 @@ def test_search_picks_disaggregation_on_the_distserve_example() -> None:
     assert result.best.layout == Layout(PoolShape(1), PoolShape(1), threshold=0, max_num_seqs=256)
     colocated = [c.per_device for c in result.ranked if c.layout.colocated]
     assert colocated and max(colocated) * 1.3 < result.best.per_device
+
+
+def test_thresholds_that_route_alike_are_simulated_once() -> None:
+    space = SearchSpace(2, thresholds=(0, 64, 512), colocated=False)
+    result = search(MODEL, WORKLOAD, SLO, space, requests=100, keep=10)
+    # every prompt has 256+ tokens: 0 and 64 route alike, 512 keeps some local
+    assert [r for _, r in result.pruned] == ["routes like another threshold"]
+    assert sorted(c.layout.threshold for c in result.ranked) == [0, 512]
