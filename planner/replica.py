@@ -87,25 +87,30 @@ class Replica:
             while self.arrived and self._seqs() < self.max_num_seqs:
                 self.running.append(self.arrived.popleft())
         decodes = list(self.running)
-        if not self.mixed_steps and self.waiting:
-            decodes = []
-        budget = self.max_batched_tokens - len(decodes)
-        chunks: list[tuple[Job, int]] = []
-        held = len(decodes)
-        for job in self.waiting:
-            if budget <= 0:
-                break
-            if held >= self.max_num_seqs:  # part-prefilled prompts lead the queue
-                break
-            k = min(job.prompt_left, budget)
-            chunks.append((job, k))
-            budget -= k
-            held += 1
+        if self.mixed_steps:
+            chunks = self._chunks(self.max_batched_tokens - len(decodes))
+        else:  # prompts first, alone; decodes when no prompt can start
+            chunks = self._chunks(self.max_batched_tokens)
+            if chunks:
+                decodes = []
         if not chunks and not decodes:
             return None
         context = sum(j.context for j in decodes)
         seconds = self.cost.step([(k, j.prefilled) for j, k in chunks], len(decodes), context)
         return Step(chunks, decodes, seconds)
+
+    def _chunks(self, budget: int) -> list[tuple[Job, int]]:
+        """Prompt chunks from the head of the queue under `budget` tokens."""
+        chunks: list[tuple[Job, int]] = []
+        held = len(self.running)  # seats, taken whether or not they decode this step
+        for job in self.waiting:
+            if budget <= 0 or held >= self.max_num_seqs:  # part-prefilled ones lead
+                break
+            k = min(job.prompt_left, budget)
+            chunks.append((job, k))
+            budget -= k
+            held += 1
+        return chunks
 
     def _seqs(self) -> int:
         partial = sum(1 for j in self.waiting if j.prefilled > j.req.cached_tokens)

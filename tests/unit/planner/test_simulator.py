@@ -130,3 +130,15 @@ def test_same_seed_same_result_and_goodput_bisection() -> None:
     assert 0 < found.rate < 100 and found.attainment >= 0.9
     assert att(found.rate * 1.1) < 0.9 or att(found.rate * 1.2) < 0.9
     assert math.isclose(goodput(att, slo.goal, high=found.rate / 2).rate, found.rate / 2)
+
+
+def test_prefill_first_replica_with_full_seats_still_decodes() -> None:
+    """Without mixed steps, a prompt that finds every seat taken waits while the
+    running sequences decode, instead of stalling the replica."""
+    layout = Layout(PoolShape(1), max_batched_tokens=100, max_num_seqs=2, mixed_steps=False)
+    reqs = [SimRequest(0.001 * i, 100, 5) for i in range(6)]
+    result = simulate(layout, FIXED, reqs)
+    # pairs go through in turn: two prompts (0.1 s each, one step per prompt budget),
+    # then 4 decode steps of 0.01 s for both
+    ends = sorted(r.arrival + r.e2e for r in result.requests)
+    assert ends == pytest.approx([0.24, 0.24, 0.48, 0.48, 0.72, 0.72])
