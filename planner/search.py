@@ -7,14 +7,15 @@ node (`devices_per_node`).
 
 Each candidate first gets a capacity bound (`capacity_bound`): the request rate its
 pools could sustain if every step were perfectly packed, from lower bounds on each
-request's prefill and decode work. The bound is an upper bound on goodput, so
-candidates are simulated in decreasing order of bound per device, and the search stops
-(prunes the rest) once a bound per device falls below the `keep`-th best goodput per
-device found. A candidate whose unloaded latency already misses an SLO (one prompt of
-the SLO percentile's length alone, or one decode step of a single sequence) is pruned
-as infeasible, and a threshold that sends the same requests of the workload's sample
-to the prefill pool as a smaller one is the same layout. Goodput is then bisected on
-the simulator between 0 and the bound.
+request's prefill work and the decode throughput of the largest batch whose step meets
+the TPOT SLO. It bounds goodput from above (the tests check it on every simulated
+candidate), so candidates are simulated in decreasing order of bound per device, and
+the search stops (prunes the rest) once a bound per device falls below the `keep`-th
+best goodput per device found. A candidate whose unloaded latency already misses an
+SLO (more prompts than the goal lets fail miss TTFT alone, or the shortest sequence
+alone misses TPOT) is pruned as infeasible, and a threshold that sends the same
+requests of the workload's sample to the prefill pool as another is the same layout.
+Goodput is then bisected on the simulator between 0 and the bound.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from benchmarks.slo import percentile
 from planner.layout import Layout, PoolShape
 from planner.metrics import GoodputResult, Slo, goodput
 from planner.simulator import ClusterModel, simulate
@@ -122,8 +122,9 @@ def _demand(workload: Workload, seed: int) -> _Demand:
 
 
 def capacity_bound(layout: Layout, model: ClusterModel, slo: Slo, demand: _Demand) -> float:
-    """An upper bound on the rate `layout` can serve within the TPOT SLO; 0 when an SLO
-    is out of reach even unloaded."""
+    """The rate `layout` could serve if every step were packed: optimistic, not a proof
+    (decode assumes each step runs the largest batch whose step time meets the TPOT
+    SLO at the mean context); 0 when the SLOs are out of reach even unloaded."""
     gen = layout.generating
     gcost = model.step_cost(gen.tp, gen.pp)
     pshape = layout.prefill or gen
@@ -132,12 +133,14 @@ def capacity_bound(layout: Layout, model: ClusterModel, slo: Slo, demand: _Deman
     remote = [
         r for r in demand.sample if not (layout.colocated or r.uncached_tokens < layout.threshold)
     ]
-    # unloaded TTFT of the SLO percentile's prompt; one sequence's decode step
-    lengths = [r.uncached_tokens for r in demand.sample]
-    longest = int(percentile(lengths, slo.percentile))
+    # infeasible: more prompts than the goal lets fail miss TTFT alone, or the shortest
+    # sequence alone misses TPOT
+    lengths = sorted((r.uncached_tokens for r in demand.sample), reverse=True)
+    allowed = int(len(lengths) * (1.0 - slo.goal))
+    shortest = min(r.prompt_tokens for r in demand.sample)
     if (
-        pcost.prefill.prompt(longest) > slo.ttft_s
-        or gcost.decode.time(1, int(demand.ctx)) > slo.tpot_s
+        pcost.prefill.prompt(lengths[min(allowed, len(lengths) - 1)]) > slo.ttft_s
+        or gcost.decode.time(1, shortest) > slo.tpot_s
     ):
         return 0.0
     # the largest batch whose step meets the TPOT SLO, and its tokens per second
