@@ -29,6 +29,7 @@ from decode_worker.messages import PoolRole
 from planner.layout import Layout, PoolShape
 from planner.metrics import Slo
 from planner.search import SearchResult, SearchSpace, search
+from planner.simulator import simulate
 from planner.workload import Workload
 
 
@@ -144,6 +145,14 @@ def _plan(args: argparse.Namespace) -> int:
     )
     _print_ranking(result)
     chosen = result.best
+    model = profile.cluster_model()
+    at = simulate(chosen.layout, model, workload.at_rate(chosen.goodput, args.requests, args.seed))
+    _echo(
+        f"{chosen.layout.describe()} at {chosen.goodput:.3f} req/s: TTFT p50/p90/p99 "
+        f"{at.ttft_p(50):.3f}/{at.ttft_p(90):.3f}/{at.ttft_p(99):.3f} s, TPOT "
+        f"{at.tpot_p(50) * 1e3:.1f}/{at.tpot_p(90) * 1e3:.1f}/{at.tpot_p(99) * 1e3:.1f} ms, "
+        f"{at.attainment(slo):.0%} within both SLOs"
+    )
     data = layout_config(chosen.layout, base, args.config)
     header = (
         f"# pdserve plan: {chosen.layout.describe()}, predicted goodput {chosen.goodput:.3f} "

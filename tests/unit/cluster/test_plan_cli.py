@@ -43,6 +43,7 @@ def test_plan_writes_a_config_up_accepts(
     assert code == 0
     printed = capsys.readouterr().out
     assert "1P1D threshold 0" in printed and "colocated x1" in printed
+    assert "1P1D threshold 0 at " in printed and "TTFT p50/p90/p99" in printed
     config = load_config(out)
     assert config.name == "planned" and config.router.max_inflight_requests == 99
     roles = {p.role: p.replicas for p in config.pools}
