@@ -7,6 +7,8 @@
     pdserve chat "Hi!" [--system "Be brief."]
     pdserve config [-c cluster.yaml] [--set ...]      print the validated config
     pdserve render k8s -c cluster.yaml --out DIR      KubeRay manifests (cluster/k8s)
+    pdserve profile -c cluster.yaml [--out FILE]      measure the engine (cluster/plan_cli)
+    pdserve plan --profile FILE --ttft-slo S ...      pick a layout (cluster/plan_cli)
 
 `up` starts local Ray (or joins `--address`), an embedded Redis unless a URL is
 configured, deploys, and waits until every pool is registered and the health service
@@ -37,6 +39,7 @@ from cluster.client import Chunk, Client, ClientError, ClusterState, Message, Sa
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
 from cluster.launcher import Launcher, LaunchError, RunState, pid_alive, run_dir_for, stop_running
+from cluster.plan_cli import add_parsers as add_plan_parsers
 
 DEFAULT_TARGET = "127.0.0.1:9000"
 
@@ -359,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(render)
     render.add_argument("-o", "--out", required=True, help="output directory")
     render.set_defaults(func=cmd_render)
+    add_plan_parsers(sub)
     return parser
 
 
