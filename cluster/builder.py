@@ -33,7 +33,6 @@ from ray.serve.schema import LoggingConfig
 from cluster.client.sync import APPLICATION
 from cluster.config import ClusterConfig, ConfigError, PoolConfig
 from decode_worker.deployment import DecodeWorker
-from decode_worker.messages import PoolRole, WorkerSettings
 from engine.config import ModelConfig, parse_dtype
 from engine.kv_cache import KVCacheLayout
 from engine.parallel.layout import ParallelLayout
@@ -46,6 +45,7 @@ from router.dispatch import DispatchTimeouts
 from router.pinning import ROUTER_CLASS_PATH
 from router.settings import PoolSpec, RouterSettings
 from router.validation import Limits
+from worker.messages import PoolRole, WorkerSettings
 
 APP_NAME = APPLICATION  # the name the clients' calls carry
 # Ray Serve's own low-latency switches (its "throughput optimized" set, minus direct

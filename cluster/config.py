@@ -32,9 +32,9 @@ from pydantic import (
 )
 
 from cluster.k8s.settings import KubernetesSettings
-from cluster.registry.types import NAME_PATTERN
-from decode_worker.messages import PoolRole
 from engine.config import CpuLinearKind
+from registry.types import NAME_PATTERN
+from worker.messages import PoolRole
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Port = Annotated[int, Field(ge=1, le=65535)]

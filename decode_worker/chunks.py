@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from decode_worker.messages import FinalStats, TokenChunk
 from decode_worker.remote_prefill import RemoteInfo
 from engine import RequestOutput, TokenLogprob
+from worker.messages import FinalStats, TokenChunk
 
 
 class ChunkBuilder:

@@ -7,7 +7,7 @@ Lifecycle of a replica:
                     and the registry presence; start them. With tp x pp > 1 this
                     replica is rank 0 and every other rank (a Ray actor in the
                     replica's placement group) receives its own KV slices; a transfer
-                    is DONE once every rank's receiver is (`decode_worker.ranks`)
+                    is DONE once every rank's receiver is (`worker.ranks`)
     generate()      one request, streamed:
                       local prompt   -> the engine prefills it, then decodes
                       remote prompt  -> reserve blocks and expect the transfer, yield
@@ -35,8 +35,13 @@ import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.chunks import ChunkBuilder
-from decode_worker.kv_roles import local_rank, receiver_endpoint, transfer_host
-from decode_worker.messages import (
+from decode_worker.ranked_receiver import RankedReceiver
+from decode_worker.remote_prefill import RemotePrefills
+from kv_transfer.base import TransferReceiver
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.shm import ShmEndpoint, ShmKVStorage
+from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
+from worker.messages import (
     PoolRole,
     PrefillOutcome,
     Reserved,
@@ -45,12 +50,7 @@ from decode_worker.messages import (
     WorkerSettings,
     WorkerState,
 )
-from decode_worker.ranks import RankedReceiver
-from decode_worker.remote_prefill import RemotePrefills
-from decode_worker.runtime import WorkerRuntime, replica_unique_id
-from kv_transfer.base import TransferReceiver
-from kv_transfer.receiver import KVReceiver
-from kv_transfer.shm import ShmEndpoint, ShmKVStorage
+from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
 

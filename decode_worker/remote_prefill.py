@@ -31,10 +31,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from decode_worker.messages import PrefillOutcome, WorkerRequest
 from engine import LLMEngine, RequestOutput
 from engine.block_pool import OutOfBlocksError
 from kv_transfer.base import InstanceRef, RecvSpec, TransferReceiver, TransferState
+from worker.messages import PrefillOutcome, WorkerRequest
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.registry import LoadReport, Registry, Role, connect
-from decode_worker.messages import PoolRole
+from registry import LoadReport, Registry, Role, connect
 from router.admission import Admission
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher
@@ -34,6 +33,7 @@ from router.results import Delta
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
+from worker.messages import PoolRole
 
 logger = logging.getLogger(__name__)
 

@@ -33,14 +33,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from decode_worker.messages import (
-    PrefillOutcome,
-    PrefillRequest,
-    RemotePrefillPlan,
-    Reserved,
-    TokenChunk,
-    WorkerRequest,
-)
 from kv_transfer.base import Parallelism
 from router.cluster_view import ClusterView
 from router.errors import ErrorKind, RouterError
@@ -49,6 +41,14 @@ from router.pinning import PIN_KWARG
 from router.policy import RouteDecision
 from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
+from worker.messages import (
+    PrefillOutcome,
+    PrefillRequest,
+    RemotePrefillPlan,
+    Reserved,
+    TokenChunk,
+    WorkerRequest,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from decode_worker.messages import PoolRole
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from router.core import RouterCore
 from router.errors import ErrorKind, RouterError
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
+from worker.messages import PoolRole
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,

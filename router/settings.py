@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from decode_worker.messages import PoolRole
 from router.dispatch import DispatchTimeouts
 from router.validation import Limits
+from worker.messages import PoolRole
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from cluster.redis_server import RedisServer
-from cluster.registry import Registry, connect
+from registry import Registry, connect
 
 RegistryFactory = Callable[..., Registry]
 

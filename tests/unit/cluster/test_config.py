@@ -13,9 +13,9 @@ from ray import serve
 from cluster.builder import build_app, check_against_model, router_settings, worker_settings
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
-from decode_worker.messages import PoolRole
-from decode_worker.runtime import engine_config
 from engine.kv_cache import KVCacheLayout
+from worker.messages import PoolRole
+from worker.runtime import engine_config
 
 
 def test_defaults_are_the_laptop_setup() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ray.exceptions import RayTaskError
 
-from decode_worker.engine_loop import EngineStopped
 from router.dispatch import worker_error
 from router.errors import ErrorKind
+from worker.engine_loop import EngineStopped
 
 
 def test_a_failed_engine_is_unavailable_and_a_bad_value_is_invalid() -> None:

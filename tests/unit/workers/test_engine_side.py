@@ -15,8 +15,6 @@ from typing import TypeVar
 import pytest
 
 from decode_worker.chunks import ChunkBuilder
-from decode_worker.engine_loop import EngineLoop, EngineStopped
-from decode_worker.messages import PrefillOutcome, RemotePrefillPlan, TokenChunk, WorkerRequest
 from decode_worker.remote_prefill import RemotePrefills
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.block_pins import BlockPins
@@ -26,6 +24,8 @@ from kv_transfer.fake import FakeFabric
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender
+from worker.engine_loop import EngineLoop, EngineStopped
+from worker.messages import PrefillOutcome, RemotePrefillPlan, TokenChunk, WorkerRequest
 
 T = TypeVar("T")
 MAX_TOKENS = 10

@@ -1,7 +1,7 @@
 """The kv_transfer pieces one rank of a pool's replica uses, built from its settings.
 
 Every rank of a replica, rank 0 in the Serve replica and ranks 1..N-1 in their Ray
-actors (`decode_worker.ranks`), builds its transport the same way:
+actors (`worker.ranks`), builds its transport the same way:
 - a prefill rank: a `Connector` (torch_dist or shm, wrapped in the fault injector when
   the config asks for a drill) for its `KVSender`;
 - a decode rank: an `Endpoint` for its `KVReceiver` (shm needs the rank's KV cache in
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-from decode_worker.messages import WorkerSettings
 from kv_transfer.base import LocalRank, Parallelism
 from kv_transfer.faults import FaultyConnector
 from kv_transfer.mapping import KVGeometry
@@ -20,6 +19,7 @@ from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, TorchDistEndpoint
 from kv_transfer.transport import Connector, Endpoint
+from worker.messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
 

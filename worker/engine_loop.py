@@ -33,8 +33,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from cluster.registry import LoadReport
 from engine import LLMEngine, RequestOutput
+from registry import LoadReport
 
 logger = logging.getLogger(__name__)
 

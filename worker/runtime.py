@@ -8,7 +8,7 @@ this replica.
 
 Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads pinned
 to the pool's CPU share) and the loop; with tp x pp > 1 it first starts the replica's
-other ranks (`decode_worker.ranks.RemoteRanks`) and runs the engine as rank 0.
+other ranks (`worker.ranks.RemoteRanks`) and runs the engine as rank 0.
 `start()` starts the engine thread, then registers; `stop()` deregisters first (the
 router stops sending here), then stops the engine thread and the other ranks.
 """
@@ -18,17 +18,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from cluster.registry import InstanceInfo, Registry, Role, connect
-from decode_worker.engine_loop import EngineLoop
-from decode_worker.kv_roles import transfer_host
-from decode_worker.messages import PoolRole, WorkerSettings
-from decode_worker.presence import Presence
-from decode_worker.ranks import RemoteRanks
 from engine import EngineConfig, LLMEngine
 from engine.forward_hooks import LayerHook
 from engine.llm_engine import KVStorage
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RedisRendezvous
+from registry import InstanceInfo, Registry, Role, connect
+from worker.engine_loop import EngineLoop
+from worker.kv_roles import transfer_host
+from worker.messages import PoolRole, WorkerSettings
+from worker.presence import Presence
+from worker.ranks import RemoteRanks
 
 logger = logging.getLogger(__name__)
 
