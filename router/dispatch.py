@@ -41,6 +41,7 @@ from router.pinning import PIN_KWARG
 from router.policy import RouteDecision
 from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
+from router.worker_errors import worker_error
 from worker.messages import (
     PrefillOutcome,
     PrefillRequest,
@@ -60,23 +61,6 @@ class DispatchTimeouts:
     prefill_s: float  # a whole remote prefill
     transfer_s: float  # the KV transfer's own deadline (both roles)
     abort_s: float = 10.0
-
-
-def worker_error(e: BaseException, what: str) -> RouterError:
-    """A pool call's failure as a client-facing error."""
-    if isinstance(e, RouterError):
-        return e
-    if isinstance(e, TimeoutError):
-        return RouterError(ErrorKind.UNAVAILABLE, f"{what} did not answer in time")
-    if isinstance(e, ValueError):
-        return RouterError(ErrorKind.INVALID_ARGUMENT, str(e))
-    name = type(e).__name__
-    if "Actor" in name or "Unavailable" in name or "Died" in name:
-        return RouterError(ErrorKind.UNAVAILABLE, f"{what} is unavailable: {e}")
-    cause = getattr(e, "cause", None)  # a RayTaskError carries the worker's exception
-    if type(cause).__name__ == "EngineStopped":  # its engine failed: retry elsewhere
-        return RouterError(ErrorKind.UNAVAILABLE, f"{what} is unavailable: {cause}")
-    return RouterError(ErrorKind.INTERNAL, f"{what} failed: {name}: {e}")
 
 
 class Dispatcher:

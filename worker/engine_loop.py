@@ -35,6 +35,7 @@ from typing import TypeVar
 
 from engine import LLMEngine, RequestOutput
 from registry import LoadReport
+from worker.errors import InstanceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ T = TypeVar("T")
 Command = Callable[[], None]
 
 
-class EngineStopped(RuntimeError):
+class EngineStopped(InstanceUnavailable):
     """The engine loop stopped or failed; no more outputs will come."""
 
 

@@ -25,6 +25,7 @@ from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RedisRendezvous
 from registry import InstanceInfo, Registry, Role, connect
 from worker.engine_loop import EngineLoop
+from worker.errors import InstanceUnavailable
 from worker.kv_roles import transfer_host
 from worker.messages import PoolRole, WorkerSettings
 from worker.presence import Presence
@@ -141,4 +142,4 @@ class WorkerRuntime:
     def check_pin(self, replica: str | None) -> None:
         """A pinned call must have reached the replica it named."""
         if replica is not None and replica != self.replica_id:
-            raise RuntimeError(f"call pinned to replica {replica} reached {self.replica_id}")
+            raise InstanceUnavailable(f"call pinned to replica {replica} reached {self.replica_id}")
