@@ -40,12 +40,13 @@ from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault, FaultKind
 from kv_transfer.mapping import KVGeometry
 from prefill_worker.deployment import PrefillWorker
+from registry import Role
 from router.deployment import Router
 from router.dispatch import DispatchTimeouts
 from router.pinning import ROUTER_CLASS_PATH
 from router.settings import PoolSpec, RouterSettings
 from router.validation import Limits
-from worker.messages import PoolRole, WorkerSettings
+from worker.messages import WorkerSettings
 
 APP_NAME = APPLICATION  # the name the clients' calls carry
 # Ray Serve's own low-latency switches (its "throughput optimized" set, minus direct
@@ -161,7 +162,7 @@ def worker_settings(
         faults=tuple(
             Fault(FaultKind(f.kind), f.after, f.times, f.delay_s) for f in config.kv_transfer.faults
         )
-        if pool.role is PoolRole.PREFILL
+        if pool.role is Role.PREFILL
         else (),
     )
 
@@ -215,7 +216,7 @@ def _pool_deployment(
             "placement_group_bundles": [dict(pool.resources_per_rank)] * pool.world_size,
             "placement_group_strategy": pool.placement_strategy,
         }
-    cls = PrefillWorker if pool.role is PoolRole.PREFILL else DecodeWorker
+    cls = PrefillWorker if pool.role is Role.PREFILL else DecodeWorker
     deployment: Any = serve.deployment(cls)
     deployment = deployment.options(
         name=pool.name,

@@ -38,6 +38,7 @@ from cluster.client import Chunk, Client, ClientError, ClusterState, Sampling
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
 from cluster.launcher import Launcher, LaunchError, RunState, pid_alive, run_dir_for, stop_running
+from kv_transfer.transport import TransportKind
 
 DEFAULT_TARGET = "127.0.0.1:9000"
 
@@ -296,7 +297,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
     p.add_argument("--prefill-replicas", type=int)
     p.add_argument("--decode-replicas", type=int)
-    p.add_argument("--transport", choices=["torch_dist", "shm"], help="KV transfer transport")
+    p.add_argument(
+        "--transport", choices=[t.value for t in TransportKind], help="KV transfer transport"
+    )
     p.add_argument("--colocated", action="store_true", help="one colocated pool, no prefill pool")
 
 

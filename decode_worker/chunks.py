@@ -61,4 +61,5 @@ class ChunkBuilder:
             tpot_s=m.tpot_s if m is not None else 0.0,
             disaggregated=disagg,
             fallback_reason=remote.fallback_reason if remote is not None else "",
+            fallback=remote.fallback if remote is not None else None,
         )

@@ -40,9 +40,10 @@ from decode_worker.remote_prefill import RemotePrefills
 from kv_transfer.base import TransferReceiver
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
+from kv_transfer.transport import TransportKind
+from registry import Role
 from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
 from worker.messages import (
-    PoolRole,
     PrefillOutcome,
     Reserved,
     WorkerEvent,
@@ -59,10 +60,10 @@ _COMMAND_TIMEOUT_S = 30.0
 
 class DecodeWorker:
     def __init__(self, settings: WorkerSettings) -> None:
-        if settings.role is PoolRole.PREFILL:
+        if settings.role is Role.PREFILL:
             raise ValueError("DecodeWorker serves decode and colocated pools")
-        self._storage = ShmKVStorage() if settings.transport == "shm" else None
-        takes_remote = settings.role is PoolRole.DECODE
+        self._storage = ShmKVStorage() if settings.transport is TransportKind.SHM else None
+        takes_remote = settings.role is Role.DECODE
         self._rt = WorkerRuntime(
             settings,
             replica_unique_id(),

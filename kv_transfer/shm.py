@@ -53,11 +53,19 @@ from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.regions import BlockRegion, LayerSpan, copy_into, region_of
 from kv_transfer.rendezvous import Lease, RendezvousStore, encode_record, rank_key, resolve
-from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Target
+from kv_transfer.transport import (
+    Completion,
+    Connector,
+    Endpoint,
+    Inbox,
+    Link,
+    Target,
+    TransportKind,
+)
 
 logger = logging.getLogger(__name__)
 
-TRANSPORT = "shm"
+TRANSPORT = TransportKind.SHM
 SHM_DIR = Path("/dev/shm")
 _NAME = re.compile(r"^pdkv-(\d+)-[0-9a-f]{16}$")
 _FREE, _OPEN = 0, 1

@@ -47,10 +47,10 @@ from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
+from registry import Role
 from worker.engine_loop import OutputStream
 from worker.kv_roles import local_rank, sender_connector, transfer_host
 from worker.messages import (
-    PoolRole,
     PrefillOutcome,
     PrefillRequest,
     WorkerSettings,
@@ -98,7 +98,7 @@ async def release_when_unread(
 
 class PrefillWorker:
     def __init__(self, settings: WorkerSettings) -> None:
-        if settings.role is not PoolRole.PREFILL:
+        if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")
         self._hook = SendHook(settings.block_size)
         self._rt = WorkerRuntime(settings, replica_unique_id(), layer_hook=self._hook)

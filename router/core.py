@@ -33,7 +33,6 @@ from router.results import Delta
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
-from worker.messages import PoolRole
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ logger = logging.getLogger(__name__)
 class InstanceStatus:
     instance_id: str
     pool: str
-    role: PoolRole
+    role: Role
     load: LoadReport | None
     age_s: float  # age of the load report
 

@@ -43,6 +43,7 @@ from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
 from router.worker_errors import worker_error
 from worker.messages import (
+    FallbackReason,
     PrefillOutcome,
     PrefillRequest,
     RemotePrefillPlan,
@@ -121,7 +122,7 @@ class Dispatcher:
                         self._t.dispatch_s,
                     )
                 else:
-                    self._metrics.fallbacks.labels("decode_full").inc()
+                    self._metrics.fallback(FallbackReason.DECODE_FULL)
                     logger.info("request %s prefills on decode: %s", rid, first.reason)
                 self._view.done(remote.instance_id, rid)
             timeout = self._t.dispatch_s if plan is None else self._t.stream_idle_s
@@ -194,8 +195,8 @@ class Dispatcher:
         final = item.final
         if final is None:
             raise RouterError(ErrorKind.INTERNAL, "the last chunk carried no stats")
-        if final.fallback_reason:
-            self._metrics.fallback(final.fallback_reason)
+        if final.fallback is not None:
+            self._metrics.fallback(final.fallback)
         disagg = final.disaggregated and outcome is not None and outcome.ok
         prefill_s = outcome.prefill_s if disagg and outcome is not None else final.prefill_s
         cached = (

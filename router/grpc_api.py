@@ -24,11 +24,11 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
+from registry import Role
 from router.core import RouterCore
 from router.errors import ErrorKind, RouterError
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
-from worker.messages import PoolRole
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -44,9 +44,9 @@ _FINISH = {
     "abort": pdserve_pb2.FINISH_REASON_ABORT,
 }
 _ROLE = {
-    PoolRole.PREFILL: pdserve_pb2.POOL_ROLE_PREFILL,
-    PoolRole.DECODE: pdserve_pb2.POOL_ROLE_DECODE,
-    PoolRole.COLOCATED: pdserve_pb2.POOL_ROLE_COLOCATED,
+    Role.PREFILL: pdserve_pb2.POOL_ROLE_PREFILL,
+    Role.DECODE: pdserve_pb2.POOL_ROLE_DECODE,
+    Role.COLOCATED: pdserve_pb2.POOL_ROLE_COLOCATED,
 }
 _HEALTH_NAMES = ("", SERVICE_NAME)
 _WATCH_PERIOD_S = 1.0

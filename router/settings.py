@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from registry import Role
 from router.dispatch import DispatchTimeouts
 from router.validation import Limits
-from worker.messages import PoolRole
 
 
 @dataclass(frozen=True)
 class PoolSpec:
     name: str
-    role: PoolRole
+    role: Role
     replicas: int
     tp: int
     pp: int
@@ -41,4 +41,4 @@ class RouterSettings:
 
     @property
     def has_prefill_pool(self) -> bool:
-        return any(p.role is PoolRole.PREFILL for p in self.pools)
+        return any(p.role is Role.PREFILL for p in self.pools)

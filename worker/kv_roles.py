@@ -18,7 +18,7 @@ from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.shm import ShmConnector, ShmEndpoint, ShmSegment
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, TorchDistEndpoint
-from kv_transfer.transport import Connector, Endpoint
+from kv_transfer.transport import Connector, Endpoint, TransportKind
 from worker.messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def local_rank(settings: WorkerSettings, instance_id: str, rank: int) -> LocalRa
 def sender_connector(settings: WorkerSettings, store: RendezvousStore, host: str) -> Connector:
     connector: Connector = (
         ShmConnector(store)
-        if settings.transport == "shm"
+        if settings.transport is TransportKind.SHM
         else TorchDistConnector(store, TorchDistConfig(host=host))
     )
     if settings.faults:
@@ -59,7 +59,7 @@ def receiver_endpoint(
     segment: ShmSegment | None,
     geometry: KVGeometry,
 ) -> Endpoint:
-    if settings.transport == "shm":
+    if settings.transport is TransportKind.SHM:
         if segment is None:
             raise ValueError("the shm transport needs the KV cache in a shared-memory segment")
         return ShmEndpoint(store, segment, geometry)

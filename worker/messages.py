@@ -18,12 +18,18 @@ from engine import SamplingParams, TokenLogprob
 from engine.config import CpuLinearKind
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
+from kv_transfer.transport import TransportKind
+from registry.types import Role
 
 
-class PoolRole(StrEnum):
-    PREFILL = "prefill"
-    DECODE = "decode"  # receives KV from a prefill pool; prefills short prompts itself
-    COLOCATED = "colocated"  # prefills every prompt itself
+class FallbackReason(StrEnum):
+    """Why a request planned for a remote prefill was prefilled on the decode instance.
+    The value is the label of the router's fallback metric."""
+
+    DECODE_FULL = "decode_full"  # no free blocks or transfer slot for the transfer
+    TRANSFER_FAILED = "transfer"  # the KV transfer failed or timed out
+    PREFILL_FAILED = "prefill"  # the prefill instance failed or rejected the prompt
+    FIRST_TOKEN_LATE = "first_token_late"  # no first token from the prefill in time
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class WorkerSettings:
 
     cluster: str
     pool: str
-    role: PoolRole
+    role: Role
     model_dir: str
     dtype: str
     max_model_len: int
@@ -47,7 +53,7 @@ class WorkerSettings:
     redis_url: str
     lease_ttl_s: float
     load_report_interval_s: float
-    transport: str  # torch_dist | shm
+    transport: TransportKind
     transfer_host: str
     transfer_timeout_s: float
     device: str = "cpu"
@@ -103,6 +109,7 @@ class FinalStats:
     tpot_s: float  # mean time per output token after the first, as the engine made them
     disaggregated: bool  # the prompt's KV came from a prefill instance
     fallback_reason: str = ""  # set when a remote prefill was recomputed locally
+    fallback: FallbackReason | None = None  # the kind of that fallback
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ class WorkerState:
 
     instance_id: str
     pool: str
-    role: PoolRole
+    role: Role
     num_requests: int  # requests the engine still holds
     num_streams: int  # open output streams
     free_blocks: int

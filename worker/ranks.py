@@ -59,14 +59,15 @@ from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import RedisRendezvous
 from kv_transfer.sender import KVSender
 from kv_transfer.shm import ShmKVStorage
-from registry import connect
+from kv_transfer.transport import TransportKind
+from registry import Role, connect
 from worker.kv_roles import (
     local_rank,
     receiver_endpoint,
     sender_connector,
     transfer_host,
 )
-from worker.messages import PoolRole, WorkerSettings
+from worker.messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class RankActor:
         host = transfer_host(settings.transfer_host)  # this actor's node, for "auto"
         self._storage = (
             ShmKVStorage()
-            if settings.transport == "shm" and settings.role is PoolRole.DECODE
+            if settings.transport is TransportKind.SHM and settings.role is Role.DECODE
             else None
         )
         self._worker = RankWorker(
@@ -153,7 +154,7 @@ class RankActor:
         self._hook: _LockedHook | None = None
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
-        if settings.role is PoolRole.PREFILL:
+        if settings.role is Role.PREFILL:
             self._sender = KVSender(
                 me, self._worker.kv, geometry, sender_connector(settings, rendezvous, host)
             )
@@ -164,7 +165,7 @@ class RankActor:
                 pins=_HeldByRankZero(),
             )
             self._hook = _LockedHook(hook)
-        elif settings.role is PoolRole.DECODE:
+        elif settings.role is Role.DECODE:
             segment = self._storage.segment if self._storage is not None else None
             endpoint = receiver_endpoint(settings, rendezvous, host, segment, geometry)
             self._receiver = KVReceiver(me, self._worker.kv, geometry, endpoint)

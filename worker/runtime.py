@@ -23,11 +23,11 @@ from engine.forward_hooks import LayerHook
 from engine.llm_engine import KVStorage
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RedisRendezvous
-from registry import InstanceInfo, Registry, Role, connect
+from registry import InstanceInfo, Registry, connect
 from worker.engine_loop import EngineLoop
 from worker.errors import InstanceUnavailable
 from worker.kv_roles import transfer_host
-from worker.messages import PoolRole, WorkerSettings
+from worker.messages import WorkerSettings
 from worker.presence import Presence
 from worker.ranks import RemoteRanks
 
@@ -83,7 +83,7 @@ class WorkerRuntime:
         info = InstanceInfo(
             instance_id=self.instance_id,
             pool=settings.pool,
-            role=Role.PREFILL if settings.role is PoolRole.PREFILL else Role.DECODE,
+            role=settings.role.routing_role,
             address=replica_id,
             tp=settings.tp,
             pp=settings.pp,

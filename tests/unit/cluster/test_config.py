@@ -14,15 +14,15 @@ from cluster.builder import build_app, check_against_model, router_settings, wor
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
 from engine.kv_cache import KVCacheLayout
-from worker.messages import PoolRole
+from registry import Role
 from worker.runtime import engine_config
 
 
 def test_defaults_are_the_laptop_setup() -> None:
     c = load_config()
     assert [(p.name, p.role, p.replicas, p.tp, p.pp) for p in c.pools] == [
-        ("prefill", PoolRole.PREFILL, 1, 1, 1),
-        ("decode", PoolRole.DECODE, 1, 1, 1),
+        ("prefill", Role.PREFILL, 1, 1, 1),
+        ("decode", Role.DECODE, 1, 1, 1),
     ]
     assert (
         c.model.source == "smollm2-135m-instruct" and c.model.served_id == "smollm2-135m-instruct"
@@ -176,7 +176,7 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
         _tiny(tiny_model_dir, "pools.decode.engine.cpu_linear=fast")
     assert (ws.pool, ws.role, ws.max_model_len, ws.kv_cache_bytes, ws.transport) == (
         "decode",
-        PoolRole.DECODE,
+        Role.DECODE,
         256,
         4 << 20,
         "shm",
