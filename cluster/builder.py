@@ -33,7 +33,7 @@ from ray.serve.schema import LoggingConfig
 from cluster.client.sync import APPLICATION
 from cluster.config import ClusterConfig, ConfigError, PoolConfig
 from decode_worker.deployment import DecodeWorker
-from engine.config import ModelConfig, parse_dtype
+from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.kv_cache import KVCacheLayout
 from engine.parallel.layout import ParallelLayout
 from kv_transfer.base import Parallelism
@@ -135,27 +135,29 @@ def worker_settings(
         cluster=config.name,
         pool=pool.name,
         role=pool.role,
-        model_dir=model_dir,
-        dtype=config.model.dtype,
-        max_model_len=config.model.max_model_len,
-        block_size=e.block_size,
-        kv_cache_bytes=int(e.kv_cache_bytes),
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        max_num_seqs=e.max_num_seqs,
-        num_threads=pool.num_threads,
-        enable_prefix_caching=e.enable_prefix_caching,
-        cpu_linear=e.cpu_linear,
-        max_stop_strings=config.router.max_stop_strings,
-        max_logprobs=config.router.max_logprobs,
+        engine=EngineConfig(
+            model=model_dir,
+            dtype=config.model.dtype,
+            device=pool.device,
+            block_size=e.block_size,
+            kv_cache_bytes=int(e.kv_cache_bytes),
+            max_num_batched_tokens=e.max_num_batched_tokens,
+            max_num_seqs=e.max_num_seqs,
+            max_model_len=config.model.max_model_len,
+            num_threads=pool.num_threads,
+            enable_prefix_caching=e.enable_prefix_caching,
+            cpu_linear=e.cpu_linear,
+            tp=pool.tp,
+            pp=pool.pp,
+            max_stop_strings=config.router.max_stop_strings,
+            max_logprobs=config.router.max_logprobs,
+        ),
         redis_url=redis_url,
         lease_ttl_s=config.redis.lease_ttl_s,
         load_report_interval_s=config.redis.load_report_interval_s,
         transport=config.kv_transfer.transport,
         transfer_host=config.kv_transfer.host,
         transfer_timeout_s=config.kv_transfer.timeout_s,
-        device=pool.device,
-        tp=pool.tp,
-        pp=pool.pp,
         rank_resources=dict(pool.resources_per_rank),
         rank_timeout_s=pool.rank_timeout_s,
         rank_start_timeout_s=pool.rank_start_timeout_s,

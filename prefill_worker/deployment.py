@@ -100,7 +100,7 @@ class PrefillWorker:
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")
-        self._hook = SendHook(settings.block_size)
+        self._hook = SendHook(settings.engine.block_size)
         self._rt = WorkerRuntime(settings, replica_unique_id(), layer_hook=self._hook)
         connector = sender_connector(
             settings, self._rt.rendezvous(), transfer_host(settings.transfer_host)

@@ -35,7 +35,7 @@ def transfer_host(configured: str) -> str:
 
 
 def local_rank(settings: WorkerSettings, instance_id: str, rank: int) -> LocalRank:
-    parallel = Parallelism(settings.tp, settings.pp)
+    parallel = Parallelism(settings.engine.tp, settings.engine.pp)
     tp_rank, pp_rank = parallel.coords(rank)
     return LocalRank(instance_id, parallel, tp_rank, pp_rank)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from engine import SamplingParams, TokenLogprob
-from engine.config import CpuLinearKind
+from engine.config import EngineConfig
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
 from kv_transfer.transport import TransportKind
@@ -34,37 +34,24 @@ class FallbackReason(StrEnum):
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Everything a pool's replica needs, resolved by the cluster builder."""
+    """Everything a pool's replica needs, resolved by the cluster builder: its engine's
+    config (`engine`, validated when built) and how the replica joins the cluster."""
 
     cluster: str
     pool: str
     role: Role
-    model_dir: str
-    dtype: str
-    max_model_len: int
-    block_size: int
-    kv_cache_bytes: int
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    num_threads: int
-    enable_prefix_caching: bool
-    max_stop_strings: int
-    max_logprobs: int
+    engine: EngineConfig  # model = the resolved model directory; tp/pp = the layout
     redis_url: str
     lease_ttl_s: float
     load_report_interval_s: float
     transport: TransportKind
     transfer_host: str
     transfer_timeout_s: float
-    device: str = "cpu"
-    tp: int = 1
-    pp: int = 1
     # Ray resources of one rank: a TP/PP replica places ranks 1..N-1 with them
     rank_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     rank_timeout_s: float = 60.0  # one collective among the ranks
     rank_start_timeout_s: float = 120.0  # the ranks joining a new replica
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
-    cpu_linear: CpuLinearKind = "auto"  # the engine's CPU matmul backend
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig
 from engine.forward_hooks import ScheduledChunk
 from engine.parallel.comm import RankGroups, StoreAddress, serve_store
 from engine.parallel.layout import ParallelLayout
@@ -126,7 +125,6 @@ class RankActor:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine_config: EngineConfig,
         instance_id: str,
         rank: int,
         store: StoreAddress,
@@ -138,7 +136,7 @@ class RankActor:
             else None
         )
         self._worker = RankWorker(
-            engine_config,
+            settings.engine,
             rank,
             store,
             settings.rank_timeout_s,
@@ -159,7 +157,7 @@ class RankActor:
                 me, self._worker.kv, geometry, sender_connector(settings, rendezvous, host)
             )
             hook = SendHook(
-                settings.block_size,
+                settings.engine.block_size,
                 self._sender,
                 self._worker.layer_offset,
                 pins=_HeldByRankZero(),
@@ -239,7 +237,6 @@ class RemoteRanks:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine_config: EngineConfig,
         instance_id: str,
         host: str,
         resources: dict[str, float],
@@ -248,7 +245,8 @@ class RemoteRanks:
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        world = settings.tp * settings.pp
+        engine_config = settings.engine
+        world = engine_config.tp * engine_config.pp
         setup_s = max(settings.rank_start_timeout_s, settings.rank_timeout_s)
         self._store, address = serve_store(setup_s, host)
         pg = get_current_placement_group()
@@ -271,13 +269,11 @@ class RemoteRanks:
                     placement_group=pg, placement_group_bundle_index=rank
                 )
             self.actors.append(
-                actor_cls.options(name=None, **options).remote(
-                    settings, engine_config, instance_id, rank, address
-                )
+                actor_cls.options(name=None, **options).remote(settings, instance_id, rank, address)
             )
         try:
             self.groups = RankGroups(
-                ParallelLayout(settings.tp, settings.pp, 0),
+                ParallelLayout(engine_config.tp, engine_config.pp, 0),
                 self._store,
                 torch.device(engine_config.device),
                 settings.rank_timeout_s,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from engine import EngineConfig, LLMEngine
+from engine import LLMEngine
 from engine.forward_hooks import LayerHook
 from engine.llm_engine import KVStorage
 from kv_transfer.mapping import KVGeometry
@@ -34,27 +34,7 @@ from worker.ranks import RemoteRanks
 logger = logging.getLogger(__name__)
 
 
-def engine_config(s: WorkerSettings) -> EngineConfig:
-    return EngineConfig(
-        model=s.model_dir,
-        dtype=s.dtype,
-        device=s.device,
-        block_size=s.block_size,
-        kv_cache_bytes=s.kv_cache_bytes,
-        max_num_batched_tokens=s.max_num_batched_tokens,
-        max_num_seqs=s.max_num_seqs,
-        max_model_len=s.max_model_len,
-        num_threads=s.num_threads,
-        enable_prefix_caching=s.enable_prefix_caching,
-        cpu_linear=s.cpu_linear,
-        max_stop_strings=s.max_stop_strings,
-        max_logprobs=s.max_logprobs,
-        tp=s.tp,
-        pp=s.pp,
-    )
-
-
-__all__ = ["WorkerRuntime", "engine_config", "replica_unique_id", "transfer_host"]
+__all__ = ["WorkerRuntime", "replica_unique_id", "transfer_host"]
 
 
 def replica_unique_id() -> str:
@@ -85,9 +65,9 @@ class WorkerRuntime:
             pool=settings.pool,
             role=settings.role.routing_role,
             address=replica_id,
-            tp=settings.tp,
-            pp=settings.pp,
-            block_size=settings.block_size,
+            tp=settings.engine.tp,
+            pp=settings.engine.pp,
+            block_size=settings.engine.block_size,
         )
         self.presence = Presence(
             self.registry,
@@ -95,12 +75,11 @@ class WorkerRuntime:
             lambda: self.loop.load_report(),
             interval_s=settings.load_report_interval_s,
         )
-        config = engine_config(settings)
+        config = settings.engine
         self.ranks: RemoteRanks | None = None
-        if settings.tp * settings.pp > 1:
+        if config.tp * config.pp > 1:
             self.ranks = RemoteRanks(
                 settings,
-                config,
                 self.instance_id,
                 transfer_host(settings.transfer_host),
                 settings.rank_resources,

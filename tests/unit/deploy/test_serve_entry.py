@@ -71,4 +71,4 @@ def test_builds_the_app_of_the_rendered_example(
         assert settings.transfer_host == "auto"
         assert settings.redis_url == ENV["PDSERVE_REDIS_URL"]
         assert settings.cluster == "pdserve.pdserve-raycluster-x7k2p"
-        assert Path(settings.model_dir) == smollm2_dir
+        assert Path(settings.engine.model) == smollm2_dir
