@@ -154,6 +154,20 @@ def test_no_cycle_between_packages() -> None:
     assert cycles(_graph(package_edges(ROOT))) == []
 
 
+CONTRACT = ("worker/messages.py", "worker/errors.py")  # the router<->pool contract
+
+
+def test_the_router_pool_contract_is_a_leaf() -> None:
+    """The contract's modules import only what lies below the workers."""
+    for rel in CONTRACT:
+        path = ROOT / rel
+        module = _module_name(path, ROOT)
+        for node in ast.walk(ast.parse(path.read_text())):
+            for name in _imported(node, module, is_package=False):
+                top = name.split(".")[0]
+                assert top not in RANK or RANK[top] < RANK["worker"], f"{rel} imports {name}"
+
+
 def _write(root: Path, files: Mapping[str, str]) -> None:
     for rel, text in files.items():
         path = root / rel
