@@ -1,6 +1,5 @@
 """The engine thread: one thread owns an `LLMEngine`; asyncio code talks to it through
-commands and per-request output streams. Every pool's replica runs one (the prefill
-worker reuses this module).
+commands and per-request output streams. Every pool's replica runs one.
 
 Lifecycle:
 
