@@ -35,19 +35,20 @@ from ray.serve.schema import LoggingConfig
 from cluster.client.sync import APPLICATION
 from cluster.config import ClusterConfig, ConfigError, PoolConfig
 from decode_worker.deployment import DecodeWorker
-from decode_worker.messages import PoolRole, WorkerSettings
-from engine.config import ModelConfig, parse_dtype
+from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.kv_cache import KVCacheLayout
 from engine.parallel.layout import ParallelLayout
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault, FaultKind
 from kv_transfer.mapping import KVGeometry
 from prefill_worker.deployment import PrefillWorker
+from registry import Role
 from router.deployment import Router
 from router.dispatch import DispatchTimeouts
 from router.pinning import ROUTER_CLASS_PATH
 from router.settings import PoolSpec, RouterSettings
 from router.validation import Limits
+from worker.messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -142,34 +143,36 @@ def worker_settings(
         cluster=config.name,
         pool=pool.name,
         role=pool.role,
-        model_dir=model_dir,
-        dtype=config.model.dtype,
-        max_model_len=config.model.max_model_len,
-        block_size=e.block_size,
-        kv_cache_bytes=int(e.kv_cache_bytes),
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        max_num_seqs=e.max_num_seqs,
-        num_threads=pool.num_threads,
-        enable_prefix_caching=e.enable_prefix_caching,
-        cpu_linear=e.cpu_linear,
-        max_stop_strings=config.router.max_stop_strings,
-        max_logprobs=config.router.max_logprobs,
+        engine=EngineConfig(
+            model=model_dir,
+            dtype=config.model.dtype,
+            device=pool.device,
+            block_size=e.block_size,
+            kv_cache_bytes=int(e.kv_cache_bytes),
+            max_num_batched_tokens=e.max_num_batched_tokens,
+            max_num_seqs=e.max_num_seqs,
+            max_model_len=config.model.max_model_len,
+            num_threads=pool.num_threads,
+            enable_prefix_caching=e.enable_prefix_caching,
+            cpu_linear=e.cpu_linear,
+            tp=pool.tp,
+            pp=pool.pp,
+            max_stop_strings=config.router.max_stop_strings,
+            max_logprobs=config.router.max_logprobs,
+        ),
         redis_url=redis_url,
         lease_ttl_s=config.redis.lease_ttl_s,
         load_report_interval_s=config.redis.load_report_interval_s,
         transport=config.kv_transfer.transport,
         transfer_host=config.kv_transfer.host,
         transfer_timeout_s=config.kv_transfer.timeout_s,
-        device=pool.device,
-        tp=pool.tp,
-        pp=pool.pp,
         rank_resources=dict(pool.resources_per_rank),
         rank_timeout_s=pool.rank_timeout_s,
         rank_start_timeout_s=pool.rank_start_timeout_s,
         faults=tuple(
             Fault(FaultKind(f.kind), f.after, f.times, f.delay_s) for f in config.kv_transfer.faults
         )
-        if pool.role is PoolRole.PREFILL
+        if pool.role is Role.PREFILL
         else (),
         transfer_secret=_reveal(config.kv_transfer.secret),
     )
@@ -226,7 +229,7 @@ def _pool_deployment(
             "placement_group_bundles": [dict(pool.resources_per_rank)] * pool.world_size,
             "placement_group_strategy": pool.placement_strategy,
         }
-    cls = PrefillWorker if pool.role is PoolRole.PREFILL else DecodeWorker
+    cls = PrefillWorker if pool.role is Role.PREFILL else DecodeWorker
     deployment: Any = serve.deployment(cls)
     deployment = deployment.options(
         name=pool.name,

@@ -4,7 +4,7 @@
     pdserve status [--name N | --target HOST:PORT] [--json]
     pdserve down [--name N]
     pdserve generate "Once upon a time" [--max-tokens 64] [--temperature 0]
-    pdserve chat "Hi!" [--system "Be brief."]
+    pdserve chat ["Hi!"] [--system "Be brief."]     no message: a conversation on stdin
     pdserve config [-c cluster.yaml] [--set ...]      print the validated config
     pdserve render k8s -c cluster.yaml --out DIR      KubeRay manifests (cluster/k8s)
     pdserve profile -c cluster.yaml [--out FILE]      measure the engine (cluster/plan_cli)
@@ -35,11 +35,13 @@ from pathlib import Path
 
 import yaml
 
-from cluster.client import Chunk, Client, ClientError, ClusterState, Message, Sampling
+from cluster.chat import ChatSession, converse
+from cluster.client import Chunk, Client, ClientError, ClusterState, Sampling
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
 from cluster.launcher import Launcher, LaunchError, RunState, pid_alive, run_dir_for, stop_running
 from cluster.plan_cli import add_parsers as add_plan_parsers
+from kv_transfer.transport import TransportKind
 
 DEFAULT_TARGET = "127.0.0.1:9000"
 
@@ -231,18 +233,15 @@ def _describe(chunk: Chunk) -> str:
     )
 
 
-def _stream(
-    args: argparse.Namespace, prompt: str | None, messages: Sequence[Message] | None
-) -> int:
+def _stream(args: argparse.Namespace, prompt: str) -> int:
     with Client(_target(args), token=_token(args)) as c:
         try:
-            for chunk in c.stream(prompt, _sampling(args), messages=messages):
+            for chunk in c.stream(prompt, _sampling(args)):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 if chunk.finish_reason is not None:
                     sys.stdout.write("\n")
-                    if args.timings:
-                        print(_describe(chunk), file=sys.stderr)
+                    _timings(args, chunk)
         except ClientError as e:
             print(f"\npdserve: {e}", file=sys.stderr)
             return 1
@@ -251,16 +250,40 @@ def _stream(
     return 0
 
 
+def _timings(args: argparse.Namespace, chunk: Chunk) -> None:
+    if args.timings:
+        print(_describe(chunk), file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    return _stream(args, args.prompt, None)
+    return _stream(args, args.prompt)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    messages: list[Message] = []
-    if args.system:
-        messages.append(("system", args.system))
-    messages.append(("user", args.message))
-    return _stream(args, None, messages)
+    """One reply to `message`, or with none a conversation: a line from stdin per turn,
+    until end of input or /exit."""
+    sampling = _sampling(args)
+    with Client(_target(args), token=_token(args)) as c:
+        session = ChatSession(
+            lambda messages: c.stream(None, sampling, messages=messages),
+            sys.stdout,
+            args.system,
+            on_finish=lambda chunk: _timings(args, chunk),
+        )
+        try:
+            if args.message is not None:
+                session.turn(args.message)
+                return 0
+            if sys.stdin.isatty():
+                print("chat: a line per message; /reset starts over, /exit or Ctrl-D ends")
+            return converse(
+                session, sys.stdin, sys.stderr, sys.stdout if sys.stdin.isatty() else None
+            )
+        except ClientError as e:
+            print(f"\npdserve: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -297,7 +320,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
     p.add_argument("--prefill-replicas", type=int)
     p.add_argument("--decode-replicas", type=int)
-    p.add_argument("--transport", choices=["torch_dist", "shm"], help="KV transfer transport")
+    p.add_argument(
+        "--transport", choices=[t.value for t in TransportKind], help="KV transfer transport"
+    )
     p.add_argument("--colocated", action="store_true", help="one colocated pool, no prefill pool")
 
 
@@ -346,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="stream a chat reply")
-    chat.add_argument("message")
+    chat = sub.add_parser("chat", help="stream a chat reply, or chat on stdin")
+    chat.add_argument("message", nargs="?", help="one message; without it, read a line per turn")
     chat.add_argument("--system", help="a system message first")
     _add_client_args(chat)
     _add_sampling_args(chat)

@@ -33,9 +33,10 @@ from pydantic import (
 )
 
 from cluster.k8s.settings import KubernetesSettings
-from cluster.registry.types import NAME_PATTERN
-from decode_worker.messages import PoolRole
 from engine.config import CpuLinearKind
+from kv_transfer.transport import TransportKind
+from registry import Role
+from registry.types import NAME_PATTERN
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -99,7 +100,7 @@ class PoolConfig(BaseModel):
     model_config = _STRICT
 
     name: Name = Field(description="Pool name; also the Serve deployment's name.")
-    role: PoolRole = Field(description="prefill, decode or colocated.")
+    role: Role = Field(description="prefill, decode or colocated.")
     replicas: int = Field(default=1, ge=1, le=1024, description="Engine replicas in the pool.")
     tp: int = Field(default=1, ge=1, le=64, description="Tensor-parallel ranks per replica.")
     pp: int = Field(default=1, ge=1, le=64, description="Pipeline-parallel stages per replica.")
@@ -149,8 +150,8 @@ class PoolConfig(BaseModel):
 
 def default_pools() -> list[PoolConfig]:
     return [
-        PoolConfig.model_validate({"name": "prefill", "role": PoolRole.PREFILL}),
-        PoolConfig.model_validate({"name": "decode", "role": PoolRole.DECODE}),
+        PoolConfig.model_validate({"name": "prefill", "role": Role.PREFILL}),
+        PoolConfig.model_validate({"name": "decode", "role": Role.DECODE}),
     ]
 
 
@@ -286,8 +287,8 @@ class FaultSpec(BaseModel):
 class KVTransferConfig(BaseModel):
     model_config = _STRICT
 
-    transport: Literal["torch_dist", "shm"] = Field(
-        default="torch_dist",
+    transport: TransportKind = Field(
+        default=TransportKind.TORCH_DIST,
         description="torch_dist (Gloo/NCCL; any hosts) or shm (prefill and decode on one host).",
     )
     host: str = Field(
@@ -355,16 +356,16 @@ class ClusterConfig(BaseModel):
         if dup:
             raise ValueError(f"pools: duplicate pool names {dup}")
         roles = [p.role for p in self.pools]
-        generating = [p for p in self.pools if p.role is not PoolRole.PREFILL]
+        generating = [p for p in self.pools if p.role is not Role.PREFILL]
         if len(generating) != 1:
             raise ValueError(
                 f"pools: need exactly one decode or colocated pool, got {len(generating)}"
             )
-        if roles.count(PoolRole.PREFILL) > 1:
+        if roles.count(Role.PREFILL) > 1:
             raise ValueError("pools: at most one prefill pool")
-        if PoolRole.PREFILL in roles and PoolRole.DECODE not in roles:
+        if Role.PREFILL in roles and Role.DECODE not in roles:
             raise ValueError("pools: a prefill pool needs a decode pool (not colocated)")
-        if PoolRole.DECODE in roles and PoolRole.PREFILL not in roles:
+        if Role.DECODE in roles and Role.PREFILL not in roles:
             raise ValueError(
                 "pools: a decode pool needs a prefill pool; without one use role colocated"
             )
@@ -384,11 +385,11 @@ class ClusterConfig(BaseModel):
 
     @property
     def generating_pool(self) -> PoolConfig:
-        return next(p for p in self.pools if p.role is not PoolRole.PREFILL)
+        return next(p for p in self.pools if p.role is not Role.PREFILL)
 
     @property
     def prefill_pool(self) -> PoolConfig | None:
-        return next((p for p in self.pools if p.role is PoolRole.PREFILL), None)
+        return next((p for p in self.pools if p.role is Role.PREFILL), None)
 
     @property
     def block_size(self) -> int:

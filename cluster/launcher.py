@@ -46,9 +46,9 @@ from pathlib import Path
 from cluster.client import Client
 from cluster.config import ClusterConfig, ConfigError
 from cluster.redis_server import RedisServer, stop_from_state
-from cluster.registry import Registry, connect
 from cluster.resources import alive_node_resources, resource_problems
 from engine.model_source import cache_root, resolve_model
+from registry import Registry, connect
 
 logger = logging.getLogger(__name__)
 

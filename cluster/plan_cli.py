@@ -25,12 +25,12 @@ import yaml
 from benchmarks.workload import MIXES, Mix
 from cluster.config import ClusterConfig, ConfigError, PoolConfig
 from cluster.config_file import load_config
-from decode_worker.messages import PoolRole
 from planner.layout import Layout, PoolShape
 from planner.metrics import Slo
 from planner.search import SearchResult, SearchSpace, search
 from planner.simulator import simulate
 from planner.workload import Workload
+from registry.types import Role
 
 
 def _echo(msg: str) -> None:
@@ -181,7 +181,7 @@ def _print_ranking(result: SearchResult) -> None:
     )
 
 
-def _pool(template: PoolConfig, name: str, role: PoolRole, shape: PoolShape) -> dict[str, Any]:
+def _pool(template: PoolConfig, name: str, role: Role, shape: PoolShape) -> dict[str, Any]:
     pool: dict[str, Any] = template.model_dump(mode="json")
     pool.update(name=name, role=role.value, replicas=shape.replicas, tp=shape.tp, pp=shape.pp)
     return pool
@@ -194,12 +194,12 @@ def layout_config(layout: Layout, base: ClusterConfig, path: str | None) -> dict
         data = yaml.safe_load(Path(path).read_text()) or {}
     gen = base.generating_pool
     if layout.prefill is None:
-        data["pools"] = [_pool(gen, "main", PoolRole.COLOCATED, layout.generating)]
+        data["pools"] = [_pool(gen, "main", Role.COLOCATED, layout.generating)]
     else:
         prefill = base.prefill_pool or gen
         data["pools"] = [
-            _pool(prefill, "prefill", PoolRole.PREFILL, layout.prefill),
-            _pool(gen, "decode", PoolRole.DECODE, layout.generating),
+            _pool(prefill, "prefill", Role.PREFILL, layout.prefill),
+            _pool(gen, "decode", Role.DECODE, layout.generating),
         ]
         data.setdefault("router", {})["disaggregation_threshold"] = layout.threshold
     return data

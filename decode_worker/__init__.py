@@ -1,6 +1,7 @@
-"""The decode pool's Ray Serve deployment.
+"""The decode role: the decode pool's Ray Serve deployment (also the colocated pool's).
 
-Each replica will preallocate KV blocks, receive a request's KV from a prefill
-instance through a kv_transfer receiver, run continuous-batching decode and stream
-tokens back to the router. Nothing is implemented here yet.
+A replica preallocates KV blocks for a request whose prompt a prefill instance
+computes, owns the wait for that KV (`remote_prefill`, `ranked_receiver`), runs
+continuous-batching decode and streams tokens back to the router (`chunks`). What it
+shares with the prefill role lives in `worker`.
 """

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from decode_worker.messages import FinalStats, TokenChunk
 from decode_worker.remote_prefill import RemoteInfo
 from engine import RequestOutput, TokenLogprob
+from worker.messages import FinalStats, TokenChunk
 
 
 class ChunkBuilder:
@@ -61,4 +61,5 @@ class ChunkBuilder:
             tpot_s=m.tpot_s if m is not None else 0.0,
             disaggregated=disagg,
             fallback_reason=remote.fallback_reason if remote is not None else "",
+            fallback=remote.fallback if remote is not None else None,
         )

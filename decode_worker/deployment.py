@@ -7,7 +7,7 @@ Lifecycle of a replica:
                     and the registry presence; start them. With tp x pp > 1 this
                     replica is rank 0 and every other rank (a Ray actor in the
                     replica's placement group) receives its own KV slices; a transfer
-                    is DONE once every rank's receiver is (`decode_worker.ranks`)
+                    is DONE once every rank's receiver is (`worker.ranks`)
     generate()      one request, streamed:
                       local prompt   -> the engine prefills it, then decodes
                       remote prompt  -> reserve blocks and expect the transfer, yield
@@ -35,9 +35,15 @@ import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.chunks import ChunkBuilder
-from decode_worker.kv_roles import local_rank, receiver_endpoint, transfer_host
-from decode_worker.messages import (
-    PoolRole,
+from decode_worker.ranked_receiver import RankedReceiver
+from decode_worker.remote_prefill import RemotePrefills
+from kv_transfer.base import TransferReceiver
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.shm import ShmEndpoint, ShmKVStorage
+from kv_transfer.transport import TransportKind
+from registry import Role
+from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
+from worker.messages import (
     PrefillOutcome,
     Reserved,
     WorkerEvent,
@@ -45,12 +51,7 @@ from decode_worker.messages import (
     WorkerSettings,
     WorkerState,
 )
-from decode_worker.ranks import RankedReceiver
-from decode_worker.remote_prefill import RemotePrefills
-from decode_worker.runtime import WorkerRuntime, replica_unique_id
-from kv_transfer.base import TransferReceiver
-from kv_transfer.receiver import KVReceiver
-from kv_transfer.shm import ShmEndpoint, ShmKVStorage
+from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,10 @@ _COMMAND_TIMEOUT_S = 30.0
 
 class DecodeWorker:
     def __init__(self, settings: WorkerSettings) -> None:
-        if settings.role is PoolRole.PREFILL:
+        if settings.role is Role.PREFILL:
             raise ValueError("DecodeWorker serves decode and colocated pools")
-        self._storage = ShmKVStorage() if settings.transport == "shm" else None
-        takes_remote = settings.role is PoolRole.DECODE
+        self._storage = ShmKVStorage() if settings.transport is TransportKind.SHM else None
+        takes_remote = settings.role is Role.DECODE
         self._rt = WorkerRuntime(
             settings,
             replica_unique_id(),

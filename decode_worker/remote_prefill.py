@@ -31,10 +31,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from decode_worker.messages import PrefillOutcome, WorkerRequest
 from engine import LLMEngine, RequestOutput
 from engine.block_pool import OutOfBlocksError
 from kv_transfer.base import InstanceRef, RecvSpec, TransferReceiver, TransferState
+from worker.messages import FallbackReason, PrefillOutcome, WorkerRequest
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class RemoteInfo:
     disaggregated: bool
     kv_transfer_s: float = 0.0
     fallback_reason: str = ""
+    fallback: FallbackReason | None = None
 
 
 class RemotePrefills:
@@ -141,13 +142,22 @@ class RemotePrefills:
                 p.done_wall = time.time()
             if status.state is TransferState.FAILED:
                 self.transfer_failures += 1
-                self._fall_back(rid, p, f"transfer failed: {status.reason}")
+                self._fall_back(
+                    rid, p, FallbackReason.TRANSFER_FAILED, f"transfer failed: {status.reason}"
+                )
             elif p.outcome is not None and not p.outcome.ok:
-                self._fall_back(rid, p, f"prefill failed: {p.outcome.reason}")
+                self._fall_back(
+                    rid, p, FallbackReason.PREFILL_FAILED, f"prefill failed: {p.outcome.reason}"
+                )
             elif p.outcome is not None and p.done_wall is not None:
                 self._commit(rid, p, p.outcome, p.done_wall)
             elif now > p.deadline:
-                self._fall_back(rid, p, "no first token from the prefill instance in time")
+                self._fall_back(
+                    rid,
+                    p,
+                    FallbackReason.FIRST_TOKEN_LATE,
+                    "no first token from the prefill instance in time",
+                )
 
     def _commit(self, rid: str, p: _Pending, outcome: PrefillOutcome, done_wall: float) -> None:
         del self._pending[rid]
@@ -158,12 +168,12 @@ class RemotePrefills:
         )
         self._post(out)
 
-    def _fall_back(self, rid: str, p: _Pending, reason: str) -> None:
+    def _fall_back(self, rid: str, p: _Pending, kind: FallbackReason, reason: str) -> None:
         del self._pending[rid]
         if not self._receiver.poll(p.transfer_id).terminal:
             self._receiver.abort(p.transfer_id, reason)
         logger.warning("request %s: %s; prefilling locally", rid, reason)
-        self._set_info(rid, RemoteInfo(False, 0.0, reason))
+        self._set_info(rid, RemoteInfo(False, 0.0, reason, kind))
         self._engine.fail_remote_prefill(rid)
 
     def close(self) -> None:

@@ -1,8 +1,10 @@
 """Where a model's files come from: an HF directory, a GGUF file, or a known name.
 
 `resolve_model` turns any of those into an HF-format directory. A GGUF is converted
-once into the cache (`$PDSERVE_CACHE`, default `~/.cache/pdserve`); the cache key
-includes the file's size and mtime, so a changed file is converted again.
+once into the cache (`$PDSERVE_CACHE`, default `~/.cache/pdserve`), keyed by the file's
+content: another copy of the same file (a second clone, another virtualenv) reuses the
+conversion, and a changed file is converted again. The content hash itself is
+remembered per (path, size, mtime), so an unchanged file is read once.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,10 +43,37 @@ def _packaged_gguf(name: str) -> Path:
     return path
 
 
-def _converted_dir(gguf_path: Path) -> Path:
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return cache_root() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def content_digest(path: Path) -> str:
+    """The sha256 of the file's bytes, remembered under the cache by path, size and
+    mtime (a changed file gets a new record)."""
+    st = path.stat()
+    stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+    record = cache_root() / "digests" / hashlib.sha256(stamp).hexdigest()[:32]
+    try:
+        known = record.read_text().strip()
+        if _DIGEST.match(known):
+            return known
+    except FileNotFoundError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=record.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(digest)
+    os.replace(tmp, record)  # a concurrent writer writes the same text
+    return digest
+
+
+def converted_dir(gguf_path: Path) -> Path:
+    """Where the conversion of `gguf_path` lives in the cache (keyed by content)."""
+    return cache_root() / "models" / f"{gguf_path.stem}-{content_digest(gguf_path)[:16]}"
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -62,7 +93,7 @@ def resolve_model(model: str | Path) -> Path:
                 "an HF-format directory, nor a .gguf file"
             )
         gguf_path = path
-    out = _converted_dir(gguf_path)
+    out = converted_dir(gguf_path)
     if not (out / "config.json").is_file():
         convert_gguf(gguf_path, out)
     return out

@@ -9,11 +9,25 @@ Logprobs are of the model's raw distribution.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 _GREEDY_EPS = 1e-5
+
+
+class SamplingError(ValueError):
+    """A bad sampling field. `field` is the `SamplingParams` field, with `[i]` for one
+    element of a list (`stop[2]`); `message` says what the rule is."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[SamplingError], tuple[str, str]]:
+        return (SamplingError, (self.field, self.message))  # it crosses process bounds
 
 
 @dataclass
@@ -34,27 +48,42 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
 
-    def validate(self, vocab_size: int, max_stop_strings: int = 16, max_logprobs: int = 20) -> None:
-        """Raise ValueError naming the first bad field."""
-        if self.temperature < 0 or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    def validate(
+        self,
+        vocab_size: int,
+        max_stop_strings: int = 16,
+        max_logprobs: int = 20,
+        max_stop_string_chars: int = 256,
+        max_stop_token_ids: int = 64,
+    ) -> None:
+        """Raise `SamplingError` naming the first bad field. The one rule for sampling
+        bounds: the router checks a request's sampling with it before routing, under
+        the protocol's field names, and the engine again when a request arrives."""
+        t = self.temperature
+        if not (math.isfinite(t) and t >= 0):
+            raise SamplingError("temperature", f"must be a finite number >= 0, got {t}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 0, got {self.top_k}")
+            raise SamplingError("top_k", f"must be -1 or 0 (off) or >= 1, got {self.top_k}")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise SamplingError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if len(self.stop) > max_stop_strings:
-            raise ValueError(f"stop: at most {max_stop_strings} stop strings, got {len(self.stop)}")
-        if any(not isinstance(s, str) or not s or len(s) > 256 for s in self.stop):
-            raise ValueError("stop: each stop string must be 1..256 characters")
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary")
-        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
-            raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}")
+            raise SamplingError(
+                "stop", f"at most {max_stop_strings} stop strings, got {len(self.stop)}"
+            )
+        for i, stop in enumerate(self.stop):
+            if not isinstance(stop, str) or not 1 <= len(stop) <= max_stop_string_chars:
+                raise SamplingError(f"stop[{i}]", f"must be 1..{max_stop_string_chars} characters")
+        if len(self.stop_token_ids) > max_stop_token_ids:
+            raise SamplingError("stop_token_ids", f"at most {max_stop_token_ids} ids")
+        for i, tok in enumerate(self.stop_token_ids):
+            if not 0 <= tok < vocab_size:
+                raise SamplingError(f"stop_token_ids[{i}]", f"{tok} is outside [0, {vocab_size})")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+            raise SamplingError("seed", f"must be in [0, 2**63), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
+            raise SamplingError("logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

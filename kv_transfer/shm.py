@@ -69,7 +69,15 @@ from kv_transfer.shm_segment import (
     id_bytes,
     sweep_stale_segments,
 )
-from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Target
+from kv_transfer.transport import (
+    Completion,
+    Connector,
+    Endpoint,
+    Inbox,
+    Link,
+    Target,
+    TransportKind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +90,7 @@ __all__ = [
     "sweep_stale_segments",
 ]
 
-TRANSPORT = "shm"
+TRANSPORT = TransportKind.SHM
 _RECORD = {
     "control": str,
     "path": str,

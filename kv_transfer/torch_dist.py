@@ -68,6 +68,7 @@ from kv_transfer.transport import (
     Link,
     Peer,
     Target,
+    TransportKind,
     in_parts,
     message_parts,
     region_parts,
@@ -77,7 +78,7 @@ from kv_transfer.transport import (
 
 logger = logging.getLogger(__name__)
 
-TRANSPORT = "torch_dist"
+TRANSPORT = TransportKind.TORCH_DIST
 _RECORD = {"control": str, "store": str, "backend": str}
 _POLL_S = 1e-4  # NCCL completion polling
 

@@ -25,6 +25,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 import torch
@@ -33,6 +34,13 @@ from kv_transfer.base import LocalRank, Parallelism, ProtocolError, RankId, Recv
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.staging import StagingPool
+
+
+class TransportKind(StrEnum):
+    """The transports a cluster can configure (the in-process fake is for tests)."""
+
+    TORCH_DIST = "torch_dist"  # Gloo for CPU tensors, NCCL for CUDA; any hosts
+    SHM = "shm"  # a shared-memory segment; prefill and decode on one host
 
 
 class Completion:

@@ -1,6 +1,6 @@
-"""The prefill pool's Ray Serve deployment.
+"""The prefill role: the prefill pool's Ray Serve deployment.
 
-Each replica will drive an engine (with its TP/PP rank actors), batch prompts under a
-token budget, and push KV blocks through a kv_transfer sender into blocks that a
-decode instance has preallocated. Nothing is implemented here yet.
+A replica batches prompts under a token budget and pushes each prompt's KV blocks,
+layer by layer, through a kv_transfer sender into the blocks a decode instance has
+preallocated. What it shares with the decode role lives in `worker`.
 """

@@ -7,7 +7,7 @@ Lifecycle of a replica:
                  (the decode worker's `EngineLoop`) and register in the registry. With
                  tp x pp > 1 this replica is rank 0, and every other rank (a Ray actor
                  in the replica's placement group) has its own hook and sender for its
-                 own KV slices (`decode_worker.ranks`)
+                 own KV slices (`worker.ranks`)
     prefill()    one prompt, after the decode replica reserved blocks for it:
                    register the transfer with every rank's hook, then on rank 0 queue
                    the prompt with
@@ -42,22 +42,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from decode_worker.engine_loop import OutputStream
-from decode_worker.kv_roles import local_rank, sender_connector, transfer_host
-from decode_worker.messages import (
-    PoolRole,
-    PrefillOutcome,
-    PrefillRequest,
-    WorkerSettings,
-    WorkerState,
-)
-from decode_worker.ranks import RemoteRanks, combine
-from decode_worker.runtime import WorkerRuntime, replica_unique_id
 from engine import RequestOutput
 from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
+from registry import Role
+from worker.engine_loop import OutputStream
+from worker.kv_roles import local_rank, sender_connector, transfer_host
+from worker.messages import (
+    PrefillOutcome,
+    PrefillRequest,
+    WorkerSettings,
+    WorkerState,
+)
+from worker.ranks import RemoteRanks, combine
+from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ async def release_when_unread(
 
 class PrefillWorker:
     def __init__(self, settings: WorkerSettings) -> None:
-        if settings.role is not PoolRole.PREFILL:
+        if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")
-        self._hook = SendHook(settings.block_size)
+        self._hook = SendHook(settings.engine.block_size)
         self._rt = WorkerRuntime(settings, replica_unique_id(), layer_hook=self._hook)
         connector = sender_connector(
             settings, self._rt.rendezvous(), transfer_host(settings.transfer_host)

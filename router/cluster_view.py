@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from cluster.registry import (
+from registry import (
     InstanceInfo,
     LoadReport,
     PrefixEvent,

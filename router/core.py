@@ -25,8 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.registry import LoadReport, Registry, Role, connect
-from decode_worker.messages import PoolRole
+from registry import LoadReport, Registry, Role, connect
 from router.admission import Admission
 from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
@@ -48,7 +47,7 @@ logger = logging.getLogger(__name__)
 class InstanceStatus:
     instance_id: str
     pool: str
-    role: PoolRole
+    role: Role
     load: LoadReport | None
     age_s: float  # age of the load report
 

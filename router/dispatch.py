@@ -33,14 +33,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from decode_worker.messages import (
-    PrefillOutcome,
-    PrefillRequest,
-    RemotePrefillPlan,
-    Reserved,
-    TokenChunk,
-    WorkerRequest,
-)
 from kv_transfer.base import Parallelism
 from router.cluster_view import ClusterView
 from router.errors import ErrorKind, RouterError
@@ -49,6 +41,16 @@ from router.pinning import PIN_KWARG
 from router.policy import RouteDecision
 from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
+from router.worker_errors import worker_error
+from worker.messages import (
+    FallbackReason,
+    PrefillOutcome,
+    PrefillRequest,
+    RemotePrefillPlan,
+    Reserved,
+    TokenChunk,
+    WorkerRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +62,6 @@ class DispatchTimeouts:
     prefill_s: float  # a whole remote prefill
     transfer_s: float  # the KV transfer's own deadline (both roles)
     abort_s: float = 10.0
-
-
-def worker_error(e: BaseException, what: str) -> RouterError:
-    """A pool call's failure as a client-facing error."""
-    if isinstance(e, RouterError):
-        return e
-    if isinstance(e, TimeoutError):
-        return RouterError(ErrorKind.UNAVAILABLE, f"{what} did not answer in time")
-    if isinstance(e, ValueError):
-        return RouterError(ErrorKind.INVALID_ARGUMENT, str(e))
-    name = type(e).__name__
-    if "Actor" in name or "Unavailable" in name or "Died" in name:
-        return RouterError(ErrorKind.UNAVAILABLE, f"{what} is unavailable: {e}")
-    cause = getattr(e, "cause", None)  # a RayTaskError carries the worker's exception
-    if type(cause).__name__ == "EngineStopped":  # its engine failed: retry elsewhere
-        return RouterError(ErrorKind.UNAVAILABLE, f"{what} is unavailable: {cause}")
-    return RouterError(ErrorKind.INTERNAL, f"{what} failed: {name}: {e}")
 
 
 class Dispatcher:
@@ -137,7 +122,7 @@ class Dispatcher:
                         self._t.dispatch_s,
                     )
                 else:
-                    self._metrics.fallbacks.labels("decode_full").inc()
+                    self._metrics.fallback(FallbackReason.DECODE_FULL)
                     logger.info("request %s prefills on decode: %s", rid, first.reason)
                 self._view.done(remote.instance_id, rid)
             timeout = self._t.dispatch_s if plan is None else self._t.stream_idle_s
@@ -212,8 +197,8 @@ class Dispatcher:
         final = item.final
         if final is None:
             raise RouterError(ErrorKind.INTERNAL, "the last chunk carried no stats")
-        if final.fallback_reason:
-            self._metrics.fallback(final.fallback_reason)
+        if final.fallback is not None:
+            self._metrics.fallback(final.fallback)
         disagg = final.disaggregated and outcome is not None and outcome.ok
         prefill_s = outcome.prefill_s if disagg and outcome is not None else final.prefill_s
         cached = (

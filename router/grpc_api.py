@@ -27,8 +27,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from decode_worker.messages import PoolRole
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
+from registry import Role
 from router.core import RouterCore
 from router.errors import ErrorKind, GrpcStatusError, RouterError
 from router.results import Delta
@@ -48,9 +48,9 @@ _FINISH = {
     "abort": pdserve_pb2.FINISH_REASON_ABORT,
 }
 _ROLE = {
-    PoolRole.PREFILL: pdserve_pb2.POOL_ROLE_PREFILL,
-    PoolRole.DECODE: pdserve_pb2.POOL_ROLE_DECODE,
-    PoolRole.COLOCATED: pdserve_pb2.POOL_ROLE_COLOCATED,
+    Role.PREFILL: pdserve_pb2.POOL_ROLE_PREFILL,
+    Role.DECODE: pdserve_pb2.POOL_ROLE_DECODE,
+    Role.COLOCATED: pdserve_pb2.POOL_ROLE_COLOCATED,
 }
 logger = logging.getLogger(__name__)
 

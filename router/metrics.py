@@ -14,6 +14,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from router.results import Finish
+from worker.messages import FallbackReason
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -103,10 +104,9 @@ class RouterMetrics:
     def failed(self, protocol: str, outcome: str) -> None:
         self.requests.labels(protocol, "none", outcome).inc()
 
-    def fallback(self, reason: str) -> None:
-        kind = "transfer" if reason.startswith("transfer") else reason.split(" ", 1)[0] or "unknown"
-        self.fallbacks.labels(kind).inc()
-        if kind == "transfer":
+    def fallback(self, reason: FallbackReason) -> None:
+        self.fallbacks.labels(reason.value).inc()
+        if reason is FallbackReason.TRANSFER_FAILED:
             self.transfer_failures.inc()
 
     def render(self) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from decode_worker.messages import PoolRole
+from registry import Role
 from router.dispatch import DispatchTimeouts
 from router.validation import Limits
 
@@ -13,7 +13,7 @@ from router.validation import Limits
 @dataclass(frozen=True)
 class PoolSpec:
     name: str
-    role: PoolRole
+    role: Role
     replicas: int
     tp: int
     pp: int
@@ -43,4 +43,4 @@ class RouterSettings:
 
     @property
     def has_prefill_pool(self) -> bool:
-        return any(p.role is PoolRole.PREFILL for p in self.pools)
+        return any(p.role is Role.PREFILL for p in self.pools)

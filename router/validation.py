@@ -12,10 +12,11 @@ prompt below the context length and `prompt + max_tokens` within it.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 
 from engine import SamplingParams
+from engine.sampling import SamplingError
 from router.tokenization import PromptEncoder
 
 
@@ -44,6 +45,11 @@ class FieldNames:
     logprobs: str
     client_tag: str
     model: str
+
+    def of(self, sampling_field: str) -> str:
+        """The protocol's name for a `SamplingError` field (`stop[2]` and the like)."""
+        name, bracket, index = sampling_field.partition("[")
+        return str(getattr(self, name)) + bracket + index
 
 
 PROTO_FIELDS = FieldNames(
@@ -158,7 +164,7 @@ class RequestValidator:
             raise InvalidRequest(
                 names.input, "exactly one of prompt, token ids or messages is required"
             )
-        self._check_sampling(raw.sampling, names)
+        params = self._check_sampling(raw.sampling, names)
         prompt, field = self._tokenize(raw, names)
         n = len(prompt)
         if n == 0:
@@ -182,54 +188,35 @@ class RequestValidator:
             )
         else:
             max_tokens = s.max_tokens
+        params = dataclasses.replace(params, max_tokens=max_tokens)
+        return ValidRequest(tuple(prompt), params, raw.client_tag)
+
+    def _check_sampling(self, s: RawSampling, names: FieldNames) -> SamplingParams:
+        """The request's sampling, checked by the engine's rule (`SamplingParams.validate`)
+        under this router's limits; max_tokens is settled once the prompt is known."""
+        lim = self.limits
         params = SamplingParams(
             temperature=1.0 if s.temperature is None else s.temperature,
             top_p=1.0 if s.top_p is None else s.top_p,
             top_k=-1 if s.top_k is None else s.top_k,
-            max_tokens=max_tokens,
+            max_tokens=1 if s.max_tokens is None else s.max_tokens,
             stop=list(s.stop),
             stop_token_ids=list(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
             seed=s.seed,
             logprobs=s.logprobs,
         )
-        return ValidRequest(tuple(prompt), params, raw.client_tag)
-
-    def _check_sampling(self, s: RawSampling, names: FieldNames) -> None:
-        lim = self.limits
-        if s.temperature is not None and not (math.isfinite(s.temperature) and s.temperature >= 0):
-            raise InvalidRequest(
-                names.temperature, f"must be a finite number >= 0, got {s.temperature}"
+        try:
+            params.validate(
+                self.encoder.vocab_size,
+                max_stop_strings=lim.max_stop_strings,
+                max_logprobs=lim.max_logprobs,
+                max_stop_string_chars=lim.max_stop_string_chars,
+                max_stop_token_ids=lim.max_stop_token_ids,
             )
-        if s.top_p is not None and not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
-            raise InvalidRequest(names.top_p, f"must be in (0, 1], got {s.top_p}")
-        if s.top_k is not None and s.top_k < -1:
-            raise InvalidRequest(names.top_k, f"must be -1 or 0 (off) or >= 1, got {s.top_k}")
-        if s.max_tokens is not None and s.max_tokens < 1:
-            raise InvalidRequest(names.max_tokens, f"must be >= 1, got {s.max_tokens}")
-        if len(s.stop) > lim.max_stop_strings:
-            raise InvalidRequest(
-                names.stop, f"at most {lim.max_stop_strings} stop strings, got {len(s.stop)}"
-            )
-        for i, stop in enumerate(s.stop):
-            if not 1 <= len(stop) <= lim.max_stop_string_chars:
-                raise InvalidRequest(
-                    f"{names.stop}[{i}]", f"must be 1..{lim.max_stop_string_chars} characters"
-                )
-        if len(s.stop_token_ids) > lim.max_stop_token_ids:
-            raise InvalidRequest(names.stop_token_ids, f"at most {lim.max_stop_token_ids} ids")
-        vocab = self.encoder.vocab_size
-        for i, tok in enumerate(s.stop_token_ids):
-            if not 0 <= tok < vocab:
-                raise InvalidRequest(
-                    f"{names.stop_token_ids}[{i}]", f"{tok} is outside [0, {vocab})"
-                )
-        if s.seed is not None and not 0 <= s.seed < 2**63:
-            raise InvalidRequest(names.seed, f"must be in [0, 2**63), got {s.seed}")
-        if s.logprobs is not None and not 0 <= s.logprobs <= lim.max_logprobs:
-            raise InvalidRequest(
-                names.logprobs, f"must be in [0, {lim.max_logprobs}], got {s.logprobs}"
-            )
+        except SamplingError as e:
+            raise InvalidRequest(names.of(e.field), e.message) from None
+        return params
 
     def _tokenize(self, raw: RawRequest, names: FieldNames) -> tuple[list[int], str]:
         lim = self.limits

@@ -31,10 +31,10 @@ from cluster.client import Client
 from cluster.config import ClusterConfig
 from cluster.config_file import load_config
 from cluster.redis_server import RedisServer
-from cluster.registry import Registry, connect
-from decode_worker.messages import WorkerState
 from engine import LLM, SamplingParams
+from registry import Registry, connect
 from router.pinning import PIN_KWARG
+from worker.messages import WorkerState
 
 START_TIMEOUT_S = 180.0
 MAX_TOKENS = 12

@@ -41,6 +41,7 @@ from cluster.k8s.serve_config import pod_config
 from cluster.k8s.services import client_services, namespace
 from cluster.k8s.settings import DNS_LABEL
 from engine.model_source import DEFAULT_MODEL
+from kv_transfer.transport import TransportKind
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def check(config: ClusterConfig) -> None:
             "redis.url: on Kubernetes the project's Redis is kubernetes.redis (in_cluster, or "
             "external with the URL in a Secret); unset redis.url (--set redis.url=null)"
         )
-    if config.prefill_pool is not None and config.kv_transfer.transport == "shm":
+    if config.prefill_pool is not None and config.kv_transfer.transport is TransportKind.SHM:
         raise RenderError(
             "kv_transfer.transport: shm needs prefill and decode on one host, but each pool "
             "runs in pods of its own worker group; use torch_dist"

@@ -23,12 +23,13 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _pdserve(
-    args: list[str], env: dict[str, str], timeout_s: float = 60
+    args: list[str], env: dict[str, str], timeout_s: float = 60, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args],
         cwd=REPO,
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -139,10 +140,15 @@ def test_up_status_generate_chat_down(
         assert gen.stdout == want.text + "\n"
         assert "ttft" in gen.stderr and "colocated" in gen.stderr
 
-        chat = _pdserve(
-            ["chat", "Hi!", "--system", "Be brief.", "--name", name, "--max-tokens", "4"], env
-        )
+        chat_args = ["--system", "Be brief.", "--name", name, "--max-tokens", "4"]
+        chat_args += ["--temperature", "0"]
+        chat = _pdserve(["chat", "Hi!", *chat_args], env)
         assert chat.returncode == 0, chat.stderr
+        # no message: a conversation on stdin, whose first turn is the same greedy reply
+        talk = _pdserve(["chat", *chat_args], env, stdin="Hi!\n\nAnd you?\n/exit\nnot sent\n")
+        assert talk.returncode == 0, talk.stderr
+        assert talk.stdout.startswith(chat.stdout) and talk.stdout != chat.stdout
+        assert talk.stdout.endswith("\n") and "pdserve:" not in talk.stderr
     finally:
         down = _pdserve(["down", "--name", name], env, timeout_s=180)
     assert down.returncode == 0, down.stdout + down.stderr

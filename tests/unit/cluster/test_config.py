@@ -13,16 +13,16 @@ from ray import serve
 from cluster.builder import build_app, check_against_model, router_settings, worker_settings
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
-from decode_worker.messages import PoolRole
-from decode_worker.runtime import engine_config
 from engine.kv_cache import KVCacheLayout
+from kv_transfer.transport import TransportKind
+from registry import Role
 
 
 def test_defaults_are_the_laptop_setup() -> None:
     c = load_config()
     assert [(p.name, p.role, p.replicas, p.tp, p.pp) for p in c.pools] == [
-        ("prefill", PoolRole.PREFILL, 1, 1, 1),
-        ("decode", PoolRole.DECODE, 1, 1, 1),
+        ("prefill", Role.PREFILL, 1, 1, 1),
+        ("decode", Role.DECODE, 1, 1, 1),
     ]
     assert (
         c.model.source == "smollm2-135m-instruct" and c.model.served_id == "smollm2-135m-instruct"
@@ -170,17 +170,19 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
     )
     ws = worker_settings(c, c.pools[1], str(tiny_model_dir), "redis://127.0.0.1:1/0")
     assert (ws.rank_timeout_s, ws.rank_start_timeout_s) == (15.0, 120.0)
-    assert engine_config(ws).cpu_linear == "onednn"
-    assert worker_settings(c, c.pools[0], str(tiny_model_dir), "r").cpu_linear == "auto"
+    assert ws.engine.cpu_linear == "onednn"
+    assert worker_settings(c, c.pools[0], str(tiny_model_dir), "r").engine.cpu_linear == "auto"
     with pytest.raises(ConfigError, match="cpu_linear"):
         _tiny(tiny_model_dir, "pools.decode.engine.cpu_linear=fast")
-    assert (ws.pool, ws.role, ws.max_model_len, ws.kv_cache_bytes, ws.transport) == (
+    e = ws.engine
+    assert (ws.pool, ws.role, e.max_model_len, e.kv_cache_bytes, ws.transport) == (
         "decode",
-        PoolRole.DECODE,
+        Role.DECODE,
         256,
         4 << 20,
-        "shm",
+        TransportKind.SHM,
     )
+    assert (e.model, e.tp, e.pp, e.block_size) == (str(tiny_model_dir), 1, 1, 16)
     assert ws.faults == ()
     drill = _tiny(tiny_model_dir, "kv_transfer.faults=[{kind: corrupt, after: 2}]")
     (fault,) = worker_settings(drill, drill.pools[0], str(tiny_model_dir), "redis://x").faults

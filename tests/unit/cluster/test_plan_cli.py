@@ -13,10 +13,10 @@ from cluster.cli import main
 from cluster.config import ConfigError
 from cluster.config_file import load_config
 from cluster.plan_cli import layout_config, write_config
-from decode_worker.messages import PoolRole
 from planner import distserve
 from planner.layout import Layout, PoolShape
 from planner.profile import Profile
+from registry.types import Role
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_plan_writes_a_config_up_accepts(
     config = load_config(out)
     assert config.name == "planned" and config.router.max_inflight_requests == 99
     roles = {p.role: p.replicas for p in config.pools}
-    assert roles == {PoolRole.PREFILL: 1, PoolRole.DECODE: 1}
+    assert roles == {Role.PREFILL: 1, Role.DECODE: 1}
     assert config.router.disaggregation_threshold == 0
     assert out.read_text().startswith("# pdserve plan: 1P1D")
     assert main(["render", "k8s", "-c", str(out), "--out", str(tmp_path / "k8s")]) == 0
@@ -58,7 +58,7 @@ def test_colocated_layout_and_shapes_become_pools(tmp_path: Path) -> None:
     data = layout_config(Layout(PoolShape(3, tp=2)), base, None)
     config = write_config(tmp_path / "c.yaml", yaml.safe_dump(data))
     (pool,) = config.pools
-    assert (pool.role, pool.replicas, pool.tp, pool.pp) == (PoolRole.COLOCATED, 3, 2, 1)
+    assert (pool.role, pool.replicas, pool.tp, pool.pp) == (Role.COLOCATED, 3, 2, 1)
     assert pool.resources_per_rank == {"GPU": 1.0, "CPU": 2.0}
     data = layout_config(Layout(PoolShape(2), PoolShape(1, pp=2), threshold=128), base, None)
     config = write_config(tmp_path / "d.yaml", yaml.safe_dump(data))

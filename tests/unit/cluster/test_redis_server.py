@@ -225,7 +225,7 @@ def test_rediss_url_reaches_redis_py_as_tls() -> None:
     the credentials and redis-py's TLS options from the URL."""
     from redis.connection import SSLConnection
 
-    from cluster.registry import connect
+    from registry import connect
 
     client = connect("rediss://user:s3cret@redis.example:6380/2?ssl_cert_reqs=required")
     try:

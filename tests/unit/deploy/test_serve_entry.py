@@ -82,4 +82,4 @@ def test_builds_the_app_of_the_rendered_example(
         assert settings.cluster == "pdserve.pdserve-raycluster-x7k2p"
         assert settings.transfer_secret == ENV["PDSERVE_KV_TRANSFER_SECRET"]
         assert settings.transfer_secret not in repr(settings)
-        assert Path(settings.model_dir) == smollm2_dir
+        assert Path(settings.engine.model) == smollm2_dir

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-import time
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from engine import SamplingParams
 from engine.config import ModelConfig
-from engine.model_source import load_state_dict, resolve_model
+from engine.model_source import (
+    _packaged_gguf,
+    converted_dir,
+    load_state_dict,
+    resolve_model,
+)
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -18,8 +25,6 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 def test_gguf_conversion_equals_transformers_gguf_loader(smollm2_dir) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    from engine.model_source import _packaged_gguf
 
     ref_model = LlamaForCausalLM(LlamaConfig.from_pretrained(str(smollm2_dir)))
     ref = load_gguf_checkpoint(
@@ -33,14 +38,40 @@ def test_gguf_conversion_equals_transformers_gguf_loader(smollm2_dir) -> None:
 
 def test_converted_cache_is_reused(smollm2_dir) -> None:
     before = os.stat(smollm2_dir / "model.safetensors").st_mtime_ns
-    t0 = time.monotonic()
     again = resolve_model("smollm2-135m-instruct")
     assert again == smollm2_dir
-    assert os.stat(again / "model.safetensors").st_mtime_ns == before
-    assert time.monotonic() - t0 < 5  # no second conversion (which takes ~15 s)
+    assert os.stat(again / "model.safetensors").st_mtime_ns == before  # not converted again
     cfg = ModelConfig.from_dir(again)
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 9, 3, 64)
     assert cfg.tie_word_embeddings and cfg.rope.theta == 100000.0
+
+
+def test_another_copy_of_the_gguf_reuses_the_conversion(smollm2_dir, tmp_path) -> None:
+    """A second clone (another virtualenv, another path, another mtime) finds the same
+    cache entry, since the key is the file's content."""
+    copy = tmp_path / "elsewhere" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(_packaged_gguf("smollm2-135m-instruct"), copy)
+    before = os.stat(smollm2_dir / "model.safetensors").st_mtime_ns
+    assert resolve_model(str(copy)) == smollm2_dir
+    assert os.stat(smollm2_dir / "model.safetensors").st_mtime_ns == before
+
+
+def test_the_cache_key_is_the_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path, mtime in ((a, 1_000_000_000), (b, 2_000_000_000)):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF same bytes")
+        os.utime(path, ns=(mtime, mtime))
+    assert converted_dir(a) == converted_dir(b)
+    records = sorted((tmp_path / "cache" / "digests").iterdir())
+    digest = hashlib.sha256(b"GGUF same bytes").hexdigest()
+    assert len(records) == 2 and {r.read_text() for r in records} == {digest}
+    assert converted_dir(a).name == f"m-{digest[:16]}"
+    b.write_bytes(b"GGUF other bytes")
+    os.utime(b, ns=(3_000_000_000, 3_000_000_000))
+    assert converted_dir(b) != converted_dir(a)
 
 
 def test_unknown_model_is_a_clear_error(tmp_path) -> None:

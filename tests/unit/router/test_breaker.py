@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from decode_worker.engine_loop import EngineStopped
 from router.breaker import CircuitBreaker, is_instance_failure
 from router.pinning import PinnedReplicaUnavailable
+from worker.engine_loop import EngineStopped
 
 
 class Clock:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from cluster.redis_server import RedisServer
-from cluster.registry import InstanceInfo, LoadReport, PrefixOp, Registry, Role, connect
+from registry import InstanceInfo, LoadReport, PrefixOp, Registry, Role, connect
 from router.admission import Admission
 from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView

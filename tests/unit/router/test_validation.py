@@ -3,11 +3,15 @@ requests become the engine's SamplingParams with the engine's defaults."""
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from engine import SamplingParams
+from engine.sampling import SamplingError
 from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.tokenization import PromptEncoder
 from router.validation import (
@@ -108,6 +112,51 @@ def test_bad_field_is_named(validator: RequestValidator, raw: RawRequest, field:
         validator.validate(raw, PROTO_FIELDS)
     assert err.value.field == field
     assert str(err.value).startswith(field + ": ")
+
+
+SAMPLING_CASES = [
+    RawSampling(temperature=float("inf")),
+    RawSampling(temperature=-0.5),
+    RawSampling(top_p=0.0),
+    RawSampling(top_k=-3),
+    RawSampling(max_tokens=0),
+    RawSampling(stop=("s",) * 17),
+    RawSampling(stop=("ok", "")),
+    RawSampling(stop_token_ids=(1,) * 65),
+    RawSampling(stop_token_ids=(1, 10**6)),
+    RawSampling(seed=-1),
+    RawSampling(logprobs=21),
+]
+
+
+@pytest.mark.parametrize("raw", SAMPLING_CASES)
+def test_the_router_and_the_engine_apply_one_sampling_rule(
+    validator: RequestValidator, raw: RawSampling
+) -> None:
+    """The router's error is the engine's, under the protocol's field name."""
+    given = {k: v for k, v in dataclasses.asdict(raw).items() if v not in (None, ())}
+    params = SamplingParams(**{k: list(v) if isinstance(v, tuple) else v for k, v in given.items()})
+    with pytest.raises(SamplingError) as engine_err:
+        params.validate(validator.encoder.vocab_size)
+    with pytest.raises(InvalidRequest) as router_err:
+        validator.validate(RawRequest(prompt="a", sampling=raw), OPENAI_FIELDS)
+    assert router_err.value.field == engine_err.value.field  # OpenAI's names are the engine's
+    assert router_err.value.message == engine_err.value.message
+    with pytest.raises(InvalidRequest) as proto_err:
+        validator.validate(RawRequest(prompt="a", sampling=raw), PROTO_FIELDS)
+    assert proto_err.value.field == "sampling." + engine_err.value.field
+    assert proto_err.value.message == engine_err.value.message
+
+
+def test_a_sampling_error_names_the_element_and_survives_pickling() -> None:
+    with pytest.raises(SamplingError) as err:
+        SamplingParams(stop=["a", "b", ""]).validate(100)
+    assert (err.value.field, str(err.value)) == ("stop[2]", "stop[2]: must be 1..256 characters")
+    again = pickle.loads(pickle.dumps(err.value))
+    assert isinstance(again, ValueError) and (again.field, again.message) == (
+        err.value.field,
+        err.value.message,
+    )
 
 
 def test_openai_names(validator: RequestValidator) -> None:

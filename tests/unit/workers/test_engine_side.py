@@ -15,8 +15,6 @@ from typing import TypeVar
 import pytest
 
 from decode_worker.chunks import ChunkBuilder
-from decode_worker.engine_loop import EngineLoop, EngineStopped
-from decode_worker.messages import PrefillOutcome, RemotePrefillPlan, TokenChunk, WorkerRequest
 from decode_worker.remote_prefill import RemotePrefills
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.block_pins import BlockPins
@@ -26,6 +24,14 @@ from kv_transfer.fake import FakeFabric
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender
+from worker.engine_loop import EngineLoop, EngineStopped
+from worker.messages import (
+    FallbackReason,
+    PrefillOutcome,
+    RemotePrefillPlan,
+    TokenChunk,
+    WorkerRequest,
+)
 
 T = TypeVar("T")
 MAX_TOKENS = 10
@@ -387,6 +393,7 @@ def test_failed_prefill_falls_back_to_local_compute(pair: Pair, reference: LLM) 
     final = chunks[-1].final
     assert final is not None and not final.disaggregated
     assert final.fallback_reason == "prefill failed: boom"
+    assert final.fallback is FallbackReason.PREFILL_FAILED
     assert pair.decode.engine.num_remote_prefill_fallbacks == 1
     pair.assert_clean()
 
@@ -397,6 +404,7 @@ def test_transfer_that_never_comes_times_out_and_falls_back(pair: Pair, referenc
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
     final = chunks[-1].final
     assert final is not None and final.fallback_reason.startswith("transfer failed: timed out")
+    assert final.fallback is FallbackReason.TRANSFER_FAILED
     assert pair.remote.transfer_failures == 1
     pair.assert_clean()
 

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from cluster.redis_server import RedisServer
-from cluster.registry import InstanceInfo, LoadReport, Registry, Role, connect
-from decode_worker.presence import Presence
 from engine.block_pool import CacheEvent
+from registry import InstanceInfo, LoadReport, Registry, Role, connect
+from worker.presence import Presence
 
 
 @pytest.fixture(scope="module")

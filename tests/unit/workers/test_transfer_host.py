@@ -6,7 +6,7 @@ import ipaddress
 
 from ray.util import get_node_ip_address
 
-from decode_worker.runtime import transfer_host
+from worker.runtime import transfer_host
 
 
 def test_a_configured_host_is_used_as_is() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cluster.registry.types import NAME_PATTERN
+from registry.types import NAME_PATTERN
 
 ROOT = "pdserve"
 

@@ -8,7 +8,7 @@ this replica.
 
 Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads pinned
 to the pool's CPU share) and the loop; with tp x pp > 1 it first starts the replica's
-other ranks (`decode_worker.ranks.RemoteRanks`) and runs the engine as rank 0.
+other ranks (`worker.ranks.RemoteRanks`) and runs the engine as rank 0.
 `start()` starts the engine thread, then registers; `stop()` deregisters first (the
 router stops sending here), then stops the engine thread and the other ranks.
 """
@@ -18,42 +18,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from cluster.registry import InstanceInfo, Registry, Role, connect
-from decode_worker.engine_loop import EngineLoop
-from decode_worker.kv_roles import transfer_host
-from decode_worker.messages import PoolRole, WorkerSettings
-from decode_worker.presence import Presence
-from decode_worker.ranks import RemoteRanks
-from engine import EngineConfig, LLMEngine
+from engine import LLMEngine
 from engine.forward_hooks import LayerHook
 from engine.llm_engine import KVStorage
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RedisRendezvous
+from registry import InstanceInfo, Registry, connect
+from worker.engine_loop import EngineLoop
+from worker.errors import InstanceUnavailable
+from worker.kv_roles import transfer_host
+from worker.messages import WorkerSettings
+from worker.presence import Presence
+from worker.ranks import RemoteRanks
 
 logger = logging.getLogger(__name__)
 
 
-def engine_config(s: WorkerSettings) -> EngineConfig:
-    return EngineConfig(
-        model=s.model_dir,
-        dtype=s.dtype,
-        device=s.device,
-        block_size=s.block_size,
-        kv_cache_bytes=s.kv_cache_bytes,
-        max_num_batched_tokens=s.max_num_batched_tokens,
-        max_num_seqs=s.max_num_seqs,
-        max_model_len=s.max_model_len,
-        num_threads=s.num_threads,
-        enable_prefix_caching=s.enable_prefix_caching,
-        cpu_linear=s.cpu_linear,
-        max_stop_strings=s.max_stop_strings,
-        max_logprobs=s.max_logprobs,
-        tp=s.tp,
-        pp=s.pp,
-    )
-
-
-__all__ = ["WorkerRuntime", "engine_config", "replica_unique_id", "transfer_host"]
+__all__ = ["WorkerRuntime", "replica_unique_id", "transfer_host"]
 
 
 def replica_unique_id() -> str:
@@ -82,11 +63,11 @@ class WorkerRuntime:
         info = InstanceInfo(
             instance_id=self.instance_id,
             pool=settings.pool,
-            role=Role.PREFILL if settings.role is PoolRole.PREFILL else Role.DECODE,
+            role=settings.role.routing_role,
             address=replica_id,
-            tp=settings.tp,
-            pp=settings.pp,
-            block_size=settings.block_size,
+            tp=settings.engine.tp,
+            pp=settings.engine.pp,
+            block_size=settings.engine.block_size,
         )
         self.presence = Presence(
             self.registry,
@@ -94,12 +75,11 @@ class WorkerRuntime:
             lambda: self.loop.load_report(),
             interval_s=settings.load_report_interval_s,
         )
-        config = engine_config(settings)
+        config = settings.engine
         self.ranks: RemoteRanks | None = None
-        if settings.tp * settings.pp > 1:
+        if config.tp * config.pp > 1:
             self.ranks = RemoteRanks(
                 settings,
-                config,
                 self.instance_id,
                 transfer_host(settings.transfer_host),
                 settings.rank_resources,
@@ -141,4 +121,4 @@ class WorkerRuntime:
     def check_pin(self, replica: str | None) -> None:
         """A pinned call must have reached the replica it named."""
         if replica is not None and replica != self.replica_id:
-            raise RuntimeError(f"call pinned to replica {replica} reached {self.replica_id}")
+            raise InstanceUnavailable(f"call pinned to replica {replica} reached {self.replica_id}")

@@ -5,12 +5,12 @@ and `keys.py` for the key layout.
 
 from __future__ import annotations
 
-from cluster.registry.client import connect
-from cluster.registry.heartbeat import Heartbeat
-from cluster.registry.keys import Keyspace
-from cluster.registry.prefix_index import PrefixEventGap, PrefixEventReader, PrefixIndex
-from cluster.registry.registry import Registry
-from cluster.registry.types import (
+from registry.client import connect
+from registry.heartbeat import Heartbeat
+from registry.keys import Keyspace
+from registry.prefix_index import PrefixEventGap, PrefixEventReader, PrefixIndex
+from registry.registry import Registry
+from registry.types import (
     InstanceInfo,
     LoadReport,
     PrefixEvent,

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from cluster.registry import (
+from engine.block_hash import chain_hashes
+from registry import (
     InstanceInfo,
     PrefixEvent,
     PrefixEventGap,
@@ -16,7 +17,6 @@ from cluster.registry import (
     Registry,
     Role,
 )
-from engine.block_hash import chain_hashes
 
 Clean = Callable[[Registry], None]
 BLOCK = 4

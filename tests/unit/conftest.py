@@ -1,4 +1,4 @@
-"""Fixtures for cluster tests: one real redis-server per session, and per test a client
+"""Fixtures for tests that need Redis: one real redis-server per session, and per test a client
 and a `Registry` on a cluster name of its own, checked clean at the end."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from cluster.redis_server import RedisServer
-from cluster.registry import Registry, connect
+from registry import Registry, connect
 
 RegistryFactory = Callable[..., Registry]
 

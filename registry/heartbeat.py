@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from cluster.registry.types import InstanceInfo, LoadReport
+from registry.types import InstanceInfo, LoadReport
 
 if TYPE_CHECKING:
-    from cluster.registry.registry import Registry
+    from registry.registry import Registry
 
 logger = logging.getLogger(__name__)
 

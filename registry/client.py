@@ -50,7 +50,7 @@ def require_timeout(client: redis.Redis) -> float:
     timeout = socket_timeout_of(client)
     if timeout is None or timeout <= 0:
         raise ValueError(
-            "the registry needs a Redis client with a socket timeout; use cluster.registry.connect"
+            "the registry needs a Redis client with a socket timeout; use registry.connect"
         )
     return timeout
 

@@ -1,6 +1,5 @@
 """The engine thread: one thread owns an `LLMEngine`; asyncio code talks to it through
-commands and per-request output streams. Every pool's replica runs one (the prefill
-worker reuses this module).
+commands and per-request output streams. Every pool's replica runs one.
 
 Lifecycle:
 
@@ -33,8 +32,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from cluster.registry import LoadReport
 from engine import LLMEngine, RequestOutput
+from registry import LoadReport
+from worker.errors import InstanceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ T = TypeVar("T")
 Command = Callable[[], None]
 
 
-class EngineStopped(RuntimeError):
+class EngineStopped(InstanceUnavailable):
     """The engine loop stopped or failed; no more outputs will come."""
 
 

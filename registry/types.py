@@ -27,8 +27,18 @@ _CONFIG = ConfigDict(strict=True, extra="ignore")
 
 
 class Role(StrEnum):
-    PREFILL = "prefill"
-    DECODE = "decode"
+    """What a pool does, and so each of its instances. In the registry an instance
+    records the requests it takes: a colocated instance takes decode requests, so it
+    registers as DECODE (`routing_role`)."""
+
+    PREFILL = "prefill"  # computes prompts and pushes their KV to a decode instance
+    DECODE = "decode"  # receives KV from a prefill pool; prefills short prompts itself
+    COLOCATED = "colocated"  # prefills every prompt itself
+
+    @property
+    def routing_role(self) -> Role:
+        """The role an instance of this pool registers under."""
+        return Role.PREFILL if self is Role.PREFILL else Role.DECODE
 
 
 @dataclass(frozen=True, config=_CONFIG)

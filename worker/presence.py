@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from cluster.registry import Heartbeat, InstanceInfo, LoadReport, PrefixOp, Registry
 from engine.block_pool import CacheEvent
+from registry import Heartbeat, InstanceInfo, LoadReport, PrefixOp, Registry
 
 logger = logging.getLogger(__name__)
 

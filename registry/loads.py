@@ -13,9 +13,9 @@ from collections.abc import Iterable
 import redis
 from pydantic import ValidationError
 
-from cluster.registry.client import text
-from cluster.registry.keys import Keyspace
-from cluster.registry.types import LOAD_CODEC, LoadReport
+from registry.client import text
+from registry.keys import Keyspace
+from registry.types import LOAD_CODEC, LoadReport
 
 logger = logging.getLogger(__name__)
 

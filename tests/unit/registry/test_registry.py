@@ -11,7 +11,7 @@ import redis
 from pydantic import ValidationError
 
 from cluster.redis_server import RedisServer
-from cluster.registry import (
+from registry import (
     InstanceInfo,
     Keyspace,
     LoadReport,

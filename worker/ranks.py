@@ -19,7 +19,7 @@ Lifecycle:
                                      the transfer is sent once every rank reports DONE;
                                      rank 0's block pins cover every rank's sources,
                                      until no rank's sender reads them
-                            decode   `RankedReceiver` expects the transfer on every
+                            decode   `decode_worker.ranked_receiver` expects the transfer on every
                                      rank; it is DONE once every rank's receiver is
     close()               after rank 0's engine broadcast STOP: each actor's thread ends,
                           its role objects close, and the actors are killed
@@ -33,21 +33,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from cluster.registry import connect
-from decode_worker.kv_roles import (
-    local_rank,
-    receiver_endpoint,
-    sender_connector,
-    transfer_host,
-)
-from decode_worker.messages import PoolRole, WorkerSettings
-from engine.config import EngineConfig
 from engine.forward_hooks import ScheduledChunk
 from engine.parallel.comm import RankGroups, StoreAddress, serve_store
 from engine.parallel.layout import ParallelLayout
@@ -68,11 +58,19 @@ from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import RedisRendezvous
 from kv_transfer.sender import KVSender
 from kv_transfer.shm import ShmKVStorage
+from kv_transfer.transport import TransportKind
+from registry import Role, connect
+from worker.kv_roles import (
+    local_rank,
+    receiver_endpoint,
+    sender_connector,
+    transfer_host,
+)
+from worker.messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 30.0  # one round of calls to every actor
-_HISTORY = 4096  # terminal statuses kept for poll()
 
 
 class _HeldByRankZero:
@@ -127,7 +125,6 @@ class RankActor:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine_config: EngineConfig,
         instance_id: str,
         rank: int,
         store: StoreAddress,
@@ -135,11 +132,11 @@ class RankActor:
         host = transfer_host(settings.transfer_host)  # this actor's node, for "auto"
         self._storage = (
             ShmKVStorage()
-            if settings.transport == "shm" and settings.role is PoolRole.DECODE
+            if settings.transport is TransportKind.SHM and settings.role is Role.DECODE
             else None
         )
         self._worker = RankWorker(
-            engine_config,
+            settings.engine,
             rank,
             store,
             settings.rank_timeout_s,
@@ -155,18 +152,18 @@ class RankActor:
         self._hook: _LockedHook | None = None
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
-        if settings.role is PoolRole.PREFILL:
+        if settings.role is Role.PREFILL:
             self._sender = KVSender(
                 me, self._worker.kv, geometry, sender_connector(settings, rendezvous, host)
             )
             hook = SendHook(
-                settings.block_size,
+                settings.engine.block_size,
                 self._sender,
                 self._worker.layer_offset,
                 pins=_HeldByRankZero(),
             )
             self._hook = _LockedHook(hook)
-        elif settings.role is PoolRole.DECODE:
+        elif settings.role is Role.DECODE:
             segment = self._storage.segment if self._storage is not None else None
             endpoint = receiver_endpoint(settings, rendezvous, host, segment, geometry)
             self._receiver = KVReceiver(me, self._worker.kv, geometry, endpoint)
@@ -240,7 +237,6 @@ class RemoteRanks:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine_config: EngineConfig,
         instance_id: str,
         host: str,
         resources: dict[str, float],
@@ -249,7 +245,8 @@ class RemoteRanks:
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        world = settings.tp * settings.pp
+        engine_config = settings.engine
+        world = engine_config.tp * engine_config.pp
         setup_s = max(settings.rank_start_timeout_s, settings.rank_timeout_s)
         self._store, address = serve_store(setup_s, host)
         pg = get_current_placement_group()
@@ -272,13 +269,11 @@ class RemoteRanks:
                     placement_group=pg, placement_group_bundle_index=rank
                 )
             self.actors.append(
-                actor_cls.options(name=None, **options).remote(
-                    settings, engine_config, instance_id, rank, address
-                )
+                actor_cls.options(name=None, **options).remote(settings, instance_id, rank, address)
             )
         try:
             self.groups = RankGroups(
-                ParallelLayout(settings.tp, settings.pp, 0),
+                ParallelLayout(engine_config.tp, engine_config.pp, 0),
                 self._store,
                 torch.device(engine_config.device),
                 settings.rank_timeout_s,
@@ -337,105 +332,3 @@ def combine(statuses: Sequence[TransferStatus]) -> TransferStatus:
     if any(s.state is not TransferState.PENDING for s in statuses):
         return TRANSFERRING
     return PENDING
-
-
-class RankedReceiver:
-    """A `TransferReceiver` over rank 0's receiver and every other rank's.
-
-    `expect` and `abort` reach every rank before they return (abort's guarantee, that
-    no write lands afterwards, must hold on every rank). `poll` never waits: a thread
-    polls the other ranks for the transfers in flight, and `poll` combines rank 0's
-    live status with their last reports.
-    """
-
-    def __init__(self, local: KVReceiver, ranks: RemoteRanks, interval_s: float = 0.002) -> None:
-        self._local, self._ranks, self._interval = local, ranks, interval_s
-        self._lock = threading.Lock()
-        self._remote: dict[str, TransferStatus] = {}  # in flight on the other ranks
-        self._ended: OrderedDict[str, TransferStatus] = OrderedDict()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="rank-poller", daemon=True)
-        self._thread.start()
-
-    @property
-    def endpoint(self) -> Any:
-        return self._local.endpoint
-
-    def expect(self, spec: RecvSpec) -> None:
-        self._local.expect(spec)
-        try:
-            self._ranks.call("expect", spec)
-        except Exception as e:
-            self._local.abort(spec.transfer_id, "another rank cannot expect it")
-            self._ranks.send("abort_recv", spec.transfer_id, "another rank cannot expect it")
-            raise RuntimeError(f"the other ranks cannot expect the transfer: {e}") from e
-        with self._lock:
-            self._remote[spec.transfer_id] = PENDING
-
-    def poll(self, transfer_id: str) -> TransferStatus:
-        """DONE once every rank is; FAILED as soon as one rank is, and then the transfer
-        is aborted on every rank first (a caller that recomputes the prompt into the
-        same blocks must not see a late write on any rank)."""
-        local = self._local.poll(transfer_id)
-        with self._lock:
-            remote = self._remote.get(transfer_id)
-            ended = self._ended.get(transfer_id)
-        if remote is None and ended is None:
-            return local
-        others = remote if remote is not None else ended
-        assert others is not None
-        status = combine([local, others])
-        if status.state is TransferState.FAILED:
-            reason = status.reason or "failed on another rank"
-            if remote is not None:
-                self.abort(transfer_id, reason)
-            elif not local.terminal:
-                self._local.abort(transfer_id, reason)
-        return status
-
-    def abort(self, transfer_id: str, reason: str = "aborted") -> None:
-        self._local.abort(transfer_id, reason)
-        try:
-            self._ranks.call("abort_recv", transfer_id, reason)
-        except Exception:
-            logger.exception("aborting %s on the other ranks", transfer_id)
-        self._end(transfer_id, failed(reason))
-
-    @property
-    def num_active(self) -> int:
-        with self._lock:
-            return self._local.num_active + len(self._remote)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-        self._local.close()
-
-    def _end(self, transfer_id: str, status: TransferStatus) -> None:
-        with self._lock:
-            self._remote.pop(transfer_id, None)
-            self._ended[transfer_id] = status
-            while len(self._ended) > _HISTORY:
-                self._ended.popitem(last=False)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self._interval):
-            with self._lock:
-                ids = list(self._remote)
-            if not ids:
-                continue
-            try:
-                per_rank = self._ranks.call("poll", ids, timeout_s=10.0)
-            except Exception as e:
-                logger.warning("polling the other ranks failed: %s", e)
-                for t in ids:
-                    self._end(t, failed(f"another rank is unreachable: {e}"))
-                continue
-            for i, t in enumerate(ids):
-                status = combine([r[i] for r in per_rank])
-                if status.terminal:
-                    self._end(t, status)
-                else:
-                    with self._lock:
-                        if t in self._remote:
-                            self._remote[t] = status

@@ -14,7 +14,7 @@ Lifecycle of an instance, as the registry sees it:
    deletes its leftovers and publishes the CLEAR event.
 
 All keys live under `pdserve:<cluster>:` (see `keys.py`). Every call is bounded by
-the client's socket timeout; build clients with `cluster.registry.connect`.
+the client's socket timeout; build clients with `registry.connect`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 import redis
 from pydantic import ValidationError
 
-from cluster.registry.client import require_timeout, text
-from cluster.registry.heartbeat import Heartbeat
-from cluster.registry.keys import Keyspace
-from cluster.registry.loads import LoadStore
-from cluster.registry.prefix_index import PrefixEventReader, PrefixIndex
-from cluster.registry.types import INSTANCE_CODEC, InstanceInfo, LoadReport, PrefixOp
+from registry.client import require_timeout, text
+from registry.heartbeat import Heartbeat
+from registry.keys import Keyspace
+from registry.loads import LoadStore
+from registry.prefix_index import PrefixEventReader, PrefixIndex
+from registry.types import INSTANCE_CODEC, InstanceInfo, LoadReport, PrefixOp
 
 logger = logging.getLogger(__name__)
 

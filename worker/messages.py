@@ -15,50 +15,43 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from engine import SamplingParams, TokenLogprob
-from engine.config import CpuLinearKind
+from engine.config import EngineConfig
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
+from kv_transfer.transport import TransportKind
+from registry.types import Role
 
 
-class PoolRole(StrEnum):
-    PREFILL = "prefill"
-    DECODE = "decode"  # receives KV from a prefill pool; prefills short prompts itself
-    COLOCATED = "colocated"  # prefills every prompt itself
+class FallbackReason(StrEnum):
+    """Why a request planned for a remote prefill was prefilled on the decode instance.
+    The value is the label of the router's fallback metric."""
+
+    DECODE_FULL = "decode_full"  # no free blocks or transfer slot for the transfer
+    TRANSFER_FAILED = "transfer"  # the KV transfer failed or timed out
+    PREFILL_FAILED = "prefill"  # the prefill instance failed or rejected the prompt
+    FIRST_TOKEN_LATE = "first_token_late"  # no first token from the prefill in time
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Everything a pool's replica needs, resolved by the cluster builder."""
+    """Everything a pool's replica needs, resolved by the cluster builder: its engine's
+    config (`engine`, validated when built) and how the replica joins the cluster."""
 
     cluster: str
     pool: str
-    role: PoolRole
-    model_dir: str
-    dtype: str
-    max_model_len: int
-    block_size: int
-    kv_cache_bytes: int
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    num_threads: int
-    enable_prefix_caching: bool
-    max_stop_strings: int
-    max_logprobs: int
+    role: Role
+    engine: EngineConfig  # model = the resolved model directory; tp/pp = the layout
     redis_url: str
     lease_ttl_s: float
     load_report_interval_s: float
-    transport: str  # torch_dist | shm
+    transport: TransportKind
     transfer_host: str
     transfer_timeout_s: float
-    device: str = "cpu"
-    tp: int = 1
-    pp: int = 1
     # Ray resources of one rank: a TP/PP replica places ranks 1..N-1 with them
     rank_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     rank_timeout_s: float = 60.0  # one collective among the ranks
     rank_start_timeout_s: float = 120.0  # the ranks joining a new replica
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
-    cpu_linear: CpuLinearKind = "auto"  # the engine's CPU matmul backend
     # the cluster secret sealing KV control HELLOs (kv_transfer.auth); None: unsealed
     transfer_secret: str | None = field(default=None, repr=False)
 
@@ -105,6 +98,7 @@ class FinalStats:
     tpot_s: float  # mean time per output token after the first, as the engine made them
     disaggregated: bool  # the prompt's KV came from a prefill instance
     fallback_reason: str = ""  # set when a remote prefill was recomputed locally
+    fallback: FallbackReason | None = None  # the kind of that fallback
 
 
 @dataclass(frozen=True)
@@ -155,7 +149,7 @@ class WorkerState:
 
     instance_id: str
     pool: str
-    role: PoolRole
+    role: Role
     num_requests: int  # requests the engine still holds
     num_streams: int  # open output streams
     free_blocks: int

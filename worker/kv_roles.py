@@ -1,7 +1,7 @@
 """The kv_transfer pieces one rank of a pool's replica uses, built from its settings.
 
 Every rank of a replica, rank 0 in the Serve replica and ranks 1..N-1 in their Ray
-actors (`decode_worker.ranks`), builds its transport the same way:
+actors (`worker.ranks`), builds its transport the same way:
 - a prefill rank: a `Connector` (torch_dist or shm, wrapped in the fault injector when
   the config asks for a drill) for its `KVSender`;
 - a decode rank: an `Endpoint` for its `KVReceiver` (shm needs the rank's KV cache in
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 
-from decode_worker.messages import WorkerSettings
 from kv_transfer.base import LocalRank, Parallelism
 from kv_transfer.faults import FaultyConnector
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.shm import ShmConfig, ShmConnector, ShmEndpoint, ShmSegment
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, TorchDistEndpoint
-from kv_transfer.transport import Connector, Endpoint
+from kv_transfer.transport import Connector, Endpoint, TransportKind
+from worker.messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def transfer_host(configured: str) -> str:
 
 
 def local_rank(settings: WorkerSettings, instance_id: str, rank: int) -> LocalRank:
-    parallel = Parallelism(settings.tp, settings.pp)
+    parallel = Parallelism(settings.engine.tp, settings.engine.pp)
     tp_rank, pp_rank = parallel.coords(rank)
     return LocalRank(instance_id, parallel, tp_rank, pp_rank)
 
@@ -48,7 +48,7 @@ def sender_connector(settings: WorkerSettings, store: RendezvousStore, host: str
     secret = _secret(settings)
     connector: Connector = (
         ShmConnector(store, ShmConfig(secret=secret))
-        if settings.transport == "shm"
+        if settings.transport is TransportKind.SHM
         else TorchDistConnector(store, TorchDistConfig(host=host, secret=secret))
     )
     if settings.faults:
@@ -64,7 +64,7 @@ def receiver_endpoint(
     segment: ShmSegment | None,
     geometry: KVGeometry,
 ) -> Endpoint:
-    if settings.transport == "shm":
+    if settings.transport is TransportKind.SHM:
         if segment is None:
             raise ValueError("the shm transport needs the KV cache in a shared-memory segment")
         return ShmEndpoint(store, segment, geometry, ShmConfig(secret=_secret(settings)))

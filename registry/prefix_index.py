@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import redis
 from redis.typing import EncodableT, FieldT
 
-from cluster.registry.client import require_timeout, text
-from cluster.registry.keys import Keyspace
-from cluster.registry.types import PrefixEvent, PrefixOp, PrefixSnapshot
+from registry.client import require_timeout, text
+from registry.keys import Keyspace
+from registry.types import PrefixEvent, PrefixOp, PrefixSnapshot
 
 logger = logging.getLogger(__name__)
 
