@@ -2,7 +2,8 @@
 until they prove they are alive again.
 
     closed  --trip(address, kind, ..)-> open      a pool call raised a death-like error
-                                                  (`is_instance_failure`), or Serve
+                                                  (`worker_errors.is_instance_failure`),
+                                                  or Serve
                                                   dropped the replica
     open    --probe_due(address, hb)->  probing   its heartbeat (load report) is newer
                                                   than the trip: one probe is started
@@ -26,29 +27,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
-
-# Errors (by class name, up the cause chain) that say the instance itself is gone or
-# unreachable, rather than that the request was bad.
-_FAILURE_NAMES = (
-    "ActorDiedError",
-    "ActorUnavailableError",
-    "RayActorError",
-    "PinnedReplicaUnavailable",
-    "EngineStopped",
-)
-
-
-def is_instance_failure(e: BaseException) -> bool:
-    """Whether a pool call's error means the instance is dead or unreachable."""
-    seen: set[int] = set()
-    err: BaseException | None = e
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if any(type(err).__name__ == name for name in _FAILURE_NAMES):
-            return True
-        cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's error
-        err = cause if isinstance(cause, BaseException) else err.__cause__
-    return False
 
 
 @dataclass

@@ -36,8 +36,9 @@ from registry import (
     Registry,
     Role,
 )
-from router.breaker import CircuitBreaker, is_instance_failure
+from router.breaker import CircuitBreaker
 from router.policy import Candidate
+from router.worker_errors import is_instance_failure
 
 logger = logging.getLogger(__name__)
 

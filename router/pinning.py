@@ -32,6 +32,8 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from worker.errors import InstanceUnavailable
+
 logger = logging.getLogger(__name__)
 
 PIN_KWARG = "replica"
@@ -42,7 +44,7 @@ _GONE_MEMORY_S = 600.0  # how long a dropped replica's id is remembered
 _death_watchers: list[Callable[[str], object]] = []
 
 
-class PinnedReplicaUnavailable(RuntimeError):
+class PinnedReplicaUnavailable(InstanceUnavailable):
     """The replica a call was pinned to is not running: retry on another instance."""
 
     def __init__(self, replica: str, why: str) -> None:

@@ -46,6 +46,20 @@ def cause_of(e: BaseException) -> BaseException:
     return e
 
 
+def is_instance_failure(e: BaseException) -> bool:
+    """Whether a pool call's error says the instance itself is dead or unreachable
+    (rather than that the request was bad or slow), up the chain of causes."""
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, _UNAVAILABLE):
+            return True
+        cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's error
+        err = cause if isinstance(cause, BaseException) else err.__cause__
+    return False
+
+
 def worker_error(e: BaseException, what: str) -> RouterError:
     """`e`, raised by a call to `what` (a pool instance), as a client-facing error."""
     if isinstance(e, RouterError):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from router.breaker import CircuitBreaker, is_instance_failure
+from router.breaker import CircuitBreaker
 from router.pinning import PinnedReplicaUnavailable
+from router.worker_errors import is_instance_failure
 from worker.engine_loop import EngineStopped
 
 
