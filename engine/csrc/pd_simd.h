@@ -61,4 +61,49 @@ static inline pd_vf pd_vadd(pd_vf a, pd_vf b) { return a + b; }
 static inline pd_vf pd_vfma(pd_vf a, pd_vf b, pd_vf c) { return a * b + c; }
 #endif
 
+/* Lanes as int32, for the bit-level steps below (the same bits, reinterpreted by a cast). */
+typedef int32_t pd_vi __attribute__((vector_size(sizeof(pd_vf))));
+
+/* The first w (<= PD_VW) floats at p into a vector whose other lanes are `fill`. */
+static inline pd_vf pd_vload_part(const float *p, int64_t w, float fill) {
+  if (w == PD_VW) return pd_vloadu(p);
+  pd_vf v = pd_vset1(fill);
+  memcpy(&v, p, (size_t)w * sizeof(float));
+  return v;
+}
+
+static inline void pd_vstore_part(float *p, pd_vf v, int64_t w) {
+  if (w == PD_VW)
+    pd_vstoreu(p, v);
+  else
+    memcpy(p, &v, (size_t)w * sizeof(float));
+}
+
+/* exp of each lane, within 1 ulp (measured over [-87, 88]). x = n ln2 + r with
+ * |r| <= ln2/2, exp(r) by a degree-6 polynomial, scaled by 2^n through the exponent
+ * bits. Below -87.3 it returns 2^-126 (about 1.2e-38) where expf would go subnormal;
+ * from 88.38 up, +inf (expf overflows at 88.72). In vector code because the libm call
+ * doesn't vectorize. */
+static inline pd_vf pd_vexp(pd_vf x) {
+  const pd_vf lo = pd_vset1(-87.33654f), hi = pd_vset1(88.72283f);
+  pd_vi m = x < lo;
+  x = (pd_vf)(((pd_vi)x & ~m) | ((pd_vi)lo & m));
+  m = x > hi;
+  x = (pd_vf)(((pd_vi)x & ~m) | ((pd_vi)hi & m));
+  const pd_vf t = x * 1.44269504088896341f + 0.5f;
+  pd_vi n = __builtin_convertvector(t, pd_vi); /* toward zero */
+  n += __builtin_convertvector(n, pd_vf) > t;  /* -1 where that rounded up: floor */
+  const pd_vf nf = __builtin_convertvector(n, pd_vf);
+  pd_vf r = x - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  pd_vf p = pd_vset1(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * (pd_vf)((n + 127) << 23);
+}
+
 #endif
