@@ -141,6 +141,8 @@ class CpuKernels:
         self._pack = self._bind("pd_pack", None, _ptr, _ptr, _i64, _i64)
         self._packed_numel = self._bind("pd_packed_numel", _i64, _i64, _i64)
         self.block_cols = int(self._bind("pd_block_cols", _i64)())
+        # The vector unit the matmul tiles were built for: avx512, avx2 or generic.
+        self.isa = bytes(self._bind("pd_isa", ctypes.c_char_p)()).decode()
         self.max_attention_heads = int(self._bind("pd_attention_max_heads", _i64)())
 
     def _bind(self, name: str, restype: Any, *argtypes: Any) -> Any:

@@ -33,7 +33,7 @@ _SOURCES = (
     "cpu_decode_layer.c",
     "cpu_word_sums.c",
 )
-_HEADERS = ("pd_kernels.h",)
+_HEADERS = ("pd_kernels.h", "pd_simd.h")
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Wno-psabi")
 MARCH_ENV = "PDSERVE_KERNEL_MARCH"
 _BUILD_TIMEOUT_S = 120.0

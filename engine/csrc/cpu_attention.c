@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "pd_kernels.h"
+#include "pd_simd.h"
 
 #define PD_MAX_HEADS 256
 
@@ -67,15 +68,18 @@ static int attend(const float *qb, const float *k_cache, const float *v_cache,
   }
   for (int64_t j = 0; j < heads; j++) {
     float *sj = scores + j * len;
-    pd_v16 sum = {0};
-    for (int64_t p = 0; p < len; p += 16) {
-      const int64_t w = len - p < 16 ? len - p : 16;
-      const pd_v16 e = pd_exp16(pd_load16(sj + p, w, -INFINITY) - top[j]);
-      pd_store16(sj + p, e, w);
-      for (int64_t i = 0; i < w; i++) sum[i] += e[i];
+    pd_vf sum = pd_vzero();
+    for (int64_t p = 0; p < len; p += PD_VW) {
+      const int64_t w = len - p < PD_VW ? len - p : PD_VW;
+      const pd_vf e = pd_vexp(pd_vload_part(sj + p, w, -INFINITY) - top[j]);
+      pd_vstore_part(sj + p, e, w);
+      if (w == PD_VW)
+        sum = pd_vadd(sum, e);
+      else
+        for (int64_t i = 0; i < w; i++) sum[i] += e[i];
     }
     float total_j = 0.0f;
-    for (int i = 0; i < 16; i++) total_j += sum[i];
+    for (int i = 0; i < PD_VW; i++) total_j += sum[i];
     total[j] = total_j;
   }
   memset(ob, 0, (size_t)(heads * head_dim) * sizeof(float));

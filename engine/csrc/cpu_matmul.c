@@ -2,32 +2,58 @@
  *
  * The packed layout is [ceil(N / 32)][K][32]: each block of 32 output columns is one
  * contiguous stream, read front to back, so a decode step (M of 1 to a few rows)
- * reads its weights in long sequential runs that the hardware prefetcher follows
- * (software prefetching measured no better). For larger M, a tile of several rows of
- * x reuses each loaded weight vector across rows, to keep the FMA units busy.
- * Columns past N in the last block are zero.
+ * reads its weights in long sequential runs that the hardware prefetcher follows. A
+ * software prefetch 16 KiB ahead of the stream (into L2) adds to it where the weights
+ * come from memory (the LM head: about a fifth faster at 1 to 8 rows); weights that
+ * stay in the last-level cache run at the same speed with or without it. Columns past
+ * N in the last block are zero.
  *
- * Written in GCC vector extensions and built with -march=native on the serving host,
- * so one source compiles for whatever vector unit the host has. Threads are OpenMP's, from
- * the process's one runtime (the one torch loaded), split over column blocks.
+ * The inner loop is a register tile: `rows` rows of x against `nv` vectors of a column
+ * block's 32 columns, the accumulators held in registers for the whole of K while each
+ * step loads nv weight vectors and broadcasts one x value per row. Its shape is chosen
+ * per vector unit (pd_simd.h) so that accumulators, weight vectors and the broadcast
+ * fit the register file:
+ * - AVX-512 (32 x 16 floats): up to 12 rows x 2 vectors (24 accumulators), the whole
+ *   block in one pass;
+ * - AVX2 (16 x 8 floats): up to 6 rows x 2 vectors (12 accumulators), a block in two
+ *   passes of 16 columns;
+ * - otherwise (128-bit vectors): up to 4 rows x 2 vectors, in four passes.
+ * Few rows leave too few accumulators to cover the FMA latency, so there the tile
+ * widens to more of the block and splits K into interleaved partial sums (`ku`), added
+ * at the end. M rows are cut into tiles of near-equal height.
+ *
+ * Threads are OpenMP's, from the process's one runtime (the one torch loaded), split
+ * over column blocks.
  */
 #include <stdint.h>
 #include <string.h>
 
 #include "pd_kernels.h"
+#include "pd_simd.h"
 
 #define PD_BLOCK 32
-/* Rows of x per tile: 2 vector accumulators each, plus the 2 weight vectors, must fit
- * in the register file (32 x 512-bit with AVX-512; 16 x 256-bit with AVX2, where a
- * 16-float vector takes two). */
-#if defined(__AVX512F__)
-#define PD_TILE_ROWS 8
+#define PD_MAX_ACC 8 /* nv * ku, at most, in every tile shape below */
+#define PD_AHEAD 4096 /* floats a one-tile pass prefetches ahead of its weight stream */
+
+/* The tile for `rows` rows (a compile-time constant after inlining): nv vectors of
+ * columns per pass, and ku interleaved partial sums over K. */
+#if PD_VW == 16
+#define PD_TILE_ROWS 12
+#define TILE_NV(rows) 2
+#define TILE_KU(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)
+#elif PD_VW == 8
+#define PD_TILE_ROWS 6
+#define TILE_NV(rows) ((rows) <= 2 ? 4 : 2)
+#define TILE_KU(rows) ((rows) == 1 ? 2 : 1)
 #else
-#define PD_TILE_ROWS 3
+#define PD_TILE_ROWS 4
+#define TILE_NV(rows) ((rows) == 1 ? 4 : 2)
+#define TILE_KU(rows) ((rows) == 1 ? 2 : 1)
 #endif
-#define PD_MAX_TILE_ROWS 8 /* the remainder cases below go up to 7 rows */
 
 int64_t pd_block_cols(void) { return PD_BLOCK; }
+
+const char *pd_isa(void) { return PD_ISA; }
 
 int64_t pd_packed_numel(int64_t n, int64_t k) {
   return (n + PD_BLOCK - 1) / PD_BLOCK * k * PD_BLOCK;
@@ -43,53 +69,95 @@ void pd_pack(const float *w, float *packed, int64_t n, int64_t k) {
       }
 }
 
-/* rows (a compile-time constant after inlining) rows of x against one column block. */
-static inline __attribute__((always_inline)) void tile(
-    const float *x, int64_t ldx, const float *wb, const float *bias, float *y, int64_t ldy,
-    const int rows, int64_t k, int64_t cols, int accumulate) {
-  pd_v16 acc[PD_MAX_TILE_ROWS][2];
-  for (int r = 0; r < rows; r++) {
-    acc[r][0] = (pd_v16){0};
-    acc[r][1] = (pd_v16){0};
-  }
-  for (int64_t kk = 0; kk < k; kk++) {
-    const float *wk = wb + kk * PD_BLOCK;
-    const pd_v16 w0 = *(const pd_v16 *)wk, w1 = *(const pd_v16 *)(wk + 16);
-    for (int r = 0; r < rows; r++) {
-      const float xv = x[r * ldx + kk];
-      acc[r][0] += w0 * xv;
-      acc[r][1] += w1 * xv;
+/* y[r, c..] = (y[r, c..] if accumulate) + acc + bias[c..], for the columns below `cols`. */
+static inline __attribute__((always_inline)) void store(pd_vf v, const float *bias, float *yr,
+                                                        int64_t c, int64_t cols, int accumulate) {
+  if (c + PD_VW <= cols) {
+    if (bias) v = pd_vadd(v, pd_vloadu(bias + c));
+    if (accumulate) v = pd_vadd(pd_vloadu(yr + c), v);
+    pd_vstoreu(yr + c, v);
+  } else if (c < cols) {
+    float out[PD_VW];
+    pd_vstoreu(out, v);
+    for (int64_t j = 0; j < cols - c; j++) {
+      const float o = bias ? out[j] + bias[c + j] : out[j];
+      yr[c + j] = accumulate ? yr[c + j] + o : o;
     }
-  }
-  for (int r = 0; r < rows; r++) {
-    float out[PD_BLOCK];
-    memcpy(out, acc[r], sizeof out);
-    if (bias)
-      for (int64_t j = 0; j < cols; j++) out[j] += bias[j];
-    float *yr = y + r * ldy;
-    if (accumulate)
-      for (int64_t j = 0; j < cols; j++) yr[j] = yr[j] + out[j];
-    else
-      memcpy(yr, out, (size_t)cols * sizeof(float));
   }
 }
 
-static void column_block(const float *x, int64_t ldx, const float *wb, const float *bias,
-                         float *y, int64_t ldy, int64_t m, int64_t k, int64_t cols, int acc) {
+/* `rows` rows of x against one column block (cols of its 32 columns are real). With
+ * pf, step kk also prefetches row kk of the panel at pf into L2. */
+static inline __attribute__((always_inline)) void tile(
+    const float *x, int64_t ldx, const float *wb, const float *pf, const float *bias, float *y,
+    int64_t ldy, const int rows, int64_t k, int64_t cols, int accumulate) {
+  const int nv = TILE_NV(rows), ku = TILE_KU(rows);
+  for (int c0 = 0; c0 < cols; c0 += nv * PD_VW) {
+    pd_vf acc[PD_TILE_ROWS][PD_MAX_ACC];
+    for (int r = 0; r < rows; r++)
+      for (int i = 0; i < nv * ku; i++) acc[r][i] = pd_vzero();
+    const float *wk = wb + c0;
+    int64_t kk = 0;
+    for (; kk + ku <= k; kk += ku, wk += ku * PD_BLOCK)
+      for (int u = 0; u < ku; u++) {
+        if (pf && c0 == 0) {
+          __builtin_prefetch(pf + (kk + u) * PD_BLOCK, 0, 2);
+          __builtin_prefetch(pf + (kk + u) * PD_BLOCK + 16, 0, 2);
+        }
+        pd_vf w[4];
+        for (int j = 0; j < nv; j++) w[j] = pd_vload(wk + u * PD_BLOCK + j * PD_VW);
+        for (int r = 0; r < rows; r++) {
+          const pd_vf b = pd_vset1(x[r * ldx + kk + u]);
+          for (int j = 0; j < nv; j++) acc[r][u * nv + j] = pd_vfma(b, w[j], acc[r][u * nv + j]);
+        }
+      }
+    for (; kk < k; kk++, wk += PD_BLOCK) {
+      pd_vf w[4];
+      for (int j = 0; j < nv; j++) w[j] = pd_vload(wk + j * PD_VW);
+      for (int r = 0; r < rows; r++) {
+        const pd_vf b = pd_vset1(x[r * ldx + kk]);
+        for (int j = 0; j < nv; j++) acc[r][j] = pd_vfma(b, w[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < rows; r++)
+      for (int j = 0; j < nv; j++) {
+        pd_vf v = acc[r][j];
+        for (int u = 1; u < ku; u++) v = pd_vadd(v, acc[r][u * nv + j]);
+        store(v, bias, y + r * ldy, c0 + j * PD_VW, cols, accumulate);
+      }
+  }
+}
+
+#define TILE_CASE(n) \
+  case n: tile(xr, ldx, wb, pf, bias, yr, ldy, n, k, cols, acc); break;
+
+/* All m rows against one column block, in tiles of near-equal height. One tile
+ * prefetches its own stream PD_AHEAD floats ahead (past the block's end, that is the
+ * next block: the blocks lie back to back). With several tiles, only the first reads
+ * the block's weights from memory; the last prefetches the next block's (`next`, may
+ * be NULL), so that the next first tile finds them in L2 rather than stalling on
+ * memory (the LM head at 32 rows ran about a fifth faster so). */
+static void column_block(const float *x, int64_t ldx, const float *wb, const float *next,
+                         const float *bias, float *y, int64_t ldy, int64_t m, int64_t k,
+                         int64_t cols, int acc) {
+  const int64_t tiles = (m + PD_TILE_ROWS - 1) / PD_TILE_ROWS;
   int64_t r = 0;
-  for (; r + PD_TILE_ROWS <= m; r += PD_TILE_ROWS)
-    tile(x + r * ldx, ldx, wb, bias, y + r * ldy, ldy, PD_TILE_ROWS, k, cols, acc);
-  const float *xr = x + r * ldx;
-  float *yr = y + r * ldy;
-  switch (m - r) {
-    case 1: tile(xr, ldx, wb, bias, yr, ldy, 1, k, cols, acc); break;
-    case 2: tile(xr, ldx, wb, bias, yr, ldy, 2, k, cols, acc); break;
-    case 3: tile(xr, ldx, wb, bias, yr, ldy, 3, k, cols, acc); break;
-    case 4: tile(xr, ldx, wb, bias, yr, ldy, 4, k, cols, acc); break;
-    case 5: tile(xr, ldx, wb, bias, yr, ldy, 5, k, cols, acc); break;
-    case 6: tile(xr, ldx, wb, bias, yr, ldy, 6, k, cols, acc); break;
-    case 7: tile(xr, ldx, wb, bias, yr, ldy, 7, k, cols, acc); break;
-    default: break;
+  for (int64_t t = 0; t < tiles; t++) {
+    const int64_t left = tiles - t, rows = (m - r + left - 1) / left;
+    const float *xr = x + r * ldx;
+    const float *pf = tiles == 1 ? wb + PD_AHEAD : t == tiles - 1 ? next : 0;
+    float *yr = y + r * ldy;
+    switch (rows) {
+      TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4)
+#if PD_TILE_ROWS > 4
+      TILE_CASE(5) TILE_CASE(6)
+#endif
+#if PD_TILE_ROWS > 6
+      TILE_CASE(7) TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12)
+#endif
+      default: break;
+    }
+    r += rows;
   }
 }
 
@@ -104,7 +172,8 @@ void pd_linear_into(const float *x, int64_t ldx, const float *packed, const floa
   for (int64_t b = 0; b < blocks; b++) {
     int64_t col = b * PD_BLOCK;
     int64_t cols = n - col < PD_BLOCK ? n - col : PD_BLOCK;
-    column_block(x, ldx, packed + b * k * PD_BLOCK, bias ? bias + col : 0, y + col, ldy, m, k,
+    const float *wb = packed + b * k * PD_BLOCK;
+    column_block(x, ldx, wb, b + 1 < blocks ? wb + k * PD_BLOCK : 0, bias ? bias + col : 0, y + col, ldy, m, k,
                  cols, accumulate);
   }
 }

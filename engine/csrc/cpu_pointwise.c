@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "pd_kernels.h"
+#include "pd_simd.h"
 
 #define PD_PARALLEL_ROWS 16
 
@@ -30,10 +31,10 @@ void pd_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t dim, in
   for (int64_t r = 0; r < rows; r++) {
     const float *restrict g = gate_up + r * 2 * dim, *restrict u = g + dim;
     float *restrict o = out + r * dim;
-    for (int64_t i = 0; i < dim; i += 16) {
-      const int64_t w = dim - i < 16 ? dim - i : 16;
-      const pd_v16 gv = pd_load16(g + i, w, 0.0f), uv = pd_load16(u + i, w, 0.0f);
-      pd_store16(o + i, gv / (1.0f + pd_exp16(-gv)) * uv, w);
+    for (int64_t i = 0; i < dim; i += PD_VW) {
+      const int64_t w = dim - i < PD_VW ? dim - i : PD_VW;
+      const pd_vf gv = pd_vload_part(g + i, w, 0.0f), uv = pd_vload_part(u + i, w, 0.0f);
+      pd_vstore_part(o + i, gv / (1.0f + pd_vexp(-gv)) * uv, w);
     }
   }
 }

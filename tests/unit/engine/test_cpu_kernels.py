@@ -15,7 +15,7 @@ from engine import EngineConfig
 from engine.attention import _decode
 from engine.cpu_kernels import CpuKernels, load_kernels
 from engine.cpu_linear import NativeLinear, OneDnnLinear, onednn_available, pack_linears
-from engine.kernel_build import MARCH_ENV, KernelBuildError, build_library
+from engine.kernel_build import MARCH_ENV, KernelBuildError, build_library, cpu_flags
 from engine.model import RMSNorm
 
 
@@ -39,11 +39,42 @@ def test_native_linear_matches_fp64(kernels, n, k, bias) -> None:
     torch.manual_seed(n * k)
     lin = nn.Linear(k, n, bias=bias)
     packed = NativeLinear(lin, kernels)
-    for m in (1, 2, 3, 4, 5, 6, 7, 12, 13, 40):
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 25, 40):
         x = torch.randn(m, k)
         out = packed(x)
         assert out.shape == (m, n) and out.dtype == torch.float32
         torch.testing.assert_close(out.double(), reference(lin, x), rtol=1e-5, atol=1e-5)
+
+
+# The vector unit each named target's build must pick its tiles for.
+_TARGET_ISA = {"x86-64-v3": "avx2", "x86-64": "generic", "armv8-a": "generic"}
+
+
+def test_each_build_uses_its_targets_vector_unit(kernels) -> None:
+    flags = cpu_flags()
+    if kernels.path == build_library("native"):
+        want = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else None
+        if want is not None and platform.machine() == "x86_64":
+            assert kernels.isa == want
+    else:
+        assert kernels.isa == "avx2"
+
+
+def test_generic_build_matches_fp64(tmp_path, monkeypatch) -> None:
+    """The plain-vector fallback (no AVX2/AVX-512; what Arm builds run) computes the
+    same products, every tile height and a partial last column block."""
+    target = _BASELINE_MARCH.get(platform.machine())
+    if target is None:
+        pytest.skip(f"no baseline target known for {platform.machine()}")
+    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))
+    generic = CpuKernels(build_library(target))
+    assert generic.isa == _TARGET_ISA[target]
+    torch.manual_seed(3)
+    lin = nn.Linear(45, 70)
+    packed = NativeLinear(lin, generic)
+    for m in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(m, 45)
+        torch.testing.assert_close(packed(x).double(), reference(lin, x), rtol=1e-5, atol=1e-5)
 
 
 def test_native_linear_takes_strided_rows_and_leading_dims(kernels) -> None:
