@@ -19,8 +19,9 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention, write_kv
 from engine.config import ModelConfig, RopeConfig
 from engine.cpu_kernels import CpuKernels, DecodeLayer, LayerWeights
-from engine.cpu_linear import NativeLinear
+from engine.cpu_linear import NativeLinear, native_part
 from engine.kv_cache import KVCache
+from engine.linear_choice import Choice
 
 LayerDone = Callable[[int], None]
 RopeTable = tuple[torch.Tensor, torch.Tensor]
@@ -166,13 +167,14 @@ class DecoderLayer(nn.Module):
 
 
 def _decode_layer(layer: DecoderLayer) -> DecodeLayer | None:
-    """The fused decode kernel's view of `layer`, or None if its matmuls aren't all
-    plain `NativeLinear`s or its attention can't run on the kernels."""
+    """The fused decode kernel's view of `layer`, or None if its matmuls don't all have
+    a native packing or its attention can't run on the kernels."""
     attn, mlp = layer.self_attn, layer.mlp
-    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if attn.kernels is None or not all(isinstance(m, NativeLinear) for m in linears):
+    mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    linears = [native_part(m) for m in mods]
+    if attn.kernels is None or None in linears:
         return None
-    qkv, o, gate_up, down = cast(tuple[NativeLinear, ...], linears)
+    qkv, o, gate_up, down = cast(list[NativeLinear], linears)
     if o.bias is not None or gate_up.bias is not None or down.bias is not None:
         return None
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -215,6 +217,8 @@ class LlamaModel(nn.Module):
         self.layer_offset = 0  # global index of layers[0] (a PP stage starts later)
         self.kernels: CpuKernels | None = None
         self.fused_decode: list[DecodeLayer] | None = None  # see `use_cpu_kernels`
+        # The measurements behind the CPU paths (set by the loader; for reports)
+        self.linear_choice: Choice | None = None
 
     def forward(
         self,
@@ -247,9 +251,9 @@ class LlamaModel(nn.Module):
 
     def use_cpu_kernels(self, kernels: CpuKernels) -> None:
         """Run norms, the SwiGLU gate and decode attention on the native CPU kernels
-        (an fp32 model on the CPU, its linears already `NativeLinear`). Decode-only
-        steps then run each layer in one kernel call, unless a layer's matmuls are
-        wrapped (tensor parallelism reduces between them)."""
+        (an fp32 model on the CPU, its linears packed for them). Decode-only steps then
+        run each layer in one kernel call, unless a layer's matmuls are wrapped (tensor
+        parallelism reduces between them)."""
         for m in self.modules():
             if isinstance(m, RMSNorm | MLP) or (
                 isinstance(m, Attention) and m.num_heads <= kernels.max_attention_heads
