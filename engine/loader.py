@@ -12,6 +12,7 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.cpu_linear import pack_linears
+from engine.decode_gate import gate_fused_decode
 from engine.kv_cache import KVCacheLayout
 from engine.linear_choice import RowClasses
 from engine.model import LlamaModel
@@ -44,6 +45,8 @@ def load_model(
         model.linear_choice = packing.choice
         if packing.kernels is not None:
             model.use_cpu_kernels(packing.kernels)
+            gate = gate_fused_decode(model, config.cpu_linear, classes, packing.picked)
+            model.fused_choice = gate
     kv_layout = KVCacheLayout.from_budget(
         mc,
         config.block_size,

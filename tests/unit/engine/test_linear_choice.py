@@ -1,6 +1,6 @@
 """The measured choice of CPU path per row class, driven by injected timings: the pick,
-the cache (hit, miss, foreign and corrupt files, busy hosts), forced kinds, and the
-per-row dispatch."""
+the cache (hit, miss, foreign and corrupt files, busy hosts), forced kinds, the per-row
+dispatch, and the fused decode gate."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 import torch
+from hf_reference import assert_matches, hf_greedy
 from torch import nn
 
+from engine import SamplingParams
 from engine.cpu_kernels import load_kernels
 from engine.cpu_linear import (
     NativeLinear,
@@ -20,6 +22,7 @@ from engine.cpu_linear import (
     onednn_available,
     pack_linears,
 )
+from engine.decode_gate import gate_fused_decode, time_decode_steps
 from engine.linear_choice import RowClasses, choose, time_interleaved
 
 QUIET = lambda: lambda: 0.0  # noqa: E731  # a busy meter that sees no other process
@@ -195,7 +198,38 @@ def test_forced_kinds_bypass_the_measurement(tmp_path, kind) -> None:
 
 
 @needs_both
-def test_the_real_measurements_run(tmp_path) -> None:
+def test_fused_decode_runs_only_where_it_measured_faster(
+    make_llm, tiny_model_dir, tiny_hf, tmp_path
+) -> None:
+    llm = make_llm(tiny_model_dir, cpu_linear="native", max_num_seqs=8)
+    model = llm.engine.runner.model
+    assert model.fused_decode is not None and model.fused_rows == (True, True)
+    classes = RowClasses(8, 512)
+    table = Table({"one": {"fused": 2.0, "per-op": 1.0}, "decode": {"fused": 1.0, "per-op": 2.0}})
+    gate_fused_decode(model, "native", classes, {}, measure=table, cache_dir=tmp_path)
+    assert model.fused_rows == (True, True) and not table.calls  # forced: always fused
+    gate_fused_decode(model, "auto", classes, {}, measure=table, cache_dir=tmp_path)
+    assert model.fused_rows == (False, True) and table.calls == ["one", "decode"]
+    gate_fused_decode(model, "auto", classes, {}, measure=table, cache_dir=tmp_path)
+    assert len(table.calls) == 2  # cached
+
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 17, 300, 9], [44, 2, 1000]]
+    for batch in ([prompts[0]], prompts):  # one row (op by op), then two (fused)
+        outs = llm.generate(batch, greedy)
+        for out, p in zip(outs, batch, strict=True):
+            assert_matches(out.token_ids, hf_greedy(tiny_hf, p, 6), f"prompt {p}")
+
+
+@needs_both
+def test_the_real_measurements_run(make_llm, tiny_model_dir, tmp_path) -> None:
+    llm = make_llm(tiny_model_dir, cpu_linear="native", max_num_seqs=4)
+    model = llm.engine.runner.model
+    fused = model.fused_decode
+    seconds = time_decode_steps(model, budget_s=0.0)("decode", 4, ("fused", "per-op"))
+    assert set(seconds) == {"fused", "per-op"} and all(s > 0 for s in seconds.values())
+    assert model.fused_decode is fused  # put back after timing
+
     packing = pack_linears(tiny(), torch.float32, "auto", RowClasses(4, 16), cache_dir=tmp_path)
     assert set(packing.picked) == {"one", "decode", "prefill"}
     assert packing.paths <= {"native", "onednn", "plain"}
