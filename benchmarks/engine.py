@@ -1,11 +1,20 @@
 """Engine benchmark: pdserve's engine side by side with HF transformers `generate`.
 
     python -m benchmarks.engine [--quick] [--batches 1,8,32] [--threads 2] [--repeats 3]
-                                [--profile] [--wait-quiet S]
+                                [--profile] [--wait-quiet S] [--march native,x86-64-v3]
+                                [--peer-python /path/to/vllm-venv/bin/python]
                                 [--out benchmarks/results/engine.json]
 
 Both systems run in this one process, on the same weights (SmolLM2-135M-Instruct from
 `resolve_model`, fp32), with the same torch thread count and the same token ids.
+The engine runs on its defaults, so its CPU paths are the ones its load-time selection
+picked (the table lists them with the selection's own timings).
+
+`--march T1,T2` runs everything once per kernel build target, each in its own process
+(`benchmarks/engine_isa.py`). `--peer-python` adds vLLM's CPU build, run offline from
+that virtualenv on the same weights and sizes (`benchmarks/engine_peer.py`), once per
+invocation, with fresh prompts for every timed run. Each run appends its figures to
+`benchmarks/engine_results.jsonl`.
 
 Decode. A batch of B prompts of 32-64 tokens (windows of a fixed English text, a
 different length and offset per row) generates 64 greedy tokens per row: ours with
@@ -31,9 +40,11 @@ using the best bandwidth sample (noise only ever lowers it).
 
 Targets, each comparing one definition on both sides:
   * batch-1 decode-only tok/s >= 60% of the roofline;
-  * batch-32 end-to-end output tok/s >= 2.5x HF's (the issue's "output tokens/s";
-    a second row holds the decode-only ratio to the same goal, for information);
-  * prefill tok/s (1024 tokens) >= HF's.
+  * batch-32 end-to-end output tok/s >= 2.5x HF's ("output tokens/s"; a second row
+    holds the decode-only ratio to the same goal, for information);
+  * prefill tok/s (1024 tokens) >= HF's, and >= vLLM's when the peer runs;
+  * per row class the selection measured, the chosen matmul path no slower than
+    oneDNN (the selection's own timings, at load or from its cache).
 (With other --batches, the vs-HF target uses the largest batch run.) As a check that
 both systems do the same work, the table counts the rows whose greedy tokens match.
 
@@ -54,19 +65,17 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-from dataclasses import dataclass, field
+import os
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from benchmarks.common import (
     Bandwidth,
-    HostInfo,
     OpProfile,
-    Rate,
-    SourceState,
-    Target,
     Timing,
     cpu_snapshot,
     host_info,
@@ -77,11 +86,21 @@ from benchmarks.common import (
     wait_for_quiet,
     write_json,
 )
+from benchmarks.engine_isa import append_history, isa_class, run_per_march, without_flags
+from benchmarks.engine_peer import load_peer, run_peer
+from benchmarks.engine_report import (
+    MODEL,
+    Report,
+    Selection,
+    Settings,
+    history_record,
+    table,
+    targets,
+)
 from benchmarks.engine_runs import (
     CORPUS,
     Agreement,
     DecodeResult,
-    PrefillResult,
     Rounds,
     bench_decode,
     bench_prefill,
@@ -90,55 +109,18 @@ from benchmarks.engine_runs import (
 )
 from benchmarks.engine_systems import HF, Ours, System
 from engine import LLM, ModelConfig
+from engine.cpu_linear import RoutedLinear
+from engine.kernel_build import MARCH_ENV
+from engine.model import DecoderLayer
 from engine.model_source import resolve_model
 
 log = logging.getLogger(__name__)
 
-MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).parent / "results" / "engine.json"
-ROOFLINE_GOAL, BATCH_GOAL, PREFILL_GOAL = 0.60, 2.5, 1.0
-BUSY_CORES = 0.25  # other processes' CPUs above which the table warns
 
 
 def pooled(a: Bandwidth, b: Bandwidth) -> Bandwidth:
     return Bandwidth(a.kind, a.nbytes, a.threads, Timing(a.seconds.samples + b.seconds.samples))
-
-
-# ---- the run ------------------------------------------------------------------------
-
-
-@dataclass
-class Settings:
-    batches: list[int]
-    threads: int
-    repeats: int
-    out_len: int
-    prefill_len: int
-    bandwidth_bytes: int
-    profile: bool
-    quick: bool
-    wait_quiet_s: float  # before the run, and before each timed run
-
-
-@dataclass
-class Report:
-    settings: Settings
-    host: HostInfo
-    source: SourceState  # the engine code measured
-    model_dir: str
-    weight_bytes_per_step: int
-    hf_weight_bytes_per_step: int
-    bandwidth: Bandwidth
-    roofline_tok_s: float  # batch 1, from the best bandwidth sample
-    decode: dict[int, dict[str, DecodeResult]]
-    agreement: dict[int, Agreement]
-    prefill: dict[str, PrefillResult]
-    prefill_first_token_agrees: bool
-    targets: list[Target]
-    loadavg_end: tuple[float, float, float]
-    other_cores: dict[str, float]  # CPUs other processes kept busy, per section
-    hf_attn_implementation: str
-    profiles: list[OpProfile] = field(default_factory=list)
 
 
 def run(s: Settings) -> Report:
@@ -202,6 +184,14 @@ def run(s: Settings) -> Report:
     contention["whole run"] = other_cores(run_began)
     same_first = ours.prefill(prompt).tokens == hf.prefill(prompt).tokens
 
+    peer = None
+    if s.peer_json is not None:
+        peer = load_peer(s.peer_json, s.out_len)
+    elif s.peer_python is not None:
+        peer = run_peer(
+            s.peer_python, model_dir, corpus, s.batches, s.out_len, s.prefill_len,
+            s.repeats, s.threads,
+        )  # fmt: skip
     bandwidth = pooled(bw_start, read_bandwidth(s.bandwidth_bytes, s.threads))
     roofline = bandwidth.gbps.best * 1e9 / weight_bytes
     report = Report(
@@ -221,11 +211,37 @@ def run(s: Settings) -> Report:
         loadavg_end=host_info().loadavg,
         other_cores=contention,
         hf_attn_implementation=str(hf_model.config._attn_implementation),
+        selection=selection_of(llm),
+        peer=peer,
     )
     report.targets = targets(report)
     if s.profile:
         report.profiles = profiles(systems, corpus, prompt, sorted({min(s.batches), largest}))
     return report
+
+
+_PATH_NAMES = {"NativeLinear": "native", "OneDnnLinear": "onednn", "Linear": "plain"}
+
+
+def selection_of(llm: LLM) -> Selection:
+    model = llm.engine.runner.model
+    march = os.environ.get(MARCH_ENV) or "native"
+    layer = cast(DecoderLayer, model.layers[0])
+    linear = layer.mlp.gate_up_proj
+    route = linear.route if isinstance(linear, RoutedLinear) else None
+    paths = (
+        ", ".join(f"{c} {p}" for c, p in route.items())
+        if route is not None
+        else _PATH_NAMES.get(type(linear).__name__, type(linear).__name__)
+    )
+    return Selection(
+        march,
+        isa_class(march),
+        model.linear_choice,
+        model.fused_choice,
+        model.fused_rows if model.fused_decode is not None else (False, False),
+        paths,
+    )
 
 
 def profiles(
@@ -240,133 +256,6 @@ def profiles(
         label = f"{system.name} prefill, {len(prompt)} tokens"
         out.append(profile_ops(label, functools.partial(system.prefill, prompt)))
     return out
-
-
-def targets(r: Report) -> list[Target]:
-    out = []
-    if 1 in r.decode:
-        out.append(
-            Target(
-                "batch-1 decode vs roofline",
-                "decode-only tok/s (prefill excluded), median, over bandwidth/weight bytes",
-                r.decode[1]["pdserve"].decode_tok_s.median,
-                r.roofline_tok_s,
-                ROOFLINE_GOAL,
-            )
-        )
-    big = max(r.decode)
-    if big > 1:
-        ours, hf = r.decode[big]["pdserve"], r.decode[big]["hf"]
-        out.append(
-            Target(
-                f"batch-{big} output tok/s vs HF",
-                "end-to-end output tok/s (prefill included), median, same prompts",
-                ours.e2e_tok_s.median,
-                hf.e2e_tok_s.median,
-                BATCH_GOAL,
-            )
-        )
-        out.append(
-            Target(
-                "  the same, decode only",
-                "decode-only tok/s (prefill excluded), median; not the issue's definition",
-                ours.decode_tok_s.median,
-                hf.decode_tok_s.median,
-                BATCH_GOAL,
-            )
-        )
-    out.append(
-        Target(
-            f"prefill {r.settings.prefill_len} tok vs HF",
-            "prompt tok/s, median",
-            r.prefill["pdserve"].tok_s.median,
-            r.prefill["hf"].tok_s.median,
-            PREFILL_GOAL,
-        )
-    )
-    return out
-
-
-# ---- the table ----------------------------------------------------------------------
-
-
-def table(r: Report) -> str:
-    s, h, bw = r.settings, r.host, r.bandwidth
-    n = s.out_len
-    lines = [
-        f"engine benchmark: {MODEL} fp32, {s.threads} threads, {n} output tokens, "
-        f"{s.repeats} repeats; median [best]{' (--quick)' if s.quick else ''}",
-        f"host: {h.cpu_model}, {h.cpu_count} CPUs, torch {h.torch}, transformers "
-        f"{h.packages.get('transformers')}; load average {h.loadavg[0]:.1f} at start, "
-        f"{r.loadavg_end[0]:.1f} at end; other processes kept "
-        f"{r.other_cores['whole run']:.2f} CPUs busy on average",
-        f"read bandwidth (sum over {bw.nbytes >> 20} MiB fp32, {bw.threads} threads): "
-        f"{bw.gbps.median:.1f} GB/s [{bw.gbps.best:.1f}]",
-        f"weights read per decode step: {r.weight_bytes_per_step / 1e6:.1f} MB "
-        f"(HF model: {r.hf_weight_bytes_per_step / 1e6:.1f} MB) -> batch-1 roofline "
-        f"{r.roofline_tok_s:.1f} tok/s at the best bandwidth",
-        "",
-        f"decode: e2e = B*{n} / whole run (prefill included); decode = B*{n - 1} / (run - "
-        "time to first token of every row);",
-        "step = median time of one decode step (least disturbed by bursts of load); "
-        "x = ours / HF in tok/s",
-        f"{'batch':>5} {'prompt':>6}  {'system':<7} {'e2e tok/s':>15} {'decode tok/s':>15} "
-        f"{'step ms':>8} | {'e2e x':>5} {'dec x':>5} {'step x':>6} | {'same':>5} {'others':>6}",
-    ]
-    for batch, res in r.decode.items():
-        o, f, a = res["pdserve"], res["hf"], r.agreement[batch]
-        ratios = (
-            o.e2e_tok_s.median / f.e2e_tok_s.median,
-            o.decode_tok_s.median / f.decode_tok_s.median,
-            f.step_s.median / o.step_s.median,
-        )
-        for i, res_ in enumerate((o, f)):
-            head = f"{batch:>5} {o.prompt_tokens:>6}" if i == 0 else " " * 12
-            row = (
-                f"{head}  {res_.system:<7} {_rate(res_.e2e_tok_s)} {_rate(res_.decode_tok_s)} "
-                f"{res_.step_s.median * 1e3:>8.1f} |"
-            )
-            if i == 0:
-                row += (
-                    f" {ratios[0]:>5.2f} {ratios[1]:>5.2f} {ratios[2]:>6.2f} | "
-                    f"{a.identical_rows:>2}/{a.rows:<2} "
-                    f"{r.other_cores[f'decode batch {batch}']:>6.2f}"
-                )
-            lines.append(row)
-    po, pf = r.prefill["pdserve"], r.prefill["hf"]
-    lines += [
-        "",
-        f"prefill {s.prefill_len} tokens: ours {po.seconds.median:.3f} s "
-        f"({_rate(po.tok_s).strip()} tok/s) | HF {pf.seconds.median:.3f} s "
-        f"({_rate(pf.tok_s).strip()} tok/s) | {po.tok_s.median / pf.tok_s.median:.2f}x | "
-        f"same first token: {'yes' if r.prefill_first_token_agrees else 'NO'} | "
-        f"others {r.other_cores['prefill']:.2f}",
-        "",
-        f"{'target':<30} {'ours':>8} {'reference':>10} {'ratio':>6} {'goal':>7}  result",
-    ]
-    for t in r.targets:
-        lines.append(
-            f"{t.name:<30} {t.ours:>8.1f} {t.reference:>10.1f} {t.ratio:>6.2f} "
-            f">={t.goal:<5.2f}  {'PASS' if t.passed else 'MISS'}  {t.definition}"
-        )
-    lines += [
-        "same: rows whose greedy tokens equal HF's (fp32; HF's padded batches can flip near-ties).",
-        "others: CPUs that other processes kept busy during that measurement.",
-    ]
-    busiest = max(r.other_cores.values())
-    if busiest > BUSY_CORES:
-        lines.append(
-            f"WARNING: the host was busy (other processes used up to {busiest:.2f} "
-            "CPUs during a measurement); the ratios are less reliable than on a "
-            "quiet host, the absolute numbers more so."
-        )
-    for p in r.profiles:
-        lines += ["", p.table()]
-    return "\n".join(lines)
-
-
-def _rate(rate: Rate) -> str:
-    return f"{rate.median:7.1f} [{rate.best:5.1f}]"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,8 +281,22 @@ def main(argv: list[str] | None = None) -> None:
         help="on a shared host: wait up to S seconds for other processes to go quiet "
         "before the run, and again before each timed run",
     )
+    parser.add_argument(
+        "--march",
+        help="kernel build targets, comma-separated (e.g. native,x86-64-v3): one run "
+        f"each, in its own process with ${MARCH_ENV} set",
+    )
+    parser.add_argument(
+        "--peer-python",
+        metavar="PATH",
+        help="the python of a virtualenv with vLLM's CPU build: run it side by side",
+    )
+    parser.add_argument("--peer-json", type=Path, help=argparse.SUPPRESS)  # from --march
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON path ({RESULTS})")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.march:
+        sys.exit(_per_march(args, list(sys.argv[1:] if argv is None else argv)))
     quick = bool(args.quick)
     settings = Settings(
         batches=[int(b) for b in (args.batches or ("1,4" if quick else "1,8,32")).split(",")],
@@ -405,15 +308,40 @@ def main(argv: list[str] | None = None) -> None:
         profile=bool(args.profile),
         quick=quick,
         wait_quiet_s=args.wait_quiet,
+        peer_python=args.peer_python,
+        peer_json=args.peer_json,
     )
     if min(settings.batches) < 1 or settings.threads < 1 or settings.repeats < 1:
         parser.error("--batches, --threads and --repeats must be positive")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.wait_quiet > 0:
         log.info("other processes use %.2f CPUs", wait_for_quiet(args.wait_quiet))
     report = run(settings)
     print(table(report))  # the benchmark's output
     print(f"wrote {write_json(args.out, report)}")
+    print(f"appended to {append_history(history_record(report))}")
+
+
+def _per_march(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the peer (if asked) once here, then the benchmark once per target."""
+    marches = [m.strip() for m in args.march.split(",") if m.strip()]
+    child = without_flags(argv, ("--march", "--peer-python", "--peer-json", "--out"))
+    out_dir = args.out.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.peer_python:
+            from engine.tokenizer import Tokenizer
+
+            model_dir = resolve_model(MODEL)
+            corpus = Tokenizer(model_dir).encode(CORPUS)
+            quick = bool(args.quick)
+            batches = [int(b) for b in (args.batches or ("1,4" if quick else "1,8,32")).split(",")]
+            saved = Path(tmp) / "peer.json"
+            run_peer(
+                args.peer_python, model_dir, corpus, batches, 16 if quick else 64,
+                256 if quick else 1024, args.repeats or (2 if quick else 3), args.threads,
+                save_to=saved,
+            )  # fmt: skip
+            child += ["--peer-json", str(saved)]
+        return run_per_march(marches, child, out_dir)
 
 
 if __name__ == "__main__":

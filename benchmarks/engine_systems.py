@@ -191,13 +191,14 @@ def decode_weight_bytes(layers: nn.Module, norm: nn.Module, lm_head: nn.Module) 
     """Bytes of weights one decode step reads: every layer, the final norm, the LM head.
 
     The input embedding is a one-row lookup; with tied embeddings its matrix is read
-    in full once, as the LM head.
+    in full once, as the LM head. A linear packed for several paths counts once, as
+    the plain weight it replaced: a step runs one of them.
     """
-    params = sum(p.nbytes for m in (layers, norm, lm_head) for p in m.parameters())
-    packed = sum(
-        sub.nbytes
-        for m in (layers, norm, lm_head)
-        for sub in m.modules()
-        if isinstance(sub, PackedLinear)
-    )
-    return params + packed
+
+    def read(m: nn.Module) -> int:
+        if isinstance(m, PackedLinear):
+            return m.nbytes
+        own = sum(p.nbytes for p in m.parameters(recurse=False))
+        return own + sum(read(c) for c in m.children())
+
+    return sum(read(m) for m in (layers, norm, lm_head))

@@ -92,7 +92,7 @@ class EngineLimits(BaseModel):
     cpu_linear: CpuLinearKind = Field(
         default="auto",
         description="CPU ranks' matmuls: native (the engine's fp32 kernels), onednn, plain, "
-        "or auto (native for fp32 where a C compiler builds them, else onednn).",
+        "or auto (per row class, whichever measured fastest at load).",
     )
 
 

@@ -144,7 +144,9 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     enable_prefix_caching: bool = True
     # CPU matmul weights, packed at load: "native" (the engine's fp32 kernels, built
-    # on first use), "onednn", "plain" (F.linear), or "auto" (the first that applies)
+    # on first use), "onednn", "plain" (F.linear), or "auto": per class of row counts
+    # (one row, a decode batch, a prefill chunk), whichever measured fastest at load
+    # (engine/linear_choice.py)
     cpu_linear: CpuLinearKind = "auto"
     tp: int = 1  # tensor-parallel ranks
     pp: int = 1  # pipeline stages

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.cpu_kernels import load_kernels
 from engine.cpu_linear import pack_linears
+from engine.decode_gate import gate_fused_decode
 from engine.kv_cache import KVCacheLayout
+from engine.linear_choice import RowClasses
 from engine.model import LlamaModel
 from engine.model_source import load_state_dict
 from engine.parallel.comm import RankGroups
@@ -38,10 +39,14 @@ def load_model(
     model.rotary.float()  # cos/sin tables stay fp32 whatever the weights' dtype
     device = torch.device(config.device)
     model.to(device).eval()
-    if device.type == "cpu" and pack_linears(model, dtype, config.cpu_linear) == "native":
-        kernels = load_kernels()
-        assert kernels is not None
-        model.use_cpu_kernels(kernels)
+    if device.type == "cpu":
+        classes = RowClasses.for_engine(config.max_num_seqs, config.max_num_batched_tokens)
+        packing = pack_linears(model, dtype, config.cpu_linear, classes)
+        model.linear_choice = packing.choice
+        if packing.kernels is not None:
+            model.use_cpu_kernels(packing.kernels)
+            gate = gate_fused_decode(model, config.cpu_linear, classes, packing.picked)
+            model.fused_choice = gate
     kv_layout = KVCacheLayout.from_budget(
         mc,
         config.block_size,

@@ -19,8 +19,9 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention, write_kv
 from engine.config import ModelConfig, RopeConfig
 from engine.cpu_kernels import CpuKernels, DecodeLayer, LayerWeights
-from engine.cpu_linear import NativeLinear
+from engine.cpu_linear import NativeLinear, native_part
 from engine.kv_cache import KVCache
+from engine.linear_choice import Choice
 
 LayerDone = Callable[[int], None]
 RopeTable = tuple[torch.Tensor, torch.Tensor]
@@ -166,13 +167,14 @@ class DecoderLayer(nn.Module):
 
 
 def _decode_layer(layer: DecoderLayer) -> DecodeLayer | None:
-    """The fused decode kernel's view of `layer`, or None if its matmuls aren't all
-    plain `NativeLinear`s or its attention can't run on the kernels."""
+    """The fused decode kernel's view of `layer`, or None if its matmuls don't all have
+    a native packing or its attention can't run on the kernels."""
     attn, mlp = layer.self_attn, layer.mlp
-    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if attn.kernels is None or not all(isinstance(m, NativeLinear) for m in linears):
+    mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    linears = [native_part(m) for m in mods]
+    if attn.kernels is None or None in linears:
         return None
-    qkv, o, gate_up, down = cast(tuple[NativeLinear, ...], linears)
+    qkv, o, gate_up, down = cast(list[NativeLinear], linears)
     if o.bias is not None or gate_up.bias is not None or down.bias is not None:
         return None
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -215,6 +217,11 @@ class LlamaModel(nn.Module):
         self.layer_offset = 0  # global index of layers[0] (a PP stage starts later)
         self.kernels: CpuKernels | None = None
         self.fused_decode: list[DecodeLayer] | None = None  # see `use_cpu_kernels`
+        # Which decode-only steps run fused: (one row, more rows); see engine/decode_gate.py
+        self.fused_rows: tuple[bool, bool] = (True, True)
+        # The measurements behind the CPU paths (set by the loader; for reports)
+        self.linear_choice: Choice | None = None
+        self.fused_choice: Choice | None = None
 
     def forward(
         self,
@@ -232,7 +239,12 @@ class LlamaModel(nn.Module):
         `layer_done` gets stage-local layer indices (add `layer_offset` for global).
         """
         h: torch.Tensor = self.embed_tokens(input_ids) if hidden_in is None else hidden_in
-        if self.fused_decode is not None and meta.num_decodes == h.shape[0] and not meta.prefills:
+        if (
+            self.fused_decode is not None
+            and meta.num_decodes == h.shape[0]
+            and not meta.prefills
+            and self.fused_rows[h.shape[0] > 1]
+        ):
             h = self._fused_decode(h, hidden_in is not None, positions, meta, kv, layer_done)
             return h if self.norm is None else cast(torch.Tensor, self.norm(h))
         rope = self.rotary.table(positions, h.dtype)
@@ -247,9 +259,10 @@ class LlamaModel(nn.Module):
 
     def use_cpu_kernels(self, kernels: CpuKernels) -> None:
         """Run norms, the SwiGLU gate and decode attention on the native CPU kernels
-        (an fp32 model on the CPU, its linears already `NativeLinear`). Decode-only
-        steps then run each layer in one kernel call, unless a layer's matmuls are
-        wrapped (tensor parallelism reduces between them)."""
+        (an fp32 model on the CPU, its linears packed for them). Decode-only steps can
+        then run each layer in one kernel call (`fused_decode`, for the row counts
+        `fused_rows` allows), unless a layer's matmuls are wrapped (tensor parallelism
+        reduces between them)."""
         for m in self.modules():
             if isinstance(m, RMSNorm | MLP) or (
                 isinstance(m, Attention) and m.num_heads <= kernels.max_attention_heads

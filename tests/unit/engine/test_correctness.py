@@ -34,11 +34,12 @@ def test_tiny_matches_hf_one_by_one(make_llm, tiny_model_dir, tiny_hf) -> None:
         assert_matches(out.token_ids, ref, f"prompt {i} (len {len(prompt)})")
 
 
-# CPU paths: "auto" runs the native kernels (decode-only steps fused per layer),
-# "per-op" the native kernels op by op (as under TP), "onednn" and "plain" torch ops;
-# on x86 hosts with AVX2, "x86-64-v3" runs "auto" on kernels built for AVX2 without
-# AVX-512, the code path of most x86 servers that lack it.
-CPU_PATHS = ["auto", "per-op", "onednn", "plain"] + (["x86-64-v3"] if has_avx2() else [])
+# CPU paths: "auto" runs what measured fastest on this host per row class, "native"
+# the native kernels (decode-only steps fused per layer), "per-op" the native kernels
+# op by op (as under TP), "onednn" and "plain" torch ops; on x86 hosts with AVX2,
+# "x86-64-v3" runs "native" on kernels built for AVX2 without AVX-512, the code path
+# of most x86 servers that lack it.
+CPU_PATHS = ["auto", "native", "per-op", "onednn", "plain"] + (["x86-64-v3"] if has_avx2() else [])
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
@@ -50,10 +51,11 @@ def test_tiny_matches_hf_batched_chunked(make_llm, tiny_model_dir, tiny_hf, budg
         tiny_model_dir,
         max_num_batched_tokens=budget,
         block_size=8,
-        cpu_linear=path if path in ("onednn", "plain") else "auto",
+        cpu_linear=path if path in ("auto", "onednn", "plain") else "native",
     )
     model = llm.engine.runner.model
-    assert (model.fused_decode is not None) == (path not in ("onednn", "plain"))
+    if path != "auto":
+        assert (model.fused_decode is not None) == (path not in ("onednn", "plain"))
     if path == "per-op":
         model.fused_decode = None
     if path == "x86-64-v3":
