@@ -154,7 +154,7 @@ class RemotePrefills:
         kv_s = max(0.0, done_wall - outcome.first_token_wall)
         self._set_info(rid, RemoteInfo(True, kv_s, ""))
         out = self._engine.commit_remote_prefill(
-            rid, outcome.first_token_id, outcome.first_logprob, outcome.sampler_state
+            rid, outcome.first_token_id, outcome.first_logprob, outcome.sampler_draws
         )
         self._post(out)
 

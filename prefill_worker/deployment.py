@@ -167,7 +167,7 @@ class PrefillWorker:
                 ok=True,
                 first_token_id=final.token_ids[0],
                 first_logprob=final.logprobs[0] if final.logprobs else None,
-                sampler_state=final.sampler_state,
+                sampler_draws=final.sampler_draws,
                 queue_s=m.queue_s if m is not None else 0.0,
                 prefill_s=m.prefill_s if m is not None else 0.0,
                 cached_prompt_tokens=m.num_cached_tokens if m is not None else 0,

@@ -139,7 +139,7 @@ class PrefillOutcome:
     ok: bool
     first_token_id: int = -1
     first_logprob: TokenLogprob | None = None
-    sampler_state: bytes | None = None  # a seeded request's generator after the first token
+    sampler_draws: int = 0  # tokens a seeded request's generator sampled (engine.sampling)
     reason: str = ""
     queue_s: float = 0.0
     prefill_s: float = 0.0
