@@ -41,6 +41,8 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger(__name__)
 
 KVStorage = Callable[[KVCacheLayout], torch.Tensor]
+# Sees each step's outputs on the engine thread before `step` returns them.
+OutputHook = Callable[[list[RequestOutput]], None]
 
 
 class LLMEngine:
@@ -51,10 +53,12 @@ class LLMEngine:
         kv_storage: KVStorage | None = None,
         cache_listener: CacheListener | None = None,
         groups: RankGroups | None = None,
+        output_hook: OutputHook | None = None,
     ) -> None:
         """Build the engine. A TP/PP engine passes rank 0's `groups`; the other ranks
         run `engine.parallel.worker.run_rank` with the same config."""
         self.config = config
+        self._output_hook = output_hook
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         if config.tp * config.pp > 1 and (groups is None or groups.layout.rank != 0):
@@ -241,6 +245,8 @@ class LLMEngine:
             outputs.append(out)
             if out.finished:
                 self._seqs.pop(seq.request_id, None)
+        if self._output_hook is not None and outputs:
+            self._output_hook(outputs)
         return outputs
 
     def _append_token(
