@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 
 from kv_transfer.rendezvous import RendezvousStore
 
@@ -50,13 +51,19 @@ def publish(
 
 
 def wait_open(
-    store: RendezvousStore, instance: str, rank: int, transfer_id: str, deadline: float
+    store: RendezvousStore,
+    instance: str,
+    rank: int,
+    transfer_id: str,
+    deadline: float,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> str | None:
     """None once the receiver rank registered the transfer as open; otherwise why not
-    (refused, already ended, or no record by `deadline`, a time.monotonic())."""
+    (refused, already ended, `cancelled()`, or no record by `deadline`, a
+    time.monotonic())."""
     key = registration_key(instance, rank, transfer_id)
     pause = _FIRST_POLL_S
-    while True:
+    while not cancelled():
         try:
             value = store.lookup(key)
         except Exception as e:
@@ -69,3 +76,4 @@ def wait_open(
             return f"receiver {instance}/{rank} did not register the transfer in time"
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(2 * pause, _MAX_POLL_S)
+    return "the transfer ended while waiting for its registration"

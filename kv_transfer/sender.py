@@ -354,8 +354,9 @@ class KVSender:
         if self._registry is None or dst_rank in out.registered:
             return
         deadline = min(out.deadline, time.monotonic() + self._cfg.register_timeout_s)
+        dest, tid = out.spec.dest.name, out.spec.transfer_id
         error = wait_open(
-            self._registry, out.spec.dest.name, dst_rank, out.spec.transfer_id, deadline
+            self._registry, dest, dst_rank, tid, deadline, lambda: out.status.terminal
         )
         if error is not None:
             raise TransferError(error)
