@@ -20,8 +20,9 @@ Lifecycle of one transfer on one receiver rank:
     deadline / abort()
 
 With a `registry` (the rendezvous store), `expect` publishes the transfer as open for
-this rank, and its end as ended: a sender waits (bounded) for the record before its
-first slice to this rank, so the decode side may register after the prefill starts.
+this rank, and its end withdraws the record: a sender waits (bounded) for the record
+before its first slice to this rank, so the decode side may register after the
+prefill starts.
 `refuse(transfer_id, reason)` publishes a transfer this rank will not take, so that
 its sender fails at once rather than at its deadline.
 
@@ -61,7 +62,7 @@ from kv_transfer.header import Header, MessageKind
 from kv_transfer.inbound import Inbound, InboundTarget, Stream
 from kv_transfer.mapping import KVGeometry, plan, routes_to
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of, scatter_checksummed
-from kv_transfer.registration import Registration, publish
+from kv_transfer.registration import Registration, publish, withdraw
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
 
@@ -384,7 +385,8 @@ class KVReceiver:
                 self._on_end(tid, status)
             except Exception:
                 logger.exception("transfer %s: on_end failed", tid)
-        self._publish(tid, Registration.ENDED)
+        if self._registry is not None:
+            withdraw(self._registry, self.me.instance, self.me.rank, tid)
 
     def _fail(self, inb: Inbound, reason: str) -> None:
         with inb.lock:

@@ -2,10 +2,11 @@
 transfer after the prefill side starts sending it.
 
 A receiver rank publishes `OPEN` under the transfer's key once `expect` accepted it
-(its blocks are reserved), `REFUSED` when it will not take it, and `ENDED` once it is
-terminal. Before its first slice to a receiver rank, a sender waits, bounded, for that
-rank's record: `OPEN` lets it send, anything else (or no record by the bound) fails the
-transfer. Records expire by themselves (`ttl_s`).
+(its blocks are reserved) and withdraws it once the transfer is terminal, or publishes
+`REFUSED` when it will not take it. Before its first slice to a receiver rank, a sender
+waits, bounded, for that rank's record: `OPEN` lets it send; `REFUSED` fails the
+transfer at once (the sender withdraws the record it consumed), and so does no record
+by the bound. Records also expire by themselves (`ttl_s`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ _MAX_POLL_S = 0.005
 class Registration(enum.StrEnum):
     OPEN = "open"
     REFUSED = "refused"
-    ENDED = "ended"
 
 
 def registration_key(instance: str, rank: int, transfer_id: str) -> str:
@@ -50,6 +50,15 @@ def publish(
         logger.warning("publishing transfer %s as %s: %s", transfer_id, state.value, e)
 
 
+def withdraw(store: RendezvousStore, instance: str, rank: int, transfer_id: str) -> None:
+    """Remove a terminal transfer's OPEN record (best effort: it expires anyway)."""
+    key = registration_key(instance, rank, transfer_id)
+    try:
+        store.withdraw(key, Registration.OPEN.value)
+    except Exception as e:
+        logger.warning("withdrawing transfer %s: %s", transfer_id, e)
+
+
 def wait_open(
     store: RendezvousStore,
     instance: str,
@@ -71,6 +80,8 @@ def wait_open(
         if value == Registration.OPEN:
             return None
         if value is not None:
+            if value == Registration.REFUSED:
+                store.withdraw(key, value)  # consumed: this sender is its only reader
             return f"receiver {instance}/{rank} {value} the transfer"
         if time.monotonic() >= deadline:
             return f"receiver {instance}/{rank} did not register the transfer in time"

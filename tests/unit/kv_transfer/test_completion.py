@@ -29,7 +29,7 @@ from kv_transfer.base import (
 from kv_transfer.fake import FakeFabric
 from kv_transfer.mapping import KVGeometry, plan
 from kv_transfer.receiver import KVReceiver
-from kv_transfer.registration import Registration, registration_key
+from kv_transfer.registration import registration_key
 from kv_transfer.rendezvous import MemoryRendezvous
 from kv_transfer.sender import KVSender, SenderConfig
 from kv_transfer.testing import fill, rank_layout, read, reference_kv, shard
@@ -108,8 +108,7 @@ def test_done_carries_the_first_token_and_is_reported_once(pair: Pair) -> None:
     assert pair.receiver.poll("t1").first == FIRST
     assert torch.equal(read(pair.dst_cache, list(dst)), shard(ref, GEO, pair.receiver.me))
     assert _wait_sender(pair, "t1").state is TransferState.DONE
-    key = registration_key("decode-0", 0, "t1")
-    assert pair.store.lookup(key) == Registration.ENDED
+    assert pair.store.keys() == []  # the end withdrew the registration
 
 
 def test_every_slice_landed_is_not_done_without_the_first_token(pair: Pair) -> None:
@@ -139,6 +138,7 @@ def test_the_sender_waits_for_a_late_registration(pair: Pair) -> None:
     assert pair.ended_event.wait(5.0)
     assert pair.ended[0][1].first == FIRST
     assert _wait_sender(pair, "t4").state is TransferState.DONE
+    assert pair.store.lookup(registration_key("decode-0", 0, "t4")) is None
 
 
 def test_a_refused_transfer_fails_the_sender_at_once(pair: Pair) -> None:
@@ -149,6 +149,7 @@ def test_a_refused_transfer_fails_the_sender_at_once(pair: Pair) -> None:
     assert status.state is TransferState.FAILED and "refused" in (status.reason or "")
     assert time.monotonic() - start < 0.9  # well before the 1 s registration bound
     assert pair.ended == []  # never expected here: nothing to report
+    assert pair.store.keys() == []  # the sender consumed the refusal
 
 
 def test_no_registration_fails_the_sender_at_its_bound(pair: Pair) -> None:

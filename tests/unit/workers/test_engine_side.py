@@ -141,6 +141,7 @@ class Pair:
     sender: KVSender
     decode: EngineLoop
     remote: RemoteKV
+    store: MemoryRendezvous
 
     async def prefill_prompt(
         self, rid: str, params: SamplingParams, prompt: list[int] = PROMPT
@@ -211,6 +212,7 @@ class Pair:
         assert self.pins.num_pinned == 0
         assert _on(self.decode, lambda: self.remote.num_pending) == 0
         assert not _on(self.decode, lambda: self.decode.engine.scheduler.remote)
+        assert self.store.keys() == [], "transfer registrations left"
 
 
 @pytest.fixture
@@ -249,9 +251,8 @@ def pair(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pair]
         on_end=remote.ended,
     )
     remote.bind(receiver)
-    p = Pair(
-        EngineLoop(p_engine, name="prefill").start(), hook, pins, sender, decode.start(), remote
-    )
+    prefill = EngineLoop(p_engine, name="prefill").start()
+    p = Pair(prefill, hook, pins, sender, decode.start(), remote, store)
     yield p
     p.prefill.stop()
     p.decode.stop()
