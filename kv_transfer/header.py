@@ -250,10 +250,18 @@ def decode(buf: bytes) -> Header | Hello:
     except ValueError:
         raise ProtocolError(f"unknown message kind {body[5]}") from None
     if kind is MessageKind.HELLO:
-        _, _, _, name, rank, tp, pp, token = _HELLO.unpack(body[: _HELLO.size])
-        if tp < 1 or pp < 1 or rank >= tp * pp:
-            raise ProtocolError(f"HELLO with rank {rank} outside tp={tp} pp={pp}")
-        return Hello(_text(name, "instance name"), rank, tp, pp, token)
+        return _decode_hello(body)
+    return _decode_header(kind, body)
+
+
+def _decode_hello(body: bytes) -> Hello:
+    _, _, _, name, rank, tp, pp, token = _HELLO.unpack(body[: _HELLO.size])
+    if tp < 1 or pp < 1 or rank >= tp * pp:
+        raise ProtocolError(f"HELLO with rank {rank} outside tp={tp} pp={pp}")
+    return Hello(_text(name, "instance name"), rank, tp, pp, token)
+
+
+def _decode_header(kind: MessageKind, body: bytes) -> Header:
     fields = _HEADER.unpack(body)
     _, _, _, code, flags, tid, src, seq, layer, h0, hn, b0, bn, nl, ndim = fields[:15]
     shape_all = fields[15 : 15 + MAX_DIMS]
