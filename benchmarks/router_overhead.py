@@ -14,8 +14,9 @@ helps either side) run twice, one request at a time:
   sending the request to receiving the first token.
 
 Short prompts stay below the disaggregation threshold (the colocated path: router ->
-decode replica); long ones go router -> decode (reserve) -> prefill (compute, push KV)
--> decode. With `--colocated` the cluster has one colocated pool and no prefill pool,
+decode replica); long ones go router -> decode and prefill at once (the prefill computes
+and pushes the KV and first token into the blocks the decode replica holds) -> decode.
+With `--colocated` the cluster has one colocated pool and no prefill pool,
 the baseline the disaggregated setup is compared with: every prompt stays local.
 Reported per prompt set: p50 TTFT of both, the added latency (cluster p50 minus direct
 p50) and, per request, the server's TTFT breakdown (queue, prefill, KV transfer) with

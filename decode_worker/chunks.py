@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from decode_worker.remote_prefill import RemoteInfo
+from decode_worker.remote_kv import RemoteInfo
 from engine import RequestOutput, TokenLogprob
 from worker.messages import FinalStats, TokenChunk
 

@@ -7,14 +7,17 @@ Lifecycle of a replica:
                     and the registry presence; start them. With tp x pp > 1 this
                     replica is rank 0 and every other rank (a Ray actor in the
                     replica's placement group) receives its own KV slices; a transfer
-                    is DONE once every rank's receiver is (`worker.ranks`)
+                    is DONE once every rank's receiver is
     generate()      one request, streamed:
                       local prompt   -> the engine prefills it, then decodes
-                      remote prompt  -> reserve blocks and expect the transfer, yield
-                                        Reserved; the router then starts the prefill and
-                                        relays its outcome via complete_remote_prefill();
-                                        on DONE the sequence joins the running batch,
-                                        on FAILED it is recomputed here (counted)
+                      remote prompt  -> the router started the prefill at the same time;
+                                        the scheduler holds blocks for the prompt and
+                                        the receiver registers the transfer
+                                        (`decode_worker.remote_kv`). On DONE the
+                                        sequence joins the running batch with the first
+                                        token from the transfer's header; on FAILED or
+                                        timeout it is recomputed here (counted). Without
+                                        room it is refused and prefilled here (counted)
                     then TokenChunks until the finished one. If the caller goes away
                     (client cancel, router abort) the request is aborted: the transfer
                     first, then the engine request, so its blocks return to the pool.
@@ -35,18 +38,14 @@ import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.chunks import ChunkBuilder
-from decode_worker.ranked_receiver import RankedReceiver
-from decode_worker.remote_prefill import RemotePrefills
-from kv_transfer.base import TransferReceiver
+from decode_worker.remote_kv import RemoteKV
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
 from kv_transfer.transport import TransportKind
 from registry import Role
 from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
 from worker.messages import (
-    PrefillOutcome,
-    Reserved,
-    WorkerEvent,
+    TokenChunk,
     WorkerRequest,
     WorkerSettings,
     WorkerState,
@@ -68,55 +67,38 @@ class DecodeWorker:
             settings,
             replica_unique_id(),
             kv_storage=self._storage if takes_remote else None,
-            tick=self._tick,
-            busy=self._busy,
         )
         self._stream_timeout_s = max(60.0, settings.transfer_timeout_s + 15.0)
-        self._receiver: KVReceiver | RankedReceiver | None = None
-        self._remote: RemotePrefills | None = None
+        self._remote: RemoteKV | None = None
         if takes_remote:
-            segment = self._storage.segment if self._storage is not None else None
-            endpoint = receiver_endpoint(
-                settings,
-                self._rt.rendezvous(),
-                transfer_host(settings.transfer_host),
-                segment,
-                self._rt.geometry,
-            )
-            local = KVReceiver(
-                local_rank(settings, self._rt.instance_id, 0),
-                self._rt.engine.kv_cache,
-                self._rt.geometry,
-                endpoint,
-            )
-            ranks = self._rt.ranks
-            self._receiver = local if ranks is None else RankedReceiver(local, ranks)
-            receiver: TransferReceiver = self._receiver
-            self._remote = RemotePrefills(self._rt.engine, receiver, self._rt.loop.post)
+            self._remote = self._remote_kv(settings)
         self._rt.start()
 
-    # -- engine thread hooks ------------------------------------------------------------
+    def _remote_kv(self, settings: WorkerSettings) -> RemoteKV:
+        rt = self._rt
+        loop = rt.loop
+        remote = RemoteKV(rt.engine, loop.submit, loop.post, rt.ranks)
+        segment = self._storage.segment if self._storage is not None else None
+        rendezvous = rt.rendezvous()
+        host = transfer_host(settings.transfer_host)
+        endpoint = receiver_endpoint(settings, rendezvous, host, segment, rt.geometry)
+        me = local_rank(settings, rt.instance_id, 0)
+        receiver = KVReceiver(
+            me, rt.engine.kv_cache, rt.geometry, endpoint, registry=rendezvous, on_end=remote.ended
+        )
+        remote.bind(receiver)
+        return remote
 
-    def _tick(self) -> None:
-        if self._remote is not None:
-            self._remote.poll()
+    # -- engine thread --------------------------------------------------------------------
 
-    def _busy(self) -> bool:
-        return self._remote is not None and self._remote.num_pending > 0
-
-    def _start(self, req: WorkerRequest) -> str:
-        """Engine thread: queue the request; returns why a remote prefill was refused."""
-        engine = self._rt.engine
-        reason = ""
+    def _start(self, req: WorkerRequest) -> None:
+        """Queue the request: waiting for its remote KV, or to prefill here."""
         if req.remote is not None:
             if self._remote is None:
-                reason = "this pool does not take remote prefills"
-            else:
-                reason = self._remote.start(req)
-                if not reason:
-                    return ""
-        engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
-        return reason
+                logger.warning("request %s: this pool prefills locally", req.request_id)
+            elif not self._remote.start(req):
+                return
+        self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
 
     def _abort(self, request_id: str) -> None:
         if self._remote is not None:
@@ -128,16 +110,14 @@ class DecodeWorker:
 
     async def generate(
         self, request: WorkerRequest, replica: str | None = None
-    ) -> AsyncIterator[WorkerEvent]:
+    ) -> AsyncIterator[TokenChunk]:
         self._rt.check_pin(replica)
         rid = request.request_id
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         finished = False
         try:
-            reason = await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
-            if request.remote is not None:
-                yield Reserved(remote=not reason, reason=reason)
+            await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
             builder = ChunkBuilder(len(request.prompt_token_ids))
             while not finished:
                 outs = await stream.get(self._stream_timeout_s)
@@ -152,15 +132,6 @@ class DecodeWorker:
             if not finished:
                 loop.submit(lambda: self._abort(rid))
 
-    async def complete_remote_prefill(
-        self, request_id: str, outcome: PrefillOutcome, replica: str | None = None
-    ) -> None:
-        self._rt.check_pin(replica)
-        remote = self._remote
-        if remote is None:
-            return
-        await self._rt.loop.call(lambda: remote.deliver(request_id, outcome), _COMMAND_TIMEOUT_S)
-
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
         await self._rt.loop.call(lambda: self._abort(request_id), _COMMAND_TIMEOUT_S)
@@ -172,10 +143,11 @@ class DecodeWorker:
     def _state(self) -> WorkerState:
         engine = self._rt.engine
         extra: dict[str, int] = {}
-        receiver = self._receiver
-        if receiver is not None and isinstance(receiver.endpoint, ShmEndpoint):
-            extra["shm_free_slots"] = receiver.endpoint.num_free_slots
-            extra["shm_slots"] = receiver.endpoint.num_slots
+        remote = self._remote
+        endpoint = remote.receiver.endpoint if remote is not None else None
+        if isinstance(endpoint, ShmEndpoint):
+            extra["shm_free_slots"] = endpoint.num_free_slots
+            extra["shm_slots"] = endpoint.num_slots
         return WorkerState(
             instance_id=self._rt.instance_id,
             pool=self._rt.settings.pool,
@@ -184,10 +156,10 @@ class DecodeWorker:
             num_streams=self._rt.loop.num_streams,
             free_blocks=engine.block_pool.num_free,
             total_blocks=engine.block_pool.num_blocks,
-            active_transfers=receiver.num_active if receiver is not None else 0,
-            pending_remote_prefills=self._remote.num_pending if self._remote else 0,
+            active_transfers=remote.num_active if remote is not None else 0,
+            pending_remote_prefills=remote.num_pending if remote is not None else 0,
             remote_prefill_fallbacks=engine.num_remote_prefill_fallbacks,
-            transfer_failures=self._remote.transfer_failures if self._remote else 0,
+            transfer_failures=remote.transfer_failures if remote is not None else 0,
             heartbeat_running=self._rt.presence.heartbeat_running,
             extra=extra,
         )
@@ -216,7 +188,7 @@ class DecodeWorker:
             except Exception:
                 logger.exception("aborting pending transfers of %s", rt.instance_id)
         rt.stop()
-        if self._receiver is not None:
-            self._receiver.close()
+        if remote is not None:
+            remote.receiver.close()
         if self._storage is not None and self._storage.segment is not None:
             self._storage.segment.close()

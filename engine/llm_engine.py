@@ -8,10 +8,11 @@ Lifecycle of a request:
 3. A request finishes on EOS, a stop token, a stop string, max_tokens or
    max_model_len, or by `abort_request`; its blocks return to the pool at once.
 
-On a decode instance of a disaggregated cluster, `reserve_remote_prefill` holds
-blocks for a prompt that a prefill instance fills; `commit_remote_prefill` then adds
-the sequence to the running batch with its first token, and `fail_remote_prefill`
-falls back to computing the prompt locally.
+On a decode instance of a disaggregated cluster, `reserve_remote_prefill` puts a
+request in the scheduler's waiting-for-remote-KV queue, whose blocks a prefill instance
+fills; `commit_remote_prefill` then adds the sequence to the running batch with the
+first token that came with the KV, and `fail_remote_prefill` falls back to computing
+the prompt locally (counted). `abort_request` frees it in any state.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from engine.model_runner import ModelRunner
 from engine.model_source import resolve_model
 from engine.outputs import EngineLoad, RequestMetrics, RequestOutput
 from engine.parallel.comm import RankGroups
-from engine.sampling import Sampler, SamplingParams, TokenLogprob
+from engine.sampling import Sampler, SamplingParams, TokenLogprob, skip_draws
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -40,6 +41,8 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger(__name__)
 
 KVStorage = Callable[[KVCacheLayout], torch.Tensor]
+# Sees each step's outputs on the engine thread before `step` returns them.
+OutputHook = Callable[[list[RequestOutput]], None]
 
 
 class LLMEngine:
@@ -50,10 +53,12 @@ class LLMEngine:
         kv_storage: KVStorage | None = None,
         cache_listener: CacheListener | None = None,
         groups: RankGroups | None = None,
+        output_hook: OutputHook | None = None,
     ) -> None:
         """Build the engine. A TP/PP engine passes rank 0's `groups`; the other ranks
         run `engine.parallel.worker.run_rank` with the same config."""
         self.config = config
+        self._output_hook = output_hook
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         if config.tp * config.pp > 1 and (groups is None or groups.layout.rank != 0):
@@ -135,13 +140,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)
-        if seq is None:
-            return
-        if seq.status is Status.REMOTE_PREFILL:
-            self.scheduler.blocks.free(seq)
-            seq.status = Status.FINISHED
-            seq.finish_reason = "abort"
-        else:
+        if seq is not None:
             self.scheduler.finish(seq, "abort")
 
     def shutdown(self) -> None:
@@ -175,54 +174,51 @@ class LLMEngine:
     # -- disaggregated prefill, decode side ------------------------------------------
 
     def reserve_remote_prefill(
-        self, request_id: str, prompt: list[int], params: SamplingParams
+        self, request_id: str, prompt: list[int], params: SamplingParams, first_block: int = 0
     ) -> list[int]:
-        """Hold blocks for the whole prompt; a prefill instance fills them.
+        """Queue a prompt that a prefill instance computes: the scheduler holds blocks
+        for all of it, and returns those the transfer fills (prompt blocks
+        `first_block...`; the ones before come from the prefix cache).
 
-        Raises OutOfBlocksError if the pool cannot hold the prompt now.
+        Raises OutOfBlocksError, holding nothing, if the pool cannot hold it now.
         """
         seq = self._new_seq(request_id, prompt, params)
-        seq.block_table = self.block_pool.allocate(self.scheduler.blocks.blocks_for(len(prompt)))
-        seq.status = Status.REMOTE_PREFILL
+        blocks = self.scheduler.add_remote(seq, first_block)
         self._seqs[request_id] = seq
-        return list(seq.block_table)
+        return blocks
 
     def commit_remote_prefill(
         self,
         request_id: str,
         first_token_id: int,
         logprob: TokenLogprob | None = None,
-        sampler_state: bytes | None = None,
+        sampler_draws: int = 0,
     ) -> RequestOutput:
         """The prompt's KV has landed: run the sequence from its first token.
 
-        `logprob` and `sampler_state` come from the prefill instance's final output, so
+        `logprob` and `sampler_draws` come from the prefill instance with the KV, so
         logprobs and a seeded request's random stream continue where it left off.
         """
         seq = self._remote(request_id)
-        if sampler_state is not None and seq.generator is not None:
-            state = torch.frombuffer(bytearray(sampler_state), dtype=torch.uint8)
-            seq.generator.set_state(state)
-        now = time.monotonic()
-        seq.timings.first_scheduled = seq.timings.first_scheduled or now
-        seq.num_computed = len(seq.prompt)
-        self.scheduler.blocks.cache_full_blocks(seq)
-        self.scheduler.join_running(seq)
-        out = self._append_token(seq, first_token_id, logprob, now)
+        vocab = self.model_config.vocab_size
+        if not 0 <= first_token_id < vocab:
+            raise ValueError(f"first_token_id {first_token_id} is outside [0, {vocab})")
+        if seq.generator is not None and not seq.params.greedy:
+            skip_draws(seq.generator, vocab, sampler_draws)
+        self.scheduler.remote_kv_landed(seq)
+        out = self._append_token(seq, first_token_id, logprob, time.monotonic())
         if out.finished:
             self._seqs.pop(request_id, None)
         return out
 
     def fail_remote_prefill(self, request_id: str) -> None:
-        """The transfer failed: drop the blocks and compute the prompt here."""
-        seq = self._remote(request_id)
-        self.scheduler.blocks.free(seq)
+        """The KV will not come: compute the prompt here."""
+        self.scheduler.remote_kv_failed(self._remote(request_id))
         self.num_remote_prefill_fallbacks += 1
-        self.scheduler.add(seq)
 
     def _remote(self, request_id: str) -> Sequence:
         seq = self._seqs.get(request_id)
-        if seq is None or seq.status is not Status.REMOTE_PREFILL:
+        if seq is None or seq.status is not Status.WAITING_FOR_REMOTE_KV:
             raise KeyError(f"no remote prefill pending for {request_id!r}")
         return seq
 
@@ -249,6 +245,8 @@ class LLMEngine:
             outputs.append(out)
             if out.finished:
                 self._seqs.pop(seq.request_id, None)
+        if self._output_hook is not None and outputs:
+            self._output_hook(outputs)
         return outputs
 
     def _append_token(
@@ -292,14 +290,15 @@ class LLMEngine:
             new_token_ids=seq.take_new_tokens(),
             new_text=seq.detok.delta(finished),
             metrics=_metrics(seq) if finished else None,
-            sampler_state=_generator_state(seq) if finished else None,
+            sampler_draws=_draws(seq),
         )
 
 
-def _generator_state(seq: Sequence) -> bytes | None:
+def _draws(seq: Sequence) -> int:
+    """Tokens the request's own generator has sampled (each output token is one)."""
     if seq.generator is None or seq.params.greedy:
-        return None
-    return bytes(seq.generator.get_state().cpu().numpy().tobytes())
+        return 0
+    return len(seq.output)
 
 
 def _metrics(seq: Sequence) -> RequestMetrics:

@@ -29,9 +29,10 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)  # since the previous output
     new_text: str = ""
     metrics: RequestMetrics | None = None
-    # A seeded request's generator state after its last token (final output only), so
-    # a decode instance can continue the exact random stream a prefill instance began.
-    sampler_state: bytes | None = None
+    # How many tokens a seeded request's generator has sampled (0 for greedy or
+    # unseeded requests), so a decode instance can continue the exact random stream a
+    # prefill instance began (`sampling.skip_draws`).
+    sampler_draws: int = 0
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,19 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]  # (token id, logprob), best first
 
 
+def skip_draws(gen: torch.Generator, vocab_size: int, draws: int) -> None:
+    """Advance a request's generator past `draws` sampled tokens, as if this process had
+    sampled them: a seeded request continues another instance's random stream from
+    (seed, draws) alone. A draw's consumption depends only on the vocabulary size
+    (`multinomial` of one sample races one exponential per token)."""
+    if draws < 0:
+        raise ValueError(f"draws must be >= 0, got {draws}")
+    if draws:
+        ones = torch.ones(vocab_size, dtype=torch.float32, device=gen.device)
+        for _ in range(draws):
+            torch.multinomial(ones, 1, generator=gen)
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._seed = seed

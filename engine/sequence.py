@@ -2,8 +2,9 @@
 
 Lifecycle: WAITING -> RUNNING -> FINISHED, with RUNNING -> WAITING on preemption
 (the blocks are dropped and everything is recomputed). On a decode instance of a
-disaggregated cluster, a request can instead start in REMOTE_PREFILL, holding blocks
-that a prefill instance is filling, and join RUNNING with its first token.
+disaggregated cluster, a request can instead start in WAITING_FOR_REMOTE_KV, holding
+blocks that a prefill instance is filling, and join RUNNING with its first token (or
+go to WAITING, to be computed here, when the transfer fails).
 `num_computed` counts the tokens whose K/V is in the cache; the tokens after it are
 what the next step computes.
 """
@@ -24,7 +25,7 @@ from engine.tokenizer import IncrementalDetokenizer
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    REMOTE_PREFILL = "remote_prefill"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
     FINISHED = "finished"
 
 

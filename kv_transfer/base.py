@@ -30,6 +30,7 @@ from typing import Protocol
 
 MAX_TRANSFER_ID_BYTES = 64
 MAX_INSTANCE_NAME_BYTES = 64
+MAX_TOP_LOGPROBS = 20  # top logprobs a first token carries at most (header field size)
 
 
 class TransferState(enum.Enum):
@@ -40,11 +41,33 @@ class TransferState(enum.Enum):
 
 
 @dataclass(frozen=True)
+class FirstToken:
+    """The token a prefill instance sampled from the prompt, sent with the transfer's END
+    so that the decode instance continues from it: its logprob and top logprobs when
+    the request asked for them, how many tokens a seeded request's generator has drawn
+    (`engine.sampling.skip_draws`), and time.time() when it was sampled."""
+
+    token_id: int
+    draws: int = 0
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+    sampled_wall: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.token_id < 0 or self.draws < 0:
+            raise ValueError(f"token_id and draws must be >= 0, got {self}")
+        if len(self.top) > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top: {len(self.top)} logprobs, at most {MAX_TOP_LOGPROBS}")
+
+
+@dataclass(frozen=True)
 class TransferStatus:
     state: TransferState
     reason: str | None = None  # set when FAILED
     # time.monotonic() when the role reached this terminal state; a poll may come later.
     ended_at: float | None = field(default=None, compare=False)
+    # A receiver's DONE for a transfer that expected one: the first token it brought.
+    first: FirstToken | None = field(default=None, compare=False)
 
     @property
     def terminal(self) -> bool:
@@ -53,6 +76,9 @@ class TransferStatus:
     def ended_now(self) -> TransferStatus:
         """This status stamped with the current time.monotonic()."""
         return dataclasses.replace(self, ended_at=time.monotonic())
+
+    def with_first(self, first: FirstToken | None) -> TransferStatus:
+        return dataclasses.replace(self, first=first)
 
 
 PENDING = TransferStatus(TransferState.PENDING)
@@ -170,6 +196,8 @@ class RecvSpec:
 
     `first_block` > 0 when the decode instance already holds the prompt's first blocks
     (a prefix-cache hit); the sender then skips them. The timeout runs from `expect`.
+    With `first_token`, the transfer is DONE only once an END also brought the prompt's
+    first token (`FirstToken`; the rank that drives the decode engine asks for it).
     """
 
     transfer_id: str
@@ -177,6 +205,7 @@ class RecvSpec:
     source: InstanceRef
     first_block: int = 0
     timeout_s: float = 30.0
+    first_token: bool = False
 
     def __post_init__(self) -> None:
         _check_name("transfer_id", self.transfer_id, MAX_TRANSFER_ID_BYTES)
@@ -229,8 +258,9 @@ class TransferSender(Protocol):
         """
         ...
 
-    def finish(self, transfer_id: str, wait: bool = True) -> None:
-        """No more slices. With `wait`, returns once the source blocks are no longer read
+    def finish(self, transfer_id: str, wait: bool = True, first: FirstToken | None = None) -> None:
+        """No more slices; END carries `first` (the rank that sampled the prompt's first
+        token passes it). With `wait`, returns once the source blocks are no longer read
         (bounded by the deadline), which may mean once they are sent; without, at once,
         and the caller keeps the blocks unchanged until `reading` is False."""
         ...

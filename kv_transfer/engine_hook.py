@@ -11,6 +11,11 @@ the engine thread:
     on_step_done(chunks)           advance the cursors, pinning the blocks just queued
                                    (with `pins`); `finish` the transfers whose prompt
                                    completed, before the engine frees their blocks
+    on_outputs(outputs)            with `first_token` (the rank that samples: rank 0):
+                                   a completed prompt's transfer is finished here
+                                   instead, once the engine sampled its first token,
+                                   which END carries to the decode instance (`pins`
+                                   hold the blocks until then)
 
 The sender reads a block after `send_layer` returns: it copies it out, or sends it
 straight from the cache. With `pins`, every block queued is pinned (keyed by transfer
@@ -29,12 +34,14 @@ Requests that are not registered (local ones, decodes) are ignored.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from engine.forward_hooks import ScheduledChunk
-from kv_transfer.base import SendSpec, TransferSender
+from engine.outputs import RequestOutput
+from kv_transfer.base import FirstToken, SendSpec, TransferSender
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +73,15 @@ class SendHook:
         sender: TransferSender | None = None,
         layer_offset: int = 0,
         pins: SourcePins | None = None,
+        first_token: bool = False,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self._bs, self._offset = block_size, layer_offset
         self._bound, self._pins = sender, pins
+        self._first_token = first_token
         self._requests: dict[str, _Request] = {}
+        self._sampling: dict[str, str] = {}  # prompt complete, first token not yet seen
 
     def bind(self, sender: TransferSender, pins: SourcePins | None = None) -> None:
         if self._bound is not None:
@@ -94,12 +104,26 @@ class SendHook:
     def discard(self, request_id: str, reason: str = "request aborted") -> None:
         """Stop streaming a request (aborting its transfer if it has not finished)."""
         req = self._requests.pop(request_id, None)
-        if req is not None:
-            self._sender.abort(req.transfer_id, reason)
+        transfer_id = req.transfer_id if req is not None else self._sampling.pop(request_id, None)
+        if transfer_id is not None:
+            self._sender.abort(transfer_id, reason)
 
     @property
     def num_requests(self) -> int:
-        return len(self._requests)
+        return len(self._requests) + len(self._sampling)
+
+    def on_outputs(self, outputs: Sequence[RequestOutput]) -> None:
+        """The engine's outputs of a step: finish each transfer whose first token came."""
+        if not self._sampling:
+            return
+        for out in outputs:
+            transfer_id = self._sampling.pop(out.request_id, None)
+            if transfer_id is None:
+                continue
+            if out.token_ids:
+                self._sender.finish(transfer_id, wait=self._pins is None, first=_first(out))
+            else:
+                self._sender.abort(transfer_id, "no first token")
 
     def _upto(self, chunk: ScheduledChunk) -> int:
         """One past the last prompt block this chunk leaves complete."""
@@ -133,4 +157,18 @@ class SendHook:
                 req.cursor = upto
             if chunk.completes_prompt:
                 del self._requests[chunk.request_id]
-                self._sender.finish(req.transfer_id, wait=self._pins is None)
+                if self._first_token:
+                    self._sampling[chunk.request_id] = req.transfer_id
+                else:
+                    self._sender.finish(req.transfer_id, wait=self._pins is None)
+
+
+def _first(out: RequestOutput) -> FirstToken:
+    lp = out.logprobs[0] if out.logprobs else None
+    return FirstToken(
+        out.token_ids[0],
+        out.sampler_draws,
+        lp.logprob if lp is not None else None,
+        lp.top if lp is not None else (),
+        time.time(),
+    )

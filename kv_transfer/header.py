@@ -10,7 +10,10 @@ ends with a CRC32 of the bytes before it. The kinds:
   range, block range, dtype, shape, payload size, whether the payload moves whole or as
   one part per layer and K/V, and an optional payload checksum. Its payload follows on
   the transport's data path (torch.distributed recvs, or already in shared memory).
-* END says a sender rank has sent everything it will send for a transfer.
+* END says a sender rank has sent everything it will send for a transfer. The rank
+  that sampled the prompt's first token sends it with END (`FirstToken`: token id,
+  sampler draws, logprob and up to `MAX_TOP_LOGPROBS` top logprobs, sampling time),
+  in a fixed-size block that every message has (zeros unless the flag says so).
 * ABORT says a sender rank gave up on a transfer.
 
 `seq` numbers DATA/END/ABORT per connection from 0, so a lost message shows as a gap.
@@ -29,12 +32,14 @@ import torch
 
 from kv_transfer.base import (
     MAX_INSTANCE_NAME_BYTES,
+    MAX_TOP_LOGPROBS,
     MAX_TRANSFER_ID_BYTES,
+    FirstToken,
     ProtocolError,
 )
 
 MAGIC = b"PDKV"
-VERSION = 2
+VERSION = 3  # 3: the first-token block
 MAX_DIMS = 6
 
 _DTYPE_CODES: dict[torch.dtype, int] = {
@@ -59,11 +64,19 @@ class MessageKind(enum.IntEnum):
 
 _FLAG_CHECKSUM = 1
 _FLAG_PARTS = 2
+_FLAG_FIRST = 4  # END carries the first token
+_FLAG_LOGPROB = 8  # ... and its logprob
+_FLAGS = _FLAG_CHECKSUM | _FLAG_PARTS | _FLAG_FIRST | _FLAG_LOGPROB
 
 # magic, version, kind, dtype, flags, transfer id, src rank, seq, layer, head start,
 # head count, block start, block count, layer count, ndim, shape[6], payload bytes,
 # checksum.
-_HEADER = struct.Struct(f"<4sBBBB{MAX_TRANSFER_ID_BYTES}s9I{MAX_DIMS}IQQ")
+# checksum, then the first-token block: token id, draws, number of top logprobs,
+# sampling time, logprob, top token ids, top logprobs.
+_HEADER = struct.Struct(
+    f"<4sBBBB{MAX_TRANSFER_ID_BYTES}s9I{MAX_DIMS}IQQ3Idf{MAX_TOP_LOGPROBS}I{MAX_TOP_LOGPROBS}f"
+)
+_NO_FIRST = (0, 0, 0, 0.0, 0.0, *([0] * MAX_TOP_LOGPROBS), *([0.0] * MAX_TOP_LOGPROBS))
 # magic, version, kind, two pad bytes, instance, rank, tp, pp, group token.
 _HELLO = struct.Struct(f"<4sBB2x{MAX_INSTANCE_NAME_BYTES}s3I16s")
 _CRC = struct.Struct("<I")
@@ -97,6 +110,7 @@ class Header:
     checksum: int | None = None
     layer_count: int = 1  # layers layer .. layer + layer_count - 1, same heads and blocks
     parts: bool = False  # the payload moves as one part per layer and K/V, not whole
+    first: FirstToken | None = None  # END only: the prompt's first token
 
     @property
     def layers(self) -> range:
@@ -126,14 +140,22 @@ class Header:
             raise ValueError("use Hello for HELLO messages")
         if len(self.shape) > MAX_DIMS:
             raise ValueError(f"shape {self.shape} has more than {MAX_DIMS} dims")
+        if self.first is not None and self.kind is not MessageKind.END:
+            raise ValueError("only END carries a first token")
         shape = (*self.shape, *([0] * (MAX_DIMS - len(self.shape))))
+        flags = (_FLAG_CHECKSUM if self.checksum is not None else 0) | (
+            _FLAG_PARTS if self.parts else 0
+        )
+        first: tuple[int | float, ...] = _NO_FIRST
+        if self.first is not None:
+            first = _pack_first(self.first)
+            flags |= _FLAG_FIRST | (_FLAG_LOGPROB if self.first.logprob is not None else 0)
         body = _HEADER.pack(
             MAGIC,
             VERSION,
             int(self.kind),
             dtype_code(self.dtype),
-            (_FLAG_CHECKSUM if self.checksum is not None else 0)
-            | (_FLAG_PARTS if self.parts else 0),
+            flags,
             self.transfer_id.encode(),
             self.src_rank,
             self.seq,
@@ -147,8 +169,31 @@ class Header:
             *shape,
             self.nbytes,
             self.checksum or 0,
+            *first,
         )
         return body + _CRC.pack(zlib.crc32(body))
+
+
+def _pack_first(f: FirstToken) -> tuple[int | float, ...]:
+    pad = MAX_TOP_LOGPROBS - len(f.top)
+    ids = [t for t, _ in f.top] + [0] * pad
+    lps = [lp for _, lp in f.top] + [0.0] * pad
+    logprob = f.logprob if f.logprob is not None else 0.0
+    return (f.token_id, f.draws, len(f.top), f.sampled_wall, logprob, *ids, *lps)
+
+
+def _unpack_first(flags: int, fields: tuple[int | float, ...]) -> FirstToken | None:
+    token, draws, n_top, wall, logprob = fields[:5]
+    if not flags & _FLAG_FIRST:
+        return None
+    n = int(n_top)
+    if n > MAX_TOP_LOGPROBS:
+        raise ProtocolError(f"first token with {n} top logprobs")
+    ids = fields[5 : 5 + n]
+    lps = fields[5 + MAX_TOP_LOGPROBS : 5 + MAX_TOP_LOGPROBS + n]
+    top = tuple((int(t), float(lp)) for t, lp in zip(ids, lps, strict=True))
+    lp = float(logprob) if flags & _FLAG_LOGPROB else None
+    return FirstToken(int(token), int(draws), lp, top, float(wall))
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Header))
@@ -205,19 +250,36 @@ def decode(buf: bytes) -> Header | Hello:
     except ValueError:
         raise ProtocolError(f"unknown message kind {body[5]}") from None
     if kind is MessageKind.HELLO:
-        _, _, _, name, rank, tp, pp, token = _HELLO.unpack(body[: _HELLO.size])
-        if tp < 1 or pp < 1 or rank >= tp * pp:
-            raise ProtocolError(f"HELLO with rank {rank} outside tp={tp} pp={pp}")
-        return Hello(_text(name, "instance name"), rank, tp, pp, token)
+        return _decode_hello(body)
+    return _decode_header(kind, body)
+
+
+def _decode_hello(body: bytes) -> Hello:
+    _, _, _, name, rank, tp, pp, token = _HELLO.unpack(body[: _HELLO.size])
+    if tp < 1 or pp < 1 or rank >= tp * pp:
+        raise ProtocolError(f"HELLO with rank {rank} outside tp={tp} pp={pp}")
+    return Hello(_text(name, "instance name"), rank, tp, pp, token)
+
+
+def _decode_header(kind: MessageKind, body: bytes) -> Header:
     fields = _HEADER.unpack(body)
     _, _, _, code, flags, tid, src, seq, layer, h0, hn, b0, bn, nl, ndim = fields[:15]
-    shape_all, nbytes, checksum = fields[15 : 15 + MAX_DIMS], fields[-2], fields[-1]
+    shape_all = fields[15 : 15 + MAX_DIMS]
+    nbytes, checksum = fields[15 + MAX_DIMS], fields[16 + MAX_DIMS]
     if code not in _DTYPES:
         raise ProtocolError(f"unknown dtype code {code}")
     if nl < 1:
         raise ProtocolError(f"layer count {nl}")
-    if flags & ~(_FLAG_CHECKSUM | _FLAG_PARTS):
+    if flags & ~_FLAGS:
         raise ProtocolError(f"unknown flags {flags:#x}")
+    if flags & (_FLAG_FIRST | _FLAG_LOGPROB) and kind is not MessageKind.END:
+        raise ProtocolError(f"{kind.name} with a first token")
+    if flags & _FLAG_LOGPROB and not flags & _FLAG_FIRST:
+        raise ProtocolError("a logprob without a first token")
+    try:
+        first = _unpack_first(flags, fields[17 + MAX_DIMS :])
+    except ValueError as e:
+        raise ProtocolError(f"bad first token: {e}") from None
     if ndim > MAX_DIMS or any(shape_all[ndim:]):
         raise ProtocolError(f"bad shape rank {ndim}")
     return Header(
@@ -236,4 +298,5 @@ def decode(buf: bytes) -> Header | Hello:
         checksum if flags & _FLAG_CHECKSUM else None,
         nl,
         bool(flags & _FLAG_PARTS),
+        first,
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.base import PENDING, SendSpec, TransferStatus
+from kv_transfer.base import PENDING, FirstToken, SendSpec, TransferStatus
 from kv_transfer.mapping import Route
 from kv_transfer.transport import Link
 
@@ -32,6 +32,7 @@ class Outbound:
     reading: int = 0  # sends still reading the source blocks (zero-copy links)
     finish_pumped: bool = False  # the pump has processed finish()
     released: threading.Event = field(default_factory=threading.Event)  # sources unread
+    registered: set[int] = field(default_factory=set)  # receiver ranks seen registered
 
 
 @dataclass(slots=True)  # one per layer sent: a frozen dataclass costs 4x to build
@@ -48,9 +49,11 @@ class SliceJob:
 
 @dataclass(frozen=True)
 class FinishJob:
-    """Send END to every receiver rank the transfer's routes reach."""
+    """Send END to every receiver rank the transfer's routes reach, with the prompt's
+    first token when this rank sampled it."""
 
     out: Outbound
+    first: FirstToken | None = None
 
 
 @dataclass(frozen=True)

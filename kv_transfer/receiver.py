@@ -12,11 +12,24 @@ Lifecycle of one transfer on one receiver rank:
                           (torch_dist, without a checksum), or already there (shm)
     landing               `land`: staging scattered and its checksum verified in the
                           same pass (else the blocks' checksum verified) -> TRANSFERRING
-    every slice landed    DONE
+    every slice landed    DONE; with `spec.first_token`, once an END has also brought
+                          the prompt's first token, which DONE's status carries
     mismatch / ABORT /    FAILED(reason)
     END with gaps /
     connection lost /
     deadline / abort()
+
+With a `registry` (the rendezvous store), `expect` publishes the transfer as open for
+this rank, and its end withdraws the record: a sender waits (bounded) for the record
+before its first slice to this rank, so the decode side may register after the
+prefill starts.
+`refuse(transfer_id, reason)` publishes a transfer this rank will not take, so that
+its sender fails at once rather than at its deadline.
+
+`on_end(transfer_id, status)`, when given, is called once per transfer that `expect`
+accepted, as soon as it is terminal, on the thread that ended it (a transport thread,
+the watchdog, or the caller of `abort`/`close`): it must not block nor call back into
+the receiver. The caller learns completion from it instead of polling.
 
 A terminal transfer first waits for payloads being received straight into its blocks,
 then is revoked at the endpoint, and only then changes state: once `poll` reports DONE
@@ -31,14 +44,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from engine.kv_cache import KVCache
 from kv_transfer.base import (
     DONE,
-    PENDING,
     TRANSFERRING,
     LocalRank,
     RecvSpec,
@@ -46,32 +59,14 @@ from kv_transfer.base import (
     failed,
 )
 from kv_transfer.header import Header, MessageKind
+from kv_transfer.inbound import Inbound, InboundTarget, Stream
 from kv_transfer.mapping import KVGeometry, plan, routes_to
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of, scatter_checksummed
+from kv_transfer.registration import Registration, publish, withdraw
+from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Stream:
-    """What one sender rank sends this rank, per layer of this rank (local index): the
-    heads, or None where it sends nothing; the next prompt block it will announce; and
-    the blocks landed. Lists, so that a message over many layers is checked and counted
-    with a few list operations rather than a Python loop over its layers."""
-
-    heads: list[tuple[int, int] | None]  # (first head, head count)
-    cursor: list[int]
-    landed: list[int]
-
-    @property
-    def num_slices(self) -> int:
-        return len(self.heads) - self.heads.count(None)
-
-    def incomplete(self, total: int) -> int:
-        return sum(
-            1 for h, n in zip(self.heads, self.landed, strict=True) if h is not None and n < total
-        )
 
 
 @dataclass(frozen=True)
@@ -80,42 +75,11 @@ class ReceiverConfig:
     tick_s: float = 0.05  # watchdog period
     history: int = 4096  # terminal states remembered for poll()
     drain_timeout_s: float = 30.0  # longest wait for in-flight direct writes when ending
+    record_ttl_s: float = 120.0  # how long a transfer's registry record lives at most
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0 or self.history < 1 or self.drain_timeout_s <= 0:
             raise ValueError(f"invalid ReceiverConfig {self}")
-
-
-@dataclass(eq=False)
-class _Inbound:
-    spec: RecvSpec
-    streams: dict[int, _Stream]  # by sender rank
-    remaining: int  # (sender rank, layer) slices not complete
-    deadline: float
-    status: TransferStatus = PENDING
-    ending: bool = False
-    writing: int = 0  # payloads being received straight into the blocks
-    peers: set[Peer] = field(default_factory=set)  # connections that announced data
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    drained: threading.Condition = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.drained = threading.Condition(self.lock)
-
-    @property
-    def total(self) -> int:
-        return len(self.spec.block_ids)
-
-    def missing_from(self, rank: int) -> int:
-        stream = self.streams.get(rank)
-        return 0 if stream is None else stream.incomplete(self.total)
-
-
-@dataclass(eq=False)
-class _Target(Target):
-    inbound: _Inbound
-    stream: _Stream
-    layers: slice  # the local layers the message covers
 
 
 class KVReceiver:
@@ -128,8 +92,11 @@ class KVReceiver:
         geometry: KVGeometry,
         endpoint: Endpoint,
         config: ReceiverConfig = ReceiverConfig(),
+        registry: RendezvousStore | None = None,
+        on_end: Callable[[str, TransferStatus], None] | None = None,
     ) -> None:
         self.me, self._geo, self._endpoint, self._cfg = me, geometry, endpoint, config
+        self._registry, self._on_end = registry, on_end
         self._cache = cache.tensor
         self._layers = geometry.layers(me.parallel, me.pp_rank)
         self._heads = geometry.heads(me.parallel, me.tp_rank)
@@ -144,7 +111,7 @@ class KVReceiver:
         self._verify = self._cache.device.type == "cpu" if config.verify is None else config.verify
         self._max_payload = self._cache[0].numel() * self._cache.element_size()
         self._lock = threading.Lock()
-        self._active: dict[str, _Inbound] = {}
+        self._active: dict[str, Inbound] = {}
         self._history: OrderedDict[str, TransferStatus] = OrderedDict()
         self._closed = threading.Event()
         endpoint.start(me, self._cache, self)
@@ -159,13 +126,13 @@ class KVReceiver:
             raise ValueError(f"block id {max(spec.block_ids)} >= num_blocks {num_blocks}")
         routes = routes_to(plan(self._geo, spec.source.parallel, self.me.parallel), self.me.rank)
         n = len(self._layers)
-        streams: dict[int, _Stream] = {}
+        streams: dict[int, Stream] = {}
         for r in routes:
-            stream = streams.setdefault(r.src, _Stream([None] * n, [spec.first_block] * n, [0] * n))
+            stream = streams.setdefault(r.src, Stream([None] * n, [spec.first_block] * n, [0] * n))
             local = slice(r.layer_start - self._layers.start, r.layer_stop - self._layers.start)
             stream.heads[local] = [(r.head_start, r.num_heads)] * len(r.layers)
         slices = sum(stream.num_slices for stream in streams.values())
-        inb = _Inbound(spec, streams, slices, time.monotonic() + spec.timeout_s)
+        inb = Inbound(spec, streams, slices, time.monotonic() + spec.timeout_s)
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("receiver is closed")
@@ -173,6 +140,17 @@ class KVReceiver:
                 raise ValueError(f"transfer {spec.transfer_id!r} already exists")
             self._endpoint.expect(spec)
             self._active[spec.transfer_id] = inb
+        self._publish(spec.transfer_id, Registration.OPEN)
+
+    def refuse(self, transfer_id: str, reason: str) -> None:
+        """Tell the transfer's sender that this rank will not take it."""
+        logger.info("refusing transfer %s: %s", transfer_id, reason)
+        self._publish(transfer_id, Registration.REFUSED)
+
+    def _publish(self, transfer_id: str, state: Registration) -> None:
+        if self._registry is not None:
+            ttl = self._cfg.record_ttl_s
+            publish(self._registry, self.me.instance, self.me.rank, transfer_id, state, ttl)
 
     def poll(self, transfer_id: str) -> TransferStatus:
         with self._lock:
@@ -253,11 +231,11 @@ class KVReceiver:
             direct = direct_ok and header.parts and region.dense
             if direct:
                 inb.writing += 1
-            return _Target(region, direct, inb, stream, layers)
+            return InboundTarget(region, direct, inb, stream, layers)
 
     def written(self, target: Target) -> None:
         """A direct receive into `target` has stopped writing (done or failed)."""
-        assert isinstance(target, _Target)
+        assert isinstance(target, InboundTarget)
         with target.inbound.drained:
             target.inbound.writing -= 1
             target.inbound.drained.notify_all()
@@ -268,7 +246,7 @@ class KVReceiver:
         """A message has arrived, in order: DATA (with its `prepare` target), END or ABORT."""
         if header.kind is MessageKind.DATA:
             if target is not None:
-                assert isinstance(target, _Target)
+                assert isinstance(target, InboundTarget)
                 self._land(peer, header, target, payload)
             return
         with self._lock:
@@ -287,6 +265,10 @@ class KVReceiver:
                         inb,
                         failed(f"sender {peer.id} ended with {missing} layer slices incomplete"),
                     )
+                elif header.first is not None and inb.first is None:
+                    inb.first = header.first
+                    if inb.remaining == 0:
+                        self._end_locked(inb, DONE)
 
     def on_peer_lost(self, peer: Peer, reason: str) -> None:
         with self._lock:
@@ -299,13 +281,15 @@ class KVReceiver:
     # ---- landing ----------------------------------------------------------------------
 
     @staticmethod
-    def _from_source(inb: _Inbound, peer: Peer) -> bool:
+    def _from_source(inb: Inbound, peer: Peer) -> bool:
         return (peer.id.instance, peer.parallel) == (
             inb.spec.source.name,
             inb.spec.source.parallel,
         )
 
-    def _land(self, peer: Peer, h: Header, target: _Target, payload: torch.Tensor | None) -> None:
+    def _land(
+        self, peer: Peer, h: Header, target: InboundTarget, payload: torch.Tensor | None
+    ) -> None:
         inb, region = target.inbound, target.region
         verify = self._verify and h.checksum is not None
         mismatch = (
@@ -335,14 +319,14 @@ class KVReceiver:
             landed = [n + h.block_count for n in target.stream.landed[target.layers]]
             target.stream.landed[target.layers] = landed
             inb.remaining -= landed.count(inb.total)  # each message adds blocks: newly full
-            if inb.remaining == 0:
+            if inb.remaining == 0 and (inb.first is not None or not inb.spec.first_token):
                 self._end_locked(inb, DONE)
             else:
                 inb.status = TRANSFERRING
 
     def _check(
-        self, inb: _Inbound, peer: Peer, h: Header
-    ) -> tuple[BlockRegion | LayerSpan, _Stream, slice] | str:
+        self, inb: Inbound, peer: Peer, h: Header
+    ) -> tuple[BlockRegion | LayerSpan, Stream, slice] | str:
         """The destination of a DATA message (its region, and the sender's stream and
         local layers), or why it does not belong here."""
         stream = inb.streams.get(peer.id.rank)
@@ -371,7 +355,7 @@ class KVReceiver:
 
     # ---- endings ------------------------------------------------------------------------
 
-    def _end_locked(self, inb: _Inbound, status: TransferStatus) -> None:
+    def _end_locked(self, inb: Inbound, status: TransferStatus) -> None:
         """Drain direct writes, revoke, then publish the terminal state. Holds `inb.lock`."""
         if inb.status.terminal or inb.ending:
             return
@@ -385,31 +369,37 @@ class KVReceiver:
             self._endpoint.revoke(inb.spec.transfer_id)
         except Exception:
             logger.exception("revoking transfer %s", inb.spec.transfer_id)
+        if status.reason is None:
+            status = status.with_first(inb.first)
         inb.status = status = status.ended_now()
+        tid = inb.spec.transfer_id
         with self._lock:
-            self._active.pop(inb.spec.transfer_id, None)
-            self._history[inb.spec.transfer_id] = status
+            self._active.pop(tid, None)
+            self._history[tid] = status
             while len(self._history) > self._cfg.history:
                 self._history.popitem(last=False)
         if status.reason is not None:
-            logger.warning(
-                "transfer %s failed on receiver %s: %s",
-                inb.spec.transfer_id,
-                self.me.id,
-                status.reason,
-            )
+            logger.warning("transfer %s failed on receiver %s: %s", tid, self.me.id, status.reason)
+        if self._on_end is not None:
+            try:
+                self._on_end(tid, status)
+            except Exception:
+                logger.exception("transfer %s: on_end failed", tid)
+        if self._registry is not None:
+            withdraw(self._registry, self.me.instance, self.me.rank, tid)
 
-    def _fail(self, inb: _Inbound, reason: str) -> None:
+    def _fail(self, inb: Inbound, reason: str) -> None:
         with inb.lock:
             self._end_locked(inb, failed(reason))
 
     @staticmethod
-    def _timeout_status(inb: _Inbound) -> TransferStatus:
+    def _timeout_status(inb: Inbound) -> TransferStatus:
         missing = sum(stream.incomplete(inb.total) for stream in inb.streams.values())
         slices = sum(stream.num_slices for stream in inb.streams.values())
+        first = " and no first token" if inb.spec.first_token and inb.first is None else ""
         return failed(
             f"timed out after {inb.spec.timeout_s:g}s with {missing} of "
-            f"{slices} layer slices incomplete"
+            f"{slices} layer slices incomplete{first}"
         )
 
     def _watch(self) -> None:

@@ -7,7 +7,8 @@ Lifecycle of one transfer on one sender rank:
         pump thread             for each route that wants the layer: Link.send the source
                                 region (the link copies it out and checksums what it
                                 read) -> TRANSFERRING
-    finish()                    engine thread: queue END, return once the pump has read
+    finish(first=...)           engine thread: queue END (with the prompt's first token,
+                                on the rank that sampled it), return once the pump has read
                                 every source block of the transfer (zero-copy links:
                                 once those sends completed); with wait=False at once,
                                 and the caller holds the blocks until `reading` is
@@ -26,7 +27,11 @@ gets them as one message of up to `max_span_bytes` (by default, the link's own s
 one header and one checksum for the span, and one copy (shm) or one staged send
 (torch_dist).
 Links are created lazily per receiver rank and reused; a broken link is dropped and the
-next transfer that needs the pair connects again.
+next transfer that needs the pair connects again. With a `registry`, the pump waits
+(bounded by `register_timeout_s` and the deadline) before a transfer's first message to
+a receiver rank until that rank registered it (kv_transfer/registration.py), so the
+decode side may reserve its blocks while the prompt computes; meanwhile other
+transfers' slices wait behind it.
 
 A transfer's record (`Outbound`) and the pump's jobs live in kv_transfer/outbound.py.
 """
@@ -46,6 +51,7 @@ import torch
 from engine.kv_cache import KVCache
 from kv_transfer.base import (
     TRANSFERRING,
+    FirstToken,
     LocalRank,
     RankId,
     SendSpec,
@@ -58,6 +64,8 @@ from kv_transfer.header import Header, MessageKind
 from kv_transfer.mapping import KVGeometry, plan, routes_by_layer, routes_from
 from kv_transfer.outbound import AbortJob, FinishJob, Job, Outbound, SliceJob
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of
+from kv_transfer.registration import wait_open
+from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Completion, Connector, Link
 
 logger = logging.getLogger(__name__)
@@ -72,6 +80,7 @@ class SenderConfig:
     history: int = 4096  # terminal states remembered for poll()
     # One message's bytes when layers are coalesced; None: each link's own size.
     max_span_bytes: int | None = None
+    register_timeout_s: float = 10.0  # longest wait for a receiver rank's registration
 
     def __post_init__(self) -> None:
         span = 1 if self.max_span_bytes is None else self.max_span_bytes
@@ -89,8 +98,10 @@ class KVSender:
         geometry: KVGeometry,
         connector: Connector,
         config: SenderConfig = SenderConfig(),
+        registry: RendezvousStore | None = None,
     ) -> None:
         self.me, self._geo, self._connector, self._cfg = me, geometry, connector, config
+        self._registry = registry
         self._cache = cache.tensor
         self._on_cuda = self._cache.device.type == "cuda"
         self._block_bytes = self._cache[0, :, 0].numel() * self._cache.element_size()
@@ -158,7 +169,7 @@ class KVSender:
             ready.record()
         self._jobs.put(SliceJob(out, layer, ids, first_block + skip, ready))
 
-    def finish(self, transfer_id: str, wait: bool = True) -> None:
+    def finish(self, transfer_id: str, wait: bool = True, first: FirstToken | None = None) -> None:
         with self._lock:
             out = self._get(transfer_id)
             if out is None:
@@ -166,7 +177,7 @@ class KVSender:
             if out.finishing:
                 raise RuntimeError(f"finish called twice for {transfer_id!r}")
             out.finishing = True
-        self._jobs.put(FinishJob(out))
+        self._jobs.put(FinishJob(out, first))
         if not wait:
             return  # the caller holds the blocks until the transfer is terminal
         wait_s = max(0.0, out.deadline - time.monotonic()) + self._cfg.op_timeout_s
@@ -321,7 +332,7 @@ class KVSender:
                 if isinstance(job, SliceJob):
                     self._send_slices(self._coalesce(job))
                 elif isinstance(job, FinishJob):
-                    self._send_control(job.out, MessageKind.END)
+                    self._send_control(job.out, MessageKind.END, job.first)
                 else:
                     self._send_control(job.out, MessageKind.ABORT)
             except TransferError as e:
@@ -336,6 +347,20 @@ class KVSender:
                         job.out.finish_pumped = True
                     self._maybe_release_locked(job.out)
             self._reap_deadlines()
+
+    def _await_registered(self, out: Outbound, dst_rank: int) -> None:
+        """Return once receiver rank `dst_rank` registered the transfer (at once without
+        a registry, or when it did before); raise TransferError if it will not."""
+        if self._registry is None or dst_rank in out.registered:
+            return
+        deadline = min(out.deadline, time.monotonic() + self._cfg.register_timeout_s)
+        dest, tid = out.spec.dest.name, out.spec.transfer_id
+        error = wait_open(
+            self._registry, dest, dst_rank, tid, deadline, lambda: out.status.terminal
+        )
+        if error is not None:
+            raise TransferError(error)
+        out.registered.add(dst_rank)
 
     def _link(self, out: Outbound, dst_rank: int) -> Link:
         peer = RankId(out.spec.dest.name, dst_rank)
@@ -449,20 +474,25 @@ class KVSender:
                 nbytes=source.nbytes,
                 layer_count=len(group),
             )
+            self._await_registered(out, route.dst)
             self._wait_for_room(out)
             if out.status.terminal:
                 return
             self._send(out, self._link(out, route.dst), header, source, self._checksum)
 
-    def _send_control(self, out: Outbound, kind: MessageKind) -> None:
+    def _send_control(
+        self, out: Outbound, kind: MessageKind, first: FirstToken | None = None
+    ) -> None:
         if kind is MessageKind.END and out.status.terminal:
             return
         dsts = sorted({r.dst for routes in out.by_layer.values() for r in routes})
         for dst in dsts:
-            header = Header(kind, out.spec.transfer_id, self.me.rank)
             if kind is MessageKind.END:
+                self._await_registered(out, dst)
+                header = Header(kind, out.spec.transfer_id, self.me.rank, first=first)
                 self._send(out, self._link(out, dst), header, None)
                 continue
+            header = Header(kind, out.spec.transfer_id, self.me.rank)
             try:  # ABORT is best effort: the receiver's deadline is the backstop
                 self._link(out, dst).send(header, None)
             except TransferError as e:

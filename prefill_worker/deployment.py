@@ -4,11 +4,11 @@ Lifecycle of a replica:
 
     __init__     build the engine with a kv_transfer `SendHook` on its forward pass and a
                  `KVSender` over the configured transport; start the engine thread
-                 (the decode worker's `EngineLoop`) and register in the registry. With
+                 (`worker.engine_loop`) and register in the registry. With
                  tp x pp > 1 this replica is rank 0, and every other rank (a Ray actor
                  in the replica's placement group) has its own hook and sender for its
                  own KV slices (`worker.ranks`)
-    prefill()    one prompt, after the decode replica reserved blocks for it:
+    prefill()    one prompt, sent by the router at the same time as the decode request:
                    register the transfer with every rank's hook, then on rank 0 queue
                    the prompt with
                    max_tokens=1 (one engine command, so no step runs in between)
@@ -18,11 +18,16 @@ Lifecycle of a replica:
                    the decode replica's blocks while the next layer computes
                    the hook pins every block it queues (`BlockPins`), since the sender
                    may send them straight from the cache after the engine is done with
-                   them; the chunk that completes the prompt samples the first token,
-                   the hook's `finish` returns at once, and the engine frees the
-                   request (full prompt blocks stay as prefix cache)
-                   wait (bounded) for every rank's sender to report DONE; return the
-                   first token and timings, or why it failed
+                   them. Each sender's first message to a decode rank waits (bounded)
+                   until that rank registered the transfer (the decode replica
+                   reserves its blocks meanwhile; a refusal fails it at once). The
+                   chunk that completes the prompt samples the first token; rank 0's
+                   hook then finishes the transfer with it, and END carries it (and
+                   its logprobs and sampler draws) to the decode replica, which
+                   continues from it; the engine frees the request (full prompt
+                   blocks stay as prefix cache)
+                   wait (bounded) for every rank's sender to report DONE; return
+                   success and timings, or why it failed (for the router's metrics)
                  If the caller goes away first, the transfer and the request are
                  aborted and the blocks freed. Either way, the pins are released in the
                  background once no rank's sender reads the blocks any more (at once
@@ -100,16 +105,21 @@ class PrefillWorker:
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")
-        self._hook = SendHook(settings.engine.block_size)
-        self._rt = WorkerRuntime(settings, replica_unique_id(), layer_hook=self._hook)
-        connector = sender_connector(
-            settings, self._rt.rendezvous(), transfer_host(settings.transfer_host)
+        self._hook = SendHook(settings.engine.block_size, first_token=True)
+        self._rt = WorkerRuntime(
+            settings,
+            replica_unique_id(),
+            layer_hook=self._hook,
+            output_hook=self._hook.on_outputs,
         )
+        rendezvous = self._rt.rendezvous()
+        connector = sender_connector(settings, rendezvous, transfer_host(settings.transfer_host))
         self._sender = KVSender(
             local_rank(settings, self._rt.instance_id, 0),
             self._rt.engine.kv_cache,
             self._rt.geometry,
             connector,
+            registry=rendezvous,
         )
         self._pins = BlockPins(self._rt.engine.block_pool)
         self._hook.bind(self._sender, self._pins)
@@ -156,7 +166,6 @@ class PrefillWorker:
                 return PrefillOutcome(ok=False, reason=f"rejected: {e}")
             deadline = time.monotonic() + request.timeout_s
             final = await self._first_token(stream, deadline)
-            first_wall = stream.posted_wall
             failure = await self._sent(request.transfer_id, deadline)
             settled = True
             if failure is not None:
@@ -165,13 +174,9 @@ class PrefillWorker:
             m = final.metrics
             return PrefillOutcome(
                 ok=True,
-                first_token_id=final.token_ids[0],
-                first_logprob=final.logprobs[0] if final.logprobs else None,
-                sampler_state=final.sampler_state,
                 queue_s=m.queue_s if m is not None else 0.0,
                 prefill_s=m.prefill_s if m is not None else 0.0,
                 cached_prompt_tokens=m.num_cached_tokens if m is not None else 0,
-                first_token_wall=first_wall,
             )
         finally:
             loop.close_stream(rid)

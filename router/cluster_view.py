@@ -218,6 +218,11 @@ class ClusterView:
     def sent(self, instance_id: str, request_id: str, prefill_tokens: int) -> None:
         self._sent.setdefault(instance_id, {})[request_id] = _Sent(time.time(), prefill_tokens)
 
+    @property
+    def num_sent(self) -> int:
+        """Requests sent to some instance and not done there (for leak checks)."""
+        return sum(len(sent) for sent in self._sent.values())
+
     def done(self, instance_id: str, request_id: str) -> None:
         sent = self._sent.get(instance_id)
         if sent is not None:

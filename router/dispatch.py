@@ -4,22 +4,26 @@ Colocated path (the policy chose no prefill instance):
 
     decode.generate(request)              TokenChunks; each becomes a Delta
 
-Disaggregated path:
+Disaggregated path: both calls go out at once, with the transfer id and the plan the
+router assigned.
 
-    decode.generate(request + plan)       first item: Reserved. remote=False means the
-                                          decode instance had no room for the transfer
-                                          and prefills the prompt itself
-    prefill.prefill(...)                  computes the prompt, pushes its KV into the
-                                          reserved blocks, returns the first token
-                                          (bounded; an error becomes a failed outcome)
-    decode.complete_remote_prefill(...)   relays the outcome: the decode instance
-                                          commits on DONE, or recomputes (a fallback)
-    then TokenChunks as above
+    decode.generate(request + plan)       the decode instance holds blocks for the
+                                          prompt and registers the transfer; once its KV
+                                          and first token land it streams TokenChunks,
+                                          as on the colocated path. A transfer that fails
+                                          or is late, or no room for it, makes it prefill
+                                          the prompt itself (a counted fallback, which
+                                          the final chunk names)
+    prefill.prefill(...)                  computes the prompt and pushes its KV and
+                                          first token to the decode instance; its result
+                                          only feeds metrics and the final timings
 
-Cleanup: unless the stream finished, the decode stream is cancelled and `abort` goes to
-every instance involved, in a background task with a bound, so blocks and transfers are
-freed even when the client's cancellation interrupts a call. Every wait on a pool is
-bounded: the first item by `dispatch_timeout_s`, each later one by
+The router only relays the decode stream. Cleanup: unless the stream finished, the
+decode stream is cancelled and `abort` goes to every instance involved, in a background
+task with a bound, so blocks and transfers are freed even when the client's
+cancellation interrupts a call; a failed prefill is aborted the same way. Every wait on
+a pool is bounded: the first chunk by `dispatch_timeout_s` (colocated) or
+`stream_idle_timeout_s` (disaggregated: it follows the transfer), each later one by
 `stream_idle_timeout_s`, the prefill by `prefill_timeout_s`.
 """
 
@@ -43,11 +47,9 @@ from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
 from router.worker_errors import worker_error
 from worker.messages import (
-    FallbackReason,
     PrefillOutcome,
     PrefillRequest,
     RemotePrefillPlan,
-    Reserved,
     TokenChunk,
     WorkerRequest,
 )
@@ -62,6 +64,34 @@ class DispatchTimeouts:
     prefill_s: float  # a whole remote prefill
     transfer_s: float  # the KV transfer's own deadline (both roles)
     abort_s: float = 10.0
+
+
+@dataclass
+class _Call:
+    """One request's calls in flight: the decode stream and, disaggregated, the prefill."""
+
+    rid: str
+    route: RouteDecision
+    arrival: float  # time.monotonic() at the router
+    stream: Any  # the decode stream (a Serve response generator)
+    prefill: asyncio.Task[PrefillOutcome] | None = None
+    finished: bool = False
+    closed: bool = False
+    first_at: float | None = None  # time.monotonic() of the first token
+
+    @property
+    def prefill_failed(self) -> bool:
+        p = self.prefill
+        return p is not None and p.done() and not p.cancelled() and not p.result().ok
+
+    @property
+    def decode_pin(self) -> str:
+        return self.route.decode.address
+
+    @property
+    def prefill_pin(self) -> str | None:
+        p = self.route.prefill
+        return p.address if p is not None and self.prefill is not None else None
 
 
 class Dispatcher:
@@ -80,76 +110,82 @@ class Dispatcher:
         self._t = timeouts
         self._metrics = metrics
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._prefills: set[asyncio.Task[PrefillOutcome]] = set()
 
     async def run(
         self, rid: str, req: ValidRequest, route: RouteDecision, arrival: float, arrival_wall: float
     ) -> AsyncIterator[Delta]:
         """Stream the request's deltas; `arrival` is its time.monotonic() at the router."""
-        n_prompt = len(req.prompt_token_ids)
-        remote = route.prefill if self._prefill is not None else None
-        plan = None
-        if remote is not None:
-            plan = RemotePrefillPlan(
-                f"xfer-{uuid.uuid4().hex}",
-                remote.instance_id,
-                self._t.transfer_s,
-                Parallelism(remote.tp, remote.pp),
-            )
-        wreq = WorkerRequest(rid, req.prompt_token_ids, req.params, arrival_wall, plan)
-        decode_pin = route.decode.address
-        self._view.sent(route.decode.instance_id, rid, 0 if plan else n_prompt)
-        if remote is not None:
-            self._view.sent(remote.instance_id, rid, n_prompt)
-        stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: decode_pin})
-        it = stream.__aiter__()
-        finished = False
-        prefill_started = False
-        outcome: PrefillOutcome | None = None
+        call = self._start(rid, req, route, arrival, arrival_wall)
         try:
-            if plan is not None and remote is not None:
-                first = await self._next(it, self._t.dispatch_s, "the decode instance", decode_pin)
-                if not isinstance(first, Reserved):
-                    raise RouterError(
-                        ErrorKind.INTERNAL, "decode stream did not start with Reserved"
-                    )
-                if first.remote:
-                    prefill_started = True
-                    outcome = await self._remote_prefill(rid, plan, req, remote.address, route)
-                    await asyncio.wait_for(
-                        self._decode.complete_remote_prefill.remote(
-                            rid, outcome, **{PIN_KWARG: decode_pin}
-                        ),
-                        self._t.dispatch_s,
-                    )
-                else:
-                    self._metrics.fallback(FallbackReason.DECODE_FULL)
-                    logger.info("request %s prefills on decode: %s", rid, first.reason)
-                self._view.done(remote.instance_id, rid)
-            timeout = self._t.dispatch_s if plan is None else self._t.stream_idle_s
-            first_at: float | None = None
-            while True:
-                item = await self._next(it, timeout, "the decode instance", decode_pin)
-                timeout = self._t.stream_idle_s
-                if not isinstance(item, TokenChunk):
-                    raise RouterError(ErrorKind.INTERNAL, f"unexpected {type(item).__name__}")
-                if item.token_ids and first_at is None:
-                    first_at = time.monotonic()
-                finish = None
-                if item.finished:
-                    finish = self._finish(item, outcome, arrival, first_at)
-                    finished = True
-                yield Delta(rid, item.token_ids, item.text, item.logprobs, finish)
-                if finished:
-                    return
+            async for delta in self._relay(call):
+                yield delta
         finally:
-            self._view.done(route.decode.instance_id, rid)
-            if remote is not None:
-                self._view.done(remote.instance_id, rid)
-            if not finished:
-                stream.cancel()
-                self._cleanup(
-                    rid, decode_pin, remote.address if prefill_started and remote else None
-                )
+            self._close(call)
+
+    def _start(
+        self, rid: str, req: ValidRequest, route: RouteDecision, arrival: float, wall: float
+    ) -> _Call:
+        """Send the decode request and, disaggregated, the prefill, at the same time."""
+        remote = route.prefill if self._prefill is not None else None
+        plan = self._plan(remote) if remote is not None else None
+        n_prompt = len(req.prompt_token_ids)
+        wreq = WorkerRequest(rid, req.prompt_token_ids, req.params, wall, plan)
+        self._view.sent(route.decode.instance_id, rid, 0 if plan else n_prompt)
+        stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: route.decode.address})
+        call = _Call(rid, route, arrival, stream)
+        if plan is not None and remote is not None:
+            self._view.sent(remote.instance_id, rid, n_prompt)
+            preq = PrefillRequest(
+                rid,
+                plan.transfer_id,
+                req.prompt_token_ids,
+                req.params,
+                route.decode.instance_id,
+                plan.timeout_s,
+                Parallelism(route.decode.tp, route.decode.pp),
+            )
+            call.prefill = asyncio.get_running_loop().create_task(self._run_prefill(call, preq))
+            self._prefills.add(call.prefill)
+            call.prefill.add_done_callback(self._prefills.discard)
+        return call
+
+    def _plan(self, remote: Any) -> RemotePrefillPlan:
+        return RemotePrefillPlan(
+            f"xfer-{uuid.uuid4().hex}",
+            remote.instance_id,
+            self._t.transfer_s,
+            Parallelism(remote.tp, remote.pp),
+        )
+
+    async def _relay(self, call: _Call) -> AsyncIterator[Delta]:
+        """The decode stream's chunks as deltas, until the finished one."""
+        it = call.stream.__aiter__()
+        timeout = self._t.dispatch_s if call.prefill is None else self._t.stream_idle_s
+        while not call.finished:
+            item = await self._next(it, timeout, "the decode instance", call.decode_pin)
+            timeout = self._t.stream_idle_s
+            if not isinstance(item, TokenChunk):
+                raise RouterError(ErrorKind.INTERNAL, f"unexpected {type(item).__name__}")
+            if item.token_ids and call.first_at is None:
+                call.first_at = time.monotonic()
+            if not item.finished:
+                yield Delta(call.rid, item.token_ids, item.text, item.logprobs)
+                continue
+            async for delta in self._last(call, item):
+                yield delta
+
+    async def _last(self, call: _Call, item: TokenChunk) -> AsyncIterator[Delta]:
+        """The finished chunk. A disaggregated request's Finish takes the prefill's
+        timings: when they are not in yet, the tokens go first and the Finish follows."""
+        disagg = item.final is not None and item.final.disaggregated
+        if disagg and call.prefill is not None and not call.prefill.done() and item.token_ids:
+            yield Delta(call.rid, item.token_ids, item.text, item.logprobs)
+            item = TokenChunk((), "", (), True, item.finish_reason, item.stop_reason, item.final)
+        outcome = await self._outcome(call) if disagg else None
+        call.finished = True
+        finish = self._finish(item, outcome, call)
+        yield Delta(call.rid, item.token_ids, item.text, item.logprobs, finish)
 
     async def _next(self, it: Any, timeout: float, what: str, pin: str) -> Any:
         try:
@@ -160,54 +196,73 @@ class Dispatcher:
             self._view.failed(pin, e, what)
             raise worker_error(e, what) from e
 
-    async def _remote_prefill(
-        self, rid: str, plan: RemotePrefillPlan, req: ValidRequest, pin: str, route: RouteDecision
-    ) -> PrefillOutcome:
-        assert self._prefill is not None
-        preq = PrefillRequest(
-            rid,
-            plan.transfer_id,
-            req.prompt_token_ids,
-            req.params,
-            route.decode.instance_id,
-            plan.timeout_s,
-            Parallelism(route.decode.tp, route.decode.pp),
-        )
+    async def _run_prefill(self, call: _Call, preq: PrefillRequest) -> PrefillOutcome:
+        """The prefill call, bounded; its failure is an outcome (the decode instance
+        falls back by itself), and then the prefill instance is told to abort."""
+        assert self._prefill is not None and call.route.prefill is not None
+        pin = call.route.prefill.address
         try:
             out: PrefillOutcome = await asyncio.wait_for(
                 self._prefill.prefill.remote(preq, **{PIN_KWARG: pin}), self._t.prefill_s
             )
-            return out
         except asyncio.CancelledError:
             raise
         except Exception as e:
             self._view.failed(pin, e, "the prefill instance")
-            logger.warning(
-                "request %s: prefill failed: %s", rid, worker_error(e, "prefill").message
-            )
-            return PrefillOutcome(ok=False, reason=worker_error(e, "the prefill instance").message)
+            out = PrefillOutcome(ok=False, reason=worker_error(e, "the prefill instance").message)
+        finally:
+            self._view.done(call.route.prefill.instance_id, call.rid)
+        if not out.ok:
+            logger.warning("request %s: prefill failed: %s", call.rid, out.reason)
+            self._metrics.prefill_failures.inc()
+            if call.closed:  # the stream is over: nobody else will clean up
+                self._cleanup(call.rid, None, pin)
+        return out
 
-    def _finish(
-        self,
-        item: TokenChunk,
-        outcome: PrefillOutcome | None,
-        arrival: float,
-        first_at: float | None,
-    ) -> Finish:
+    async def _outcome(self, call: _Call) -> PrefillOutcome | None:
+        """The prefill's outcome for the final timings: normally in by the time the
+        stream ends (the first token went out with the KV); bounded otherwise."""
+        if call.prefill is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(call.prefill), self._t.abort_s)
+        except TimeoutError:
+            return None
+
+    def _close(self, call: _Call) -> None:
+        """Unless the stream finished, cancel it and abort the request on every instance
+        involved; a prefill that failed is aborted either way."""
+        call.closed = True
+        self._view.done(call.route.decode.instance_id, call.rid)
+        running = call.prefill is not None and not call.prefill.done()
+        prefill_pin = call.prefill_pin if running or call.prefill_failed else None
+        if call.finished:
+            if call.prefill_failed:
+                self._cleanup(call.rid, None, prefill_pin)
+            return
+        call.stream.cancel()
+        if running and call.prefill is not None:
+            call.prefill.cancel()
+        self._cleanup(call.rid, call.decode_pin, prefill_pin)
+
+    @property
+    def num_pending(self) -> int:
+        """Prefill calls and cleanups still running (for leak checks)."""
+        return len(self._prefills) + len(self._cleanups)
+
+    def _finish(self, item: TokenChunk, outcome: PrefillOutcome | None, call: _Call) -> Finish:
         final = item.final
         if final is None:
             raise RouterError(ErrorKind.INTERNAL, "the last chunk carried no stats")
         if final.fallback is not None:
             self._metrics.fallback(final.fallback)
-        disagg = final.disaggregated and outcome is not None and outcome.ok
-        prefill_s = outcome.prefill_s if disagg and outcome is not None else final.prefill_s
-        cached = (
-            outcome.cached_prompt_tokens
-            if disagg and outcome is not None
-            else final.cached_prompt_tokens
-        )
+        disagg = final.disaggregated
+        remote = outcome if disagg and outcome is not None and outcome.ok else None
+        prefill_s = remote.prefill_s if remote is not None else final.prefill_s
+        cached = remote.cached_prompt_tokens if remote is not None else final.cached_prompt_tokens
         kv_s = final.kv_transfer_s if disagg else 0.0
-        ttft = ((first_at if first_at is not None else time.monotonic()) - arrival) * 1000
+        first_at = call.first_at if call.first_at is not None else time.monotonic()
+        ttft = (first_at - call.arrival) * 1000
         timings = Timings(
             queue_ms=max(0.0, ttft - prefill_s * 1000 - kv_s * 1000),
             prefill_ms=prefill_s * 1000,
@@ -219,13 +274,15 @@ class Dispatcher:
         usage = Usage(final.prompt_tokens, final.completion_tokens, cached)
         return Finish(item.finish_reason or "stop", item.stop_reason, usage, timings)
 
-    def _cleanup(self, rid: str, decode_pin: str, prefill_pin: str | None) -> None:
+    def _cleanup(self, rid: str, decode_pin: str | None, prefill_pin: str | None) -> None:
         task = asyncio.get_running_loop().create_task(self._abort(rid, decode_pin, prefill_pin))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _abort(self, rid: str, decode_pin: str, prefill_pin: str | None) -> None:
-        calls = [self._decode.abort.remote(rid, **{PIN_KWARG: decode_pin})]
+    async def _abort(self, rid: str, decode_pin: str | None, prefill_pin: str | None) -> None:
+        calls = []
+        if decode_pin is not None:
+            calls.append(self._decode.abort.remote(rid, **{PIN_KWARG: decode_pin}))
         if prefill_pin is not None and self._prefill is not None:
             calls.append(self._prefill.abort.remote(rid, **{PIN_KWARG: prefill_pin}))
         for call in calls:

@@ -70,6 +70,9 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.prefill_failures = Counter(
+            "pdserve_prefill_failures", "Remote prefill calls that failed", registry=r
+        )
         self.transfer_failures = Counter(
             "pdserve_kv_transfer_failures", "KV transfers that failed", registry=r
         )

@@ -5,8 +5,11 @@ streamed item is one of these frozen dataclasses (Ray pickles them between Ray's
 processes; nothing here ever comes from a client connection). Ids are assigned by the
 router: `request_id` for the request, `transfer_id` for its KV transfer.
 
-Decode stream of one request: `Reserved` first when the request asked for a remote
-prefill, then `TokenChunk`s; the last chunk has `finished` set and carries `FinalStats`.
+Disaggregated, the router sends a `WorkerRequest` with a `RemotePrefillPlan` to the
+decode pool and a `PrefillRequest` with the same transfer id to the prefill pool at the
+same time. The decode stream is `TokenChunk`s; the last chunk has `finished` set and
+carries `FinalStats`. The prompt's first token travels with its KV (kv_transfer's
+header), so the prefill's `PrefillOutcome` only reports success and timings.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ class FallbackReason(StrEnum):
     The value is the label of the router's fallback metric."""
 
     DECODE_FULL = "decode_full"  # no free blocks or transfer slot for the transfer
-    TRANSFER_FAILED = "transfer"  # the KV transfer failed or timed out
-    PREFILL_FAILED = "prefill"  # the prefill instance failed or rejected the prompt
-    FIRST_TOKEN_LATE = "first_token_late"  # no first token from the prefill in time
+    # the KV transfer (with the first token) failed or timed out, the prefill instance's
+    # failure included: its sender aborts the transfer
+    TRANSFER_FAILED = "transfer"
 
 
 @dataclass(frozen=True)
@@ -78,16 +81,6 @@ class WorkerRequest:
 
 
 @dataclass(frozen=True)
-class Reserved:
-    """First item of a remote-prefill stream: whether blocks were reserved for the
-    transfer. False means the replica queued the prompt for a local prefill instead
-    (no free blocks or transfer slots), so the router must not start a prefill."""
-
-    remote: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
 class FinalStats:
     prompt_tokens: int
     completion_tokens: int
@@ -112,9 +105,6 @@ class TokenChunk:
     final: FinalStats | None = None
 
 
-WorkerEvent = Reserved | TokenChunk
-
-
 @dataclass(frozen=True)
 class PrefillRequest:
     request_id: str
@@ -130,17 +120,14 @@ class PrefillRequest:
 
 @dataclass(frozen=True)
 class PrefillOutcome:
-    """What a prefill replica reports once the prompt is computed and its KV sent."""
+    """What a prefill replica reports once the prompt is computed and its KV sent (the
+    first token went with the KV): for the router's metrics and cleanup."""
 
     ok: bool
-    first_token_id: int = -1
-    first_logprob: TokenLogprob | None = None
-    sampler_state: bytes | None = None  # a seeded request's generator after the first token
     reason: str = ""
     queue_s: float = 0.0
     prefill_s: float = 0.0
     cached_prompt_tokens: int = 0
-    first_token_wall: float = 0.0  # time.time() when the first token was sampled
 
 
 @dataclass(frozen=True)

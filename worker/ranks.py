@@ -19,8 +19,9 @@ Lifecycle:
                                      the transfer is sent once every rank reports DONE;
                                      rank 0's block pins cover every rank's sources,
                                      until no rank's sender reads them
-                            decode   `decode_worker.ranked_receiver` expects the transfer on every
-                                     rank; it is DONE once every rank's receiver is
+                            decode   rank 0's `RemoteKV` (decode_worker/remote_kv.py)
+                                     expects the transfer on every rank; it is DONE
+                                     once every rank's receiver is
     close()               after rank 0's engine broadcast STOP: each actor's thread ends,
                           its role objects close, and the actors are killed
 
@@ -153,9 +154,8 @@ class RankActor:
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
         if settings.role is Role.PREFILL:
-            self._sender = KVSender(
-                me, self._worker.kv, geometry, sender_connector(settings, rendezvous, host)
-            )
+            connector = sender_connector(settings, rendezvous, host)
+            self._sender = KVSender(me, self._worker.kv, geometry, connector, registry=rendezvous)
             hook = SendHook(
                 settings.engine.block_size,
                 self._sender,
@@ -166,7 +166,9 @@ class RankActor:
         elif settings.role is Role.DECODE:
             segment = self._storage.segment if self._storage is not None else None
             endpoint = receiver_endpoint(settings, rendezvous, host, segment, geometry)
-            self._receiver = KVReceiver(me, self._worker.kv, geometry, endpoint)
+            self._receiver = KVReceiver(
+                me, self._worker.kv, geometry, endpoint, registry=rendezvous
+            )
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._serve, name=f"rank-{rank}", daemon=True)
         self._thread.start()
@@ -206,6 +208,10 @@ class RankActor:
     def abort_recv(self, transfer_id: str, reason: str) -> None:
         if self._receiver is not None:
             self._receiver.abort(transfer_id, reason)
+
+    def refuse(self, transfer_id: str, reason: str) -> None:
+        if self._receiver is not None:
+            self._receiver.refuse(transfer_id, reason)
 
     # -- both ----------------------------------------------------------------------------
 

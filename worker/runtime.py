@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from engine import LLMEngine
 from engine.forward_hooks import LayerHook
-from engine.llm_engine import KVStorage
+from engine.llm_engine import KVStorage, OutputHook
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RedisRendezvous
 from registry import InstanceInfo, Registry, connect
@@ -52,6 +52,7 @@ class WorkerRuntime:
         *,
         layer_hook: LayerHook | None = None,
         kv_storage: KVStorage | None = None,
+        output_hook: OutputHook | None = None,
         tick: Callable[[], None] | None = None,
         busy: Callable[[], bool] | None = None,
     ) -> None:
@@ -91,6 +92,7 @@ class WorkerRuntime:
                 kv_storage=kv_storage,
                 cache_listener=self.presence.on_cache_event,
                 groups=self.ranks.groups if self.ranks is not None else None,
+                output_hook=output_hook,
             )
         except BaseException:
             if self.ranks is not None:

@@ -49,7 +49,7 @@ def _prefill_then_decode(tiny_model_dir, make_llm, params: SamplingParams):
     first_params = SamplingParams(**{**params.__dict__, "max_tokens": 1})
     (first,) = prefill.generate([PROMPT], first_params)
     out = decode.engine.commit_remote_prefill(
-        "r", first.token_ids[0], first.logprobs[0] if first.logprobs else None, first.sampler_state
+        "r", first.token_ids[0], first.logprobs[0] if first.logprobs else None, first.sampler_draws
     )
     tokens = list(out.token_ids)
     logprobs = list(out.logprobs or [])

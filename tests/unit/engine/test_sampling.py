@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from engine import SamplingParams
-from engine.sampling import Sampler
+from engine.sampling import Sampler, skip_draws
 
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], [42] * 20]
 
@@ -73,3 +74,20 @@ def test_top_k_and_top_p_restrict_support() -> None:
     assert topp[2:].sum() == 0 and topp[1] > 0
     cold = _draws(logits, SamplingParams(temperature=0.05), 200)
     assert cold[0] == 200
+
+
+def test_skip_draws_continues_another_generators_stream() -> None:
+    """(seed, draws) is enough to continue a seeded request's random stream elsewhere,
+    whatever the distributions the first draws came from."""
+    vocab = 50
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=5)]
+    logits = [torch.randn(1, vocab, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    sampler = Sampler()
+    here = torch.Generator().manual_seed(5)
+    first = [sampler.sample(logits[i], params, [here])[0][0] for i in range(2)]
+    rest = [sampler.sample(logits[i], params, [here])[0][0] for i in range(2, 4)]
+    there = torch.Generator().manual_seed(5)
+    skip_draws(there, vocab, len(first))
+    assert [sampler.sample(logits[i], params, [there])[0][0] for i in range(2, 4)] == rest
+    with pytest.raises(ValueError, match="draws"):
+        skip_draws(there, vocab, -1)

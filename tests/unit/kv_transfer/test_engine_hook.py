@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import pytest
 
 from engine.forward_hooks import ScheduledChunk
-from kv_transfer.base import DONE, InstanceRef, SendSpec, TransferStatus
+from engine.outputs import RequestOutput
+from engine.sampling import TokenLogprob
+from kv_transfer.base import DONE, FirstToken, InstanceRef, SendSpec, TransferStatus
 from kv_transfer.engine_hook import SendHook
 
 
@@ -23,8 +25,9 @@ class RecordingSender:
     ) -> None:
         self.calls.append(("send", transfer_id, layer, tuple(block_ids), first_block))
 
-    def finish(self, transfer_id: str, wait: bool = True) -> None:
+    def finish(self, transfer_id: str, wait: bool = True, first: FirstToken | None = None) -> None:
         self.calls.append(("finish", transfer_id) if wait else ("finish-nowait", transfer_id))
+        self.first = first
 
     def poll(self, transfer_id: str) -> TransferStatus:
         return DONE
@@ -139,3 +142,38 @@ def test_with_pins_every_queued_block_is_pinned_and_finish_does_not_wait() -> No
         ("pin", "t", (32, 33)),
         ("finish-nowait", "t"),
     ]
+
+
+def _output(
+    rid: str, tokens: list[int], draws: int = 0, lp: TokenLogprob | None = None
+) -> RequestOutput:
+    return RequestOutput(
+        rid,
+        [1, 2],
+        tokens,
+        "",
+        True,
+        "length",
+        logprobs=[lp] if lp else None,
+        sampler_draws=draws,
+    )
+
+
+def test_the_sampling_rank_finishes_with_the_first_token() -> None:
+    sender = RecordingSender()
+    hook = SendHook(4, sender, pins=RecordingPins(sender), first_token=True)
+    hook.add("r", SendSpec("t", InstanceRef("d")))
+    hook.add("q", SendSpec("u", InstanceRef("d")))
+    _step(hook, 1, [ScheduledChunk("r", TABLE, 0, 14, True), ScheduledChunk("q", (1,), 0, 3, True)])
+    assert not any(c[0].startswith("finish") for c in sender.calls)  # no token yet
+    assert hook.num_requests == 2
+    lp = TokenLogprob(7, -0.5, ((7, -0.5), (3, -2.0)))
+    hook.on_outputs([_output("other", [1]), _output("r", [7], draws=1, lp=lp)])
+    assert sender.calls[-1] == ("finish-nowait", "t")
+    first = sender.first
+    assert first is not None and (first.token_id, first.draws, first.logprob) == (7, 1, -0.5)
+    assert first.top == lp.top and first.sampled_wall > 0
+    hook.discard("q", "cancelled")  # aborted between its last chunk and its token
+    assert sender.calls[-1] == ("abort", "u", "cancelled") and hook.num_requests == 0
+    hook.on_outputs([_output("q", [4])])  # a late output finds nothing to finish
+    assert sender.calls[-1] == ("abort", "u", "cancelled")

@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from kv_transfer.base import ProtocolError
+from kv_transfer.base import MAX_TOP_LOGPROBS, FirstToken, ProtocolError
 from kv_transfer.header import MESSAGE_SIZE, Header, Hello, MessageKind, decode
 from kv_transfer.transport import staging_for
 
@@ -43,6 +43,9 @@ def _data(**kw: object) -> Header:
         _data(parts=True),
         _data(checksum=None, layer_count=2, shape=(2, 2, 64, 16, 1, 64), parts=True),
         Header(MessageKind.END, "t" * 64, 0, seq=1),
+        Header(MessageKind.END, "t", 0, seq=2, first=FirstToken(49151, 1, sampled_wall=1.7e9)),
+        Header(MessageKind.END, "t", 0, first=FirstToken(7, 0, -0.5, ((7, -0.5), (3, -1.25)))),
+        Header(MessageKind.END, "t", 0, first=FirstToken(0, 0, 0.0)),
         Header(MessageKind.ABORT, "é-id", 1),
         Hello("prefill-0", 3, 2, 2, bytes(range(16))),
     ],
@@ -131,3 +134,32 @@ def test_staging_is_bounded_per_layer_and_in_layers() -> None:
         staging_for(_payload(layer, layer_count=2), per_layer, 4, cpu)
     with pytest.raises(ProtocolError, match="payload of"):  # bytes and shape disagree
         staging_for(_payload(layer, extra=4), per_layer * 2, 4, cpu)
+
+
+def test_first_token_block_is_fixed_size_and_only_on_end() -> None:
+    top = tuple((i, -float(i)) for i in range(MAX_TOP_LOGPROBS))
+    first = FirstToken(12, 3, -0.25, top, 1234.5)
+    got = decode(Header(MessageKind.END, "x", 1, first=first).pack())
+    assert isinstance(got, Header) and got.first == first
+    assert len(Header(MessageKind.END, "x", 1).pack()) == MESSAGE_SIZE
+    with pytest.raises(ValueError, match="only END"):
+        _data(first=first).pack()
+    with pytest.raises(ValueError, match="at most"):
+        FirstToken(1, top=(*top, (1, 0.0)))
+    with pytest.raises(ValueError, match=">= 0"):
+        FirstToken(-1)
+
+
+def test_a_first_token_on_data_or_too_many_top_logprobs_is_rejected() -> None:
+    def restamp(buf: bytes, at: int, value: bytes) -> bytes:
+        body = bytearray(buf[:-4])
+        body[at : at + len(value)] = value
+        return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+
+    flags_at = 7
+    with pytest.raises(ProtocolError, match="first token"):
+        decode(restamp(_data().pack(), flags_at, bytes([_data().pack()[flags_at] | 4])))
+    end = Header(MessageKind.END, "x", 1, first=FirstToken(5)).pack()
+    n_top_at = struct.calcsize("<4sBBBB64s9I6IQQ2I")
+    with pytest.raises(ProtocolError, match="top logprobs"):
+        decode(restamp(end, n_top_at, struct.pack("<I", MAX_TOP_LOGPROBS + 1)))

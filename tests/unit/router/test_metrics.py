@@ -15,11 +15,11 @@ def test_each_fallback_kind_is_its_own_label() -> None:
     m = RouterMetrics()
     for reason in FallbackReason:
         m.fallback(reason)
-    m.fallback(FallbackReason.FIRST_TOKEN_LATE)
+    m.fallback(FallbackReason.DECODE_FULL)
     counts = {
         r.value: _sample(m, "pdserve_remote_prefill_fallbacks_total", {"reason": r.value})
         for r in FallbackReason
     }
-    assert counts == {"decode_full": 1, "transfer": 1, "prefill": 1, "first_token_late": 2}
+    assert counts == {"decode_full": 2, "transfer": 1}
     # only a failed transfer is also a transfer failure
     assert _sample(m, "pdserve_kv_transfer_failures_total") == 1

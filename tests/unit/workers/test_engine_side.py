@@ -1,13 +1,15 @@
 """The workers' engine side without Ray: the engine thread and its streams, and the
 whole remote-prefill lifecycle between two real engines over kv_transfer's in-process
-fake transport (commit, every fallback, abort), each ending with a leak check."""
+fake transport, with the decode and the prefill started at the same time (in either
+order): the first token rides with the KV, the decode side learns the end from its
+receiver, and every fallback and abort; each test ends with a leak check."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -15,23 +17,18 @@ from typing import TypeVar
 import pytest
 
 from decode_worker.chunks import ChunkBuilder
-from decode_worker.remote_prefill import RemotePrefills
+from decode_worker.remote_kv import RemoteKV
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.block_pins import BlockPins
-from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState
+from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.fake import FakeFabric
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
-from kv_transfer.sender import KVSender
+from kv_transfer.rendezvous import MemoryRendezvous
+from kv_transfer.sender import KVSender, SenderConfig
 from worker.engine_loop import EngineLoop, EngineStopped
-from worker.messages import (
-    FallbackReason,
-    PrefillOutcome,
-    RemotePrefillPlan,
-    TokenChunk,
-    WorkerRequest,
-)
+from worker.messages import FallbackReason, RemotePrefillPlan, TokenChunk, WorkerRequest
 
 T = TypeVar("T")
 MAX_TOKENS = 10
@@ -143,57 +140,66 @@ class Pair:
     pins: BlockPins
     sender: KVSender
     decode: EngineLoop
-    receiver: KVReceiver
-    remote: RemotePrefills
+    remote: RemoteKV
+    store: MemoryRendezvous
 
-    async def prefill_prompt(self, rid: str, tid: str, params: SamplingParams) -> PrefillOutcome:
-        """What the prefill worker does: compute, push, report the first token."""
+    async def prefill_prompt(
+        self, rid: str, params: SamplingParams, prompt: list[int] = PROMPT
+    ) -> TransferStatus:
+        """What the prefill worker does: compute and push (the first token with the
+        KV), wait for the send, unpin; the sender's end state."""
         stream = self.prefill.open_stream(rid)
+        tid = f"x-{rid}"
 
         def start() -> None:
             self.hook.add(rid, SendSpec(tid, InstanceRef("decode-0"), 0, 10.0))
-            self.prefill.engine.add_request(rid, PROMPT, dataclasses.replace(params, max_tokens=1))
+            first = dataclasses.replace(params, max_tokens=1)
+            self.prefill.engine.add_request(rid, prompt, first)
 
         await self.prefill.call(start)
-        outs = await stream.get(WAIT_S)
-        while not outs[-1].finished:
-            outs = await stream.get(WAIT_S)
+        while not (await stream.get(WAIT_S))[-1].finished:
+            pass
+        self.prefill.close_stream(rid)
         deadline = time.monotonic() + WAIT_S
-        while self.sender.poll(tid).state is not TransferState.DONE:
+        while not (status := self.sender.poll(tid)).terminal:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.001)
-        # The request is over, but its three blocks stay pinned until the transfer is.
-        pool = self.prefill.engine.block_pool
-        assert await self.prefill.call(lambda: pool.num_blocks - pool.num_free) == 3
+        while self.sender.reading(tid):
+            await asyncio.sleep(0.001)
         await self.prefill.call(lambda: self.pins.release(tid))
-        final = outs[-1]
-        return PrefillOutcome(
-            ok=True,
-            first_token_id=final.token_ids[0],
-            first_logprob=final.logprobs[0] if final.logprobs else None,
-            first_token_wall=stream.posted_wall,
-        )
+        return status
 
-    def decode_stream(
-        self, req: WorkerRequest, outcome: Callable[[], Awaitable[PrefillOutcome]] | None
-    ) -> list[TokenChunk]:
-        """What the decode worker and the router do: reserve and expect first, then
-        the prefill, then relay its outcome; stream until finished."""
+    async def decode_chunks(self, req: WorkerRequest, start: bool = True) -> list[TokenChunk]:
+        """What the decode worker does: start (hold blocks, register), then stream."""
         rid = req.request_id
-
-        async def run() -> list[TokenChunk]:
-            stream = self.decode.open_stream(rid)
+        stream = self.decode.open_stream(rid)
+        if start:
             assert await self.decode.call(lambda: self.remote.start(req)) == ""
-            if outcome is not None:
-                result = await outcome()
-                await self.decode.call(lambda: self.remote.deliver(rid, result))
-            builder = ChunkBuilder(len(req.prompt_token_ids))
-            chunks: list[TokenChunk] = []
-            while not chunks or not chunks[-1].finished:
-                chunks.append(builder.build(await stream.get(WAIT_S), self.remote.info(rid)))
-            return chunks
+        builder = ChunkBuilder(len(req.prompt_token_ids))
+        chunks: list[TokenChunk] = []
+        while not chunks or not chunks[-1].finished:
+            chunks.append(builder.build(await stream.get(WAIT_S), self.remote.info(rid)))
+        self.decode.close_stream(rid)
+        return chunks
 
-        return asyncio.run(run())
+    def run(
+        self, req: WorkerRequest, params: SamplingParams, decode_first: bool = True
+    ) -> tuple[list[TokenChunk], TransferStatus]:
+        """The decode request and the prefill at the same time (the router's way)."""
+
+        async def both() -> tuple[list[TokenChunk], TransferStatus]:
+            rid = req.request_id
+            if decode_first:
+                chunks = asyncio.ensure_future(self.decode_chunks(req))
+                sent = await self.prefill_prompt(rid, params)
+            else:  # the prefill's sender waits for the registration
+                sending = asyncio.ensure_future(self.prefill_prompt(rid, params))
+                await asyncio.sleep(0.05)
+                chunks = asyncio.ensure_future(self.decode_chunks(req))
+                sent = await sending
+            return await chunks, sent
+
+        return asyncio.run(both())
 
     def assert_clean(self) -> None:
         def state(loop: EngineLoop) -> tuple[int, int, int]:
@@ -202,20 +208,18 @@ class Pair:
 
         assert _on(self.prefill, lambda: state(self.prefill)) == (0, 0, 0)
         assert _on(self.decode, lambda: state(self.decode)) == (0, 0, 0)
-        assert (self.sender.num_active, self.receiver.num_active, self.hook.num_requests) == (
-            0,
-            0,
-            0,
-        )
+        assert (self.sender.num_active, self.remote.num_active, self.hook.num_requests) == (0, 0, 0)
         assert self.pins.num_pinned == 0
-        assert self.remote.num_pending == 0
+        assert _on(self.decode, lambda: self.remote.num_pending) == 0
+        assert not _on(self.decode, lambda: self.decode.engine.scheduler.remote)
+        assert self.store.keys() == [], "transfer registrations left"
 
 
 @pytest.fixture
 def pair(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pair]:
     """`request.param` may give the prefill engine `num_blocks` and a token budget."""
-    fabric = FakeFabric()
-    hook = SendHook(16)
+    fabric, store = FakeFabric(), MemoryRendezvous()
+    hook = SendHook(16, first_token=True)
     d_engine = LLMEngine(_config(tiny_model_dir))
     p_config = _config(tiny_model_dir)
     tight: dict[str, int] = getattr(request, "param", {})
@@ -227,32 +231,28 @@ def pair(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pair]
             max_num_batched_tokens=tight["max_num_batched_tokens"],
             enable_prefix_caching=bool(tight.get("prefix_caching", True)),
         )
-    p_engine = LLMEngine(p_config, layer_hook=hook)
+    p_engine = LLMEngine(p_config, layer_hook=hook, output_hook=hook.on_outputs)
     assert not tight or p_engine.block_pool.num_blocks == tight["num_blocks"]
     mc = p_engine.model_config
     geo = KVGeometry(mc.num_layers, mc.num_kv_heads)
-    sender = KVSender(LocalRank("prefill-0"), p_engine.kv_cache, geo, fabric.connector())
+    config = SenderConfig(register_timeout_s=2.0)
+    me = LocalRank("prefill-0")
+    sender = KVSender(me, p_engine.kv_cache, geo, fabric.connector(), config, registry=store)
     pins = BlockPins(p_engine.block_pool)
     hook.bind(sender, pins)
-    receiver = KVReceiver(LocalRank("decode-0"), d_engine.kv_cache, geo, fabric.endpoint())
-    holder: list[RemotePrefills] = []
-    decode = EngineLoop(
-        d_engine,
-        name="decode",
-        tick=lambda: holder[0].poll(),
-        busy=lambda: holder[0].num_pending > 0,
+    decode = EngineLoop(d_engine, name="decode")
+    remote = RemoteKV(d_engine, decode.submit, decode.post)
+    receiver = KVReceiver(
+        LocalRank("decode-0"),
+        d_engine.kv_cache,
+        geo,
+        fabric.endpoint(),
+        registry=store,
+        on_end=remote.ended,
     )
-    remote = RemotePrefills(d_engine, receiver, decode.post)
-    holder.append(remote)
-    p = Pair(
-        EngineLoop(p_engine, name="prefill").start(),
-        hook,
-        pins,
-        sender,
-        decode.start(),
-        receiver,
-        remote,
-    )
+    remote.bind(receiver)
+    prefill = EngineLoop(p_engine, name="prefill").start()
+    p = Pair(prefill, hook, pins, sender, decode.start(), remote, store)
     yield p
     p.prefill.stop()
     p.decode.stop()
@@ -265,19 +265,25 @@ def _request(rid: str, params: SamplingParams, timeout_s: float = 10.0) -> Worke
     return WorkerRequest(rid, tuple(PROMPT), params, time.time(), plan)
 
 
-def test_remote_prefill_commits_and_matches(pair: Pair, reference: LLM) -> None:
-    params = _greedy(logprobs=1)
+@pytest.mark.parametrize("decode_first", [True, False], ids=["decode_first", "prefill_first"])
+def test_remote_prefill_commits_and_matches(pair: Pair, reference: LLM, decode_first: bool) -> None:
+    params = _greedy(logprobs=2)
     want = reference.generate([PROMPT], params)[0]
-    chunks = pair.decode_stream(
-        _request("r", params), lambda: pair.prefill_prompt("r", "x-r", params)
-    )
+    chunks, sent = pair.run(_request("r", params), params, decode_first)
+    assert sent.state is TransferState.DONE
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
     assert "".join(c.text for c in chunks) == want.text
-    # The first token's logprob was sampled on the prefill engine and relayed.
+    # The first token's logprobs were sampled on the prefill engine and came in its END.
+    # Each engine picks its CPU matmul paths by measuring them at load, so two engines
+    # may sum in another order: the same tokens, logprobs equal to fp32 rounding.
     assert want.logprobs is not None
-    assert [lp.logprob for c in chunks for lp in c.logprobs] == pytest.approx(
-        [lp.logprob for lp in want.logprobs], abs=1e-4
-    )
+    got = [lp for c in chunks for lp in c.logprobs]
+    assert [(lp.token_id, [t for t, _ in lp.top]) for lp in got] == [
+        (lp.token_id, [t for t, _ in lp.top]) for lp in want.logprobs
+    ]
+    for a, b in zip(got, want.logprobs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
     final = chunks[-1].final
     assert final is not None and final.disaggregated and not final.fallback_reason
     assert final.kv_transfer_s >= 0 and final.prefill_s == 0
@@ -285,11 +291,21 @@ def test_remote_prefill_commits_and_matches(pair: Pair, reference: LLM) -> None:
     pair.assert_clean()
 
 
+def test_a_seeded_request_continues_the_prefill_engines_random_stream(
+    pair: Pair, reference: LLM
+) -> None:
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_tokens=MAX_TOKENS)
+    params = dataclasses.replace(params, ignore_eos=True)
+    want = reference.generate([PROMPT], params)[0]
+    chunks, _ = pair.run(_request("s", params), params)
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    pair.assert_clean()
+
+
 def _preempted_run(pair: Pair, prompts: dict[str, list[int]]) -> dict[str, list[int]]:
     """Start both prompts in one prefill step; the first finishes and its blocks stay
-    pinned until its transfer is DONE, and the second must be preempted before those
-    pins go. Every transfer's pins are released once it is DONE. The tokens each
-    request decodes."""
+    pinned until its transfer is over, and the second must be preempted before those
+    pins go. The tokens each request decodes."""
     params = _greedy()
     scheduler = pair.prefill.engine.scheduler
     first = next(iter(prompts))
@@ -301,10 +317,12 @@ def _preempted_run(pair: Pair, prompts: dict[str, list[int]]) -> dict[str, list[
     }
 
     async def run() -> dict[str, list[int]]:
-        decoded = {rid: pair.decode.open_stream(rid) for rid in reqs}
-        prefilled = {rid: pair.prefill.open_stream(rid) for rid in reqs}
         for req in reqs.values():
             assert await pair.decode.call(lambda req=req: pair.remote.start(req)) == ""
+        decoding = {
+            rid: asyncio.ensure_future(pair.decode_chunks(r, False)) for rid, r in reqs.items()
+        }
+        prefilled = {rid: pair.prefill.open_stream(rid) for rid in reqs}
 
         def start_both() -> None:  # one command: both land in the same step
             for rid, prompt in prompts.items():
@@ -315,9 +333,8 @@ def _preempted_run(pair: Pair, prompts: dict[str, list[int]]) -> dict[str, list[
 
         await pair.prefill.call(start_both)
         for rid, stream in prefilled.items():
-            outs = await stream.get(WAIT_S)
-            while not outs[-1].finished:
-                outs = await stream.get(WAIT_S)
+            while not (await stream.get(WAIT_S))[-1].finished:
+                pass
             tid = f"x-{rid}"
             deadline = time.monotonic() + WAIT_S
             while pair.sender.poll(tid).state is not TransferState.DONE:
@@ -328,15 +345,9 @@ def _preempted_run(pair: Pair, prompts: dict[str, list[int]]) -> dict[str, list[
                     assert time.monotonic() < deadline, "the second prompt was never preempted"
                     await asyncio.sleep(0.001)
             await pair.prefill.call(lambda tid=tid: pair.pins.release(tid))
-            outcome = PrefillOutcome(ok=True, first_token_id=outs[-1].token_ids[0])
-            await pair.decode.call(lambda rid=rid, o=outcome: pair.remote.deliver(rid, o))
         tokens: dict[str, list[int]] = {}
-        for rid, stream in decoded.items():
-            builder = ChunkBuilder(len(prompts[rid]))
-            chunks: list[TokenChunk] = []
-            while not chunks or not chunks[-1].finished:
-                chunks.append(builder.build(await stream.get(WAIT_S), pair.remote.info(rid)))
-            tokens[rid] = [t for c in chunks for t in c.token_ids]
+        for rid, chunks in decoding.items():
+            tokens[rid] = [t for c in await chunks for t in c.token_ids]
         return tokens
 
     return asyncio.run(run())
@@ -382,25 +393,36 @@ def test_without_prefix_caching_a_preempted_prompt_resumes_after_its_pinned_bloc
     pair.assert_clean()
 
 
-def test_failed_prefill_falls_back_to_local_compute(pair: Pair, reference: LLM) -> None:
+def test_a_prefill_that_gives_up_makes_the_decode_side_recompute(
+    pair: Pair, reference: LLM
+) -> None:
+    """The prefill side aborts the transfer (its request failed): ABORT reaches the
+    receiver, which ends the transfer; the decode side prefills locally, counted."""
     want = reference.generate([PROMPT], _greedy())[0]
 
-    async def failed() -> PrefillOutcome:
-        return PrefillOutcome(ok=False, reason="boom")
+    async def run() -> list[TokenChunk]:
+        chunks = asyncio.ensure_future(pair.decode_chunks(_request("f", _greedy())))
+        await asyncio.sleep(0.05)
+        await pair.prefill.call(
+            lambda: pair.sender.open(SendSpec("x-f", InstanceRef("decode-0"), 0, 10.0))
+        )
+        pair.sender.abort("x-f", "prefill failed")
+        return await chunks
 
-    chunks = pair.decode_stream(_request("f", _greedy()), failed)
+    chunks = asyncio.run(run())
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
     final = chunks[-1].final
     assert final is not None and not final.disaggregated
-    assert final.fallback_reason == "prefill failed: boom"
-    assert final.fallback is FallbackReason.PREFILL_FAILED
+    assert final.fallback_reason.startswith("transfer failed: sender prefill-0/0 aborted")
+    assert final.fallback is FallbackReason.TRANSFER_FAILED
     assert pair.decode.engine.num_remote_prefill_fallbacks == 1
+    assert pair.remote.transfer_failures == 1
     pair.assert_clean()
 
 
 def test_transfer_that_never_comes_times_out_and_falls_back(pair: Pair, reference: LLM) -> None:
     want = reference.generate([PROMPT], _greedy())[0]
-    chunks = pair.decode_stream(_request("t", _greedy(), timeout_s=0.3), None)
+    chunks = asyncio.run(pair.decode_chunks(_request("t", _greedy(), timeout_s=0.3)))
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
     final = chunks[-1].final
     assert final is not None and final.fallback_reason.startswith("transfer failed: timed out")
@@ -414,18 +436,27 @@ def test_abort_while_waiting_for_the_transfer_frees_everything(pair: Pair) -> No
     engine = pair.decode.engine
     assert _on(pair.decode, lambda: pair.remote.start(req)) == ""
     assert _on(pair.decode, lambda: engine.block_pool.num_free) < engine.block_pool.num_blocks
-    assert pair.receiver.num_active == 1
+    assert pair.remote.num_active == 1
     _on(pair.decode, lambda: pair.remote.abort("a"))
+    time.sleep(0.05)  # the receiver's end report reaches the engine thread: a no-op
     pair.assert_clean()
 
 
-def test_start_without_free_blocks_reserves_nothing(pair: Pair) -> None:
+def test_start_without_free_blocks_refuses_and_the_sender_fails_at_once(pair: Pair) -> None:
     engine = pair.decode.engine
     hog = _on(pair.decode, lambda: engine.block_pool.allocate(engine.block_pool.num_free - 1))
     try:
-        reason = _on(pair.decode, lambda: pair.remote.start(_request("n", _greedy())))
-        assert reason.startswith("no free KV blocks")
-        assert pair.receiver.num_active == 0 and pair.remote.num_pending == 0
+        req = _request("n", _greedy())
+        reason = _on(pair.decode, lambda: pair.remote.start(req))
+        assert reason.startswith("decode_full (no free KV blocks")
+        assert pair.remote.num_active == 0 and pair.remote.num_pending == 0
+        info = pair.remote.info("n")
+        assert info is not None and info.fallback_reason == reason
+        pair.remote.forget("n")
+        started = time.monotonic()
+        sent = asyncio.run(pair.prefill_prompt("n", _greedy()))
+        assert sent.state is TransferState.FAILED and "refused" in (sent.reason or "")
+        assert time.monotonic() - started < 2.0  # before the registration bound
     finally:
         _on(pair.decode, lambda: engine.block_pool.release(hog))
     pair.assert_clean()
