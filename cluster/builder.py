@@ -181,6 +181,7 @@ def worker_settings(
 def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> RouterSettings:
     r = config.router
     max_len = config.model.max_model_len
+    prompt_tokens = r.max_prompt_tokens or max_len - 1
     s = config.server
     return RouterSettings(
         cluster=config.name,
@@ -194,8 +195,11 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
         disaggregation_threshold=r.disaggregation_threshold,
         limits=Limits(
             max_model_len=max_len,
-            max_prompt_tokens=r.max_prompt_tokens or max_len - 1,
-            max_prompt_chars=int(r.max_request_bytes),
+            max_prompt_tokens=prompt_tokens,
+            max_prompt_chars=min(
+                int(r.max_request_bytes), r.prompt_chars_per_token * prompt_tokens
+            ),
+            max_messages=min(r.max_messages, prompt_tokens),
             max_stop_strings=r.max_stop_strings,
             max_logprobs=r.max_logprobs,
         ),
@@ -211,6 +215,7 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
         default_chat_max_tokens=r.default_chat_max_tokens,
         max_dispatch_attempts=r.max_dispatch_attempts,
         probe_timeout_s=r.probe_timeout_s,
+        tokenizer_threads=r.tokenizer_threads,
         grpc_bearer_token=s.grpc_bearer_token.get_secret_value() if s.grpc_bearer_token else None,
         http_api_key=s.api_key.get_secret_value() if s.api_key else None,
     )

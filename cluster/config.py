@@ -177,6 +177,26 @@ class RouterConfig(BaseModel):
     max_prompt_tokens: int | None = Field(
         default=None, ge=1, description="Longest prompt; default: max_model_len - 1."
     )
+    prompt_chars_per_token: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Bound on prompt text (or all chat messages) in characters, checked "
+        "before tokenizing: this many per allowed prompt token (never above "
+        "max_request_bytes).",
+    )
+    max_messages: int = Field(
+        default=256,
+        ge=1,
+        le=4096,
+        description="Chat messages per request (never above the prompt's token bound).",
+    )
+    tokenizer_threads: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Threads per router replica that tokenize prompts, off its event loop.",
+    )
     max_stop_strings: int = Field(default=16, ge=0, le=64, description="Stop strings per request.")
     max_logprobs: int = Field(default=20, ge=0, le=100, description="Top logprobs per token.")
     default_chat_max_tokens: int = Field(

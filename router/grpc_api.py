@@ -161,7 +161,7 @@ class GrpcFrontend:
                 raise RouterError(
                     ErrorKind.INVALID_ARGUMENT, f"request: {size} bytes; at most {limit}", "request"
                 )
-            session = self._core.open(raw_request(request), PROTO_FIELDS, "grpc")
+            session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc")
         except RouterError as e:
             raise fail(context, e) from None
         try:

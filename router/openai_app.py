@@ -172,7 +172,7 @@ class OpenAIApp:
             else:
                 parsed = CompletionBody.model_validate_json(body)
                 raw = parsed.to_raw()
-            session = self._core.open(raw, OPENAI_FIELDS, "http")
+            session = await self._core.open(raw, OPENAI_FIELDS, "http")
         except ValidationError as e:
             err = first_error(e)
             return _error(ErrorKind.INVALID_ARGUMENT, str(err), err.field)

@@ -38,6 +38,7 @@ class RouterSettings:
     default_chat_max_tokens: int
     max_dispatch_attempts: int = 2  # tries before the first token, each elsewhere
     probe_timeout_s: float = 1.0  # probing an excluded instance before it returns
+    tokenizer_threads: int = 2  # threads that tokenize prompts, off the event loop
     grpc_bearer_token: str | None = None
     http_api_key: str | None = None
 

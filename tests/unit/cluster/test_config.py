@@ -91,6 +91,9 @@ BAD = [
     (["redis.url=http://localhost"], "redis.url"),
     (["redis.lease_ttl_s=1", "redis.load_report_interval_s=2"], "load_report_interval_s"),
     (["router.max_prompt_tokens=2048"], "router.max_prompt_tokens"),
+    (["router.prompt_chars_per_token=0"], "router.prompt_chars_per_token"),
+    (["router.max_messages=0"], "router.max_messages"),
+    (["router.tokenizer_threads=0"], "router.tokenizer_threads"),
     (["name=has:colon"], "name"),
     (["model.dtype=int4"], "model.dtype"),
     (["kv_transfer.faults=[{kind: explode}]"], "kv_transfer.faults.0.kind"),
@@ -191,6 +194,8 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
     rs = router_settings(c, str(tiny_model_dir), "redis://127.0.0.1:1/0")
     assert rs.has_prefill_pool and rs.http_api_key == "k" and rs.grpc_bearer_token is None
     assert rs.limits.max_prompt_tokens == 100 and rs.limits.max_model_len == 256
+    # The character bound comes from the token bound, before any tokenizing.
+    assert (rs.limits.max_prompt_chars, rs.limits.max_messages) == (16 * 100, 100)
     assert [p.name for p in rs.pools] == ["prefill", "decode"]
     app = build_app(c, model_dir=str(tiny_model_dir), redis_url="redis://127.0.0.1:1/0")
     assert isinstance(app, serve.Application)
