@@ -3,6 +3,7 @@
     POST /v1/completions        prompt text or token ids; stream=true for SSE
     POST /v1/chat/completions   messages; stream=true for SSE
     GET  /v1/models
+    GET  /openapi.json          the API's OpenAPI description, request bodies included
     GET  /health                200 while a decode instance is live, else 503 (no key)
     GET  /metrics               Prometheus text format
 
@@ -29,7 +30,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from router.core import RouterCore, Session
@@ -143,6 +144,12 @@ class OpenAIApp:
         async def chat(request: Request) -> Response:
             return await self._handle(request, chat=True)
 
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request) -> Response:
+            if not self._authorized(request):
+                return self._unauthorized()
+            return JSONResponse(openapi_document(app))
+
         return app
 
     async def _handle(self, request: Request, chat: bool) -> Response:
@@ -221,6 +228,55 @@ class OpenAIApp:
         finally:
             session.close()
         yield b"data: [DONE]\n\n"
+
+
+_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionBody,
+    "/v1/chat/completions": ChatBody,
+}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string", "enum": [k.value for k in ErrorKind]},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": "null"},
+            },
+        }
+    },
+}
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document with the request bodies the handlers read themselves
+    (they bound the body's size before parsing it) and the error responses."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    doc = app.openapi()
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = _ERROR_SCHEMA
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, model in _BODIES.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        op = doc["paths"][path]["post"]
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+        for status, what in (
+            ("400", "a bad field, named in error.param"),
+            ("401", "missing or wrong API key"),
+            ("413", "the body is too large"),
+            ("429", "the router is full"),
+            ("503", "no instance can take the request"),
+        ):
+            op["responses"][status] = {"description": what, "content": error}
+    app.openapi_schema = doc
+    return doc
 
 
 def _event(obj: dict[str, Any]) -> bytes:

@@ -46,6 +46,8 @@ class FieldNames:
     stop_token_ids: str
     seed: str
     logprobs: str
+    presence_penalty: str
+    frequency_penalty: str
     client_tag: str
     model: str
 
@@ -68,6 +70,8 @@ PROTO_FIELDS = FieldNames(
     stop_token_ids="sampling.stop_token_ids",
     seed="sampling.seed",
     logprobs="sampling.logprobs",
+    presence_penalty="sampling.presence_penalty",
+    frequency_penalty="sampling.frequency_penalty",
     client_tag="client_tag",
     model="model",
 )
@@ -85,6 +89,8 @@ OPENAI_FIELDS = FieldNames(
     stop_token_ids="stop_token_ids",
     seed="seed",
     logprobs="logprobs",
+    presence_penalty="presence_penalty",
+    frequency_penalty="frequency_penalty",
     client_tag="user",
     model="model",
 )
@@ -109,6 +115,8 @@ class RawSampling:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -235,6 +243,8 @@ class RequestValidator:
             ignore_eos=s.ignore_eos,
             seed=s.seed,
             logprobs=s.logprobs,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
         )
         try:
             params.validate(
