@@ -133,6 +133,18 @@ class Session:
             self._core.metrics.inflight.set(self._core.admission.inflight)
 
 
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
+    """One WARNING line for a request refused before it ran (a client error, a full
+    router, no instance): no traceback, since nothing went wrong in the router."""
+    logger.warning(
+        "request %s (%s) refused, %s: %s", rid, protocol, error.kind.value, error.message
+    )
+
+
 class RouterCore:
     def __init__(self, settings: RouterSettings, decode: Any, prefill: Any | None) -> None:
         self.settings = settings
@@ -175,14 +187,21 @@ class RouterCore:
         self._redis.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def open(self, raw: RawRequest, names: FieldNames, protocol: str) -> Session:
+    async def open(
+        self, raw: RawRequest, names: FieldNames, protocol: str, rid: str | None = None
+    ) -> Session:
+        """A session for `raw` under the id `rid` (a new one when None); a refusal is
+        logged as one WARNING line with the id and raised as a RouterError."""
         arrival, arrival_wall = time.monotonic(), time.time()
+        rid = rid or new_request_id()
         if not self.admission.try_acquire():
             self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
-            raise RouterError(
+            error = RouterError(
                 ErrorKind.RESOURCE_EXHAUSTED,
                 f"the router holds {self.admission.max_inflight} requests; retry later",
             )
+            log_refusal(rid, protocol, error)
+            raise error
         self.metrics.inflight.set(self.admission.inflight)
         try:
             checked = self.validator.check(raw, names)
@@ -192,14 +211,16 @@ class RouterCore:
             route = self.route(req)
         except InvalidRequest as e:
             self._reject(protocol, ErrorKind.INVALID_ARGUMENT)
-            raise RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field) from None
+            error = RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field)
+            log_refusal(rid, protocol, error)
+            raise error from None
         except RouterError as e:
             self._reject(protocol, e.kind)
+            log_refusal(rid, protocol, e)
             raise
         except BaseException:
             self._reject(protocol, ErrorKind.INTERNAL)
             raise
-        rid = f"req-{uuid.uuid4().hex}"
         return Session(self, rid, req, route, arrival, arrival_wall, protocol)
 
     def _reject(self, protocol: str, kind: ErrorKind) -> None:

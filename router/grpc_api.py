@@ -6,8 +6,11 @@ deployment's method of the same name with the request message (and the call's
 protocol work for those methods: the bearer-token check, proto <-> router types, and
 errors. An error sets the status code and details on the context and raises, which
 Serve's proxy turns into that status for the client; an unexpected error after the
-stream started ends it with INTERNAL, never a cut stream. The raised exception's class
-is `router.errors.GrpcStatusError`, which the proxy can unpickle without importing the
+stream started ends it with INTERNAL, never a cut stream. A streaming method reports
+its error by setting the status on the context and ending the stream (Serve sends the
+context's status), so a client's bad request is one WARNING line in the log, not a
+failed-request traceback. A unary method raises; the raised exception's class is
+`router.errors.GrpcStatusError`, which the proxy can unpickle without importing the
 router (see router.errors).
 
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
@@ -29,7 +32,7 @@ from grpc_health.v1 import health_pb2
 
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from registry import Role
-from router.core import RouterCore
+from router.core import RouterCore, log_refusal, new_request_id
 from router.errors import ErrorKind, GrpcStatusError, RouterError
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
@@ -153,25 +156,38 @@ class GrpcFrontend:
     async def generate(
         self, request: pdserve_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
-        self._authorize(context)
+        """The request's responses; an error sets the call's status and ends the
+        stream (logged once, by the core or here)."""
+        rid = new_request_id()
         limit = self._core.settings.max_request_bytes
         try:
+            self._authorize(context)
             size = request.ByteSize()
             if size > limit:
                 raise RouterError(
                     ErrorKind.INVALID_ARGUMENT, f"request: {size} bytes; at most {limit}", "request"
                 )
-            session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc")
         except RouterError as e:
-            raise fail(context, e) from None
+            self._core.metrics.failed("grpc", e.kind.value)
+            log_refusal(rid, "grpc", e)
+            fail(context, e)
+            return
+        except GrpcStatusError:  # the status is set
+            log_refusal(rid, "grpc", RouterError(ErrorKind.UNAUTHENTICATED, "bad bearer token"))
+            return
+        try:
+            session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc", rid)
+        except RouterError as e:  # logged by the core
+            fail(context, e)
+            return
         try:
             async for delta in session.stream():
                 yield response(delta)
-        except RouterError as e:
-            raise fail(context, e) from None
+        except RouterError as e:  # logged by the session
+            fail(context, e)
         except Exception:  # building a message failed: still a proper status
             logger.exception("request %s: streaming failed", session.request_id)
-            raise fail(context, RouterError(ErrorKind.INTERNAL, "internal error")) from None
+            fail(context, RouterError(ErrorKind.INTERNAL, "internal error"))
         finally:
             session.close()
 

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
-from router.core import RouterCore, Session
+from router.core import RouterCore, Session, log_refusal, new_request_id
 from router.errors import HTTP_STATUS, ErrorKind, RouterError
 from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.results import Delta, Finish
@@ -47,8 +47,13 @@ def _error(kind: ErrorKind, message: str, param: str | None = None) -> JSONRespo
     return JSONResponse(body, status_code=HTTP_STATUS[kind])
 
 
-def _from(e: RouterError) -> JSONResponse:
-    return _error(e.kind, e.message, e.field)
+def _from(e: RouterError, status: int | None = None, rid: str | None = None) -> JSONResponse:
+    reply = _error(e.kind, e.message, e.field)
+    if status is not None:
+        reply.status_code = status
+    if rid is not None:
+        reply.headers["x-request-id"] = rid
+    return reply
 
 
 class _TooLarge(Exception):
@@ -153,23 +158,17 @@ class OpenAIApp:
         return app
 
     async def _handle(self, request: Request, chat: bool) -> Response:
+        rid = new_request_id()
         if not self._authorized(request):
+            log_refusal(rid, "http", RouterError(ErrorKind.UNAUTHENTICATED, "missing or wrong key"))
             return self._unauthorized()
         try:
             body = await _read_body(request, self._core.settings.max_request_bytes)
         except _TooLarge:
             limit = self._core.settings.max_request_bytes
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": f"body exceeds {limit} bytes",
-                        "type": "invalid_argument",
-                        "param": None,
-                        "code": None,
-                    }
-                },
-                status_code=413,
-            )
+            error = RouterError(ErrorKind.INVALID_ARGUMENT, f"body exceeds {limit} bytes")
+            self._refused(rid, error)
+            return _from(error, status=413, rid=rid)
         parsed: ChatBody | CompletionBody
         try:
             if chat:
@@ -179,14 +178,15 @@ class OpenAIApp:
             else:
                 parsed = CompletionBody.model_validate_json(body)
                 raw = parsed.to_raw()
-            session = await self._core.open(raw, OPENAI_FIELDS, "http")
-        except ValidationError as e:
-            err = first_error(e)
-            return _error(ErrorKind.INVALID_ARGUMENT, str(err), err.field)
-        except InvalidRequest as e:
-            return _error(ErrorKind.INVALID_ARGUMENT, str(e), e.field)
-        except RouterError as e:
-            return _from(e)
+        except (ValidationError, InvalidRequest) as e:
+            err = first_error(e) if isinstance(e, ValidationError) else e
+            error = RouterError(ErrorKind.INVALID_ARGUMENT, str(err), err.field)
+            self._refused(rid, error)
+            return _from(error, rid=rid)
+        try:
+            session = await self._core.open(raw, OPENAI_FIELDS, "http", rid)
+        except RouterError as e:  # logged by the core
+            return _from(e, rid=rid)
         renderer = _Renderer(self._core.settings.served_model, chat, self._tok, session.request_id)
         if parsed.stream:
             return StreamingResponse(
@@ -195,6 +195,10 @@ class OpenAIApp:
                 background=BackgroundTask(session.close),  # if the stream never starts
             )
         return await self._complete(session, renderer)
+
+    def _refused(self, rid: str, error: RouterError) -> None:
+        self._core.metrics.failed("http", error.kind.value)
+        log_refusal(rid, "http", error)
 
     async def _complete(self, session: Session, r: _Renderer) -> Response:
         deltas: list[Delta] = []

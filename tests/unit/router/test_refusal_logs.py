@@ -1,0 +1,121 @@
+"""A refused request is one WARNING line with its request id, never an ERROR with a
+traceback, and the client gets the refusal in its protocol's shape: an OpenAI error
+body with the id in `x-request-id`, or a gRPC status set on the call with the stream
+ended (Serve sends the context's status) rather than a raised exception."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import grpc
+import pytest
+from asgi_call import call
+from router_core import UnreachablePool, core_settings
+
+from protos.pdserve.v1 import pdserve_pb2
+from router.core import RouterCore
+from router.grpc_api import GrpcFrontend
+from router.openai_app import OpenAIApp
+
+
+class CallContext:
+    """The parts of a gRPC servicer context the front end uses."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.code: Any = None
+        self.details = ""
+        self._metadata = metadata
+
+    def set_code(self, code: Any) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+def _router_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("router")]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/completions", b'{"prompt": "a", "top_p": 7}', 400),
+        ("/v1/completions", b'{"prompt": "a", "wat": 1}', 400),
+        ("/v1/completions", b"not json", 400),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}]}', 503),
+    ],
+)
+def test_a_refused_http_request_is_one_warning_with_its_id(
+    router_core: RouterCore,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    body: bytes,
+    status: int,
+) -> None:
+    app = OpenAIApp(router_core).build()
+    caplog.set_level(logging.INFO)
+    reply = asyncio.run(call(app, "POST", path, body))
+    assert reply.status == status
+    assert set(reply.json()) == {"error"}
+    assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    rid = reply.headers["x-request-id"]
+    records = _router_records(caplog)
+    assert [r.levelno for r in records] == [logging.WARNING], records
+    assert rid in records[0].getMessage() and records[0].exc_info is None
+
+
+def test_a_refused_grpc_request_sets_the_status_and_logs_one_warning(
+    router_core: RouterCore, caplog: pytest.LogCaptureFixture
+) -> None:
+    frontend = GrpcFrontend(router_core)
+    caplog.set_level(logging.INFO)
+
+    async def run(request: pdserve_pb2.GenerateRequest) -> tuple[CallContext, list[Any]]:
+        context = CallContext()
+        out = [msg async for msg in frontend.generate(request, context)]
+        return context, out
+
+    bad = pdserve_pb2.GenerateRequest(prompt="a")
+    bad.sampling.top_p = 9.0
+    context, out = asyncio.run(run(bad))
+    assert out == [] and context.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert context.details.startswith("sampling.top_p: ")
+    huge = pdserve_pb2.GenerateRequest(prompt="x" * (1 << 20))
+    context, out = asyncio.run(run(huge))
+    assert out == [] and context.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert context.details.startswith("prompt: ")
+    records = _router_records(caplog)
+    assert [r.levelno for r in records] == [logging.WARNING] * 2, records
+    assert all("req-" in r.getMessage() and r.exc_info is None for r in records)
+    assert router_core.admission.inflight == 0
+
+
+def test_a_wrong_grpc_token_is_unauthenticated_without_a_traceback(
+    tiny_model_dir: Any, redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = core_settings(tiny_model_dir, redis_server.url, grpc_bearer_token="s3cret")
+    core = RouterCore(settings, UnreachablePool(), None)
+    frontend = GrpcFrontend(core)
+    caplog.set_level(logging.INFO)
+
+    async def run() -> CallContext:
+        context = CallContext((("authorization", "Bearer wrong"),))
+        assert [
+            m async for m in frontend.generate(pdserve_pb2.GenerateRequest(prompt="a"), context)
+        ] == []
+        await core.stop()
+        return context
+
+    context = asyncio.run(run())
+    assert context.code is grpc.StatusCode.UNAUTHENTICATED
+    records = _router_records(caplog)
+    assert [r.levelno for r in records] == [logging.WARNING] and "s3cret" not in json.dumps(
+        [r.getMessage() for r in records]
+    )
