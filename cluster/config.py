@@ -171,6 +171,26 @@ class RouterConfig(BaseModel):
         ge=1,
         description="Requests one router replica holds; beyond: RESOURCE_EXHAUSTED.",
     )
+    max_queued_requests: int = Field(
+        default=512,
+        ge=1,
+        description="Requests Serve's proxy queues for the router replicas when every one "
+        "is busy; beyond: HTTP 429 or gRPC RESOURCE_EXHAUSTED. Pools queue at most "
+        "max_inflight_requests per router replica.",
+    )
+    max_health_watches: int = Field(
+        default=32,
+        ge=0,
+        le=4096,
+        description="Concurrent gRPC health Watch streams per router replica; beyond: "
+        "RESOURCE_EXHAUSTED.",
+    )
+    health_watch_max_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Longest life of one health Watch stream; the client watches again.",
+    )
     max_request_bytes: ByteSize = Field(
         default=ByteSize(1 << 20), description="Largest gRPC message or HTTP body accepted."
     )

@@ -15,7 +15,9 @@ router (see router.errors).
 
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
 live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
-the same status whenever it changes. Health calls need no token. Server reflection is
+the same status whenever it changes. Health calls need no token, so Watch is bounded:
+at most `max_health_watches` at once per router replica (RESOURCE_EXHAUSTED beyond),
+each ending after `health_watch_max_s` (the client watches again). Server reflection is
 Serve's (gRPCOptions.enable_reflection) and lists both services.
 """
 
@@ -139,6 +141,7 @@ class GrpcFrontend:
         self._core = core
         token = core.settings.grpc_bearer_token
         self._expected = f"Bearer {token}".encode() if token else None
+        self._watches = 0
 
     def _authorize(self, context: Any) -> None:
         if self._expected is None:
@@ -246,10 +249,37 @@ class GrpcFrontend:
     async def watch(
         self, request: health_pb2.HealthCheckRequest, context: Any
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        last = None
-        while True:  # ends when the client cancels the call
-            current = self._health(request.service, context)
-            if current.status != last:
-                last = current.status
-                yield current
-            await asyncio.sleep(_WATCH_PERIOD_S)
+        """The status now and at each change, until the client cancels or the stream's
+        lifetime ends; refused with RESOURCE_EXHAUSTED when too many are open."""
+        settings = self._core.settings
+        if self._watches >= settings.max_health_watches:
+            error = RouterError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"{settings.max_health_watches} health watches are open; use Check or retry",
+            )
+            logger.warning("health watch refused: %s", error.message)
+            fail(context, error)
+            return
+        self._watches += 1
+        try:
+            ends = asyncio.get_running_loop().time() + settings.health_watch_max_s
+            last = None
+            while True:
+                try:
+                    current = self._health(request.service, context)
+                except GrpcStatusError as e:  # an unknown service: the status is set
+                    logger.warning("health watch refused: %s", e)
+                    return
+                if current.status != last:
+                    last = current.status
+                    yield current
+                left = ends - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return
+                await asyncio.sleep(min(_WATCH_PERIOD_S, left))
+        finally:
+            self._watches -= 1
+
+    @property
+    def open_watches(self) -> int:
+        return self._watches

@@ -52,3 +52,21 @@ def core_settings(model_dir: Path, redis_url: str, **changes: Any) -> RouterSett
     }
     fields.update(changes)
     return RouterSettings(**fields)
+
+
+class CallContext:
+    """The parts of a gRPC servicer context the front end uses."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.code: Any = None
+        self.details = ""
+        self._metadata = metadata
+
+    def set_code(self, code: Any) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata

@@ -13,30 +13,12 @@ from typing import Any
 import grpc
 import pytest
 from asgi_call import call
-from router_core import UnreachablePool, core_settings
+from router_core import CallContext, UnreachablePool, core_settings
 
 from protos.pdserve.v1 import pdserve_pb2
 from router.core import RouterCore
 from router.grpc_api import GrpcFrontend
 from router.openai_app import OpenAIApp
-
-
-class CallContext:
-    """The parts of a gRPC servicer context the front end uses."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.code: Any = None
-        self.details = ""
-        self._metadata = metadata
-
-    def set_code(self, code: Any) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
 
 
 def _router_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
