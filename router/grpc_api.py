@@ -6,12 +6,12 @@ deployment's method of the same name with the request message (and the call's
 protocol work for those methods: the bearer-token check, proto <-> router types, and
 errors. An error sets the status code and details on the context and raises, which
 Serve's proxy turns into that status for the client; an unexpected error after the
-stream started ends it with INTERNAL, never a cut stream. A streaming method reports
-its error by setting the status on the context and ending the stream (Serve sends the
-context's status), so a client's bad request is one WARNING line in the log, not a
-failed-request traceback. A unary method raises; the raised exception's class is
-`router.errors.GrpcStatusError`, which the proxy can unpickle without importing the
-router (see router.errors).
+stream started ends it with INTERNAL, never a cut stream. The raised exception's class
+is `router.errors.GrpcStatusError`, which the proxy can unpickle without importing the
+router (see router.errors). Serve's replica logs every exception a method raises as a
+failed request with its traceback; `QuietStatusErrors` drops those records for a
+GrpcStatusError, which the router has already logged as one line (a WARNING for a
+refused request).
 
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
 live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
@@ -61,6 +61,15 @@ logger = logging.getLogger(__name__)
 
 _HEALTH_NAMES = ("", SERVICE_NAME)
 _WATCH_PERIOD_S = 1.0
+
+
+class QuietStatusErrors(logging.Filter):
+    """For Serve's replica logger: drops its failed-request record (with traceback)
+    when the exception is a GrpcStatusError, a status the router set and logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, GrpcStatusError)
 
 
 def fail(context: Any, error: RouterError) -> GrpcStatusError:
@@ -159,8 +168,8 @@ class GrpcFrontend:
     async def generate(
         self, request: pdserve_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
-        """The request's responses; an error sets the call's status and ends the
-        stream (logged once, by the core or here)."""
+        """The request's responses; an error sets the call's status and raises
+        GrpcStatusError (logged once, by the core or here)."""
         rid = new_request_id()
         limit = self._core.settings.max_request_bytes
         try:
@@ -173,24 +182,22 @@ class GrpcFrontend:
         except RouterError as e:
             self._core.metrics.failed("grpc", e.kind.value)
             log_refusal(rid, "grpc", e)
-            fail(context, e)
-            return
+            raise fail(context, e) from None
         except GrpcStatusError:  # the status is set
             log_refusal(rid, "grpc", RouterError(ErrorKind.UNAUTHENTICATED, "bad bearer token"))
-            return
+            raise
         try:
             session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc", rid)
         except RouterError as e:  # logged by the core
-            fail(context, e)
-            return
+            raise fail(context, e) from None
         try:
             async for delta in session.stream():
                 yield response(delta)
         except RouterError as e:  # logged by the session
-            fail(context, e)
+            raise fail(context, e) from None
         except Exception:  # building a message failed: still a proper status
             logger.exception("request %s: streaming failed", session.request_id)
-            fail(context, RouterError(ErrorKind.INTERNAL, "internal error"))
+            raise fail(context, RouterError(ErrorKind.INTERNAL, "internal error")) from None
         finally:
             session.close()
 
@@ -258,8 +265,7 @@ class GrpcFrontend:
                 f"{settings.max_health_watches} health watches are open; use Check or retry",
             )
             logger.warning("health watch refused: %s", error.message)
-            fail(context, error)
-            return
+            raise fail(context, error)
         self._watches += 1
         try:
             ends = asyncio.get_running_loop().time() + settings.health_watch_max_s
@@ -269,7 +275,7 @@ class GrpcFrontend:
                     current = self._health(request.service, context)
                 except GrpcStatusError as e:  # an unknown service: the status is set
                     logger.warning("health watch refused: %s", e)
-                    return
+                    raise
                 if current.status != last:
                     last = current.status
                     yield current

@@ -1,8 +1,8 @@
 """Generated requests against the router's validation, in-process: random protobuf
 messages through the gRPC servicer and random JSON bodies through the OpenAI app. Every
 outcome is a refusal in the protocol's shape (400 / INVALID_ARGUMENT, 413) or, for a
-valid request, UNAVAILABLE (no instance is registered); never an exception, a 5xx
-other than 503, or a leaked admission slot."""
+valid request, UNAVAILABLE (no instance is registered); never another exception, a
+5xx other than 503, or a leaked admission slot."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import grpc
+import pytest
 from asgi_call import call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from router_core import CallContext
 
 from protos.pdserve.v1 import pdserve_pb2
 from router.core import RouterCore
+from router.errors import GrpcStatusError
 from router.grpc_api import GrpcFrontend
 from router.openai_app import OpenAIApp
 
@@ -84,7 +86,10 @@ def test_generated_protobuf_requests_get_a_status(
 
     async def run() -> tuple[CallContext, list[Any]]:
         context = CallContext()
-        return context, [m async for m in frontend.generate(request, context)]
+        out: list[Any] = []
+        with pytest.raises(GrpcStatusError):  # the status is on the context
+            out.extend([m async for m in frontend.generate(request, context)])
+        return context, out
 
     context, out = asyncio.run(run())
     assert out == [] and context.code in _OK_GRPC, (context.code, context.details)

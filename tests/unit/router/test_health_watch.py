@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2
 from router_core import CallContext, UnreachablePool, core_settings
 
 from cluster.redis_server import RedisServer
 from protos.pdserve.v1 import pdserve_pb2
 from router.core import RouterCore
+from router.errors import GrpcStatusError
 from router.grpc_api import GrpcFrontend
 
 REQ = health_pb2.HealthCheckRequest(service="")
@@ -36,14 +38,15 @@ def test_watches_are_counted_refused_beyond_the_bound_and_end_by_themselves(
             assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert frontend.open_watches == 2
         extra = CallContext()
-        assert [m async for m in frontend.watch(REQ, extra)] == []
+        with pytest.raises(GrpcStatusError):
+            [m async for m in frontend.watch(REQ, extra)]
         assert extra.code is grpc.StatusCode.RESOURCE_EXHAUSTED
         # Generate still gets through the core (and finds no instance).
         context = CallContext()
-        out = [
-            m async for m in frontend.generate(pdserve_pb2.GenerateRequest(prompt="hi"), context)
-        ]
-        assert out == [] and context.code is grpc.StatusCode.UNAVAILABLE
+        hello = pdserve_pb2.GenerateRequest(prompt="hi")
+        with pytest.raises(GrpcStatusError):
+            [m async for m in frontend.generate(hello, context)]
+        assert context.code is grpc.StatusCode.UNAVAILABLE
         await streams[0].aclose()  # a client went away: its slot is free again
         assert frontend.open_watches == 1
         again = frontend.watch(REQ, CallContext())
@@ -55,7 +58,8 @@ def test_watches_are_counted_refused_beyond_the_bound_and_end_by_themselves(
         assert frontend.open_watches == 0
         unknown = CallContext()
         bad = health_pb2.HealthCheckRequest(service="nope")
-        assert [m async for m in frontend.watch(bad, unknown)] == []
+        with pytest.raises(GrpcStatusError):
+            [m async for m in frontend.watch(bad, unknown)]
         assert unknown.code is grpc.StatusCode.NOT_FOUND and frontend.open_watches == 0
         await core.stop()
 

@@ -1,7 +1,7 @@
 """A refused request is one WARNING line with its request id, never an ERROR with a
 traceback, and the client gets the refusal in its protocol's shape: an OpenAI error
-body with the id in `x-request-id`, or a gRPC status set on the call with the stream
-ended (Serve sends the context's status) rather than a raised exception."""
+body with the id in `x-request-id`, or a gRPC status set on the call (and Serve's own
+traceback of the raised status error filtered out)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from router_core import CallContext, UnreachablePool, core_settings
 
 from protos.pdserve.v1 import pdserve_pb2
 from router.core import RouterCore
-from router.grpc_api import GrpcFrontend
+from router.errors import GrpcStatusError
+from router.grpc_api import GrpcFrontend, QuietStatusErrors
 from router.openai_app import OpenAIApp
 
 
@@ -61,7 +62,9 @@ def test_a_refused_grpc_request_sets_the_status_and_logs_one_warning(
 
     async def run(request: pdserve_pb2.GenerateRequest) -> tuple[CallContext, list[Any]]:
         context = CallContext()
-        out = [msg async for msg in frontend.generate(request, context)]
+        out: list[Any] = []
+        with pytest.raises(GrpcStatusError):
+            out.extend([msg async for msg in frontend.generate(request, context)])
         return context, out
 
     bad = pdserve_pb2.GenerateRequest(prompt="a")
@@ -89,9 +92,8 @@ def test_a_wrong_grpc_token_is_unauthenticated_without_a_traceback(
 
     async def run() -> CallContext:
         context = CallContext((("authorization", "Bearer wrong"),))
-        assert [
-            m async for m in frontend.generate(pdserve_pb2.GenerateRequest(prompt="a"), context)
-        ] == []
+        with pytest.raises(GrpcStatusError):
+            [m async for m in frontend.generate(pdserve_pb2.GenerateRequest(prompt="a"), context)]
         await core.stop()
         return context
 
@@ -101,3 +103,20 @@ def test_a_wrong_grpc_token_is_unauthenticated_without_a_traceback(
     assert [r.levelno for r in records] == [logging.WARNING] and "s3cret" not in json.dumps(
         [r.getMessage() for r in records]
     )
+
+
+def test_serve_s_traceback_of_a_status_error_is_filtered() -> None:
+    quiet = QuietStatusErrors()
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            import sys
+
+            info = sys.exc_info()
+        return logging.LogRecord("ray.serve", logging.ERROR, "", 0, "Request failed.", (), info)
+
+    assert not quiet.filter(record(GrpcStatusError("sampling.top_p: bad")))
+    assert quiet.filter(record(RuntimeError("a real bug")))
+    assert quiet.filter(logging.LogRecord("ray.serve", logging.INFO, "", 0, "hi", (), None))
