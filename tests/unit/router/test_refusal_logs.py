@@ -120,3 +120,33 @@ def test_serve_s_traceback_of_a_status_error_is_filtered() -> None:
     assert not quiet.filter(record(GrpcStatusError("sampling.top_p: bad")))
     assert quiet.filter(record(RuntimeError("a real bug")))
     assert quiet.filter(logging.LogRecord("ray.serve", logging.INFO, "", 0, "hi", (), None))
+
+
+def test_http_errors_before_parsing_are_in_openai_s_shape(
+    tiny_model_dir: Any, redis_server: Any
+) -> None:
+    settings = core_settings(
+        tiny_model_dir, redis_server.url, http_api_key="k3y", max_request_bytes=1000
+    )
+    core = RouterCore(settings, UnreachablePool(), None)
+    app = OpenAIApp(core).build()
+    auth = {"authorization": "Bearer k3y"}
+
+    async def run() -> None:
+        for path, method, headers, body, status, kind in [
+            ("/v1/completions", "POST", {}, b'{"prompt": "a"}', 401, "unauthenticated"),
+            ("/v1/models", "GET", {"authorization": "Bearer no"}, b"", 401, "unauthenticated"),
+            ("/openapi.json", "GET", {}, b"", 401, "unauthenticated"),
+            ("/v1/completions", "POST", auth, b'{"prompt": "' + b"x" * 2000 + b'"}', 413,
+             "invalid_argument"),
+            ("/v1/completions", "POST", auth, b'{"prompt": "a"}', 503, "unavailable"),
+        ]:  # fmt: skip
+            reply = await call(app, method, path, body, headers)
+            assert reply.status == status, (path, reply.body)
+            error = reply.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["type"] == kind
+        assert (await call(app, "GET", "/openapi.json", b"", auth)).status == 200
+        await core.stop()
+
+    asyncio.run(run())
+    assert core.admission.inflight == 0
