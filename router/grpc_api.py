@@ -65,11 +65,18 @@ _WATCH_PERIOD_S = 1.0
 
 class QuietStatusErrors(logging.Filter):
     """For Serve's replica logger: drops its failed-request record (with traceback)
-    when the exception is a GrpcStatusError, a status the router set and logged."""
+    when the exception is a GrpcStatusError, a status the router set and logged, or
+    Serve's wrapper of one (whose cause it is)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, GrpcStatusError)
+        for _ in range(4):  # the error, Serve's wrapper of it, ...
+            if exc is None:
+                return True
+            if isinstance(exc, GrpcStatusError):
+                return False
+            exc = exc.__cause__
+        return True
 
 
 def fail(context: Any, error: RouterError) -> GrpcStatusError:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from asgi_call import call
+from ray.serve.exceptions import gRPCStatusError
 from router_core import CallContext, UnreachablePool, core_settings
 
 from protos.pdserve.v1 import pdserve_pb2
@@ -118,6 +119,10 @@ def test_serve_s_traceback_of_a_status_error_is_filtered() -> None:
         return logging.LogRecord("ray.serve", logging.ERROR, "", 0, "Request failed.", (), info)
 
     assert not quiet.filter(record(GrpcStatusError("sampling.top_p: bad")))
+    ours = GrpcStatusError("sampling.top_p: bad")
+    wrapped = gRPCStatusError(ours, grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: bad")
+    wrapped.__cause__ = ours  # as Serve's replica raises it: `raise wrapped from e`
+    assert not quiet.filter(record(wrapped))
     assert quiet.filter(record(RuntimeError("a real bug")))
     assert quiet.filter(logging.LogRecord("ray.serve", logging.INFO, "", 0, "hi", (), None))
 
