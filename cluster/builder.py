@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import SecretStr
 from ray import serve
-from ray.serve.config import HTTPOptions, RequestRouterConfig, gRPCOptions
+from ray.serve.config import BackpressureConfig, HTTPOptions, RequestRouterConfig, gRPCOptions
 from ray.serve.schema import LoggingConfig
 
 from cluster.client.sync import APPLICATION
@@ -71,6 +71,7 @@ GRPC_SERVICER_FUNCTIONS = [
 # default of 5 in flight per replica.
 _WORKER_MAX_ONGOING = 4096
 _LOGGING = LoggingConfig(enable_access_log=False)
+_FULL = BackpressureConfig(status_code=429)  # a full ingress is the router's 429
 _PINNED = RequestRouterConfig.model_validate({"request_router_class": ROUTER_CLASS_PATH})
 
 
@@ -181,6 +182,7 @@ def worker_settings(
 def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> RouterSettings:
     r = config.router
     max_len = config.model.max_model_len
+    prompt_tokens = r.max_prompt_tokens or max_len - 1
     s = config.server
     return RouterSettings(
         cluster=config.name,
@@ -194,8 +196,11 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
         disaggregation_threshold=r.disaggregation_threshold,
         limits=Limits(
             max_model_len=max_len,
-            max_prompt_tokens=r.max_prompt_tokens or max_len - 1,
-            max_prompt_chars=int(r.max_request_bytes),
+            max_prompt_tokens=prompt_tokens,
+            max_prompt_chars=min(
+                int(r.max_request_bytes), r.prompt_chars_per_token * prompt_tokens
+            ),
+            max_messages=min(r.max_messages, prompt_tokens),
             max_stop_strings=r.max_stop_strings,
             max_logprobs=r.max_logprobs,
         ),
@@ -211,6 +216,9 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
         default_chat_max_tokens=r.default_chat_max_tokens,
         max_dispatch_attempts=r.max_dispatch_attempts,
         probe_timeout_s=r.probe_timeout_s,
+        tokenizer_threads=r.tokenizer_threads,
+        max_health_watches=r.max_health_watches,
+        health_watch_max_s=r.health_watch_max_s,
         grpc_bearer_token=s.grpc_bearer_token.get_secret_value() if s.grpc_bearer_token else None,
         http_api_key=s.api_key.get_secret_value() if s.api_key else None,
     )
@@ -237,6 +245,8 @@ def _pool_deployment(
         ray_actor_options=actor,
         **placement,
         max_ongoing_requests=_WORKER_MAX_ONGOING,
+        # A router replica holds at most max_inflight_requests, so none queues more.
+        max_queued_requests=config.router.max_inflight_requests,
         request_router_config=_PINNED,
         health_check_period_s=10.0,
         health_check_timeout_s=30.0,
@@ -267,7 +277,9 @@ def build_app(config: ClusterConfig, *, model_dir: str, redis_url: str) -> Any:
         name="router",
         num_replicas=r.replicas,
         ray_actor_options={"num_cpus": r.num_cpus},
-        max_ongoing_requests=r.max_inflight_requests + 64,  # health checks and status
+        max_ongoing_requests=r.max_inflight_requests + r.max_health_watches + 64,  # status
+        max_queued_requests=r.max_queued_requests,
+        backpressure_config=_FULL,
         health_check_period_s=10.0,
         graceful_shutdown_timeout_s=10.0,
         logging_config=_LOGGING,

@@ -171,11 +171,51 @@ class RouterConfig(BaseModel):
         ge=1,
         description="Requests one router replica holds; beyond: RESOURCE_EXHAUSTED.",
     )
+    max_queued_requests: int = Field(
+        default=512,
+        ge=1,
+        description="Requests Serve's proxy queues for the router replicas when every one "
+        "is busy; beyond: HTTP 429 or gRPC RESOURCE_EXHAUSTED. Pools queue at most "
+        "max_inflight_requests per router replica.",
+    )
+    max_health_watches: int = Field(
+        default=32,
+        ge=0,
+        le=4096,
+        description="Concurrent gRPC health Watch streams per router replica; beyond: "
+        "RESOURCE_EXHAUSTED.",
+    )
+    health_watch_max_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Longest life of one health Watch stream; the client watches again.",
+    )
     max_request_bytes: ByteSize = Field(
         default=ByteSize(1 << 20), description="Largest gRPC message or HTTP body accepted."
     )
     max_prompt_tokens: int | None = Field(
         default=None, ge=1, description="Longest prompt; default: max_model_len - 1."
+    )
+    prompt_chars_per_token: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Bound on prompt text (or all chat messages) in characters, checked "
+        "before tokenizing: this many per allowed prompt token (never above "
+        "max_request_bytes).",
+    )
+    max_messages: int = Field(
+        default=256,
+        ge=1,
+        le=4096,
+        description="Chat messages per request (never above the prompt's token bound).",
+    )
+    tokenizer_threads: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Threads per router replica that tokenize prompts, off its event loop.",
     )
     max_stop_strings: int = Field(default=16, ge=0, le=64, description="Stop strings per request.")
     max_logprobs: int = Field(default=20, ge=0, le=100, description="Top logprobs per token.")

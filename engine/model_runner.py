@@ -130,7 +130,10 @@ class ModelRunner:
             return [], []
         sampling = [s.seq for s in scheduled if s.samples]
         return self.sampler.sample(
-            logits, [s.params for s in sampling], [s.generator for s in sampling]
+            logits,
+            [s.params for s in sampling],
+            [s.generator for s in sampling],
+            [s.output for s in sampling],
         )
 
     def _pipelines(self, out: SchedulerOutput) -> bool:
@@ -161,7 +164,10 @@ class ModelRunner:
         for part, part_logits in zip(parts, logits, strict=True):
             seqs = [s.seq for s in part]
             t, lp = self.sampler.sample(
-                part_logits, [s.params for s in seqs], [s.generator for s in seqs]
+                part_logits,
+                [s.params for s in seqs],
+                [s.generator for s in seqs],
+                [s.output for s in seqs],
             )
             tokens += t
             logprobs += lp

@@ -4,12 +4,15 @@
 sampler turns a step's logits into one token per sequence: greedy rows in one
 argmax, random rows through temperature, top-k and top-p, each seeded request with
 its own generator so that its output is reproducible whatever else is in the batch.
-Logprobs are of the model's raw distribution.
+Presence and frequency penalties (OpenAI's meaning) lower a token's logit by
+`presence * (count > 0) + frequency * count`, its count among the sequence's generated
+tokens, before greedy or random choice. Logprobs are of the model's raw distribution.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # top-n alternatives besides the chosen token
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +89,14 @@ class SamplingParams:
             raise SamplingError("seed", f"must be in [0, 2**63), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             raise SamplingError("logprobs", f"must be in [0, {max_logprobs}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2.0 <= v <= 2.0):
+                raise SamplingError(name, f"must be in [-2, 2], got {v}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -127,9 +140,12 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        outputs: Sequence[Sequence[int]] | None = None,
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One token per row of `logits` [B, vocab] (fp32), with optional logprobs."""
-        logits = logits.float()
+        """One token per row of `logits` [B, vocab] (fp32), with optional logprobs.
+        `outputs` are the rows' generated tokens so far, for the penalties."""
+        raw = logits.float()
+        logits = _penalized(raw, params, outputs)
         tokens = logits.argmax(dim=-1)
         for row, p in enumerate(params):
             if not p.greedy:
@@ -138,7 +154,7 @@ class Sampler:
         lps: list[TokenLogprob | None] = [None] * len(params)
         want = [r for r, p in enumerate(params) if p.logprobs is not None]
         if want:
-            lp = torch.log_softmax(logits[want], dim=-1)
+            lp = torch.log_softmax(raw[want], dim=-1)
             for j, row in enumerate(want):
                 n = params[row].logprobs or 0
                 top_v, top_i = lp[j].topk(n) if n else (lp[j][:0], lp[j][:0].long())
@@ -165,3 +181,22 @@ class Sampler:
             x = torch.empty_like(x).scatter_(0, order, sorted_x)
         probs = torch.softmax(x, dim=-1)
         return torch.multinomial(probs, 1, generator=gen or self._default(probs.device))[0]
+
+
+def _penalized(
+    logits: torch.Tensor, params: list[SamplingParams], outputs: Sequence[Sequence[int]] | None
+) -> torch.Tensor:
+    """`logits` with each penalized row lowered by its generated tokens' counts (a new
+    tensor when any row changes; the raw logits stay for the logprobs)."""
+    if outputs is None:
+        return logits
+    rows = [r for r, p in enumerate(params) if p.penalized and outputs[r]]
+    if not rows:
+        return logits
+    out = logits.clone()
+    for r in rows:
+        p = params[r]
+        ids = torch.tensor(list(outputs[r]), dtype=torch.long, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
+        out[r] -= p.presence_penalty * (counts > 0).to(logits.dtype) + p.frequency_penalty * counts
+    return out

@@ -1,9 +1,11 @@
 """The router's request pipeline, shared by the gRPC servicer and the OpenAI app.
 
-session = core.open(raw, names, protocol)
-    admission (RESOURCE_EXHAUSTED beyond the bound), validation with the protocol's
-    field names, tokenization, the prompt's block hashes, the routing decision and
-    a server-side request id. Everything that can reject a request happens here,
+session = await core.open(raw, names, protocol)
+    admission (RESOURCE_EXHAUSTED beyond the bound), the cheap checks with the
+    protocol's field names (the input's size bounded in characters first), then
+    tokenization and the token limits in the router's tokenizer threads (never on the
+    event loop), the prompt's block hashes, the routing decision and a server-side
+    request id. Everything that can reject a request happens here,
     before anything reaches a pool, and raises RouterError.
 async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
@@ -18,10 +20,12 @@ session.close()
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,12 +133,27 @@ class Session:
             self._core.metrics.inflight.set(self._core.admission.inflight)
 
 
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
+    """One WARNING line for a request refused before it ran (a client error, a full
+    router, no instance): no traceback, since nothing went wrong in the router."""
+    logger.warning(
+        "request %s (%s) refused, %s: %s", rid, protocol, error.kind.value, error.message
+    )
+
+
 class RouterCore:
     def __init__(self, settings: RouterSettings, decode: Any, prefill: Any | None) -> None:
         self.settings = settings
         self.metrics = RouterMetrics()
         self.encoder = PromptEncoder(settings.model_dir, settings.block_size)
         self.validator = RequestValidator(settings.limits, self.encoder, settings.served_model)
+        self._tokenize_pool = ThreadPoolExecutor(
+            max_workers=settings.tokenizer_threads, thread_name_prefix="router-tokenize"
+        )
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-router")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
         breaker = CircuitBreaker(on_trip=lambda kind: self.metrics.exclusions.labels(kind).inc())
@@ -166,29 +185,42 @@ class RouterCore:
         self._unwatch()
         await self.view.stop()
         self._redis.close()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    def open(self, raw: RawRequest, names: FieldNames, protocol: str) -> Session:
+    async def open(
+        self, raw: RawRequest, names: FieldNames, protocol: str, rid: str | None = None
+    ) -> Session:
+        """A session for `raw` under the id `rid` (a new one when None); a refusal is
+        logged as one WARNING line with the id and raised as a RouterError."""
         arrival, arrival_wall = time.monotonic(), time.time()
+        rid = rid or new_request_id()
         if not self.admission.try_acquire():
             self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
-            raise RouterError(
+            error = RouterError(
                 ErrorKind.RESOURCE_EXHAUSTED,
                 f"the router holds {self.admission.max_inflight} requests; retry later",
             )
+            log_refusal(rid, protocol, error)
+            raise error
         self.metrics.inflight.set(self.admission.inflight)
         try:
-            req = self.validator.validate(raw, names)
+            checked = self.validator.check(raw, names)
+            req = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, self.validator.finish, checked, names
+            )
             route = self.route(req)
         except InvalidRequest as e:
             self._reject(protocol, ErrorKind.INVALID_ARGUMENT)
-            raise RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field) from None
+            error = RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field)
+            log_refusal(rid, protocol, error)
+            raise error from None
         except RouterError as e:
             self._reject(protocol, e.kind)
+            log_refusal(rid, protocol, e)
             raise
         except BaseException:
             self._reject(protocol, ErrorKind.INTERNAL)
             raise
-        rid = f"req-{uuid.uuid4().hex}"
         return Session(self, rid, req, route, arrival, arrival_wall, protocol)
 
     def _reject(self, protocol: str, kind: ErrorKind) -> None:

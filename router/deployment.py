@@ -29,7 +29,7 @@ from ray import serve
 
 from protos.pdserve.v1 import pdserve_pb2
 from router.core import RouterCore
-from router.grpc_api import GrpcFrontend
+from router.grpc_api import GrpcFrontend, QuietStatusErrors
 from router.openai_app import OpenAIApp
 from router.settings import RouterSettings
 
@@ -42,6 +42,9 @@ class Router:
         self, settings: RouterSettings, decode: Any, prefill: Any = None
     ) -> None:
         """`decode` and `prefill` are the pools' DeploymentHandles (prefill may be None)."""
+        # Serve logs a traceback for every exception a method raises; a gRPC status the
+        # router set is already logged by the router, as one line.
+        logging.getLogger("ray.serve").addFilter(QuietStatusErrors())
         self._core = RouterCore(settings, decode, prefill)
         await self._core.start()
         self._grpc = GrpcFrontend(self._core)

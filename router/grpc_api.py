@@ -8,11 +8,16 @@ errors. An error sets the status code and details on the context and raises, whi
 Serve's proxy turns into that status for the client; an unexpected error after the
 stream started ends it with INTERNAL, never a cut stream. The raised exception's class
 is `router.errors.GrpcStatusError`, which the proxy can unpickle without importing the
-router (see router.errors).
+router (see router.errors). Serve's replica logs every exception a method raises as a
+failed request with its traceback; `QuietStatusErrors` drops those records for a
+GrpcStatusError, which the router has already logged as one line (a WARNING for a
+refused request).
 
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
 live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
-the same status whenever it changes. Health calls need no token. Server reflection is
+the same status whenever it changes. Health calls need no token, so Watch is bounded:
+at most `max_health_watches` at once per router replica (RESOURCE_EXHAUSTED beyond),
+each ending after `health_watch_max_s` (the client watches again). Server reflection is
 Serve's (gRPCOptions.enable_reflection) and lists both services.
 """
 
@@ -29,7 +34,7 @@ from grpc_health.v1 import health_pb2
 
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from registry import Role
-from router.core import RouterCore
+from router.core import RouterCore, log_refusal, new_request_id
 from router.errors import ErrorKind, GrpcStatusError, RouterError
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
@@ -56,6 +61,22 @@ logger = logging.getLogger(__name__)
 
 _HEALTH_NAMES = ("", SERVICE_NAME)
 _WATCH_PERIOD_S = 1.0
+
+
+class QuietStatusErrors(logging.Filter):
+    """For Serve's replica logger: drops its failed-request record (with traceback)
+    when the exception is a GrpcStatusError, a status the router set and logged, or
+    Serve's wrapper of one (whose cause it is)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        for _ in range(4):  # the error, Serve's wrapper of it, ...
+            if exc is None:
+                return True
+            if isinstance(exc, GrpcStatusError):
+                return False
+            exc = exc.__cause__
+        return True
 
 
 def fail(context: Any, error: RouterError) -> GrpcStatusError:
@@ -136,6 +157,7 @@ class GrpcFrontend:
         self._core = core
         token = core.settings.grpc_bearer_token
         self._expected = f"Bearer {token}".encode() if token else None
+        self._watches = 0
 
     def _authorize(self, context: Any) -> None:
         if self._expected is None:
@@ -153,21 +175,32 @@ class GrpcFrontend:
     async def generate(
         self, request: pdserve_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
-        self._authorize(context)
+        """The request's responses; an error sets the call's status and raises
+        GrpcStatusError (logged once, by the core or here)."""
+        rid = new_request_id()
         limit = self._core.settings.max_request_bytes
         try:
+            self._authorize(context)
             size = request.ByteSize()
             if size > limit:
                 raise RouterError(
                     ErrorKind.INVALID_ARGUMENT, f"request: {size} bytes; at most {limit}", "request"
                 )
-            session = self._core.open(raw_request(request), PROTO_FIELDS, "grpc")
         except RouterError as e:
+            self._core.metrics.failed("grpc", e.kind.value)
+            log_refusal(rid, "grpc", e)
+            raise fail(context, e) from None
+        except GrpcStatusError:  # the status is set
+            log_refusal(rid, "grpc", RouterError(ErrorKind.UNAUTHENTICATED, "bad bearer token"))
+            raise
+        try:
+            session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc", rid)
+        except RouterError as e:  # logged by the core
             raise fail(context, e) from None
         try:
             async for delta in session.stream():
                 yield response(delta)
-        except RouterError as e:
+        except RouterError as e:  # logged by the session
             raise fail(context, e) from None
         except Exception:  # building a message failed: still a proper status
             logger.exception("request %s: streaming failed", session.request_id)
@@ -230,10 +263,36 @@ class GrpcFrontend:
     async def watch(
         self, request: health_pb2.HealthCheckRequest, context: Any
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        last = None
-        while True:  # ends when the client cancels the call
-            current = self._health(request.service, context)
-            if current.status != last:
-                last = current.status
-                yield current
-            await asyncio.sleep(_WATCH_PERIOD_S)
+        """The status now and at each change, until the client cancels or the stream's
+        lifetime ends; refused with RESOURCE_EXHAUSTED when too many are open."""
+        settings = self._core.settings
+        if self._watches >= settings.max_health_watches:
+            error = RouterError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"{settings.max_health_watches} health watches are open; use Check or retry",
+            )
+            logger.warning("health watch refused: %s", error.message)
+            raise fail(context, error)
+        self._watches += 1
+        try:
+            ends = asyncio.get_running_loop().time() + settings.health_watch_max_s
+            last = None
+            while True:
+                try:
+                    current = self._health(request.service, context)
+                except GrpcStatusError as e:  # an unknown service: the status is set
+                    logger.warning("health watch refused: %s", e)
+                    raise
+                if current.status != last:
+                    last = current.status
+                    yield current
+                left = ends - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return
+                await asyncio.sleep(min(_WATCH_PERIOD_S, left))
+        finally:
+            self._watches -= 1
+
+    @property
+    def open_watches(self) -> int:
+        return self._watches

@@ -3,6 +3,7 @@
     POST /v1/completions        prompt text or token ids; stream=true for SSE
     POST /v1/chat/completions   messages; stream=true for SSE
     GET  /v1/models
+    GET  /openapi.json          the API's OpenAPI description, request bodies included
     GET  /health                200 while a decode instance is live, else 503 (no key)
     GET  /metrics               Prometheus text format
 
@@ -29,10 +30,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
-from router.core import RouterCore, Session
+from router.core import RouterCore, Session, log_refusal, new_request_id
 from router.errors import HTTP_STATUS, ErrorKind, RouterError
 from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.results import Delta, Finish
@@ -46,8 +47,13 @@ def _error(kind: ErrorKind, message: str, param: str | None = None) -> JSONRespo
     return JSONResponse(body, status_code=HTTP_STATUS[kind])
 
 
-def _from(e: RouterError) -> JSONResponse:
-    return _error(e.kind, e.message, e.field)
+def _from(e: RouterError, status: int | None = None, rid: str | None = None) -> JSONResponse:
+    reply = _error(e.kind, e.message, e.field)
+    if status is not None:
+        reply.status_code = status
+    if rid is not None:
+        reply.headers["x-request-id"] = rid
+    return reply
 
 
 class _TooLarge(Exception):
@@ -143,26 +149,26 @@ class OpenAIApp:
         async def chat(request: Request) -> Response:
             return await self._handle(request, chat=True)
 
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request) -> Response:
+            if not self._authorized(request):
+                return self._unauthorized()
+            return JSONResponse(openapi_document(app))
+
         return app
 
     async def _handle(self, request: Request, chat: bool) -> Response:
+        rid = new_request_id()
         if not self._authorized(request):
+            log_refusal(rid, "http", RouterError(ErrorKind.UNAUTHENTICATED, "missing or wrong key"))
             return self._unauthorized()
         try:
             body = await _read_body(request, self._core.settings.max_request_bytes)
         except _TooLarge:
             limit = self._core.settings.max_request_bytes
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": f"body exceeds {limit} bytes",
-                        "type": "invalid_argument",
-                        "param": None,
-                        "code": None,
-                    }
-                },
-                status_code=413,
-            )
+            error = RouterError(ErrorKind.INVALID_ARGUMENT, f"body exceeds {limit} bytes")
+            self._refused(rid, error)
+            return _from(error, status=413, rid=rid)
         parsed: ChatBody | CompletionBody
         try:
             if chat:
@@ -172,14 +178,15 @@ class OpenAIApp:
             else:
                 parsed = CompletionBody.model_validate_json(body)
                 raw = parsed.to_raw()
-            session = self._core.open(raw, OPENAI_FIELDS, "http")
-        except ValidationError as e:
-            err = first_error(e)
-            return _error(ErrorKind.INVALID_ARGUMENT, str(err), err.field)
-        except InvalidRequest as e:
-            return _error(ErrorKind.INVALID_ARGUMENT, str(e), e.field)
-        except RouterError as e:
-            return _from(e)
+        except (ValidationError, InvalidRequest) as e:
+            err = first_error(e) if isinstance(e, ValidationError) else e
+            error = RouterError(ErrorKind.INVALID_ARGUMENT, str(err), err.field)
+            self._refused(rid, error)
+            return _from(error, rid=rid)
+        try:
+            session = await self._core.open(raw, OPENAI_FIELDS, "http", rid)
+        except RouterError as e:  # logged by the core
+            return _from(e, rid=rid)
         renderer = _Renderer(self._core.settings.served_model, chat, self._tok, session.request_id)
         if parsed.stream:
             return StreamingResponse(
@@ -188,6 +195,10 @@ class OpenAIApp:
                 background=BackgroundTask(session.close),  # if the stream never starts
             )
         return await self._complete(session, renderer)
+
+    def _refused(self, rid: str, error: RouterError) -> None:
+        self._core.metrics.failed("http", error.kind.value)
+        log_refusal(rid, "http", error)
 
     async def _complete(self, session: Session, r: _Renderer) -> Response:
         deltas: list[Delta] = []
@@ -221,6 +232,55 @@ class OpenAIApp:
         finally:
             session.close()
         yield b"data: [DONE]\n\n"
+
+
+_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionBody,
+    "/v1/chat/completions": ChatBody,
+}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string", "enum": [k.value for k in ErrorKind]},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": "null"},
+            },
+        }
+    },
+}
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document with the request bodies the handlers read themselves
+    (they bound the body's size before parsing it) and the error responses."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    doc = app.openapi()
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = _ERROR_SCHEMA
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, model in _BODIES.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        op = doc["paths"][path]["post"]
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+        for status, what in (
+            ("400", "a bad field, named in error.param"),
+            ("401", "missing or wrong API key"),
+            ("413", "the body is too large"),
+            ("429", "the router is full"),
+            ("503", "no instance can take the request"),
+        ):
+            op["responses"][status] = {"description": what, "content": error}
+    app.openapi_schema = doc
+    return doc
 
 
 def _event(obj: dict[str, Any]) -> bytes:

@@ -1,21 +1,77 @@
 """The OpenAI-compatible request bodies, and their translation to router requests.
 
-Unknown fields are ignored, as OpenAI clients send many; fields whose values the
-router cannot honour (n > 1, echo, best_of) are rejected by name. `top_k`,
-`stop_token_ids` and `ignore_eos` are accepted as in vLLM.
+The bodies are strict: a field OpenAI's API does not define is a 400 naming it. Every
+field OpenAI documents for /v1/completions and /v1/chat/completions is declared, and
+either honoured with its meaning or, when its value asks for something this server
+does not do, refused by name (`n` > 1, `best_of` > 1, `echo`, `suffix`, `logit_bias`,
+`tools` and functions, non-text `response_format`, audio, predictions, reasoning
+options, web search, stored completions). A value that asks for nothing (`n: 1`,
+`tool_choice: "none"`, `response_format: {"type": "text"}`, `store: false`, ...) is
+accepted. `prompt_cache_key` is accepted as the hint it is: prompts are routed to the
+instance that caches their prefix whatever the key. The role `developer` is `system`.
+`top_k`, `stop_token_ids` and `ignore_eos` are accepted as in vLLM.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from router.validation import ChatMessageIn, InvalidRequest, RawRequest, RawSampling
 
+_STRICT = ConfigDict(extra="forbid")
+
+# field -> (the values that ask for nothing, what a client gets told otherwise)
+_Rules = dict[str, tuple[tuple[Any, ...], str]]
+
+_COMMON_RULES: _Rules = {
+    "n": ((None, 1), "only n=1 is supported"),
+    "logit_bias": ((None, {}), "logit_bias is not supported"),
+}
+_COMPLETION_RULES: _Rules = {
+    "best_of": ((None, 1), "only best_of=1 is supported"),
+    "echo": ((None, False), "echo is not supported"),
+    "suffix": ((None, ""), "suffix is not supported"),
+}
+_CHAT_RULES: _Rules = {
+    "tools": ((None,), "tools are not supported"),
+    "tool_choice": ((None, "none"), "tools are not supported; only 'none' is accepted"),
+    "parallel_tool_calls": ((None,), "tools are not supported"),
+    "functions": ((None,), "functions are not supported"),
+    "function_call": ((None, "none"), "functions are not supported; only 'none' is accepted"),
+    "response_format": ((None, {"type": "text"}), "only the text response format is supported"),
+    "audio": ((None,), "audio output is not supported"),
+    "modalities": ((None, ["text"]), "only the text modality is supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "this model has no reasoning options"),
+    "verbosity": ((None,), "verbosity is not supported"),
+    "web_search_options": ((None,), "web search is not supported"),
+    "store": ((None, False), "completions are not stored"),
+    "metadata": ((None, {}), "metadata is kept only with stored completions, which are not"),
+    "service_tier": ((None, "auto", "default"), "only the default service tier exists"),
+}
+
+
+def _check(body: BaseModel, rules: _Rules) -> None:
+    for name, (noops, why) in rules.items():
+        if getattr(body, name) not in noops:
+            raise InvalidRequest(name, why)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+
+    include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+    def check(self) -> None:
+        if self.include_obfuscation:
+            raise InvalidRequest("stream_options.include_obfuscation", "is not supported")
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str = ""
     max_tokens: int | None = None
@@ -27,13 +83,17 @@ class _Body(BaseModel):
     ignore_eos: bool = False
     seed: int | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     user: str = ""
-    n: int = 1
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     def _common_checks(self) -> None:
-        if self.n != 1:
-            raise InvalidRequest("n", "only n=1 is supported")
+        _check(self, _COMMON_RULES)
+        if self.stream_options is not None:
+            self.stream_options.check()
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> RawSampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -47,22 +107,25 @@ class _Body(BaseModel):
             ignore_eos=self.ignore_eos,
             seed=self.seed,
             logprobs=logprobs,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
         )
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionBody(_Body):
     prompt: str | list[int] | None = None
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
 
     def to_raw(self) -> RawRequest:
         self._common_checks()
-        if self.echo:
-            raise InvalidRequest("echo", "echo is not supported")
+        _check(self, _COMPLETION_RULES)
         if self.prompt is None:
             raise InvalidRequest("prompt", "is required")
         text = self.prompt if isinstance(self.prompt, str) else None
@@ -76,11 +139,37 @@ class CompletionBody(_Body):
         )
 
 
+class TextPart(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessageBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: str
-    content: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    audio: Any = None
+
+    def to_message(self, i: int) -> ChatMessageIn:
+        for name in ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal"):
+            if getattr(self, name) is not None:
+                raise InvalidRequest(f"messages[{i}].{name}", "is not supported")
+        if self.content is None:
+            raise InvalidRequest(f"messages[{i}].content", "is required")
+        text = (
+            self.content
+            if isinstance(self.content, str)
+            else "".join(part.text for part in self.content)
+        )
+        return ChatMessageIn("system" if self.role == "developer" else self.role, text)
 
 
 class ChatBody(_Body):
@@ -88,11 +177,31 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: Any = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     def to_raw(self, default_max_tokens: int) -> RawRequest:
         self._common_checks()
+        _check(self, _CHAT_RULES)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs", "needs logprobs: true")
+        if self.user and self.safety_identifier:
+            raise InvalidRequest("safety_identifier", "set it or user, not both")
         n_logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = (
             self.max_completion_tokens
@@ -100,15 +209,17 @@ class ChatBody(_Body):
             else self.max_tokens
         )
         return RawRequest(
-            messages=tuple(ChatMessageIn(m.role, m.content) for m in self.messages),
+            messages=tuple(m.to_message(i) for i, m in enumerate(self.messages)),
             sampling=self._sampling(max_tokens, n_logprobs),
             model=self.model,
-            client_tag=self.user,
+            client_tag=self.user or self.safety_identifier or "",
             default_max_tokens=default_max_tokens,
         )
 
 
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "function-after", "function-before"})
+_UNION_TAGS = frozenset(
+    {"str", "int", "float", "bool", "list", "function-after", "function-before"}
+)
 
 
 def first_error(e: ValidationError) -> InvalidRequest:
@@ -116,7 +227,11 @@ def first_error(e: ValidationError) -> InvalidRequest:
     err = e.errors()[0]
     path = ""
     for part in err.get("loc", ()):
-        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+        if isinstance(part, str) and (
+            part in _UNION_TAGS or "[" in part or part[:1].isupper() or part.startswith("list")
+        ):
             continue  # which member of a union failed, not a field
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    if err.get("type") == "extra_forbidden":
+        return InvalidRequest(path or "body", "is not a field of this request")
     return InvalidRequest(path or "body", err.get("msg", "invalid value"))

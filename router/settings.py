@@ -38,6 +38,9 @@ class RouterSettings:
     default_chat_max_tokens: int
     max_dispatch_attempts: int = 2  # tries before the first token, each elsewhere
     probe_timeout_s: float = 1.0  # probing an excluded instance before it returns
+    tokenizer_threads: int = 2  # threads that tokenize prompts, off the event loop
+    max_health_watches: int = 32  # concurrent gRPC health Watch streams
+    health_watch_max_s: float = 300.0  # longest life of one Watch stream
     grpc_bearer_token: str | None = None
     http_api_key: str | None = None
 

@@ -5,9 +5,12 @@ and call `RequestValidator.validate` with their own `FieldNames`, so the same ru
 reports `sampling.top_p` over gRPC and `top_p` over HTTP. Validation is side-effect
 free and runs before anything is routed; the worker's engine validates again.
 
-Order: cheap checks first (model, tag, exactly one input, sampling values), then the
-prompt is tokenized (its size bounded before that), then the token-count limits:
-prompt below the context length and `prompt + max_tokens` within it.
+Two steps. `check` is cheap and bounded, and runs on the event loop: model, tag,
+exactly one input, sampling values, and the input's size in characters, messages or
+token ids, so a huge prompt is refused before any tokenizing. `finish` tokenizes (the
+chat template included) and applies the token-count limits: prompt below the context
+length and `prompt + max_tokens` within it; the router runs it in a thread pool, never
+on the event loop. `validate` does both, for callers without a loop.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class FieldNames:
     stop_token_ids: str
     seed: str
     logprobs: str
+    presence_penalty: str
+    frequency_penalty: str
     client_tag: str
     model: str
 
@@ -65,6 +70,8 @@ PROTO_FIELDS = FieldNames(
     stop_token_ids="sampling.stop_token_ids",
     seed="sampling.seed",
     logprobs="sampling.logprobs",
+    presence_penalty="sampling.presence_penalty",
+    frequency_penalty="sampling.frequency_penalty",
     client_tag="client_tag",
     model="model",
 )
@@ -82,6 +89,8 @@ OPENAI_FIELDS = FieldNames(
     stop_token_ids="stop_token_ids",
     seed="seed",
     logprobs="logprobs",
+    presence_penalty="presence_penalty",
+    frequency_penalty="frequency_penalty",
     client_tag="user",
     model="model",
 )
@@ -106,6 +115,8 @@ class RawSampling:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,8 @@ class RawRequest:
 class Limits:
     max_model_len: int
     max_prompt_tokens: int
+    # Characters of prompt text (or of all chat messages, roles included) before any
+    # tokenizing; the builder derives it from max_prompt_tokens.
     max_prompt_chars: int = 1 << 20
     max_messages: int = 1024
     max_stop_strings: int = 16
@@ -132,6 +145,20 @@ class Limits:
     max_stop_token_ids: int = 64
     max_logprobs: int = 20
     max_client_tag_chars: int = 128
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_prompt_tokens < self.max_model_len:
+            raise ValueError("max_prompt_tokens: must be in [1, max_model_len)")
+        if min(self.max_prompt_chars, self.max_messages) < 1:
+            raise ValueError("max_prompt_chars and max_messages must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request whose cheap checks passed: bounded in size, not yet tokenized."""
+
+    raw: RawRequest
+    params: SamplingParams
 
 
 @dataclass(frozen=True)
@@ -151,6 +178,10 @@ class RequestValidator:
         self.served_model = served_model
 
     def validate(self, raw: RawRequest, names: FieldNames) -> ValidRequest:
+        return self.finish(self.check(raw, names), names)
+
+    def check(self, raw: RawRequest, names: FieldNames) -> CheckedRequest:
+        """Everything but tokenizing: cheap, bounded by the request's size."""
         lim = self.limits
         if raw.model and raw.model != self.served_model:
             raise InvalidRequest(
@@ -165,6 +196,13 @@ class RequestValidator:
                 names.input, "exactly one of prompt, token ids or messages is required"
             )
         params = self._check_sampling(raw.sampling, names)
+        self._check_input_size(raw, names)
+        return CheckedRequest(raw, params)
+
+    def finish(self, checked: CheckedRequest, names: FieldNames) -> ValidRequest:
+        """Tokenizes a checked request and applies the token-count limits."""
+        lim = self.limits
+        raw = checked.raw
         prompt, field = self._tokenize(raw, names)
         n = len(prompt)
         if n == 0:
@@ -188,7 +226,7 @@ class RequestValidator:
             )
         else:
             max_tokens = s.max_tokens
-        params = dataclasses.replace(params, max_tokens=max_tokens)
+        params = dataclasses.replace(checked.params, max_tokens=max_tokens)
         return ValidRequest(tuple(prompt), params, raw.client_tag)
 
     def _check_sampling(self, s: RawSampling, names: FieldNames) -> SamplingParams:
@@ -205,6 +243,8 @@ class RequestValidator:
             ignore_eos=s.ignore_eos,
             seed=s.seed,
             logprobs=s.logprobs,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
         )
         try:
             params.validate(
@@ -218,13 +258,17 @@ class RequestValidator:
             raise InvalidRequest(names.of(e.field), e.message) from None
         return params
 
-    def _tokenize(self, raw: RawRequest, names: FieldNames) -> tuple[list[int], str]:
+    def _check_input_size(self, raw: RawRequest, names: FieldNames) -> None:
         lim = self.limits
         if raw.prompt is not None:
+            if not raw.prompt:
+                raise InvalidRequest(names.prompt, "the prompt must not be empty")
             if len(raw.prompt) > lim.max_prompt_chars:
-                raise InvalidRequest(names.prompt, f"at most {lim.max_prompt_chars} characters")
-            return self.encoder.encode(raw.prompt), names.prompt
-        if raw.token_ids is not None:
+                raise InvalidRequest(
+                    names.prompt,
+                    f"{len(raw.prompt)} characters; at most {lim.max_prompt_chars} are allowed",
+                )
+        elif raw.token_ids is not None:
             given = raw.token_ids
             if len(given) > lim.max_prompt_tokens:
                 raise InvalidRequest(names.token_ids, f"at most {lim.max_prompt_tokens} tokens")
@@ -234,16 +278,28 @@ class RequestValidator:
                     raise InvalidRequest(
                         f"{names.token_ids}[{i}]", f"{tok} is outside [0, {vocab})"
                     )
-            return list(given), names.token_ids
+        else:
+            messages = raw.messages or ()
+            if not messages:
+                raise InvalidRequest(names.messages, "must not be empty")
+            if len(messages) > lim.max_messages:
+                raise InvalidRequest(
+                    names.messages,
+                    f"{len(messages)} messages; at most {lim.max_messages} are allowed",
+                )
+            chars = sum(len(m.role) + len(m.content) for m in messages)
+            if chars > lim.max_prompt_chars:
+                raise InvalidRequest(
+                    names.messages,
+                    f"{chars} characters in all; at most {lim.max_prompt_chars} are allowed",
+                )
+
+    def _tokenize(self, raw: RawRequest, names: FieldNames) -> tuple[list[int], str]:
+        if raw.prompt is not None:
+            return self.encoder.encode(raw.prompt), names.prompt
+        if raw.token_ids is not None:
+            return list(raw.token_ids), names.token_ids
         messages = raw.messages or ()
-        if not messages:
-            raise InvalidRequest(names.messages, "must not be empty")
-        if len(messages) > lim.max_messages:
-            raise InvalidRequest(names.messages, f"at most {lim.max_messages} messages")
-        if sum(len(m.content) for m in messages) > lim.max_prompt_chars:
-            raise InvalidRequest(
-                names.messages, f"at most {lim.max_prompt_chars} characters in all"
-            )
         try:
             ids = self.encoder.chat([{"role": m.role, "content": m.content} for m in messages])
         except ValueError as e:

@@ -91,6 +91,11 @@ BAD = [
     (["redis.url=http://localhost"], "redis.url"),
     (["redis.lease_ttl_s=1", "redis.load_report_interval_s=2"], "load_report_interval_s"),
     (["router.max_prompt_tokens=2048"], "router.max_prompt_tokens"),
+    (["router.prompt_chars_per_token=0"], "router.prompt_chars_per_token"),
+    (["router.max_messages=0"], "router.max_messages"),
+    (["router.tokenizer_threads=0"], "router.tokenizer_threads"),
+    (["router.max_queued_requests=0"], "router.max_queued_requests"),
+    (["router.health_watch_max_s=0"], "router.health_watch_max_s"),
     (["name=has:colon"], "name"),
     (["model.dtype=int4"], "model.dtype"),
     (["kv_transfer.faults=[{kind: explode}]"], "kv_transfer.faults.0.kind"),
@@ -191,9 +196,28 @@ def test_builder_settings_and_app(tiny_model_dir: Path) -> None:
     rs = router_settings(c, str(tiny_model_dir), "redis://127.0.0.1:1/0")
     assert rs.has_prefill_pool and rs.http_api_key == "k" and rs.grpc_bearer_token is None
     assert rs.limits.max_prompt_tokens == 100 and rs.limits.max_model_len == 256
+    # The character bound comes from the token bound, before any tokenizing.
+    assert (rs.limits.max_prompt_chars, rs.limits.max_messages) == (16 * 100, 100)
     assert [p.name for p in rs.pools] == ["prefill", "decode"]
     app = build_app(c, model_dir=str(tiny_model_dir), redis_url="redis://127.0.0.1:1/0")
     assert isinstance(app, serve.Application)
+
+
+def test_serve_queues_are_bounded(tiny_model_dir: Path) -> None:
+    c = _tiny(
+        tiny_model_dir,
+        "router.max_queued_requests=77",
+        "router.max_inflight_requests=40",
+        "router.max_health_watches=5",
+    )
+    app = build_app(c, model_dir=str(tiny_model_dir), redis_url="redis://127.0.0.1:1/0")
+    router = app._bound_deployment
+    assert router.max_queued_requests == 77
+    assert router.max_ongoing_requests == 40 + 5 + 64  # requests, watches, status calls
+    pools = [a._bound_deployment for a in router.init_args[1:]]
+    assert [(p.name, p.max_queued_requests) for p in pools] == [("decode", 40), ("prefill", 40)]
+    rs = router_settings(c, str(tiny_model_dir), "redis://x")
+    assert (rs.max_health_watches, rs.health_watch_max_s) == (5, 300.0)
 
 
 def test_kv_transfer_secret_reaches_every_pool_and_nothing_prints_it(

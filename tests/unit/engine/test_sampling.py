@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.sampling import Sampler, skip_draws
+from engine.sampling import Sampler, SamplingError, skip_draws
 
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], [42] * 20]
 
@@ -91,3 +91,88 @@ def test_skip_draws_continues_another_generators_stream() -> None:
     assert [sampler.sample(logits[i], params, [there])[0][0] for i in range(2, 4)] == rest
     with pytest.raises(ValueError, match="draws"):
         skip_draws(there, vocab, -1)
+
+
+def test_penalties_lower_generated_tokens_by_presence_and_count() -> None:
+    logits = torch.tensor([[3.0, 2.9, 2.0, 1.0, 0.0]])
+    outputs = [[0, 0, 1]]  # token 0 twice, token 1 once
+    s = Sampler()
+    p = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25, logprobs=1)
+    # 3.0 - 0.5 - 2 * 0.25 = 2.0, 2.9 - 0.5 - 0.25 = 2.15, token 2 stays 2.0: token 1 wins
+    (tok,), (lp,) = s.sample(logits, [p], [None], outputs)
+    assert tok == 1
+    assert lp is not None and math.isclose(lp.logprob, float(torch.log_softmax(logits[0], -1)[1]))
+    assert lp.top[0][0] == 0  # logprobs are of the raw distribution
+    # Without generated tokens, or without penalties, nothing changes.
+    assert s.sample(logits, [p], [None], [[]])[0] == [0]
+    assert s.sample(logits, [SamplingParams(temperature=0)], [None], outputs)[0] == [0]
+    negative = SamplingParams(temperature=0, presence_penalty=-2.0)
+    assert s.sample(torch.tensor([[1.0, 2.0]]), [negative], [None], [[0]])[0] == [0]
+
+
+def test_penalized_sampling_draws_from_the_penalized_distribution() -> None:
+    """With one generator, sampling under penalties equals sampling the logits lowered
+    by hand: the penalty is exactly OpenAI's formula, applied before temperature."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    outputs = [[3, 3, 7, 9, 3], [1]]
+    pen = [
+        SamplingParams(temperature=0.7, top_p=0.9, presence_penalty=1.5, frequency_penalty=-0.5),
+        SamplingParams(temperature=1.0, frequency_penalty=2.0),
+    ]
+    by_hand = logits.clone()
+    by_hand[0, 3] -= 1.5 - 0.5 * 3
+    by_hand[0, 7] -= 1.5 - 0.5
+    by_hand[0, 9] -= 1.5 - 0.5
+    by_hand[1, 1] -= 2.0
+    plain = [
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=1.0),
+    ]
+    for seed in range(20):
+        gens_a = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)]
+        gens_b = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)]
+        a = Sampler().sample(logits, pen, list(gens_a), outputs)[0]
+        b = Sampler().sample(by_hand, plain, list(gens_b))[0]
+        assert a == b
+
+
+def test_penalty_bounds_are_named() -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        for bad in (2.5, -2.01, float("nan")):
+            with pytest.raises(SamplingError, match=rf"^{name}: must be in \[-2, 2\]"):
+                SamplingParams(**{name: bad}).validate(100)
+
+
+def test_engine_greedy_with_penalties_matches_hf_with_the_same_penalties(
+    make_llm, tiny_model_dir, tiny_hf
+) -> None:
+    """The engine passes each sequence's generated tokens to the sampler: greedy output
+    under penalties is HF's greedy output with the penalties applied by hand."""
+    from hf_reference import Reference, assert_matches
+
+    prompt, n = [42] * 20, 24  # the random model repeats itself after this prompt
+    params = SamplingParams(
+        temperature=0, max_tokens=n, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.5
+    )
+    ours = make_llm(tiny_model_dir).generate([prompt], params)[0].token_ids
+    tokens: list[int] = []
+    gaps: list[float] = []
+    with torch.inference_mode():
+        out = tiny_hf(torch.tensor([prompt]), use_cache=True)
+        for _ in range(n):
+            x = out.logits[0, -1].float().clone()
+            for t in set(tokens):
+                x[t] -= 1.0 + 0.5 * tokens.count(t)
+            top = torch.log_softmax(x, -1).topk(2)
+            tokens.append(int(top.indices[0]))
+            gaps.append(float(top.values[0] - top.values[1]))
+            out = tiny_hf(
+                torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
+            )
+    assert_matches(list(ours), Reference(tokens, gaps), "penalized greedy")
+    plain = make_llm(tiny_model_dir).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    )[0]
+    assert len(set(plain.token_ids)) < n  # unpenalized, it repeats tokens
+    assert list(plain.token_ids) != tokens  # and the penalties changed that

@@ -103,6 +103,10 @@ BAD = [
     ),
     (RawRequest(prompt="a", sampling=RawSampling(seed=2**63)), "sampling.seed"),
     (RawRequest(prompt="a", sampling=RawSampling(logprobs=21)), "sampling.logprobs"),
+    (
+        RawRequest(prompt="a", sampling=RawSampling(presence_penalty=2.5)),
+        "sampling.presence_penalty",
+    ),
 ]
 
 
@@ -126,6 +130,8 @@ SAMPLING_CASES = [
     RawSampling(stop_token_ids=(1, 10**6)),
     RawSampling(seed=-1),
     RawSampling(logprobs=21),
+    RawSampling(presence_penalty=-3.0),
+    RawSampling(frequency_penalty=float("inf")),
 ]
 
 
@@ -202,5 +208,7 @@ def test_schema_errors_name_the_field(body: bytes, field: str) -> None:
 
 def test_chat_schema_error_names_message_field() -> None:
     with pytest.raises(ValidationError) as err:
-        ChatBody.model_validate_json(b'{"messages": [{"role": "user"}]}')
-    assert first_error(err.value).field == "messages[0].content"
+        ChatBody.model_validate_json(b'{"messages": [{"content": "hi"}]}')
+    assert first_error(err.value).field == "messages[0].role"
+    with pytest.raises(InvalidRequest, match=r"^messages\[0\]\.content: is required"):
+        ChatBody.model_validate_json(b'{"messages": [{"role": "user"}]}').to_raw(10)
