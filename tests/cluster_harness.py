@@ -38,6 +38,25 @@ from worker.messages import WorkerState
 
 START_TIMEOUT_S = 180.0
 MAX_TOKENS = 12
+# Prompts of 30-40 tokens, long enough to be disaggregated under a threshold of 16.
+LONG_PROMPTS = [
+    "In the beginning the universe was created. This has made a lot of people very angry "
+    "and been widely regarded as a bad move by almost everyone who has thought about it.",
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was "
+    "the age of foolishness, it was the epoch of belief, it was the epoch of incredulity.",
+    "The quick brown fox jumps over the lazy dog while the five boxing wizards jump quickly "
+    "and the sphinx of black quartz judges my vow, or so the old typesetters used to say.",
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
+    "money in my purse, and nothing particular to interest me on shore, I thought I would sail.",
+    "All happy families are alike; each unhappy family is unhappy in its own way. Everything "
+    "was in confusion in the house of the Oblonskys, as the wife had discovered the affair.",
+    "It is a truth universally acknowledged, that a single man in possession of a good "
+    "fortune, must be in want of a wife, however little known the feelings of such a man.",
+    "Far out in the uncharted backwaters of the unfashionable end of the western spiral arm "
+    "of the Galaxy lies a small unregarded yellow sun, orbited by a small blue-green planet.",
+    "Many years later, as he faced the firing squad, Colonel Aureliano Buendia was to "
+    "remember that distant afternoon when his father took him to discover ice in the town.",
+]
 
 
 def greedy(max_tokens: int = MAX_TOKENS) -> SamplingParams:

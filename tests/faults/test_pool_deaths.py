@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from cluster_harness import ClusterHarness, tiny_config, wait_until
+from cluster_harness import LONG_PROMPTS, ClusterHarness, tiny_config, wait_until
 from fault_load import MAX_MODEL_LEN, GrpcStream, HealthWatch, SseStream, StreamResult
 
 from cluster.builder import APP_NAME
@@ -32,24 +32,6 @@ MAX_TOKENS = 600  # long enough that every stream is still running when a replic
 READ_TIMEOUT_S = 30.0  # a stream with no byte for this long has stalled
 STALL_LIMIT_S = 15.0  # longest wait for a byte after a death (the bug: over 100 s)
 SHORT = ["Hi there", "2 + 2 =", "The sky is", "Once upon a"]
-LONG = [
-    "In the beginning the universe was created. This has made a lot of people very angry "
-    "and been widely regarded as a bad move by almost everyone who has thought about it.",
-    "It was the best of times, it was the worst of times, it was the age of wisdom, it was "
-    "the age of foolishness, it was the epoch of belief, it was the epoch of incredulity.",
-    "The quick brown fox jumps over the lazy dog while the five boxing wizards jump quickly "
-    "and the sphinx of black quartz judges my vow, or so the old typesetters used to say.",
-    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
-    "money in my purse, and nothing particular to interest me on shore, I thought I would sail.",
-    "All happy families are alike; each unhappy family is unhappy in its own way. Everything "
-    "was in confusion in the house of the Oblonskys, as the wife had discovered the affair.",
-    "It is a truth universally acknowledged, that a single man in possession of a good "
-    "fortune, must be in want of a wife, however little known the feelings of such a man.",
-    "Far out in the uncharted backwaters of the unfashionable end of the western spiral arm "
-    "of the Galaxy lies a small unregarded yellow sun, orbited by a small blue-green planet.",
-    "Many years later, as he faced the firing squad, Colonel Aureliano Buendia was to "
-    "remember that distant afternoon when his father took him to discover ice in the town.",
-]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +56,8 @@ def cluster(tiny_model_dir: Path) -> Iterator[ClusterHarness]:
 @pytest.fixture(scope="module")
 def reference(reference_llm: LLM) -> dict[str, list[int]]:
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    outs = reference_llm.generate(SHORT + LONG, params)
-    return {p: o.token_ids for p, o in zip(SHORT + LONG, outs, strict=True)}
+    outs = reference_llm.generate(SHORT + LONG_PROMPTS, params)
+    return {p: o.token_ids for p, o in zip(SHORT + LONG_PROMPTS, outs, strict=True)}
 
 
 def _body(prompt: str) -> dict[str, object]:
@@ -178,7 +160,9 @@ def test_a_killed_decode_replica_costs_no_stall_and_no_cut_stream(
 ) -> None:
     _wait_for_full_cluster(cluster)
     with HealthWatch(cluster.grpc_target, _port(cluster)) as watch:
-        running = _run_streams(cluster, [*SHORT[:2], *LONG[:2]], grpc=(SHORT[2], LONG[2]))
+        running = _run_streams(
+            cluster, [*SHORT[:2], *LONG_PROMPTS[:2]], grpc=(SHORT[2], LONG_PROMPTS[2])
+        )
         wait_until(
             lambda: all(s.result.tokens or s.result.ended for s in running.values()),
             60.0,
@@ -190,7 +174,7 @@ def test_a_killed_decode_replica_costs_no_stall_and_no_cut_stream(
         (address,) = [a for _, i, a in cluster.instances() if i == victim.instance_id]
         os.kill(_replica_pid("decode", address), signal.SIGKILL)
         killed_at = time.monotonic()
-        later = _run_streams(cluster, [SHORT[3], LONG[3]])
+        later = _run_streams(cluster, [SHORT[3], LONG_PROMPTS[3]])
         results, after = _join(running), _join(later)
     _check("decode SIGKILL", results, after, watch, reference, killed_at)
     # The router took the dead instance out of routing itself (not by lease expiry).
@@ -202,7 +186,7 @@ def test_a_killed_prefill_replica_costs_no_stall_and_no_cut_stream(
 ) -> None:
     _wait_for_full_cluster(cluster)
     with HealthWatch(cluster.grpc_target, _port(cluster)) as watch:
-        running = _run_streams(cluster, LONG[4:8])
+        running = _run_streams(cluster, LONG_PROMPTS[4:8])
         prefill = [(i, a) for pool, i, a in cluster.instances() if pool == "prefill"]
         ((prefill_id, address),) = prefill
 
@@ -213,7 +197,7 @@ def test_a_killed_prefill_replica_costs_no_stall_and_no_cut_stream(
         wait_until(transferring, 60.0, "a KV transfer in flight", 0.05)
         os.kill(_replica_pid("prefill", address), signal.SIGKILL)
         killed_at = time.monotonic()
-        later = _run_streams(cluster, [SHORT[0], LONG[0]])
+        later = _run_streams(cluster, [SHORT[0], LONG_PROMPTS[0]])
         results, after = _join(running), _join(later)
     _check("prefill SIGKILL", results, after, watch, reference, killed_at)
     # The decode side gave up on the dead sender within the transfer timeout and

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cluster_harness import (
+    LONG_PROMPTS,
     MAX_TOKENS,
     ClusterHarness,
     greedy,
@@ -27,26 +28,8 @@ from engine.block_hash import chain_hashes
 pytestmark = pytest.mark.slow
 
 THRESHOLD = 16
-# Each long prompt is used by one test only: a repeat finds its blocks cached on the
-# decode instance and is (rightly) no longer disaggregated.
-LONG = [
-    "In the beginning the universe was created. This has made a lot of people very angry "
-    "and been widely regarded as a bad move by almost everyone who has thought about it.",
-    "It was the best of times, it was the worst of times, it was the age of wisdom, it was "
-    "the age of foolishness, it was the epoch of belief, it was the epoch of incredulity.",
-    "The quick brown fox jumps over the lazy dog while the five boxing wizards jump quickly "
-    "and the sphinx of black quartz judges my vow, or so the old typesetters used to say.",
-    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no "
-    "money in my purse, and nothing particular to interest me on shore, I thought I would sail.",
-    "All happy families are alike; each unhappy family is unhappy in its own way. Everything "
-    "was in confusion in the house of the Oblonskys, as the wife had discovered the affair.",
-    "It is a truth universally acknowledged, that a single man in possession of a good "
-    "fortune, must be in want of a wife, however little known the feelings of such a man.",
-    "Far out in the uncharted backwaters of the unfashionable end of the western spiral arm "
-    "of the Galaxy lies a small unregarded yellow sun, orbited by a small blue-green planet.",
-    "Many years later, as he faced the firing squad, Colonel Aureliano Buendia was to "
-    "remember that distant afternoon when his father took him to discover ice in the town.",
-]
+# Each of LONG_PROMPTS is used by one test only: a repeat finds its blocks cached on
+# the decode instance and is (rightly) no longer disaggregated.
 SHORT = ["Hi there", "2 + 2 ="]
 GREEDY = Sampling(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 LEASE_TTL_S = 3.0
@@ -71,15 +54,15 @@ def cluster(tiny_model_dir: Path) -> Iterator[ClusterHarness]:
 
 @pytest.fixture(scope="module")
 def reference(reference_llm: LLM) -> dict[str, list[int]]:
-    return greedy_references(reference_llm, LONG, SHORT, THRESHOLD)
+    return greedy_references(reference_llm, LONG_PROMPTS, SHORT, THRESHOLD)
 
 
 def test_long_prompt_is_prefilled_remotely_and_matches(
     cluster: ClusterHarness, reference: dict[str, list[int]]
 ) -> None:
     with cluster.client() as c:
-        done = c.generate(LONG[0], GREEDY)
-    assert list(done.token_ids) == reference[LONG[0]]
+        done = c.generate(LONG_PROMPTS[0], GREEDY)
+    assert list(done.token_ids) == reference[LONG_PROMPTS[0]]
     t = done.timings
     assert t.disaggregated
     assert t.prefill_ms > 0 and t.kv_transfer_ms >= 0 and t.ttft_ms >= t.prefill_ms
@@ -109,7 +92,7 @@ def test_concurrent_mixed_streams_over_grpc_and_http(
 
             def http() -> list[int]:
                 body = {
-                    "prompt": LONG[1],
+                    "prompt": LONG_PROMPTS[1],
                     "max_tokens": MAX_TOKENS,
                     "temperature": 0,
                     "ignore_eos": True,
@@ -118,7 +101,7 @@ def test_concurrent_mixed_streams_over_grpc_and_http(
                 return [t for e in events for t in e["choices"][0]["token_ids"]]
 
             grpc_results, http_tokens = await asyncio.gather(
-                asyncio.gather(*(one(p) for p in [LONG[2], LONG[3], *SHORT])),
+                asyncio.gather(*(one(p) for p in [LONG_PROMPTS[2], LONG_PROMPTS[3], *SHORT])),
                 asyncio.to_thread(http),
             )
             return list(grpc_results), http_tokens
@@ -126,19 +109,19 @@ def test_concurrent_mixed_streams_over_grpc_and_http(
     results, http_tokens = asyncio.run(run())
     for prompt, tokens, disagg in results:
         assert tokens == reference[prompt], prompt
-        assert disagg == (prompt in LONG), prompt
-    assert http_tokens == reference[LONG[1]]
+        assert disagg == (prompt in LONG_PROMPTS), prompt
+    assert http_tokens == reference[LONG_PROMPTS[1]]
 
 
 def test_first_token_logprob_comes_from_the_prefill_instance(
     cluster: ClusterHarness, reference_llm: LLM
 ) -> None:
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
-    want = reference_llm.generate([LONG[4]], params)[0]
+    want = reference_llm.generate([LONG_PROMPTS[4]], params)[0]
     assert want.logprobs is not None
     with cluster.client() as c:
         done = c.generate(
-            LONG[4], Sampling(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
+            LONG_PROMPTS[4], Sampling(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
         )
     assert done.timings.disaggregated
     assert list(done.token_ids) == want.token_ids
@@ -150,10 +133,10 @@ def test_seeded_sampling_continues_the_prefill_instance_stream(
 ) -> None:
     # The decode instance resumes the seeded generator where the prefill one stopped.
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=4242, max_tokens=8, ignore_eos=True)
-    want = reference_llm.generate([LONG[7]], params)[0]
+    want = reference_llm.generate([LONG_PROMPTS[7]], params)[0]
     with cluster.client() as c:
         done = c.generate(
-            LONG[7],
+            LONG_PROMPTS[7],
             Sampling(temperature=1.0, top_p=0.9, seed=4242, max_tokens=8, ignore_eos=True),
         )
     assert done.timings.disaggregated
@@ -165,7 +148,7 @@ def test_cached_prefix_keeps_the_prompt_on_decode(
 ) -> None:
     """The decode instance caches a remotely prefilled prompt's full blocks and publishes
     them; a repeat of that prompt then has too few uncached tokens to disaggregate."""
-    prompt_ids = reference_llm.tokenizer.encode(LONG[5])[:40]
+    prompt_ids = reference_llm.tokenizer.encode(LONG_PROMPTS[5])[:40]
     want = reference_llm.generate([prompt_ids], greedy())[0].token_ids
     hashes = chain_hashes(prompt_ids, 16)
     registry = cluster.registry
@@ -186,7 +169,7 @@ def test_cached_prefix_keeps_the_prompt_on_decode(
 
 def test_cancel_frees_blocks_in_both_pools(cluster: ClusterHarness) -> None:
     with cluster.client() as c:
-        stream = c.stream(LONG[6], Sampling(temperature=0, max_tokens=200, ignore_eos=True))
+        stream = c.stream(LONG_PROMPTS[6], Sampling(temperature=0, max_tokens=200, ignore_eos=True))
         got = [next(stream), next(stream)]
         assert not any(chunk.finish_reason for chunk in got)
         by_pool = {s.pool: s for s in cluster.worker_states()}
@@ -221,12 +204,12 @@ def test_instance_that_stops_heartbeating_leaves_within_one_ttl(
             wait_until(
                 lambda: not c.cluster_status().pools[0].instances, 2.0, "router view drops it"
             )
-            done = c.generate(LONG[0][::-1], GREEDY)  # fresh and long; no prefill instance
+            done = c.generate(LONG_PROMPTS[0][::-1], GREEDY)  # fresh and long; no prefill instance
         assert not done.timings.disaggregated
     finally:
         cluster.call("prefill", address, "resume_heartbeat")
     with cluster.client() as c:
         wait_until(lambda: c.cluster_status().ready, 10.0, "prefill instance back")
         time.sleep(0.5)
-        again = c.generate(LONG[2][::-1], GREEDY)
+        again = c.generate(LONG_PROMPTS[2][::-1], GREEDY)
     assert again.timings.disaggregated
