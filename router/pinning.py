@@ -13,8 +13,9 @@ to the event loop unless the router asks it to back off, so a pin that matches n
 would spin it and freeze every coroutine of the process, health checks included.
 
 Every replica Serve drops is also reported to the callbacks registered with
-`watch_replica_deaths` (the cluster view excludes it from routing at once). The hub is
-process-wide because Serve builds these routers itself, one per handle.
+`watch_replica_deaths` (the cluster view excludes it from routing at once). The hub
+(`router/replica_deaths.py`) is process-wide because Serve builds these routers itself,
+one per handle.
 
 It subclasses the plain `RequestRouter` (no FIFO mixin), whose matching is by request
 id, so a replica chosen for one request is never handed to another. It overrides two
@@ -24,14 +25,13 @@ the Ray version is pinned exactly.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from router import replica_deaths
 from worker.errors import InstanceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ PIN_KWARG = "replica"
 ROUTER_CLASS_PATH = "router.pinning:PinnedReplicaRouter"
 PIN_GRACE_S = 0.5  # how long a pin may name a replica this handle has not seen yet
 _GONE_MEMORY_S = 600.0  # how long a dropped replica's id is remembered
-
-_death_watchers: list[Callable[[str], object]] = []
 
 
 class PinnedReplicaUnavailable(InstanceUnavailable):
@@ -52,24 +50,8 @@ class PinnedReplicaUnavailable(InstanceUnavailable):
         self.replica = replica
 
 
-def watch_replica_deaths(callback: Callable[[str], object]) -> Callable[[], None]:
-    """Call `callback(unique_id)` for each replica a handle's router drops; returns a
-    function that stops the calls. Callbacks run on the router's loop: keep them short."""
-    _death_watchers.append(callback)
-
-    def cancel() -> None:
-        with contextlib.suppress(ValueError):
-            _death_watchers.remove(callback)
-
-    return cancel
-
-
-def _report_gone(unique_id: str) -> None:
-    for callback in list(_death_watchers):
-        try:
-            callback(unique_id)
-        except Exception:
-            logger.exception("replica death watcher failed")
+# The cluster view's entry point to the hub (see router/replica_deaths.py).
+watch_replica_deaths = replica_deaths.watch
 
 
 def pinned_replica(request: PendingRequest | None) -> str | None:
@@ -140,7 +122,7 @@ class PinnedReplicaRouter(RequestRouter):
         fresh = unique_ids - self._gone.keys()
         for unique_id in fresh:
             self._gone[unique_id] = now
-            _report_gone(unique_id)
+            replica_deaths.report(unique_id)
         if not fresh:
             return
         # Requests already waiting for a dropped pin (with no replica left, Serve's
