@@ -18,7 +18,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from cluster.client import Client, ClientError, Sampling
 
@@ -46,18 +46,18 @@ class StreamResult:
         return max((b - a for a, b in itertools.pairwise(marks)), default=0.0)
 
 
-class SseStream:
-    def __init__(
-        self, port: int, body: dict[str, Any], read_timeout_s: float, path: str = "/v1/completions"
-    ) -> None:
-        self.result = StreamResult()
-        self._port = port
-        self._body = {**body, "stream": True}
-        self._path = path
-        self._timeout = read_timeout_s
+class _StreamThread:
+    """One stream, read on its own thread into `result` by the subclass's `_run`."""
+
+    result: StreamResult
+
+    def __init__(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> SseStream:
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
         self.result.started = time.monotonic()
         self._thread.start()
         return self
@@ -67,6 +67,18 @@ class SseStream:
         if self._thread.is_alive():
             self.result.failure = self.result.failure or f"stall: still open after {timeout_s}s"
         return self.result
+
+
+class SseStream(_StreamThread):
+    def __init__(
+        self, port: int, body: dict[str, Any], read_timeout_s: float, path: str = "/v1/completions"
+    ) -> None:
+        self.result = StreamResult()
+        self._port = port
+        self._body = {**body, "stream": True}
+        self._path = path
+        self._timeout = read_timeout_s
+        super().__init__()
 
     def _run(self) -> None:
         r = self.result
@@ -112,25 +124,14 @@ class SseStream:
                     r.tokens.extend(choice["token_ids"])
 
 
-class GrpcStream:
+class GrpcStream(_StreamThread):
     def __init__(self, target: str, prompt: str, sampling: Sampling, timeout_s: float) -> None:
         self.result = StreamResult()
         self._target = target
         self._prompt = prompt
         self._sampling = sampling
         self._timeout = timeout_s
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> GrpcStream:
-        self.result.started = time.monotonic()
-        self._thread.start()
-        return self
-
-    def join(self, timeout_s: float) -> StreamResult:
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            self.result.failure = self.result.failure or f"stall: still open after {timeout_s}s"
-        return self.result
+        super().__init__()
 
     def _run(self) -> None:
         r = self.result
