@@ -8,6 +8,10 @@ The graph, one Serve application named "pdserve" with the router as its ingress:
       '-> prefill pool   PrefillWorker, only when the config has one
 
     prefill replicas --KV via kv_transfer--> decode replicas   (outside Serve)
+
+With the controller enabled (`planner.enabled`) both pools deploy `DualWorker`
+instead: every replica serves both roles, and the controller (a detached actor that
+`pdserve up` starts with `controller_settings`) flips them in the routing table.
     every replica <--> Redis: registry leases, load reports, kv rendezvous, prefix index
 
 Each pool is one deployment with the pool's name and replica count. A replica asks Ray
@@ -34,7 +38,9 @@ from ray.serve.schema import LoggingConfig
 
 from cluster.client.sync import APPLICATION
 from cluster.config import ClusterConfig, ConfigError, PoolConfig
+from controller.settings import ControllerSettings
 from decode_worker.deployment import DecodeWorker
+from dual_worker.deployment import DualWorker
 from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.kv_cache import KVCacheLayout
 from engine.parallel.layout import ParallelLayout
@@ -176,6 +182,24 @@ def worker_settings(
         if pool.role is Role.PREFILL
         else (),
         transfer_secret=_reveal(config.kv_transfer.secret),
+        switchable=config.planner.enabled,
+    )
+
+
+def controller_settings(config: ClusterConfig, redis_url: str) -> ControllerSettings:
+    prefill = config.prefill_pool
+    if prefill is None:
+        raise ConfigError("planner.enabled: the controller needs a prefill pool")
+    return ControllerSettings(
+        cluster=config.name,
+        app_name=APP_NAME,
+        redis_url=redis_url,
+        lease_ttl_s=config.redis.lease_ttl_s,
+        prefill_pool=prefill.name,
+        decode_pool=config.generating_pool.name,
+        replicas={p.name: p.replicas for p in config.pools},
+        initial_threshold=config.router.disaggregation_threshold,
+        planner=config.planner,
     )
 
 
@@ -237,7 +261,9 @@ def _pool_deployment(
             "placement_group_bundles": [dict(pool.resources_per_rank)] * pool.world_size,
             "placement_group_strategy": pool.placement_strategy,
         }
-    cls = PrefillWorker if pool.role is Role.PREFILL else DecodeWorker
+    cls: type = PrefillWorker if pool.role is Role.PREFILL else DecodeWorker
+    if config.planner.enabled:
+        cls = DualWorker
     deployment: Any = serve.deployment(cls)
     deployment = deployment.options(
         name=pool.name,

@@ -10,6 +10,7 @@ config is built, so a bad config fails before anything starts, with the field na
   `colocated`);
 * every pool uses the same KV block size (blocks move 1:1 and prefix hashes must
   agree);
+* the controller (`planner.enabled`) needs a prefill and a decode pool;
 * the HTTP and gRPC ports differ; the heartbeat-driven load report is more frequent
   than the lease TTL; the router's prompt limit is below the context length.
 
@@ -33,6 +34,7 @@ from pydantic import (
 )
 
 from cluster.k8s.settings import KubernetesSettings
+from controller.settings import PlannerConfig
 from engine.config import CpuLinearKind
 from kv_transfer.transport import TransportKind
 from registry import Role
@@ -384,6 +386,11 @@ class ClusterConfig(BaseModel):
         default_factory=lambda: KVTransferConfig.model_validate({})
     )
     ray: RayConfig = Field(default_factory=lambda: RayConfig.model_validate({}))
+    planner: PlannerConfig = Field(
+        default_factory=lambda: PlannerConfig.model_validate({}),
+        description="The controller that moves roles, the threshold and replica counts at "
+        "run time (controller/settings.py).",
+    )
     kubernetes: KubernetesSettings = Field(
         default_factory=lambda: KubernetesSettings.model_validate({}),
         description="Only for `pdserve render k8s` (cluster/k8s/settings.py).",
@@ -419,6 +426,11 @@ class ClusterConfig(BaseModel):
         mp = self.router.max_prompt_tokens
         if mp is not None and mp >= self.model.max_model_len:
             raise ValueError("router.max_prompt_tokens: must be below model.max_model_len")
+        if self.planner.enabled and Role.PREFILL not in roles:
+            raise ValueError(
+                "planner.enabled: the controller moves instances between a prefill and a "
+                "decode pool; a colocated config has no roles to move"
+            )
         return self
 
     # -- derived ----------------------------------------------------------------------

@@ -18,11 +18,14 @@
    from `cluster.builder.build_app`.
 5. Wait, bounded, until the application is RUNNING, every pool has its replicas in the
    registry and the gRPC health service says SERVING. Progress goes to `echo`.
-6. Record the run state (pid, endpoints) with status "ready".
+6. With `planner.enabled`, start the controller (`controller.actor`), a detached
+   actor; with `planner.scaling` the application is deployed with Serve's external
+   scaler enabled, through which the controller changes replica counts.
+7. Record the run state (pid, endpoints) with status "ready".
 
-`Launcher.stop()` (idempotent) deletes the application, shuts a local Ray down (an
-external Ray cluster keeps running), stops the embedded Redis or purges the cluster's
-keys from a shared one, and removes the run state.
+`Launcher.stop()` (idempotent) stops the controller, deletes the application, shuts a
+local Ray down (an external Ray cluster keeps running), stops the embedded Redis or
+purges the cluster's keys from a shared one, and removes the run state.
 
 `stop_running(name)` is `pdserve down`: it sends SIGTERM to the recorded `up`
 process and waits for its cleanup; if the process is gone or hangs, it kills it and
@@ -147,6 +150,7 @@ class Launcher:
         self._redis_url = config.redis.url
         self._ray_started = False
         self._serve_started = False
+        self._controller_started = False
         self._stopped = threading.Event()
         s = config.server
         host = remote_host(config.ray.address) or _connect_host(s.host)
@@ -175,6 +179,7 @@ class Launcher:
             self._check_resources()
             self._deploy(model_dir, redis_url)
             self._wait_ready(deadline)
+            self._start_controller(redis_url)
         except BaseException:
             self.stop()
             raise
@@ -253,13 +258,28 @@ class Launcher:
         serve.start(http_options=http, grpc_options=grpc)
         self._serve_started = True
         app = build_app(self.config, model_dir=model_dir, redis_url=redis_url)
+        scaled = self.config.planner.enabled and self.config.planner.scaling
         serve.run_many(
-            [serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+            [
+                serve.RunTarget(
+                    target=app, name=APP_NAME, route_prefix="/", external_scaler_enabled=scaled
+                )
+            ],
             wait_for_ingress_deployment_creation=False,
             wait_for_applications_running=False,
         )
         pools = ", ".join(f"{p.name}({p.role.value}) x{p.replicas}" for p in self.config.pools)
         self.echo(f"serve: deploying router + {pools}")
+
+    def _start_controller(self, redis_url: str) -> None:
+        if not self.config.planner.enabled:
+            return
+        from cluster.builder import controller_settings
+        from controller import actor
+
+        actor.start(controller_settings(self.config, redis_url))
+        self._controller_started = True
+        self.echo(f"controller: started ({actor.actor_name(self.config.name)})")
 
     def _wait_ready(self, deadline: float) -> None:
         from ray import serve
@@ -310,6 +330,13 @@ class Launcher:
 
     def stop(self) -> None:
         """Tear everything down that this launcher started (idempotent)."""
+        if self._controller_started:
+            self._controller_started = False
+            self.echo("controller: stopping")
+            with contextlib.suppress(Exception):
+                from controller import actor
+
+                actor.stop(self.config.name)
         if self._serve_started:
             self._serve_started = False
             self.echo("serve: shutting down")

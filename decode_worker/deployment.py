@@ -22,6 +22,8 @@ Lifecycle of a replica:
                     (client cancel, router abort) the request is aborted: the transfer
                     first, then the engine request, so its blocks return to the pool.
     abort()         the same abort, by request id (the router's explicit cleanup)
+                    (the request path itself is `decode_worker.generator.Generator`,
+                    which switchable replicas share)
     check_health()  Serve's periodic probe: raises once the engine thread failed, or once
                     an idle keepalive found a TP/PP replica's other ranks unreachable
     __del__         deregister, abort what is pending, stop the thread, close the
@@ -37,13 +39,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from decode_worker.chunks import ChunkBuilder
-from decode_worker.remote_kv import RemoteKV
-from kv_transfer.receiver import KVReceiver
-from kv_transfer.shm import ShmEndpoint, ShmKVStorage
-from kv_transfer.transport import TransportKind
+from decode_worker.generator import COMMAND_TIMEOUT_S, Generator
 from registry import Role
-from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
 from worker.messages import (
     TokenChunk,
     WorkerRequest,
@@ -54,57 +51,16 @@ from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
 
-_COMMAND_TIMEOUT_S = 30.0
-
 
 class DecodeWorker:
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role is Role.PREFILL:
             raise ValueError("DecodeWorker serves decode and colocated pools")
-        self._storage = ShmKVStorage() if settings.transport is TransportKind.SHM else None
         takes_remote = settings.role is Role.DECODE
-        self._rt = WorkerRuntime(
-            settings,
-            replica_unique_id(),
-            kv_storage=self._storage if takes_remote else None,
-        )
-        self._stream_timeout_s = max(60.0, settings.transfer_timeout_s + 15.0)
-        self._remote: RemoteKV | None = None
-        if takes_remote:
-            self._remote = self._remote_kv(settings)
+        storage = Generator.kv_storage(settings, takes_remote)
+        self._rt = WorkerRuntime(settings, replica_unique_id(), kv_storage=storage)
+        self._gen = Generator(self._rt, storage, takes_remote)
         self._rt.start()
-
-    def _remote_kv(self, settings: WorkerSettings) -> RemoteKV:
-        rt = self._rt
-        loop = rt.loop
-        remote = RemoteKV(rt.engine, loop.submit, loop.post, rt.ranks)
-        segment = self._storage.segment if self._storage is not None else None
-        rendezvous = rt.rendezvous()
-        host = transfer_host(settings.transfer_host)
-        endpoint = receiver_endpoint(settings, rendezvous, host, segment, rt.geometry)
-        me = local_rank(settings, rt.instance_id, 0)
-        receiver = KVReceiver(
-            me, rt.engine.kv_cache, rt.geometry, endpoint, registry=rendezvous, on_end=remote.ended
-        )
-        remote.bind(receiver)
-        return remote
-
-    # -- engine thread --------------------------------------------------------------------
-
-    def _start(self, req: WorkerRequest) -> None:
-        """Queue the request: waiting for its remote KV, or to prefill here."""
-        if req.remote is not None:
-            if self._remote is None:
-                logger.warning("request %s: this pool prefills locally", req.request_id)
-            elif not self._remote.start(req):
-                return
-        self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
-
-    def _abort(self, request_id: str) -> None:
-        if self._remote is not None:
-            self._remote.abort(request_id)
-        else:
-            self._rt.engine.abort_request(request_id)
 
     # -- the deployment's methods -------------------------------------------------------
 
@@ -112,42 +68,20 @@ class DecodeWorker:
         self, request: WorkerRequest, replica: str | None = None
     ) -> AsyncIterator[TokenChunk]:
         self._rt.check_pin(replica)
-        rid = request.request_id
-        loop = self._rt.loop
-        stream = loop.open_stream(rid)
-        finished = False
-        try:
-            await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
-            builder = ChunkBuilder(len(request.prompt_token_ids))
-            while not finished:
-                outs = await stream.get(self._stream_timeout_s)
-                info = self._remote.info(rid) if self._remote is not None else None
-                chunk = builder.build(outs, info)
-                finished = chunk.finished
-                yield chunk
-        finally:
-            loop.close_stream(rid)
-            if self._remote is not None:
-                self._remote.forget(rid)
-            if not finished:
-                loop.submit(lambda: self._abort(rid))
+        async for chunk in self._gen.generate(request):
+            yield chunk
 
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
-        await self._rt.loop.call(lambda: self._abort(request_id), _COMMAND_TIMEOUT_S)
+        await self._rt.loop.call(lambda: self._gen.abort(request_id), COMMAND_TIMEOUT_S)
 
     async def state(self, replica: str | None = None) -> WorkerState:
         self._rt.check_pin(replica)
-        return await self._rt.loop.call(self._state, _COMMAND_TIMEOUT_S)
+        return await self._rt.loop.call(self._state, COMMAND_TIMEOUT_S)
 
     def _state(self) -> WorkerState:
         engine = self._rt.engine
-        extra: dict[str, int] = {}
-        remote = self._remote
-        endpoint = remote.receiver.endpoint if remote is not None else None
-        if isinstance(endpoint, ShmEndpoint):
-            extra["shm_free_slots"] = endpoint.num_free_slots
-            extra["shm_slots"] = endpoint.num_slots
+        remote = self._gen.remote
         return WorkerState(
             instance_id=self._rt.instance_id,
             pool=self._rt.settings.pool,
@@ -161,7 +95,7 @@ class DecodeWorker:
             remote_prefill_fallbacks=engine.num_remote_prefill_fallbacks,
             transfer_failures=remote.transfer_failures if remote is not None else 0,
             heartbeat_running=self._rt.presence.heartbeat_running,
-            extra=extra,
+            extra=self._gen.shm_slots(),
         )
 
     async def suspend_heartbeat(self, replica: str | None = None) -> None:
@@ -181,14 +115,6 @@ class DecodeWorker:
         if rt is None:
             return
         rt.presence.stop()
-        remote = self._remote
-        if remote is not None and rt.loop.running:
-            try:
-                rt.loop.submit(remote.close).result(timeout=_COMMAND_TIMEOUT_S)
-            except Exception:
-                logger.exception("aborting pending transfers of %s", rt.instance_id)
+        self._gen.close()
         rt.stop()
-        if remote is not None:
-            remote.receiver.close()
-        if self._storage is not None and self._storage.segment is not None:
-            self._storage.segment.close()
+        self._gen.close_receiver()

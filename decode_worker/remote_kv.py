@@ -287,7 +287,7 @@ class RemoteKV:
             if not ids:
                 continue
             try:
-                per_rank = self._ranks.call("poll", ids, timeout_s=_RANK_POLL_TIMEOUT_S)
+                per_rank = self._ranks.call("poll", ids, "recv", timeout_s=_RANK_POLL_TIMEOUT_S)
                 statuses = [combine([r[i] for r in per_rank]) for i in range(len(ids))]
             except Exception as e:
                 logger.warning("polling the other ranks failed: %s", e)

@@ -1,5 +1,6 @@
 """The cluster's Redis registry: instance leases with heartbeats, load reports, and the
-prefix-block index. `Registry` is the entry point; see `registry.py` for the lifecycle
+prefix-block index, and the routing table the controller steers. `Registry` is the
+entry point; see `registry.py` for the lifecycle
 and `keys.py` for the key layout.
 """
 
@@ -10,6 +11,7 @@ from registry.heartbeat import Heartbeat
 from registry.keys import Keyspace
 from registry.prefix_index import PrefixEventGap, PrefixEventReader, PrefixIndex
 from registry.registry import Registry
+from registry.routing import AdmissionReport, RoutingState, RoutingTable
 from registry.types import (
     InstanceInfo,
     LoadReport,
@@ -21,6 +23,7 @@ from registry.types import (
 )
 
 __all__ = [
+    "AdmissionReport",
     "Heartbeat",
     "InstanceInfo",
     "Keyspace",
@@ -33,6 +36,8 @@ __all__ = [
     "PrefixSnapshot",
     "Registry",
     "Role",
+    "RoutingState",
+    "RoutingTable",
     "connect",
     "new_instance_id",
 ]

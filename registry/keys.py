@@ -7,6 +7,10 @@ Layout (`<id>` is an instance id):
     pdserve:<cluster>:load:<id>        STRING, LoadReport JSON                (lease TTL)
     pdserve:<cluster>:prefix:<id>      SET of block hashes as decimal u64     (lease TTL)
     pdserve:<cluster>:prefix-events    STREAM of add/evict/clear events, capped by MAXLEN ~
+    pdserve:<cluster>:roles            HASH id -> role: the controller's role flips
+    pdserve:<cluster>:threshold        STRING: the controller's disaggregation threshold
+    pdserve:<cluster>:admission:<r>    STRING, AdmissionReport JSON of router replica <r> (TTL)
+    pdserve:<cluster>:decisions        STREAM of the controller's decisions, capped
 
 Other components (kv_transfer rendezvous) add their own keys under the same prefix;
 `Keyspace.pattern` matches all of them.
@@ -61,6 +65,25 @@ class Keyspace:
     @property
     def prefix_events(self) -> str:
         return f"{self.prefix}prefix-events"
+
+    @property
+    def roles(self) -> str:
+        return f"{self.prefix}roles"
+
+    @property
+    def threshold(self) -> str:
+        return f"{self.prefix}threshold"
+
+    @property
+    def admission_prefix(self) -> str:
+        return f"{self.prefix}admission:"
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.prefix}decisions"
+
+    def admission(self, router_id: str) -> str:
+        return self.admission_prefix + router_id
 
     def instance(self, instance_id: str) -> str:
         return self.instance_prefix + instance_id

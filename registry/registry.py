@@ -30,6 +30,7 @@ from registry.heartbeat import Heartbeat
 from registry.keys import Keyspace
 from registry.loads import LoadStore
 from registry.prefix_index import PrefixEventReader, PrefixIndex
+from registry.routing import RoutingTable
 from registry.types import INSTANCE_CODEC, InstanceInfo, LoadReport, PrefixOp
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Registry:
         self._events_maxlen = events_maxlen
         self.load_store = LoadStore(client, self.keys, self._ttl_ms)
         self.prefix_index = PrefixIndex(client, self.keys, self._ttl_ms, events_maxlen)
+        self.routing = RoutingTable(client, self.keys, self._ttl_ms)
         self._list_live = client.register_script(_LIST_LIVE_LUA)
 
     @property

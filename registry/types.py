@@ -54,6 +54,9 @@ class InstanceInfo:
     pp: PosInt = 1
     # Tokens per KV block; the router hashes prompts with the same size.
     block_size: PosInt = 16
+    # Serves both prefill and decode requests: the routing table (`registry.routing`)
+    # may give it the other role than `role`, its pool's.
+    switchable: bool = False
 
 
 @dataclass(frozen=True, config=_CONFIG)

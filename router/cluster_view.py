@@ -7,6 +7,10 @@ takes a new one). Requests never wait on Redis: `candidates()` combines the late
 picture with what this router sent each instance since its report (`sent`/`done`),
 so a burst between two reports does not pile onto one instance.
 
+The routing table (`registry.routing`) is read in the same round: a switchable
+instance takes the role it gives (a flip by the controller), and the disaggregation
+threshold it sets replaces the config's (`threshold`; None: the config's).
+
 Instances the router saw fail (`failed`, fed by the dispatcher and by Serve's replica
 deaths) leave the candidates at once through a `CircuitBreaker`, long before their
 lease expires. After each refresh, an excluded instance whose load report (its
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +40,7 @@ from registry import (
     PrefixSnapshot,
     Registry,
     Role,
+    RoutingState,
 )
 from router.breaker import CircuitBreaker
 from router.policy import Candidate
@@ -79,6 +85,8 @@ class ClusterView:
         self._reader: PrefixEventReader | None = None
         self._sent: dict[str, dict[str, _Sent]] = {}
         self._task: asyncio.Task[None] | None = None
+        self.threshold: int | None = None  # the routing table's; None: the config's
+        self.on_refresh: list[Callable[[], None]] = []  # worker thread, after each read
         self.last_refresh = 0.0  # time.monotonic() of the last successful refresh
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -107,7 +115,7 @@ class ClusterView:
 
     async def refresh(self) -> None:
         try:
-            instances, loads, snapshot, events = await asyncio.to_thread(self._read)
+            instances, loads, routing, snapshot, events = await asyncio.to_thread(self._read)
         except (RedisError, OSError) as e:
             logger.warning("cluster view refresh failed: %s", e)
             return
@@ -120,7 +128,8 @@ class ClusterView:
                 self._blocks.get(ev.instance_id, set()).difference_update(ev.block_hashes)
             else:
                 self._blocks.pop(ev.instance_id, None)
-        self._instances, self._loads = instances, loads
+        self._instances = [_routed(i, routing) for i in instances]
+        self._loads, self.threshold = loads, routing.threshold
         self.last_refresh = time.monotonic()
         self._review_exclusions()
 
@@ -156,20 +165,32 @@ class ClusterView:
 
     def _read(
         self,
-    ) -> tuple[list[InstanceInfo], dict[str, LoadReport], PrefixSnapshot | None, list[PrefixEvent]]:
+    ) -> tuple[
+        list[InstanceInfo],
+        dict[str, LoadReport],
+        RoutingState,
+        PrefixSnapshot | None,
+        list[PrefixEvent],
+    ]:
         """Worker thread: one round of Redis reads (one refresh runs at a time)."""
         reg = self._registry
         instances = reg.live_instances()
         loads = reg.loads([i.instance_id for i in instances])
+        routing = reg.routing.read()
+        for hook in self.on_refresh:
+            try:
+                hook()
+            except (RedisError, OSError) as e:
+                logger.warning("cluster view refresh hook failed: %s", e)
         if self._reader is not None:
             try:
-                return instances, loads, None, self._reader.poll()
+                return instances, loads, routing, None, self._reader.poll()
             except PrefixEventGap:
                 logger.info("prefix events were trimmed; taking a new snapshot")
         reader = reg.prefix_events()
         snapshot = reader.sync()
         self._reader = reader
-        return instances, loads, snapshot, []
+        return instances, loads, routing, snapshot, []
 
     # -- what requests read -------------------------------------------------------------
 
@@ -211,6 +232,7 @@ class ClusterView:
                     cached_blocks=cached,
                     tp=info.tp,
                     pp=info.pp,
+                    pool=info.pool,
                 )
             )
         return out
@@ -229,3 +251,11 @@ class ClusterView:
             sent.pop(request_id, None)
             if not sent:
                 del self._sent[instance_id]
+
+
+def _routed(info: InstanceInfo, routing: RoutingState) -> InstanceInfo:
+    """The instance with the role the routing table gives it (switchable ones only)."""
+    role = routing.roles.get(info.instance_id)
+    if role is None or role is info.role or not info.switchable:
+        return info
+    return dataclasses.replace(info, role=role)

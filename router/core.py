@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from registry import LoadReport, Registry, Role, connect
-from router.admission import Admission
+from router.admission import Admission, Demand
 from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher
@@ -96,6 +96,7 @@ class Session:
             ):
                 if delta.finish is not None:
                     core.metrics.finished(self._protocol, delta.finish)
+                    core.demand.done(delta.finish)
                     outcome = ""
                     t = delta.finish.timings
                     logger.debug(
@@ -116,6 +117,7 @@ class Session:
         finally:
             if outcome:
                 core.metrics.failed(self._protocol, outcome)
+                core.demand.failed += 1
                 if outcome == "cancelled":
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
@@ -157,13 +159,18 @@ class RouterCore:
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-router")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
         breaker = CircuitBreaker(on_trip=lambda kind: self.metrics.exclusions.labels(kind).inc())
-        pools = {Role.DECODE: decode, Role.PREFILL: prefill}
+        by_role = {Role.DECODE: decode, Role.PREFILL: prefill}
+        pools = {p.name: by_role[p.role.routing_role] for p in settings.pools}
         self.view = ClusterView(
             registry,
             settings.view_refresh_interval_s,
             breaker,
-            lambda info: probe_replica(pools[info.role], info.address),
+            lambda info: probe_replica(pools.get(info.pool, by_role[info.role]), info.address),
             settings.probe_timeout_s,
+        )
+        self.demand = Demand(f"router-{uuid.uuid4().hex[:12]}")
+        self.view.on_refresh.append(
+            lambda: registry.routing.report_admission(self.demand.report(self.admission.inflight))
         )
         self._unwatch = watch_replica_deaths(
             lambda address: breaker.trip(address, "serve", "Serve dropped its replica")
@@ -176,6 +183,7 @@ class RouterCore:
             self.view,
             settings.timeouts,
             self.metrics,
+            {name: h for name, h in pools.items() if h is not None},
         )
 
     async def start(self) -> None:
@@ -194,7 +202,9 @@ class RouterCore:
         logged as one WARNING line with the id and raised as a RouterError."""
         arrival, arrival_wall = time.monotonic(), time.time()
         rid = rid or new_request_id()
+        self.demand.arrived += 1
         if not self.admission.try_acquire():
+            self.demand.refused += 1
             self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
             error = RouterError(
                 ErrorKind.RESOURCE_EXHAUSTED,
@@ -215,6 +225,8 @@ class RouterCore:
             log_refusal(rid, protocol, error)
             raise error from None
         except RouterError as e:
+            if e.kind in (ErrorKind.UNAVAILABLE, ErrorKind.RESOURCE_EXHAUSTED):
+                self.demand.refused += 1
             self._reject(protocol, e.kind)
             log_refusal(rid, protocol, e)
             raise
@@ -235,6 +247,10 @@ class RouterCore:
         decode = self.view.candidates(Role.DECODE, hashes, avoid)
         prefill = self.view.candidates(Role.PREFILL) if self.settings.has_prefill_pool else []
         request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
+        threshold = self.view.threshold  # the controller's, when it set one
+        self.policy.threshold = (
+            threshold if threshold is not None else self.settings.disaggregation_threshold
+        )
         try:
             return self.policy.route(request, decode, prefill)
         except NoInstanceAvailable as e:

@@ -33,7 +33,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from router.cluster_view import ClusterView
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
 from router.pinning import PIN_KWARG
-from router.policy import RouteDecision
+from router.policy import Candidate, RouteDecision
 from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
 from router.worker_errors import worker_error
@@ -102,10 +102,15 @@ class Dispatcher:
         view: ClusterView,
         timeouts: DispatchTimeouts,
         metrics: RouterMetrics,
+        pools: Mapping[str, Any] | None = None,
     ) -> None:
         self._decode = decode  # DeploymentHandle of the decode (or colocated) pool
-        self._decode_stream = decode.options(stream=True)
         self._prefill = prefill  # DeploymentHandle of the prefill pool, if any
+        # Every pool's handle by name: a switchable instance flipped to the other role
+        # is still reached through its own pool's deployment.
+        self._pools = dict(pools or {})
+        self._streams = {name: h.options(stream=True) for name, h in self._pools.items()}
+        self._decode_stream = decode.options(stream=True)
         self._view = view
         self._t = timeouts
         self._metrics = metrics
@@ -132,7 +137,8 @@ class Dispatcher:
         n_prompt = len(req.prompt_token_ids)
         wreq = WorkerRequest(rid, req.prompt_token_ids, req.params, wall, plan)
         self._view.sent(route.decode.instance_id, rid, 0 if plan else n_prompt)
-        stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: route.decode.address})
+        handle = self._streams.get(route.decode.pool, self._decode_stream)
+        stream = handle.generate.remote(wreq, **{PIN_KWARG: route.decode.address})
         call = _Call(rid, route, arrival, stream)
         if plan is not None and remote is not None:
             self._view.sent(remote.instance_id, rid, n_prompt)
@@ -200,10 +206,12 @@ class Dispatcher:
         """The prefill call, bounded; its failure is an outcome (the decode instance
         falls back by itself), and then the prefill instance is told to abort."""
         assert self._prefill is not None and call.route.prefill is not None
-        pin = call.route.prefill.address
+        target = call.route.prefill
+        pin = target.address
         try:
             out: PrefillOutcome = await asyncio.wait_for(
-                self._prefill.prefill.remote(preq, **{PIN_KWARG: pin}), self._t.prefill_s
+                self._handle(target, self._prefill).prefill.remote(preq, **{PIN_KWARG: pin}),
+                self._t.prefill_s,
             )
         except asyncio.CancelledError:
             raise
@@ -216,7 +224,7 @@ class Dispatcher:
             logger.warning("request %s: prefill failed: %s", call.rid, out.reason)
             self._metrics.prefill_failures.inc()
             if call.closed:  # the stream is over: nobody else will clean up
-                self._cleanup(call.rid, None, pin)
+                self._cleanup(call.rid, None, target)
         return out
 
     async def _outcome(self, call: _Call) -> PrefillOutcome | None:
@@ -235,15 +243,16 @@ class Dispatcher:
         call.closed = True
         self._view.done(call.route.decode.instance_id, call.rid)
         running = call.prefill is not None and not call.prefill.done()
-        prefill_pin = call.prefill_pin if running or call.prefill_failed else None
+        prefill = call.route.prefill if call.prefill_pin is not None else None
+        prefill = prefill if running or call.prefill_failed else None
         if call.finished:
             if call.prefill_failed:
-                self._cleanup(call.rid, None, prefill_pin)
+                self._cleanup(call.rid, None, prefill)
             return
         call.stream.cancel()
         if running and call.prefill is not None:
             call.prefill.cancel()
-        self._cleanup(call.rid, call.decode_pin, prefill_pin)
+        self._cleanup(call.rid, call.route.decode, prefill)
 
     @property
     def num_pending(self) -> int:
@@ -274,17 +283,23 @@ class Dispatcher:
         usage = Usage(final.prompt_tokens, final.completion_tokens, cached)
         return Finish(item.finish_reason or "stop", item.stop_reason, usage, timings)
 
-    def _cleanup(self, rid: str, decode_pin: str | None, prefill_pin: str | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._abort(rid, decode_pin, prefill_pin))
+    def _handle(self, target: Candidate, default: Any) -> Any:
+        """The handle of the deployment that serves `target`."""
+        return self._pools.get(target.pool, default)
+
+    def _cleanup(self, rid: str, decode: Candidate | None, prefill: Candidate | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._abort(rid, decode, prefill))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _abort(self, rid: str, decode_pin: str | None, prefill_pin: str | None) -> None:
+    async def _abort(self, rid: str, decode: Candidate | None, prefill: Candidate | None) -> None:
         calls = []
-        if decode_pin is not None:
-            calls.append(self._decode.abort.remote(rid, **{PIN_KWARG: decode_pin}))
-        if prefill_pin is not None and self._prefill is not None:
-            calls.append(self._prefill.abort.remote(rid, **{PIN_KWARG: prefill_pin}))
+        if decode is not None:
+            handle = self._handle(decode, self._decode)
+            calls.append(handle.abort.remote(rid, **{PIN_KWARG: decode.address}))
+        if prefill is not None and self._prefill is not None:
+            handle = self._handle(prefill, self._prefill)
+            calls.append(handle.abort.remote(rid, **{PIN_KWARG: prefill.address}))
         for call in calls:
             try:
                 await asyncio.wait_for(call, self._t.abort_s)

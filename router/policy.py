@@ -34,6 +34,7 @@ class Candidate:
     cached_blocks: int = 0  # leading blocks of this prompt in the instance's cache
     tp: int = 1  # the instance's layout, which its KV-transfer peers shard against
     pp: int = 1
+    pool: str = ""  # the deployment that serves it ("": the one of its role)
 
 
 @dataclass(frozen=True)

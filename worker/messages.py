@@ -57,6 +57,8 @@ class WorkerSettings:
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
     # the cluster secret sealing KV control HELLOs (kv_transfer.auth); None: unsealed
     transfer_secret: str | None = field(default=None, repr=False)
+    # serves both roles (`dual_worker`): the routing table says which it takes
+    switchable: bool = False
 
 
 @dataclass(frozen=True)

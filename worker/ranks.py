@@ -131,10 +131,11 @@ class RankActor:
         store: StoreAddress,
     ) -> None:
         host = transfer_host(settings.transfer_host)  # this actor's node, for "auto"
+        # A switchable replica's ranks hold both roles' transfer objects.
+        sends = settings.role is Role.PREFILL or settings.switchable
+        receives = settings.role is Role.DECODE or settings.switchable
         self._storage = (
-            ShmKVStorage()
-            if settings.transport is TransportKind.SHM and settings.role is Role.DECODE
-            else None
+            ShmKVStorage() if settings.transport is TransportKind.SHM and receives else None
         )
         self._worker = RankWorker(
             settings.engine,
@@ -153,7 +154,7 @@ class RankActor:
         self._hook: _LockedHook | None = None
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
-        if settings.role is Role.PREFILL:
+        if sends:
             connector = sender_connector(settings, rendezvous, host)
             self._sender = KVSender(me, self._worker.kv, geometry, connector, registry=rendezvous)
             hook = SendHook(
@@ -163,7 +164,7 @@ class RankActor:
                 pins=_HeldByRankZero(),
             )
             self._hook = _LockedHook(hook)
-        elif settings.role is Role.DECODE:
+        if receives:
             segment = self._storage.segment if self._storage is not None else None
             endpoint = receiver_endpoint(settings, rendezvous, host, segment, geometry)
             self._receiver = KVReceiver(
@@ -215,15 +216,21 @@ class RankActor:
 
     # -- both ----------------------------------------------------------------------------
 
-    def poll(self, transfer_ids: list[str]) -> list[TransferStatus]:
-        role: Any = self._sender if self._sender is not None else self._receiver
+    def poll(self, transfer_ids: list[str], side: str = "") -> list[TransferStatus]:
+        """The transfers' states on this rank's sender (`side` "send") or receiver
+        ("recv"); "" asks whichever this rank has (the sender if both)."""
+        role: Any = self._receiver if side == "recv" else self._sender
+        if role is None and side == "":
+            role = self._receiver
+        if role is None:
+            return [failed(f"rank has no {side or 'transfer'} side") for _ in transfer_ids]
         if self._error is not None or not self._thread.is_alive():
             return [failed(f"rank {self._worker.layout.rank} stopped") for _ in transfer_ids]
         return [role.poll(t) for t in transfer_ids]
 
     def num_active(self) -> int:
-        role: Any = self._sender if self._sender is not None else self._receiver
-        return int(role.num_active) if role is not None else 0
+        roles: list[Any] = [r for r in (self._sender, self._receiver) if r is not None]
+        return sum(int(r.num_active) for r in roles)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """After rank 0 broadcast STOP: end the step thread and close the role objects."""

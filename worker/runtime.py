@@ -69,6 +69,7 @@ class WorkerRuntime:
             tp=settings.engine.tp,
             pp=settings.engine.pp,
             block_size=settings.engine.block_size,
+            switchable=settings.switchable,
         )
         self.presence = Presence(
             self.registry,

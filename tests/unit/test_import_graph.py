@@ -1,7 +1,7 @@
 """DESIGN's rule that imports flow one way, checked over the source tree's import graph.
 
     engine <- kv_transfer <- registry <- worker <- {prefill_worker, decode_worker}
-           <- router <- cluster
+           <- dual_worker <- router <- controller <- cluster
 
 A package may import itself, any package to its left, and `protos` (a leaf that imports
 none of them). The two worker roles never import each other. Every import counts:
@@ -27,8 +27,10 @@ RANK: dict[str, int] = {
     "worker": 3,
     "prefill_worker": 4,
     "decode_worker": 4,
-    "router": 5,
-    "cluster": 6,
+    "dual_worker": 5,  # composes both roles' halves
+    "router": 6,
+    "controller": 7,
+    "cluster": 8,
 }
 LEAF = "protos"
 PACKAGES = (*RANK, LEAF)

@@ -1,0 +1,127 @@
+"""The decode role's half of a replica: take a request, wait for its remote KV or
+prefill it here, and stream its tokens. The decode (and colocated) pool's replicas run
+one (`decode_worker.deployment`), and so does every switchable replica
+(`dual_worker`), whichever role it holds.
+
+Lifecycle: `storage = Generator.kv_storage(settings, takes_remote)` goes into the
+engine (`WorkerRuntime`'s `kv_storage`: the shm transport lands KV straight in a
+shared-memory cache); then `Generator(runtime, storage, takes_remote)` builds the KV
+receiver when it takes remote prefills. `generate()` is one request (the steps are in
+`decode_worker.deployment`'s docstring); `abort` (engine thread) aborts a request with
+its transfer; `close_pending` (engine thread) and `close()` end it all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from decode_worker.chunks import ChunkBuilder
+from decode_worker.remote_kv import RemoteKV
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.shm import ShmEndpoint, ShmKVStorage
+from kv_transfer.transport import TransportKind
+from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
+from worker.messages import TokenChunk, WorkerRequest, WorkerSettings
+from worker.runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT_S = 30.0
+
+
+class Generator:
+    @staticmethod
+    def kv_storage(settings: WorkerSettings, takes_remote: bool) -> ShmKVStorage | None:
+        """The engine's KV storage, before the engine exists: shared memory when the
+        shm transport lands remote KV here."""
+        if takes_remote and settings.transport is TransportKind.SHM:
+            return ShmKVStorage()
+        return None
+
+    def __init__(self, rt: WorkerRuntime, storage: ShmKVStorage | None, takes_remote: bool):
+        self._rt = rt
+        self._storage = storage
+        self._stream_timeout_s = max(60.0, rt.settings.transfer_timeout_s + 15.0)
+        self.remote: RemoteKV | None = self._remote_kv() if takes_remote else None
+
+    def _remote_kv(self) -> RemoteKV:
+        rt = self._rt
+        settings = rt.settings
+        loop = rt.loop
+        remote = RemoteKV(rt.engine, loop.submit, loop.post, rt.ranks)
+        segment = self._storage.segment if self._storage is not None else None
+        rendezvous = rt.rendezvous()
+        host = transfer_host(settings.transfer_host)
+        endpoint = receiver_endpoint(settings, rendezvous, host, segment, rt.geometry)
+        me = local_rank(settings, rt.instance_id, 0)
+        receiver = KVReceiver(
+            me, rt.engine.kv_cache, rt.geometry, endpoint, registry=rendezvous, on_end=remote.ended
+        )
+        remote.bind(receiver)
+        return remote
+
+    # -- engine thread --------------------------------------------------------------------
+
+    def _start(self, req: WorkerRequest) -> None:
+        """Queue the request: waiting for its remote KV, or to prefill here."""
+        if req.remote is not None:
+            if self.remote is None:
+                logger.warning("request %s: this pool prefills locally", req.request_id)
+            elif not self.remote.start(req):
+                return
+        self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
+
+    def abort(self, request_id: str) -> None:
+        """Engine thread: the request's transfer first, then the request."""
+        if self.remote is not None:
+            self.remote.abort(request_id)
+        else:
+            self._rt.engine.abort_request(request_id)
+
+    def shm_slots(self) -> dict[str, int]:
+        endpoint = self.remote.receiver.endpoint if self.remote is not None else None
+        if isinstance(endpoint, ShmEndpoint):
+            return {"shm_free_slots": endpoint.num_free_slots, "shm_slots": endpoint.num_slots}
+        return {}
+
+    # -- one request --------------------------------------------------------------------
+
+    async def generate(self, request: WorkerRequest) -> AsyncIterator[TokenChunk]:
+        rid = request.request_id
+        loop = self._rt.loop
+        stream = loop.open_stream(rid)
+        finished = False
+        try:
+            await loop.call(lambda: self._start(request), COMMAND_TIMEOUT_S)
+            builder = ChunkBuilder(len(request.prompt_token_ids))
+            while not finished:
+                outs = await stream.get(self._stream_timeout_s)
+                info = self.remote.info(rid) if self.remote is not None else None
+                chunk = builder.build(outs, info)
+                finished = chunk.finished
+                yield chunk
+        finally:
+            loop.close_stream(rid)
+            if self.remote is not None:
+                self.remote.forget(rid)
+            if not finished:
+                loop.submit(lambda: self.abort(rid))
+
+    def close(self) -> None:
+        """Abort what is pending (through the engine thread), then close the receiver
+        and the shared-memory segment."""
+        rt = self._rt
+        remote = self.remote
+        if remote is not None and rt.loop.running:
+            try:
+                rt.loop.submit(remote.close).result(timeout=COMMAND_TIMEOUT_S)
+            except Exception:
+                logger.exception("aborting pending transfers of %s", rt.instance_id)
+
+    def close_receiver(self) -> None:
+        """After the engine thread stopped."""
+        if self.remote is not None:
+            self.remote.receiver.close()
+        if self._storage is not None and self._storage.segment is not None:
+            self._storage.segment.close()

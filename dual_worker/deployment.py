@@ -1,0 +1,140 @@
+"""The deployment of a switchable pool: each replica serves both roles.
+
+A cluster with the controller enabled (`planner.enabled`) deploys its prefill and its
+decode pool with this class. Each replica registers under its pool's role, marked
+`switchable`, and the controller may flip it to the other role in the routing table
+(`registry.routing`); the router then sends it the other role's calls, through its own
+pool's deployment handle. Nothing is redeployed and nothing restarts: the replica
+already holds both halves, built once over one engine.
+
+Lifecycle of a replica:
+
+    __init__     the engine, with the prefill half's layer hook (`Pusher`: streams a
+                 registered prompt's KV as layers finish; other requests pass through)
+                 and, for the shm transport, its KV cache in shared memory for the
+                 decode half (`Generator`: lands remote KV); then both halves, the
+                 engine thread and the registry presence. With tp x pp > 1 every other
+                 rank builds both halves too (`worker.ranks`)
+    prefill()    as a prefill instance: prefill the prompt and push its KV and first
+                 token to the decode instance the router chose (`Pusher.prefill`)
+    generate()   as a decode instance: wait for the remote KV, or prefill a short
+                 prompt here, and stream tokens (`Generator.generate`)
+    abort()      a request of either kind: its outgoing transfer, its incoming
+                 transfer, then the engine request
+    __del__      deregister, abort what is pending, stop the thread, close both halves
+
+A flip changes only which new requests arrive: requests already running here (decodes
+after a flip to prefill, prompts after a flip to decode) finish on this engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+from decode_worker.generator import COMMAND_TIMEOUT_S, Generator
+from prefill_worker.pusher import Pusher
+from registry import Role
+from worker.messages import (
+    PrefillOutcome,
+    PrefillRequest,
+    TokenChunk,
+    WorkerRequest,
+    WorkerSettings,
+    WorkerState,
+)
+from worker.runtime import WorkerRuntime, replica_unique_id
+
+logger = logging.getLogger(__name__)
+
+
+class DualWorker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        if settings.role not in (Role.PREFILL, Role.DECODE):
+            raise ValueError("DualWorker serves prefill and decode pools, not colocated ones")
+        if not settings.switchable:
+            settings = dataclasses.replace(settings, switchable=True)
+        hook = Pusher.layer_hook(settings)
+        storage = Generator.kv_storage(settings, takes_remote=True)
+        self._rt = WorkerRuntime(
+            settings,
+            replica_unique_id(),
+            layer_hook=hook,
+            output_hook=hook.on_outputs,
+            kv_storage=storage,
+        )
+        self._pusher = Pusher(self._rt, hook)
+        self._gen = Generator(self._rt, storage, takes_remote=True)
+        self._rt.start()
+
+    # -- the deployment's methods -------------------------------------------------------
+
+    async def prefill(self, request: PrefillRequest, replica: str | None = None) -> PrefillOutcome:
+        self._rt.check_pin(replica)
+        return await self._pusher.prefill(request)
+
+    async def generate(
+        self, request: WorkerRequest, replica: str | None = None
+    ) -> AsyncIterator[TokenChunk]:
+        self._rt.check_pin(replica)
+        async for chunk in self._gen.generate(request):
+            yield chunk
+
+    def _abort(self, request_id: str) -> None:
+        self._pusher.discard(request_id)
+        self._gen.abort(request_id)
+
+    async def abort(self, request_id: str, replica: str | None = None) -> None:
+        self._rt.check_pin(replica)
+        await self._rt.loop.call(lambda: self._abort(request_id), COMMAND_TIMEOUT_S)
+
+    async def state(self, replica: str | None = None) -> WorkerState:
+        self._rt.check_pin(replica)
+        state = await self._rt.loop.call(self._state, COMMAND_TIMEOUT_S)
+        if self._rt.ranks is None:
+            return state
+        others = sum(await self._rt.ranks.acall("num_active"))
+        return dataclasses.replace(state, active_transfers=state.active_transfers + others)
+
+    def _state(self) -> WorkerState:
+        engine = self._rt.engine
+        remote = self._gen.remote
+        assert remote is not None
+        return WorkerState(
+            instance_id=self._rt.instance_id,
+            pool=self._rt.settings.pool,
+            role=self._rt.settings.role,
+            num_requests=engine.num_requests,
+            num_streams=self._rt.loop.num_streams,
+            free_blocks=engine.block_pool.num_free,
+            total_blocks=engine.block_pool.num_blocks,
+            active_transfers=remote.num_active + self._pusher.sender.num_active,
+            pending_remote_prefills=remote.num_pending + self._pusher.num_requests,
+            remote_prefill_fallbacks=engine.num_remote_prefill_fallbacks,
+            transfer_failures=remote.transfer_failures,
+            heartbeat_running=self._rt.presence.heartbeat_running,
+            extra=self._gen.shm_slots(),
+        )
+
+    async def suspend_heartbeat(self, replica: str | None = None) -> None:
+        """Stop renewing the lease without deregistering (for fault drills)."""
+        self._rt.check_pin(replica)
+        self._rt.presence.suspend()
+
+    async def resume_heartbeat(self, replica: str | None = None) -> None:
+        self._rt.check_pin(replica)
+        self._rt.presence.resume()
+
+    def check_health(self) -> None:
+        self._rt.loop.check()
+
+    def __del__(self) -> None:
+        rt = getattr(self, "_rt", None)
+        if rt is None:
+            return
+        rt.presence.stop()
+        self._gen.close()
+        rt.stop()
+        self._pusher.close()
+        self._gen.close_receiver()

@@ -1,0 +1,219 @@
+"""The prefill role's half of a replica: prefill a prompt and push its KV to a decode
+instance. The prefill pool's replicas run one (`prefill_worker.deployment`), and so
+does every switchable replica (`dual_worker`), whichever role it holds.
+
+Lifecycle: `hook = Pusher.layer_hook(settings)` goes into the engine (`WorkerRuntime`'s
+`layer_hook` and `output_hook`) before it is built; then `Pusher(runtime, hook)` binds
+the hook to a `KVSender` over the configured transport. `prefill()` is one request
+(the steps are in `prefill_worker.deployment`'s docstring); `discard` (engine thread)
+drops a request's transfer; `close()` closes the sender. A request the hook was not
+given (a local prompt, a decode) passes through the hook untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from engine import RequestOutput
+from engine.block_pins import BlockPins
+from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
+from kv_transfer.engine_hook import SendHook
+from kv_transfer.sender import KVSender
+from worker.engine_loop import OutputStream
+from worker.kv_roles import local_rank, sender_connector, transfer_host
+from worker.messages import PrefillOutcome, PrefillRequest, WorkerSettings
+from worker.ranks import RemoteRanks, combine
+from worker.runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT_S = 30.0
+_SEND_POLL_S = 0.001
+# Sends in flight end within their transport's operation timeout (then the pair is
+# torn down); past this bound a transfer's pins are released regardless.
+_UNREAD_TIMEOUT_S = 60.0
+_UNREAD_POLL_S = 0.005  # with TP/PP, each poll asks every rank actor
+
+
+async def release_when_unread(
+    transfer_id: str,
+    reading: Callable[[], Awaitable[bool]],
+    release: Callable[[], object],
+    timeout_s: float = _UNREAD_TIMEOUT_S,
+    poll_s: float = _UNREAD_POLL_S,
+) -> None:
+    """Call `release` once `reading` says no sender reads the transfer's blocks, or
+    after `timeout_s` (logged), or when `reading` fails (a rank that cannot answer
+    reads nothing more); also when cancelled."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while await reading():
+            if time.monotonic() > deadline:
+                logger.error(
+                    "transfer %s: sends still read its blocks after %gs; unpinning them",
+                    transfer_id,
+                    timeout_s,
+                )
+                return
+            await asyncio.sleep(poll_s)
+    except Exception as e:
+        logger.warning("transfer %s: unpinning without every rank: %s", transfer_id, e)
+    finally:
+        release()
+
+
+class Pusher:
+    @staticmethod
+    def layer_hook(settings: WorkerSettings) -> SendHook:
+        """The engine's layer hook, before the engine exists (rank 0 samples the first
+        token, which the transfer's END carries)."""
+        return SendHook(settings.engine.block_size, first_token=True)
+
+    def __init__(self, rt: WorkerRuntime, hook: SendHook) -> None:
+        self._rt = rt
+        self._hook = hook
+        rendezvous = rt.rendezvous()
+        settings = rt.settings
+        connector = sender_connector(settings, rendezvous, transfer_host(settings.transfer_host))
+        self.sender = KVSender(
+            local_rank(settings, rt.instance_id, 0),
+            rt.engine.kv_cache,
+            rt.geometry,
+            connector,
+            registry=rendezvous,
+        )
+        self._pins = BlockPins(rt.engine.block_pool)
+        self._hook.bind(self.sender, self._pins)
+        self._ranks: RemoteRanks | None = rt.ranks
+        self._unpinning: set[asyncio.Task[None]] = set()
+
+    @property
+    def num_requests(self) -> int:
+        """Requests whose transfer the hook still streams or finishes."""
+        return self._hook.num_requests
+
+    # -- engine thread --------------------------------------------------------------------
+
+    @staticmethod
+    def _spec(req: PrefillRequest) -> SendSpec:
+        dest = InstanceRef(req.dest_instance, req.dest_parallel)
+        return SendSpec(req.transfer_id, dest, 0, req.timeout_s)
+
+    def _start(self, req: PrefillRequest) -> None:
+        params = dataclasses.replace(req.params, max_tokens=1)
+        self._hook.add(req.request_id, self._spec(req))
+        try:
+            self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), params)
+        except BaseException:
+            self._hook.discard(req.request_id, "request rejected")
+            raise
+
+    def discard(self, request_id: str) -> None:
+        """Engine thread: stop the request's transfer, if it has one here."""
+        self._hook.discard(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        self._hook.discard(request_id)
+        self._rt.engine.abort_request(request_id)
+
+    # -- one request --------------------------------------------------------------------
+
+    async def prefill(self, request: PrefillRequest) -> PrefillOutcome:
+        rid = request.request_id
+        loop = self._rt.loop
+        stream = loop.open_stream(rid)
+        settled = False
+        try:
+            if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
+                await self._ranks.acall("add_transfer", rid, self._spec(request))
+            try:
+                await loop.call(lambda: self._start(request), COMMAND_TIMEOUT_S)
+            except ValueError as e:
+                settled = True
+                self._abort_ranks(request, "request rejected")
+                return PrefillOutcome(ok=False, reason=f"rejected: {e}")
+            deadline = time.monotonic() + request.timeout_s
+            final = await self._first_token(stream, deadline)
+            failure = await self._sent(request.transfer_id, deadline)
+            settled = True
+            if failure is not None:
+                self._abort_ranks(request, failure)
+                return PrefillOutcome(ok=False, reason=failure)
+            m = final.metrics
+            return PrefillOutcome(
+                ok=True,
+                queue_s=m.queue_s if m is not None else 0.0,
+                prefill_s=m.prefill_s if m is not None else 0.0,
+                cached_prompt_tokens=m.num_cached_tokens if m is not None else 0,
+            )
+        finally:
+            loop.close_stream(rid)
+            if not settled:  # cancelled, timed out or failed: stop the send, free blocks
+                self.sender.abort(request.transfer_id, "prefill abandoned")
+                self._abort_ranks(request, "prefill abandoned")
+                loop.submit(lambda: self._abort(rid))
+            self._release_when_unread(request.transfer_id)
+
+    def _release_when_unread(self, transfer_id: str) -> None:
+        """Release the transfer's pins once no rank's sender reads its blocks: at once
+        after DONE; after a failure, once the sends in flight are over. In the
+        background, so that a failure reaches the caller without waiting for them."""
+        task = asyncio.get_running_loop().create_task(self._unpin(transfer_id))
+        self._unpinning.add(task)
+        task.add_done_callback(self._unpinning.discard)
+
+    async def _unpin(self, transfer_id: str) -> None:
+        await release_when_unread(
+            transfer_id,
+            lambda: self._reading(transfer_id),
+            lambda: self._rt.loop.submit(lambda: self._pins.release(transfer_id)),
+        )
+
+    async def _reading(self, transfer_id: str) -> bool:
+        """Whether any rank's sender may still read the transfer's source blocks."""
+        if self.sender.reading(transfer_id):
+            return True
+        if self._ranks is None:
+            return False
+        return any(await self._ranks.acall("reading", transfer_id))
+
+    async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"prefill of {stream.request_id} timed out")
+            outs = await stream.get(remaining)
+            if outs[-1].finished:
+                return outs[-1]
+
+    def _abort_ranks(self, req: PrefillRequest, reason: str) -> None:
+        if self._ranks is not None:
+            self._ranks.send("abort_send", req.request_id, req.transfer_id, reason)
+
+    async def _status(self, transfer_id: str) -> TransferStatus:
+        """The transfer over every rank (the other ranks are asked once rank 0 is done)."""
+        status = self.sender.poll(transfer_id)
+        if self._ranks is None or status.state is not TransferState.DONE:
+            return status
+        per_rank = await self._ranks.acall("poll", [transfer_id], "send")
+        return combine([status, *(r[0] for r in per_rank)])
+
+    async def _sent(self, transfer_id: str, deadline: float) -> str | None:
+        """None once every rank's sender reports DONE; otherwise why it did not."""
+        while True:
+            status = await self._status(transfer_id)
+            if status.state is TransferState.DONE:
+                return None
+            if status.state is TransferState.FAILED:
+                return f"transfer failed: {status.reason}"
+            if time.monotonic() > deadline:
+                self.sender.abort(transfer_id, "send timed out")
+                return "transfer timed out on the sender"
+            await asyncio.sleep(_SEND_POLL_S)
+
+    def close(self) -> None:
+        self.sender.close()
