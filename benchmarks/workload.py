@@ -17,7 +17,8 @@ A length distribution is a spec string:
 Named mixes (`MIXES`) pair a prompt and an output distribution. `sharegpt` imitates the
 shape of ShareGPT's length histograms (inputs and outputs of similar size, long tails);
 it is synthetic, not fitted to the data set, which is not available offline.
-`prompt-heavy` has long prompts and short outputs, where prefill dominates.
+`prompt-heavy` has long prompts and short outputs, where prefill dominates;
+`decode-heavy` the reverse, short prompts and long outputs.
 
 Prompts are random token ids drawn from the vocabulary above the special-token range,
 so every prompt is unique (no prefix-cache hits between requests) and has exactly the
@@ -156,6 +157,7 @@ MIXES: dict[str, tuple[str, str]] = {
     "prompt-heavy": ("lognormal:512:0.4:192:1280", "lognormal:48:0.3:24:96"),
     "sharegpt": ("lognormal:160:1.0:8:1536", "lognormal:140:0.9:8:512"),
     "short": ("uniform:16:96", "fixed:16"),
+    "decode-heavy": ("lognormal:96:0.4:32:256", "lognormal:320:0.3:128:640"),
 }
 
 

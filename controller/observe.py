@@ -97,8 +97,8 @@ class Observer:
         return Observation(snap.t, tuple(instances), demand)
 
     def _demand(self, snap: Snapshot) -> Demand:
-        totals = [0, 0, 0, 0, 0]  # arrived, refused, finished, tpot count
-        sums = [0.0, 0.0, 0.0]  # queue, ttft, tpot
+        totals = [0, 0, 0, 0, 0]  # arrived, refused, finished, tpot count, remote count
+        sums = [0.0, 0.0, 0.0, 0.0]  # queue, ttft, tpot, remote queue
         for rid, now in snap.admissions.items():
             before = self._previous.get(rid)
             if before is None or before.started != now.started:
@@ -107,6 +107,8 @@ class Observer:
             totals[1] += max(0, now.refused - before.refused)
             totals[2] += max(0, now.finished - before.finished)
             totals[3] += max(0, now.tpot_count - before.tpot_count)
+            totals[4] += max(0, now.remote_count - before.remote_count)
+            sums[3] += max(0.0, now.remote_queue_s - before.remote_queue_s)
             sums[0] += max(0.0, now.queue_s - before.queue_s)
             sums[1] += max(0.0, now.ttft_s - before.ttft_s)
             sums[2] += max(0.0, now.tpot_s - before.tpot_s)
@@ -116,13 +118,14 @@ class Observer:
         self._previous_t = snap.t
         if first:  # counts since each router started: no interval to rate them over
             return Demand()
-        finished, tpots = totals[2], totals[3]
+        finished, tpots, remote = totals[2], totals[3], totals[4]
         return Demand(
             interval_s=interval,
             arrived=totals[0],
             refused=totals[1],
             finished=finished,
             mean_queue_s=sums[0] / finished if finished else None,
+            mean_remote_queue_s=sums[3] / remote if remote else None,
             mean_ttft_s=sums[1] / finished if finished else None,
             mean_tpot_s=sums[2] / tpots if tpots else None,
         )

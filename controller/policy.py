@@ -65,6 +65,7 @@ class Demand:
     refused: int = 0
     finished: int = 0
     mean_queue_s: float | None = None
+    mean_remote_queue_s: float | None = None  # of those prefilled remotely
     mean_ttft_s: float | None = None
     mean_tpot_s: float | None = None
 
@@ -122,6 +123,7 @@ class Action:
             "arrival_rate": round(d.arrival_rate, 4),
             "refused": d.refused,
             "mean_queue_s": d.mean_queue_s,
+            "mean_remote_queue_s": d.mean_remote_queue_s,
             "mean_tpot_s": d.mean_tpot_s,
         }
         if self.kind in (ActionKind.FLIP, ActionKind.REPAIR):
@@ -140,8 +142,8 @@ def pressures(obs: Observation, cfg: PlannerConfig) -> Pressures:
     dec = [i for i in obs.instances if i.role is Role.DECODE]
     p = sum(i.queued_prefill_tokens for i in pre) / max(1, len(pre)) / cfg.prefill_full_tokens
     d = sum(i.running_seqs for i in dec) / max(1, len(dec)) / cfg.decode_full_seqs
-    if obs.demand.mean_queue_s is not None:
-        p = max(p, obs.demand.mean_queue_s / cfg.ttft_slo_s)
+    if obs.demand.mean_remote_queue_s is not None:
+        p = max(p, obs.demand.mean_remote_queue_s / cfg.ttft_slo_s)
     if obs.demand.mean_tpot_s is not None:
         d = max(d, obs.demand.mean_tpot_s / cfg.tpot_slo_s)
     return Pressures(p, d, len(pre), len(dec))

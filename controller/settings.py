@@ -5,8 +5,8 @@ for the actor (`ControllerSettings`).
 Signals are pressures, 1.0 meaning "at capacity" (`controller.policy`):
 
 * prefill pressure: queued prefill tokens per prefill-role instance over
-  `prefill_full_tokens`, or the routers' mean queue time over `ttft_slo_s`, whichever
-  is higher;
+  `prefill_full_tokens`, or the routers' mean queue time of remotely prefilled
+  requests over `ttft_slo_s`, whichever is higher;
 * decode pressure: running sequences per decode-role instance over `decode_full_seqs`,
   or the routers' mean TPOT over `tpot_slo_s`, whichever is higher.
 """

@@ -92,6 +92,7 @@ class RemoteKV:
         self._info: dict[str, RemoteInfo] = {}
         self._in_flight: set[str] = set()  # transfers still running on the other ranks
         self.transfer_failures = 0
+        self.landed = 0  # remote prefills whose KV and first token landed here
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         if ranks is not None:
@@ -248,6 +249,7 @@ class RemoteKV:
 
     def _commit(self, transfer_id: str, p: _Pending, first: FirstToken) -> None:
         self._drop(transfer_id)
+        self.landed += 1
         kv_s = max(0.0, p.done_wall - first.sampled_wall)
         self._set_info(p.request_id, RemoteInfo(True, kv_s, ""))
         lp = (

@@ -114,7 +114,11 @@ class DualWorker:
             remote_prefill_fallbacks=engine.num_remote_prefill_fallbacks,
             transfer_failures=remote.transfer_failures,
             heartbeat_running=self._rt.presence.heartbeat_running,
-            extra=self._gen.shm_slots(),
+            extra={
+                **self._gen.shm_slots(),
+                "prefills_pushed": self._pusher.pushed,
+                "remote_prefills_landed": remote.landed,
+            },
         )
 
     async def suspend_heartbeat(self, replica: str | None = None) -> None:

@@ -135,8 +135,8 @@ class Replica:
         if prefilled:
             gone = {id(j) for j in prefilled}
             self.waiting = deque(j for j in self.waiting if id(j) not in gone)
-        if self.role is not Role.PREFILL:
-            for job in prefilled:  # the first token comes from the last prompt chunk
+        for job in prefilled:  # the first token comes from the last prompt chunk
+            if self.keeps(job):
                 job.first_token = job.last_token = now
                 job.generated = 1
                 if job.req.output_tokens <= 1:
@@ -144,3 +144,8 @@ class Replica:
                 else:
                     self.running.append(job)
         return prefilled, finished
+
+    def keeps(self, job: Job) -> bool:
+        """Whether a job whose prompt completed here decodes here too (otherwise its
+        KV goes to its decode replica)."""
+        return self.role is not Role.PREFILL

@@ -90,6 +90,7 @@ class Pusher:
         self._hook.bind(self.sender, self._pins)
         self._ranks: RemoteRanks | None = rt.ranks
         self._unpinning: set[asyncio.Task[None]] = set()
+        self.pushed = 0  # prompts whose KV reached their decode instance
 
     @property
     def num_requests(self) -> int:
@@ -144,6 +145,7 @@ class Pusher:
                 self._abort_ranks(request, failure)
                 return PrefillOutcome(ok=False, reason=failure)
             m = final.metrics
+            self.pushed += 1
             return PrefillOutcome(
                 ok=True,
                 queue_s=m.queue_s if m is not None else 0.0,

@@ -57,6 +57,8 @@ class AdmissionReport:
     prompt_tokens: NonNegInt = 0  # of finished requests
     completion_tokens: NonNegInt = 0
     queue_s: NonNegFloat = 0.0  # sums over finished requests: TTFT before prefill
+    remote_queue_s: NonNegFloat = 0.0  # the same over those prefilled remotely
+    remote_count: NonNegInt = 0
     ttft_s: NonNegFloat = 0.0
     tpot_s: NonNegFloat = 0.0  # over finished requests with more than one token
     tpot_count: NonNegInt = 0
@@ -144,6 +146,10 @@ class RoutingTable:
             ADMISSION_CODEC.encode(report),
             px=self._ttl_ms,
         )
+
+    def drop_admission(self, router_id: str) -> None:
+        """A router that stops removes its report at once."""
+        self._client.delete(self._keys.admission(router_id))
 
     def admissions(self) -> dict[str, AdmissionReport]:
         """Every router's latest unexpired report, by router id."""

@@ -51,6 +51,8 @@ class Demand:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.queue_s = 0.0
+        self.remote_queue_s = 0.0
+        self.remote_count = 0
         self.ttft_s = 0.0
         self.tpot_s = 0.0
         self.tpot_count = 0
@@ -61,6 +63,9 @@ class Demand:
         self.prompt_tokens += finish.usage.prompt_tokens
         self.completion_tokens += finish.usage.completion_tokens
         self.queue_s += t.queue_ms / 1000
+        if t.disaggregated:
+            self.remote_queue_s += t.queue_ms / 1000
+            self.remote_count += 1
         self.ttft_s += t.ttft_ms / 1000
         if finish.usage.completion_tokens > 1:
             self.tpot_s += t.mean_tpot_ms / 1000
@@ -78,6 +83,8 @@ class Demand:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             queue_s=self.queue_s,
+            remote_queue_s=self.remote_queue_s,
+            remote_count=self.remote_count,
             ttft_s=self.ttft_s,
             tpot_s=self.tpot_s,
             tpot_count=self.tpot_count,

@@ -158,6 +158,7 @@ class RouterCore:
         )
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-router")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
+        self._registry = registry
         breaker = CircuitBreaker(on_trip=lambda kind: self.metrics.exclusions.labels(kind).inc())
         by_role = {Role.DECODE: decode, Role.PREFILL: prefill}
         pools = {p.name: by_role[p.role.routing_role] for p in settings.pools}
@@ -192,6 +193,10 @@ class RouterCore:
     async def stop(self) -> None:
         self._unwatch()
         await self.view.stop()
+        try:
+            await asyncio.to_thread(self._registry.routing.drop_admission, self.demand.router_id)
+        except Exception as e:
+            logger.warning("removing the admission report: %s", e)
         self._redis.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -200,7 +200,9 @@ class ClusterHarness:
                     if left:
                         problems.append(f"registry still lists {left}")
                     stray = sorted(
-                        k for k in registry.namespace_keys() if not k.endswith(":prefix-events")
+                        k
+                        for k in registry.namespace_keys()
+                        if not k.endswith((":prefix-events", ":decisions"))
                     )
                     if stray:
                         problems.append(f"keys left in Redis: {stray}")
