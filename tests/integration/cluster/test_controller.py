@@ -52,8 +52,8 @@ PLANNER = [
     "planner.threshold_min=16",
     "planner.threshold_max=16",
 ]
-# Where to copy the run's recorded snapshots and decisions (to refresh the fixture of
-# tests/unit/controller/test_replay.py); unset: nowhere.
+# Where to copy the run's recorded snapshots (to refresh tests/unit/controller/
+# recorded/flip.jsonl, which test_replay.py replays); unset: nowhere.
 RECORD_TO = os.environ.get("PDSERVE_CONTROLLER_RECORDING")
 
 
