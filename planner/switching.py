@@ -12,8 +12,9 @@ there.
 
 Every `period_s` the policy (`controller.policy.Policy`, the same object the
 controller runs) observes what the controller would read: each replica's queued prompt
-tokens and running sequences, and the routers' demand over the period (arrivals, mean
-queue time, mean TPOT of the requests that finished). Its flips change the routed
+tokens and running sequences, and the routers' demand over the period (arrivals, the
+mean queue time of the remotely prefilled requests whose first token came, the mean
+TPOT of the requests that finished). Its flips change the routed
 roles and its threshold moves change the router's threshold, at once. Without a
 policy the roles and threshold stay fixed: a fixed layout on the same engines.
 
