@@ -94,6 +94,14 @@ class EngineLimits(BaseModel):
         description="CPU ranks' matmuls: native (the engine's fp32 kernels), onednn, plain, "
         "or auto (per row class, whichever measured fastest at load).",
     )
+    cpu_linear_min_gain: float = Field(
+        default=0.10,
+        ge=0,
+        le=10,
+        description="With cpu_linear=auto, a row class keeps a packed copy of the weights of "
+        "its own only if it measured more than this fraction faster than the copies the "
+        "other classes keep.",
+    )
 
 
 class PoolConfig(BaseModel):
