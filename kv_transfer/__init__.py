@@ -11,6 +11,8 @@ them (`send_layer`, fed by `SendHook` on the engine) and then `finish`es. Both s
     header.py      the fixed-layout message header (struct, never pickle)
     regions.py     block regions of the paged cache: copies and checksums
     sender.py      the sender role, over any transport
+    send_pump.py   the sender's thread: jobs into messages on links
+    outbound.py    the sender's records and the pump's jobs
     receiver.py    the receiver role, over any transport
     transport.py   what a transport plugs in: Connector/Link, Endpoint/Inbox
     control.py     per-pair control sockets carrying the headers
