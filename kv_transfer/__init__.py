@@ -20,6 +20,7 @@ them (`send_layer`, fed by `SendHook` on the engine) and then `finish`es. Both s
     guard.py       who a control server admits: seal, peer check, caps, idle timeout
     lander.py      a control connection's receive pipeline (posted receives land)
     torch_dist.py  point-to-point send/recv over per-pair Gloo/NCCL groups
+    torch_dist_{pair,link,session}.py  the pair's group, its sender and receiver ends
     shm.py         same-host: senders write straight into the decode cache
     shm_segment.py the shared-memory cache file and its slot table
     fake.py        in-process transport for unit tests
