@@ -10,6 +10,8 @@ them (`send_layer`, fed by `SendHook` on the engine) and then `finish`es. Both s
     mapping.py     the M:N plan between two TP/PP layouts (replicated KV heads included)
     header.py      the fixed-layout message header (struct, never pickle)
     regions.py     block regions of the paged cache: copies and checksums
+    region_copies.py  copies that checksum in the same pass
+    block_runs.py  runs of consecutive block ids
     sender.py      the sender role, over any transport
     send_pump.py   the sender's thread: jobs into messages on links
     outbound.py    the sender's records and the pump's jobs

@@ -61,7 +61,8 @@ from kv_transfer.base import (
 from kv_transfer.header import Header, MessageKind
 from kv_transfer.inbound import Inbound, InboundTarget, Stream
 from kv_transfer.mapping import KVGeometry, plan, routes_to
-from kv_transfer.regions import BlockRegion, LayerSpan, region_of, scatter_checksummed
+from kv_transfer.region_copies import scatter_checksummed
+from kv_transfer.regions import BlockRegion, LayerSpan, region_of
 from kv_transfer.registration import Registration, publish, withdraw
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target

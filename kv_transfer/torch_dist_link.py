@@ -20,7 +20,8 @@ from torch._C._distributed_c10d import Store
 from kv_transfer.base import RankId, TransferError
 from kv_transfer.control import ControlClient
 from kv_transfer.header import Header
-from kv_transfer.regions import BlockRegion, LayerSpan, gather_checksummed
+from kv_transfer.region_copies import gather_checksummed
+from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.staging import StagingPool
 from kv_transfer.torch_dist_pair import abort_group, wait_work
 from kv_transfer.transport import (
