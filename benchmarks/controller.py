@@ -1,6 +1,6 @@
 """The controller against fixed layouts, on a workload whose mix shifts halfway.
 
-    python -m benchmarks.controller            # about 2 minutes
+    python -m benchmarks.controller            # a few minutes (about 80 simulations)
 
 The workload: `--requests` requests with Poisson arrivals at one rate, the first half
 from the `prompt-heavy` mix and the second half from `decode-heavy`
