@@ -9,6 +9,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import redis
+
 from controller.controller import Controller
 from controller.observe import Observer, Snapshot
 from controller.settings import ControllerSettings, PlannerConfig
@@ -30,7 +32,9 @@ def _load(queued: int, running: int) -> LoadReport:
     )
 
 
-def test_the_table_holds_flips_and_the_threshold(registry: Registry, assert_clean: Clean) -> None:
+def test_the_table_holds_flips_and_the_threshold(
+    registry: Registry, redis_client: redis.Redis, assert_clean: Clean
+) -> None:
     table = registry.routing
     assert table.read().roles == {} and table.read().threshold is None
     table.set_role("d0", Role.PREFILL)
@@ -45,7 +49,7 @@ def test_the_table_holds_flips_and_the_threshold(registry: Registry, assert_clea
     table.log_decision({"kind": "threshold", "threshold_to": 128})
     assert [d["kind"] for d in table.decisions()] == ["flip", "threshold"]
     table.clear()
-    registry._client.delete(registry.keys.decisions)
+    redis_client.delete(registry.keys.decisions)
     assert_clean(registry)
 
 
