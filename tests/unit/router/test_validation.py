@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from engine import SamplingParams
 from engine.sampling import SamplingError
+from protos.pdserve.v1 import pdserve_pb2
+from router.grpc_api import raw_request
 from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.tokenization import PromptEncoder
 from router.validation import (
@@ -212,3 +214,19 @@ def test_chat_schema_error_names_message_field() -> None:
     assert first_error(err.value).field == "messages[0].role"
     with pytest.raises(InvalidRequest, match=r"^messages\[0\]\.content: is required"):
         ChatBody.model_validate_json(b'{"messages": [{"role": "user"}]}').to_raw(10)
+
+
+def test_grpc_penalties_reach_the_sampling_rule(validator: RequestValidator) -> None:
+    """The proto's penalties are carried as set, unset is 0, and the one rule names the
+    field by its proto path."""
+    msg = pdserve_pb2.GenerateRequest(prompt="Hello")
+    msg.sampling.presence_penalty = 0.5
+    msg.sampling.frequency_penalty = -1.25
+    params = validator.validate(raw_request(msg), PROTO_FIELDS).params
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.25)
+    unset = validator.validate(raw_request(pdserve_pb2.GenerateRequest(prompt="Hi")), PROTO_FIELDS)
+    assert (unset.params.presence_penalty, unset.params.frequency_penalty) == (0.0, 0.0)
+    msg.sampling.frequency_penalty = 2.5
+    with pytest.raises(InvalidRequest) as err:
+        validator.validate(raw_request(msg), PROTO_FIELDS)
+    assert err.value.field == "sampling.frequency_penalty"
