@@ -191,7 +191,9 @@ def test_openai_bodies() -> None:
     with pytest.raises(InvalidRequest, match=r"^n: "):
         CompletionBody.model_validate_json(b'{"prompt": "a", "n": 3}').to_raw()
     with pytest.raises(InvalidRequest, match=r"^top_logprobs: "):
-        ChatBody.model_validate_json(b'{"messages": [], "top_logprobs": 2}').to_raw(10)
+        ChatBody.model_validate_json(
+            b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}'
+        ).to_raw(10)
 
 
 @pytest.mark.parametrize(
