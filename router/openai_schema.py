@@ -21,7 +21,9 @@ from pydantic.config import JsonDict
 
 from router.validation import ChatMessageIn, InvalidRequest, RawRequest, RawSampling
 
-_STRICT = ConfigDict(extra="forbid")
+# strict: a value of another JSON type is refused, never coerced ("5" is no integer,
+# 0 no boolean)
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
 # field -> (the values that ask for nothing, what a client gets told otherwise)
 _Rules = dict[str, tuple[tuple[Any, ...], str]]

@@ -202,6 +202,12 @@ def test_openai_bodies() -> None:
         (b'{"prompt": "a", "top_p": "high"}', "top_p"),
         (b'{"prompt": {"x": 1}}', "prompt"),
         (b'{"prompt": [1, "two"]}', "prompt"),  # a union: the field, not the member
+        (b'{"prompt": "a", "max_tokens": "5"}', "max_tokens"),  # strict: never coerced
+        (b'{"prompt": "a", "stream": 0}', "stream"),
+        (
+            b'{"prompt": "a", "stream_options": {"include_obfuscation": 0}}',
+            "stream_options.include_obfuscation",
+        ),
     ],
 )
 def test_schema_errors_name_the_field(body: bytes, field: str) -> None:
