@@ -14,9 +14,9 @@ instance that caches their prefix whatever the key. The role `developer` is `sys
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.config import JsonDict
 
 from router.validation import ChatMessageIn, InvalidRequest, RawRequest, RawSampling
@@ -24,6 +24,15 @@ from router.validation import ChatMessageIn, InvalidRequest, RawRequest, RawSamp
 # strict: a value of another JSON type is refused, never coerced ("5" is no integer,
 # 0 no boolean)
 _STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _integral(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON's integers: a number without a fraction, `2.0` as well as `2` (JSON Schema's
+# meaning of "integer"), and never a string or a boolean
+Integer = Annotated[int, BeforeValidator(_integral)]
 
 # field -> (the values that ask for nothing, what a client gets told otherwise)
 _Rules = dict[str, tuple[tuple[Any, ...], str]]
@@ -84,18 +93,18 @@ class _Body(BaseModel):
     model_config = _STRICT
 
     model: str = ""
-    max_tokens: int | None = _bounded(minimum=1)
+    max_tokens: Integer | None = _bounded(minimum=1)
     temperature: float | None = _bounded(minimum=0)
     top_p: float | None = _bounded(exclusiveMinimum=0, maximum=1)
-    top_k: int | None = _bounded(minimum=-1)
+    top_k: Integer | None = _bounded(minimum=-1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Integer] | None = None
     ignore_eos: bool = False
-    seed: int | None = _bounded(minimum=0, maximum=2**63 - 1)
+    seed: Integer | None = _bounded(minimum=0, maximum=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str = ""
-    n: int | None = None
+    n: Integer | None = None
     presence_penalty: float | None = _bounded(minimum=-2, maximum=2)
     frequency_penalty: float | None = _bounded(minimum=-2, maximum=2)
     logit_bias: dict[str, float] | None = None
@@ -127,10 +136,10 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[int]
-    logprobs: int | None = _bounded(minimum=0)
+    prompt: str | list[Integer]
+    logprobs: Integer | None = _bounded(minimum=0)
     echo: bool | None = None
-    best_of: int | None = None
+    best_of: Integer | None = None
     suffix: str | None = None
 
     def to_raw(self) -> RawRequest:
@@ -185,9 +194,9 @@ class ChatMessageBody(BaseModel):
 
 class ChatBody(_Body):
     messages: list[ChatMessageBody] = Field(min_length=1)
-    max_completion_tokens: int | None = _bounded(minimum=1)
+    max_completion_tokens: Integer | None = _bounded(minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = _bounded(minimum=0)
+    top_logprobs: Integer | None = _bounded(minimum=0)
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

@@ -176,6 +176,16 @@ def test_openai_names(validator: RequestValidator) -> None:
     assert err.value.field == "messages[0].role"
 
 
+def test_an_integer_may_be_written_as_a_number_without_a_fraction() -> None:
+    raw = CompletionBody.model_validate_json(
+        b'{"prompt": [1.0, 2], "max_tokens": 3.0, "seed": 0.0}'
+    ).to_raw()
+    assert raw.token_ids == (1, 2) and (raw.sampling.max_tokens, raw.sampling.seed) == (3, 0)
+    with pytest.raises(ValidationError) as err:
+        CompletionBody.model_validate_json(b'{"prompt": "a", "max_tokens": 3.5}')
+    assert first_error(err.value).field == "max_tokens"
+
+
 def test_openai_bodies() -> None:
     raw = CompletionBody.model_validate_json(
         b'{"prompt": [1, 2], "stop": "x", "max_tokens": 3}'
