@@ -33,6 +33,11 @@ class Outbound:
     finish_pumped: bool = False  # the pump has processed finish()
     released: threading.Event = field(default_factory=threading.Event)  # sources unread
     registered: set[int] = field(default_factory=set)  # receiver ranks seen registered
+    # For metrics: when the first data message went, its payload bytes handed over,
+    # and the prompt block after the last one sent.
+    first_sent: float | None = None
+    sent_bytes: int = 0
+    block_end: int = 0
 
 
 @dataclass(slots=True)  # one per layer sent: a frozen dataclass costs 4x to build

@@ -54,8 +54,10 @@ from kv_transfer.base import (
     FirstToken,
     LocalRank,
     RankId,
+    RecordSink,
     SendSpec,
     TransferError,
+    TransferRecord,
     TransferState,
     TransferStatus,
     failed,
@@ -99,9 +101,12 @@ class KVSender:
         connector: Connector,
         config: SenderConfig = SenderConfig(),
         registry: RendezvousStore | None = None,
+        on_record: RecordSink | None = None,
     ) -> None:
+        """`on_record` gets each transfer's figures once it is terminal (under the
+        sender's lock: it must not block nor call back into the sender)."""
         self.me, self._geo, self._connector, self._cfg = me, geometry, connector, config
-        self._registry = registry
+        self._registry, self._on_record = registry, on_record
         self._cache = cache.tensor
         self._on_cuda = self._cache.device.type == "cuda"
         self._block_bytes = self._cache[0, :, 0].numel() * self._cache.element_size()
@@ -253,7 +258,25 @@ class KVSender:
         while len(self._history) > self._cfg.history:
             self._history.popitem(last=False)
         self._room.notify_all()
+        if self._on_record is not None:
+            self._report(out, status)
         return True
+
+    def _report(self, out: Outbound, status: TransferStatus) -> None:
+        assert self._on_record is not None
+        moved = out.first_sent is not None
+        record = TransferRecord(
+            "send",
+            status.state is TransferState.DONE,
+            status.reason,
+            out.sent_bytes,
+            max(0, out.block_end - out.spec.first_block) if moved else 0,
+            time.monotonic() - out.first_sent if out.first_sent is not None else 0.0,
+        )
+        try:
+            self._on_record(record)
+        except Exception:
+            logger.exception("transfer %s: on_record failed", out.spec.transfer_id)
 
     def _fail(
         self, out: Outbound, reason: str, notify: bool = True, teardown: bool = False
@@ -287,6 +310,8 @@ class KVSender:
         with self._lock:
             out.inflight -= 1
             self._inflight_bytes -= nbytes
+            if done.error is None:
+                out.sent_bytes += nbytes
             if done.holds_source:
                 out.reading -= 1
                 self._maybe_release_locked(out)
@@ -382,6 +407,7 @@ class KVSender:
         region: BlockRegion | LayerSpan | None,
         checksum: bool = False,
     ) -> None:
+        start = time.monotonic()
         try:
             done = link.send(header, region, checksum)
         except TransferError:
@@ -392,6 +418,10 @@ class KVSender:
             out.reading += done.holds_source
             out.links.add(link)
             self._inflight_bytes += header.nbytes
+            if header.kind is MessageKind.DATA:
+                if out.first_sent is None:
+                    out.first_sent = start
+                out.block_end = max(out.block_end, header.block_start + header.block_count)
         done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d))
 
     def _wait_for_room(self, out: Outbound) -> None:

@@ -120,6 +120,7 @@ class PrefillWorker:
             self._rt.geometry,
             connector,
             registry=rendezvous,
+            on_record=self._rt.transfer_metrics.record,
         )
         self._pins = BlockPins(self._rt.engine.block_pool)
         self._hook.bind(self._sender, self._pins)

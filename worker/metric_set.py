@@ -1,0 +1,211 @@
+"""Metrics that every pdserve process records: one definition, two sinks.
+
+A `MetricDef` names a metric once (Prometheus conventions: a `pdserve_` prefix, the
+unit in the name, and counters without `_total`, which both sinks append). A
+`MetricSet` builds handles for a process's definitions over
+
+* a per-process `prometheus_client` registry (`MetricSet.registry`): no global state,
+  so a test or a second instance in the same process starts from zero; the router
+  serves its own at /metrics;
+* Ray's metrics API (`ray.util.metrics`), when the process is part of a Ray cluster:
+  Ray's core worker aggregates the records in-process and its node's metrics agent
+  exports every process's metrics on the node's metrics export port, so one scrape
+  of it sees every router, pool replica and rank actor. There every name gets Ray's
+  `ray_` prefix and the process's identity labels (`pool`, `replica`, `rank`).
+
+Recording is an in-process call on both sinks (no RPC): a few microseconds per record.
+Callers on hot paths bind their label values once (`Metric.labels`) and record on the
+bound child.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge as PromGauge
+from prometheus_client import Histogram as PromHistogram
+
+IDENTITY_LABELS = ("pool", "replica", "rank")
+RAY_PREFIX = "ray_"  # what Ray's exporter puts before every application metric
+
+_NAME = re.compile(r"^pdserve_[a-z][a-z0-9_]*[a-z0-9]$")
+_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Kind(enum.Enum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"metric name {self.name!r}: want pdserve_<snake_case>")
+        if self.kind is Kind.COUNTER and self.name.endswith("_total"):
+            raise ValueError(f"counter {self.name!r}: the sinks append _total themselves")
+        bad = [x for x in self.labels if not _LABEL.match(x) or x in IDENTITY_LABELS]
+        if bad or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"metric {self.name!r}: bad labels {self.labels}")
+        if (self.kind is Kind.HISTOGRAM) != bool(self.buckets):
+            raise ValueError(f"metric {self.name!r}: buckets go with histograms only")
+        if list(self.buckets) != sorted(set(self.buckets)) or any(b <= 0 for b in self.buckets):
+            raise ValueError(f"metric {self.name!r}: buckets must be positive and increasing")
+
+    def exported_names(self, prefix: str = "") -> tuple[str, ...]:
+        """The sample names a scrape shows for this metric."""
+        base = prefix + self.name
+        if self.kind is Kind.COUNTER:
+            return (base + "_total",)
+        if self.kind is Kind.HISTOGRAM:
+            return (base + "_bucket", base + "_sum", base + "_count")
+        return (base,)
+
+
+def ray_exporting() -> bool:
+    """Whether this process is connected to Ray (so Ray's metrics API records)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return bool(ray.is_initialized())
+
+
+class Child:
+    """One metric's series for fixed label values, in both sinks."""
+
+    __slots__ = ("_kind", "_prom", "_ray", "_tags")
+
+    def __init__(self, kind: Kind, prom: Any, ray_metric: Any, tags: dict[str, str]) -> None:
+        self._kind, self._prom, self._ray, self._tags = kind, prom, ray_metric, tags
+
+    def inc(self, value: float = 1.0) -> None:
+        if value <= 0:
+            return  # Ray refuses zero increments; nothing to count
+        self._prom.inc(value)
+        if self._ray is not None:
+            self._ray.inc(value, self._tags)
+
+    def set(self, value: float) -> None:
+        self._prom.set(value)
+        if self._ray is not None:
+            self._ray.set(value, self._tags)
+
+    def observe(self, value: float) -> None:
+        self._prom.observe(value)
+        if self._ray is not None:
+            self._ray.observe(value, self._tags)
+
+
+class Metric:
+    """A metric of a `MetricSet`; with labels, `labels(...)` gives the child to record
+    on (cached), otherwise record on the metric itself."""
+
+    def __init__(self, d: MetricDef, prom: Any, ray_metric: Any) -> None:
+        self.definition = d
+        self._prom, self._ray = prom, ray_metric
+        self._children: dict[tuple[str, ...], Child] = {}
+        self._plain = None if d.labels else Child(d.kind, prom, ray_metric, {})
+
+    def labels(self, *values: str) -> Child:
+        child = self._children.get(values)
+        if child is None:
+            d = self.definition
+            if len(values) != len(d.labels):
+                raise ValueError(f"{d.name}: labels {d.labels}, got {values}")
+            tags = dict(zip(d.labels, values, strict=True))
+            child = Child(d.kind, self._prom.labels(*values), self._ray, tags)
+            self._children[values] = child
+        return child
+
+    def _unlabelled(self) -> Child:
+        if self._plain is None:
+            raise ValueError(f"{self.definition.name} has labels {self.definition.labels}")
+        return self._plain
+
+    def inc(self, value: float = 1.0) -> None:
+        self._unlabelled().inc(value)
+
+    def set(self, value: float) -> None:
+        self._unlabelled().set(value)
+
+    def observe(self, value: float) -> None:
+        self._unlabelled().observe(value)
+
+
+class MetricSet:
+    """The handles of a process's metrics. `identity` (pool, replica, rank) labels every
+    series exported through Ray; the per-process registry leaves it out, since it holds
+    one process's series only. `ray_export=None` exports when Ray is initialized."""
+
+    def __init__(
+        self,
+        defs: Iterable[MetricDef],
+        identity: Mapping[str, str] | None = None,
+        *,
+        ray_export: bool | None = None,
+    ) -> None:
+        self.identity = dict(identity or {})
+        unknown = set(self.identity) - set(IDENTITY_LABELS)
+        if unknown:
+            raise ValueError(f"identity labels {sorted(unknown)}: want {IDENTITY_LABELS}")
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ray_export = ray_exporting() if ray_export is None else ray_export
+        self._metrics: dict[str, Metric] = {}
+        for d in defs:
+            if d.name in self._metrics:
+                raise ValueError(f"metric {d.name!r} defined twice")
+            self._metrics[d.name] = Metric(d, self._prom(d), self._ray(d))
+
+    def __getitem__(self, d: MetricDef) -> Metric:
+        return self._metrics[d.name]
+
+    def _prom(self, d: MetricDef) -> Any:
+        r = self.registry
+        if d.kind is Kind.COUNTER:
+            return PromCounter(d.name, d.help, d.labels, registry=r)
+        if d.kind is Kind.GAUGE:
+            return PromGauge(d.name, d.help, d.labels, registry=r)
+        return PromHistogram(d.name, d.help, d.labels, buckets=d.buckets, registry=r)
+
+    def _ray(self, d: MetricDef) -> Any:
+        if not self.ray_export:
+            return None
+        from ray.util import metrics
+
+        keys = (*IDENTITY_LABELS, *d.labels)
+        m: Any
+        if d.kind is Kind.COUNTER:
+            m = metrics.Counter(d.name, d.help, keys)
+        elif d.kind is Kind.GAUGE:
+            m = metrics.Gauge(d.name, d.help, keys)
+        else:
+            m = metrics.Histogram(d.name, d.help, list(d.buckets), keys)
+        defaults = {k: self.identity.get(k, "") for k in IDENTITY_LABELS}
+        return m.set_default_tags(defaults)
+
+    def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float:
+        """A sample of the per-process registry (0 when absent), e.g. for tests."""
+        value = self.registry.get_sample_value(name, dict(labels or {}))
+        return 0.0 if value is None else value
+
+
+def identity(pool: str, replica: str, rank: int = 0) -> dict[str, str]:
+    return {"pool": pool, "replica": replica, "rank": str(rank)}
+
+
+def all_names(defs: Sequence[MetricDef], prefix: str = "") -> set[str]:
+    return {n for d in defs for n in d.exported_names(prefix)}
