@@ -14,6 +14,8 @@ unit in the name, and counters without `_total`, which both sinks append). A
   `ray_` prefix and the process's identity labels (`pool`, `replica`, `rank`).
 
 Recording is an in-process call on both sinks (no RPC): a few microseconds per record.
+A daemon thread re-records each exported gauge's latest value every second, since Ray's
+agent drops gauge series that are not refreshed.
 Callers on hot paths bind their label values once (`Metric.labels`) and record on the
 bound child.
 """
@@ -21,7 +23,11 @@ bound child.
 from __future__ import annotations
 
 import enum
+import logging
 import re
+import threading
+import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +36,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge as PromGauge
 from prometheus_client import Histogram as PromHistogram
+
+logger = logging.getLogger(__name__)
 
 IDENTITY_LABELS = ("pool", "replica", "rank")
 RAY_PREFIX = "ray_"  # what Ray's exporter puts before every application metric
@@ -84,13 +92,51 @@ def ray_exporting() -> bool:
     return bool(ray.is_initialized())
 
 
+class _GaugeRefresher:
+    """Re-records the latest value of every gauge exported through Ray every
+    `interval_s`: Ray's metrics agent drops a gauge series that no record refreshed
+    within two report intervals, which would hide a value set once (a process's
+    `pdserve_up`, an idle router's in-flight count). One daemon thread per process,
+    started with the first gauge; it holds the gauges weakly."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self._interval_s = interval_s
+        self._gauges: weakref.WeakSet[Child] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, child: Child) -> None:
+        with self._lock:
+            self._gauges.add(child)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="metrics-gauges", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._interval_s)
+            with self._lock:
+                gauges = list(self._gauges)
+            for child in gauges:
+                try:
+                    child.refresh()
+                except Exception:  # never let one series stop the others
+                    logger.debug("refreshing a gauge failed", exc_info=True)
+
+
+_REFRESHER = _GaugeRefresher()
+
+
 class Child:
     """One metric's series for fixed label values, in both sinks."""
 
-    __slots__ = ("_kind", "_prom", "_ray", "_tags")
+    __slots__ = ("__weakref__", "_kind", "_last", "_prom", "_ray", "_tags")
 
     def __init__(self, kind: Kind, prom: Any, ray_metric: Any, tags: dict[str, str]) -> None:
         self._kind, self._prom, self._ray, self._tags = kind, prom, ray_metric, tags
+        self._last: float | None = None  # a gauge's latest value
 
     def inc(self, value: float = 1.0) -> None:
         if value <= 0:
@@ -102,7 +148,16 @@ class Child:
     def set(self, value: float) -> None:
         self._prom.set(value)
         if self._ray is not None:
+            if self._last is None:
+                _REFRESHER.add(self)
+            self._last = value
             self._ray.set(value, self._tags)
+
+    def refresh(self) -> None:
+        """Record a gauge's latest value again (Ray only)."""
+        last = self._last
+        if self._ray is not None and last is not None:
+            self._ray.set(last, self._tags)
 
     def observe(self, value: float) -> None:
         self._prom.observe(value)
