@@ -315,4 +315,5 @@ def _metrics(seq: Sequence) -> RequestMetrics:
         ttft_s=first - t.arrival,
         tpot_s=(end - first) / (n - 1) if n > 1 else 0.0,
         num_cached_tokens=seq.num_cached_prompt_tokens,
+        first_token_at=first,
     )

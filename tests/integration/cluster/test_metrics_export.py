@@ -61,6 +61,8 @@ def test_one_scrape_sees_every_replica(cluster: ClusterHarness) -> None:
     done = _run(cluster, prompts)
     disagg = sum(d.timings.disaggregated for d in done)
     assert disagg == 4, [d.timings for d in done]
+    # The transfer's share of TTFT, measured on the prefill instance's clock.
+    assert all(d.timings.kv_transfer_ms > 0 for d in done if d.timings.disaggregated)
     urls = metrics_urls()
     assert len(urls) == 1  # one node, one export
     pools = {(pool, address) for pool, _, address in cluster.instances()}
