@@ -46,6 +46,11 @@ _NAME = re.compile(r"^pdserve_[a-z][a-z0-9_]*[a-z0-9]$")
 _LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+# Every definition made in this process, by name (for the dashboard's check, and so
+# that one name never means two metrics).
+DEFINED: dict[str, MetricDef] = {}
+
+
 class Kind(enum.Enum):
     COUNTER = "counter"
     GAUGE = "gauge"
@@ -72,6 +77,9 @@ class MetricDef:
             raise ValueError(f"metric {self.name!r}: buckets go with histograms only")
         if list(self.buckets) != sorted(set(self.buckets)) or any(b <= 0 for b in self.buckets):
             raise ValueError(f"metric {self.name!r}: buckets must be positive and increasing")
+        known = DEFINED.setdefault(self.name, self)
+        if known != self:
+            raise ValueError(f"metric {self.name!r} is defined twice, differently")
 
     def exported_names(self, prefix: str = "") -> tuple[str, ...]:
         """The sample names a scrape shows for this metric."""

@@ -31,23 +31,26 @@ def test_definitions_follow_the_conventions(bad: dict[str, object]) -> None:
 
 
 def test_exported_names() -> None:
-    c = MetricDef("pdserve_things", Kind.COUNTER, "h")
-    h = MetricDef("pdserve_wait_seconds", Kind.HISTOGRAM, "h", buckets=(1.0,))
-    assert c.exported_names("ray_") == ("ray_pdserve_things_total",)
+    c = MetricDef("pdserve_test_events", Kind.COUNTER, "h")
+    h = MetricDef("pdserve_test_wait_seconds", Kind.HISTOGRAM, "h", buckets=(1.0,))
+    assert c.exported_names("ray_") == ("ray_pdserve_test_events_total",)
     assert h.exported_names() == (
-        "pdserve_wait_seconds_bucket",
-        "pdserve_wait_seconds_sum",
-        "pdserve_wait_seconds_count",
+        "pdserve_test_wait_seconds_bucket",
+        "pdserve_test_wait_seconds_sum",
+        "pdserve_test_wait_seconds_count",
     )
+    assert MetricDef("pdserve_test_events", Kind.COUNTER, "h") == c  # the same again: fine
+    with pytest.raises(ValueError, match="twice"):
+        MetricDef("pdserve_test_events", Kind.GAUGE, "h")
 
 
 def test_each_set_has_its_own_registry_and_ignores_zero_increments() -> None:
-    d = MetricDef("pdserve_things", Kind.COUNTER, "h", ("kind",))
+    d = MetricDef("pdserve_test_things", Kind.COUNTER, "h", ("kind",))
     a, b = MetricSet([d], ray_export=False), MetricSet([d], ray_export=False)
     a[d].labels("x").inc(2)
     a[d].labels("x").inc(0)
-    assert a.sample("pdserve_things_total", {"kind": "x"}) == 2
-    assert b.sample("pdserve_things_total", {"kind": "x"}) == 0
+    assert a.sample("pdserve_test_things_total", {"kind": "x"}) == 2
+    assert b.sample("pdserve_test_things_total", {"kind": "x"}) == 0
     with pytest.raises(ValueError, match="labels"):
         a[d].inc()
 
