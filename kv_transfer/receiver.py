@@ -62,7 +62,7 @@ from kv_transfer.header import Header, MessageKind
 from kv_transfer.inbound import Inbound, InboundTarget, Stream
 from kv_transfer.mapping import KVGeometry, plan, routes_to
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of, scatter_checksummed
-from kv_transfer.registration import Registration, publish, withdraw
+from kv_transfer.registration import RecordWriter, Registration
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
 
@@ -96,7 +96,12 @@ class KVReceiver:
         on_end: Callable[[str, TransferStatus], None] | None = None,
     ) -> None:
         self.me, self._geo, self._endpoint, self._cfg = me, geometry, endpoint, config
-        self._registry, self._on_end = registry, on_end
+        self._on_end = on_end
+        self._records = (
+            RecordWriter(registry, me.instance, me.rank, config.record_ttl_s)
+            if registry is not None
+            else None
+        )
         self._cache = cache.tensor
         self._layers = geometry.layers(me.parallel, me.pp_rank)
         self._heads = geometry.heads(me.parallel, me.tp_rank)
@@ -148,9 +153,8 @@ class KVReceiver:
         self._publish(transfer_id, Registration.REFUSED)
 
     def _publish(self, transfer_id: str, state: Registration) -> None:
-        if self._registry is not None:
-            ttl = self._cfg.record_ttl_s
-            publish(self._registry, self.me.instance, self.me.rank, transfer_id, state, ttl)
+        if self._records is not None:
+            self._records.publish(transfer_id, state)
 
     def poll(self, transfer_id: str) -> TransferStatus:
         with self._lock:
@@ -196,6 +200,8 @@ class KVReceiver:
         for inb in inbs:
             self._fail(inb, "receiver closed")
         self._endpoint.close()
+        if self._records is not None:
+            self._records.close()
 
     # ---- the Inbox the endpoint calls ----------------------------------------------
 
@@ -385,8 +391,8 @@ class KVReceiver:
                 self._on_end(tid, status)
             except Exception:
                 logger.exception("transfer %s: on_end failed", tid)
-        if self._registry is not None:
-            withdraw(self._registry, self.me.instance, self.me.rank, tid)
+        if self._records is not None:
+            self._records.withdraw(tid)
 
     def _fail(self, inb: Inbound, reason: str) -> None:
         with inb.lock:

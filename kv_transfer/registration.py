@@ -7,12 +7,19 @@ A receiver rank publishes `OPEN` under the transfer's key once `expect` accepted
 waits, bounded, for that rank's record: `OPEN` lets it send; `REFUSED` fails the
 transfer at once (the sender withdraws the record it consumed), and so does no record
 by the bound. Records also expire by themselves (`ttl_s`).
+
+A receiver writes its records through a `RecordWriter`: one thread per receiver rank
+that writes them in order, so that the thread that expects a transfer (the decode
+engine's) never waits on the store, even while it is unreachable; the sender's bounded
+wait covers a record that comes late or never.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 
@@ -57,6 +64,60 @@ def withdraw(store: RendezvousStore, instance: str, rank: int, transfer_id: str)
         store.withdraw(key, Registration.OPEN.value)
     except Exception as e:
         logger.warning("withdrawing transfer %s: %s", transfer_id, e)
+
+
+class RecordWriter:
+    """Writes one receiver rank's registration records on its own thread, in the order
+    they were asked for (a withdraw never overtakes its publish). Best effort: a write
+    that fails is logged, and once `max_pending` writes wait, new ones are dropped
+    (every record expires by itself)."""
+
+    def __init__(
+        self,
+        store: RendezvousStore,
+        instance: str,
+        rank: int,
+        ttl_s: float,
+        max_pending: int = 4096,
+    ) -> None:
+        self._store, self._instance, self._rank, self._ttl = store, instance, rank, ttl_s
+        self._queue: queue.Queue[tuple[str, Registration | None] | None] = queue.Queue(max_pending)
+        self._thread = threading.Thread(
+            target=self._run, name=f"kv-records-{instance}-{rank}", daemon=True
+        )
+        self._thread.start()
+
+    def publish(self, transfer_id: str, state: Registration) -> None:
+        self._put((transfer_id, state))
+
+    def withdraw(self, transfer_id: str) -> None:
+        self._put((transfer_id, None))
+
+    def _put(self, item: tuple[str, Registration | None]) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            logger.warning("transfer %s: registration record dropped (store backlog)", item[0])
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            transfer_id, state = item
+            if state is None:
+                withdraw(self._store, self._instance, self._rank, transfer_id)
+            else:
+                publish(self._store, self._instance, self._rank, transfer_id, state, self._ttl)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (within `timeout_s`), then stop."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            logger.warning(
+                "registration records of %s/%d left unwritten", self._instance, self._rank
+            )
+            return
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def wait_open(
