@@ -22,6 +22,7 @@ from cluster.client.messages import (
     build_request,
     chunk_from,
     completion_from,
+    error_from,
     state_from,
 )
 from cluster.client.retry import RetryPolicy
@@ -86,10 +87,10 @@ class AsyncClient:
                     yield chunk_from(msg)
                 return
             except grpc.RpcError as e:
-                left = deadline - time.monotonic()
-                wait = self.retry.delay(e.code(), started, attempt, left)
+                error = error_from(e)
+                wait = self.retry.delay(error.code, started, attempt, deadline - time.monotonic())
                 if wait < 0:
-                    raise ClientError(e.code(), e.details() or "") from None
+                    raise error from None
             finally:
                 call.cancel()
             attempt += 1

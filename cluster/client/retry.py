@@ -1,8 +1,9 @@
 """When the clients call Generate again: UNAVAILABLE before the first chunk.
 
 A Generate that fails with UNAVAILABLE before any chunk reached the client produced
-nothing the client saw (a router replica died, or the proxy had no replica to send it
-to), so sending the same request again is idempotent: the server assigns its own ids
+nothing the client saw (a router replica died, which Serve's proxy reports as INTERNAL
+with Ray's actor error and the client reads as UNAVAILABLE, or the proxy had no replica
+to send it to), so sending the same request again is idempotent: the server assigns its own ids
 to every call. Once a chunk arrived the error goes to the caller, since a second call
 would repeat text the caller already has. Tries are bounded (`max_retries`), spaced by
 a short doubling backoff, and never outlast the call's own deadline; each one is

@@ -21,6 +21,7 @@ from cluster.client.messages import (
     build_request,
     chunk_from,
     completion_from,
+    error_from,
     state_from,
 )
 from cluster.client.retry import RetryPolicy
@@ -100,10 +101,10 @@ class Client:
                     yield chunk_from(msg)
                 return
             except grpc.RpcError as e:
-                left = deadline - time.monotonic()
-                wait = self.retry.delay(e.code(), started, attempt, left)
+                error = error_from(e)
+                wait = self.retry.delay(error.code, started, attempt, deadline - time.monotonic())
                 if wait < 0:
-                    raise ClientError(e.code(), e.details() or "") from None
+                    raise error from None
             finally:
                 call.cancel()  # no-op once the call completed
             attempt += 1

@@ -121,3 +121,27 @@ def test_retry_policy_refuses_bad_settings() -> None:
     with pytest.raises(ValueError, match="backoff_s"):
         RetryPolicy(backoff_s=2.0, max_backoff_s=1.0)
     assert RetryPolicy().delay(grpc.StatusCode.UNAVAILABLE, False, 0, left_s=0.05) < 0
+
+
+def test_a_replica_death_reported_as_internal_reads_as_unavailable(serve: Any) -> None:
+    class DeadReplica(FlakyGenerate):
+        def Generate(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with self._lock:
+                self.calls += 1
+                fail = self.calls <= self.failures
+            if fail:
+                context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    "The actor 3fc0a1 is unavailable: Actor is unavailable.. The task may or "
+                    "may not have been executed on the actor.",
+                )
+            yield from super().Generate(request, context)
+
+    servicer = DeadReplica(1, grpc.StatusCode.INTERNAL)
+    with Client(serve(servicer), timeout_s=10, retry=FAST) as c:
+        assert c.generate("hi").token_ids == (7, 8) and c.retries == 1
+    servicer = DeadReplica(5, grpc.StatusCode.INTERNAL)
+    with Client(serve(servicer), timeout_s=10, retry=FAST) as c:
+        with pytest.raises(ClientError) as e:
+            c.generate("hi")
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and "actor" in e.value.details
