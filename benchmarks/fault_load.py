@@ -168,9 +168,17 @@ class SseStream(_StreamThread):
 
 
 class GrpcStream(_StreamThread):
-    def __init__(self, target: str, prompt: str, sampling: Sampling, timeout_s: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        prompt: str,
+        sampling: Sampling,
+        timeout_s: float,
+        token: str | None = None,
+    ) -> None:
         self.result = StreamResult()
         self._target = target
+        self._token = token
         self._prompt = prompt
         self._sampling = sampling
         self._timeout = timeout_s
@@ -179,7 +187,7 @@ class GrpcStream(_StreamThread):
     def _run(self) -> None:
         r = self.result
         try:
-            with Client(self._target, timeout_s=self._timeout) as c:
+            with Client(self._target, token=self._token, timeout_s=self._timeout) as c:
                 try:
                     for chunk in c.stream(self._prompt, self._sampling, timeout_s=self._timeout):
                         r.reads.append(time.monotonic())
@@ -211,11 +219,18 @@ class HealthWatch:
     """Checks both health endpoints until stopped; `missed` lists the slow or failed
     ones (a NOT_SERVING answer in time is an answer; it is recorded in `not_serving`)."""
 
-    def __init__(self, grpc_target: str, http_port: int, period_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        grpc_target: str,
+        http_port: int,
+        period_s: float = 0.25,
+        token: str | None = None,
+    ) -> None:
         self.missed: list[Missed] = []
         self.not_serving: list[float] = []
         self.checks = 0
         self._target = grpc_target
+        self._token = token
         self._port = http_port
         self._period = period_s
         self._stop = threading.Event()
@@ -235,7 +250,7 @@ class HealthWatch:
             t.join(10.0)
 
     def _loop(self, check: Any) -> None:
-        with Client(self._target, timeout_s=1.0) as client:
+        with Client(self._target, token=self._token, timeout_s=1.0) as client:
             while not self._stop.is_set():
                 check(client)
                 self.checks += 1
