@@ -87,6 +87,7 @@ class DualWorker:
 
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
+        self._pusher.note_abort(request_id)
         await self._rt.loop.call(lambda: self._abort(request_id), COMMAND_TIMEOUT_S)
 
     async def state(self, replica: str | None = None) -> WorkerState:

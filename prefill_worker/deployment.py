@@ -35,7 +35,10 @@ Lifecycle of a replica:
                  their transport's operation timeout). The other ranks' hooks
                  pin nothing: rank 0's pins hold the same block ids in every rank's
                  cache.
-    abort()      the same abort, by request id
+    abort()      the same abort, by request id. The router sends both calls at once,
+                 so an abort may come first: its id is remembered for a while and the
+                 prefill, when it comes, is refused at once (rather than waiting for
+                 a registration the decode replica, aborted too, never writes)
                  (the prefill-and-push itself is `prefill_worker.pusher.Pusher`, which
                  switchable replicas share)
     __del__      deregister, stop the engine thread, close the sender
@@ -84,6 +87,7 @@ class PrefillWorker:
 
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
+        self._pusher.note_abort(request_id)
         await self._rt.loop.call(lambda: self._abort(request_id), COMMAND_TIMEOUT_S)
 
     async def state(self, replica: str | None = None) -> WorkerState:

@@ -32,6 +32,7 @@ from worker.runtime import WorkerRuntime
 logger = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 30.0
+_ABORTED_MEMORY_S = 120.0  # how long an abort that came before its prefill is kept
 _SEND_POLL_S = 0.001
 # Sends in flight end within their transport's operation timeout (then the pair is
 # torn down); past this bound a transfer's pins are released regardless.
@@ -66,6 +67,22 @@ async def release_when_unread(
         release()
 
 
+def _outcome(final: RequestOutput, done: TransferStatus) -> PrefillOutcome:
+    """A sent prefill's timings; the transfer's share is measured on this instance's
+    clock, from the first token's sampling to the sends' completion."""
+    m = final.metrics
+    if m is None:
+        return PrefillOutcome(ok=True)
+    ended = done.ended_at if done.ended_at is not None else time.monotonic()
+    return PrefillOutcome(
+        ok=True,
+        queue_s=m.queue_s,
+        prefill_s=m.prefill_s,
+        cached_prompt_tokens=m.num_cached_tokens,
+        kv_transfer_s=max(0.0, ended - m.first_token_at),
+    )
+
+
 class Pusher:
     @staticmethod
     def layer_hook(settings: WorkerSettings) -> SendHook:
@@ -85,12 +102,14 @@ class Pusher:
             rt.geometry,
             connector,
             registry=rendezvous,
+            on_record=rt.transfer_metrics.record,
         )
         self._pins = BlockPins(rt.engine.block_pool)
         self._hook.bind(self.sender, self._pins)
         self._ranks: RemoteRanks | None = rt.ranks
         self._unpinning: set[asyncio.Task[None]] = set()
         self.pushed = 0  # prompts whose KV reached their decode instance
+        self._aborted_early: dict[str, float] = {}  # request id -> time.monotonic()
 
     @property
     def num_requests(self) -> int:
@@ -123,8 +142,22 @@ class Pusher:
 
     # -- one request --------------------------------------------------------------------
 
+    def note_abort(self, request_id: str) -> None:
+        """An abort for a request with no stream here: remember it for a while, so
+        that its prefill, if it comes after all, is refused at once (the router sends
+        the decode and prefill calls at once, so an abort may come first)."""
+        if self._rt.loop.has_stream(request_id):
+            return
+        now = time.monotonic()
+        for rid, at in list(self._aborted_early.items()):
+            if now - at > _ABORTED_MEMORY_S:
+                del self._aborted_early[rid]
+        self._aborted_early[request_id] = now
+
     async def prefill(self, request: PrefillRequest) -> PrefillOutcome:
         rid = request.request_id
+        if self._aborted_early.pop(rid, None) is not None:
+            return PrefillOutcome(ok=False, reason="aborted before it arrived")
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         settled = False
@@ -139,19 +172,13 @@ class Pusher:
                 return PrefillOutcome(ok=False, reason=f"rejected: {e}")
             deadline = time.monotonic() + request.timeout_s
             final = await self._first_token(stream, deadline)
-            failure = await self._sent(request.transfer_id, deadline)
+            sent = await self._sent(request.transfer_id, deadline)
             settled = True
-            if failure is not None:
-                self._abort_ranks(request, failure)
-                return PrefillOutcome(ok=False, reason=failure)
-            m = final.metrics
+            if isinstance(sent, str):
+                self._abort_ranks(request, sent)
+                return PrefillOutcome(ok=False, reason=sent)
             self.pushed += 1
-            return PrefillOutcome(
-                ok=True,
-                queue_s=m.queue_s if m is not None else 0.0,
-                prefill_s=m.prefill_s if m is not None else 0.0,
-                cached_prompt_tokens=m.num_cached_tokens if m is not None else 0,
-            )
+            return _outcome(final, sent)
         finally:
             loop.close_stream(rid)
             if not settled:  # cancelled, timed out or failed: stop the send, free blocks
@@ -204,12 +231,12 @@ class Pusher:
         per_rank = await self._ranks.acall("poll", [transfer_id], "send")
         return combine([status, *(r[0] for r in per_rank)])
 
-    async def _sent(self, transfer_id: str, deadline: float) -> str | None:
-        """None once every rank's sender reports DONE; otherwise why it did not."""
+    async def _sent(self, transfer_id: str, deadline: float) -> TransferStatus | str:
+        """The DONE status once every rank's sender reports it; otherwise why not."""
         while True:
             status = await self._status(transfer_id)
             if status.state is TransferState.DONE:
-                return None
+                return status
             if status.state is TransferState.FAILED:
                 return f"transfer failed: {status.reason}"
             if time.monotonic() > deadline:
