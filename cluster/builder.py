@@ -215,6 +215,7 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
         view_refresh_interval_s=r.view_refresh_interval_s,
         default_chat_max_tokens=r.default_chat_max_tokens,
         max_dispatch_attempts=r.max_dispatch_attempts,
+        max_migrations=r.max_migrations,
         probe_timeout_s=r.probe_timeout_s,
         tokenizer_threads=r.tokenizer_threads,
         max_health_watches=r.max_health_watches,

@@ -98,7 +98,9 @@ class DecodeWorker:
                 logger.warning("request %s: this pool prefills locally", req.request_id)
             elif not self._remote.start(req):
                 return
-        self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
+        self._rt.engine.add_request(
+            req.request_id, list(req.prompt_token_ids), req.params, req.resume
+        )
 
     def _abort(self, request_id: str) -> None:
         if self._remote is not None:

@@ -139,7 +139,7 @@ class RemoteKV:
         rid, tid = req.request_id, plan.transfer_id
         try:
             blocks = self._engine.reserve_remote_prefill(
-                rid, list(req.prompt_token_ids), req.params
+                rid, list(req.prompt_token_ids), req.params, resume=req.resume
             )
         except OutOfBlocksError as e:
             return self._refuse(rid, tid, f"decode_full (no free KV blocks: {e})")

@@ -41,6 +41,7 @@ from kv_transfer.base import Parallelism
 from router.cluster_view import ClusterView
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
+from router.migration import Progress
 from router.pinning import PIN_KWARG
 from router.policy import RouteDecision
 from router.results import Delta, Finish, Timings, Usage
@@ -70,7 +71,8 @@ class DispatchTimeouts:
 class _Call:
     """One request's calls in flight: the decode stream and, disaggregated, the prefill."""
 
-    rid: str
+    rid: str  # the client's request id
+    wid: str  # the request id the instances see (one per migration segment)
     route: RouteDecision
     arrival: float  # time.monotonic() at the router
     stream: Any  # the decode stream (a Serve response generator)
@@ -113,10 +115,18 @@ class Dispatcher:
         self._prefills: set[asyncio.Task[PrefillOutcome]] = set()
 
     async def run(
-        self, rid: str, req: ValidRequest, route: RouteDecision, arrival: float, arrival_wall: float
+        self,
+        rid: str,
+        req: ValidRequest,
+        route: RouteDecision,
+        arrival: float,
+        arrival_wall: float,
+        progress: Progress | None = None,
     ) -> AsyncIterator[Delta]:
-        """Stream the request's deltas; `arrival` is its time.monotonic() at the router."""
-        call = self._start(rid, req, route, arrival, arrival_wall)
+        """Stream the request's deltas; `arrival` is its time.monotonic() at the router.
+        With `progress` (router.migration), the tokens the client has are computed with
+        the prompt and the stream goes on after them."""
+        call = self._start(rid, req, route, arrival, arrival_wall, progress or Progress())
         try:
             async for delta in self._relay(call):
                 yield delta
@@ -124,26 +134,35 @@ class Dispatcher:
             self._close(call)
 
     def _start(
-        self, rid: str, req: ValidRequest, route: RouteDecision, arrival: float, wall: float
+        self,
+        rid: str,
+        req: ValidRequest,
+        route: RouteDecision,
+        arrival: float,
+        wall: float,
+        progress: Progress,
     ) -> _Call:
         """Send the decode request and, disaggregated, the prefill, at the same time."""
         remote = route.prefill if self._prefill is not None else None
         plan = self._plan(remote) if remote is not None else None
-        n_prompt = len(req.prompt_token_ids)
-        wreq = WorkerRequest(rid, req.prompt_token_ids, req.params, wall, plan)
-        self._view.sent(route.decode.instance_id, rid, 0 if plan else n_prompt)
+        resume = progress.resume
+        n_prompt = len(req.prompt_token_ids) + len(progress.token_ids)
+        wid = f"{rid}-m{progress.migrations}" if progress.migrations else rid
+        wreq = WorkerRequest(wid, req.prompt_token_ids, req.params, wall, plan, resume)
+        self._view.sent(route.decode.instance_id, wid, 0 if plan else n_prompt)
         stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: route.decode.address})
-        call = _Call(rid, route, arrival, stream)
+        call = _Call(rid, wid, route, arrival, stream, first_at=progress.first_at)
         if plan is not None and remote is not None:
-            self._view.sent(remote.instance_id, rid, n_prompt)
+            self._view.sent(remote.instance_id, wid, n_prompt)
             preq = PrefillRequest(
-                rid,
+                wid,
                 plan.transfer_id,
                 req.prompt_token_ids,
                 req.params,
                 route.decode.instance_id,
                 plan.timeout_s,
                 Parallelism(route.decode.tp, route.decode.pp),
+                resume,
             )
             call.prefill = asyncio.get_running_loop().create_task(self._run_prefill(call, preq))
             self._prefills.add(call.prefill)
@@ -211,12 +230,12 @@ class Dispatcher:
             self._view.failed(pin, e, "the prefill instance")
             out = PrefillOutcome(ok=False, reason=worker_error(e, "the prefill instance").message)
         finally:
-            self._view.done(call.route.prefill.instance_id, call.rid)
+            self._view.done(call.route.prefill.instance_id, call.wid)
         if not out.ok:
-            logger.warning("request %s: prefill failed: %s", call.rid, out.reason)
+            logger.warning("request %s: prefill failed: %s", call.wid, out.reason)
             self._metrics.prefill_failures.inc()
             if call.closed:  # the stream is over: nobody else will clean up
-                self._cleanup(call.rid, None, pin)
+                self._cleanup(call.wid, None, pin)
         return out
 
     async def _outcome(self, call: _Call) -> PrefillOutcome | None:
@@ -233,17 +252,17 @@ class Dispatcher:
         """Unless the stream finished, cancel it and abort the request on every instance
         involved; a prefill that failed is aborted either way."""
         call.closed = True
-        self._view.done(call.route.decode.instance_id, call.rid)
+        self._view.done(call.route.decode.instance_id, call.wid)
         running = call.prefill is not None and not call.prefill.done()
         prefill_pin = call.prefill_pin if running or call.prefill_failed else None
         if call.finished:
             if call.prefill_failed:
-                self._cleanup(call.rid, None, prefill_pin)
+                self._cleanup(call.wid, None, prefill_pin)
             return
         call.stream.cancel()
         if running and call.prefill is not None:
             call.prefill.cancel()
-        self._cleanup(call.rid, call.decode_pin, prefill_pin)
+        self._cleanup(call.wid, call.decode_pin, prefill_pin)
 
     @property
     def num_pending(self) -> int:

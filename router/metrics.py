@@ -6,7 +6,7 @@ metrics through Ray's metrics agent; these are the request-level ones that only 
 router sees: outcomes, TTFT and TPOT, the TTFT breakdown, tokens, the
 remote-prefill fallbacks and KV-transfer failures reported back by the decode pool,
 and the failure handling: instances excluded from routing and requests retried on
-another instance before their first token.
+another instance before their first token, and streams migrated mid-way.
 """
 
 from __future__ import annotations
@@ -86,6 +86,13 @@ class RouterMetrics:
         self.retries = Counter(
             "pdserve_request_retries",
             "Requests sent to another instance after failing before their first token",
+            ["reason"],
+            registry=r,
+        )
+        self.migrations = Counter(
+            "pdserve_migrations",
+            "Streams continued on another decode instance after breaking mid-way, by the "
+            "error kind that broke them",
             ["reason"],
             registry=r,
         )
