@@ -36,6 +36,7 @@ from router.admission import Admission
 from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher
+from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
 from router.migration import MigrationPolicy, Progress, with_migration
@@ -179,9 +180,11 @@ class RouterCore:
             lambda info: probe_replica(pools[info.role], info.address),
             settings.probe_timeout_s,
         )
+        self.stopped = StoppedReplicas(settings.timeouts.drain_s)
         self._unwatch = watch_replica_deaths(
             lambda address: breaker.trip(address, "serve", "Serve dropped its replica")
         )
+        self._unwatch_stopped = watch_replica_deaths(self.stopped.stopped)
         self.policy = LoadBalancedPolicy(settings.disaggregation_threshold)
         self.admission = Admission(settings.max_inflight_requests)
         self.dispatcher = Dispatcher(
@@ -190,6 +193,7 @@ class RouterCore:
             self.view,
             settings.timeouts,
             self.metrics,
+            self.stopped,
         )
 
     async def start(self) -> None:
@@ -197,6 +201,7 @@ class RouterCore:
 
     async def stop(self) -> None:
         self._unwatch()
+        self._unwatch_stopped()
         await self.view.stop()
         self._redis.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)

@@ -24,7 +24,11 @@ task with a bound, so blocks and transfers are freed even when the client's
 cancellation interrupts a call; a failed prefill is aborted the same way. Every wait on
 a pool is bounded: the first chunk by `dispatch_timeout_s` (colocated) or
 `stream_idle_timeout_s` (disaggregated: it follows the transfer), each later one by
-`stream_idle_timeout_s`, the prefill by `prefill_timeout_s`.
+`stream_idle_timeout_s`, the prefill by `prefill_timeout_s`. A stream on a decode
+replica that Serve is stopping is relayed until its drain deadline (router.drain), then
+ends with UNAVAILABLE so that it moves. With a `Progress` (router.migration) the
+request continues a stream: the instances get the tokens so far with the prompt, under
+a request id of the segment's own.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 
 from kv_transfer.base import Parallelism
 from router.cluster_view import ClusterView
+from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
 from router.migration import Progress
@@ -65,6 +70,7 @@ class DispatchTimeouts:
     prefill_s: float  # a whole remote prefill
     transfer_s: float  # the KV transfer's own deadline (both roles)
     abort_s: float = 10.0
+    drain_s: float = 15.0  # a stream on a replica Serve is stopping, before it moves
 
 
 @dataclass
@@ -104,6 +110,7 @@ class Dispatcher:
         view: ClusterView,
         timeouts: DispatchTimeouts,
         metrics: RouterMetrics,
+        stopped: StoppedReplicas | None = None,
     ) -> None:
         self._decode = decode  # DeploymentHandle of the decode (or colocated) pool
         self._decode_stream = decode.options(stream=True)
@@ -111,6 +118,7 @@ class Dispatcher:
         self._view = view
         self._t = timeouts
         self._metrics = metrics
+        self._stopped = stopped  # replicas Serve is stopping (router.drain)
         self._cleanups: set[asyncio.Task[None]] = set()
         self._prefills: set[asyncio.Task[PrefillOutcome]] = set()
 
@@ -182,7 +190,7 @@ class Dispatcher:
         it = call.stream.__aiter__()
         timeout = self._t.dispatch_s if call.prefill is None else self._t.stream_idle_s
         while not call.finished:
-            item = await self._next(it, timeout, "the decode instance", call.decode_pin)
+            item = await self._chunk(call, it, timeout)
             timeout = self._t.stream_idle_s
             if not isinstance(item, TokenChunk):
                 raise RouterError(ErrorKind.INTERNAL, f"unexpected {type(item).__name__}")
@@ -206,12 +214,31 @@ class Dispatcher:
         finish = self._finish(item, outcome, call)
         yield Delta(call.rid, item.token_ids, item.text, item.logprobs, finish)
 
-    async def _next(self, it: Any, timeout: float, what: str, pin: str) -> Any:
+    async def _chunk(self, call: _Call, it: Any, timeout: float) -> Any:
+        """The stream's next chunk. On a replica Serve is stopping (router.drain), it is
+        waited for only until the stream must move: then UNAVAILABLE, which migrates."""
+        what, pin = "the decode instance", call.decode_pin
+        deadline = self._stopped.deadline(pin) if self._stopped is not None else None
+        if deadline is None or deadline - time.monotonic() >= timeout:
+            return await self._next(it, timeout, what, pin)
+        moving = RouterError(ErrorKind.UNAVAILABLE, f"{what} is shutting down: the stream moves")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise moving
+        return await self._next(it, left, what, pin, late=moving)
+
+    async def _next(
+        self, it: Any, timeout: float, what: str, pin: str, late: RouterError | None = None
+    ) -> Any:
+        """The next item of `it`; after `timeout`, `late` if given, else UNAVAILABLE and
+        the instance is reported as failed."""
         try:
             return await asyncio.wait_for(it.__anext__(), timeout)
         except StopAsyncIteration:
             raise RouterError(ErrorKind.INTERNAL, f"{what} ended the stream early") from None
         except Exception as e:
+            if late is not None and isinstance(e, TimeoutError):
+                raise late from None
             self._view.failed(pin, e, what)
             raise worker_error(e, what) from e
 

@@ -142,6 +142,7 @@ class DecodeBehaviour:
     # died mid-stream)
     die_after: int | None = None
     die_with: BaseException | None = None
+    chunk_delay_s: float = 0.0  # between two chunks
 
 
 class FakeDecode(FakeInstance):
@@ -196,7 +197,7 @@ class FakeDecode(FakeInstance):
                 yield TokenChunk(
                     (token,), text_of((token,)), (), last, "length" if last else None, None, final
                 )
-                await asyncio.sleep(0)
+                await asyncio.sleep(b.chunk_delay_s)
         finally:
             if tid is not None:
                 self.transfers.end(tid)

@@ -24,6 +24,7 @@ from ray.exceptions import ActorDiedError
 from engine import SamplingParams
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher, DispatchTimeouts
+from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
 from router.migration import MigrationPolicy, Progress, with_migration
@@ -96,7 +97,7 @@ class Rig:
         assert self.view.num_sent == 0, "requests still in flight in the cluster view"
 
 
-def _rig(n_decode: int = 3) -> Rig:
+def _rig(n_decode: int = 3, stopped: StoppedReplicas | None = None) -> Rig:
     transfers = FakeTransfers()
     decodes = [FakeDecode(transfers, f"decode-{i}") for i in range(n_decode)]
     for d in decodes:
@@ -105,7 +106,7 @@ def _rig(n_decode: int = 3) -> Rig:
     view = ClusterView(None, 1.0)  # type: ignore[arg-type]  # sent/done need no registry
     metrics = RouterMetrics()
     pool = FakeDecodePool(*decodes)
-    dispatcher = Dispatcher(pool, prefill, view, TIMEOUTS, metrics)
+    dispatcher = Dispatcher(pool, prefill, view, TIMEOUTS, metrics, stopped)
     return Rig(transfers, decodes, prefill, view, metrics, dispatcher, [])
 
 
@@ -215,3 +216,50 @@ def test_an_internal_failure_of_the_instance_migrates_too() -> None:
         await rig.assert_clean()
 
     asyncio.run(run())
+
+
+def test_a_stream_on_a_replica_serve_stops_moves_after_the_grace() -> None:
+    async def run() -> None:
+        stopped = StoppedReplicas(grace_s=0.1)
+        rig = _rig(2, stopped)
+        rig.decodes[0].behaviour.chunk_delay_s = 0.03  # 0.3 s for the whole output
+        got: list[Delta] = []
+        async for delta in rig.stream(max_migrations=2):
+            got.append(delta)
+            if len(got) == 2:
+                stopped.stopped("decode-0-replica")  # Serve dropped it: draining
+        assert _tokens(got) == OUTPUT
+        assert "".join(d.text for d in got) == text_of(OUTPUT)
+        assert got[-1].finish is not None and got[-1].finish.timings.migrations == 1
+        (moved,) = rig.decodes[1].requests
+        assert moved.resume is not None and 2 <= len(moved.resume.output_token_ids) < 8
+        # the old stream was cancelled and its request aborted on the stopping replica
+        assert rig.decodes[0].streams[0].cancelled and rig.decodes[0].aborted == ["r1"]
+        await rig.assert_clean()
+
+    asyncio.run(run())
+
+
+def test_a_stream_that_ends_within_the_grace_stays() -> None:
+    async def run() -> None:
+        stopped = StoppedReplicas(grace_s=5.0)
+        stopped.stopped("decode-0-replica")
+        rig = _rig(2, stopped)
+        deltas = await rig.collect()
+        assert _tokens(deltas) == OUTPUT and rig.decodes[1].requests == []
+        assert rig.counted("pdserve_migrations") == 0
+        await rig.assert_clean()
+
+    asyncio.run(run())
+
+
+def test_stopped_replicas_keep_the_first_drop_time() -> None:
+    now = [100.0]
+    stopped = StoppedReplicas(grace_s=4.0, clock=lambda: now[0])
+    assert stopped.deadline("a") is None
+    stopped.stopped("a")
+    now[0] = 102.0
+    stopped.stopped("a")  # reported again by another handle's router
+    assert stopped.deadline("a") == 104.0
+    with pytest.raises(ValueError, match="grace_s"):
+        StoppedReplicas(grace_s=0)
