@@ -28,6 +28,8 @@ MAX_MODEL_LEN = 1024  # of the fault tests' clusters and their reference engine
 @dataclass
 class StreamResult:
     tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    migrations: int | None = None  # from the final message's timings
     errors: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False  # saw `data: [DONE]`
     status: int | None = None
@@ -122,6 +124,9 @@ class SseStream(_StreamThread):
             else:
                 for choice in event["choices"]:
                     r.tokens.extend(choice["token_ids"])
+                    r.text += choice.get("text") or ""
+                if "timings" in event:
+                    r.migrations = event["timings"].get("migrations")
 
 
 class GrpcStream(_StreamThread):
@@ -140,6 +145,9 @@ class GrpcStream(_StreamThread):
                 for chunk in c.stream(self._prompt, self._sampling, timeout_s=self._timeout):
                     r.reads.append(time.monotonic())
                     r.tokens.extend(chunk.token_ids)
+                    r.text += chunk.text
+                    if chunk.timings is not None:
+                        r.migrations = chunk.timings.migrations
             r.done = True
         except ClientError as e:
             r.reads.append(time.monotonic())
