@@ -1,7 +1,8 @@
 """Streams that move mid-way, on a local cluster of one prefill and two decode
 replicas (tiny model): a decode replica SIGKILLed under streamed load, and a decode
 replica that Serve stops for a scale-down while it streams. Every stream must end with
-`[DONE]` (or its last gRPC message) and exactly the greedy text of an undisturbed run,
+`[DONE]` (or its last gRPC message) and exactly the text of an undisturbed run (greedy,
+or seeded sampling, whose random stream continues where it was),
 some of them by moving to the other decode instance (counted in
 `pdserve_migrations_total`); then every instance is back to baseline.
 """
@@ -12,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,9 @@ MAX_TOKENS = 600  # long enough that every stream is still running at the fault
 READ_TIMEOUT_S = 30.0
 GRACE_S = 2.0  # the decode pool's graceful_shutdown_timeout_s: streams move after 1 s
 SHORT = ["Hi there", "2 + 2 =", "The sky is"]
-PROMPTS = [*SHORT, *LONG_PROMPTS[:3]]
+PROMPTS = [*SHORT, *LONG_PROMPTS[:3]]  # greedy
+SEEDED = ["Once upon a", LONG_PROMPTS[3]]  # seeded sampling: the random stream goes on
+SEED = {"temperature": 0.8, "seed": 1234}
 Reference = dict[str, tuple[list[int], str]]
 
 
@@ -62,16 +66,20 @@ def cluster(tiny_model_dir: Path) -> Iterator[ClusterHarness]:
 def reference(reference_llm: LLM) -> dict[str, tuple[list[int], str]]:
     """The undisturbed run's tokens and text per prompt."""
     outs = reference_llm.generate(PROMPTS, greedy(MAX_TOKENS))
-    return {p: (o.token_ids, o.text) for p, o in zip(PROMPTS, outs, strict=True)}
+    seeded = reference_llm.generate(SEEDED, replace(greedy(MAX_TOKENS), **SEED))
+    pairs = zip(PROMPTS + SEEDED, outs + seeded, strict=True)
+    return {p: (o.token_ids, o.text) for p, o in pairs}
 
 
 def _streams(cluster: ClusterHarness) -> dict[str, SseStream | GrpcStream]:
-    """Four streams over HTTP and two over gRPC, all greedy."""
+    """Greedy streams, four over HTTP and two over gRPC, and two seeded ones over HTTP."""
     port = cluster.config.server.http_port
     body = {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     out: dict[str, SseStream | GrpcStream] = {
         p: SseStream(port, {**body, "prompt": p}, READ_TIMEOUT_S).start() for p in PROMPTS[:4]
     }
+    for p in SEEDED:
+        out[p] = SseStream(port, {**body, **SEED, "prompt": p}, READ_TIMEOUT_S).start()
     sampling = Sampling(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     for p in PROMPTS[4:]:
         out[p] = GrpcStream(cluster.grpc_target, p, sampling, 4 * READ_TIMEOUT_S).start()
@@ -101,13 +109,16 @@ def _decodes(cluster: ClusterHarness) -> list[tuple[str, str]]:
 
 
 def _check(what: str, results: dict[str, StreamResult], reference: Reference) -> tuple[int, int]:
-    """Every stream ended properly with the greedy tokens and text; how many did, and
-    how many final messages counted a move."""
+    """Every stream ended properly with the undisturbed run's tokens and text; how many
+    did, and how many final messages counted a move."""
     identical = sum(1 for p, r in results.items() if (r.tokens, r.text) == reference[p])
-    moved = sum(1 for r in results.values() if r.migrations)
+    moved_streams = [
+        (p[:12], "seeded" if p in SEEDED else "greedy") for p, r in results.items() if r.migrations
+    ]
+    moved = len(moved_streams)
     print(
         f"\n{what}: {identical} of {len(results)} streams identical to the undisturbed run "
-        f"(tokens and text), {moved} of them moved"
+        f"(tokens and text), {moved} of them moved: {moved_streams}"
     )
     problems = [
         f"{p[:20]!r}: {len(r.tokens)} tokens, done={r.done}, errors={r.errors}, {r.failure}"
@@ -143,7 +154,7 @@ def test_streams_on_a_killed_decode_replica_move_and_keep_their_text(
     counted = _migrations(cluster) - before
     identical, moved = _check("decode SIGKILL", results, reference)
     print(f"decode SIGKILL: {victim.num_streams} streams on the victim, {counted:.0f} migrations")
-    assert identical == len(PROMPTS) and moved > 0 and counted >= moved
+    assert identical == len(PROMPTS + SEEDED) and moved > 0 and counted >= moved
     _back_to_baseline(cluster, 2)  # Serve replaced the replica
 
 
@@ -163,5 +174,5 @@ def test_a_scale_down_drains_its_replica_by_moving_the_streams(
         f"decode scale-down: {counted:.0f} migrations; the stopped replica had left the "
         f"registry {time.monotonic() - scaled_at:.1f} s after the scale"
     )
-    assert identical == len(PROMPTS) and moved > 0 and counted >= moved
+    assert identical == len(PROMPTS + SEEDED) and moved > 0 and counted >= moved
     _back_to_baseline(cluster, 1)
