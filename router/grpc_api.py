@@ -13,6 +13,10 @@ failed request with its traceback; `QuietStatusErrors` drops those records for a
 GrpcStatusError, which the router has already logged as one line (a WARNING for a
 refused request).
 
+Request ids: a well-formed `x-request-id` in the call's metadata becomes the request's
+id, else the router makes one; the call's trailing metadata returns it as
+`x-request-id` (next to Serve's own `request_id`), as does every GenerateResponse.
+
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
 live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
 the same status whenever it changes. Health calls need no token, so Watch is bounded:
@@ -34,10 +38,11 @@ from grpc_health.v1 import health_pb2
 
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from registry import Role
-from router.core import RouterCore, log_refusal, new_request_id
+from router.core import RouterCore, bind_request_id, log_refusal, new_request_id
 from router.errors import ErrorKind, GrpcStatusError, RouterError
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
+from telemetry import valid_request_id
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -152,6 +157,21 @@ def response(delta: Delta) -> pdserve_pb2.GenerateResponse:
     return msg
 
 
+def _request_id(context: Any) -> str:
+    """The call's well-formed `x-request-id`, else a new id; returned to the client in
+    the trailing metadata and bound to this task's log records."""
+    given = None
+    if context is not None:
+        for key, value in context.invocation_metadata():
+            if key.lower() == "x-request-id":
+                given = value
+    rid = given if given is not None and valid_request_id(given) else new_request_id()
+    bind_request_id(rid)
+    if context is not None:
+        context.set_trailing_metadata([("x-request-id", rid)])
+    return rid
+
+
 class GrpcFrontend:
     def __init__(self, core: RouterCore) -> None:
         self._core = core
@@ -177,7 +197,7 @@ class GrpcFrontend:
     ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
         """The request's responses; an error sets the call's status and raises
         GrpcStatusError (logged once, by the core or here)."""
-        rid = new_request_id()
+        rid = _request_id(context)
         limit = self._core.settings.max_request_bytes
         try:
             self._authorize(context)

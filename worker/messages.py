@@ -10,6 +10,10 @@ decode pool and a `PrefillRequest` with the same transfer id to the prefill pool
 same time. The decode stream is `TokenChunk`s; the last chunk has `finished` set and
 carries `FinalStats`. The prompt's first token travels with its KV (kv_transfer's
 header), so the prefill's `PrefillOutcome` only reports success and timings.
+
+Each request carries its trace context (`trace`: the trace id and the router's span
+that the pool's spans hang under; None when tracing is off or the request was not
+sampled in), so one request's spans form one trace across processes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
 from kv_transfer.transport import TransportKind
 from registry.types import Role
+from telemetry import TraceContext, TracingSettings
 
 
 class FallbackReason(StrEnum):
@@ -57,6 +62,7 @@ class WorkerSettings:
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
     # the cluster secret sealing KV control HELLOs (kv_transfer.auth); None: unsealed
     transfer_secret: str | None = field(default=None, repr=False)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class WorkerRequest:
     params: SamplingParams
     arrival_wall: float  # time.time() when the router received the request
     remote: RemotePrefillPlan | None = None
+    trace: TraceContext | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class PrefillRequest:
     dest_parallel: Parallelism = field(
         default_factory=Parallelism
     )  # the decode instance's TP/PP layout
+    trace: TraceContext | None = None
 
 
 @dataclass(frozen=True)
