@@ -50,6 +50,13 @@ class TraceStoreLimits:
             raise ValueError(f"trace store limits must be positive: {self}")
 
 
+def is_trace_key(key: str) -> bool:
+    """Whether a key of a cluster's namespace belongs to its trace store (which keeps
+    the last requests' spans after they finish, by design)."""
+    name = key.split(":", 2)[-1]
+    return name.startswith("trace:") or name in ("trace-requests", "trace-index")
+
+
 class TraceStore:
     def __init__(
         self, client: redis.Redis, cluster: str, limits: TraceStoreLimits | None = None

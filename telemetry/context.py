@@ -8,7 +8,7 @@ fixed-layout header, as plain integers (never pickled from the network).
 
 The request id lives in a context variable, `REQUEST_ID`: code on the request path
 binds it (`request_scope`) and every log record created while it is bound carries it
-(`install_log_records`: as the record's `request_id` attribute and, unless the message
+(`install_log_records`: as the record's `pdserve_request_id` attribute and, unless the message
 already names it, as a `[id] ` prefix of the message, so it shows under any handler's
 format). asyncio tasks inherit the binding; threads do not, so work handed to a thread
 runs in a copy of the caller's context (`EngineLoop.submit` does this).
@@ -78,7 +78,7 @@ def install_log_records() -> None:
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = base(*args, **kwargs)
         rid = REQUEST_ID.get()
-        record.request_id = rid
+        record.pdserve_request_id = rid
         if rid and isinstance(record.msg, str) and not _names(record, rid):
             record.msg = f"[{rid}] {record.msg}"
         return record

@@ -33,6 +33,7 @@ from cluster.config_file import load_config
 from cluster.redis_server import RedisServer
 from engine import LLM, SamplingParams
 from registry import Registry, connect
+from registry.traces import is_trace_key
 from router.pinning import PIN_KWARG
 from worker.messages import WorkerState
 
@@ -200,7 +201,9 @@ class ClusterHarness:
                     if left:
                         problems.append(f"registry still lists {left}")
                     stray = sorted(
-                        k for k in registry.namespace_keys() if not k.endswith(":prefix-events")
+                        k
+                        for k in registry.namespace_keys()
+                        if not k.endswith(":prefix-events") and not is_trace_key(k)
                     )
                     if stray:
                         problems.append(f"keys left in Redis: {stray}")

@@ -61,6 +61,8 @@ from kv_transfer.sender import KVSender
 from kv_transfer.shm import ShmKVStorage
 from kv_transfer.transport import TransportKind
 from registry import Role, connect
+from registry.traces import start_tracing
+from telemetry import install_log_records, tracing
 from worker.kv_roles import (
     local_rank,
     receiver_endpoint,
@@ -149,6 +151,8 @@ class RankActor:
         geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
         me = local_rank(settings, instance_id, rank)
         self._redis = connect(settings.redis_url, client_name=f"{instance_id}-rank{rank}")
+        install_log_records()
+        start_tracing(settings.tracing, self._redis, settings.cluster, f"{instance_id}-rank{rank}")
         rendezvous = RedisRendezvous(self._redis, settings.cluster)
         self._hook: _LockedHook | None = None
         self._sender: KVSender | None = None
@@ -234,6 +238,7 @@ class RankActor:
             self._receiver.close()
         if self._storage is not None and self._storage.segment is not None:
             self._storage.segment.close()
+        tracing.shutdown()
         self._redis.close()
 
 
