@@ -47,7 +47,7 @@ from router.retry import with_retries
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
-from telemetry import install_log_records, tracing
+from telemetry import TraceContext, install_log_records, tracing
 from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
@@ -208,15 +208,21 @@ class RouterCore:
         tracing.shutdown()
 
     async def open(
-        self, raw: RawRequest, names: FieldNames, protocol: str, rid: str | None = None
+        self,
+        raw: RawRequest,
+        names: FieldNames,
+        protocol: str,
+        rid: str | None = None,
+        parent: TraceContext | None = None,
     ) -> Session:
         """A session for `raw` under the id `rid` (a new one when None); a refusal is
-        logged as one WARNING line with the id and raised as a RouterError."""
+        logged as one WARNING line with the id and raised as a RouterError. `parent`: the
+        client's trace context (its `traceparent`), whose sampled flag then decides."""
         arrival, arrival_wall = time.monotonic(), time.time()
         rid = rid or new_request_id()
         bind_request_id(rid)
         root = tracing.start(
-            "request", None, {REQUEST_ID_ATTR: rid, "protocol": protocol}, int(arrival_wall * 1e9)
+            "request", parent, {REQUEST_ID_ATTR: rid, "protocol": protocol}, int(arrival_wall * 1e9)
         )
         if not self.admission.try_acquire():
             self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)

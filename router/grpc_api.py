@@ -15,7 +15,8 @@ refused request).
 
 Request ids: a well-formed `x-request-id` in the call's metadata becomes the request's
 id, else the router makes one; the call's trailing metadata returns it as
-`x-request-id` (next to Serve's own `request_id`), as does every GenerateResponse.
+`x-request-id` (next to Serve's own `request_id`), as does every GenerateResponse. A
+W3C `traceparent` in the metadata makes the request's spans part of the client's trace.
 
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
 live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
@@ -43,6 +44,7 @@ from router.errors import ErrorKind, GrpcStatusError, RouterError
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
 from telemetry import valid_request_id
+from telemetry.context import parse_traceparent
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -157,14 +159,20 @@ def response(delta: Delta) -> pdserve_pb2.GenerateResponse:
     return msg
 
 
+def _metadata(context: Any, name: str) -> str | None:
+    if context is None:
+        return None
+    found = None
+    for key, value in context.invocation_metadata():
+        if key.lower() == name:
+            found = value
+    return found
+
+
 def _request_id(context: Any) -> str:
     """The call's well-formed `x-request-id`, else a new id; returned to the client in
     the trailing metadata and bound to this task's log records."""
-    given = None
-    if context is not None:
-        for key, value in context.invocation_metadata():
-            if key.lower() == "x-request-id":
-                given = value
+    given = _metadata(context, "x-request-id")
     rid = given if given is not None and valid_request_id(given) else new_request_id()
     bind_request_id(rid)
     if context is not None:
@@ -214,7 +222,8 @@ class GrpcFrontend:
             log_refusal(rid, "grpc", RouterError(ErrorKind.UNAUTHENTICATED, "bad bearer token"))
             raise
         try:
-            session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc", rid)
+            parent = parse_traceparent(_metadata(context, "traceparent"))
+            session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc", rid, parent)
         except RouterError as e:  # logged by the core
             raise fail(context, e) from None
         try:

@@ -21,7 +21,8 @@ Each choice also carries the generated `token_ids`, and the last message `timing
 Request ids: a well-formed `x-request-id` on the request (1-128 of `A-Za-z0-9._:-`;
 Serve's HTTP proxy adds one of its own when the client sent none) becomes the request's
 id, else the router makes one. Every reply names it in `x-request-id`: Serve's proxy
-echoes the header it passed in, and the app adds the header when it chose the id.
+echoes the header it passed in, and the app adds the header when it chose the id. A
+W3C `traceparent` header makes the request's spans part of the client's trace.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.results import Delta, Finish
 from router.validation import OPENAI_FIELDS, InvalidRequest
 from telemetry import valid_request_id
+from telemetry.context import parse_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +207,8 @@ class OpenAIApp:
             self._refused(rid, error)
             return _from(error, rid=rid)
         try:
-            session = await self._core.open(raw, OPENAI_FIELDS, "http", rid.value)
+            parent = parse_traceparent(request.headers.get("traceparent"))
+            session = await self._core.open(raw, OPENAI_FIELDS, "http", rid.value, parent)
         except RouterError as e:  # logged by the core
             return _from(e, rid=rid)
         renderer = _Renderer(self._core.settings.served_model, chat, self._tok, session.request_id)

@@ -54,6 +54,23 @@ class TraceContext:
         return f"{self.trace_id:032x}"
 
 
+_TRACEPARENT_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def parse_traceparent(value: str | None) -> TraceContext | None:
+    """A client's W3C `traceparent` (version 00) as the parent of the request's spans;
+    None when absent or malformed (then the router starts a trace of its own)."""
+    if not value:
+        return None
+    m = _TRACEPARENT_RE.fullmatch(value.strip())
+    if m is None:
+        return None
+    trace_id, span_id, flags = int(m[1], 16), int(m[2], 16), int(m[3], 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return TraceContext(trace_id, span_id, bool(flags & 1))
+
+
 @contextlib.contextmanager
 def request_scope(request_id: str) -> Iterator[None]:
     """Bind `request_id` for the log records of the block (restored after it)."""

@@ -11,6 +11,7 @@ from telemetry.context import (
     REQUEST_ID,
     TraceContext,
     install_log_records,
+    parse_traceparent,
     request_scope,
     valid_request_id,
 )
@@ -73,3 +74,12 @@ def test_trace_context_bounds() -> None:
     for tid, sid in ((0, 1), (1, 0), (1 << 128, 1), (1, 1 << 64)):
         with pytest.raises(ValueError):
             TraceContext(tid, sid)
+
+
+def test_a_client_traceparent_becomes_the_parent() -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    ctx = parse_traceparent(tp)
+    assert ctx == TraceContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, True)
+    assert parse_traceparent(tp[:-2] + "00") == TraceContext(ctx.trace_id, ctx.span_id, False)
+    for bad in (None, "", "01-" + tp[3:], tp.upper(), "00-" + "0" * 32 + tp[35:], tp + "-x"):
+        assert parse_traceparent(bad) is None
