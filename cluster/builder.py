@@ -169,6 +169,7 @@ def worker_settings(
             num_threads=pool.num_threads,
             enable_prefix_caching=e.enable_prefix_caching,
             cpu_linear=e.cpu_linear,
+            cpu_linear_min_gain=e.cpu_linear_min_gain,
             tp=pool.tp,
             pp=pool.pp,
             max_stop_strings=config.router.max_stop_strings,

@@ -45,7 +45,8 @@ from pathlib import Path
 
 from cluster.client import Client
 from cluster.config import ClusterConfig, ConfigError
-from cluster.redis_server import RedisServer, stop_from_state
+from cluster.redis_server import RedisServer
+from cluster.redis_state import stop_from_state
 from cluster.resources import alive_node_resources, resource_problems
 from engine.model_source import cache_root, resolve_model
 from registry import Registry, connect

@@ -16,7 +16,7 @@ import pytest
 import redis
 from cluster_harness import free_port, greedy
 
-from cluster.redis_server import read_password
+from cluster.redis_state import read_password
 from engine import LLM
 
 REPO = Path(__file__).resolve().parents[3]
