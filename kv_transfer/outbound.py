@@ -47,6 +47,7 @@ class SliceJob:
     block_ids: tuple[int, ...]
     first_block: int
     ready: torch.cuda.Event | None
+    queued_ns: int = 0  # when the engine thread queued it, for tracing (0: untraced)
 
 
 @dataclass(frozen=True)

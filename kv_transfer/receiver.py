@@ -35,7 +35,8 @@ A terminal transfer first waits for payloads being received straight into its bl
 then is revoked at the endpoint, and only then changes state: once `poll` reports DONE
 or FAILED no write into its blocks can follow, and the caller may free or reuse them.
 Messages for unknown or terminal transfers are dropped. A watchdog thread enforces
-deadlines even when nobody polls.
+deadlines even when nobody polls. A DATA message whose header carries a trace context
+is recorded as a `kv.land` span (its landing) under the sender's `kv.message`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from kv_transfer.region_copies import scatter_checksummed
 from kv_transfer.registration import Registration, publish, withdraw
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
+from telemetry import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +244,11 @@ class KVReceiver:
         if header.kind is MessageKind.DATA:
             if target is not None:
                 assert isinstance(target, InboundTarget)
+                start = tracing.now_ns() if header.trace is not None else 0
                 self._land(peer, header, target, payload)
+                if start:
+                    attrs = {"layer": header.layer, "layers": header.layer_count}
+                    tracing.record("kv.land", header.trace, start, tracing.now_ns(), attrs)
             return
         with self._lock:
             inb = self._active.get(header.transfer_id)

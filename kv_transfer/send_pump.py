@@ -12,6 +12,7 @@
 
 Links are created lazily per receiver rank and reused; a broken one is dropped and the
 next message to that rank connects again. The pump checks deadlines every `tick_s`.
+A traced transfer's messages and layer sends are spans (kv_transfer/send_spans.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kv_transfer.outbound import AbortJob, FinishJob, Job, Outbound, Outbounds, 
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of
 from kv_transfer.registration import wait_open
 from kv_transfer.rendezvous import RendezvousStore
+from kv_transfer.send_spans import MessageSpan, message_span
 from kv_transfer.transport import Completion, Connector, Link
 
 logger = logging.getLogger(__name__)
@@ -173,20 +175,29 @@ class SendPump:
         header: Header,
         region: BlockRegion | LayerSpan | None,
         checksum: bool = False,
+        span: MessageSpan | None = None,
     ) -> None:
+        if span is not None:
+            header = header.traced(span.context)
         try:
             done = link.send(header, region, checksum)
-        except TransferError:
+        except TransferError as e:
             self._drop_link(link)
+            if span is not None:
+                span.ended(str(e))
             raise
         with self._book.lock:
             out.inflight += 1
             out.reading += done.holds_source
             out.links.add(link)
             self._book.inflight_bytes += header.nbytes
-        done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d))
+        done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d, span))
 
-    def _on_sent(self, out: Outbound, link: Link, nbytes: int, done: Completion) -> None:
+    def _on_sent(
+        self, out: Outbound, link: Link, nbytes: int, done: Completion, span: MessageSpan | None
+    ) -> None:
+        if span is not None:
+            span.ended("" if done.error is None else str(done.error))
         book = self._book
         with book.lock:
             out.inflight -= 1
@@ -289,7 +300,10 @@ class SendPump:
             self._wait_for_room(out)
             if out.status.terminal:
                 return
-            self._send(out, self._link(out, route.dst), header, source, self._checksum)
+            layers = [(job.layer, job.queued_ns) for job in group]
+            span = message_span(out.spec.trace, "DATA", route.dst, source.nbytes, layers)
+            link = self._link(out, route.dst)
+            self._send(out, link, header, source, self._checksum, span)
 
     def _send_control(
         self, out: Outbound, kind: MessageKind, first: FirstToken | None = None
@@ -301,7 +315,8 @@ class SendPump:
             if kind is MessageKind.END:
                 self._await_registered(out, dst)
                 header = Header(kind, out.spec.transfer_id, self.me.rank, first=first)
-                self._send(out, self._link(out, dst), header, None)
+                span = message_span(out.spec.trace, "END", dst, 0)
+                self._send(out, self._link(out, dst), header, None, span=span)
                 continue
             header = Header(kind, out.spec.transfer_id, self.me.rank)
             try:  # ABORT is best effort: the receiver's deadline is the backstop

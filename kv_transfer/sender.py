@@ -52,6 +52,7 @@ from kv_transfer.mapping import KVGeometry, plan, routes_by_layer, routes_from
 from kv_transfer.outbound import FinishJob, Outbound, Outbounds, SliceJob
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.send_pump import SendPump
+from kv_transfer.send_spans import queued_at
 from kv_transfer.transport import Connector
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class KVSender:
         if self._on_cuda:
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
-        self._pump.put(SliceJob(out, layer, ids, first_block + skip, ready))
+        queued = queued_at(out.spec.trace)
+        self._pump.put(SliceJob(out, layer, ids, first_block + skip, ready, queued))
 
     def finish(self, transfer_id: str, wait: bool = True, first: FirstToken | None = None) -> None:
         with self._book.lock:

@@ -140,13 +140,14 @@ class PrefillWorker:
     # -- engine thread --------------------------------------------------------------------
 
     @staticmethod
-    def _spec(req: PrefillRequest) -> SendSpec:
+    def _spec(req: PrefillRequest, trace: TraceContext | None) -> SendSpec:
+        """`trace`: the span this request's sends are recorded under, on every rank."""
         dest = InstanceRef(req.dest_instance, req.dest_parallel)
-        return SendSpec(req.transfer_id, dest, 0, req.timeout_s)
+        return SendSpec(req.transfer_id, dest, 0, req.timeout_s, trace)
 
     def _start(self, req: PrefillRequest, trace: TraceContext | None) -> None:
         params = dataclasses.replace(req.params, max_tokens=1)
-        self._hook.add(req.request_id, self._spec(req))
+        self._hook.add(req.request_id, self._spec(req, trace))
         self._spans.add(req.request_id, trace)
         try:
             self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), params)
@@ -178,7 +179,7 @@ class PrefillWorker:
         trace = tracing.context_of(span)
         try:
             if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
-                await self._ranks.acall("add_transfer", rid, self._spec(request))
+                await self._ranks.acall("add_transfer", rid, self._spec(request, trace))
             try:
                 await loop.call(lambda: self._start(request, trace), _COMMAND_TIMEOUT_S)
             except ValueError as e:
