@@ -20,7 +20,8 @@ takes the disaggregated path with its per-layer spans) at `concurrency`, over gR
 Throughput is generated tokens per second of the round's wall time. Reported: each
 pair's ratio traced / untraced, their median, and the cost (1 - median ratio); the
 target is under 2%. Afterwards it checks that the store holds the spans of a traced
-request and none of an untraced one. JSON goes to benchmarks/results/.
+request and none of an untraced one, and prints the last traced request's waterfall
+(`pdserve trace`). JSON goes to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from cluster.client.sync import APPLICATION, call_metadata
 from cluster.config import ClusterConfig
 from cluster.config_file import load_config
 from cluster.launcher import Launcher
+from cluster.trace_cli import show
 from engine.config import ModelConfig
 from engine.model_source import resolve_model
 from protos.pdserve.v1 import pdserve_pb2_grpc
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             time.sleep(2.0)  # the exporters' last batches
             stored = check_store(state.redis_url, traced_ids[-1], untraced_ids[-1])
+            print(show(state.redis_url, "bench-tracing", traced_ids[-1], width=48))
         finally:
             launcher.stop()
     report(args, rounds, stored, model_dir)

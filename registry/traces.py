@@ -15,8 +15,9 @@ Layout, under `pdserve:<cluster>:`:
     trace-index          LIST of "<request id> <trace id>", oldest first, at most
                          `max_requests`: the oldest beyond it is evicted with its spans
 
-A request enters the index when its root span (the router's `request` span, which ends
-last) is written. Spans that arrive after their request was evicted expire by TTL.
+A request enters the index when the router's `request` span (the one that names the
+request id; it ends last, and is the root unless the client sent a `traceparent`) is
+written. Spans that arrive after their request was evicted expire by TTL.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from telemetry.tracing import TracingSettings
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_ATTR = "pdserve.request_id"  # set on the root span of every request
+REQUEST_ID_ATTR = "pdserve.request_id"  # set on the router's request span only
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -85,7 +86,7 @@ class TraceStore:
         for rec in records:
             by_trace.setdefault(rec.trace_id, []).append(rec.to_json())
             rid = rec.attributes.get(REQUEST_ID_ATTR)
-            if not rec.parent_id and isinstance(rid, str):
+            if isinstance(rid, str):  # the router's request span (under a client's, maybe)
                 roots.append((rid, rec.trace_id))
         lim = self.limits
         pipe = self._r.pipeline(transaction=False)

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from registry.traces import TraceStore, TraceStoreLimits, is_trace_key, start_tracing
-from telemetry import TracingSettings, tracing
+from telemetry import TraceContext, TracingSettings, tracing
 
 
 @pytest.fixture
@@ -91,3 +91,18 @@ def test_tracing_off_is_a_no_op() -> None:
     s = tracing.start("request")
     assert tracing.context_of(s) is None
     tracing.record("x", None, 0, 1)
+
+
+def test_a_request_under_a_client_s_trace_is_indexed_and_evicted(
+    redis_client: redis.Redis, cluster: str, store: TraceStore
+) -> None:
+    _on(redis_client, cluster)
+    for i in range(4):
+        client_span = TraceContext(0xC0FFEE + i, 0xBEEF, True)
+        root = tracing.start("request", client_span, {"pdserve.request_id": f"req-c{i}"})
+        root.end()
+        assert tracing.flush()
+    assert [rid for rid, _ in store.recent()] == ["req-c3", "req-c2", "req-c1"]
+    assert store.spans("req-c0") == [] and store.spans(f"{0xC0FFEE:032x}") == []
+    [span] = store.spans("req-c3")
+    assert span.trace_id == f"{0xC0FFEE + 3:032x}" and span.parent_id == f"{0xBEEF:016x}"
