@@ -35,6 +35,7 @@ class Outbound:
     finish_pumped: bool = False  # the pump has processed finish()
     released: threading.Event = field(default_factory=threading.Event)  # sources unread
     registered: set[int] = field(default_factory=set)  # receiver ranks seen registered
+    request_id: str = ""  # the request whose KV this is, for its log lines
 
 
 @dataclass(slots=True)  # one per layer sent: a frozen dataclass costs 4x to build

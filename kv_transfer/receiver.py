@@ -66,7 +66,8 @@ from kv_transfer.region_copies import scatter_checksummed
 from kv_transfer.registration import Registration, publish, withdraw
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
-from telemetry import tracing
+from telemetry import request_scope, tracing
+from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class KVReceiver:
             raise ValueError(f"block id {max(spec.block_ids)} >= num_blocks {num_blocks}")
         routes = routes_to(plan(self._geo, spec.source.parallel, self.me.parallel), self.me.rank)
         inb = Inbound.planned(spec, routes, self._layers, time.monotonic() + spec.timeout_s)
+        inb.request_id = REQUEST_ID.get()  # the caller's (bound on the request path)
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("receiver is closed")
@@ -344,7 +346,10 @@ class KVReceiver:
             while len(self._history) > self._cfg.history:
                 self._history.popitem(last=False)
         if status.reason is not None:
-            logger.warning("transfer %s failed on receiver %s: %s", tid, self.me.id, status.reason)
+            with request_scope(inb.request_id):
+                logger.warning(
+                    "transfer %s failed on receiver %s: %s", tid, self.me.id, status.reason
+                )
         if self._on_end is not None:
             try:
                 self._on_end(tid, status)

@@ -33,6 +33,7 @@ from kv_transfer.registration import wait_open
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.send_spans import MessageSpan, message_span
 from kv_transfer.transport import Completion, Connector, Link
+from telemetry import request_scope
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,10 @@ class SendPump:
             if not self._book.terminate_locked(out, failed(reason)):
                 return
             stuck = list(out.links) if teardown and out.inflight else []
-        logger.warning(
-            "transfer %s failed on sender %s: %s", out.spec.transfer_id, self.me.id, reason
-        )
+        with request_scope(out.request_id):
+            logger.warning(
+                "transfer %s failed on sender %s: %s", out.spec.transfer_id, self.me.id, reason
+            )
         for link in stuck:
             self._drop_link(link)
         if notify and not stuck:

@@ -54,6 +54,7 @@ from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.send_pump import SendPump
 from kv_transfer.send_spans import queued_at
 from kv_transfer.transport import Connector
+from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class KVSender:
             if spec.transfer_id in book.active or spec.transfer_id in book.history:
                 raise ValueError(f"transfer {spec.transfer_id!r} already exists")
             book.active[spec.transfer_id] = Outbound(
-                spec, by_layer, time.monotonic() + spec.timeout_s
+                spec, by_layer, time.monotonic() + spec.timeout_s, request_id=REQUEST_ID.get()
             )
             book.unreleased.add(spec.transfer_id)
 

@@ -62,7 +62,7 @@ from kv_transfer.shm import ShmKVStorage
 from kv_transfer.transport import TransportKind
 from registry import Role, connect
 from registry.traces import start_tracing
-from telemetry import install_log_records, tracing
+from telemetry import install_log_records, request_scope, tracing
 from worker.kv_roles import (
     local_rank,
     receiver_endpoint,
@@ -192,7 +192,8 @@ class RankActor:
 
     def add_transfer(self, request_id: str, spec: SendSpec) -> None:
         assert self._hook is not None, "add_transfer on a rank that does not send"
-        self._hook.add(request_id, spec)
+        with request_scope(request_id):  # the sender keeps it for its log lines
+            self._hook.add(request_id, spec)
 
     def abort_send(self, request_id: str, transfer_id: str, reason: str) -> None:
         if self._hook is not None and self._sender is not None:

@@ -1,10 +1,12 @@
 """A traced transfer over the in-process fake: each message is a `kv.message` span whose
 context crosses in its header, each layer a `kv.send` span from its queueing to its
 message's completion, and each landing a `kv.land` span under the message that brought
-it. An untraced transfer records nothing."""
+it. An untraced transfer records nothing. A failed transfer's log line names its request."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +20,7 @@ from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender, SenderConfig
 from kv_transfer.testing import fill, rank_layout, reference_kv
-from telemetry import TraceContext, TracingSettings, tracing
+from telemetry import TraceContext, TracingSettings, install_log_records, request_scope, tracing
 from telemetry.records import SpanRecord
 
 GEO = KVGeometry(num_layers=3, num_kv_heads=2)
@@ -86,3 +88,26 @@ def test_an_untraced_or_unsampled_transfer_records_nothing(spans: list[SpanRecor
     _transfer(None)
     _transfer(TraceContext(0xABC, 0x123, sampled=False))
     assert spans == []
+
+
+def test_a_failed_transfer_s_log_line_names_its_request(caplog: pytest.LogCaptureFixture) -> None:
+    """The sender keeps the request id bound when the transfer opened (on the engine
+    thread) and names it when the transfer fails on its own thread."""
+    install_log_records()
+    one = Parallelism()
+    pre = LocalRank("p", one, 0, 0)
+    cache = KVCache(rank_layout(GEO, pre, HEAD_DIM, BLOCK, NUM_BLOCKS, torch.float32))
+    sender = KVSender(pre, cache, GEO, FakeFabric().connector(), SenderConfig(tick_s=0.01))
+    caplog.set_level(logging.WARNING, logger="kv_transfer")
+    try:
+        with request_scope("req-77"):
+            sender.open(SendSpec("x2", InstanceRef("d", one), 0, 0.05))
+        sender.send_layer("x2", 0, [1], 0)
+        deadline = time.monotonic() + 5
+        while not sender.poll("x2").terminal and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sender.poll("x2").state.value == "failed"
+    finally:
+        sender.close()
+    lines = [r.getMessage() for r in caplog.records if "x2" in r.getMessage()]
+    assert lines and all(line.startswith("[req-77] transfer x2 failed") for line in lines), lines
