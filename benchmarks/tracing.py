@@ -1,5 +1,5 @@
-"""Tracing's cost: the throughput of one cluster with traced and untraced requests,
-in interleaved rounds of the same run.
+"""Tracing's cost: the throughput and CPU time of one cluster with traced and untraced
+requests, in interleaved rounds of the same run.
 
     python -m benchmarks.tracing [--tiny] [--rounds 8] [--requests 12] [--concurrency 4]
                                  [--prompt 96] [--max-tokens 8]
@@ -17,11 +17,15 @@ drift in the host's load weighs on both kinds alike.
 Each round sends `requests` prompts of `prompt` random token ids (fresh ones per
 request, so no prefix-cache hit; above the disaggregation threshold, so each request
 takes the disaggregated path with its per-layer spans) at `concurrency`, over gRPC.
-Throughput is generated tokens per second of the round's wall time. Reported: each
-pair's ratio traced / untraced, their median, and the cost (1 - median ratio); the
-target is under 2%. Afterwards it checks that the store holds the spans of a traced
-request and none of an untraced one, and prints the last traced request's waterfall
-(`pdserve trace`). JSON goes to benchmarks/results/.
+Two figures per round: throughput, generated tokens per second of the round's wall
+time; and the CPU time the cluster's processes (this run's Serve replicas and its
+embedded Redis, read from /proc) spent per generated token. On a busy host the wall
+time swings with the other processes' load, while the CPU time the cluster spends is
+what its throughput is bound by once the host is saturated. Reported for both: each
+pair's ratio traced / untraced, their median, and the cost; the target is under 2%.
+Afterwards it checks that the store holds the spans of a traced request and none of an
+untraced one, and prints the last traced request's waterfall (`pdserve trace`). JSON
+goes to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -29,14 +33,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import secrets
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlparse
 
 import grpc
 
@@ -66,10 +73,62 @@ class Round:
     requests: int
     tokens: int
     wall_s: float
+    cpu_s: float  # the cluster's processes, user + system
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        return 1000 * self.cpu_s / self.tokens
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def cluster_pids(redis_port: int | None) -> list[int]:
+    """This run's Serve replicas (descendants of this process) and its Redis server."""
+    children, pids, stack = _children(), [], [os.getpid()]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, ()))
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "ServeReplica" in cmd:
+            pids.append(pid)
+    if redis_port is not None:
+        for pid in (int(e) for e in os.listdir("/proc") if e.isdigit()):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if Path(cmd.split(" ")[0]).name == "redis-server" and f":{redis_port}" in cmd:
+                pids.append(pid)
+    return pids
+
+
+def cpu_s(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def config(model_dir: str) -> ClusterConfig:
@@ -108,7 +167,12 @@ async def _one(
 
 
 async def run_round(
-    target: str, prompts: list[list[int]], max_tokens: int, concurrency: int, traced: bool
+    target: str,
+    prompts: list[list[int]],
+    max_tokens: int,
+    concurrency: int,
+    traced: bool,
+    pids: list[int],
 ) -> tuple[Round, list[str]]:
     sem = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(target) as channel:
@@ -118,10 +182,11 @@ async def run_round(
             async with sem:
                 return await _one(stub, ids, max_tokens, traced)
 
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), cpu_s(pids)
         out = await asyncio.gather(*(bounded(p) for p in prompts))
-        wall = time.perf_counter() - start
-    return Round(traced, len(prompts), sum(n for n, _ in out), wall), [t for _, t in out]
+        wall, cpu = time.perf_counter() - start, cpu_s(pids) - cpu0
+    tokens = sum(n for n, _ in out)
+    return Round(traced, len(prompts), tokens, wall, cpu), [t for _, t in out]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,20 +216,24 @@ def main(argv: list[str] | None = None) -> int:
         state = launcher.start()
         try:
             target = launcher.grpc_target
-            asyncio.run(run_round(target, batch(), args.max_tokens, args.concurrency, False))
+            pids = cluster_pids(urlparse(state.redis_url).port)
+            print(f"  measuring the CPU time of {len(pids)} processes", flush=True)
+            warm = run_round(target, batch(), args.max_tokens, args.concurrency, False, pids)
+            asyncio.run(warm)
             traced_ids: list[str] = []
             untraced_ids: list[str] = []
             for i in range(args.rounds):
                 order = (True, False) if i % 2 == 0 else (False, True)
                 for traced in order:
                     r, ids = asyncio.run(
-                        run_round(target, batch(), args.max_tokens, args.concurrency, traced)
+                        run_round(target, batch(), args.max_tokens, args.concurrency, traced, pids)
                     )
                     rounds.append(r)
                     (traced_ids if traced else untraced_ids).extend(ids)
                     print(
                         f"  round {len(rounds):>2} {'traced  ' if traced else 'untraced'} "
-                        f"{r.tokens_per_s:8.1f} tok/s ({r.wall_s:.2f} s)",
+                        f"{r.tokens_per_s:8.1f} tok/s ({r.wall_s:.2f} s), "
+                        f"{r.cpu_ms_per_token:7.1f} CPU ms/token",
                         flush=True,
                     )
             time.sleep(2.0)  # the exporters' last batches
@@ -188,27 +257,44 @@ def check_store(redis_url: str, traced: str, untraced: str) -> dict[str, int]:
     return spans
 
 
+def _pair_ratios(rounds: list[Round], value: Callable[[Round], float]) -> list[float]:
+    """traced / untraced of each pair of consecutive rounds."""
+    out = []
+    for i in range(0, len(rounds) - 1, 2):
+        a, b = rounds[i], rounds[i + 1]
+        on, off = (a, b) if a.traced else (b, a)
+        out.append(value(on) / value(off))
+    return out
+
+
 def report(
     args: argparse.Namespace, rounds: list[Round], stored: dict[str, int], model: str
 ) -> None:
-    pairs = [(rounds[i], rounds[i + 1]) for i in range(0, len(rounds), 2)]
-    ratios = []
-    for a, b in pairs:
-        on, off = (a, b) if a.traced else (b, a)
-        ratios.append(on.tokens_per_s / off.tokens_per_s)
-    median = statistics.median(ratios)
-    on_all = [r.tokens_per_s for r in rounds if r.traced]
-    off_all = [r.tokens_per_s for r in rounds if not r.traced]
+    tput = _pair_ratios(rounds, lambda r: r.tokens_per_s)
+    cpu = _pair_ratios(rounds, lambda r: r.cpu_ms_per_token)
     host = host_info(("opentelemetry-sdk", "ray"))
     print(
-        f"\ntracing cost, {len(pairs)} pairs of rounds ({args.requests} requests each, "
+        f"\ntracing cost, {len(tput)} pairs of rounds ({args.requests} requests each, "
         f"concurrency {args.concurrency}, {args.prompt}-token prompts, {args.max_tokens} "
-        f"tokens out), load average {host.loadavg[0]:.1f}:"
+        f"tokens out), load average {host.loadavg[0]:.1f} on {host.cpu_count} CPUs:"
     )
-    print(f"  traced   median {statistics.median(on_all):8.1f} tok/s")
-    print(f"  untraced median {statistics.median(off_all):8.1f} tok/s")
-    print(f"  pair ratios traced/untraced: {' '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"  median ratio {median:.3f}: cost {100 * (1 - median):+.1f}% (target < 2%)")
+    for traced in (True, False):
+        rs = [r for r in rounds if r.traced is traced]
+        print(
+            f"  {'traced  ' if traced else 'untraced'} median "
+            f"{statistics.median(r.tokens_per_s for r in rs):8.1f} tok/s, "
+            f"{statistics.median(r.cpu_ms_per_token for r in rs):7.1f} CPU ms/token"
+        )
+    print(f"  throughput, traced/untraced per pair: {' '.join(f'{x:.3f}' for x in tput)}")
+    print(
+        f"    median {statistics.median(tput):.3f}: "
+        f"cost {100 * (1 - statistics.median(tput)):+.1f}% (target < 2%)"
+    )
+    print(f"  CPU per token, traced/untraced per pair: {' '.join(f'{x:.3f}' for x in cpu)}")
+    print(
+        f"    median {statistics.median(cpu):.3f}: "
+        f"cost {100 * (statistics.median(cpu) - 1):+.1f}% (target < 2%)"
+    )
     print(f"  spans stored for the last traced request: {stored['traced']}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     path = write_json(
@@ -217,10 +303,11 @@ def report(
             "args": vars(args),
             "model": model,
             "rounds": [
-                {"traced": r.traced, "tokens": r.tokens, "wall_s": r.wall_s} for r in rounds
+                {"traced": r.traced, "tokens": r.tokens, "wall_s": r.wall_s, "cpu_s": r.cpu_s}
+                for r in rounds
             ],
-            "pair_ratios": ratios,
-            "median_ratio": median,
+            "throughput_pair_ratios": tput,
+            "cpu_per_token_pair_ratios": cpu,
             "stored_spans": stored,
             "host": host,
         },
