@@ -39,11 +39,11 @@ from grpc_health.v1 import health_pb2
 
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from registry import Role
-from router.core import RouterCore, bind_request_id, log_refusal, new_request_id
+from router.core import RouterCore, log_refusal
 from router.errors import ErrorKind, GrpcStatusError, RouterError
+from router.request_ids import grpc_metadata, grpc_request_id
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
-from telemetry import valid_request_id
 from telemetry.context import parse_traceparent
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
@@ -159,27 +159,6 @@ def response(delta: Delta) -> pdserve_pb2.GenerateResponse:
     return msg
 
 
-def _metadata(context: Any, name: str) -> str | None:
-    if context is None:
-        return None
-    found = None
-    for key, value in context.invocation_metadata():
-        if key.lower() == name:
-            found = value
-    return found
-
-
-def _request_id(context: Any) -> str:
-    """The call's well-formed `x-request-id`, else a new id; returned to the client in
-    the trailing metadata and bound to this task's log records."""
-    given = _metadata(context, "x-request-id")
-    rid = given if given is not None and valid_request_id(given) else new_request_id()
-    bind_request_id(rid)
-    if context is not None:
-        context.set_trailing_metadata([("x-request-id", rid)])
-    return rid
-
-
 class GrpcFrontend:
     def __init__(self, core: RouterCore) -> None:
         self._core = core
@@ -205,7 +184,7 @@ class GrpcFrontend:
     ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
         """The request's responses; an error sets the call's status and raises
         GrpcStatusError (logged once, by the core or here)."""
-        rid = _request_id(context)
+        rid = grpc_request_id(context)
         limit = self._core.settings.max_request_bytes
         try:
             self._authorize(context)
@@ -222,7 +201,7 @@ class GrpcFrontend:
             log_refusal(rid, "grpc", RouterError(ErrorKind.UNAUTHENTICATED, "bad bearer token"))
             raise
         try:
-            parent = parse_traceparent(_metadata(context, "traceparent"))
+            parent = parse_traceparent(grpc_metadata(context, "traceparent"))
             session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc", rid, parent)
         except RouterError as e:  # logged by the core
             raise fail(context, e) from None

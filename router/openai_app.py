@@ -39,12 +39,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
-from router.core import RouterCore, Session, bind_request_id, log_refusal, new_request_id
+from router.core import RouterCore, Session, log_refusal
 from router.errors import HTTP_STATUS, ErrorKind, RouterError
 from router.openai_schema import ChatBody, CompletionBody, first_error
+from router.request_ids import RequestId
 from router.results import Delta, Finish
 from router.validation import OPENAI_FIELDS, InvalidRequest
-from telemetry import valid_request_id
 from telemetry.context import parse_traceparent
 
 logger = logging.getLogger(__name__)
@@ -62,18 +62,6 @@ def _from(e: RouterError, status: int | None = None, rid: RequestId | None = Non
     if rid is not None:
         reply.headers.update(rid.headers)
     return reply
-
-
-class RequestId:
-    """The request's id: the `x-request-id` it came with when well-formed, else a new
-    one, which the reply's `headers` carry (a proxy echoes the one it passed in)."""
-
-    def __init__(self, request: Request) -> None:
-        given = request.headers.get("x-request-id")
-        chosen = not valid_request_id(given)
-        self.value = new_request_id() if chosen or given is None else given
-        self.headers = {"x-request-id": self.value} if chosen else {}
-        bind_request_id(self.value)
 
 
 class _TooLarge(Exception):
