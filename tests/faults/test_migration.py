@@ -4,7 +4,7 @@ replica that Serve stops for a scale-down while it streams. Every stream must en
 `[DONE]` (or its last gRPC message) and exactly the text of an undisturbed run (greedy,
 or seeded sampling, whose random stream continues where it was),
 some of them by moving to the other decode instance (counted in
-`pdserve_migrations_total`); then every instance is back to baseline.
+`pdserve_stream_migrations_total`); then every instance is back to baseline.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from cluster_harness import (
     tiny_config,
     wait_until,
 )
-from fault_load import MAX_MODEL_LEN, GrpcStream, SseStream, StreamResult
 
+from benchmarks.fault_load import MAX_MODEL_LEN, GrpcStream, SseStream, StreamResult
 from cluster.client import Sampling
 from engine import LLM
 
@@ -100,7 +100,7 @@ def _migrations(cluster: ClusterHarness) -> float:
     reply = cluster.http("GET", "/metrics", timeout_s=10)
     assert reply.status == 200
     lines = reply.body.decode().splitlines()
-    name = "pdserve_migrations_total"
+    name = "pdserve_stream_migrations_total"
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
 
 
