@@ -66,7 +66,7 @@ from kv_transfer.header import Header, MessageKind
 from kv_transfer.inbound import Inbound, InboundTarget
 from kv_transfer.mapping import KVGeometry, plan, routes_to
 from kv_transfer.region_copies import scatter_checksummed
-from kv_transfer.registration import Registration, publish, withdraw
+from kv_transfer.registration import RecordWriter, Registration
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
 
@@ -101,7 +101,12 @@ class KVReceiver:
         on_record: RecordSink | None = None,
     ) -> None:
         self.me, self._geo, self._endpoint, self._cfg = me, geometry, endpoint, config
-        self._registry, self._on_end, self._on_record = registry, on_end, on_record
+        self._on_end, self._on_record = on_end, on_record
+        self._records = (
+            RecordWriter(registry, me.instance, me.rank, config.record_ttl_s)
+            if registry is not None
+            else None
+        )
         self._cache = cache.tensor
         self._layers = geometry.layers(me.parallel, me.pp_rank)
         self._heads = geometry.heads(me.parallel, me.tp_rank)
@@ -146,9 +151,8 @@ class KVReceiver:
         self._publish(transfer_id, Registration.REFUSED)
 
     def _publish(self, transfer_id: str, state: Registration) -> None:
-        if self._registry is not None:
-            ttl = self._cfg.record_ttl_s
-            publish(self._registry, self.me.instance, self.me.rank, transfer_id, state, ttl)
+        if self._records is not None:
+            self._records.publish(transfer_id, state)
 
     def poll(self, transfer_id: str) -> TransferStatus:
         with self._lock:
@@ -194,6 +198,8 @@ class KVReceiver:
         for inb in inbs:
             self._fail(inb, "receiver closed")
         self._endpoint.close()
+        if self._records is not None:
+            self._records.close()
 
     # ---- the Inbox the endpoint calls ----------------------------------------------
 
@@ -355,8 +361,8 @@ class KVReceiver:
                 logger.exception("transfer %s: on_end failed", tid)
         if self._on_record is not None:
             self._report(inb, status)
-        if self._registry is not None:
-            withdraw(self._registry, self.me.instance, self.me.rank, tid)
+        if self._records is not None:
+            self._records.withdraw(tid)
 
     def _report(self, inb: Inbound, status: TransferStatus) -> None:
         assert self._on_record is not None

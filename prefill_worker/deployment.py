@@ -35,7 +35,10 @@ Lifecycle of a replica:
                  their transport's operation timeout). The other ranks' hooks
                  pin nothing: rank 0's pins hold the same block ids in every rank's
                  cache.
-    abort()      the same abort, by request id
+    abort()      the same abort, by request id. The router sends both calls at once,
+                 so an abort may come first: its id is remembered for a while and the
+                 prefill, when it comes, is refused at once (rather than waiting for
+                 a registration the decode replica, aborted too, never writes)
     __del__      deregister, stop the engine thread, close the sender
 """
 
@@ -65,6 +68,8 @@ from worker.ranks import RemoteRanks, combine
 from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
+
+_ABORTED_MEMORY_S = 120.0  # how long an abort that came before its prefill is kept
 
 _COMMAND_TIMEOUT_S = 30.0
 _SEND_POLL_S = 0.001
@@ -142,6 +147,7 @@ class PrefillWorker:
         self._hook.bind(self._sender, self._pins)
         self._ranks: RemoteRanks | None = self._rt.ranks
         self._unpinning: set[asyncio.Task[None]] = set()
+        self._aborted_early: dict[str, float] = {}  # request id -> time.monotonic()
         self._rt.start()
 
     # -- engine thread --------------------------------------------------------------------
@@ -169,6 +175,8 @@ class PrefillWorker:
     async def prefill(self, request: PrefillRequest, replica: str | None = None) -> PrefillOutcome:
         self._rt.check_pin(replica)
         rid = request.request_id
+        if self._aborted_early.pop(rid, None) is not None:
+            return PrefillOutcome(ok=False, reason="aborted before it arrived")
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         settled = False
@@ -256,6 +264,12 @@ class PrefillWorker:
 
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
+        if not self._rt.loop.has_stream(request_id):
+            now = time.monotonic()
+            for rid, at in list(self._aborted_early.items()):
+                if now - at > _ABORTED_MEMORY_S:
+                    del self._aborted_early[rid]
+            self._aborted_early[request_id] = now
         await self._rt.loop.call(lambda: self._abort(request_id), _COMMAND_TIMEOUT_S)
 
     async def state(self, replica: str | None = None) -> WorkerState:

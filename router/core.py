@@ -6,7 +6,10 @@ session = await core.open(raw, names, protocol)
     tokenization and the token limits in the router's tokenizer threads (never on the
     event loop), the prompt's block hashes, the routing decision and a server-side
     request id. Everything that can reject a request happens here,
-    before anything reaches a pool, and raises RouterError.
+    before anything reaches a pool, and raises RouterError. While the registry cannot
+    be read (the view is older than `REGISTRY_STALE_S`), the KV rendezvous, which
+    lives in the same Redis, cannot pair a transfer either: every prompt is then
+    prefilled by its decode instance, from the last view.
 async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
     the last one carries finish reason, usage and timings. A request whose decode
@@ -45,6 +48,8 @@ from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
 
 logger = logging.getLogger(__name__)
+
+REGISTRY_STALE_S = 2.0  # a view older than this: Redis is unreachable
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,9 @@ class RouterCore:
         address is in `avoid` (raises RouterError UNAVAILABLE when none is left)."""
         hashes = self.encoder.block_hashes(req.prompt_token_ids)
         decode = self.view.candidates(Role.DECODE, hashes, avoid)
-        prefill = self.view.candidates(Role.PREFILL) if self.settings.has_prefill_pool else []
+        prefill = []
+        if self.settings.has_prefill_pool and self.registry_readable():
+            prefill = self.view.candidates(Role.PREFILL)
         request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
         try:
             decision = self.policy.route(request, decode, prefill)
@@ -256,6 +263,12 @@ class RouterCore:
         return decision
 
     # -- cluster-level queries -----------------------------------------------------------
+
+    def registry_readable(self) -> bool:
+        """The view was refreshed from Redis within `REGISTRY_STALE_S` (or a few refresh
+        intervals, if longer)."""
+        stale_s = max(REGISTRY_STALE_S, 10 * self.settings.view_refresh_interval_s)
+        return time.monotonic() - self.view.last_refresh < stale_s
 
     def healthy(self) -> bool:
         """A recent view of the registry with at least one live decode instance."""

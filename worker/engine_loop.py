@@ -177,6 +177,10 @@ class EngineLoop:
         with self._lock:
             self._streams.pop(request_id, None)
 
+    def has_stream(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._streams
+
     @property
     def num_streams(self) -> int:
         with self._lock:
