@@ -256,6 +256,19 @@ class RayConfig(BaseModel):
         ge=1,
         description="Logical CPUs of a local Ray; default: enough for the pools.",
     )
+    metrics_export_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of a local Ray's Prometheus metrics export (every process's "
+        "metrics); None: Ray picks one, recorded in the run state.",
+    )
+    metrics_report_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="How often each process of a local Ray reports its metrics to the export.",
+    )
 
 
 class ClusterConfig(BaseModel):

@@ -119,6 +119,15 @@ class RouterConfig(BaseModel):
     view_refresh_interval_s: float = Field(
         default=0.2, gt=0, le=5.0, description="How often the router re-reads registry and loads."
     )
+    slo_ttft_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Goodput: a finished request meets the SLO with its TTFT within this "
+        "and its mean TPOT within slo_tpot_s (metric pdserve_slo_requests).",
+    )
+    slo_tpot_s: float = Field(
+        default=0.2, gt=0, description="Goodput: the mean time per output token it allows."
+    )
 
 
 class ServerConfig(BaseModel):

@@ -52,6 +52,11 @@ class Inbound:
     writing: int = 0  # payloads being received straight into the blocks
     peers: set[Peer] = field(default_factory=set)  # connections that announced data
     first: FirstToken | None = None  # brought by an END
+    # For metrics: when the first payload landed, the payload bytes landed, and the
+    # prompt block after the last one landed.
+    first_landed: float | None = None
+    landed_bytes: int = 0
+    block_end: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     drained: threading.Condition = field(init=False)
 

@@ -174,6 +174,7 @@ class SendPump:
         region: BlockRegion | LayerSpan | None,
         checksum: bool = False,
     ) -> None:
+        start = time.monotonic()
         try:
             done = link.send(header, region, checksum)
         except TransferError:
@@ -184,6 +185,10 @@ class SendPump:
             out.reading += done.holds_source
             out.links.add(link)
             self._book.inflight_bytes += header.nbytes
+            if header.kind is MessageKind.DATA:  # for the transfer's record
+                if out.first_sent is None:
+                    out.first_sent = start
+                out.block_end = max(out.block_end, header.block_start + header.block_count)
         done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d))
 
     def _on_sent(self, out: Outbound, link: Link, nbytes: int, done: Completion) -> None:
@@ -191,6 +196,8 @@ class SendPump:
         with book.lock:
             out.inflight -= 1
             book.inflight_bytes -= nbytes
+            if done.error is None:
+                out.sent_bytes += nbytes
             if done.holds_source:
                 out.reading -= 1
                 book.maybe_release_locked(out)

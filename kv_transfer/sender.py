@@ -47,7 +47,14 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_cache import KVCache
-from kv_transfer.base import TRANSFERRING, FirstToken, LocalRank, SendSpec, TransferStatus
+from kv_transfer.base import (
+    TRANSFERRING,
+    FirstToken,
+    LocalRank,
+    RecordSink,
+    SendSpec,
+    TransferStatus,
+)
 from kv_transfer.mapping import KVGeometry, plan, routes_by_layer, routes_from
 from kv_transfer.outbound import FinishJob, Outbound, Outbounds, SliceJob
 from kv_transfer.rendezvous import RendezvousStore
@@ -85,7 +92,10 @@ class KVSender:
         connector: Connector,
         config: SenderConfig = SenderConfig(),
         registry: RendezvousStore | None = None,
+        on_record: RecordSink | None = None,
     ) -> None:
+        """`on_record` gets each transfer's figures once it is terminal (under the
+        records' lock: it must not block nor call back into the sender)."""
         self.me, self._geo, self._cfg = me, geometry, config
         tensor = cache.tensor
         self._on_cuda = tensor.device.type == "cuda"
@@ -96,7 +106,7 @@ class KVSender:
                 f"cache holds {cache.layout.num_layers} layers x {cache.layout.num_kv_heads} "
                 f"heads; rank {me} owns {len(self._layers)} x {len(heads)}"
             )
-        self._book = Outbounds(config.history)
+        self._book = Outbounds(config.history, on_record)
         self._pump = SendPump(
             me,
             tensor,

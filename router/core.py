@@ -6,7 +6,10 @@ session = await core.open(raw, names, protocol)
     tokenization and the token limits in the router's tokenizer threads (never on the
     event loop), the prompt's block hashes, the routing decision and a server-side
     request id. Everything that can reject a request happens here,
-    before anything reaches a pool, and raises RouterError.
+    before anything reaches a pool, and raises RouterError. While the registry cannot
+    be read (the view is older than `REGISTRY_STALE_S`), the KV rendezvous, which
+    lives in the same Redis, cannot pair a transfer either: every prompt is then
+    prefilled by its decode instance, from the last view.
 async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
     the last one carries finish reason, usage and timings. A request whose decode
@@ -26,7 +29,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +51,8 @@ from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
 
 logger = logging.getLogger(__name__)
+
+REGISTRY_STALE_S = 2.0  # a view older than this: Redis is unreachable
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class Session:
         try:
             async for delta in with_migration(self._run, self._reroute, self.route, self._policy()):
                 if delta.finish is not None:
-                    core.metrics.finished(self._protocol, delta.finish)
+                    e2e_s = time.monotonic() - self._arrival
+                    core.metrics.finished(self._protocol, delta.finish, e2e_s)
                     outcome = ""
                     t = delta.finish.timings
                     logger.debug(
@@ -161,9 +167,19 @@ def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
 
 
 class RouterCore:
-    def __init__(self, settings: RouterSettings, decode: Any, prefill: Any | None) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        decode: Any,
+        prefill: Any | None,
+        identity: Mapping[str, str] | None = None,
+    ) -> None:
+        """`identity` labels the metrics this replica exports through Ray (pool,
+        replica, rank)."""
         self.settings = settings
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(
+            identity, slo_ttft_s=settings.slo_ttft_s, slo_tpot_s=settings.slo_tpot_s
+        )
         self.encoder = PromptEncoder(settings.model_dir, settings.block_size)
         self.validator = RequestValidator(settings.limits, self.encoder, settings.served_model)
         self._tokenize_pool = ThreadPoolExecutor(
@@ -213,7 +229,9 @@ class RouterCore:
         logged as one WARNING line with the id and raised as a RouterError."""
         arrival, arrival_wall = time.monotonic(), time.time()
         rid = rid or new_request_id()
-        if not self.admission.try_acquire():
+        admitted = self.admission.try_acquire()
+        self.metrics.admitted(admitted)
+        if not admitted:
             self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
             error = RouterError(
                 ErrorKind.RESOURCE_EXHAUSTED,
@@ -252,14 +270,24 @@ class RouterCore:
         address is in `avoid` (raises RouterError UNAVAILABLE when none is left)."""
         hashes = self.encoder.block_hashes(req.prompt_token_ids)
         decode = self.view.candidates(Role.DECODE, hashes, avoid)
-        prefill = self.view.candidates(Role.PREFILL) if self.settings.has_prefill_pool else []
+        prefill = []
+        if self.settings.has_prefill_pool and self.registry_readable():
+            prefill = self.view.candidates(Role.PREFILL)
         request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
         try:
-            return self.policy.route(request, decode, prefill)
+            decision = self.policy.route(request, decode, prefill)
         except NoInstanceAvailable as e:
             raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from None
+        self.metrics.routed(decision, self.settings.disaggregation_threshold)
+        return decision
 
     # -- cluster-level queries -----------------------------------------------------------
+
+    def registry_readable(self) -> bool:
+        """The view was refreshed from Redis within `REGISTRY_STALE_S` (or a few refresh
+        intervals, if longer)."""
+        stale_s = max(REGISTRY_STALE_S, 10 * self.settings.view_refresh_interval_s)
+        return time.monotonic() - self.view.last_refresh < stale_s
 
     def healthy(self) -> bool:
         """A recent view of the registry with at least one live decode instance."""
