@@ -61,6 +61,7 @@ def rank_actor_pids() -> list[int]:
 @dataclass
 class StreamResult:
     tokens: list[int] = field(default_factory=list)
+    text: str = ""
     errors: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False  # saw `data: [DONE]`
     status: int | None = None
@@ -164,6 +165,7 @@ class SseStream(_StreamThread):
             else:
                 for choice in event["choices"]:
                     r.tokens.extend(choice["token_ids"])
+                    r.text += choice.get("text") or ""
                 r.timings = event.get("timings", r.timings)
 
 
@@ -192,6 +194,7 @@ class GrpcStream(_StreamThread):
                     for chunk in c.stream(self._prompt, self._sampling, timeout_s=self._timeout):
                         r.reads.append(time.monotonic())
                         r.tokens.extend(chunk.token_ids)
+                        r.text += chunk.text
                         if chunk.timings is not None:
                             r.timings = dataclasses.asdict(chunk.timings)
                 finally:

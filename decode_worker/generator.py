@@ -21,6 +21,8 @@ from decode_worker.remote_kv import RemoteKV
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
 from kv_transfer.transport import TransportKind
+from telemetry import TraceContext, tracing
+from telemetry.context import REQUEST_ID
 from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
 from worker.messages import TokenChunk, WorkerRequest, WorkerSettings
 from worker.runtime import WorkerRuntime
@@ -71,14 +73,16 @@ class Generator:
 
     # -- engine thread --------------------------------------------------------------------
 
-    def _start(self, req: WorkerRequest) -> None:
+    def _start(self, req: WorkerRequest, trace: TraceContext | None) -> None:
         """Queue the request: waiting for its remote KV, or to prefill here."""
         if req.remote is not None:
             if self.remote is None:
                 logger.warning("request %s: this pool prefills locally", req.request_id)
-            elif not self.remote.start(req):
+            elif not self.remote.start(req, trace):
                 return
-        self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
+        self._rt.engine.add_request(
+            req.request_id, list(req.prompt_token_ids), req.params, req.resume
+        )
 
     def abort(self, request_id: str) -> None:
         """Engine thread: the request's transfer first, then the request."""
@@ -97,19 +101,35 @@ class Generator:
 
     async def generate(self, request: WorkerRequest) -> AsyncIterator[TokenChunk]:
         rid = request.request_id
+        REQUEST_ID.set(rid)  # this call's task: its log lines name the request
+        span = tracing.start("decode", request.trace, {"remote": request.remote is not None})
+        phase = tracing.start("decode.first_token", span)
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         finished = False
+        error = "cancelled"
         try:
-            await loop.call(lambda: self._start(request), COMMAND_TIMEOUT_S)
+            trace = tracing.context_of(span)
+            await loop.call(lambda: self._start(request, trace), COMMAND_TIMEOUT_S)
             builder = ChunkBuilder(len(request.prompt_token_ids))
+            first = True
             while not finished:
                 outs = await stream.get(self._stream_timeout_s)
                 info = self.remote.info(rid) if self.remote is not None else None
                 chunk = builder.build(outs, info)
                 finished = chunk.finished
+                if first and chunk.token_ids:
+                    first = False
+                    tracing.end(phase)
+                    phase = tracing.start("decode.stream", span)
                 yield chunk
+            error = ""
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
         finally:
+            tracing.end(phase, error)
+            tracing.end(span, error)
             loop.close_stream(rid)
             if self.remote is not None:
                 self.remote.forget(rid)

@@ -55,16 +55,17 @@ class DualWorker:
             raise ValueError("DualWorker serves prefill and decode pools, not colocated ones")
         if not settings.switchable:
             settings = dataclasses.replace(settings, switchable=True)
-        hook = Pusher.layer_hook(settings)
+        hooks = Pusher.hooks(settings)
         storage = Generator.kv_storage(settings, takes_remote=True)
         self._rt = WorkerRuntime(
             settings,
             replica_unique_id(),
-            layer_hook=hook,
-            output_hook=hook.on_outputs,
+            layer_hook=hooks.spans,
+            output_hook=hooks.send.on_outputs,
+            tick=hooks.spans.mark_step,
             kv_storage=storage,
         )
-        self._pusher = Pusher(self._rt, hook)
+        self._pusher = Pusher(self._rt, hooks)
         self._gen = Generator(self._rt, storage, takes_remote=True)
         self._rt.start()
 

@@ -68,11 +68,15 @@ class PrefillWorker:
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")
-        hook = Pusher.layer_hook(settings)
+        hooks = Pusher.hooks(settings)
         self._rt = WorkerRuntime(
-            settings, replica_unique_id(), layer_hook=hook, output_hook=hook.on_outputs
+            settings,
+            replica_unique_id(),
+            layer_hook=hooks.spans,
+            output_hook=hooks.send.on_outputs,
+            tick=hooks.spans.mark_step,
         )
-        self._pusher = Pusher(self._rt, hook)
+        self._pusher = Pusher(self._rt, hooks)
         self._rt.start()
 
     # -- the deployment's methods -----------------------------------------------------------

@@ -17,14 +17,19 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from opentelemetry.trace import Span
 
 from engine import RequestOutput
 from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
+from telemetry import TraceContext, request_scope, tracing
 from worker.engine_loop import OutputStream
 from worker.kv_roles import local_rank, sender_connector, transfer_host
+from worker.layer_spans import LayerSpans
 from worker.messages import PrefillOutcome, PrefillRequest, WorkerSettings
 from worker.ranks import RemoteRanks, combine
 from worker.runtime import WorkerRuntime
@@ -83,16 +88,27 @@ def _outcome(final: RequestOutput, done: TransferStatus) -> PrefillOutcome:
     )
 
 
+@dataclass(frozen=True)
+class PushHooks:
+    """What the engine is built with, before it exists: `spans` (the layer hook and the
+    step tick, recording each request's layer spans around the send hook) and `send`
+    (rank 0 samples the first token, which the transfer's END carries; its
+    `on_outputs` is the engine's output hook)."""
+
+    send: SendHook
+    spans: LayerSpans
+
+
 class Pusher:
     @staticmethod
-    def layer_hook(settings: WorkerSettings) -> SendHook:
-        """The engine's layer hook, before the engine exists (rank 0 samples the first
-        token, which the transfer's END carries)."""
-        return SendHook(settings.engine.block_size, first_token=True)
+    def hooks(settings: WorkerSettings) -> PushHooks:
+        send = SendHook(settings.engine.block_size, first_token=True)
+        return PushHooks(send, LayerSpans(send))
 
-    def __init__(self, rt: WorkerRuntime, hook: SendHook) -> None:
+    def __init__(self, rt: WorkerRuntime, hooks: PushHooks) -> None:
         self._rt = rt
-        self._hook = hook
+        self._hook = hooks.send
+        self._spans = hooks.spans
         rendezvous = rt.rendezvous()
         settings = rt.settings
         connector = sender_connector(settings, rendezvous, transfer_host(settings.transfer_host))
@@ -119,25 +135,32 @@ class Pusher:
     # -- engine thread --------------------------------------------------------------------
 
     @staticmethod
-    def _spec(req: PrefillRequest) -> SendSpec:
+    def _spec(req: PrefillRequest, trace: TraceContext | None) -> SendSpec:
+        """`trace`: the span this request's sends are recorded under, on every rank."""
         dest = InstanceRef(req.dest_instance, req.dest_parallel)
-        return SendSpec(req.transfer_id, dest, 0, req.timeout_s)
+        return SendSpec(req.transfer_id, dest, 0, req.timeout_s, trace)
 
-    def _start(self, req: PrefillRequest) -> None:
-        params = dataclasses.replace(req.params, max_tokens=1)
-        self._hook.add(req.request_id, self._spec(req))
+    def _start(self, req: PrefillRequest, trace: TraceContext | None) -> None:
+        done = len(req.resume.output_token_ids) if req.resume is not None else 0
+        params = dataclasses.replace(req.params, max_tokens=done + 1)  # one more token
+        self._hook.add(req.request_id, self._spec(req, trace))
+        self._spans.add(req.request_id, trace)
         try:
-            self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), params)
+            self._rt.engine.add_request(
+                req.request_id, list(req.prompt_token_ids), params, req.resume
+            )
         except BaseException:
             self._hook.discard(req.request_id, "request rejected")
+            self._spans.discard(req.request_id)
             raise
 
     def discard(self, request_id: str) -> None:
-        """Engine thread: stop the request's transfer, if it has one here."""
+        """Engine thread: stop the request's transfer and spans, if it has them here."""
         self._hook.discard(request_id)
+        self._spans.discard(request_id)
 
     def _abort(self, request_id: str) -> None:
-        self._hook.discard(request_id)
+        self.discard(request_id)
         self._rt.engine.abort_request(request_id)
 
     # -- one request --------------------------------------------------------------------
@@ -155,30 +178,42 @@ class Pusher:
         self._aborted_early[request_id] = now
 
     async def prefill(self, request: PrefillRequest) -> PrefillOutcome:
+        span = tracing.start("prefill", request.trace, {"transfer": request.transfer_id})
+        with request_scope(request.request_id):
+            out = await self._prefill(request, span)
+        tracing.end(span, "" if out.ok else out.reason)
+        return out
+
+    async def _prefill(self, request: PrefillRequest, span: Span) -> PrefillOutcome:
         rid = request.request_id
         if self._aborted_early.pop(rid, None) is not None:
             return PrefillOutcome(ok=False, reason="aborted before it arrived")
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         settled = False
+        trace = tracing.context_of(span)
         try:
             if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
-                await self._ranks.acall("add_transfer", rid, self._spec(request))
+                await self._ranks.acall("add_transfer", rid, self._spec(request, trace))
             try:
-                await loop.call(lambda: self._start(request), COMMAND_TIMEOUT_S)
+                await loop.call(lambda: self._start(request, trace), COMMAND_TIMEOUT_S)
             except ValueError as e:
                 settled = True
                 self._abort_ranks(request, "request rejected")
                 return PrefillOutcome(ok=False, reason=f"rejected: {e}")
             deadline = time.monotonic() + request.timeout_s
             final = await self._first_token(stream, deadline)
-            sent = await self._sent(request.transfer_id, deadline)
+            with tracing.span("prefill.wait_sent", span):
+                sent = await self._sent(request.transfer_id, deadline)
             settled = True
             if isinstance(sent, str):
                 self._abort_ranks(request, sent)
                 return PrefillOutcome(ok=False, reason=sent)
             self.pushed += 1
             return _outcome(final, sent)
+        except BaseException as e:
+            tracing.end(span, type(e).__name__)
+            raise
         finally:
             loop.close_stream(rid)
             if not settled:  # cancelled, timed out or failed: stop the send, free blocks
