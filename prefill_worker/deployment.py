@@ -11,7 +11,9 @@ Lifecycle of a replica:
     prefill()    one prompt, sent by the router at the same time as the decode request:
                    register the transfer with every rank's hook, then on rank 0 queue
                    the prompt with
-                   max_tokens=1 (one engine command, so no step runs in between)
+                   max_tokens=1 (one engine command, so no step runs in between); a
+                   migrated stream's prompt comes with its tokens so far, which are
+                   computed and sent with it, and the token after them is sampled
                    the engine batches it with other prompts under its token budget and
                    chunked prefill; as each layer finishes, the hook queues that
                    layer's newly complete blocks to the sender, which pushes them into
@@ -42,6 +44,10 @@ Lifecycle of a replica:
                  (the prefill-and-push itself is `prefill_worker.pusher.Pusher`, which
                  switchable replicas share)
     __del__      deregister, stop the engine thread, close the sender
+
+Spans (under the router's `prefill.call`): `prefill` for the whole call, the engine's
+`prefill.queue`, `prefill.chunk` and `prefill.layer` (`worker.layer_spans`), and
+`prefill.wait_sent`, from the first token to every rank's sender reporting DONE.
 """
 
 from __future__ import annotations
