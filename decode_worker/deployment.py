@@ -24,8 +24,8 @@ Lifecycle of a replica:
     abort()         the same abort, by request id (the router's explicit cleanup)
     check_health()  Serve's periodic probe: raises once the engine thread failed, or once
                     an idle keepalive found a TP/PP replica's other ranks unreachable
-    __del__         deregister, abort what is pending, stop the thread, close the
-                    receiver and the shared-memory segment
+    __del__         (close) deregister, abort what is pending, stop the thread, close
+                    the receiver and the shared-memory segment
 
 Every wait is bounded: engine commands by `_COMMAND_TIMEOUT_S`, the gap between two
 outputs of a request by the stream timeout (longer than the transfer timeout, since a
@@ -58,14 +58,17 @@ _COMMAND_TIMEOUT_S = 30.0
 
 
 class DecodeWorker:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, replica_id: str | None = None) -> None:
+        """`replica_id` is Serve's unique id of this replica, which Serve supplies when
+        None; an in-process replica outside Serve names itself."""
         if settings.role is Role.PREFILL:
             raise ValueError("DecodeWorker serves decode and colocated pools")
+        self._closed = False
         self._storage = ShmKVStorage() if settings.transport is TransportKind.SHM else None
         takes_remote = settings.role is Role.DECODE
         self._rt = WorkerRuntime(
             settings,
-            replica_unique_id(),
+            replica_id or replica_unique_id(),
             kv_storage=self._storage if takes_remote else None,
         )
         self._stream_timeout_s = max(60.0, settings.transfer_timeout_s + 15.0)
@@ -177,9 +180,14 @@ class DecodeWorker:
         self._rt.loop.check()
 
     def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Deregister and release everything (idempotent; Serve gets here by `__del__`)."""
         rt = getattr(self, "_rt", None)
-        if rt is None:
+        if rt is None or getattr(self, "_closed", False):
             return
+        self._closed = True
         rt.presence.stop()
         remote = self._remote
         if remote is not None and rt.loop.running:
