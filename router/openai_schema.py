@@ -252,6 +252,8 @@ class ChatBody(_Body):
             raise InvalidRequest("top_logprobs", "needs logprobs: true")
         if self.user and self.safety_identifier:
             raise InvalidRequest("safety_identifier", "set it or user, not both")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise InvalidRequest("max_tokens", "set it or max_completion_tokens, not both")
         n_logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = (
             self.max_completion_tokens
