@@ -6,11 +6,15 @@ session = await core.open(raw, names, protocol)
     tokenization and the token limits in the router's tokenizer threads (never on the
     event loop), the prompt's block hashes, the routing decision and a server-side
     request id. Everything that can reject a request happens here,
-    before anything reaches a pool, and raises RouterError.
+    before anything reaches a pool, and raises RouterError. While the registry cannot
+    be read (the view is older than `REGISTRY_STALE_S`), the KV rendezvous, which
+    lives in the same Redis, cannot pair a transfer either: every prompt is then
+    prefilled by its decode instance, from the last view.
 async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
     the last one carries finish reason, usage and timings. A request whose decode
-    instance fails before the first delta is retried on another one (router.retry).
+    instance fails before the first delta is retried on another one (router.retry); a
+    stream that breaks after that moves to another one (router.migration).
     Every failure, expected or not, is raised as a RouterError, so that each front
     end can end the stream with its protocol's error.
 session.close()
@@ -21,10 +25,11 @@ session.close()
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,17 +39,20 @@ from router.admission import Admission
 from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher
+from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
+from router.migration import MigrationPolicy, Progress, with_migration
 from router.pinning import probe_replica, watch_replica_deaths
 from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
 from router.results import Delta
-from router.retry import with_retries
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
 
 logger = logging.getLogger(__name__)
+
+REGISTRY_STALE_S = 2.0  # a view older than this: Redis is unreachable
 
 
 @dataclass(frozen=True)
@@ -87,15 +95,10 @@ class Session:
         outcome = "cancelled"
         tag = self.request.client_tag
         try:
-            async for delta in with_retries(
-                self._run,
-                lambda avoid: core.route(self.request, avoid),
-                self.route,
-                core.settings.max_dispatch_attempts,
-                lambda e: core.metrics.retries.labels(e.kind.value).inc(),
-            ):
+            async for delta in with_migration(self._run, self._reroute, self.route, self._policy()):
                 if delta.finish is not None:
-                    core.metrics.finished(self._protocol, delta.finish)
+                    e2e_s = time.monotonic() - self._arrival
+                    core.metrics.finished(self._protocol, delta.finish, e2e_s)
                     outcome = ""
                     t = delta.finish.timings
                     logger.debug(
@@ -120,11 +123,29 @@ class Session:
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
 
-    def _run(self, route: RouteDecision) -> AsyncIterator[Delta]:
+    def _policy(self) -> MigrationPolicy:
+        s, m = self._core.settings, self._core.metrics
+        return MigrationPolicy(
+            s.max_migrations,
+            s.max_dispatch_attempts,
+            lambda e: m.retries.labels(e.kind.value).inc(),
+            lambda e: m.migrations.labels(e.kind.value).inc(),
+        )
+
+    def _run(self, route: RouteDecision, progress: Progress) -> AsyncIterator[Delta]:
         self.route = route
         return self._core.dispatcher.run(
-            self.request_id, self.request, route, self._arrival, self._arrival_wall
+            self.request_id, self.request, route, self._arrival, self._arrival_wall, progress
         )
+
+    def _reroute(self, avoid: frozenset[str], progress: Progress) -> RouteDecision:
+        """A route for the request, or for its prompt and tokens so far once migrating
+        (their length decides disaggregation, their blocks the prefix-cache overlap)."""
+        req = self.request
+        if progress.token_ids:
+            prompt = req.prompt_token_ids + progress.token_ids
+            req = dataclasses.replace(req, prompt_token_ids=prompt)
+        return self._core.route(req, avoid)
 
     def close(self) -> None:
         if self._open:
@@ -146,9 +167,19 @@ def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
 
 
 class RouterCore:
-    def __init__(self, settings: RouterSettings, decode: Any, prefill: Any | None) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        decode: Any,
+        prefill: Any | None,
+        identity: Mapping[str, str] | None = None,
+    ) -> None:
+        """`identity` labels the metrics this replica exports through Ray (pool,
+        replica, rank)."""
         self.settings = settings
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(
+            identity, slo_ttft_s=settings.slo_ttft_s, slo_tpot_s=settings.slo_tpot_s
+        )
         self.encoder = PromptEncoder(settings.model_dir, settings.block_size)
         self.validator = RequestValidator(settings.limits, self.encoder, settings.served_model)
         self._tokenize_pool = ThreadPoolExecutor(
@@ -165,9 +196,11 @@ class RouterCore:
             lambda info: probe_replica(pools[info.role], info.address),
             settings.probe_timeout_s,
         )
+        self.stopped = StoppedReplicas(settings.timeouts.drain_s)
         self._unwatch = watch_replica_deaths(
             lambda address: breaker.trip(address, "serve", "Serve dropped its replica")
         )
+        self._unwatch_stopped = watch_replica_deaths(self.stopped.stopped)
         self.policy = LoadBalancedPolicy(settings.disaggregation_threshold)
         self.admission = Admission(settings.max_inflight_requests)
         self.dispatcher = Dispatcher(
@@ -176,6 +209,7 @@ class RouterCore:
             self.view,
             settings.timeouts,
             self.metrics,
+            self.stopped,
         )
 
     async def start(self) -> None:
@@ -183,6 +217,7 @@ class RouterCore:
 
     async def stop(self) -> None:
         self._unwatch()
+        self._unwatch_stopped()
         await self.view.stop()
         self._redis.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -194,7 +229,9 @@ class RouterCore:
         logged as one WARNING line with the id and raised as a RouterError."""
         arrival, arrival_wall = time.monotonic(), time.time()
         rid = rid or new_request_id()
-        if not self.admission.try_acquire():
+        admitted = self.admission.try_acquire()
+        self.metrics.admitted(admitted)
+        if not admitted:
             self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
             error = RouterError(
                 ErrorKind.RESOURCE_EXHAUSTED,
@@ -233,14 +270,24 @@ class RouterCore:
         address is in `avoid` (raises RouterError UNAVAILABLE when none is left)."""
         hashes = self.encoder.block_hashes(req.prompt_token_ids)
         decode = self.view.candidates(Role.DECODE, hashes, avoid)
-        prefill = self.view.candidates(Role.PREFILL) if self.settings.has_prefill_pool else []
+        prefill = []
+        if self.settings.has_prefill_pool and self.registry_readable():
+            prefill = self.view.candidates(Role.PREFILL)
         request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
         try:
-            return self.policy.route(request, decode, prefill)
+            decision = self.policy.route(request, decode, prefill)
         except NoInstanceAvailable as e:
             raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from None
+        self.metrics.routed(decision, self.settings.disaggregation_threshold)
+        return decision
 
     # -- cluster-level queries -----------------------------------------------------------
+
+    def registry_readable(self) -> bool:
+        """The view was refreshed from Redis within `REGISTRY_STALE_S` (or a few refresh
+        intervals, if longer)."""
+        stale_s = max(REGISTRY_STALE_S, 10 * self.settings.view_refresh_interval_s)
+        return time.monotonic() - self.view.last_refresh < stale_s
 
     def healthy(self) -> bool:
         """A recent view of the registry with at least one live decode instance."""
