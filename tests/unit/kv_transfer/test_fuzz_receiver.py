@@ -7,7 +7,8 @@ flipped bytes, and raw or cut messages, aimed at a transfer the receiver expects
 Every case is refused or handled: the connection ends, the transfer is still pending or
 failed (never landed from a forged message), and once it is aborted no slot, session,
 connection, thread or file descriptor is left. After the cases, a real sender's
-transfer through the same receiver lands bit for bit. Generation is derandomized."""
+transfer through the same receiver lands bit for bit. Generation is derandomized (a
+fixed seed, no example database)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ Every case ends in a served completion or a refusal in the protocol's shape (400
 INVALID_ARGUMENT naming the field, 413), never a 5xx, INTERNAL or UNKNOWN; the module
 ends with the leak check (admission slots, engine requests, streams, KV blocks, the
 handle's calls) and, once the replica is closed, a clean registry. Generation is
-derandomized, so every run sends the same cases. The figures go to the summary.
+derandomized (a fixed seed, no example database) and the number of cases fixed. The
+figures go to the summary.
 """
 
 from __future__ import annotations
