@@ -11,6 +11,11 @@ same time. The decode stream is `TokenChunk`s; the last chunk has `finished` set
 carries `FinalStats`. The prompt's first token travels with its KV (kv_transfer's
 header), so the prefill's `PrefillOutcome` only reports success and timings.
 
+A stream that broke mid-way continues on another decode instance with the same
+request plus a `Resume` (engine.resume): its tokens so far are computed with the
+prompt, by the prefill pool or by the decode instance, and the stream goes on from
+the next token.
+
 Each request carries its trace context (`trace`: the trace id and the router's span
 that the pool's spans hang under; None when tracing is off or the request was not
 sampled in), so one request's spans form one trace across processes.
@@ -21,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from engine import SamplingParams, TokenLogprob
+from engine import Resume, SamplingParams, TokenLogprob
 from engine.config import EngineConfig
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
@@ -84,6 +89,9 @@ class WorkerRequest:
     params: SamplingParams
     arrival_wall: float  # time.time() when the router received the request
     remote: RemotePrefillPlan | None = None
+    # a migrated stream: the tokens another decode instance generated and the text the
+    # client has; they are computed with the prompt (remotely when `remote` is set)
+    resume: Resume | None = None
     trace: TraceContext | None = None
 
 
@@ -123,6 +131,7 @@ class PrefillRequest:
     dest_parallel: Parallelism = field(
         default_factory=Parallelism
     )  # the decode instance's TP/PP layout
+    resume: Resume | None = None  # a migrated stream's tokens so far, computed too
     trace: TraceContext | None = None
 
 
