@@ -32,8 +32,8 @@ Lifecycle of a replica:
     stop (Serve)    a scale-down or redeploy: Serve stops routing here at once and waits
                     up to the pool's graceful_shutdown_timeout_s for the open streams;
                     the router moves those still open at half of it (router.drain)
-    __del__         deregister, abort what is pending, stop the thread, close the
-                    receiver and the shared-memory segment
+    __del__         (close) deregister, abort what is pending, stop the thread, close
+                    the receiver and the shared-memory segment
 
 Spans (under the router's `dispatch`): `decode` for the whole call; `decode.first_token`
 from the call to the first chunk with tokens, then `decode.stream` to the last one;
@@ -63,12 +63,15 @@ logger = logging.getLogger(__name__)
 
 
 class DecodeWorker:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, replica_id: str | None = None) -> None:
+        """`replica_id` is Serve's unique id of this replica, which Serve supplies when
+        None; an in-process replica outside Serve names itself."""
+        self._closed = False
         if settings.role is Role.PREFILL:
             raise ValueError("DecodeWorker serves decode and colocated pools")
         takes_remote = settings.role is Role.DECODE
         storage = Generator.kv_storage(settings, takes_remote)
-        self._rt = WorkerRuntime(settings, replica_unique_id(), kv_storage=storage)
+        self._rt = WorkerRuntime(settings, replica_id or replica_unique_id(), kv_storage=storage)
         self._gen = Generator(self._rt, storage, takes_remote)
         self._rt.start()
 
@@ -121,9 +124,14 @@ class DecodeWorker:
         self._rt.loop.check()
 
     def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Deregister and release everything (idempotent; Serve gets here by `__del__`)."""
         rt = getattr(self, "_rt", None)
-        if rt is None:
+        if rt is None or getattr(self, "_closed", False):
             return
+        self._closed = True
         rt.presence.stop()
         self._gen.close()
         rt.stop()
