@@ -31,6 +31,15 @@ class RouterMetrics:
             registry=r,
         )
         self.inflight = Gauge("pdserve_inflight_requests", "Requests in flight", registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens", registry=r)
+        self.completion_tokens = Counter(
+            "pdserve_completion_tokens", "Generated tokens", registry=r
+        )
+        self._declare_latencies(r)
+        self._declare_failures(r)
+
+    def _declare_latencies(self, r: CollectorRegistry) -> None:
+        """TTFT, TPOT and the parts of TTFT."""
         self.ttft = Histogram(
             "pdserve_ttft_seconds",
             "Time to first token",
@@ -60,10 +69,9 @@ class RouterMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens", registry=r)
-        self.completion_tokens = Counter(
-            "pdserve_completion_tokens", "Generated tokens", registry=r
-        )
+
+    def _declare_failures(self, r: CollectorRegistry) -> None:
+        """Fallbacks, failed calls and transfers, exclusions and retries."""
         self.fallbacks = Counter(
             "pdserve_remote_prefill_fallbacks",
             "Remote prefills recomputed on the decode instance",

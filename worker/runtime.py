@@ -61,21 +61,7 @@ class WorkerRuntime:
         self.instance_id = f"{settings.pool}-{replica_id}"
         self.redis = connect(settings.redis_url, client_name=self.instance_id)
         self.registry = Registry(self.redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
-        info = InstanceInfo(
-            instance_id=self.instance_id,
-            pool=settings.pool,
-            role=settings.role.routing_role,
-            address=replica_id,
-            tp=settings.engine.tp,
-            pp=settings.engine.pp,
-            block_size=settings.engine.block_size,
-        )
-        self.presence = Presence(
-            self.registry,
-            info,
-            lambda: self.loop.load_report(),
-            interval_s=settings.load_report_interval_s,
-        )
+        self.presence = self._presence()
         config = settings.engine
         self.ranks: RemoteRanks | None = None
         if config.tp * config.pp > 1:
@@ -101,6 +87,25 @@ class WorkerRuntime:
         mc = self.engine.model_config
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
         self.loop = EngineLoop(self.engine, name=self.instance_id, tick=tick, busy=busy)
+
+    def _presence(self) -> Presence:
+        """This instance's registry entry and heartbeat (started by `start`)."""
+        settings = self.settings
+        info = InstanceInfo(
+            instance_id=self.instance_id,
+            pool=settings.pool,
+            role=settings.role.routing_role,
+            address=self.replica_id,
+            tp=settings.engine.tp,
+            pp=settings.engine.pp,
+            block_size=settings.engine.block_size,
+        )
+        return Presence(
+            self.registry,
+            info,
+            lambda: self.loop.load_report(),
+            interval_s=settings.load_report_interval_s,
+        )
 
     def rendezvous(self) -> RedisRendezvous:
         """The kv_transfer rendezvous store in this cluster's namespace."""
