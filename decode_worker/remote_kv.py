@@ -161,9 +161,11 @@ class RemoteKV:
         first token. Undone on every rank if one cannot."""
         if self._ranks is not None:
             try:
-                self._ranks.call("expect", spec)
+                self._ranks.call("role_call", "expect", spec)
             except Exception as e:
-                self._ranks.send("abort_recv", spec.transfer_id, "another rank cannot expect it")
+                self._ranks.send(
+                    "role_call", "abort_recv", spec.transfer_id, "another rank cannot expect it"
+                )
                 raise RuntimeError(f"the other ranks cannot expect the transfer: {e}") from e
             with self._lock:
                 self._in_flight.add(spec.transfer_id)
@@ -179,7 +181,7 @@ class RemoteKV:
         self._set_info(request_id, RemoteInfo(False, 0.0, reason, FallbackReason.DECODE_FULL))
         self.receiver.refuse(transfer_id, reason)
         if self._ranks is not None:
-            self._ranks.send("refuse", transfer_id, reason)
+            self._ranks.send("role_call", "refuse", transfer_id, reason)
         return reason
 
     def abort(self, request_id: str) -> None:
@@ -210,7 +212,7 @@ class RemoteKV:
         with self._lock:
             self._in_flight.discard(transfer_id)
         try:
-            self._ranks.call("abort_recv", transfer_id, reason)
+            self._ranks.call("role_call", "abort_recv", transfer_id, reason)
         except Exception:
             logger.exception("aborting %s on the other ranks", transfer_id)
 

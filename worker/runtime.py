@@ -8,7 +8,8 @@ this replica.
 
 Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads pinned
 to the pool's CPU share) and the loop; with tp x pp > 1 it first starts the replica's
-other ranks (`worker.ranks.RemoteRanks`) and runs the engine as rank 0.
+other ranks (`worker.ranks.RemoteRanks`, each with the pool's `rank_role`) and runs
+the engine as rank 0.
 `start()` starts the engine thread, then registers; `stop()` deregisters first (the
 router stops sending here), then stops the engine thread and the other ranks.
 """
@@ -26,9 +27,10 @@ from kv_transfer.rendezvous import RedisRendezvous
 from registry import InstanceInfo, Registry, connect
 from worker.engine_loop import EngineLoop
 from worker.errors import InstanceUnavailable
-from worker.kv_roles import transfer_host
+from worker.kv_rank import transfer_host
 from worker.messages import WorkerSettings
 from worker.presence import Presence
+from worker.rank_role import RankRole
 from worker.ranks import RemoteRanks
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class WorkerRuntime:
         output_hook: OutputHook | None = None,
         tick: Callable[[], None] | None = None,
         busy: Callable[[], bool] | None = None,
+        rank_role: type[RankRole] | None = None,
     ) -> None:
         self.settings = settings
         self.replica_id = replica_id
@@ -70,6 +73,7 @@ class WorkerRuntime:
                 self.instance_id,
                 transfer_host(settings.transfer_host),
                 settings.rank_resources,
+                rank_role,
             )
         try:
             self.engine = LLMEngine(
