@@ -6,7 +6,10 @@ through an `Endpoint` (shm needs the rank's KV cache in a shared-memory segment:
 rank 0's `RemoteKV` (decode_worker/remote_kv.py) reaches it:
 
     expect       the transfer's blocks on this rank are reserved and registered
-    poll         the transfer is DONE once every rank's receiver is
+    take_ended   a long-poll: the transfers this rank's receiver ended since the
+                 last call (its `on_end`), as soon as one has; rank 0 settles a
+                 transfer once every rank's receiver ended it
+    poll         one transfer's state on this rank
     refuse       tell the transfer's sender this rank will not take it
     abort_recv   fail the transfer on this rank
 """
@@ -23,7 +26,7 @@ from kv_transfer.torch_dist import TorchDistConfig, TorchDistEndpoint
 from kv_transfer.transport import Endpoint, TransportKind
 from worker.kv_rank import transfer_secret
 from worker.messages import WorkerSettings
-from worker.rank_role import RankContext, RankRole
+from worker.rank_role import Endings, RankContext, RankRole
 
 
 def receiver_endpoint(
@@ -48,6 +51,7 @@ class DecodeRankRole(RankRole):
         shm = settings.transport is TransportKind.SHM
         self._storage = ShmKVStorage() if shm else None
         self._receiver: KVReceiver | None = None
+        self._endings = Endings()
 
     def kv_storage(self) -> KVStorage | None:
         return self._storage
@@ -55,7 +59,14 @@ class DecodeRankRole(RankRole):
     def start(self, ctx: RankContext) -> None:
         segment = self._storage.segment if self._storage is not None else None
         endpoint = receiver_endpoint(ctx.settings, ctx.rendezvous, ctx.host, segment, ctx.geometry)
-        self._receiver = KVReceiver(ctx.me, ctx.kv, ctx.geometry, endpoint, registry=ctx.rendezvous)
+        self._receiver = KVReceiver(
+            ctx.me,
+            ctx.kv,
+            ctx.geometry,
+            endpoint,
+            registry=ctx.rendezvous,
+            on_end=self._endings.add,
+        )
 
     def _started(self) -> KVReceiver:
         if self._receiver is None:
@@ -74,6 +85,10 @@ class DecodeRankRole(RankRole):
     def poll(self, transfer_ids: list[str]) -> list[TransferStatus]:
         receiver = self._started()
         return [receiver.poll(t) for t in transfer_ids]
+
+    def take_ended(self, timeout_s: float) -> dict[str, TransferStatus]:
+        self._started()
+        return self._endings.take(timeout_s)
 
     def num_active(self) -> int:
         return self._receiver.num_active if self._receiver is not None else 0

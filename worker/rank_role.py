@@ -10,11 +10,15 @@ colocated pool) and answers the role's remote calls. Lifecycle on one rank:
     step_hook()             the layer hook the step thread calls, with its tag resolver
     remote calls            `RemoteRanks.call("role_call", name, ...)` reaches the role's
                             public method `name`; `poll` and `num_active` are generic
+    take_ended(timeout_s)   a long-poll: the transfers that ended here since the last
+                            call, as soon as one has (`Endings`), so that rank 0 learns
+                            completion from the rank's own transport, not by polling
     close()                 after the step thread ended
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -41,6 +45,27 @@ class RankContext:
     layer_offset: int  # global index of the rank's first layer
 
 
+class Endings:
+    """Transfers that ended on one rank, kept until rank 0 takes them: added from any
+    thread (a transport's completion), taken by one long-poll at a time."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ended: dict[str, TransferStatus] = {}
+
+    def add(self, transfer_id: str, status: TransferStatus) -> None:
+        with self._cond:
+            self._ended[transfer_id] = status
+            self._cond.notify_all()
+
+    def take(self, timeout_s: float) -> dict[str, TransferStatus]:
+        """What ended since the last take, once something has or after `timeout_s`."""
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._ended), timeout_s)
+            taken, self._ended = self._ended, {}
+        return taken
+
+
 class RankRole(ABC):
     """The kv_transfer side of one rank (>= 1) of a replica."""
 
@@ -61,6 +86,11 @@ class RankRole(ABC):
 
     @abstractmethod
     def num_active(self) -> int: ...
+
+    def take_ended(self, timeout_s: float) -> dict[str, TransferStatus]:
+        """The transfers that ended on this rank since the last call (a long-poll,
+        bounded by `timeout_s`); a role whose completion rank 0 polls has none."""
+        raise NotImplementedError(f"{type(self).__name__} reports no endings")
 
     @abstractmethod
     def close(self) -> None: ...

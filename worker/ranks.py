@@ -31,7 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ from worker.rank_role import RankContext, RankRole
 logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 30.0  # one round of calls to every actor
+ENDED_WAIT_S = 0.5  # longest wait of one `take_ended` long-poll
 
 
 class RankActor:
@@ -119,6 +121,20 @@ class RankActor:
             raise RuntimeError("this rank moves no KV")
         return self._role.poll(transfer_ids)
 
+    def take_ended(self, timeout_s: float) -> dict[str, TransferStatus]:
+        """The transfers that ended on this rank since the last call, once one has or
+        after `timeout_s`; raises once the rank's step thread has stopped."""
+        if self._role is None:
+            raise RuntimeError("this rank moves no KV")
+        self._check_running()
+        ended = self._role.take_ended(timeout_s)
+        self._check_running()
+        return ended
+
+    def _check_running(self) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise RuntimeError(f"rank {self._worker.layout.rank} stopped")
+
     def num_active(self) -> int:
         return self._role.num_active() if self._role is not None else 0
 
@@ -131,7 +147,9 @@ class RankActor:
 
 
 # The role's methods that the actor calls itself, never by name from the pool.
-_GENERIC = frozenset({"kv_storage", "start", "step_hook", "poll", "num_active", "close"})
+_GENERIC = frozenset(
+    {"kv_storage", "start", "step_hook", "poll", "num_active", "take_ended", "close"}
+)
 
 
 class RemoteRanks:
@@ -219,6 +237,55 @@ class RemoteRanks:
         """Call `method` on every actor without waiting (best effort)."""
         for a in self.actors:
             getattr(a, method).remote(*args)
+
+    def watch_ended(
+        self,
+        stop: threading.Event,
+        on_ended: Callable[[int, dict[str, TransferStatus]], None],
+        on_lost: Callable[[int, Exception], None],
+        wait_s: float = ENDED_WAIT_S,
+    ) -> None:
+        """Until `stop`: hand `on_ended(rank, ended)` the transfers each rank's role
+        reports ended, as soon as it does. One long-poll (`take_ended`, bounded by
+        `wait_s`) is out per rank; a rank whose call fails or is not answered within
+        `wait_s + CALL_TIMEOUT_S` is reported (`on_lost`) and asked again after `wait_s`."""
+        import ray
+
+        calls: dict[Any, tuple[int, float]] = {}  # ref -> (actor index, issued at)
+        retry_at: dict[int, float] = {}
+
+        def ask(i: int) -> None:
+            calls[self.actors[i].take_ended.remote(wait_s)] = (i, time.monotonic())
+
+        for i in range(len(self.actors)):
+            ask(i)
+        while not stop.is_set():
+            ready: list[Any] = []
+            if calls:
+                ready, _ = ray.wait(list(calls), num_returns=1, timeout=wait_s)
+            else:
+                stop.wait(wait_s)
+            now = time.monotonic()
+            for ref in ready:
+                i, _ = calls.pop(ref)
+                try:
+                    ended = ray.get(ref, timeout=CALL_TIMEOUT_S)
+                except Exception as e:
+                    on_lost(i + 1, e)
+                    retry_at[i] = now + wait_s
+                    continue
+                if ended:
+                    on_ended(i + 1, ended)
+                ask(i)
+            for ref, (i, issued) in list(calls.items()):
+                if now - issued > wait_s + CALL_TIMEOUT_S:
+                    del calls[ref]
+                    on_lost(i + 1, TimeoutError(f"no answer in {now - issued:.0f}s"))
+                    retry_at[i] = now + wait_s
+            for i, at in list(retry_at.items()):
+                if now >= at:
+                    del retry_at[i]
+                    ask(i)
 
     def close(self, timeout_s: float = 15.0) -> None:
         """After the engine's STOP: let the actors wind down, then kill them."""
