@@ -48,6 +48,7 @@ from router.dispatch import DispatchTimeouts
 from router.pinning import ROUTER_CLASS_PATH
 from router.settings import PoolSpec, RouterSettings
 from router.validation import Limits
+from telemetry import TracingSettings
 from worker.messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ GRPC_SERVICER_FUNCTIONS = [
 # The engines batch and queue requests themselves; Serve must not cap them at its
 # default of 5 in flight per replica.
 _WORKER_MAX_ONGOING = 4096
+# How often a stopping pool replica checks that its calls are over (Serve's default: 2 s)
+_DRAIN_POLL_S = 0.5
 _LOGGING = LoggingConfig(enable_access_log=False)
 _FULL = BackpressureConfig(status_code=429)  # a full ingress is the router's 429
 _PINNED = RequestRouterConfig.model_validate({"request_router_class": ROUTER_CLASS_PATH})
@@ -136,6 +139,18 @@ def _reveal(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
+def tracing_settings(config: ClusterConfig) -> TracingSettings:
+    t = config.tracing
+    return TracingSettings(
+        enabled=t.enabled,
+        sample_ratio=t.sample_ratio,
+        otlp_endpoint=t.otlp_endpoint,
+        max_requests=t.max_requests,
+        max_spans_per_request=t.max_spans_per_request,
+        retention_s=t.retention_s,
+    )
+
+
 def worker_settings(
     config: ClusterConfig, pool: PoolConfig, model_dir: str, redis_url: str
 ) -> WorkerSettings:
@@ -156,6 +171,7 @@ def worker_settings(
             num_threads=pool.num_threads,
             enable_prefix_caching=e.enable_prefix_caching,
             cpu_linear=e.cpu_linear,
+            cpu_linear_min_gain=e.cpu_linear_min_gain,
             tp=pool.tp,
             pp=pool.pp,
             max_stop_strings=config.router.max_stop_strings,
@@ -176,6 +192,7 @@ def worker_settings(
         if pool.role is Role.PREFILL
         else (),
         transfer_secret=_reveal(config.kv_transfer.secret),
+        tracing=tracing_settings(config),
     )
 
 
@@ -209,18 +226,23 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
             stream_idle_s=max(r.stream_idle_timeout_s, config.kv_transfer.timeout_s + 15.0),
             prefill_s=r.prefill_timeout_s,
             transfer_s=config.kv_transfer.timeout_s,
+            drain_s=config.generating_pool.graceful_shutdown_timeout_s / 2,
         ),
         max_inflight_requests=r.max_inflight_requests,
         max_request_bytes=int(r.max_request_bytes),
         view_refresh_interval_s=r.view_refresh_interval_s,
         default_chat_max_tokens=r.default_chat_max_tokens,
         max_dispatch_attempts=r.max_dispatch_attempts,
+        max_migrations=r.max_migrations,
         probe_timeout_s=r.probe_timeout_s,
         tokenizer_threads=r.tokenizer_threads,
         max_health_watches=r.max_health_watches,
         health_watch_max_s=r.health_watch_max_s,
+        slo_ttft_s=r.slo_ttft_s,
+        slo_tpot_s=r.slo_tpot_s,
         grpc_bearer_token=s.grpc_bearer_token.get_secret_value() if s.grpc_bearer_token else None,
         http_api_key=s.api_key.get_secret_value() if s.api_key else None,
+        tracing=tracing_settings(config),
     )
 
 
@@ -250,7 +272,8 @@ def _pool_deployment(
         request_router_config=_PINNED,
         health_check_period_s=10.0,
         health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=30.0,
+        graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=_DRAIN_POLL_S,
         logging_config=_LOGGING,
     )
     return deployment.bind(worker_settings(config, pool, model_dir, redis_url))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlparse
 
 from pydantic import (
     BaseModel,
@@ -95,6 +96,14 @@ class EngineLimits(BaseModel):
         description="CPU ranks' matmuls: native (the engine's fp32 kernels), onednn, plain, "
         "or auto (per row class, whichever measured fastest at load).",
     )
+    cpu_linear_min_gain: float = Field(
+        default=0.10,
+        ge=0,
+        le=10,
+        description="With cpu_linear=auto, a row class keeps a packed copy of the weights of "
+        "its own only if it measured more than this fraction faster than the copies the "
+        "other classes keep.",
+    )
 
 
 class PoolConfig(BaseModel):
@@ -120,6 +129,14 @@ class PoolConfig(BaseModel):
     )
     rank_start_timeout_s: float = Field(
         default=120.0, gt=0, description="TP/PP: longest the ranks of a new replica take to join."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30.0,
+        ge=2.0,
+        le=3600.0,
+        description="How long a replica that Serve stops (scale-down, redeploy) keeps serving "
+        "its streams; a decode stream still running after half of it moves to another "
+        "instance.",
     )
     engine: EngineLimits = Field(
         default_factory=lambda: EngineLimits.model_validate({}), description="Engine limits."
@@ -229,6 +246,41 @@ class KVTransferConfig(BaseModel):
         return v
 
 
+class TracingConfig(BaseModel):
+    """Request traces (OpenTelemetry spans) from every process on the request path."""
+
+    model_config = _STRICT
+
+    enabled: bool = Field(default=True, description="Record spans for requests.")
+    sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of requests traced, decided at the router."
+    )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint (http[s]://host:4318/v1/traces); unset: the "
+        "last `max_requests` requests' spans stay in the cluster's Redis for `pdserve trace`.",
+    )
+    max_requests: int = Field(
+        default=256, ge=1, le=100_000, description="Requests whose spans the store keeps."
+    )
+    max_spans_per_request: int = Field(
+        default=4096, ge=16, le=1_000_000, description="Spans kept per request."
+    )
+    retention_s: float = Field(
+        default=3600.0, gt=0, description="A stored trace expires this long after its last span."
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        url = urlparse(v)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"must be an http(s) URL with a host, got {v!r}")
+        return v
+
+
 class RayConfig(BaseModel):
     model_config = _STRICT
 
@@ -239,6 +291,19 @@ class RayConfig(BaseModel):
         default=None,
         ge=1,
         description="Logical CPUs of a local Ray; default: enough for the pools.",
+    )
+    metrics_export_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of a local Ray's Prometheus metrics export (every process's "
+        "metrics); None: Ray picks one, recorded in the run state.",
+    )
+    metrics_report_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="How often each process of a local Ray reports its metrics to the export.",
     )
 
 
@@ -255,6 +320,7 @@ class ClusterConfig(BaseModel):
         default_factory=lambda: KVTransferConfig.model_validate({})
     )
     ray: RayConfig = Field(default_factory=lambda: RayConfig.model_validate({}))
+    tracing: TracingConfig = Field(default_factory=lambda: TracingConfig.model_validate({}))
     kubernetes: KubernetesSettings = Field(
         default_factory=lambda: KubernetesSettings.model_validate({}),
         description="Only for `pdserve render k8s` (cluster/k8s/settings.py).",

@@ -9,16 +9,18 @@
    here too (unless configured) and reaches the pools only through their settings.
 3. Ray: connect to `ray.address`, or start a local Ray with enough logical CPUs for
    the router and every pool replica (engines pin their torch threads, so logical CPUs
-   may exceed the cores). A Ray Client address on another machine
-   (`ray://HOST:10001`) needs a redis.url its nodes reach and a model directory at the
-   same path here and on every node (`check_remote`); the endpoints are then HOST's.
+   may exceed the cores), its metrics export on `ray.metrics_export_port`. A Ray
+   Client address on another machine (`ray://HOST:10001`) needs a redis.url its nodes
+   reach and a model directory at the same path here and on every node
+   (`check_remote`); the endpoints are then HOST's.
    The cluster's nodes must be able to place every replica (`cluster.resources`): a
    local Ray that cannot fails here, a remote one (which may autoscale) warns.
 4. Serve: start it with the config's HTTP and gRPC proxies and deploy the application
    from `cluster.builder.build_app`.
 5. Wait, bounded, until the application is RUNNING, every pool has its replicas in the
    registry and the gRPC health service says SERVING. Progress goes to `echo`.
-6. Record the run state (pid, endpoints) with status "ready".
+6. Record the run state (pid, endpoints, every Ray node's metrics export) with status
+   "ready".
 
 `Launcher.stop()` (idempotent) deletes the application, shuts a local Ray down (an
 external Ray cluster keeps running), stops the embedded Redis or purges the cluster's
@@ -32,7 +34,6 @@ stops the embedded Redis from its state file.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -40,20 +41,19 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cluster.client import Client
 from cluster.config import ClusterConfig, ConfigError
 from cluster.redis_server import RedisServer
-from cluster.redis_state import stop_from_state
 from cluster.resources import alive_node_resources, resource_problems
-from engine.model_source import cache_root, resolve_model
+from cluster.run_state import STATE_FILE, RunState, pid_alive, run_dir_for
+from engine.model_source import resolve_model
 from registry import Registry, connect
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "cluster.json"
 Echo = Callable[[str], None]
 
 
@@ -61,50 +61,27 @@ class LaunchError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class RunState:
-    cluster: str
-    pid: int
-    status: str  # starting | ready
-    grpc_target: str
-    http_url: str
-    redis_url: str
-    embedded_redis: bool
-    ray_address: str | None
-    log_file: str | None = None
-
-    def write(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / (STATE_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(self), fh)
-        tmp.replace(run_dir / STATE_FILE)
-
-    @classmethod
-    def read(cls, run_dir: Path) -> RunState | None:
-        try:
-            return cls(**json.loads((run_dir / STATE_FILE).read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
-            return None
+def local_ray_metrics(config: ClusterConfig) -> dict[str, Any]:
+    """`ray.init` options of a local Ray for its metrics export: the port, and how
+    often each process reports to it."""
+    interval_ms = round(config.ray.metrics_report_interval_s * 1000)
+    return {
+        "_metrics_export_port": config.ray.metrics_export_port,
+        "_system_config": {"metrics_report_interval_ms": interval_ms},
+    }
 
 
-def run_dir_for(name: str, root: Path | None = None) -> Path:
-    return (root or cache_root() / "run") / name
+def metrics_urls() -> list[str]:
+    """The Prometheus metrics export of every live node of the connected Ray cluster."""
+    import ray
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own exited child) is not alive
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
+    urls = []
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        port = node.get("MetricsExportPort")
+        if node.get("Alive") and port:
+            host = _connect_host(str(node.get("NodeManagerAddress", "127.0.0.1")))
+            urls.append(f"http://{host}:{port}/metrics")
+    return sorted(urls)
 
 
 def _connect_host(host: str) -> str:
@@ -192,9 +169,21 @@ class Launcher:
             embedded_redis=self._redis is not None,
             ray_address=self.config.ray.address,
             log_file=log_file,
+            metrics_urls=self._metrics_urls(),
         )
         state.write(self.run_dir)
         return state
+
+    def _metrics_urls(self) -> list[str]:
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        try:
+            return metrics_urls()
+        except Exception as e:  # a Ray Client connection may not list nodes
+            logger.warning("cannot list the metrics export of the Ray nodes: %s", e)
+            return []
 
     def _model(self) -> str:
         self.echo(f"model: resolving {self.config.model.source}")
@@ -225,7 +214,13 @@ class Launcher:
         need = math.ceil(self.config.required_cpus())
         cpus = self.config.ray.num_cpus or max(os.cpu_count() or 1, need)
         self.echo(f"ray: starting local Ray with {cpus} logical CPUs")
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            **local_ray_metrics(self.config),
+        )
         self._ray_started = True
 
     def _check_resources(self) -> None:
@@ -350,27 +345,3 @@ class Launcher:
             self.echo(f"redis: removed {n} keys of cluster {self.config.name}")
         except Exception as e:
             logger.warning("purging cluster keys failed: %s", e)
-
-
-def stop_running(
-    name: str, *, run_dir: Path | None = None, timeout_s: float = 120.0, echo: Echo = print
-) -> bool:
-    """`pdserve down`: stop the cluster recorded under `name`. False if none was."""
-    directory = run_dir or run_dir_for(name)
-    state = RunState.read(directory)
-    if state is None:
-        return stop_from_state(directory)  # an embedded Redis left by a killed `up`
-    if pid_alive(state.pid):
-        echo(f"stopping cluster {name!r} (pid {state.pid})")
-        os.kill(state.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while pid_alive(state.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if pid_alive(state.pid):
-            echo(f"pid {state.pid} did not exit in {timeout_s:.0f}s; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.pid, signal.SIGKILL)
-    if stop_from_state(directory):
-        echo("stopped the embedded redis-server it left behind")
-    (directory / STATE_FILE).unlink(missing_ok=True)
-    return True

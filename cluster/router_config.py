@@ -92,6 +92,14 @@ class RouterConfig(BaseModel):
         description="Tries of a request whose decode instance fails before its first token, "
         "each on another instance (1: no retry).",
     )
+    max_migrations: int = Field(
+        default=2,
+        ge=0,
+        le=8,
+        description="Times a stream whose decode instance fails after tokens were sent "
+        "moves to another one, which computes the prompt and the tokens so far and goes on "
+        "(0: the error ends the stream).",
+    )
     probe_timeout_s: float = Field(
         default=1.0,
         gt=0,
@@ -110,6 +118,15 @@ class RouterConfig(BaseModel):
     )
     view_refresh_interval_s: float = Field(
         default=0.2, gt=0, le=5.0, description="How often the router re-reads registry and loads."
+    )
+    slo_ttft_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Goodput: a finished request meets the SLO with its TTFT within this "
+        "and its mean TPOT within slo_tpot_s (metric pdserve_slo_requests).",
+    )
+    slo_tpot_s: float = Field(
+        default=0.2, gt=0, description="Goodput: the mean time per output token it allows."
     )
 
 

@@ -18,14 +18,24 @@ Lifecycle of a replica:
                                         token from the transfer's header; on FAILED or
                                         timeout it is recomputed here (counted). Without
                                         room it is refused and prefilled here (counted)
-                    then TokenChunks until the finished one. If the caller goes away
+                    then TokenChunks until the finished one. A stream that moved here
+                    from a failed instance carries its tokens so far (engine.resume):
+                    they are computed with the prompt, here or by the remote prefill,
+                    and the chunks start after them. If the caller goes away
                     (client cancel, router abort) the request is aborted: the transfer
                     first, then the engine request, so its blocks return to the pool.
     abort()         the same abort, by request id (the router's explicit cleanup)
     check_health()  Serve's periodic probe: raises once the engine thread failed, or once
                     an idle keepalive found a TP/PP replica's other ranks unreachable
+    stop (Serve)    a scale-down or redeploy: Serve stops routing here at once and waits
+                    up to the pool's graceful_shutdown_timeout_s for the open streams;
+                    the router moves those still open at half of it (router.drain)
     __del__         deregister, abort what is pending, stop the thread, close the
                     receiver and the shared-memory segment
+
+Spans (under the router's `dispatch`): `decode` for the whole call; `decode.first_token`
+from the call to the first chunk with tokens, then `decode.stream` to the last one;
+for a remote prefill, `decode.wait_kv` and `decode.join` (`decode_worker.remote_kv`).
 
 Every wait is bounded: engine commands by `_COMMAND_TIMEOUT_S`, the gap between two
 outputs of a request by the stream timeout (longer than the transfer timeout, since a
@@ -44,6 +54,8 @@ from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
 from kv_transfer.transport import TransportKind
 from registry import Role
+from telemetry import TraceContext, tracing
+from telemetry.context import REQUEST_ID
 from worker.kv_rank import local_rank, transfer_host
 from worker.messages import (
     TokenChunk,
@@ -79,28 +91,38 @@ class DecodeWorker:
     def _remote_kv(self, settings: WorkerSettings) -> RemoteKV:
         rt = self._rt
         loop = rt.loop
-        remote = RemoteKV(rt.engine, loop.submit, loop.post, rt.ranks)
+        remote = RemoteKV(
+            rt.engine, loop.submit, loop.post, rt.ranks, rt.transfer_metrics.recomputed
+        )
         segment = self._storage.segment if self._storage is not None else None
         rendezvous = rt.rendezvous()
         host = transfer_host(settings.transfer_host)
         endpoint = receiver_endpoint(settings, rendezvous, host, segment, rt.geometry)
         me = local_rank(settings, rt.instance_id, 0)
         receiver = KVReceiver(
-            me, rt.engine.kv_cache, rt.geometry, endpoint, registry=rendezvous, on_end=remote.ended
+            me,
+            rt.engine.kv_cache,
+            rt.geometry,
+            endpoint,
+            registry=rendezvous,
+            on_end=remote.ended,
+            on_record=rt.transfer_metrics.record,
         )
         remote.bind(receiver)
         return remote
 
     # -- engine thread --------------------------------------------------------------------
 
-    def _start(self, req: WorkerRequest) -> None:
+    def _start(self, req: WorkerRequest, trace: TraceContext | None) -> None:
         """Queue the request: waiting for its remote KV, or to prefill here."""
         if req.remote is not None:
             if self._remote is None:
                 logger.warning("request %s: this pool prefills locally", req.request_id)
-            elif not self._remote.start(req):
+            elif not self._remote.start(req, trace):
                 return
-        self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
+        self._rt.engine.add_request(
+            req.request_id, list(req.prompt_token_ids), req.params, req.resume
+        )
 
     def _abort(self, request_id: str) -> None:
         if self._remote is not None:
@@ -115,19 +137,35 @@ class DecodeWorker:
     ) -> AsyncIterator[TokenChunk]:
         self._rt.check_pin(replica)
         rid = request.request_id
+        REQUEST_ID.set(rid)  # this call's task: its log lines name the request
+        span = tracing.start("decode", request.trace, {"remote": request.remote is not None})
+        phase = tracing.start("decode.first_token", span)
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         finished = False
+        error = "cancelled"
         try:
-            await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
+            trace = tracing.context_of(span)
+            await loop.call(lambda: self._start(request, trace), _COMMAND_TIMEOUT_S)
             builder = ChunkBuilder(len(request.prompt_token_ids))
+            first = True
             while not finished:
                 outs = await stream.get(self._stream_timeout_s)
                 info = self._remote.info(rid) if self._remote is not None else None
                 chunk = builder.build(outs, info)
                 finished = chunk.finished
+                if first and chunk.token_ids:
+                    first = False
+                    tracing.end(phase)
+                    phase = tracing.start("decode.stream", span)
                 yield chunk
+            error = ""
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
         finally:
+            tracing.end(phase, error)
+            tracing.end(span, error)
             loop.close_stream(rid)
             if self._remote is not None:
                 self._remote.forget(rid)

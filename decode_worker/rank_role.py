@@ -66,6 +66,7 @@ class DecodeRankRole(RankRole):
             endpoint,
             registry=ctx.rendezvous,
             on_end=self._endings.add,
+            on_record=ctx.record,
         )
 
     def _started(self) -> KVReceiver:

@@ -24,6 +24,10 @@ Lifecycle of one remote prefill (the router sent the prefill at the same time):
                           land after it returns), then the engine request, whose blocks
                           return to the pool
 
+Spans (under the decode call's span): `decode.wait_kv`, from holding the blocks to the
+transfer settling (an error when it fell back), and `decode.join`, the sequence joining
+the running batch with the first token.
+
 Nothing here polls on the engine thread. `info(request_id)` tells the stream what
 happened: disaggregated or fallen back (and why), and the time from the first token's
 sampling to its landing here.
@@ -50,12 +54,14 @@ from kv_transfer.base import (
     failed,
 )
 from kv_transfer.receiver import KVReceiver
+from telemetry import TraceContext, tracing
 from worker.messages import FallbackReason, WorkerRequest
 from worker.ranks import RemoteRanks, combine
 
 logger = logging.getLogger(__name__)
 
 Submit = Callable[[Callable[[], None]], Future[None]]
+Recomputed = Callable[[int, str], None]  # (prompt blocks, FallbackReason value)
 
 
 @dataclass
@@ -64,6 +70,9 @@ class _Pending:
     local: TransferStatus | None = None  # this rank's terminal status, once known
     others: TransferStatus | None = None  # the other ranks', once all are terminal
     done_wall: float = 0.0  # time.time() when this rank's receiver ended
+    trace: TraceContext | None = None  # the decode call's span
+    start_ns: int = 0  # when the blocks were held
+    num_blocks: int = 0  # the prompt's blocks the transfer fills
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,12 @@ class RemoteKV:
         submit: Submit,
         post: Callable[[RequestOutput], None],
         ranks: RemoteRanks | None = None,
+        recomputed: Recomputed | None = None,
     ) -> None:
-        """Build the owner, then its receiver with `on_end=owner.ended`, then `bind` it."""
+        """Build the owner, then its receiver with `on_end=owner.ended`, then `bind` it.
+        `recomputed(blocks, reason)` counts each fallback's prompt blocks."""
         self._engine, self._submit, self._post, self._ranks = engine, submit, post, ranks
+        self._recomputed = recomputed
         self._receiver: KVReceiver | None = None
         self._pending: dict[str, _Pending] = {}  # by transfer id (engine thread)
         self._by_request: dict[str, str] = {}  # request id -> transfer id (engine thread)
@@ -137,26 +149,31 @@ class RemoteKV:
 
     # -- engine thread ----------------------------------------------------------------
 
-    def start(self, req: WorkerRequest) -> str:
-        """Hold blocks and expect the transfer; "" or why not (then nothing is held)."""
+    def start(self, req: WorkerRequest, trace: TraceContext | None = None) -> str:
+        """Hold blocks and expect the transfer; "" or why not (then nothing is held).
+        `trace`: the span that this request's wait and join spans go under."""
         plan = req.remote
         assert plan is not None
         rid, tid = req.request_id, plan.transfer_id
         try:
             blocks = self._engine.reserve_remote_prefill(
-                rid, list(req.prompt_token_ids), req.params
+                rid, list(req.prompt_token_ids), req.params, resume=req.resume
             )
         except OutOfBlocksError as e:
+            self._count_recompute(len(req.prompt_token_ids), FallbackReason.DECODE_FULL)
             return self._refuse(rid, tid, f"decode_full (no free KV blocks: {e})")
         source = InstanceRef(plan.source_instance, plan.source_parallel)
         spec = RecvSpec(tid, tuple(blocks), source, 0, plan.timeout_s)
-        self._pending[tid] = _Pending(rid)
+        self._pending[tid] = _Pending(
+            rid, num_blocks=len(blocks), trace=trace, start_ns=tracing.now_ns()
+        )
         self._by_request[rid] = tid
         try:
             self._expect(spec)
         except (RuntimeError, ValueError) as e:  # no transfer slot, or a bad spec
             self._drop(tid)
             self._engine.abort_request(rid)
+            self._count_recompute(len(req.prompt_token_ids), FallbackReason.DECODE_FULL)
             return self._refuse(rid, tid, f"decode_full (cannot expect the transfer: {e})")
         self._set_info(rid, RemoteInfo(disaggregated=True))
         return ""
@@ -183,6 +200,11 @@ class RemoteKV:
         except BaseException:
             self._abort_others(spec.transfer_id, "this rank cannot expect it")
             raise
+
+    def _count_recompute(self, prompt_tokens: int, reason: FallbackReason) -> None:
+        if self._recomputed is not None:
+            size = self._engine.config.block_size
+            self._recomputed(-(-prompt_tokens // size), reason.value)
 
     def _refuse(self, request_id: str, transfer_id: str, reason: str) -> str:
         self._set_info(request_id, RemoteInfo(False, 0.0, reason, FallbackReason.DECODE_FULL))
@@ -257,6 +279,8 @@ class RemoteKV:
 
     def _commit(self, transfer_id: str, p: _Pending, first: FirstToken) -> None:
         self._drop(transfer_id)
+        joined_ns = tracing.now_ns()
+        tracing.record("decode.wait_kv", p.trace, p.start_ns, joined_ns)
         kv_s = max(0.0, p.done_wall - first.sampled_wall)
         self._set_info(p.request_id, RemoteInfo(True, kv_s, ""))
         lp = (
@@ -269,10 +293,13 @@ class RemoteKV:
         except ValueError as e:  # a first token this engine cannot take
             self._recompute(p, f"transfer failed: {e}")
             return
+        tracing.record("decode.join", p.trace, joined_ns, tracing.now_ns())
         self._post(out)
 
     def _fall_back(self, transfer_id: str, p: _Pending, reason: str) -> None:
         self._drop(transfer_id)
+        if p.trace is not None:
+            tracing.end(tracing.start("decode.wait_kv", p.trace, None, p.start_ns), reason)
         self.transfer_failures += 1
         if p.local is None or p.local.state is not TransferState.FAILED:
             self.receiver.abort(transfer_id, reason)
@@ -282,6 +309,8 @@ class RemoteKV:
 
     def _recompute(self, p: _Pending, reason: str) -> None:
         logger.warning("request %s: %s; prefilling locally", p.request_id, reason)
+        if self._recomputed is not None and p.num_blocks:
+            self._recomputed(p.num_blocks, FallbackReason.TRANSFER_FAILED.value)
         info = RemoteInfo(False, 0.0, reason, FallbackReason.TRANSFER_FAILED)
         self._set_info(p.request_id, info)
         self._engine.fail_remote_prefill(p.request_id)

@@ -8,15 +8,27 @@ the pump reads the jobs in order.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.base import PENDING, FirstToken, SendSpec, TransferState, TransferStatus
+from kv_transfer.base import (
+    PENDING,
+    FirstToken,
+    RecordSink,
+    SendSpec,
+    TransferRecord,
+    TransferState,
+    TransferStatus,
+)
 from kv_transfer.mapping import Route
 from kv_transfer.transport import Link
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -35,6 +47,12 @@ class Outbound:
     finish_pumped: bool = False  # the pump has processed finish()
     released: threading.Event = field(default_factory=threading.Event)  # sources unread
     registered: set[int] = field(default_factory=set)  # receiver ranks seen registered
+    request_id: str = ""  # the request whose KV this is, for its log lines
+    # For metrics: when the first data message went, its payload bytes handed over,
+    # and the prompt block after the last one sent.
+    first_sent: float | None = None
+    sent_bytes: int = 0
+    block_end: int = 0
 
 
 @dataclass(slots=True)  # one per layer sent: a frozen dataclass costs 4x to build
@@ -47,6 +65,7 @@ class SliceJob:
     block_ids: tuple[int, ...]
     first_block: int
     ready: torch.cuda.Event | None
+    queued_ns: int = 0  # when the engine thread queued it, for tracing (0: untraced)
 
 
 @dataclass(frozen=True)
@@ -74,8 +93,10 @@ class Outbounds:
     transport's completion callbacks all change them. Methods ending in `_locked` are
     called with `lock` held."""
 
-    def __init__(self, history: int) -> None:
+    def __init__(self, history: int, on_record: RecordSink | None = None) -> None:
+        """`on_record` gets each transfer's figures as it becomes terminal."""
         self.lock = threading.Lock()
+        self._on_record = on_record
         self.room = threading.Condition(self.lock)  # notified as bytes in flight drop
         self.active: dict[str, Outbound] = {}
         self.unreleased: set[str] = set()  # transfers whose sources a send may still read
@@ -103,7 +124,25 @@ class Outbounds:
         while len(self.history) > self._max_history:
             self.history.popitem(last=False)
         self.room.notify_all()
+        if self._on_record is not None:
+            self._report(out, status)
         return True
+
+    def _report(self, out: Outbound, status: TransferStatus) -> None:
+        assert self._on_record is not None
+        start = out.first_sent
+        record = TransferRecord(
+            "send",
+            status.state is TransferState.DONE,
+            status.reason,
+            out.sent_bytes,
+            max(0, out.block_end - out.spec.first_block) if start is not None else 0,
+            time.monotonic() - start if start is not None else 0.0,
+        )
+        try:
+            self._on_record(record)
+        except Exception:
+            logger.exception("transfer %s: on_record failed", out.spec.transfer_id)
 
     def maybe_release_locked(self, out: Outbound) -> None:
         """Signal finish() once nothing reads the transfer's source blocks any more."""

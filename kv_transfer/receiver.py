@@ -29,13 +29,15 @@ its sender fails at once rather than at its deadline.
 `on_end(transfer_id, status)`, when given, is called once per transfer that `expect`
 accepted, as soon as it is terminal, on the thread that ended it (a transport thread,
 the watchdog, or the caller of `abort`/`close`): it must not block nor call back into
-the receiver. The caller learns completion from it instead of polling.
+the receiver. The caller learns completion from it instead of polling. `on_record`,
+likewise, gets the transfer's figures (bytes and blocks landed, duration) for metrics.
 
 A terminal transfer first waits for payloads being received straight into its blocks,
 then is revoked at the endpoint, and only then changes state: once `poll` reports DONE
 or FAILED no write into its blocks can follow, and the caller may free or reuse them.
 Messages for unknown or terminal transfers are dropped. A watchdog thread enforces
-deadlines even when nobody polls.
+deadlines even when nobody polls. A DATA message whose header carries a trace context
+is recorded as a `kv.land` span (its landing) under the sender's `kv.message`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from kv_transfer.base import (
     DONE,
     TRANSFERRING,
     LocalRank,
+    RecordSink,
     RecvSpec,
     TransferStatus,
     failed,
@@ -62,9 +65,11 @@ from kv_transfer.header import Header, MessageKind
 from kv_transfer.inbound import Inbound, InboundTarget
 from kv_transfer.mapping import KVGeometry, plan, routes_to
 from kv_transfer.region_copies import scatter_checksummed
-from kv_transfer.registration import Registration, publish, withdraw
+from kv_transfer.registration import RecordWriter, Registration
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
+from telemetry import request_scope, tracing
+from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +99,15 @@ class KVReceiver:
         config: ReceiverConfig = ReceiverConfig(),
         registry: RendezvousStore | None = None,
         on_end: Callable[[str, TransferStatus], None] | None = None,
+        on_record: RecordSink | None = None,
     ) -> None:
         self.me, self._geo, self._endpoint, self._cfg = me, geometry, endpoint, config
-        self._registry, self._on_end = registry, on_end
+        self._on_end, self._on_record = on_end, on_record
+        self._records = (
+            RecordWriter(registry, me.instance, me.rank, config.record_ttl_s)
+            if registry is not None
+            else None
+        )
         self._cache = cache.tensor
         self._layers = geometry.layers(me.parallel, me.pp_rank)
         self._heads = geometry.heads(me.parallel, me.tp_rank)
@@ -126,6 +137,7 @@ class KVReceiver:
             raise ValueError(f"block id {max(spec.block_ids)} >= num_blocks {num_blocks}")
         routes = routes_to(plan(self._geo, spec.source.parallel, self.me.parallel), self.me.rank)
         inb = Inbound.planned(spec, routes, self._layers, time.monotonic() + spec.timeout_s)
+        inb.request_id = REQUEST_ID.get()  # the caller's (bound on the request path)
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("receiver is closed")
@@ -141,9 +153,8 @@ class KVReceiver:
         self._publish(transfer_id, Registration.REFUSED)
 
     def _publish(self, transfer_id: str, state: Registration) -> None:
-        if self._registry is not None:
-            ttl = self._cfg.record_ttl_s
-            publish(self._registry, self.me.instance, self.me.rank, transfer_id, state, ttl)
+        if self._records is not None:
+            self._records.publish(transfer_id, state)
 
     def poll(self, transfer_id: str) -> TransferStatus:
         with self._lock:
@@ -189,6 +200,8 @@ class KVReceiver:
         for inb in inbs:
             self._fail(inb, "receiver closed")
         self._endpoint.close()
+        if self._records is not None:
+            self._records.close()
 
     # ---- the Inbox the endpoint calls ----------------------------------------------
 
@@ -242,7 +255,11 @@ class KVReceiver:
         if header.kind is MessageKind.DATA:
             if target is not None:
                 assert isinstance(target, InboundTarget)
+                start = tracing.now_ns() if header.trace is not None else 0
                 self._land(peer, header, target, payload)
+                if start:
+                    attrs = {"layer": header.layer, "layers": header.layer_count}
+                    tracing.record("kv.land", header.trace, start, tracing.now_ns(), attrs)
             return
         with self._lock:
             inb = self._active.get(header.transfer_id)
@@ -304,6 +321,10 @@ class KVReceiver:
                     region.scatter(payload)
                 if payload.is_cuda:  # landed before DONE, and before the buffer is reused
                     torch.cuda.current_stream(payload.device).synchronize()
+            if inb.first_landed is None:
+                inb.first_landed = time.monotonic()
+            inb.landed_bytes += h.nbytes
+            inb.block_end = max(inb.block_end, h.block_start + h.block_count)
             landed = [n + h.block_count for n in target.stream.landed[target.layers]]
             target.stream.landed[target.layers] = landed
             inb.remaining -= landed.count(inb.total)  # each message adds blocks: newly full
@@ -338,14 +359,26 @@ class KVReceiver:
             while len(self._history) > self._cfg.history:
                 self._history.popitem(last=False)
         if status.reason is not None:
-            logger.warning("transfer %s failed on receiver %s: %s", tid, self.me.id, status.reason)
+            with request_scope(inb.request_id):
+                logger.warning(
+                    "transfer %s failed on receiver %s: %s", tid, self.me.id, status.reason
+                )
         if self._on_end is not None:
             try:
                 self._on_end(tid, status)
             except Exception:
                 logger.exception("transfer %s: on_end failed", tid)
-        if self._registry is not None:
-            withdraw(self._registry, self.me.instance, self.me.rank, tid)
+        if self._on_record is not None:
+            self._report(inb, status)
+        if self._records is not None:
+            self._records.withdraw(tid)
+
+    def _report(self, inb: Inbound, status: TransferStatus) -> None:
+        assert self._on_record is not None
+        try:
+            self._on_record(inb.record(status))
+        except Exception:
+            logger.exception("transfer %s: on_record failed", inb.spec.transfer_id)
 
     def _fail(self, inb: Inbound, reason: str) -> None:
         with inb.lock:

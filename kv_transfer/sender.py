@@ -47,12 +47,21 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_cache import KVCache
-from kv_transfer.base import TRANSFERRING, FirstToken, LocalRank, SendSpec, TransferStatus
+from kv_transfer.base import (
+    TRANSFERRING,
+    FirstToken,
+    LocalRank,
+    RecordSink,
+    SendSpec,
+    TransferStatus,
+)
 from kv_transfer.mapping import KVGeometry, plan, routes_by_layer, routes_from
 from kv_transfer.outbound import FinishJob, Outbound, Outbounds, SliceJob
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.send_pump import SendPump
+from kv_transfer.send_spans import queued_at
 from kv_transfer.transport import Connector
+from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +94,10 @@ class KVSender:
         connector: Connector,
         config: SenderConfig = SenderConfig(),
         registry: RendezvousStore | None = None,
+        on_record: RecordSink | None = None,
     ) -> None:
+        """`on_record` gets each transfer's figures once it is terminal (under the
+        records' lock: it must not block nor call back into the sender)."""
         self.me, self._geo, self._cfg = me, geometry, config
         tensor = cache.tensor
         self._on_cuda = tensor.device.type == "cuda"
@@ -96,7 +108,7 @@ class KVSender:
                 f"cache holds {cache.layout.num_layers} layers x {cache.layout.num_kv_heads} "
                 f"heads; rank {me} owns {len(self._layers)} x {len(heads)}"
             )
-        self._book = Outbounds(config.history)
+        self._book = Outbounds(config.history, on_record)
         self._pump = SendPump(
             me,
             tensor,
@@ -121,7 +133,7 @@ class KVSender:
             if spec.transfer_id in book.active or spec.transfer_id in book.history:
                 raise ValueError(f"transfer {spec.transfer_id!r} already exists")
             book.active[spec.transfer_id] = Outbound(
-                spec, by_layer, time.monotonic() + spec.timeout_s
+                spec, by_layer, time.monotonic() + spec.timeout_s, request_id=REQUEST_ID.get()
             )
             book.unreleased.add(spec.transfer_id)
 
@@ -145,7 +157,8 @@ class KVSender:
         if self._on_cuda:
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
-        self._pump.put(SliceJob(out, layer, ids, first_block + skip, ready))
+        queued = queued_at(out.spec.trace)
+        self._pump.put(SliceJob(out, layer, ids, first_block + skip, ready, queued))
 
     def finish(self, transfer_id: str, wait: bool = True, first: FirstToken | None = None) -> None:
         with self._book.lock:

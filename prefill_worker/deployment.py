@@ -11,7 +11,9 @@ Lifecycle of a replica:
     prefill()    one prompt, sent by the router at the same time as the decode request:
                    register the transfer with every rank's hook, then on rank 0 queue
                    the prompt with
-                   max_tokens=1 (one engine command, so no step runs in between)
+                   max_tokens=1 (one engine command, so no step runs in between); a
+                   migrated stream's prompt comes with its tokens so far, which are
+                   computed and sent with it, and the token after them is sampled
                    the engine batches it with other prompts under its token budget and
                    chunked prefill; as each layer finishes, the hook queues that
                    layer's newly complete blocks to the sender, which pushes them into
@@ -35,8 +37,15 @@ Lifecycle of a replica:
                  their transport's operation timeout). The other ranks' hooks
                  pin nothing: rank 0's pins hold the same block ids in every rank's
                  cache.
-    abort()      the same abort, by request id
+    abort()      the same abort, by request id. The router sends both calls at once,
+                 so an abort may come first: its id is remembered for a while and the
+                 prefill, when it comes, is refused at once (rather than waiting for
+                 a registration the decode replica, aborted too, never writes)
     __del__      deregister, stop the engine thread, close the sender
+
+Spans (under the router's `prefill.call`): `prefill` for the whole call, the engine's
+`prefill.queue`, `prefill.chunk` and `prefill.layer` (`worker.layer_spans`), and
+`prefill.wait_sent`, from the first token to every rank's sender reporting DONE.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from opentelemetry.trace import Span
+
 from engine import RequestOutput
 from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
@@ -54,8 +65,10 @@ from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
 from prefill_worker.rank_role import PrefillRankRole, sender_connector
 from registry import Role
+from telemetry import TraceContext, request_scope, tracing
 from worker.engine_loop import OutputStream
 from worker.kv_rank import local_rank, transfer_host
+from worker.layer_spans import LayerSpans
 from worker.messages import (
     PrefillOutcome,
     PrefillRequest,
@@ -66,6 +79,8 @@ from worker.ranks import RemoteRanks, combine
 from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
+
+_ABORTED_MEMORY_S = 120.0  # how long an abort that came before its prefill is kept
 
 _COMMAND_TIMEOUT_S = 30.0
 _SEND_POLL_S = 0.001
@@ -102,16 +117,34 @@ async def release_when_unread(
         release()
 
 
+def _outcome(final: RequestOutput, done: TransferStatus) -> PrefillOutcome:
+    """A sent prefill's timings; the transfer's share is measured on this instance's
+    clock, from the first token's sampling to the sends' completion."""
+    m = final.metrics
+    if m is None:
+        return PrefillOutcome(ok=True)
+    ended = done.ended_at if done.ended_at is not None else time.monotonic()
+    return PrefillOutcome(
+        ok=True,
+        queue_s=m.queue_s,
+        prefill_s=m.prefill_s,
+        cached_prompt_tokens=m.num_cached_tokens,
+        kv_transfer_s=max(0.0, ended - m.first_token_at),
+    )
+
+
 class PrefillWorker:
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")
         self._hook = SendHook(settings.engine.block_size, first_token=True)
+        self._spans = LayerSpans(self._hook)
         self._rt = WorkerRuntime(
             settings,
             replica_unique_id(),
-            layer_hook=self._hook,
+            layer_hook=self._spans,
             output_hook=self._hook.on_outputs,
+            tick=self._spans.mark_step,
             rank_role=PrefillRankRole,
         )
         rendezvous = self._rt.rendezvous()
@@ -122,64 +155,82 @@ class PrefillWorker:
             self._rt.geometry,
             connector,
             registry=rendezvous,
+            on_record=self._rt.transfer_metrics.record,
         )
         self._pins = BlockPins(self._rt.engine.block_pool)
         self._hook.bind(self._sender, self._pins)
         self._ranks: RemoteRanks | None = self._rt.ranks
         self._unpinning: set[asyncio.Task[None]] = set()
+        self._aborted_early: dict[str, float] = {}  # request id -> time.monotonic()
         self._rt.start()
 
     # -- engine thread --------------------------------------------------------------------
 
     @staticmethod
-    def _spec(req: PrefillRequest) -> SendSpec:
+    def _spec(req: PrefillRequest, trace: TraceContext | None) -> SendSpec:
+        """`trace`: the span this request's sends are recorded under, on every rank."""
         dest = InstanceRef(req.dest_instance, req.dest_parallel)
-        return SendSpec(req.transfer_id, dest, 0, req.timeout_s)
+        return SendSpec(req.transfer_id, dest, 0, req.timeout_s, trace)
 
-    def _start(self, req: PrefillRequest) -> None:
-        params = dataclasses.replace(req.params, max_tokens=1)
-        self._hook.add(req.request_id, self._spec(req))
+    def _start(self, req: PrefillRequest, trace: TraceContext | None) -> None:
+        done = len(req.resume.output_token_ids) if req.resume is not None else 0
+        params = dataclasses.replace(req.params, max_tokens=done + 1)  # one more token
+        self._hook.add(req.request_id, self._spec(req, trace))
+        self._spans.add(req.request_id, trace)
         try:
-            self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), params)
+            self._rt.engine.add_request(
+                req.request_id, list(req.prompt_token_ids), params, req.resume
+            )
         except BaseException:
             self._hook.discard(req.request_id, "request rejected")
+            self._spans.discard(req.request_id)
             raise
 
     def _abort(self, request_id: str) -> None:
         self._hook.discard(request_id)
+        self._spans.discard(request_id)
         self._rt.engine.abort_request(request_id)
 
     # -- the deployment's methods -----------------------------------------------------------
 
     async def prefill(self, request: PrefillRequest, replica: str | None = None) -> PrefillOutcome:
         self._rt.check_pin(replica)
+        span = tracing.start("prefill", request.trace, {"transfer": request.transfer_id})
+        with request_scope(request.request_id):
+            out = await self._prefill(request, span)
+        tracing.end(span, "" if out.ok else out.reason)
+        return out
+
+    async def _prefill(self, request: PrefillRequest, span: Span) -> PrefillOutcome:
         rid = request.request_id
+        if self._aborted_early.pop(rid, None) is not None:
+            return PrefillOutcome(ok=False, reason="aborted before it arrived")
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         settled = False
+        trace = tracing.context_of(span)
         try:
             if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
-                await self._ranks.acall("role_call", "add_transfer", rid, self._spec(request))
+                spec = self._spec(request, trace)
+                await self._ranks.acall("role_call", "add_transfer", rid, spec)
             try:
-                await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
+                await loop.call(lambda: self._start(request, trace), _COMMAND_TIMEOUT_S)
             except ValueError as e:
                 settled = True
                 self._abort_ranks(request, "request rejected")
                 return PrefillOutcome(ok=False, reason=f"rejected: {e}")
             deadline = time.monotonic() + request.timeout_s
             final = await self._first_token(stream, deadline)
-            failure = await self._sent(request.transfer_id, deadline)
+            with tracing.span("prefill.wait_sent", span):
+                sent = await self._sent(request.transfer_id, deadline)
             settled = True
-            if failure is not None:
-                self._abort_ranks(request, failure)
-                return PrefillOutcome(ok=False, reason=failure)
-            m = final.metrics
-            return PrefillOutcome(
-                ok=True,
-                queue_s=m.queue_s if m is not None else 0.0,
-                prefill_s=m.prefill_s if m is not None else 0.0,
-                cached_prompt_tokens=m.num_cached_tokens if m is not None else 0,
-            )
+            if isinstance(sent, str):
+                self._abort_ranks(request, sent)
+                return PrefillOutcome(ok=False, reason=sent)
+            return _outcome(final, sent)
+        except BaseException as e:
+            tracing.end(span, type(e).__name__)
+            raise
         finally:
             loop.close_stream(rid)
             if not settled:  # cancelled, timed out or failed: stop the send, free blocks
@@ -232,12 +283,12 @@ class PrefillWorker:
         per_rank = await self._ranks.acall("poll", [transfer_id])
         return combine([status, *(r[0] for r in per_rank)])
 
-    async def _sent(self, transfer_id: str, deadline: float) -> str | None:
-        """None once every rank's sender reports DONE; otherwise why it did not."""
+    async def _sent(self, transfer_id: str, deadline: float) -> TransferStatus | str:
+        """The DONE status once every rank's sender reports it; otherwise why not."""
         while True:
             status = await self._status(transfer_id)
             if status.state is TransferState.DONE:
-                return None
+                return status
             if status.state is TransferState.FAILED:
                 return f"transfer failed: {status.reason}"
             if time.monotonic() > deadline:
@@ -247,6 +298,12 @@ class PrefillWorker:
 
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
+        if not self._rt.loop.has_stream(request_id):
+            now = time.monotonic()
+            for rid, at in list(self._aborted_early.items()):
+                if now - at > _ABORTED_MEMORY_S:
+                    del self._aborted_early[rid]
+            self._aborted_early[request_id] = now
         await self._rt.loop.call(lambda: self._abort(request_id), _COMMAND_TIMEOUT_S)
 
     async def state(self, replica: str | None = None) -> WorkerState:

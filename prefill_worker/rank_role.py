@@ -31,6 +31,7 @@ from kv_transfer.sender import KVSender
 from kv_transfer.shm import ShmConfig, ShmConnector
 from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector
 from kv_transfer.transport import Connector, TransportKind
+from telemetry import request_scope
 from worker.kv_rank import transfer_secret
 from worker.messages import WorkerSettings
 from worker.rank_role import RankContext, RankRole
@@ -106,7 +107,9 @@ class PrefillRankRole(RankRole):
 
     def start(self, ctx: RankContext) -> None:
         connector = sender_connector(ctx.settings, ctx.rendezvous, ctx.host)
-        self._sender = KVSender(ctx.me, ctx.kv, ctx.geometry, connector, registry=ctx.rendezvous)
+        self._sender = KVSender(
+            ctx.me, ctx.kv, ctx.geometry, connector, registry=ctx.rendezvous, on_record=ctx.record
+        )
         hook = SendHook(self._block_size, self._sender, ctx.layer_offset, pins=_HeldByRankZero())
         self._hook = _LockedHook(hook)
 
@@ -119,7 +122,8 @@ class PrefillRankRole(RankRole):
         return self._sender, self._hook
 
     def add_transfer(self, request_id: str, spec: SendSpec) -> None:
-        self._started()[1].add(request_id, spec)
+        with request_scope(request_id):  # the sender keeps it for its log lines
+            self._started()[1].add(request_id, spec)
 
     def abort_send(self, request_id: str, transfer_id: str, reason: str) -> None:
         sender, hook = self._started()

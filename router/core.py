@@ -6,11 +6,15 @@ session = await core.open(raw, names, protocol)
     tokenization and the token limits in the router's tokenizer threads (never on the
     event loop), the prompt's block hashes, the routing decision and a server-side
     request id. Everything that can reject a request happens here,
-    before anything reaches a pool, and raises RouterError.
+    before anything reaches a pool, and raises RouterError. While the registry cannot
+    be read (the view is older than `REGISTRY_STALE_S`), the KV rendezvous, which
+    lives in the same Redis, cannot pair a transfer either: every prompt is then
+    prefilled by its decode instance, from the last view.
 async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
     the last one carries finish reason, usage and timings. A request whose decode
-    instance fails before the first delta is retried on another one (router.retry).
+    instance fails before the first delta is retried on another one (router.retry); a
+    stream that breaks after that moves to another one (router.migration).
     Every failure, expected or not, is raised as a RouterError, so that each front
     end can end the stream with its protocol's error.
 session.close()
@@ -21,30 +25,40 @@ session.close()
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import Span
+
 from registry import LoadReport, Registry, Role, connect
+from registry.traces import REQUEST_ID_ATTR, start_tracing
 from router.admission import Admission
 from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher
+from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
+from router.migration import MigrationPolicy, Progress, with_migration
 from router.pinning import probe_replica, watch_replica_deaths
 from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
 from router.results import Delta
-from router.retry import with_retries
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
+from telemetry import TraceContext, install_log_records, tracing
+from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
+
+REGISTRY_STALE_S = 2.0  # a view older than this: Redis is unreachable
 
 
 @dataclass(frozen=True)
@@ -72,8 +86,10 @@ class Session:
         arrival: float,
         arrival_wall: float,
         protocol: str,
+        span: Span,
     ) -> None:
         self.request_id = request_id
+        self.span = span  # the request's root span, ended by close()
         self.request = request
         self.route = route
         self._core = core
@@ -87,15 +103,10 @@ class Session:
         outcome = "cancelled"
         tag = self.request.client_tag
         try:
-            async for delta in with_retries(
-                self._run,
-                lambda avoid: core.route(self.request, avoid),
-                self.route,
-                core.settings.max_dispatch_attempts,
-                lambda e: core.metrics.retries.labels(e.kind.value).inc(),
-            ):
+            async for delta in with_migration(self._run, self._reroute, self.route, self._policy()):
                 if delta.finish is not None:
-                    core.metrics.finished(self._protocol, delta.finish)
+                    e2e_s = time.monotonic() - self._arrival
+                    core.metrics.finished(self._protocol, delta.finish, e2e_s)
                     outcome = ""
                     t = delta.finish.timings
                     logger.debug(
@@ -108,33 +119,66 @@ class Session:
         except RouterError as e:
             outcome = e.kind.value
             logger.warning("request %s (tag %r) failed: %s", self.request_id, tag, e.message)
+            tracing.mark_error(self.span, e.message)
             raise
         except Exception as e:  # a bug or an unexpected pool error: still a proper ending
             outcome = ErrorKind.INTERNAL.value
             logger.exception("request %s (tag %r) failed", self.request_id, tag)
+            tracing.mark_error(self.span, f"internal error: {type(e).__name__}")
             raise RouterError(ErrorKind.INTERNAL, f"internal error: {type(e).__name__}") from e
         finally:
             if outcome:
+                self.span.set_attribute("outcome", outcome)
                 core.metrics.failed(self._protocol, outcome)
                 if outcome == "cancelled":
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
 
-    def _run(self, route: RouteDecision) -> AsyncIterator[Delta]:
+    def _policy(self) -> MigrationPolicy:
+        s, m = self._core.settings, self._core.metrics
+        return MigrationPolicy(
+            s.max_migrations,
+            s.max_dispatch_attempts,
+            lambda e: m.retries.labels(e.kind.value).inc(),
+            lambda e: m.migrations.labels(e.kind.value).inc(),
+        )
+
+    def _run(self, route: RouteDecision, progress: Progress) -> AsyncIterator[Delta]:
         self.route = route
         return self._core.dispatcher.run(
-            self.request_id, self.request, route, self._arrival, self._arrival_wall
+            self.request_id,
+            self.request,
+            route,
+            self._arrival,
+            self._arrival_wall,
+            progress,
+            self.span,
         )
+
+    def _reroute(self, avoid: frozenset[str], progress: Progress) -> RouteDecision:
+        """A route for the request, or for its prompt and tokens so far once migrating
+        (their length decides disaggregation, their blocks the prefix-cache overlap)."""
+        req = self.request
+        if progress.token_ids:
+            prompt = req.prompt_token_ids + progress.token_ids
+            req = dataclasses.replace(req, prompt_token_ids=prompt)
+        return self._core.route(req, avoid)
 
     def close(self) -> None:
         if self._open:
             self._open = False
+            self.span.end()
             self._core.admission.release()
             self._core.metrics.inflight.set(self._core.admission.inflight)
 
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex}"
+
+
+def bind_request_id(rid: str) -> None:
+    """Tag the log records of the calling task (a front end's handler) with `rid`."""
+    REQUEST_ID.set(rid)
 
 
 def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
@@ -146,9 +190,20 @@ def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
 
 
 class RouterCore:
-    def __init__(self, settings: RouterSettings, decode: Any, prefill: Any | None) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        decode: Any,
+        prefill: Any | None,
+        identity: Mapping[str, str] | None = None,
+    ) -> None:
+        """`identity` labels the metrics this replica exports through Ray (pool,
+        replica, rank)."""
         self.settings = settings
-        self.metrics = RouterMetrics()
+        install_log_records()
+        self.metrics = RouterMetrics(
+            identity, slo_ttft_s=settings.slo_ttft_s, slo_tpot_s=settings.slo_tpot_s
+        )
         self.encoder = PromptEncoder(settings.model_dir, settings.block_size)
         self.validator = RequestValidator(settings.limits, self.encoder, settings.served_model)
         self._tokenize_pool = ThreadPoolExecutor(
@@ -156,6 +211,7 @@ class RouterCore:
         )
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-router")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
+        start_tracing(settings.tracing, self._redis, settings.cluster, "router")
         breaker = CircuitBreaker(on_trip=lambda kind: self.metrics.exclusions.labels(kind).inc())
         pools = {Role.DECODE: decode, Role.PREFILL: prefill}
         self.view = ClusterView(
@@ -165,9 +221,11 @@ class RouterCore:
             lambda info: probe_replica(pools[info.role], info.address),
             settings.probe_timeout_s,
         )
+        self.stopped = StoppedReplicas(settings.timeouts.drain_s)
         self._unwatch = watch_replica_deaths(
             lambda address: breaker.trip(address, "serve", "Serve dropped its replica")
         )
+        self._unwatch_stopped = watch_replica_deaths(self.stopped.stopped)
         self.policy = LoadBalancedPolicy(settings.disaggregation_threshold)
         self.admission = Admission(settings.max_inflight_requests)
         self.dispatcher = Dispatcher(
@@ -176,6 +234,7 @@ class RouterCore:
             self.view,
             settings.timeouts,
             self.metrics,
+            self.stopped,
         )
 
     async def start(self) -> None:
@@ -183,45 +242,79 @@ class RouterCore:
 
     async def stop(self) -> None:
         self._unwatch()
+        self._unwatch_stopped()
         await self.view.stop()
         self._redis.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        tracing.shutdown()
 
     async def open(
-        self, raw: RawRequest, names: FieldNames, protocol: str, rid: str | None = None
+        self,
+        raw: RawRequest,
+        names: FieldNames,
+        protocol: str,
+        rid: str | None = None,
+        parent: TraceContext | None = None,
     ) -> Session:
         """A session for `raw` under the id `rid` (a new one when None); a refusal is
-        logged as one WARNING line with the id and raised as a RouterError."""
+        logged as one WARNING line with the id and raised as a RouterError. `parent`: the
+        client's trace context (its `traceparent`), whose sampled flag then decides."""
         arrival, arrival_wall = time.monotonic(), time.time()
         rid = rid or new_request_id()
-        if not self.admission.try_acquire():
+        bind_request_id(rid)
+        root = tracing.start(
+            "request", parent, {REQUEST_ID_ATTR: rid, "protocol": protocol}, int(arrival_wall * 1e9)
+        )
+        admitted = self.admission.try_acquire()
+        self.metrics.admitted(admitted)
+        if not admitted:
             self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
             error = RouterError(
                 ErrorKind.RESOURCE_EXHAUSTED,
                 f"the router holds {self.admission.max_inflight} requests; retry later",
             )
             log_refusal(rid, protocol, error)
+            tracing.end(root, error.message)
             raise error
         self.metrics.inflight.set(self.admission.inflight)
         try:
-            checked = self.validator.check(raw, names)
-            req = await asyncio.get_running_loop().run_in_executor(
-                self._tokenize_pool, self.validator.finish, checked, names
-            )
-            route = self.route(req)
+            req, route = await self._prepare(raw, names, root)
         except InvalidRequest as e:
             self._reject(protocol, ErrorKind.INVALID_ARGUMENT)
             error = RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field)
             log_refusal(rid, protocol, error)
+            tracing.end(root, error.message)
             raise error from None
         except RouterError as e:
             self._reject(protocol, e.kind)
             log_refusal(rid, protocol, e)
+            tracing.end(root, e.message)
             raise
-        except BaseException:
+        except BaseException as e:
             self._reject(protocol, ErrorKind.INTERNAL)
+            tracing.end(root, type(e).__name__)
             raise
-        return Session(self, rid, req, route, arrival, arrival_wall, protocol)
+        return Session(self, rid, req, route, arrival, arrival_wall, protocol, root)
+
+    async def _prepare(
+        self, raw: RawRequest, names: FieldNames, root: Span
+    ) -> tuple[ValidRequest, RouteDecision]:
+        """Validate, tokenize (in a tokenizer thread, with this task's log context) and
+        route, each in its span under `root`."""
+        with tracing.span("validate", root):
+            checked = self.validator.check(raw, names)
+        with tracing.span("tokenize", root) as span:
+            ctx = contextvars.copy_context()
+            req = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, ctx.run, self.validator.finish, checked, names
+            )
+            span.set_attribute("tokens", len(req.prompt_token_ids))
+        with tracing.span("route", root) as span:
+            route = self.route(req)
+            span.set_attribute("decode", route.decode.instance_id)
+            if route.prefill is not None:
+                span.set_attribute("prefill", route.prefill.instance_id)
+        return req, route
 
     def _reject(self, protocol: str, kind: ErrorKind) -> None:
         self.admission.release()
@@ -233,14 +326,24 @@ class RouterCore:
         address is in `avoid` (raises RouterError UNAVAILABLE when none is left)."""
         hashes = self.encoder.block_hashes(req.prompt_token_ids)
         decode = self.view.candidates(Role.DECODE, hashes, avoid)
-        prefill = self.view.candidates(Role.PREFILL) if self.settings.has_prefill_pool else []
+        prefill = []
+        if self.settings.has_prefill_pool and self.registry_readable():
+            prefill = self.view.candidates(Role.PREFILL)
         request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
         try:
-            return self.policy.route(request, decode, prefill)
+            decision = self.policy.route(request, decode, prefill)
         except NoInstanceAvailable as e:
             raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from None
+        self.metrics.routed(decision, self.settings.disaggregation_threshold)
+        return decision
 
     # -- cluster-level queries -----------------------------------------------------------
+
+    def registry_readable(self) -> bool:
+        """The view was refreshed from Redis within `REGISTRY_STALE_S` (or a few refresh
+        intervals, if longer)."""
+        stale_s = max(REGISTRY_STALE_S, 10 * self.settings.view_refresh_interval_s)
+        return time.monotonic() - self.view.last_refresh < stale_s
 
     def healthy(self) -> bool:
         """A recent view of the registry with at least one live decode instance."""

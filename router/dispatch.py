@@ -24,7 +24,17 @@ task with a bound, so blocks and transfers are freed even when the client's
 cancellation interrupts a call; a failed prefill is aborted the same way. Every wait on
 a pool is bounded: the first chunk by `dispatch_timeout_s` (colocated) or
 `stream_idle_timeout_s` (disaggregated: it follows the transfer), each later one by
-`stream_idle_timeout_s`, the prefill by `prefill_timeout_s`.
+`stream_idle_timeout_s`, the prefill by `prefill_timeout_s`. A stream on a decode
+replica that Serve is stopping is relayed until its drain deadline (router.drain), then
+ends with UNAVAILABLE so that it moves. With a `Progress` (router.migration) the
+request continues a stream: the instances get the tokens so far with the prompt, under
+a request id of the segment's own.
+
+Spans, under the request's root span: `dispatch` (one attempt), and under it
+`prefill.call` (the prefill call, whose context the prefill replica's spans hang
+under), `decode.wait` (sending the decode request to its first token: the wait for
+the decode stream) and `decode.stream` (the first token to the last chunk). The decode
+request carries the `dispatch` span's context.
 """
 
 from __future__ import annotations
@@ -37,15 +47,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import INVALID_SPAN, Span
+
 from kv_transfer.base import Parallelism
 from router.cluster_view import ClusterView
+from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
+from router.migration import Progress
 from router.pinning import PIN_KWARG
 from router.policy import RouteDecision
 from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
 from router.worker_errors import worker_error
+from telemetry import tracing
 from worker.messages import (
     PrefillOutcome,
     PrefillRequest,
@@ -64,13 +79,15 @@ class DispatchTimeouts:
     prefill_s: float  # a whole remote prefill
     transfer_s: float  # the KV transfer's own deadline (both roles)
     abort_s: float = 10.0
+    drain_s: float = 15.0  # a stream on a replica Serve is stopping, before it moves
 
 
 @dataclass
 class _Call:
     """One request's calls in flight: the decode stream and, disaggregated, the prefill."""
 
-    rid: str
+    rid: str  # the client's request id
+    wid: str  # the request id the instances see (one per migration segment)
     route: RouteDecision
     arrival: float  # time.monotonic() at the router
     stream: Any  # the decode stream (a Serve response generator)
@@ -78,6 +95,8 @@ class _Call:
     finished: bool = False
     closed: bool = False
     first_at: float | None = None  # time.monotonic() of the first token
+    span: Span = INVALID_SPAN  # this attempt's `dispatch` span
+    phase: Span = INVALID_SPAN  # decode.wait, then decode.stream
 
     @property
     def prefill_failed(self) -> bool:
@@ -102,6 +121,7 @@ class Dispatcher:
         view: ClusterView,
         timeouts: DispatchTimeouts,
         metrics: RouterMetrics,
+        stopped: StoppedReplicas | None = None,
     ) -> None:
         self._decode = decode  # DeploymentHandle of the decode (or colocated) pool
         self._decode_stream = decode.options(stream=True)
@@ -109,43 +129,79 @@ class Dispatcher:
         self._view = view
         self._t = timeouts
         self._metrics = metrics
+        self._stopped = stopped  # replicas Serve is stopping (router.drain)
         self._cleanups: set[asyncio.Task[None]] = set()
         self._prefills: set[asyncio.Task[PrefillOutcome]] = set()
 
     async def run(
-        self, rid: str, req: ValidRequest, route: RouteDecision, arrival: float, arrival_wall: float
+        self,
+        rid: str,
+        req: ValidRequest,
+        route: RouteDecision,
+        arrival: float,
+        arrival_wall: float,
+        progress: Progress | None = None,
+        parent: Span = INVALID_SPAN,
     ) -> AsyncIterator[Delta]:
-        """Stream the request's deltas; `arrival` is its time.monotonic() at the router."""
-        call = self._start(rid, req, route, arrival, arrival_wall)
+        """Stream the request's deltas; `arrival` is its time.monotonic() at the router,
+        `parent` the request's span. With `progress` (router.migration), the tokens the
+        client has are computed with the prompt and the stream goes on after them."""
+        span = tracing.start("dispatch", parent, {"decode": route.decode.instance_id})
+        call = self._start(rid, req, route, arrival, arrival_wall, progress or Progress(), span)
+        error = ""
         try:
             async for delta in self._relay(call):
                 yield delta
+        except BaseException as e:
+            error = e.message if isinstance(e, RouterError) else type(e).__name__
+            raise
         finally:
+            tracing.end(call.phase, error)
+            tracing.end(span, error)
             self._close(call)
 
     def _start(
-        self, rid: str, req: ValidRequest, route: RouteDecision, arrival: float, wall: float
+        self,
+        rid: str,
+        req: ValidRequest,
+        route: RouteDecision,
+        arrival: float,
+        wall: float,
+        progress: Progress,
+        span: Span,
     ) -> _Call:
         """Send the decode request and, disaggregated, the prefill, at the same time."""
         remote = route.prefill if self._prefill is not None else None
         plan = self._plan(remote) if remote is not None else None
-        n_prompt = len(req.prompt_token_ids)
-        wreq = WorkerRequest(rid, req.prompt_token_ids, req.params, wall, plan)
-        self._view.sent(route.decode.instance_id, rid, 0 if plan else n_prompt)
+        resume = progress.resume
+        n_prompt = len(req.prompt_token_ids) + len(progress.token_ids)
+        wid = f"{rid}-m{progress.migrations}" if progress.migrations else rid
+        trace = tracing.context_of(span)
+        wreq = WorkerRequest(wid, req.prompt_token_ids, req.params, wall, plan, resume, trace)
+        self._view.sent(route.decode.instance_id, wid, 0 if plan else n_prompt)
+        phase = tracing.start("decode.wait", span)
         stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: route.decode.address})
-        call = _Call(rid, route, arrival, stream)
+        call = _Call(
+            rid, wid, route, arrival, stream, first_at=progress.first_at, span=span, phase=phase
+        )
         if plan is not None and remote is not None:
-            self._view.sent(remote.instance_id, rid, n_prompt)
+            self._view.sent(remote.instance_id, wid, n_prompt)
+            span.set_attribute("prefill", remote.instance_id)
+            prefill_span = tracing.start("prefill.call", span, {"prefill": remote.instance_id})
             preq = PrefillRequest(
-                rid,
+                wid,
                 plan.transfer_id,
                 req.prompt_token_ids,
                 req.params,
                 route.decode.instance_id,
                 plan.timeout_s,
                 Parallelism(route.decode.tp, route.decode.pp),
+                resume,
+                tracing.context_of(prefill_span),
             )
-            call.prefill = asyncio.get_running_loop().create_task(self._run_prefill(call, preq))
+            call.prefill = asyncio.get_running_loop().create_task(
+                self._run_prefill(call, preq, prefill_span)
+            )
             self._prefills.add(call.prefill)
             call.prefill.add_done_callback(self._prefills.discard)
         return call
@@ -163,12 +219,14 @@ class Dispatcher:
         it = call.stream.__aiter__()
         timeout = self._t.dispatch_s if call.prefill is None else self._t.stream_idle_s
         while not call.finished:
-            item = await self._next(it, timeout, "the decode instance", call.decode_pin)
+            item = await self._chunk(call, it, timeout)
             timeout = self._t.stream_idle_s
             if not isinstance(item, TokenChunk):
                 raise RouterError(ErrorKind.INTERNAL, f"unexpected {type(item).__name__}")
             if item.token_ids and call.first_at is None:
                 call.first_at = time.monotonic()
+                tracing.end(call.phase)
+                call.phase = tracing.start("decode.stream", call.span)
             if not item.finished:
                 yield Delta(call.rid, item.token_ids, item.text, item.logprobs)
                 continue
@@ -187,22 +245,44 @@ class Dispatcher:
         finish = self._finish(item, outcome, call)
         yield Delta(call.rid, item.token_ids, item.text, item.logprobs, finish)
 
-    async def _next(self, it: Any, timeout: float, what: str, pin: str) -> Any:
+    async def _chunk(self, call: _Call, it: Any, timeout: float) -> Any:
+        """The stream's next chunk. On a replica Serve is stopping (router.drain), it is
+        waited for only until the stream must move: then UNAVAILABLE, which migrates."""
+        what, pin = "the decode instance", call.decode_pin
+        deadline = self._stopped.deadline(pin) if self._stopped is not None else None
+        if deadline is None or deadline - time.monotonic() >= timeout:
+            return await self._next(it, timeout, what, pin)
+        moving = RouterError(ErrorKind.UNAVAILABLE, f"{what} is shutting down: the stream moves")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise moving
+        return await self._next(it, left, what, pin, late=moving)
+
+    async def _next(
+        self, it: Any, timeout: float, what: str, pin: str, late: RouterError | None = None
+    ) -> Any:
+        """The next item of `it`; after `timeout`, `late` if given, else UNAVAILABLE and
+        the instance is reported as failed."""
         try:
             return await asyncio.wait_for(it.__anext__(), timeout)
         except StopAsyncIteration:
             raise RouterError(ErrorKind.INTERNAL, f"{what} ended the stream early") from None
         except Exception as e:
+            if late is not None and isinstance(e, TimeoutError):
+                raise late from None
             self._view.failed(pin, e, what)
             raise worker_error(e, what) from e
 
-    async def _run_prefill(self, call: _Call, preq: PrefillRequest) -> PrefillOutcome:
+    async def _run_prefill(
+        self, call: _Call, preq: PrefillRequest, span: Span = INVALID_SPAN
+    ) -> PrefillOutcome:
         """The prefill call, bounded; its failure is an outcome (the decode instance
         falls back by itself), and then the prefill instance is told to abort."""
         assert self._prefill is not None and call.route.prefill is not None
         pin = call.route.prefill.address
+        out: PrefillOutcome | None = None
         try:
-            out: PrefillOutcome = await asyncio.wait_for(
+            out = await asyncio.wait_for(
                 self._prefill.prefill.remote(preq, **{PIN_KWARG: pin}), self._t.prefill_s
             )
         except asyncio.CancelledError:
@@ -211,12 +291,14 @@ class Dispatcher:
             self._view.failed(pin, e, "the prefill instance")
             out = PrefillOutcome(ok=False, reason=worker_error(e, "the prefill instance").message)
         finally:
-            self._view.done(call.route.prefill.instance_id, call.rid)
+            self._view.done(call.route.prefill.instance_id, call.wid)
+            tracing.end(span, "cancelled" if out is None else out.reason if not out.ok else "")
+        assert out is not None  # only a cancellation leaves it unset, and that raised
         if not out.ok:
-            logger.warning("request %s: prefill failed: %s", call.rid, out.reason)
+            logger.warning("request %s: prefill failed: %s", call.wid, out.reason)
             self._metrics.prefill_failures.inc()
             if call.closed:  # the stream is over: nobody else will clean up
-                self._cleanup(call.rid, None, pin)
+                self._cleanup(call.wid, None, pin)
         return out
 
     async def _outcome(self, call: _Call) -> PrefillOutcome | None:
@@ -233,17 +315,17 @@ class Dispatcher:
         """Unless the stream finished, cancel it and abort the request on every instance
         involved; a prefill that failed is aborted either way."""
         call.closed = True
-        self._view.done(call.route.decode.instance_id, call.rid)
+        self._view.done(call.route.decode.instance_id, call.wid)
         running = call.prefill is not None and not call.prefill.done()
         prefill_pin = call.prefill_pin if running or call.prefill_failed else None
         if call.finished:
             if call.prefill_failed:
-                self._cleanup(call.rid, None, prefill_pin)
+                self._cleanup(call.wid, None, prefill_pin)
             return
         call.stream.cancel()
         if running and call.prefill is not None:
             call.prefill.cancel()
-        self._cleanup(call.rid, call.decode_pin, prefill_pin)
+        self._cleanup(call.wid, call.decode_pin, prefill_pin)
 
     @property
     def num_pending(self) -> int:
@@ -260,7 +342,10 @@ class Dispatcher:
         remote = outcome if disagg and outcome is not None and outcome.ok else None
         prefill_s = remote.prefill_s if remote is not None else final.prefill_s
         cached = remote.cached_prompt_tokens if remote is not None else final.cached_prompt_tokens
-        kv_s = final.kv_transfer_s if disagg else 0.0
+        # The prefill instance measures the transfer on one clock; the decode
+        # instance's figure spans two hosts' wall clocks.
+        kv_s = remote.kv_transfer_s if remote is not None else final.kv_transfer_s
+        kv_s = kv_s if disagg else 0.0
         first_at = call.first_at if call.first_at is not None else time.monotonic()
         ttft = (first_at - call.arrival) * 1000
         timings = Timings(

@@ -8,7 +8,12 @@ that replica and no other. Calls without a pin go to any replica.
 A pin that names no running replica fails the call with `PinnedReplicaUnavailable`:
 at once when Serve has dropped that replica (it died, or was stopped), else after
 `PIN_GRACE_S` (a replica the registry lists before this handle has heard of it gets
-that long). It never waits in Serve's routing loop: that loop retries without yielding
+that long). A call whose pinned replica could not be reached (Ray's
+`ActorUnavailableError`: the process is gone but Serve's controller has not dropped it
+yet, or the network failed) fails the same way on Serve's retry, instead of being sent
+to the same replica again and again with backoff until the controller drops it.
+
+It never waits in Serve's routing loop: that loop retries without yielding
 to the event loop unless the router asks it to back off, so a pin that matches nothing
 would spin it and freeze every coroutine of the process, health checks included.
 
@@ -19,8 +24,8 @@ one per handle.
 
 It subclasses the plain `RequestRouter` (no FIFO mixin), whose matching is by request
 id, so a replica chosen for one request is never handed to another. It overrides two
-of Serve's internal hooks (`_choose_replica_for_request`, `on_replica_actor_died`);
-the Ray version is pinned exactly.
+of Serve's internal hooks (`_choose_replica_for_request`, `on_replica_actor_died`,
+`on_replica_actor_unavailable`); the Ray version is pinned exactly.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class PinnedReplicaRouter(RequestRouter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._gone: dict[str, float] = {}  # unique id -> time.monotonic() it was dropped
+        self._unreachable: dict[str, float] = {}  # unique id -> time.time() of the last
 
     async def choose_replicas(
         self,
@@ -97,6 +103,9 @@ class PinnedReplicaRouter(RequestRouter):
         pin = pinned_replica(pending_request)
         if pin is not None and pin in self._gone:
             raise PinnedReplicaUnavailable(pin, "was stopped or died")
+        if pin is not None and self._unreachable.get(pin, 0.0) >= pending_request.created_at:
+            # This call (or one since it began) could not reach the replica.
+            raise PinnedReplicaUnavailable(pin, "could not be reached")
         replica: RunningReplica = await super()._choose_replica_for_request(
             pending_request, is_retry=is_retry
         )
@@ -109,6 +118,14 @@ class PinnedReplicaRouter(RequestRouter):
         for unique_id in now:
             self._gone.pop(unique_id, None)
         self._dropped(before - now)
+
+    def on_replica_actor_unavailable(self, replica_id: Any) -> None:
+        super().on_replica_actor_unavailable(replica_id)
+        now = time.time()
+        for unique_id, at in list(self._unreachable.items()):
+            if now - at > _GONE_MEMORY_S:
+                del self._unreachable[unique_id]
+        self._unreachable[str(replica_id.unique_id)] = now
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         super().on_replica_actor_died(replica_id)

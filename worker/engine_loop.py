@@ -5,14 +5,18 @@ Lifecycle:
 
     EngineLoop(engine, name=...).start()   the thread starts and idles
     submit(fn) / await call(fn)            fn(engine) runs on the engine thread between
-                                           steps; its result or exception comes back
+                                           steps, in a copy of the caller's context (so
+                                           its log lines carry the caller's request id);
+                                           its result or exception comes back
     open_stream(request_id)                an asyncio queue for the request's outputs;
                                            the engine thread posts every RequestOutput
                                            of that request to it (and drops the stream
                                            after the finished one)
     one iteration                          run queued commands, then the `tick` hook,
                                            then one `engine.step()` when the scheduler
-                                           has work; an idle loop waits on the inbox
+                                           has work (timed, for the metrics, which also
+                                           sample the engine's state every so often);
+                                           an idle loop waits on the inbox
     stop()                                 the thread exits after its iteration
                                            (bounded join); open streams get EngineStopped
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -35,6 +40,7 @@ from typing import TypeVar
 from engine import LLMEngine, RequestOutput
 from registry import LoadReport
 from worker.errors import InstanceUnavailable
+from worker.pool_metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +91,14 @@ class EngineLoop:
         busy: Callable[[], bool] | None = None,
         idle_wait_s: float = 0.02,
         busy_wait_s: float = 0.001,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         """`tick` runs on the engine thread every iteration; while `busy()` is true (for
         example, transfers to poll) an idle loop waits `busy_wait_s` instead of
-        `idle_wait_s`."""
+        `idle_wait_s`. `metrics` gets each step's time and tokens, and samples the
+        engine's state between steps."""
         self.engine = engine
+        self._metrics = metrics
         self.name = name
         self._tick = tick
         self._busy = busy
@@ -142,11 +151,13 @@ class EngineLoop:
             fut.set_exception(EngineStopped(f"engine loop {self.name} is not running"))
             return fut
 
+        ctx = contextvars.copy_context()
+
         def run() -> None:
             if not fut.set_running_or_notify_cancel():
                 return
             try:
-                fut.set_result(fn())
+                fut.set_result(ctx.run(fn))
             except BaseException as e:
                 fut.set_exception(e)
 
@@ -170,6 +181,10 @@ class EngineLoop:
     def close_stream(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
+
+    def has_stream(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._streams
 
     @property
     def num_streams(self) -> int:
@@ -234,7 +249,12 @@ class EngineLoop:
                     self._tick()
                 stalled = False
                 if engine.scheduler.has_work():
+                    started = time.perf_counter()
                     outputs = engine.step()
+                    if self._metrics is not None and engine.last_step_tokens:
+                        self._metrics.stepped(
+                            time.perf_counter() - started, engine.last_step_tokens
+                        )
                     for out in outputs:
                         self.post(out)
                     # Waiting prompts that no block can take until a command frees some.
@@ -243,6 +263,8 @@ class EngineLoop:
                 if now - last_load > 0.02:
                     self._update_load()
                     last_load = now
+                if self._metrics is not None:
+                    self._metrics.sample(engine, now)
                 if stalled or not engine.scheduler.has_work():
                     self._wait()
         except BaseException as e:

@@ -10,6 +10,15 @@ decode pool and a `PrefillRequest` with the same transfer id to the prefill pool
 same time. The decode stream is `TokenChunk`s; the last chunk has `finished` set and
 carries `FinalStats`. The prompt's first token travels with its KV (kv_transfer's
 header), so the prefill's `PrefillOutcome` only reports success and timings.
+
+A stream that broke mid-way continues on another decode instance with the same
+request plus a `Resume` (engine.resume): its tokens so far are computed with the
+prompt, by the prefill pool or by the decode instance, and the stream goes on from
+the next token.
+
+Each request carries its trace context (`trace`: the trace id and the router's span
+that the pool's spans hang under; None when tracing is off or the request was not
+sampled in), so one request's spans form one trace across processes.
 """
 
 from __future__ import annotations
@@ -17,12 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from engine import SamplingParams, TokenLogprob
+from engine import Resume, SamplingParams, TokenLogprob
 from engine.config import EngineConfig
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
 from kv_transfer.transport import TransportKind
 from registry.types import Role
+from telemetry import TraceContext, TracingSettings
 
 
 class FallbackReason(StrEnum):
@@ -57,6 +67,7 @@ class WorkerSettings:
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
     # the cluster secret sealing KV control HELLOs (kv_transfer.auth); None: unsealed
     transfer_secret: str | None = field(default=None, repr=False)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,10 @@ class WorkerRequest:
     params: SamplingParams
     arrival_wall: float  # time.time() when the router received the request
     remote: RemotePrefillPlan | None = None
+    # a migrated stream: the tokens another decode instance generated and the text the
+    # client has; they are computed with the prompt (remotely when `remote` is set)
+    resume: Resume | None = None
+    trace: TraceContext | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,8 @@ class PrefillRequest:
     dest_parallel: Parallelism = field(
         default_factory=Parallelism
     )  # the decode instance's TP/PP layout
+    resume: Resume | None = None  # a migrated stream's tokens so far, computed too
+    trace: TraceContext | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,9 @@ class PrefillOutcome:
     queue_s: float = 0.0
     prefill_s: float = 0.0
     cached_prompt_tokens: int = 0
+    # The first token's sampling to the sends of the transfer (its END included)
+    # completing, on this instance's clock: the transfer time TTFT sees.
+    kv_transfer_s: float = 0.0
 
 
 @dataclass(frozen=True)

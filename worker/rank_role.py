@@ -26,7 +26,7 @@ from engine.forward_hooks import LayerHook
 from engine.kv_cache import KVCache
 from engine.llm_engine import KVStorage
 from engine.parallel.worker import TagResolver
-from kv_transfer.base import LocalRank, TransferStatus
+from kv_transfer.base import LocalRank, RecordSink, TransferStatus
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RendezvousStore
 from worker.messages import WorkerSettings
@@ -43,6 +43,7 @@ class RankContext:
     rendezvous: RendezvousStore
     host: str  # the address this rank's transport binds
     layer_offset: int  # global index of the rank's first layer
+    record: RecordSink  # where its sender or receiver reports each transfer's figures
 
 
 class Endings:

@@ -15,6 +15,8 @@ Lifecycle:
     steps                 rank 0's engine broadcasts each step; every actor runs its share
                           on its own thread (`engine.parallel.worker.RankWorker.serve`),
                           with its role's layer hook when it has one
+    metrics               each actor records its own transfers, labelled with the
+                          pool, the replica and its rank (worker.pool_metrics)
     transfers             every rank moves its own KV slices (kv_transfer's M:N plan);
                           rank 0 reaches each rank's role with `call("role_call", ...)`
                           and combines their `poll`s (`combine`). The prefill and decode
@@ -44,8 +46,11 @@ from kv_transfer.base import PENDING, TRANSFERRING, TransferState, TransferStatu
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RedisRendezvous
 from registry import connect
+from registry.traces import start_tracing
+from telemetry import install_log_records, tracing
 from worker.kv_rank import local_rank, transfer_host
 from worker.messages import WorkerSettings
+from worker.pool_metrics import TransferMetrics, pool_metrics
 from worker.rank_role import RankContext, RankRole
 
 logger = logging.getLogger(__name__)
@@ -77,7 +82,11 @@ class RankActor:
             host=host,
             setup_timeout_s=max(settings.rank_start_timeout_s, settings.rank_timeout_s),
         )
+        replica = instance_id.removeprefix(f"{settings.pool}-")
+        self.metrics = pool_metrics(settings.pool, replica, rank, settings.role.value)
         self._redis = connect(settings.redis_url, client_name=f"{instance_id}-rank{rank}")
+        install_log_records()
+        start_tracing(settings.tracing, self._redis, settings.cluster, f"{instance_id}-rank{rank}")
         if self._role is not None:
             mc = self._worker.model_config
             ctx = RankContext(
@@ -88,6 +97,7 @@ class RankActor:
                 RedisRendezvous(self._redis, settings.cluster),
                 host,
                 self._worker.layer_offset,
+                TransferMetrics(self.metrics).record,
             )
             self._role.start(ctx)
         self._error: BaseException | None = None
@@ -143,6 +153,7 @@ class RankActor:
         self._thread.join(timeout_s)
         if self._role is not None:
             self._role.close()
+        tracing.shutdown()
         self._redis.close()
 
 

@@ -6,12 +6,18 @@ and in kv_transfer is `<pool>-<replica unique id>`, and the registry entry's `ad
 is the replica unique id, which the router passes to `router.pinning` to reach exactly
 this replica.
 
+Metrics: `metrics` (worker.pool_metrics) is this rank 0's set, labelled with the pool,
+the replica unique id and rank 0; the engine loop records into it, and the role's
+kv_transfer sender or receiver reports each transfer to `transfer_metrics`.
+
 Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads pinned
 to the pool's CPU share) and the loop; with tp x pp > 1 it first starts the replica's
 other ranks (`worker.ranks.RemoteRanks`, each with the pool's `rank_role`) and runs
 the engine as rank 0.
 `start()` starts the engine thread, then registers; `stop()` deregisters first (the
-router stops sending here), then stops the engine thread and the other ranks.
+router stops sending here), then stops the engine thread and the other ranks, and
+flushes this process's spans. Tracing and the request-id log context are set up first,
+so every line the replica logs on a request's behalf names the request.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from engine.llm_engine import KVStorage, OutputHook
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RedisRendezvous
 from registry import InstanceInfo, Registry, connect
+from registry.traces import start_tracing
+from telemetry import install_log_records, tracing
 from worker.engine_loop import EngineLoop
 from worker.errors import InstanceUnavailable
 from worker.kv_rank import transfer_host
 from worker.messages import WorkerSettings
+from worker.pool_metrics import EngineMetrics, TransferMetrics, pool_metrics
 from worker.presence import Presence
 from worker.rank_role import RankRole
 from worker.ranks import RemoteRanks
@@ -62,22 +71,17 @@ class WorkerRuntime:
         self.settings = settings
         self.replica_id = replica_id
         self.instance_id = f"{settings.pool}-{replica_id}"
+        install_log_records()
+        self.metrics = pool_metrics(settings.pool, replica_id, 0, settings.role.value)
+        self.transfer_metrics = TransferMetrics(self.metrics)
         self.redis = connect(settings.redis_url, client_name=self.instance_id)
+        start_tracing(settings.tracing, self.redis, settings.cluster, self.instance_id)
         self.registry = Registry(self.redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
         self.presence = self._presence()
-        config = settings.engine
-        self.ranks: RemoteRanks | None = None
-        if config.tp * config.pp > 1:
-            self.ranks = RemoteRanks(
-                settings,
-                self.instance_id,
-                transfer_host(settings.transfer_host),
-                settings.rank_resources,
-                rank_role,
-            )
+        self.ranks = self._start_ranks(rank_role)
         try:
             self.engine = LLMEngine(
-                config,
+                settings.engine,
                 layer_hook=layer_hook,
                 kv_storage=kv_storage,
                 cache_listener=self.presence.on_cache_event,
@@ -90,7 +94,26 @@ class WorkerRuntime:
             raise
         mc = self.engine.model_config
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
-        self.loop = EngineLoop(self.engine, name=self.instance_id, tick=tick, busy=busy)
+        self.loop = EngineLoop(
+            self.engine,
+            name=self.instance_id,
+            tick=tick,
+            busy=busy,
+            metrics=EngineMetrics(self.metrics),
+        )
+
+    def _start_ranks(self, rank_role: type[RankRole] | None) -> RemoteRanks | None:
+        """With tp x pp > 1, ranks 1..N-1, each with the pool's `rank_role`."""
+        settings = self.settings
+        if settings.engine.tp * settings.engine.pp == 1:
+            return None
+        return RemoteRanks(
+            settings,
+            self.instance_id,
+            transfer_host(settings.transfer_host),
+            settings.rank_resources,
+            rank_role,
+        )
 
     def _presence(self) -> Presence:
         """This instance's registry entry and heartbeat (started by `start`)."""
@@ -127,6 +150,7 @@ class WorkerRuntime:
             if not self.loop.running:
                 self.engine.shutdown()  # STOP to the other ranks
             self.ranks.close()
+        tracing.shutdown()
         self.redis.close()
 
     def check_pin(self, replica: str | None) -> None:

@@ -11,7 +11,9 @@
 
 A stream that is abandoned (a `break`, an exception, a cancelled task) cancels the
 call, and the server aborts the request on every pool. Errors are `ClientError`s with
-the gRPC status code and the server's message (which names the bad field).
+the gRPC status code and the server's message (which names the bad field). A Generate
+that fails with UNAVAILABLE before its first chunk is sent again, a bounded number of
+times (`RetryPolicy`, counted in the client's `retries`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from cluster.client.messages import (
     Usage,
     build_request,
 )
+from cluster.client.retry import RetryPolicy
 from cluster.client.sync import Client
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "Message",
     "ModelCard",
     "Pool",
+    "RetryPolicy",
     "Sampling",
     "Timings",
     "Usage",

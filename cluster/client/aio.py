@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -20,15 +22,17 @@ from cluster.client.messages import (
     build_request,
     chunk_from,
     completion_from,
+    error_from,
     state_from,
 )
+from cluster.client.retry import RetryPolicy
 from cluster.client.sync import APPLICATION, call_metadata, channel_credentials
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2, pdserve_pb2_grpc
 
 
 class AsyncClient:
-    """The asyncio client (grpc.aio); create and use it inside one event loop. Options as
-    `Client`'s."""
+    """The asyncio client (grpc.aio); create and use it inside one event loop. Options
+    and retries as `Client`'s."""
 
     def __init__(
         self,
@@ -39,6 +43,7 @@ class AsyncClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         application: str | None = APPLICATION,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._channel = (
             grpc.aio.secure_channel(target, channel_credentials(root_certificates))
@@ -49,6 +54,8 @@ class AsyncClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._md = call_metadata(token, application)
         self.timeout_s = timeout_s
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.retries = 0
 
     async def close(self) -> None:
         await self._channel.close()
@@ -67,16 +74,28 @@ class AsyncClient:
     async def stream_request(
         self, request: pdserve_pb2.GenerateRequest, timeout_s: float | None = None
     ) -> AsyncIterator[Chunk]:
-        call: Any = self._stub.Generate(
-            request, timeout=timeout_s or self.timeout_s, metadata=self._md
-        )
-        try:
-            async for msg in call:
-                yield chunk_from(msg)
-        except grpc.RpcError as e:
-            raise ClientError(e.code(), e.details() or "") from None
-        finally:
-            call.cancel()
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while True:
+            started = False
+            call: Any = self._stub.Generate(
+                request, timeout=max(0.0, deadline - time.monotonic()), metadata=self._md
+            )
+            try:
+                async for msg in call:
+                    started = True
+                    yield chunk_from(msg)
+                return
+            except grpc.RpcError as e:
+                error = error_from(e)
+                wait = self.retry.delay(error.code, started, attempt, deadline - time.monotonic())
+                if wait < 0:
+                    raise error from None
+            finally:
+                call.cancel()
+            attempt += 1
+            self.retries += 1
+            await asyncio.sleep(wait)
 
     def stream(
         self,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,22 @@ class ClientError(RuntimeError):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+# How Serve's gRPC proxy reports the death of the replica that served a call: INTERNAL
+# with Ray's actor error in the details. To the client that is UNAVAILABLE.
+_REPLICA_GONE = re.compile(
+    r"The actor \S+ is unavailable|actor died|ActorDiedError|ActorUnavailableError", re.I
+)
+
+
+def error_from(e: grpc.RpcError) -> ClientError:
+    """The call's status as a ClientError; a replica's death reads as UNAVAILABLE."""
+    code: grpc.StatusCode = e.code()
+    details = e.details() or ""
+    if code == grpc.StatusCode.INTERNAL and _REPLICA_GONE.search(details):
+        code = grpc.StatusCode.UNAVAILABLE
+    return ClientError(code, details)
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,7 @@ class Timings:
     ttft_ms: float
     mean_tpot_ms: float
     disaggregated: bool
+    migrations: int = 0  # times the stream moved to another decode instance
 
 
 @dataclass(frozen=True)
@@ -180,7 +198,13 @@ def chunk_from(msg: pdserve_pb2.GenerateResponse) -> Chunk:
     if msg.HasField("timings"):
         t = msg.timings
         timings = Timings(
-            t.queue_ms, t.prefill_ms, t.kv_transfer_ms, t.ttft_ms, t.mean_tpot_ms, t.disaggregated
+            t.queue_ms,
+            t.prefill_ms,
+            t.kv_transfer_ms,
+            t.ttft_ms,
+            t.mean_tpot_ms,
+            t.disaggregated,
+            t.migrations,
         )
     return Chunk(
         msg.request_id,

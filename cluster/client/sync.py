@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -20,8 +21,10 @@ from cluster.client.messages import (
     build_request,
     chunk_from,
     completion_from,
+    error_from,
     state_from,
 )
+from cluster.client.retry import RetryPolicy
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2, pdserve_pb2_grpc
 
 # The Serve application the cluster deploys (cluster.builder.APP_NAME). Serve's gRPC
@@ -41,7 +44,9 @@ def channel_credentials(root_certificates: bytes | None) -> grpc.ChannelCredenti
 
 class Client:
     """Blocking client. `tls=True` (with optional `root_certificates`) for a TLS front;
-    `application` is the Serve application its calls name (None: name none)."""
+    `application` is the Serve application its calls name (None: name none). A
+    Generate that fails with UNAVAILABLE before its first chunk is sent again under
+    `retry` (see `cluster.client.retry`); `retries` counts those tries."""
 
     def __init__(
         self,
@@ -52,6 +57,7 @@ class Client:
         tls: bool = False,
         root_certificates: bytes | None = None,
         application: str | None = APPLICATION,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._channel = (
             grpc.secure_channel(target, channel_credentials(root_certificates))
@@ -62,6 +68,8 @@ class Client:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._md = call_metadata(token, application)
         self.timeout_s = timeout_s
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.retries = 0
 
     def close(self) -> None:
         self._channel.close()
@@ -80,16 +88,28 @@ class Client:
     def stream_request(
         self, request: pdserve_pb2.GenerateRequest, timeout_s: float | None = None
     ) -> Iterator[Chunk]:
-        call: Any = self._stub.Generate(
-            request, timeout=timeout_s or self.timeout_s, metadata=self._md
-        )
-        try:
-            for msg in call:
-                yield chunk_from(msg)
-        except grpc.RpcError as e:
-            raise ClientError(e.code(), e.details() or "") from None
-        finally:
-            call.cancel()  # no-op once the call completed
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while True:
+            started = False
+            call: Any = self._stub.Generate(
+                request, timeout=max(0.0, deadline - time.monotonic()), metadata=self._md
+            )
+            try:
+                for msg in call:
+                    started = True
+                    yield chunk_from(msg)
+                return
+            except grpc.RpcError as e:
+                error = error_from(e)
+                wait = self.retry.delay(error.code, started, attempt, deadline - time.monotonic())
+                if wait < 0:
+                    raise error from None
+            finally:
+                call.cancel()  # no-op once the call completed
+            attempt += 1
+            self.retries += 1
+            time.sleep(wait)
 
     def stream(
         self,

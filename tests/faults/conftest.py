@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fault_load import MAX_MODEL_LEN
 
+from benchmarks.fault_load import MAX_MODEL_LEN
 from engine import LLM
 
 

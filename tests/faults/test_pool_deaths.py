@@ -17,11 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from cluster_harness import LONG_PROMPTS, ClusterHarness, tiny_config, wait_until
-from fault_load import MAX_MODEL_LEN, GrpcStream, HealthWatch, SseStream, StreamResult
 
-from cluster.builder import APP_NAME
+from benchmarks.fault_load import (
+    MAX_MODEL_LEN,
+    GrpcStream,
+    HealthWatch,
+    SseStream,
+    StreamResult,
+    replica_pids,
+)
 from cluster.client import Sampling
 from engine import LLM, SamplingParams
 
@@ -69,12 +74,10 @@ def _port(cluster: ClusterHarness) -> int:
 
 
 def _replica_pid(pool: str, unique_id: str) -> int:
-    """The pid of a live Serve replica actor (from Ray's actor table)."""
-    name = f"SERVE_REPLICA::{APP_NAME}#{pool}#{unique_id}"
-    for info in ray._private.state.actors().values():
-        if info["Name"] == name and info["State"] == "ALIVE":
-            return int(info["Pid"])
-    raise AssertionError(f"no live actor {name}")
+    """The pid of a live Serve replica actor."""
+    pids = replica_pids(pool)
+    assert unique_id in pids, f"no live replica {unique_id} of {pool}"
+    return pids[unique_id]
 
 
 def _wait_for_full_cluster(cluster: ClusterHarness) -> None:

@@ -96,9 +96,16 @@ BAD = [
     (["router.tokenizer_threads=0"], "router.tokenizer_threads"),
     (["router.max_queued_requests=0"], "router.max_queued_requests"),
     (["router.health_watch_max_s=0"], "router.health_watch_max_s"),
+    (["router.max_migrations=-1"], "router.max_migrations"),
+    (["pools.decode.graceful_shutdown_timeout_s=1"], "pools.decode.graceful_shutdown_timeout_s"),
     (["name=has:colon"], "name"),
     (["model.dtype=int4"], "model.dtype"),
     (["kv_transfer.faults=[{kind: explode}]"], "kv_transfer.faults.0.kind"),
+    (["tracing.sample_ratio=1.5"], "tracing.sample_ratio"),
+    (["tracing.otlp_endpoint=collector:4318"], "tracing.otlp_endpoint"),
+    (["tracing.otlp_endpoint=grpc://collector:4317"], "tracing.otlp_endpoint"),
+    (["tracing.max_requests=0"], "tracing.max_requests"),
+    (["tracing.sampling=0.5"], "tracing.sampling"),  # a typo is not ignored
 ]
 
 
@@ -107,6 +114,24 @@ def test_invalid_config_names_the_problem(overrides: list[str], message: str) ->
     with pytest.raises(ConfigError, match="invalid cluster config") as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_tracing_settings_reach_every_deployment(tiny_model_dir: Path) -> None:
+    c = load_config(
+        None,
+        [
+            "tracing.sample_ratio=0.25",
+            "tracing.otlp_endpoint=http://127.0.0.1:4318/v1/traces",
+            "tracing.max_requests=9",
+        ],
+    )
+    t = router_settings(c, str(tiny_model_dir), "redis://x").tracing
+    assert (t.enabled, t.sample_ratio, t.otlp_endpoint, t.max_requests) == (
+        True, 0.25, "http://127.0.0.1:4318/v1/traces", 9,
+    )  # fmt: skip
+    for pool in c.pools:
+        assert worker_settings(c, pool, str(tiny_model_dir), "redis://x").tracing == t
+    assert not load_config(None, ["tracing.enabled=false"]).tracing.enabled
 
 
 def test_bad_override_syntax_and_files(tmp_path: Path) -> None:
@@ -218,6 +243,21 @@ def test_serve_queues_are_bounded(tiny_model_dir: Path) -> None:
     assert [(p.name, p.max_queued_requests) for p in pools] == [("decode", 40), ("prefill", 40)]
     rs = router_settings(c, str(tiny_model_dir), "redis://x")
     assert (rs.max_health_watches, rs.health_watch_max_s) == (5, 300.0)
+
+
+def test_streams_move_and_drain_as_configured(tiny_model_dir: Path) -> None:
+    c = _tiny(
+        tiny_model_dir, "router.max_migrations=3", "pools.decode.graceful_shutdown_timeout_s=12"
+    )
+    rs = router_settings(c, str(tiny_model_dir), "redis://x")
+    assert rs.max_migrations == 3 and rs.timeouts.drain_s == 6.0  # half the decode pool's
+    app = build_app(c, model_dir=str(tiny_model_dir), redis_url="redis://127.0.0.1:1/0")
+    pools = {
+        a._bound_deployment.name: a._bound_deployment for a in app._bound_deployment.init_args[1:]
+    }
+    timeouts = {n: d._deployment_config.graceful_shutdown_timeout_s for n, d in pools.items()}
+    assert timeouts == {"decode": 12, "prefill": 30}
+    assert _tiny(tiny_model_dir).router.max_migrations == 2  # on by default
 
 
 def test_kv_transfer_secret_reaches_every_pool_and_nothing_prints_it(

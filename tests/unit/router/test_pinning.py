@@ -172,3 +172,24 @@ def test_a_request_waiting_with_no_replica_left_fails_when_others_return() -> No
         return result
 
     assert isinstance(_run_bounded(run), PinnedReplicaUnavailable)
+
+
+def test_a_call_whose_replica_could_not_be_reached_fails_on_serves_retry() -> None:
+    async def run() -> tuple[Any, float, str]:
+        router = _router("a", "b")
+        waiting = _request("a")
+        await asyncio.sleep(0.01)
+        # Serve's routing loop got ActorUnavailableError from "a" for this call, told
+        # the router, and asks it again (the replica is still in Serve's list).
+        router.on_replica_actor_unavailable(ReplicaID("a", DEPLOYMENT))
+        began = time.monotonic()
+        retry, _ = await _longest_stall(router._choose_replica_for_request(waiting, is_retry=True))
+        took = time.monotonic() - began
+        # A call that begins later tries the replica again (it may be back).
+        later = await router._choose_replica_for_request(_request("a"))
+        return retry, took, str(later.replica_id.unique_id)
+
+    retry, took, later = _run_bounded(run)
+    assert isinstance(retry, PinnedReplicaUnavailable) and "reached" in str(retry)
+    assert took < 1.0
+    assert later == "a"

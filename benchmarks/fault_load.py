@@ -7,27 +7,61 @@ between two reads. `GrpcStream` does the same for a streamed Generate: it ends w
 its last message or with a status (recorded as an error with the status's code).
 `HealthWatch` asks the router's gRPC health service and its HTTP
 /health, each with a 1 s deadline, every `period_s`, and records every check that did
-not answer in time.
+not answer in time. `replica_pids` and `rank_actor_pids` find the processes of a
+deployment's replicas and of the TP/PP rank actors, to kill or pause them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import itertools
 import json
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
+import ray
+
+from cluster.builder import APP_NAME
 from cluster.client import Client, ClientError, Sampling
 
 MAX_MODEL_LEN = 1024  # of the fault tests' clusters and their reference engine
 
 
+def replica_pids(deployment: str) -> dict[str, int]:
+    """Replica unique id -> pid of every live replica actor of a deployment (from Ray's
+    actor table)."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment}#"
+    return {
+        info["Name"].removeprefix(prefix): int(info["Pid"])
+        for info in ray._private.state.actors().values()
+        if info["Name"].startswith(prefix) and info["State"] == "ALIVE"
+    }
+
+
+def rank_actor_pids() -> list[int]:
+    """Pids of the live TP/PP rank actors on this host (Ray titles an actor's process
+    `ray::<class>...`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::RankActor"):
+            pids.append(int(entry.name))
+    return pids
+
+
 @dataclass
 class StreamResult:
     tokens: list[int] = field(default_factory=list)
+    text: str = ""
     errors: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False  # saw `data: [DONE]`
     status: int | None = None
@@ -35,13 +69,22 @@ class StreamResult:
     started: float = 0.0  # time.monotonic()
     ended: float = 0.0
     reads: list[float] = field(default_factory=list)  # time.monotonic() of each event
+    timings: dict[str, Any] = field(default_factory=dict)  # of the final message
+    retries: int = 0  # the client library's own retries (gRPC)
 
     @property
     def ended_properly(self) -> bool:
         return self.done and not self.failure
 
+    @property
+    def ttft(self) -> float:
+        """Seconds from the request to its first event (or to its end without one)."""
+        return (self.reads[0] if self.reads else self.ended) - self.started
+
     def longest_gap_after(self, t: float) -> float:
-        """Longest wait for a byte after `t` (up to the end of the stream)."""
+        """Longest wait for a byte after `t` (up to the end of the stream); a request
+        sent after `t` waits from when it was sent."""
+        t = max(t, self.started)
         marks = [t] + [r for r in self.reads if r > t] + [self.ended]
         return max((b - a for a, b in itertools.pairwise(marks)), default=0.0)
 
@@ -122,12 +165,22 @@ class SseStream(_StreamThread):
             else:
                 for choice in event["choices"]:
                     r.tokens.extend(choice["token_ids"])
+                    r.text += choice.get("text") or ""
+                r.timings = event.get("timings", r.timings)
 
 
 class GrpcStream(_StreamThread):
-    def __init__(self, target: str, prompt: str, sampling: Sampling, timeout_s: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        prompt: str,
+        sampling: Sampling,
+        timeout_s: float,
+        token: str | None = None,
+    ) -> None:
         self.result = StreamResult()
         self._target = target
+        self._token = token
         self._prompt = prompt
         self._sampling = sampling
         self._timeout = timeout_s
@@ -136,10 +189,16 @@ class GrpcStream(_StreamThread):
     def _run(self) -> None:
         r = self.result
         try:
-            with Client(self._target, timeout_s=self._timeout) as c:
-                for chunk in c.stream(self._prompt, self._sampling, timeout_s=self._timeout):
-                    r.reads.append(time.monotonic())
-                    r.tokens.extend(chunk.token_ids)
+            with Client(self._target, token=self._token, timeout_s=self._timeout) as c:
+                try:
+                    for chunk in c.stream(self._prompt, self._sampling, timeout_s=self._timeout):
+                        r.reads.append(time.monotonic())
+                        r.tokens.extend(chunk.token_ids)
+                        r.text += chunk.text
+                        if chunk.timings is not None:
+                            r.timings = dataclasses.asdict(chunk.timings)
+                finally:
+                    r.retries = c.retries
             r.done = True
         except ClientError as e:
             r.reads.append(time.monotonic())
@@ -163,11 +222,18 @@ class HealthWatch:
     """Checks both health endpoints until stopped; `missed` lists the slow or failed
     ones (a NOT_SERVING answer in time is an answer; it is recorded in `not_serving`)."""
 
-    def __init__(self, grpc_target: str, http_port: int, period_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        grpc_target: str,
+        http_port: int,
+        period_s: float = 0.25,
+        token: str | None = None,
+    ) -> None:
         self.missed: list[Missed] = []
         self.not_serving: list[float] = []
         self.checks = 0
         self._target = grpc_target
+        self._token = token
         self._port = http_port
         self._period = period_s
         self._stop = threading.Event()
@@ -187,7 +253,7 @@ class HealthWatch:
             t.join(10.0)
 
     def _loop(self, check: Any) -> None:
-        with Client(self._target, timeout_s=1.0) as client:
+        with Client(self._target, token=self._token, timeout_s=1.0) as client:
             while not self._stop.is_set():
                 check(client)
                 self.checks += 1

@@ -1,0 +1,41 @@
+"""When the clients call Generate again: UNAVAILABLE before the first chunk.
+
+A Generate that fails with UNAVAILABLE before any chunk reached the client produced
+nothing the client saw (a router replica died, which Serve's proxy reports as INTERNAL
+with Ray's actor error and the client reads as UNAVAILABLE, or the proxy had no replica
+to send it to), so sending the same request again is idempotent: the server assigns its own ids
+to every call. Once a chunk arrived the error goes to the caller, since a second call
+would repeat text the caller already has. Tries are bounded (`max_retries`), spaced by
+a short doubling backoff, and never outlast the call's own deadline; each one is
+counted in the client's `retries`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+DEFAULT_MAX_RETRIES = 2
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = DEFAULT_MAX_RETRIES
+    backoff_s: float = 0.1  # before the first retry; doubles, capped at `max_backoff_s`
+    max_backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_retries <= 16:
+            raise ValueError(f"max_retries must be in [0, 16], got {self.max_retries}")
+        if self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise ValueError("backoff_s must be >= 0 and <= max_backoff_s")
+
+    def delay(self, code: grpc.StatusCode, started: bool, attempt: int, left_s: float) -> float:
+        """Seconds to wait before try `attempt + 1` (the first try is 0), or -1 when the
+        error must go to the caller."""
+        if started or code not in RETRYABLE or attempt >= self.max_retries:
+            return -1.0
+        wait = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        return wait if wait < left_s else -1.0
