@@ -48,6 +48,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.chunks import ChunkBuilder
+from decode_worker.rank_role import DecodeRankRole, receiver_endpoint
 from decode_worker.remote_kv import RemoteKV
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
@@ -55,7 +56,7 @@ from kv_transfer.transport import TransportKind
 from registry import Role
 from telemetry import TraceContext, tracing
 from telemetry.context import REQUEST_ID
-from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
+from worker.kv_rank import local_rank, transfer_host
 from worker.messages import (
     TokenChunk,
     WorkerRequest,
@@ -82,6 +83,7 @@ class DecodeWorker:
             settings,
             replica_id or replica_unique_id(),
             kv_storage=self._storage if takes_remote else None,
+            rank_role=DecodeRankRole if takes_remote else None,
         )
         self._stream_timeout_s = max(60.0, settings.transfer_timeout_s + 15.0)
         self._remote: RemoteKV | None = None

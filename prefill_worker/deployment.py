@@ -7,7 +7,7 @@ Lifecycle of a replica:
                  (`worker.engine_loop`) and register in the registry. With
                  tp x pp > 1 this replica is rank 0, and every other rank (a Ray actor
                  in the replica's placement group) has its own hook and sender for its
-                 own KV slices (`worker.ranks`)
+                 own KV slices (`prefill_worker.rank_role`)
     prefill()    one prompt, sent by the router at the same time as the decode request:
                    register the transfer with every rank's hook, then on rank 0 queue
                    the prompt with
@@ -63,10 +63,11 @@ from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
+from prefill_worker.rank_role import PrefillRankRole, sender_connector
 from registry import Role
 from telemetry import TraceContext, request_scope, tracing
 from worker.engine_loop import OutputStream
-from worker.kv_roles import local_rank, sender_connector, transfer_host
+from worker.kv_rank import local_rank, transfer_host
 from worker.layer_spans import LayerSpans
 from worker.messages import (
     PrefillOutcome,
@@ -144,6 +145,7 @@ class PrefillWorker:
             layer_hook=self._spans,
             output_hook=self._hook.on_outputs,
             tick=self._spans.mark_step,
+            rank_role=PrefillRankRole,
         )
         rendezvous = self._rt.rendezvous()
         connector = sender_connector(settings, rendezvous, transfer_host(settings.transfer_host))
@@ -209,7 +211,8 @@ class PrefillWorker:
         trace, arrived = tracing.context_of(span), tracing.now_ns()
         try:
             if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
-                await self._ranks.acall("add_transfer", rid, self._spec(request, trace))
+                spec = self._spec(request, trace)
+                await self._ranks.acall("role_call", "add_transfer", rid, spec)
             try:
                 await loop.call(lambda: self._start(request, trace, arrived), _COMMAND_TIMEOUT_S)
             except ValueError as e:
@@ -257,7 +260,7 @@ class PrefillWorker:
             return True
         if self._ranks is None:
             return False
-        return any(await self._ranks.acall("reading", transfer_id))
+        return any(await self._ranks.acall("role_call", "reading", transfer_id))
 
     async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
         while True:
@@ -270,7 +273,7 @@ class PrefillWorker:
 
     def _abort_ranks(self, req: PrefillRequest, reason: str) -> None:
         if self._ranks is not None:
-            self._ranks.send("abort_send", req.request_id, req.transfer_id, reason)
+            self._ranks.send("role_call", "abort_send", req.request_id, req.transfer_id, reason)
 
     async def _status(self, transfer_id: str) -> TransferStatus:
         """The transfer over every rank (the other ranks are asked once rank 0 is done)."""
