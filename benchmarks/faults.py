@@ -72,7 +72,7 @@ from cluster.client import Client, Sampling
 from cluster.config import ClusterConfig
 from cluster.config_file import load_config
 from cluster.launcher import Launcher
-from cluster.redis_server import read_state
+from cluster.redis_state import read_state
 from engine import LLM, SamplingParams
 from registry import Registry, connect
 

@@ -27,7 +27,8 @@ from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import RedisRendezvous
 from kv_transfer.sender import KVSender, SenderConfig
 from kv_transfer.shm import ShmConfig, ShmConnector
-from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector, new_pair_group
+from kv_transfer.torch_dist import TorchDistConfig, TorchDistConnector
+from kv_transfer.torch_dist_pair import new_pair_group
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SmolLM2-135M's KV geometry (engine/config.py reads the same from the model).

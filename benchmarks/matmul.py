@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import Timing, cpu_snapshot, host_info, other_cores, write_json
+from benchmarks.engine_isa import AVX2_CAPS
 from engine.cpu_kernels import CpuKernels
 from engine.kernel_build import build_library, cpu_flags
 from engine.model_source import resolve_model
@@ -68,7 +69,7 @@ MODEL = "smollm2-135m-instruct"
 RESULTS_DIR = Path(__file__).parent / "results"
 CANDIDATES = ("native", "onednn", "torch")
 # Caps that hold the peers to a native build's narrower vector unit than the host's.
-_PEER_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+_PEER_CAPS = {"avx2": AVX2_CAPS}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ Reported per prompt set: p50 TTFT of both, the added latency (cluster p50 minus 
 p50) and, per request, the server's TTFT breakdown (queue, prefill, KV transfer) with
 `client - prefill - kv`, the time that is neither compute nor transfer.
 
+The direct call, Serve's floor and the cluster call of one prompt run back to back, so
+that the machine's other work at that moment weighs on all three alike.
+
 Baseline in the same run: Serve's floor (benchmarks/serve_floor.py), two trivial
 deployments next to the cluster on the same proxies, called right before each cluster
 request: the gRPC proxy, an ingress replica and one streaming handle hop, with no
@@ -118,28 +121,28 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def direct_ttft(model_dir: str, batch: list[list[int]], max_tokens: int) -> list[float]:
-    """Milliseconds to the first token of each prompt, one request at a time."""
-    engine = LLMEngine(
+def direct_engine(model_dir: str) -> LLMEngine:
+    """An engine in this process with the pools' engine settings and one torch thread."""
+    return LLMEngine(
         EngineConfig(
             model=model_dir, num_threads=1, kv_cache_bytes=128 << 20, max_model_len=MAX_MODEL_LEN
         )
     )
+
+
+def direct_ttft_ms(engine: LLMEngine, rid: str, ids: list[int], max_tokens: int) -> float:
+    """Milliseconds from `add_request` to the step that returns the first token; the
+    request then runs to its end, as in the cluster."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    out = []
-    for i, ids in enumerate([batch[0][::-1], *batch]):  # a warm-up prompt first
-        rid = f"direct-{i}"
-        start = time.perf_counter()
-        engine.add_request(rid, ids, params)
-        first = None
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if first is None and o.new_token_ids:
-                    first = time.perf_counter()
-        assert first is not None
-        if i:
-            out.append((first - start) * 1000)
-    return out
+    start = time.perf_counter()
+    engine.add_request(rid, ids, params)
+    first = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if first is None and o.new_token_ids:
+                first = time.perf_counter()
+    assert first is not None
+    return (first - start) * 1000
 
 
 def cluster_config(model: str, threshold: int, colocated: bool) -> ClusterConfig:
@@ -164,13 +167,17 @@ def cluster_config(model: str, threshold: int, colocated: bool) -> ClusterConfig
 
 
 def run_cluster(
-    client: Client, floor: Client, batch: list[list[int]], max_tokens: int
-) -> list[tuple[float, float, Timings]]:
-    """(client TTFT, Serve floor TTFT, server timings) per prompt, in milliseconds."""
+    client: Client, floor: Client, engine: LLMEngine, batch: list[list[int]], max_tokens: int
+) -> list[tuple[float, float, float, Timings]]:
+    """(direct TTFT, client TTFT, Serve floor TTFT, server timings) per prompt, in ms.
+
+    The three calls of one prompt run back to back, so that whatever else the machine
+    does at that moment weighs on all of them alike."""
     sampling = Sampling(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     out = []
     for i, ids in enumerate([batch[0][::-1], *batch]):  # a warm-up prompt first
         floor_ms = serve_floor.ttft_ms(floor, ids, max_tokens)
+        direct_ms = direct_ttft_ms(engine, f"direct-{len(ids)}-{i}", ids, max_tokens)
         start = time.perf_counter()
         first = None
         last = None
@@ -180,7 +187,7 @@ def run_cluster(
             last = chunk
         assert first is not None and last is not None and last.timings is not None
         if i:
-            out.append(((first - start) * 1000, floor_ms, last.timings))
+            out.append((direct_ms, (first - start) * 1000, floor_ms, last.timings))
     return out
 
 
@@ -302,9 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "long": prompts(args.requests, args.long, vocab, 2),
         }
         print(f"direct engine: {model_dir}")
-        direct = {
-            name: direct_ttft(model_dir, batch, args.max_tokens) for name, batch in sets.items()
-        }
+        engine = direct_engine(model_dir)
 
         config = cluster_config(model_dir, args.threshold, args.colocated)
         launcher = Launcher(config, echo=lambda m: print(f"  {m}", flush=True))
@@ -317,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 Client(launcher.grpc_target, application=serve_floor.APPLICATION) as floor,
             ):
                 for name, batch in sets.items():
-                    runs = run_cluster(client, floor, batch, args.max_tokens)
-                    for (client_ms, floor_ms, t), direct_ms in zip(runs, direct[name], strict=True):
+                    runs = run_cluster(client, floor, engine, batch, args.max_tokens)
+                    for direct_ms, client_ms, floor_ms, t in runs:
                         samples.append(
                             make_sample(name, len(batch[0]), direct_ms, client_ms, floor_ms, t)
                         )

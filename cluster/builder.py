@@ -156,6 +156,7 @@ def worker_settings(
             num_threads=pool.num_threads,
             enable_prefix_caching=e.enable_prefix_caching,
             cpu_linear=e.cpu_linear,
+            cpu_linear_min_gain=e.cpu_linear_min_gain,
             tp=pool.tp,
             pp=pool.pp,
             max_stop_strings=config.router.max_stop_strings,
@@ -219,6 +220,8 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
         tokenizer_threads=r.tokenizer_threads,
         max_health_watches=r.max_health_watches,
         health_watch_max_s=r.health_watch_max_s,
+        slo_ttft_s=r.slo_ttft_s,
+        slo_tpot_s=r.slo_tpot_s,
         grpc_bearer_token=s.grpc_bearer_token.get_secret_value() if s.grpc_bearer_token else None,
         http_api_key=s.api_key.get_secret_value() if s.api_key else None,
     )

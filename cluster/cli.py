@@ -1,7 +1,7 @@
 """`pdserve`: bring a cluster up and down, look at it, and talk to it.
 
     pdserve up [-c cluster.yaml] [--set key.path=value ...] [--detach]
-    pdserve status [--name N | --target HOST:PORT] [--json]
+    pdserve status [--name N | --target HOST:PORT] [--json] [--watch S]  (cluster/status_cli)
     pdserve down [--name N]
     pdserve generate "Once upon a time" [--max-tokens 64] [--temperature 0]
     pdserve chat ["Hi!"] [--system "Be brief."]     no message: a conversation on stdin
@@ -23,20 +23,19 @@ default "pdserve") unless `--target` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from cluster import status_cli
 from cluster.chat import ChatSession, converse
-from cluster.client import Chunk, Client, ClientError, ClusterState, Sampling
+from cluster.client import Chunk, Client, ClientError, Sampling
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
 from cluster.launcher import Launcher, LaunchError, RunState, pid_alive, run_dir_for, stop_running
@@ -174,37 +173,8 @@ def _token(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _print_status(state: ClusterState, healthy: bool) -> None:
-    _echo(f"cluster {state.cluster}: {'SERVING' if healthy else 'NOT SERVING'}")
-    for p in state.pools:
-        live = f"{len(p.instances)}/{p.replicas}"
-        _echo(f"  pool {p.name} ({p.role}) {live} replicas, tp={p.tp} pp={p.pp}")
-        for i in p.instances:
-            if i.load is None:
-                _echo(f"    {i.instance_id}: no load report yet")
-                continue
-            ld = i.load
-            _echo(
-                f"    {i.instance_id}: {ld.running_seqs} running, "
-                f"{ld.queued_prefill_tokens} queued prefill tokens, "
-                f"{ld.free_kv_blocks}/{ld.total_kv_blocks} free KV blocks "
-                f"({ld.age_ms:.0f} ms ago)"
-            )
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(_target(args), token=_token(args)) as c:
-        healthy = c.healthy()
-        try:
-            state = c.cluster_status()
-        except ClientError as e:
-            print(f"pdserve status: {e}", file=sys.stderr)
-            return 1
-    if args.json:
-        print(json.dumps({"healthy": healthy, **asdict(state)}, indent=2))
-    else:
-        _print_status(state, healthy)
-    return 0 if healthy and state.ready else 1
+    return status_cli.cmd_status(args, _target(args), _token(args))
 
 
 # -- generate / chat ---------------------------------------------------------------------
@@ -360,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--name", default="pdserve")
     down.set_defaults(func=cmd_down)
 
-    status = sub.add_parser("status", help="pools, instances and load")
+    status = sub.add_parser("status", help="pools, instances, load and live figures")
     _add_client_args(status)
-    status.add_argument("--json", action="store_true")
+    status_cli.add_status_args(status)
     status.set_defaults(func=cmd_status)
 
     gen = sub.add_parser("generate", help="stream a completion of a prompt")

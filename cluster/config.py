@@ -14,6 +14,7 @@ config is built, so a bad config fails before anything starts, with the field na
   than the lease TTL; the router's prompt limit is below the context length.
 
 Checks that need the model's shape (KV cache size, TP/PP geometry) run in the builder.
+The router's and the API server's sections live in cluster/router_config.py.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ from pydantic import (
 )
 
 from cluster.k8s.settings import KubernetesSettings
+from cluster.router_config import Port, RouterConfig, ServerConfig
 from engine.config import CpuLinearKind
 from kv_transfer.transport import TransportKind
 from registry import Role
 from registry.types import NAME_PATTERN
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-Port = Annotated[int, Field(ge=1, le=65535)]
 _STRICT = ConfigDict(extra="forbid")
 MIN_TRANSFER_SECRET_CHARS = 32
 
@@ -93,6 +94,14 @@ class EngineLimits(BaseModel):
         default="auto",
         description="CPU ranks' matmuls: native (the engine's fp32 kernels), onednn, plain, "
         "or auto (per row class, whichever measured fastest at load).",
+    )
+    cpu_linear_min_gain: float = Field(
+        default=0.10,
+        ge=0,
+        le=10,
+        description="With cpu_linear=auto, a row class keeps a packed copy of the weights of "
+        "its own only if it measured more than this fraction faster than the copies the "
+        "other classes keep.",
     )
 
 
@@ -153,136 +162,6 @@ def default_pools() -> list[PoolConfig]:
         PoolConfig.model_validate({"name": "prefill", "role": Role.PREFILL}),
         PoolConfig.model_validate({"name": "decode", "role": Role.DECODE}),
     ]
-
-
-class RouterConfig(BaseModel):
-    model_config = _STRICT
-
-    replicas: int = Field(default=1, ge=1, le=64, description="Router replicas.")
-    num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs per router replica.")
-    disaggregation_threshold: int = Field(
-        default=64,
-        ge=0,
-        description="Prompts with fewer uncached tokens than this are prefilled by the "
-        "decode instance itself; longer ones by the prefill pool.",
-    )
-    max_inflight_requests: int = Field(
-        default=256,
-        ge=1,
-        description="Requests one router replica holds; beyond: RESOURCE_EXHAUSTED.",
-    )
-    max_queued_requests: int = Field(
-        default=512,
-        ge=1,
-        description="Requests Serve's proxy queues for the router replicas when every one "
-        "is busy; beyond: HTTP 429 or gRPC RESOURCE_EXHAUSTED. Pools queue at most "
-        "max_inflight_requests per router replica.",
-    )
-    max_health_watches: int = Field(
-        default=32,
-        ge=0,
-        le=4096,
-        description="Concurrent gRPC health Watch streams per router replica; beyond: "
-        "RESOURCE_EXHAUSTED.",
-    )
-    health_watch_max_s: float = Field(
-        default=300.0,
-        gt=0,
-        le=86400,
-        description="Longest life of one health Watch stream; the client watches again.",
-    )
-    max_request_bytes: ByteSize = Field(
-        default=ByteSize(1 << 20), description="Largest gRPC message or HTTP body accepted."
-    )
-    max_prompt_tokens: int | None = Field(
-        default=None, ge=1, description="Longest prompt; default: max_model_len - 1."
-    )
-    prompt_chars_per_token: int = Field(
-        default=16,
-        ge=1,
-        le=1024,
-        description="Bound on prompt text (or all chat messages) in characters, checked "
-        "before tokenizing: this many per allowed prompt token (never above "
-        "max_request_bytes).",
-    )
-    max_messages: int = Field(
-        default=256,
-        ge=1,
-        le=4096,
-        description="Chat messages per request (never above the prompt's token bound).",
-    )
-    tokenizer_threads: int = Field(
-        default=2,
-        ge=1,
-        le=32,
-        description="Threads per router replica that tokenize prompts, off its event loop.",
-    )
-    max_stop_strings: int = Field(default=16, ge=0, le=64, description="Stop strings per request.")
-    max_logprobs: int = Field(default=20, ge=0, le=100, description="Top logprobs per token.")
-    default_chat_max_tokens: int = Field(
-        default=256, ge=1, description="max_tokens of a chat completion that sets none."
-    )
-    dispatch_timeout_s: float = Field(
-        default=30.0, gt=0, description="Wait for a pool's first answer."
-    )
-    max_dispatch_attempts: int = Field(
-        default=2,
-        ge=1,
-        le=8,
-        description="Tries of a request whose decode instance fails before its first token, "
-        "each on another instance (1: no retry).",
-    )
-    probe_timeout_s: float = Field(
-        default=1.0,
-        gt=0,
-        description="Longest probe of an instance excluded after a failure, before it "
-        "returns to routing.",
-    )
-    stream_idle_timeout_s: float = Field(
-        default=120.0, gt=0, description="Longest gap between two chunks of one stream."
-    )
-    prefill_timeout_s: float = Field(default=60.0, gt=0, description="Longest remote prefill.")
-    low_latency_serve: bool = Field(
-        default=True,
-        description="Start a local Ray with Ray Serve's low-latency settings (handles over "
-        "gRPC, user code on the replica's event loop). A Ray cluster joined with "
-        "ray.address keeps the settings it was started with.",
-    )
-    view_refresh_interval_s: float = Field(
-        default=0.2, gt=0, le=5.0, description="How often the router re-reads registry and loads."
-    )
-
-
-class ServerConfig(BaseModel):
-    model_config = _STRICT
-
-    host: str = Field(
-        default="127.0.0.1", description="HTTP bind address; loopback unless set wider on purpose."
-    )
-    http_port: Port = Field(default=8000, description="OpenAI-compatible HTTP API port.")
-    grpc_port: Port = Field(
-        default=9000,
-        description="gRPC API port. Ray Serve 2.60's gRPC proxy listens on every interface "
-        "([::]) whatever `host` says; set grpc_bearer_token, or firewall the port.",
-    )
-    api_key: SecretStr | None = Field(
-        default=None, description="HTTP API key (Bearer); None: open."
-    )
-    grpc_bearer_token: SecretStr | None = Field(
-        default=None, description="gRPC bearer token (authorization metadata); None: open."
-    )
-    grpc_tls_cert_file: Path | None = Field(default=None, description="gRPC TLS certificate.")
-    grpc_tls_key_file: Path | None = Field(default=None, description="gRPC TLS private key.")
-
-    @model_validator(mode="after")
-    def _tls(self) -> ServerConfig:
-        if self.grpc_tls_cert_file is not None or self.grpc_tls_key_file is not None:
-            raise ValueError(
-                "grpc_tls_cert_file/grpc_tls_key_file: Ray Serve 2.60's gRPC proxy only "
-                "serves plaintext; terminate TLS in front of it (a load balancer or a "
-                "sidecar) and keep grpc_bearer_token set"
-            )
-        return self
 
 
 class RedisConfig(BaseModel):
@@ -368,6 +247,19 @@ class RayConfig(BaseModel):
         default=None,
         ge=1,
         description="Logical CPUs of a local Ray; default: enough for the pools.",
+    )
+    metrics_export_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of a local Ray's Prometheus metrics export (every process's "
+        "metrics); None: Ray picks one, recorded in the run state.",
+    )
+    metrics_report_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="How often each process of a local Ray reports its metrics to the export.",
     )
 
 

@@ -9,16 +9,18 @@
    here too (unless configured) and reaches the pools only through their settings.
 3. Ray: connect to `ray.address`, or start a local Ray with enough logical CPUs for
    the router and every pool replica (engines pin their torch threads, so logical CPUs
-   may exceed the cores). A Ray Client address on another machine
-   (`ray://HOST:10001`) needs a redis.url its nodes reach and a model directory at the
-   same path here and on every node (`check_remote`); the endpoints are then HOST's.
+   may exceed the cores), its metrics export on `ray.metrics_export_port`. A Ray
+   Client address on another machine (`ray://HOST:10001`) needs a redis.url its nodes
+   reach and a model directory at the same path here and on every node
+   (`check_remote`); the endpoints are then HOST's.
    The cluster's nodes must be able to place every replica (`cluster.resources`): a
    local Ray that cannot fails here, a remote one (which may autoscale) warns.
 4. Serve: start it with the config's HTTP and gRPC proxies and deploy the application
    from `cluster.builder.build_app`.
 5. Wait, bounded, until the application is RUNNING, every pool has its replicas in the
    registry and the gRPC health service says SERVING. Progress goes to `echo`.
-6. Record the run state (pid, endpoints) with status "ready".
+6. Record the run state (pid, endpoints, every Ray node's metrics export) with status
+   "ready".
 
 `Launcher.stop()` (idempotent) deletes the application, shuts a local Ray down (an
 external Ray cluster keeps running), stops the embedded Redis or purges the cluster's
@@ -40,12 +42,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cluster.client import Client
 from cluster.config import ClusterConfig, ConfigError
-from cluster.redis_server import RedisServer, stop_from_state
+from cluster.redis_server import RedisServer
+from cluster.redis_state import stop_from_state
 from cluster.resources import alive_node_resources, resource_problems
 from engine.model_source import cache_root, resolve_model
 from registry import Registry, connect
@@ -71,6 +75,7 @@ class RunState:
     embedded_redis: bool
     ray_address: str | None
     log_file: str | None = None
+    metrics_urls: list[str] = field(default_factory=list)  # every node's metrics export
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,29 @@ class RunState:
             return cls(**json.loads((run_dir / STATE_FILE).read_text()))
         except (FileNotFoundError, ValueError, TypeError):
             return None
+
+
+def local_ray_metrics(config: ClusterConfig) -> dict[str, Any]:
+    """`ray.init` options of a local Ray for its metrics export: the port, and how
+    often each process reports to it."""
+    interval_ms = round(config.ray.metrics_report_interval_s * 1000)
+    return {
+        "_metrics_export_port": config.ray.metrics_export_port,
+        "_system_config": {"metrics_report_interval_ms": interval_ms},
+    }
+
+
+def metrics_urls() -> list[str]:
+    """The Prometheus metrics export of every live node of the connected Ray cluster."""
+    import ray
+
+    urls = []
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        port = node.get("MetricsExportPort")
+        if node.get("Alive") and port:
+            host = _connect_host(str(node.get("NodeManagerAddress", "127.0.0.1")))
+            urls.append(f"http://{host}:{port}/metrics")
+    return sorted(urls)
 
 
 def run_dir_for(name: str, root: Path | None = None) -> Path:
@@ -191,9 +219,21 @@ class Launcher:
             embedded_redis=self._redis is not None,
             ray_address=self.config.ray.address,
             log_file=log_file,
+            metrics_urls=self._metrics_urls(),
         )
         state.write(self.run_dir)
         return state
+
+    def _metrics_urls(self) -> list[str]:
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        try:
+            return metrics_urls()
+        except Exception as e:  # a Ray Client connection may not list nodes
+            logger.warning("cannot list the metrics export of the Ray nodes: %s", e)
+            return []
 
     def _model(self) -> str:
         self.echo(f"model: resolving {self.config.model.source}")
@@ -224,7 +264,13 @@ class Launcher:
         need = math.ceil(self.config.required_cpus())
         cpus = self.config.ray.num_cpus or max(os.cpu_count() or 1, need)
         self.echo(f"ray: starting local Ray with {cpus} logical CPUs")
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            **local_ray_metrics(self.config),
+        )
         self._ray_started = True
 
     def _check_resources(self) -> None:

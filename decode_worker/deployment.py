@@ -77,14 +77,22 @@ class DecodeWorker:
     def _remote_kv(self, settings: WorkerSettings) -> RemoteKV:
         rt = self._rt
         loop = rt.loop
-        remote = RemoteKV(rt.engine, loop.submit, loop.post, rt.ranks)
+        remote = RemoteKV(
+            rt.engine, loop.submit, loop.post, rt.ranks, rt.transfer_metrics.recomputed
+        )
         segment = self._storage.segment if self._storage is not None else None
         rendezvous = rt.rendezvous()
         host = transfer_host(settings.transfer_host)
         endpoint = receiver_endpoint(settings, rendezvous, host, segment, rt.geometry)
         me = local_rank(settings, rt.instance_id, 0)
         receiver = KVReceiver(
-            me, rt.engine.kv_cache, rt.geometry, endpoint, registry=rendezvous, on_end=remote.ended
+            me,
+            rt.engine.kv_cache,
+            rt.geometry,
+            endpoint,
+            registry=rendezvous,
+            on_end=remote.ended,
+            on_record=rt.transfer_metrics.record,
         )
         remote.bind(receiver)
         return remote

@@ -55,6 +55,7 @@ from worker.ranks import RemoteRanks, combine
 logger = logging.getLogger(__name__)
 
 Submit = Callable[[Callable[[], None]], Future[None]]
+Recomputed = Callable[[int, str], None]  # (prompt blocks, FallbackReason value)
 _RANK_POLL_S = 0.002  # how often the other ranks are asked about transfers in flight
 _RANK_POLL_TIMEOUT_S = 10.0
 
@@ -65,6 +66,7 @@ class _Pending:
     local: TransferStatus | None = None  # this rank's terminal status, once known
     others: TransferStatus | None = None  # the other ranks', once all are terminal
     done_wall: float = 0.0  # time.time() when this rank's receiver ended
+    num_blocks: int = 0  # the prompt's blocks the transfer fills
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,12 @@ class RemoteKV:
         submit: Submit,
         post: Callable[[RequestOutput], None],
         ranks: RemoteRanks | None = None,
+        recomputed: Recomputed | None = None,
     ) -> None:
-        """Build the owner, then its receiver with `on_end=owner.ended`, then `bind` it."""
+        """Build the owner, then its receiver with `on_end=owner.ended`, then `bind` it.
+        `recomputed(blocks, reason)` counts each fallback's prompt blocks."""
         self._engine, self._submit, self._post, self._ranks = engine, submit, post, ranks
+        self._recomputed = recomputed
         self._receiver: KVReceiver | None = None
         self._pending: dict[str, _Pending] = {}  # by transfer id (engine thread)
         self._by_request: dict[str, str] = {}  # request id -> transfer id (engine thread)
@@ -142,16 +147,18 @@ class RemoteKV:
                 rid, list(req.prompt_token_ids), req.params
             )
         except OutOfBlocksError as e:
+            self._count_recompute(len(req.prompt_token_ids), FallbackReason.DECODE_FULL)
             return self._refuse(rid, tid, f"decode_full (no free KV blocks: {e})")
         source = InstanceRef(plan.source_instance, plan.source_parallel)
         spec = RecvSpec(tid, tuple(blocks), source, 0, plan.timeout_s)
-        self._pending[tid] = _Pending(rid)
+        self._pending[tid] = _Pending(rid, num_blocks=len(blocks))
         self._by_request[rid] = tid
         try:
             self._expect(spec)
         except (RuntimeError, ValueError) as e:  # no transfer slot, or a bad spec
             self._drop(tid)
             self._engine.abort_request(rid)
+            self._count_recompute(len(req.prompt_token_ids), FallbackReason.DECODE_FULL)
             return self._refuse(rid, tid, f"decode_full (cannot expect the transfer: {e})")
         self._set_info(rid, RemoteInfo(disaggregated=True))
         return ""
@@ -174,6 +181,11 @@ class RemoteKV:
         except BaseException:
             self._abort_others(spec.transfer_id, "this rank cannot expect it")
             raise
+
+    def _count_recompute(self, prompt_tokens: int, reason: FallbackReason) -> None:
+        if self._recomputed is not None:
+            size = self._engine.config.block_size
+            self._recomputed(-(-prompt_tokens // size), reason.value)
 
     def _refuse(self, request_id: str, transfer_id: str, reason: str) -> str:
         self._set_info(request_id, RemoteInfo(False, 0.0, reason, FallbackReason.DECODE_FULL))
@@ -273,6 +285,8 @@ class RemoteKV:
 
     def _recompute(self, p: _Pending, reason: str) -> None:
         logger.warning("request %s: %s; prefilling locally", p.request_id, reason)
+        if self._recomputed is not None and p.num_blocks:
+            self._recomputed(p.num_blocks, FallbackReason.TRANSFER_FAILED.value)
         info = RemoteInfo(False, 0.0, reason, FallbackReason.TRANSFER_FAILED)
         self._set_info(p.request_id, info)
         self._engine.fail_remote_prefill(p.request_id)

@@ -148,6 +148,10 @@ class EngineConfig:
     # (one row, a decode batch, a prefill chunk), whichever measured fastest at load
     # (engine/linear_choice.py)
     cpu_linear: CpuLinearKind = "auto"
+    # Each path "auto" keeps costs a copy of the weights; a row class gets a path of its
+    # own only if that is more than this fraction faster than the paths the other
+    # classes keep (and a class never keeps a path slower than oneDNN there)
+    cpu_linear_min_gain: float = 0.10
     tp: int = 1  # tensor-parallel ranks
     pp: int = 1  # pipeline stages
     max_stop_strings: int = 16
@@ -169,6 +173,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if not 0 <= self.cpu_linear_min_gain <= 10:
+            raise ValueError(
+                f"cpu_linear_min_gain must be in [0, 10], got {self.cpu_linear_min_gain}"
+            )
         if self.cpu_linear not in CPU_LINEAR_KINDS:
             raise ValueError(
                 f"cpu_linear must be one of {', '.join(CPU_LINEAR_KINDS)}, got {self.cpu_linear!r}"

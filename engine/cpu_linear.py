@@ -14,8 +14,10 @@ packed copy is kept:
 Which is fastest depends on the CPU and on the row count, so with `cpu_linear="auto"`
 each class of row counts (one row, a decode batch, a prefill chunk) gets the path that
 measured fastest on the model's own shapes (`engine/linear_choice.py`); a layer then
-dispatches each call on its row count (`RoutedLinear`). A second packed copy of the
-weights is kept only where the classes chose differently.
+dispatches each call on its row count (`RoutedLinear`). Each path costs a copy of the
+weights, so a class gets a path of its own only where that measured more than
+`min_gain` faster than the paths kept for the others, and never one slower than oneDNN
+(`linear_choice.fewest_copies`).
 
 Same math in fp32; the summation order differs from MKL's, as between any two BLAS
 builds. `pack_linears` applies a backend from outside the model, after loading and
@@ -37,7 +39,15 @@ from torch import nn
 from engine.config import CpuLinearKind
 from engine.cpu_kernels import CpuKernels, load_kernels
 from engine.kernel_build import cpu_flags
-from engine.linear_choice import Choice, Measure, RowClasses, cache_key, choose, time_interleaved
+from engine.linear_choice import (
+    Choice,
+    Measure,
+    RowClasses,
+    cache_key,
+    choose,
+    fewest_copies,
+    time_interleaved,
+)
 from engine.model_source import cache_root
 
 log = logging.getLogger(__name__)
@@ -165,6 +175,7 @@ def pack_linears(
     measure: Measure | None = None,
     sampled: Sequence[str] = ("lm_head",),
     cache_dir: Path | None = None,
+    min_gain: float = 0.10,
 ) -> Packing:
     """Replace every `nn.Linear` of `model` (a CPU model) by the path chosen for each
     class of `classes` (a decode batch of 32, a prefill chunk of 512 by default).
@@ -172,7 +183,8 @@ def pack_linears(
     be built, "onednn" if it can't run `dtype`); "auto" times the candidates that
     apply (`measure`, by default on this model's shapes; see `time_linears`), or reads
     the choice cached for this kernel build, model and thread count (in `cache_dir`,
-    by default the kernel build's directory). Linears named in
+    by default the kernel build's directory), keeping another path only for a gain
+    over `min_gain` (see `fewest_copies`). Linears named in
     `sampled` see only the rows being sampled, so they are not timed as a prefill.
     Tied weights (an LM head sharing the embedding) get a packed copy."""
     classes = classes or RowClasses(32, 512)
@@ -194,7 +206,7 @@ def pack_linears(
         where = cache_dir or (cache_root() / "kernels" if kernels is None else kernels.path.parent)
         choice = choose(
             "CPU matmul path per row class", rows, candidates, measure,
-            where / f"linear-choice-{key}.json", key,
+            where / f"linear-choice-{key}.json", key, pick=fewest_copies(min_gain, "onednn"),
         )  # fmt: skip
         picked = choice.picked
     paths = sorted(set(picked.values()))

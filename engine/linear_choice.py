@@ -5,15 +5,21 @@ batch (one row per running sequence) and a prefill chunk (hundreds of rows). Whi
 kernel is fastest differs between them and between CPUs (a kernel tuned for AVX-512
 can lose to oneDNN on an AVX2 host, or win at one row and lose at 512). So at load the
 candidates are timed on the model's own shapes, one representative row count per
-class (`RowClasses`), and the fastest is kept for each class.
+class (`RowClasses`), and each class gets its fastest candidate, or a near-fastest one
+that another class keeps anyway.
 
 - `time_interleaved` runs the candidates in turns, several rounds, and keeps each one's
   fastest round: on a busy host noise only ever adds time. A candidate more than
   `_DROP_RATIO` times slower than the best after the first round is not repeated.
-- `choose` turns a measurement into a `Choice` (the fastest per class), read from or
-  written to a JSON cache file first; a cache file that is unreadable, for another key,
-  or names an unknown class or candidate is ignored and rewritten. The measurement is
-  injected (`Measure`), so the selection can be driven with a table.
+- `choose` turns a measurement into a `Choice`, read from or written to a JSON cache
+  file first; the pick from the seconds is injected too (`Pick`). `fastest` takes each
+  class's fastest candidate. `fewest_copies` is for candidates that each keep a copy of
+  the weights: it keeps as few as it can, letting a class run a path that is at most
+  `min_gain` slower than its fastest (and, given a reference such as oneDNN, no slower
+  than that), so a second or third copy is kept only for a gain worth its memory. A
+  cache file that is unreadable, for another key, or names an unknown class or
+  candidate is ignored and rewritten. The measurement is injected (`Measure`), so the
+  selection can be driven with a table.
 
 The caller keys the cache by everything that can change the answer: the kernel build
 (its directory already hashes sources, flags, compiler and CPU), the model's shapes,
@@ -23,6 +29,7 @@ the dtype and the thread count.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -42,6 +49,8 @@ _BUSY_CPUS = 0.5  # other processes' CPUs above which a measurement is not cache
 
 # (class name, its row count, the candidates) -> seconds per candidate
 Measure = Callable[[str, int, Sequence[str]], Mapping[str, float]]
+# the seconds per class and candidate -> the candidate per class
+Pick = Callable[[Mapping[str, Mapping[str, float]]], dict[str, str]]
 # Starts a window; the returned function gives the CPUs other processes used since.
 BusyMeter = Callable[[], Callable[[], float]]
 
@@ -98,6 +107,48 @@ class Choice:
         return "; ".join(parts)
 
 
+def fastest(seconds: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    """Each class's fastest candidate."""
+    return {cls: min(times, key=times.__getitem__) for cls, times in seconds.items()}
+
+
+def fewest_copies(min_gain: float, reference: str | None = None) -> Pick:
+    """A `Pick` for candidates that each cost a copy of the weights: the smallest set of
+    candidates that serves every class with one that is at most `min_gain` (a fraction)
+    slower than the class's fastest and, where the class measured `reference`, no
+    slower than it; among sets of that size, the one whose classes lose the least time
+    (summed relative to each class's fastest)."""
+    if min_gain < 0:
+        raise ValueError(f"min_gain must be >= 0, got {min_gain}")
+
+    def pick(seconds: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+        def ok(cls: str, c: str) -> bool:
+            times = seconds[cls]
+            bound = min(times.values()) * (1 + min_gain)
+            if reference in times:
+                bound = min(bound, times[reference])  # type: ignore[index]
+            return c in times and times[c] <= bound
+
+        names = sorted({c for times in seconds.values() for c in times})
+        for size in range(1, len(names) + 1):
+            best: tuple[float, dict[str, str]] | None = None
+            for kept in itertools.combinations(names, size):
+                if not all(any(ok(cls, c) for c in kept) for cls in seconds):
+                    continue
+                picked = {
+                    cls: min((c for c in kept if ok(cls, c)), key=seconds[cls].__getitem__)
+                    for cls in seconds
+                }
+                loss = sum(seconds[k][c] / min(seconds[k].values()) for k, c in picked.items())
+                if best is None or loss < best[0]:
+                    best = (loss, picked)
+            if best is not None:
+                return best[1]
+        return fastest(seconds)  # unreachable: the fastest of each class is always ok
+
+    return pick
+
+
 def cache_key(**parts: Any) -> str:
     """A short stable hash of `parts` (JSON-serialisable values)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -112,16 +163,19 @@ def choose(
     cache_file: Path | None,
     key: str,
     busy_meter: BusyMeter | None = None,
+    pick: Pick = fastest,
 ) -> Choice:
     """The fastest candidate per class: from `cache_file` when it holds a valid record
     for `key`, else measured, and written there unless other processes kept more than
-    half a CPU busy meanwhile (`busy_meter`; then the next load measures again). A
-    single candidate is not timed."""
+    half a CPU busy meanwhile (`busy_meter`; then the next load measures again). The
+    candidate per class is `pick` of the seconds, cached or measured. A single
+    candidate is not timed."""
     if len(candidates) == 1:
         return Choice({c: candidates[0] for c in classes}, {c: {} for c in classes})
     if cache_file is not None:
         cached = _read(cache_file, key, classes, candidates)
         if cached is not None:
+            cached = Choice(pick(cached.seconds), cached.seconds, from_cache=True)
             log.info("%s (cached in %s): %s", what, cache_file.name, cached.describe())
             return cached
     began = time.perf_counter()
@@ -131,8 +185,7 @@ def choose(
     for cls, times in seconds.items():
         if not times or set(times) - set(candidates):
             raise ValueError(f"{what}: the measurement of {cls} named no known candidate")
-    picked = {cls: min(times, key=times.__getitem__) for cls, times in seconds.items()}
-    choice = Choice(picked, seconds)
+    choice = Choice(pick(seconds), seconds)
     log.info(
         "%s, measured in %.2f s (other processes used %.2f CPUs%s): %s",
         what, time.perf_counter() - began, busy,
@@ -216,7 +269,7 @@ def _read(
         }
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    if not ok:
+    if not ok or not all(seconds.values()):
         log.debug("ignoring %s: not a choice for this key", path)
         return None
     return Choice({c: str(data["picked"][c]) for c in classes}, seconds, from_cache=True)

@@ -95,6 +95,7 @@ class LLMEngine:
             self.model, self.kv_cache, self.device, Sampler(), layer_hook, groups
         )
         self._seqs: dict[str, Sequence] = {}
+        self.last_step_tokens = 0  # tokens the latest step computed (for metrics)
         self.num_remote_prefill_fallbacks = 0
         log.info(
             "engine ready: %s, %s, %d KV blocks of %d tokens",
@@ -226,6 +227,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.last_step_tokens = sched.num_tokens
         if not sched.scheduled:
             # Prompts may wait for blocks held outside running sequences (pins of
             # transfers still reading them, remote prefills): those come back through a
@@ -313,4 +315,5 @@ def _metrics(seq: Sequence) -> RequestMetrics:
         ttft_s=first - t.arrival,
         tpot_s=(end - first) / (n - 1) if n > 1 else 0.0,
         num_cached_tokens=seq.num_cached_prompt_tokens,
+        first_token_at=first,
     )

@@ -41,7 +41,9 @@ def load_model(
     model.to(device).eval()
     if device.type == "cpu":
         classes = RowClasses.for_engine(config.max_num_seqs, config.max_num_batched_tokens)
-        packing = pack_linears(model, dtype, config.cpu_linear, classes)
+        packing = pack_linears(
+            model, dtype, config.cpu_linear, classes, min_gain=config.cpu_linear_min_gain
+        )
         model.linear_choice = packing.choice
         if packing.kernels is not None:
             model.use_cpu_kernels(packing.kernels)

@@ -14,6 +14,7 @@ class RequestMetrics:
     ttft_s: float  # arrival to first token
     tpot_s: float  # mean time per output token after the first
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    first_token_at: float = 0.0  # time.monotonic() when the first token was sampled
 
 
 @dataclass

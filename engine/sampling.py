@@ -175,8 +175,10 @@ class Sampler:
         if p.top_p < 1.0:
             sorted_x, order = torch.sort(x, descending=True)
             probs = torch.softmax(sorted_x, dim=-1)
-            # Drop a token once the mass before it already reaches top_p.
+            # Drop a token once the mass before it already reaches top_p; the most
+            # likely one always stays (a top_p below fp32's range compares as 0).
             drop = (probs.cumsum(-1) - probs) >= p.top_p
+            drop[0] = False
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.empty_like(x).scatter_(0, order, sorted_x)
         probs = torch.softmax(x, dim=-1)

@@ -10,7 +10,11 @@ them (`send_layer`, fed by `SendHook` on the engine) and then `finish`es. Both s
     mapping.py     the M:N plan between two TP/PP layouts (replicated KV heads included)
     header.py      the fixed-layout message header (struct, never pickle)
     regions.py     block regions of the paged cache: copies and checksums
+    region_copies.py  copies that checksum in the same pass
+    block_runs.py  runs of consecutive block ids
     sender.py      the sender role, over any transport
+    send_pump.py   the sender's thread: jobs into messages on links
+    outbound.py    the sender's records and the pump's jobs
     receiver.py    the receiver role, over any transport
     transport.py   what a transport plugs in: Connector/Link, Endpoint/Inbox
     control.py     per-pair control sockets carrying the headers
@@ -18,6 +22,7 @@ them (`send_layer`, fed by `SendHook` on the engine) and then `finish`es. Both s
     guard.py       who a control server admits: seal, peer check, caps, idle timeout
     lander.py      a control connection's receive pipeline (posted receives land)
     torch_dist.py  point-to-point send/recv over per-pair Gloo/NCCL groups
+    torch_dist_{pair,link,session}.py  the pair's group, its sender and receiver ends
     shm.py         same-host: senders write straight into the decode cache
     shm_segment.py the shared-memory cache file and its slot table
     fake.py        in-process transport for unit tests

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,6 +88,54 @@ DONE = TransferStatus(TransferState.DONE)
 
 def failed(reason: str) -> TransferStatus:
     return TransferStatus(TransferState.FAILED, reason)
+
+
+# What a failure reason says happened, for metrics labels (a bounded set).
+FAILURE_KINDS = (
+    "timeout",
+    "refused",
+    "checksum",
+    "connection",
+    "aborted",
+    "shutdown",
+    "protocol",
+    "other",
+)
+_FAILURE_WORDS = (
+    ("timeout", ("timed out", "in time")),
+    ("refused", ("refuse",)),
+    ("checksum", ("checksum",)),
+    ("connection", ("lost sender", "send to", "unreachable", "connect", "cannot read")),
+    ("aborted", ("abort", "abandoned", "rejected")),
+    ("shutdown", ("closed", "stopped")),
+    ("protocol", ("unexpected", "expected block", "outside", "does not match", "incomplete")),
+)
+
+
+def failure_kind(reason: str | None) -> str:
+    """The kind of a FAILED status's reason: one of FAILURE_KINDS."""
+    text = (reason or "").lower()
+    for kind, words in _FAILURE_WORDS:
+        if any(w in text for w in words):
+            return kind
+    return "other"
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """One transfer's figures on one rank, once it is terminal (for metrics): the
+    payload bytes and prompt blocks that moved, and the time from its first data
+    message to its end (0 when no data moved)."""
+
+    role: str  # "send" | "recv"
+    ok: bool
+    reason: str | None
+    nbytes: int
+    blocks: int
+    duration_s: float
+
+
+RecordSink = Callable[[TransferRecord], None]  # called once per transfer; must not block
 
 
 class TransferError(RuntimeError):

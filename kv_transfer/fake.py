@@ -17,7 +17,8 @@ import torch
 
 from kv_transfer.base import LocalRank, RankId, TransferError
 from kv_transfer.header import TOKEN_BYTES, Header
-from kv_transfer.regions import BlockRegion, LayerSpan, copy_into
+from kv_transfer.region_copies import copy_into
+from kv_transfer.regions import BlockRegion, LayerSpan
 from kv_transfer.transport import Completion, Connector, Endpoint, Inbox, Link, Peer, staging_for
 from kv_transfer.word_sums import checksum as payload_checksum
 

@@ -29,7 +29,8 @@ its sender fails at once rather than at its deadline.
 `on_end(transfer_id, status)`, when given, is called once per transfer that `expect`
 accepted, as soon as it is terminal, on the thread that ended it (a transport thread,
 the watchdog, or the caller of `abort`/`close`): it must not block nor call back into
-the receiver. The caller learns completion from it instead of polling.
+the receiver. The caller learns completion from it instead of polling. `on_record`,
+likewise, gets the transfer's figures (bytes and blocks landed, duration) for metrics.
 
 A terminal transfer first waits for payloads being received straight into its blocks,
 then is revoked at the endpoint, and only then changes state: once `poll` reports DONE
@@ -54,14 +55,17 @@ from kv_transfer.base import (
     DONE,
     TRANSFERRING,
     LocalRank,
+    RecordSink,
     RecvSpec,
+    TransferRecord,
+    TransferState,
     TransferStatus,
     failed,
 )
 from kv_transfer.header import Header, MessageKind
-from kv_transfer.inbound import Inbound, InboundTarget, Stream
+from kv_transfer.inbound import Inbound, InboundTarget
 from kv_transfer.mapping import KVGeometry, plan, routes_to
-from kv_transfer.regions import BlockRegion, LayerSpan, region_of, scatter_checksummed
+from kv_transfer.region_copies import scatter_checksummed
 from kv_transfer.registration import RecordWriter, Registration
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
@@ -94,9 +98,10 @@ class KVReceiver:
         config: ReceiverConfig = ReceiverConfig(),
         registry: RendezvousStore | None = None,
         on_end: Callable[[str, TransferStatus], None] | None = None,
+        on_record: RecordSink | None = None,
     ) -> None:
         self.me, self._geo, self._endpoint, self._cfg = me, geometry, endpoint, config
-        self._on_end = on_end
+        self._on_end, self._on_record = on_end, on_record
         self._records = (
             RecordWriter(registry, me.instance, me.rank, config.record_ttl_s)
             if registry is not None
@@ -130,14 +135,7 @@ class KVReceiver:
         if max(spec.block_ids) >= num_blocks:
             raise ValueError(f"block id {max(spec.block_ids)} >= num_blocks {num_blocks}")
         routes = routes_to(plan(self._geo, spec.source.parallel, self.me.parallel), self.me.rank)
-        n = len(self._layers)
-        streams: dict[int, Stream] = {}
-        for r in routes:
-            stream = streams.setdefault(r.src, Stream([None] * n, [spec.first_block] * n, [0] * n))
-            local = slice(r.layer_start - self._layers.start, r.layer_stop - self._layers.start)
-            stream.heads[local] = [(r.head_start, r.num_heads)] * len(r.layers)
-        slices = sum(stream.num_slices for stream in streams.values())
-        inb = Inbound(spec, streams, slices, time.monotonic() + spec.timeout_s)
+        inb = Inbound.planned(spec, routes, self._layers, time.monotonic() + spec.timeout_s)
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("receiver is closed")
@@ -168,7 +166,7 @@ class KVReceiver:
         if late and inb.lock.acquire(blocking=False):
             try:
                 if not inb.writing:
-                    self._end_locked(inb, self._timeout_status(inb))
+                    self._end_locked(inb, inb.timeout_status())
             finally:
                 inb.lock.release()
         return inb.status
@@ -223,10 +221,12 @@ class KVReceiver:
         with inb.lock:
             if inb.status.terminal or inb.ending:
                 return None
-            if not self._from_source(inb, peer):
+            if not inb.from_source(peer):
                 self._end_locked(inb, failed(f"unexpected sender {peer.id} ({peer.parallel})"))
                 return None
-            found = self._check(inb, peer, header)
+            found = inb.destination(
+                self._cache, self._layers.start, self._heads.start, peer, header
+            )
             if isinstance(found, str):
                 self._end_locked(inb, failed(f"from {peer.id}: {found}"))
                 return None
@@ -259,7 +259,7 @@ class KVReceiver:
             inb = self._active.get(header.transfer_id)
         if inb is None:
             return
-        if not self._from_source(inb, peer):
+        if not inb.from_source(peer):
             self._fail(inb, f"unexpected sender {peer.id} ({peer.parallel})")
         elif header.kind is MessageKind.ABORT:
             self._fail(inb, f"sender {peer.id} aborted")
@@ -285,13 +285,6 @@ class KVReceiver:
                     self._end_locked(inb, failed(f"lost sender {peer.id}: {reason}"))
 
     # ---- landing ----------------------------------------------------------------------
-
-    @staticmethod
-    def _from_source(inb: Inbound, peer: Peer) -> bool:
-        return (peer.id.instance, peer.parallel) == (
-            inb.spec.source.name,
-            inb.spec.source.parallel,
-        )
 
     def _land(
         self, peer: Peer, h: Header, target: InboundTarget, payload: torch.Tensor | None
@@ -322,6 +315,10 @@ class KVReceiver:
                     region.scatter(payload)
                 if payload.is_cuda:  # landed before DONE, and before the buffer is reused
                     torch.cuda.current_stream(payload.device).synchronize()
+            if inb.first_landed is None:
+                inb.first_landed = time.monotonic()
+            inb.landed_bytes += h.nbytes
+            inb.block_end = max(inb.block_end, h.block_start + h.block_count)
             landed = [n + h.block_count for n in target.stream.landed[target.layers]]
             target.stream.landed[target.layers] = landed
             inb.remaining -= landed.count(inb.total)  # each message adds blocks: newly full
@@ -329,35 +326,6 @@ class KVReceiver:
                 self._end_locked(inb, DONE)
             else:
                 inb.status = TRANSFERRING
-
-    def _check(
-        self, inb: Inbound, peer: Peer, h: Header
-    ) -> tuple[BlockRegion | LayerSpan, Stream, slice] | str:
-        """The destination of a DATA message (its region, and the sender's stream and
-        local layers), or why it does not belong here."""
-        stream = inb.streams.get(peer.id.rank)
-        start = h.layer - self._layers.start
-        layers = slice(start, start + h.layer_count)
-        heads = (h.head_start, h.head_count)
-        if stream is None or start < 0 or stream.heads[layers].count(heads) != h.layer_count:
-            return f"unexpected slice: layers {h.layers} heads {h.head_start}+{h.head_count}"
-        cursor = stream.cursor[layers]
-        if cursor.count(h.block_start) != len(cursor):
-            i, expected = next((i, c) for i, c in enumerate(cursor) if c != h.block_start)
-            return (
-                f"layer {h.layer + i}: expected block {expected}, got {h.block_start} "
-                "(lost or repeated message)"
-            )
-        first = h.block_start - inb.spec.first_block
-        if h.block_count < 1 or first + h.block_count > inb.total:
-            return f"blocks {h.block_start}+{h.block_count} outside the reserved blocks"
-        head = h.head_start - self._heads.start
-        ids = inb.spec.block_ids[first : first + h.block_count]
-        local = range(layers.start, layers.stop)
-        region = region_of(self._cache, local, head, head + h.head_count, ids)
-        if (h.dtype, h.shape, h.nbytes) != (region.dtype, region.shape, region.nbytes):
-            return f"payload {h.dtype} {h.shape} does not match {region.dtype} {region.shape}"
-        return region, stream, layers
 
     # ---- endings ------------------------------------------------------------------------
 
@@ -391,22 +359,30 @@ class KVReceiver:
                 self._on_end(tid, status)
             except Exception:
                 logger.exception("transfer %s: on_end failed", tid)
+        if self._on_record is not None:
+            self._report(inb, status)
         if self._records is not None:
             self._records.withdraw(tid)
+
+    def _report(self, inb: Inbound, status: TransferStatus) -> None:
+        assert self._on_record is not None
+        start = inb.first_landed
+        record = TransferRecord(
+            "recv",
+            status.state is TransferState.DONE,
+            status.reason,
+            inb.landed_bytes,
+            max(0, inb.block_end - inb.spec.first_block) if start is not None else 0,
+            time.monotonic() - start if start is not None else 0.0,
+        )
+        try:
+            self._on_record(record)
+        except Exception:
+            logger.exception("transfer %s: on_record failed", inb.spec.transfer_id)
 
     def _fail(self, inb: Inbound, reason: str) -> None:
         with inb.lock:
             self._end_locked(inb, failed(reason))
-
-    @staticmethod
-    def _timeout_status(inb: Inbound) -> TransferStatus:
-        missing = sum(stream.incomplete(inb.total) for stream in inb.streams.values())
-        slices = sum(stream.num_slices for stream in inb.streams.values())
-        first = " and no first token" if inb.spec.first_token and inb.first is None else ""
-        return failed(
-            f"timed out after {inb.spec.timeout_s:g}s with {missing} of "
-            f"{slices} layer slices incomplete{first}"
-        )
 
     def _watch(self) -> None:
         while not self._closed.wait(self._cfg.tick_s):
@@ -415,4 +391,4 @@ class KVReceiver:
                 late = [inb for inb in self._active.values() if now > inb.deadline]
             for inb in late:
                 with inb.lock:
-                    self._end_locked(inb, self._timeout_status(inb))
+                    self._end_locked(inb, inb.timeout_status())

@@ -54,7 +54,8 @@ from kv_transfer.guard import (
 )
 from kv_transfer.header import TOKEN_BYTES, Header, Hello
 from kv_transfer.mapping import KVGeometry
-from kv_transfer.regions import BlockRegion, LayerSpan, copy_into, region_of
+from kv_transfer.region_copies import copy_into
+from kv_transfer.regions import BlockRegion, LayerSpan, region_of
 from kv_transfer.rendezvous import Lease, RendezvousStore, encode_record, rank_key, resolve
 from kv_transfer.shm_segment import (
     FREE,

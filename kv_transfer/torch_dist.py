@@ -27,30 +27,28 @@ are one run with all heads (verifying a checksum there once they are in), else i
 staging, scattered when it lands. Any error or timeout tears the pair down on that
 side (control socket closed, group dropped or aborted); the other side's pending
 operations then fail, and the next transfer builds a new pair.
+
+This module holds the config and the two plug-ins (`TorchDistConnector`,
+`TorchDistEndpoint`); the pair's group is in torch_dist_pair.py, its sender end in
+torch_dist_link.py and its receiver end in torch_dist_session.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
-from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store, TCPStore
+from torch._C._distributed_c10d import TCPStore
 
 from engine.parallel.tcp_store import serve_tcp_store
 from kv_transfer.auth import HelloAuth
 from kv_transfer.base import LocalRank, RankId, TransferError
-from kv_transfer.control import ControlClient, ControlServer, Finish, listen
+from kv_transfer.control import ControlClient, ControlServer, listen
 from kv_transfer.guard import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, server_guard
-from kv_transfer.header import TOKEN_BYTES, Header, Hello
-from kv_transfer.regions import BlockRegion, LayerSpan, gather_checksummed
+from kv_transfer.header import TOKEN_BYTES, Hello
 from kv_transfer.rendezvous import (
     Lease,
     RendezvousStore,
@@ -60,27 +58,15 @@ from kv_transfer.rendezvous import (
     split_hostport,
 )
 from kv_transfer.staging import StagingPool
-from kv_transfer.transport import (
-    Completion,
-    Connector,
-    Endpoint,
-    Inbox,
-    Link,
-    Peer,
-    Target,
-    TransportKind,
-    in_parts,
-    message_parts,
-    region_parts,
-    splits,
-    staging_for,
-)
+from kv_transfer.torch_dist_link import SendLink
+from kv_transfer.torch_dist_pair import backend_for, new_pair_group
+from kv_transfer.torch_dist_session import ReceiveStats, RecvSession
+from kv_transfer.transport import Connector, Endpoint, Inbox, Link, Peer, TransportKind
 
 logger = logging.getLogger(__name__)
 
 TRANSPORT = TransportKind.TORCH_DIST
 _RECORD = {"control": str, "store": str, "backend": str}
-_POLL_S = 1e-4  # NCCL completion polling
 
 
 @dataclass(frozen=True)
@@ -112,175 +98,6 @@ class TorchDistConfig:
             raise ValueError(f"timeouts must be > 0: {self}")
         if self.max_connections < 1 or self.max_staging_bytes < 1:
             raise ValueError(f"max_connections and max_staging_bytes must be >= 1: {self}")
-
-
-def _backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def new_pair_group(
-    store: Store, token: bytes, rank: int, backend: str, host: str, timeout_s: float
-) -> Any:
-    """A 2-rank process group of its own, without any global world."""
-    prefixed = PrefixStore(f"kvpair/{token.hex()}", store)
-    timeout = timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        opts: Any = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-        opts._timeout = timeout
-        opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
-        return ProcessGroupGloo(prefixed, rank, 2, opts)
-    nccl = getattr(dist, "ProcessGroupNCCL", None)
-    if nccl is None:
-        raise TransferError("this torch build has no NCCL")
-    opts = nccl.Options()
-    opts._timeout = timeout
-    return nccl(prefixed, rank, 2, opts)
-
-
-def _wait(work: Any, backend: str, timeout_s: float) -> None:
-    """Block until `work` completes; raise on error or after `timeout_s`."""
-    if backend == "gloo":
-        work.wait()  # bounded by the group's timeout, which then closes the pair
-        return
-    deadline = time.monotonic() + timeout_s
-    while not work.is_completed():
-        if time.monotonic() > deadline:
-            raise TransferError(f"NCCL operation timed out after {timeout_s:g}s")
-        time.sleep(_POLL_S)
-    work.wait()  # raises if it failed
-
-
-def _abort(group: Any) -> None:
-    abort = getattr(group, "abort", None)
-    if abort is not None:
-        try:
-            abort()
-        except Exception as e:  # best effort: the group is being dropped anyway
-            logger.debug("abort failed: %s", e)
-
-
-class _Link(Link):
-    def __init__(
-        self,
-        peer: RankId,
-        control: ControlClient,
-        store: Store,
-        group: Any,
-        backend: str,
-        op_timeout_s: float,
-        zero_copy: bool,
-    ) -> None:
-        self.peer = peer
-        self._control, self._store, self._group = control, store, group
-        self._backend, self._timeout, self._zero_copy = backend, op_timeout_s, zero_copy
-        self.max_layers = 1 << 16  # a span goes as one message of per-layer parts
-        self._lock = threading.Lock()
-        self._seq = 0
-        self._broken = False
-        self._pool = StagingPool()
-        self._works: queue.SimpleQueue[tuple[list[Any], torch.Tensor | None, Completion] | None] = (
-            queue.SimpleQueue()
-        )
-        self._posts: queue.SimpleQueue[
-            tuple[tuple[torch.Tensor, ...], torch.Tensor | None, Completion] | None
-        ] = queue.SimpleQueue()
-        self._waiter = threading.Thread(target=self._wait_loop, name="kv-send-wait", daemon=True)
-        self._waiter.start()
-        self._poster = threading.Thread(target=self._post_loop, name="kv-send-post", daemon=True)
-        self._poster.start()
-
-    @property
-    def broken(self) -> bool:
-        return self._broken or self._control.stale
-
-    def send(
-        self, header: Header, region: BlockRegion | LayerSpan | None, checksum: bool = False
-    ) -> Completion:
-        with self._lock:
-            if self._broken:
-                raise TransferError(f"pair to {self.peer} is closed")
-            header, self._seq = header.with_seq(self._seq), self._seq + 1
-            if region is None:
-                self._control.send(header.pack())
-                return Completion.resolved()
-            staging: torch.Tensor | None = None
-            if self._zero_copy and region.dense and splits(region):
-                # each layer's K and V are contiguous in the cache: send them as they lie,
-                # summed in place first when checksummed (a read, and no gather write)
-                if checksum:
-                    header = header.with_checksum(region.checksum())
-                header, parts = header.in_parts(True), region_parts(region)
-            else:
-                staging = self._pool.take(region.shape, region.dtype, region.cache.device)
-                if checksum:  # gathered and summed in one pass
-                    header = header.with_checksum(gather_checksummed(region, staging))
-                else:
-                    region.gather(out=staging)
-                split = in_parts(region, checksum)
-                header, parts = header.in_parts(split), message_parts(staging, split)
-            self._control.send(header.pack())
-            done = Completion(holds_source=staging is None)
-            self._posts.put((parts, staging, done))
-        return done
-
-    def _post_loop(self) -> None:
-        """Post each message's sends, in order. A send call can block while the pair's
-        own thread writes an earlier message; here that never delays reading out (and
-        checksumming) the next one."""
-        while True:
-            item = self._posts.get()
-            if item is None:
-                self._works.put(None)
-                return
-            parts, staging, done = item
-            group = self._group
-            if self._broken or group is None:
-                done.resolve(f"pair to {self.peer} closed")
-                continue
-            try:
-                works = [group.send([part], 1, tag) for tag, part in enumerate(parts)]
-            except Exception as e:
-                self._break()
-                done.resolve(f"send to {self.peer}: {e}")
-                continue
-            self._works.put((works, staging, done))
-
-    def _wait_loop(self) -> None:
-        while True:
-            item = self._works.get()
-            if item is None:
-                return
-            works, staging, done = item
-            if self._broken:
-                done.resolve(f"pair to {self.peer} closed")
-                continue
-            try:
-                for work in works:
-                    _wait(work, self._backend, self._timeout)
-            except Exception as e:
-                self._break()
-                done.resolve(f"send to {self.peer}: {e}")
-                continue
-            if staging is not None:
-                self._pool.give(staging)
-            done.resolve()
-
-    def _break(self) -> None:
-        with self._lock:
-            if self._broken:
-                return
-            self._broken = True
-        self._control.close()
-        if self._backend == "nccl":
-            _abort(self._group)
-
-    def close(self) -> None:
-        """Tear down without waiting (callers include `poll`): the poster fails what is
-        still queued, and the waiter thread ends by itself once the group's own timeout
-        has failed whatever is still pending."""
-        self._break()
-        self._posts.put(None)
-        self._group = None  # the sockets close once pending works are gone
 
 
 class TorchDistConnector(Connector):
@@ -320,109 +137,7 @@ class TorchDistConnector(Connector):
             raise TransferError(f"cannot build the pair group with {peer}: {e}") from e
         logger.info("%s -> %s: %s pair ready", me.id, peer, backend)
         zero_copy = backend == "gloo" if self._cfg.zero_copy is None else self._cfg.zero_copy
-        return _Link(peer, control, store, group, backend, self._cfg.op_timeout_s, zero_copy)
-
-
-Landing = Literal["direct", "staged", "drained"]
-
-
-class ReceiveStats:
-    """How DATA payloads arrived: straight into their blocks, through staging, or
-    drained (received with nowhere to land: a failed or revoked transfer's messages
-    still on the wire); and how many of them carried a span of several layers."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.direct = 0
-        self.staged = 0
-        self.drained = 0
-        self.spans = 0
-
-    def count(self, landing: Landing, span: bool) -> None:
-        with self._lock:
-            if landing == "direct":
-                self.direct += 1
-            elif landing == "staged":
-                self.staged += 1
-            else:
-                self.drained += 1
-            self.spans += span
-
-
-class _Session:
-    direct_ok = True
-
-    def __init__(
-        self,
-        group: Any,
-        backend: str,
-        device: torch.device,
-        inbox: Inbox,
-        timeout_s: float,
-        pool: StagingPool,
-        stats: ReceiveStats,
-    ) -> None:
-        self._group, self._backend, self._device = group, backend, device
-        self._inbox, self._timeout, self._pool = inbox, timeout_s, pool
-        self._stats = stats
-
-    def start(self, header: Header, target: Target | None) -> Finish:
-        if target is not None and target.direct:
-            works = self._post(target.views())
-            self._stats.count("direct", span=header.layer_count > 1)
-
-            def finish_direct() -> None:
-                self._wait_all(works)
-
-            return finish_direct
-        landing: Landing = "drained" if target is None else "staged"
-        self._stats.count(landing, span=header.layer_count > 1)
-        staging = staging_for(
-            header,
-            self._inbox.max_payload_bytes,
-            self._inbox.max_payload_layers,
-            self._device,
-            self._pool,
-        )
-        try:
-            works = self._post(message_parts(staging, header.parts))
-        except BaseException:
-            self._pool.forget(staging)
-            raise
-
-        def finish_staged() -> torch.Tensor | None:
-            try:
-                self._wait_all(works)
-            except BaseException:
-                self._pool.forget(staging)
-                raise
-            if target is None:  # nowhere to land: the bytes only had to leave the pair
-                self._pool.give(staging)
-                return None
-            return staging
-
-        return finish_staged
-
-    def _post(self, parts: tuple[torch.Tensor, ...]) -> list[Any]:
-        try:
-            return [self._group.recv([part], 0, tag) for tag, part in enumerate(parts)]
-        except Exception as e:
-            raise TransferError(f"recv failed: {e}") from e
-
-    def _wait_all(self, works: list[Any]) -> None:
-        try:
-            for work in works:
-                _wait(work, self._backend, self._timeout)
-        except Exception as e:
-            raise TransferError(f"recv failed: {e}") from e
-
-    def done(self, payload: torch.Tensor) -> None:
-        self._pool.give(payload)
-
-    def close(self) -> None:
-        if self._backend == "nccl":
-            _abort(self._group)
-        self._group = None
+        return SendLink(peer, control, store, group, backend, self._cfg.op_timeout_s, zero_copy)
 
 
 class TorchDistEndpoint(Endpoint):
@@ -436,8 +151,8 @@ class TorchDistEndpoint(Endpoint):
         self.stats = ReceiveStats()
 
     def start(self, me: LocalRank, cache: torch.Tensor, inbox: Inbox) -> None:
-        backend = self._cfg.backend or _backend_for(cache.device)
-        if backend != _backend_for(cache.device):
+        backend = self._cfg.backend or backend_for(cache.device)
+        if backend != backend_for(cache.device):
             raise ValueError(f"backend {backend} cannot move {cache.device.type} tensors")
         host = self._cfg.host
         # torch's own server would listen on every interface: bind `host` only
@@ -446,13 +161,13 @@ class TorchDistEndpoint(Endpoint):
         device, timeout = cache.device, self._cfg.op_timeout_s
         pool = StagingPool(max_in_use=self._cfg.max_staging_bytes, wait_s=timeout)
 
-        def open_session(peer: Peer) -> _Session:
+        def open_session(peer: Peer) -> RecvSession:
             try:
                 group = new_pair_group(tcp_store, peer.token, 1, backend, host, timeout)
             except Exception as e:
                 raise TransferError(f"pair group with {peer.id} failed: {e}") from e
             logger.info("%s <- %s: %s pair ready", me.id, peer.id, backend)
-            return _Session(group, backend, device, inbox, timeout, pool, self.stats)
+            return RecvSession(group, backend, device, inbox, timeout, pool, self.stats)
 
         listener, address = listen(f"tcp://{host}:0")
         self._server = ControlServer(

@@ -1,6 +1,6 @@
 """KV transfer time against bytes, measured directly on the configured transport.
 
-* torch_dist: a Gloo pair (`kv_transfer.torch_dist.new_pair_group`, over loopback)
+* torch_dist: a Gloo pair (`kv_transfer.torch_dist_pair.new_pair_group`, over loopback)
   between this process and a spawned sender; for each size, the receiver posts one
   receive per layer, sends the sender a go byte, and times until the last layer has
   landed: the wire time and one round trip, without the transfer's header, checksums
@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 import torch
 from torch._C._distributed_c10d import TCPStore
 
-from kv_transfer.torch_dist import new_pair_group
+from kv_transfer.torch_dist_pair import new_pair_group
 from planner.profile import TransferPoint
 
 TIMEOUT_S = 60.0

@@ -106,6 +106,22 @@ async def release_when_unread(
         release()
 
 
+def _outcome(final: RequestOutput, done: TransferStatus) -> PrefillOutcome:
+    """A sent prefill's timings; the transfer's share is measured on this instance's
+    clock, from the first token's sampling to the sends' completion."""
+    m = final.metrics
+    if m is None:
+        return PrefillOutcome(ok=True)
+    ended = done.ended_at if done.ended_at is not None else time.monotonic()
+    return PrefillOutcome(
+        ok=True,
+        queue_s=m.queue_s,
+        prefill_s=m.prefill_s,
+        cached_prompt_tokens=m.num_cached_tokens,
+        kv_transfer_s=max(0.0, ended - m.first_token_at),
+    )
+
+
 class PrefillWorker:
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role is not Role.PREFILL:
@@ -125,6 +141,7 @@ class PrefillWorker:
             self._rt.geometry,
             connector,
             registry=rendezvous,
+            on_record=self._rt.transfer_metrics.record,
         )
         self._pins = BlockPins(self._rt.engine.block_pool)
         self._hook.bind(self._sender, self._pins)
@@ -174,18 +191,12 @@ class PrefillWorker:
                 return PrefillOutcome(ok=False, reason=f"rejected: {e}")
             deadline = time.monotonic() + request.timeout_s
             final = await self._first_token(stream, deadline)
-            failure = await self._sent(request.transfer_id, deadline)
+            sent = await self._sent(request.transfer_id, deadline)
             settled = True
-            if failure is not None:
-                self._abort_ranks(request, failure)
-                return PrefillOutcome(ok=False, reason=failure)
-            m = final.metrics
-            return PrefillOutcome(
-                ok=True,
-                queue_s=m.queue_s if m is not None else 0.0,
-                prefill_s=m.prefill_s if m is not None else 0.0,
-                cached_prompt_tokens=m.num_cached_tokens if m is not None else 0,
-            )
+            if isinstance(sent, str):
+                self._abort_ranks(request, sent)
+                return PrefillOutcome(ok=False, reason=sent)
+            return _outcome(final, sent)
         finally:
             loop.close_stream(rid)
             if not settled:  # cancelled, timed out or failed: stop the send, free blocks
@@ -238,12 +249,12 @@ class PrefillWorker:
         per_rank = await self._ranks.acall("poll", [transfer_id])
         return combine([status, *(r[0] for r in per_rank)])
 
-    async def _sent(self, transfer_id: str, deadline: float) -> str | None:
-        """None once every rank's sender reports DONE; otherwise why it did not."""
+    async def _sent(self, transfer_id: str, deadline: float) -> TransferStatus | str:
+        """The DONE status once every rank's sender reports it; otherwise why not."""
         while True:
             status = await self._status(transfer_id)
             if status.state is TransferState.DONE:
-                return None
+                return status
             if status.state is TransferState.FAILED:
                 return f"transfer failed: {status.reason}"
             if time.monotonic() > deadline:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +100,8 @@ class Session:
                 lambda e: core.metrics.retries.labels(e.kind.value).inc(),
             ):
                 if delta.finish is not None:
-                    core.metrics.finished(self._protocol, delta.finish)
+                    e2e_s = time.monotonic() - self._arrival
+                    core.metrics.finished(self._protocol, delta.finish, e2e_s)
                     outcome = ""
                     t = delta.finish.timings
                     logger.debug(
@@ -151,9 +152,19 @@ def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
 
 
 class RouterCore:
-    def __init__(self, settings: RouterSettings, decode: Any, prefill: Any | None) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        decode: Any,
+        prefill: Any | None,
+        identity: Mapping[str, str] | None = None,
+    ) -> None:
+        """`identity` labels the metrics this replica exports through Ray (pool,
+        replica, rank)."""
         self.settings = settings
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(
+            identity, slo_ttft_s=settings.slo_ttft_s, slo_tpot_s=settings.slo_tpot_s
+        )
         self.encoder = PromptEncoder(settings.model_dir, settings.block_size)
         self.validator = RequestValidator(settings.limits, self.encoder, settings.served_model)
         self._tokenize_pool = ThreadPoolExecutor(
@@ -199,7 +210,9 @@ class RouterCore:
         logged as one WARNING line with the id and raised as a RouterError."""
         arrival, arrival_wall = time.monotonic(), time.time()
         rid = rid or new_request_id()
-        if not self.admission.try_acquire():
+        admitted = self.admission.try_acquire()
+        self.metrics.admitted(admitted)
+        if not admitted:
             self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
             error = RouterError(
                 ErrorKind.RESOURCE_EXHAUSTED,
@@ -243,9 +256,11 @@ class RouterCore:
             prefill = self.view.candidates(Role.PREFILL)
         request = RouteRequest(len(req.prompt_token_ids), self.settings.block_size)
         try:
-            return self.policy.route(request, decode, prefill)
+            decision = self.policy.route(request, decode, prefill)
         except NoInstanceAvailable as e:
             raise RouterError(ErrorKind.UNAVAILABLE, str(e)) from None
+        self.metrics.routed(decision, self.settings.disaggregation_threshold)
+        return decision
 
     # -- cluster-level queries -----------------------------------------------------------
 

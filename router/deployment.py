@@ -45,7 +45,9 @@ class Router:
         # Serve logs a traceback for every exception a method raises; a gRPC status the
         # router set is already logged by the router, as one line.
         logging.getLogger("ray.serve").addFilter(QuietStatusErrors())
-        self._core = RouterCore(settings, decode, prefill)
+        replica = str(serve.get_replica_context().replica_id.unique_id)
+        identity = {"pool": "router", "replica": replica, "rank": "0"}
+        self._core = RouterCore(settings, decode, prefill, identity)
         await self._core.start()
         self._grpc = GrpcFrontend(self._core)
 

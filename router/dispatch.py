@@ -260,7 +260,10 @@ class Dispatcher:
         remote = outcome if disagg and outcome is not None and outcome.ok else None
         prefill_s = remote.prefill_s if remote is not None else final.prefill_s
         cached = remote.cached_prompt_tokens if remote is not None else final.cached_prompt_tokens
-        kv_s = final.kv_transfer_s if disagg else 0.0
+        # The prefill instance measures the transfer on one clock; the decode
+        # instance's figure spans two hosts' wall clocks.
+        kv_s = remote.kv_transfer_s if remote is not None else final.kv_transfer_s
+        kv_s = kv_s if disagg else 0.0
         first_at = call.first_at if call.first_at is not None else time.monotonic()
         ttft = (first_at - call.arrival) * 1000
         timings = Timings(

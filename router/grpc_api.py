@@ -98,6 +98,8 @@ def raw_request(req: pdserve_pb2.GenerateRequest) -> RawRequest:
         ignore_eos=s.ignore_eos,
         seed=s.seed if s.HasField("seed") else None,
         logprobs=s.logprobs if s.HasField("logprobs") else None,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
     )
     which = req.WhichOneof("input")
     return RawRequest(

@@ -30,12 +30,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from router.core import RouterCore, Session, log_refusal, new_request_id
 from router.errors import HTTP_STATUS, ErrorKind, RouterError
 from router.openai_schema import ChatBody, CompletionBody, first_error
+from router.openapi_doc import openapi_document
 from router.results import Delta, Finish
 from router.validation import OPENAI_FIELDS, InvalidRequest
 
@@ -232,55 +233,6 @@ class OpenAIApp:
         finally:
             session.close()
         yield b"data: [DONE]\n\n"
-
-
-_BODIES: dict[str, type[BaseModel]] = {
-    "/v1/completions": CompletionBody,
-    "/v1/chat/completions": ChatBody,
-}
-_ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string", "enum": [k.value for k in ErrorKind]},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": "null"},
-            },
-        }
-    },
-}
-
-
-def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """The app's OpenAPI document with the request bodies the handlers read themselves
-    (they bound the body's size before parsing it) and the error responses."""
-    if app.openapi_schema is not None:
-        return app.openapi_schema
-    doc = app.openapi()
-    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    schemas["Error"] = _ERROR_SCHEMA
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for path, model in _BODIES.items():
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
-        op = doc["paths"][path]["post"]
-        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
-        for status, what in (
-            ("400", "a bad field, named in error.param"),
-            ("401", "missing or wrong API key"),
-            ("413", "the body is too large"),
-            ("429", "the router is full"),
-            ("503", "no instance can take the request"),
-        ):
-            op["responses"][status] = {"description": what, "content": error}
-    app.openapi_schema = doc
-    return doc
 
 
 def _event(obj: dict[str, Any]) -> bytes:

@@ -14,13 +14,25 @@ instance that caches their prefix whatever the key. The role `developer` is `sys
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.config import JsonDict
 
 from router.validation import ChatMessageIn, InvalidRequest, RawRequest, RawSampling
 
-_STRICT = ConfigDict(extra="forbid")
+# strict: a value of another JSON type is refused, never coerced ("5" is no integer,
+# 0 no boolean)
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _integral(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON's integers: a number without a fraction, `2.0` as well as `2` (JSON Schema's
+# meaning of "integer"), and never a string or a boolean
+Integer = Annotated[int, BeforeValidator(_integral)]
 
 # field -> (the values that ask for nothing, what a client gets told otherwise)
 _Rules = dict[str, tuple[tuple[Any, ...], str]]
@@ -70,24 +82,31 @@ class StreamOptions(BaseModel):
             raise InvalidRequest("stream_options.include_obfuscation", "is not supported")
 
 
+def _bounded(**bounds: float) -> Any:
+    """An optional field whose static bounds the OpenAPI document states; the one
+    sampling rule (`SamplingParams.validate`) enforces them, with its messages."""
+    extra: JsonDict = dict(bounds)
+    return Field(default=None, json_schema_extra=extra)
+
+
 class _Body(BaseModel):
     model_config = _STRICT
 
     model: str = ""
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    max_tokens: Integer | None = _bounded(minimum=1)
+    temperature: float | None = _bounded(minimum=0)
+    top_p: float | None = _bounded(exclusiveMinimum=0, maximum=1)
+    top_k: Integer | None = _bounded(minimum=-1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Integer] | None = None
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: Integer | None = _bounded(minimum=0, maximum=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str = ""
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: Integer | None = None
+    presence_penalty: float | None = _bounded(minimum=-2, maximum=2)
+    frequency_penalty: float | None = _bounded(minimum=-2, maximum=2)
     logit_bias: dict[str, float] | None = None
 
     def _common_checks(self) -> None:
@@ -117,17 +136,15 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[int] | None = None
-    logprobs: int | None = None
+    prompt: str | list[Integer]
+    logprobs: Integer | None = _bounded(minimum=0)
     echo: bool | None = None
-    best_of: int | None = None
+    best_of: Integer | None = None
     suffix: str | None = None
 
     def to_raw(self) -> RawRequest:
         self._common_checks()
         _check(self, _COMPLETION_RULES)
-        if self.prompt is None:
-            raise InvalidRequest("prompt", "is required")
         text = self.prompt if isinstance(self.prompt, str) else None
         ids = tuple(self.prompt) if isinstance(self.prompt, list) else None
         return RawRequest(
@@ -149,7 +166,10 @@ class TextPart(BaseModel):
 class ChatMessageBody(BaseModel):
     model_config = _STRICT
 
-    role: str
+    # the roles the chat template takes (`developer` is `system`), checked with it
+    role: str = Field(
+        json_schema_extra={"enum": ["system", "developer", "user", "assistant", "tool"]}
+    )
     content: str | list[TextPart] | None = None
     name: str | None = None
     refusal: str | None = None
@@ -173,10 +193,10 @@ class ChatMessageBody(BaseModel):
 
 
 class ChatBody(_Body):
-    messages: list[ChatMessageBody] = Field(default_factory=list)
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessageBody] = Field(min_length=1)
+    max_completion_tokens: Integer | None = _bounded(minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = _bounded(minimum=0)
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -223,8 +243,10 @@ _UNION_TAGS = frozenset(
 
 
 def first_error(e: ValidationError) -> InvalidRequest:
-    """A body's first schema error, as an InvalidRequest naming the field's path."""
-    err = e.errors()[0]
+    """A body's first schema error, as an InvalidRequest naming the field's path; a
+    field the request does not have is named before a missing one."""
+    errors = e.errors()
+    err = next((x for x in errors if x.get("type") == "extra_forbidden"), errors[0])
     path = ""
     for part in err.get("loc", ()):
         if isinstance(part, str) and (

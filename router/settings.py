@@ -41,6 +41,8 @@ class RouterSettings:
     tokenizer_threads: int = 2  # threads that tokenize prompts, off the event loop
     max_health_watches: int = 32  # concurrent gRPC health Watch streams
     health_watch_max_s: float = 300.0  # longest life of one Watch stream
+    slo_ttft_s: float = float("inf")  # goodput: a request meets the SLO within both
+    slo_tpot_s: float = float("inf")
     grpc_bearer_token: str | None = None
     http_api_key: str | None = None
 

@@ -30,6 +30,7 @@ from cluster.builder import APP_NAME, build_app, serve_options, serve_process_en
 from cluster.client import Client
 from cluster.config import ClusterConfig
 from cluster.config_file import load_config
+from cluster.launcher import local_ray_metrics
 from cluster.redis_server import RedisServer
 from engine import LLM, SamplingParams
 from registry import Registry, connect
@@ -166,7 +167,13 @@ class ClusterHarness:
         for key, value in serve_process_env(self.config).items():
             os.environ.setdefault(key, value)
         cpus = max(4, math.ceil(self.config.required_cpus()))
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            **local_ray_metrics(self.config),
+        )
         http, grpc = serve_options(self.config)
         serve.start(http_options=http, grpc_options=grpc)
         app = build_app(self.config, model_dir=self.model_dir, redis_url=self.redis.url)

@@ -254,7 +254,9 @@ class FakePrefill(FakeInstance):
                 return PrefillOutcome(ok=False, reason="transfer failed: receiver refused it")
             self.transfers.complete(preq.transfer_id)
             await asyncio.sleep(b.answer_delay_s)
-            return PrefillOutcome(ok=True, prefill_s=0.003, cached_prompt_tokens=0)
+            return PrefillOutcome(
+                ok=True, prefill_s=0.003, cached_prompt_tokens=0, kv_transfer_s=0.001
+            )
         finally:
             self.active.discard(preq.request_id)
 

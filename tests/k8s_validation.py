@@ -9,6 +9,10 @@
   resource silently, so the schema is tightened first: wherever it lists properties
   and allows nothing else, an unknown field is an error here.
 * serveConfigV2 against Ray Serve's own `ServeDeploySchema`.
+* PodMonitor (prometheus-operator's CRD, whose schema is not vendored here) against
+  `POD_MONITOR_SCHEMA`: the subset of monitoring.coreos.com/v1 PodMonitor fields the
+  renderer writes, strict (unknown fields are errors), with their types and enums as
+  the CRD declares them.
 """
 
 from __future__ import annotations
@@ -65,6 +69,78 @@ def crd_validator(kind: str, api_version: str) -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(schema)
 
 
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": _LABELS,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+POD_MONITOR_SCHEMA: Doc = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object"},  # ObjectMeta: checked as a core object's
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "jobLabel": {"type": "string"},
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string", "minLength": 1},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "interval": {
+                                "type": "string",
+                                "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$",
+                            },
+                            "scrapeTimeout": {
+                                "type": "string",
+                                "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$",
+                            },
+                            "honorLabels": {"type": "boolean"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
 def _pod_templates(doc: Doc) -> Iterator[tuple[str, Doc]]:
     spec = doc["spec"]
     cluster = spec["rayClusterConfig"] if doc["kind"] == "RayService" else spec
@@ -94,6 +170,14 @@ def errors(doc: Doc) -> list[str]:
             out += _core_errors(wrapped, f"{kind} {group} pod template")
         if kind == "RayService":
             out += serve_config_errors(doc["spec"]["serveConfigV2"])
+    elif kind == "PodMonitor":
+        validator = jsonschema.Draft7Validator(POD_MONITOR_SCHEMA)
+        out += [
+            f"PodMonitor: {'.'.join(map(str, e.path))}: {e.message}"
+            for e in validator.iter_errors(doc)
+        ]
+        meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]}
+        out += _core_errors(meta, "PodMonitor metadata")
     else:
         out += _core_errors(doc, f"{kind}/{doc.get('metadata', {}).get('name')}")
     return out

@@ -12,7 +12,9 @@ Lifecycle:
                                            after the finished one)
     one iteration                          run queued commands, then the `tick` hook,
                                            then one `engine.step()` when the scheduler
-                                           has work; an idle loop waits on the inbox
+                                           has work (timed, for the metrics, which also
+                                           sample the engine's state every so often);
+                                           an idle loop waits on the inbox
     stop()                                 the thread exits after its iteration
                                            (bounded join); open streams get EngineStopped
 
@@ -35,6 +37,7 @@ from typing import TypeVar
 from engine import LLMEngine, RequestOutput
 from registry import LoadReport
 from worker.errors import InstanceUnavailable
+from worker.pool_metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +88,14 @@ class EngineLoop:
         busy: Callable[[], bool] | None = None,
         idle_wait_s: float = 0.02,
         busy_wait_s: float = 0.001,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         """`tick` runs on the engine thread every iteration; while `busy()` is true (for
         example, transfers to poll) an idle loop waits `busy_wait_s` instead of
-        `idle_wait_s`."""
+        `idle_wait_s`. `metrics` gets each step's time and tokens, and samples the
+        engine's state between steps."""
         self.engine = engine
+        self._metrics = metrics
         self.name = name
         self._tick = tick
         self._busy = busy
@@ -238,7 +244,12 @@ class EngineLoop:
                     self._tick()
                 stalled = False
                 if engine.scheduler.has_work():
+                    started = time.perf_counter()
                     outputs = engine.step()
+                    if self._metrics is not None and engine.last_step_tokens:
+                        self._metrics.stepped(
+                            time.perf_counter() - started, engine.last_step_tokens
+                        )
                     for out in outputs:
                         self.post(out)
                     # Waiting prompts that no block can take until a command frees some.
@@ -247,6 +258,8 @@ class EngineLoop:
                 if now - last_load > 0.02:
                     self._update_load()
                     last_load = now
+                if self._metrics is not None:
+                    self._metrics.sample(engine, now)
                 if stalled or not engine.scheduler.has_work():
                     self._wait()
         except BaseException as e:

@@ -128,6 +128,9 @@ class PrefillOutcome:
     queue_s: float = 0.0
     prefill_s: float = 0.0
     cached_prompt_tokens: int = 0
+    # The first token's sampling to the sends of the transfer (its END included)
+    # completing, on this instance's clock: the transfer time TTFT sees.
+    kv_transfer_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ Lifecycle:
                           itself; that join returns once every rank is in (bounded)
     steps                 rank 0's engine broadcasts each step; every actor runs its share
                           on its own thread (`engine.parallel.worker.RankWorker.serve`)
+    metrics               each actor records its own transfers, labelled with the
+                          pool, the replica and its rank (worker.pool_metrics)
     transfers             every rank moves its own KV slices (kv_transfer's M:N plan):
                             prefill  rank 0 registers the request on every rank's
                                      SendHook (`add_transfer`) before the engine sees it;
@@ -68,6 +70,7 @@ from worker.kv_roles import (
     transfer_host,
 )
 from worker.messages import WorkerSettings
+from worker.pool_metrics import TransferMetrics, pool_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +151,9 @@ class RankActor:
         mc = self._worker.model_config
         geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
         me = local_rank(settings, instance_id, rank)
+        replica = instance_id.removeprefix(f"{settings.pool}-")
+        self.metrics = pool_metrics(settings.pool, replica, rank, settings.role.value)
+        record = TransferMetrics(self.metrics).record
         self._redis = connect(settings.redis_url, client_name=f"{instance_id}-rank{rank}")
         rendezvous = RedisRendezvous(self._redis, settings.cluster)
         self._hook: _LockedHook | None = None
@@ -155,7 +161,9 @@ class RankActor:
         self._receiver: KVReceiver | None = None
         if settings.role is Role.PREFILL:
             connector = sender_connector(settings, rendezvous, host)
-            self._sender = KVSender(me, self._worker.kv, geometry, connector, registry=rendezvous)
+            self._sender = KVSender(
+                me, self._worker.kv, geometry, connector, registry=rendezvous, on_record=record
+            )
             hook = SendHook(
                 settings.engine.block_size,
                 self._sender,
@@ -167,7 +175,7 @@ class RankActor:
             segment = self._storage.segment if self._storage is not None else None
             endpoint = receiver_endpoint(settings, rendezvous, host, segment, geometry)
             self._receiver = KVReceiver(
-                me, self._worker.kv, geometry, endpoint, registry=rendezvous
+                me, self._worker.kv, geometry, endpoint, registry=rendezvous, on_record=record
             )
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._serve, name=f"rank-{rank}", daemon=True)

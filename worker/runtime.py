@@ -6,6 +6,10 @@ and in kv_transfer is `<pool>-<replica unique id>`, and the registry entry's `ad
 is the replica unique id, which the router passes to `router.pinning` to reach exactly
 this replica.
 
+Metrics: `metrics` (worker.pool_metrics) is this rank 0's set, labelled with the pool,
+the replica unique id and rank 0; the engine loop records into it, and the role's
+kv_transfer sender or receiver reports each transfer to `transfer_metrics`.
+
 Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads pinned
 to the pool's CPU share) and the loop; with tp x pp > 1 it first starts the replica's
 other ranks (`worker.ranks.RemoteRanks`) and runs the engine as rank 0.
@@ -28,6 +32,7 @@ from worker.engine_loop import EngineLoop
 from worker.errors import InstanceUnavailable
 from worker.kv_roles import transfer_host
 from worker.messages import WorkerSettings
+from worker.pool_metrics import EngineMetrics, TransferMetrics, pool_metrics
 from worker.presence import Presence
 from worker.ranks import RemoteRanks
 
@@ -59,6 +64,8 @@ class WorkerRuntime:
         self.settings = settings
         self.replica_id = replica_id
         self.instance_id = f"{settings.pool}-{replica_id}"
+        self.metrics = pool_metrics(settings.pool, replica_id, 0, settings.role.value)
+        self.transfer_metrics = TransferMetrics(self.metrics)
         self.redis = connect(settings.redis_url, client_name=self.instance_id)
         self.registry = Registry(self.redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
         info = InstanceInfo(
@@ -100,7 +107,13 @@ class WorkerRuntime:
             raise
         mc = self.engine.model_config
         self.geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
-        self.loop = EngineLoop(self.engine, name=self.instance_id, tick=tick, busy=busy)
+        self.loop = EngineLoop(
+            self.engine,
+            name=self.instance_id,
+            tick=tick,
+            busy=busy,
+            metrics=EngineMetrics(self.metrics),
+        )
 
     def rendezvous(self) -> RedisRendezvous:
         """The kv_transfer rendezvous store in this cluster's namespace."""

@@ -8,7 +8,9 @@ by `app.kubernetes.io/instance`) and admits, for ingress:
 * from anywhere: the Services' ports only, gRPC (server.grpc_port) and HTTP
   (server.http_port); who may reach the Services at all is the Service type's matter;
 * from the KubeRay operator's pods (kubernetes.network_policy): the dashboard, where
-  it submits the Serve config, and the dashboard agent.
+  it submits the Serve config, and the dashboard agent;
+* with a PodMonitor (kubernetes.monitoring), from the Prometheus pods: the Ray pods'
+  metrics export.
 
 Everything else from outside the release is dropped where the cluster's network
 plugin enforces NetworkPolicies (kubelet probes come from the node and are allowed by
@@ -18,7 +20,7 @@ common plugins). Egress is not restricted.
 from __future__ import annotations
 
 from cluster.config import ClusterConfig
-from cluster.k8s.pods import AGENT_PORT, DASHBOARD_PORT, Manifest, labels
+from cluster.k8s.pods import AGENT_PORT, DASHBOARD_PORT, METRICS_PORT, Manifest, labels
 
 
 def _tcp(*ports: int) -> list[Manifest]:
@@ -34,6 +36,20 @@ def network_policy(config: ClusterConfig, name: str) -> Manifest:
         {"matchLabels": {"kubernetes.io/metadata.name": ns}} if ns is not None else {}
     )
     s = config.server
+    ingress: list[Manifest] = [
+        {"from": [{"podSelector": {"matchLabels": release}}]},
+        {"ports": _tcp(s.grpc_port, s.http_port)},
+        {"from": [operator], "ports": _tcp(DASHBOARD_PORT, AGENT_PORT)},
+    ]
+    m = k.monitoring
+    if m.pod_monitor:
+        prometheus: Manifest = {"podSelector": {"matchLabels": dict(m.prometheus_labels)}}
+        prometheus["namespaceSelector"] = (
+            {"matchLabels": {"kubernetes.io/metadata.name": m.prometheus_namespace}}
+            if m.prometheus_namespace is not None
+            else {}
+        )
+        ingress.append({"from": [prometheus], "ports": _tcp(METRICS_PORT)})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -45,10 +61,6 @@ def network_policy(config: ClusterConfig, name: str) -> Manifest:
         "spec": {
             "podSelector": {"matchLabels": release},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": [{"podSelector": {"matchLabels": release}}]},
-                {"ports": _tcp(s.grpc_port, s.http_port)},
-                {"from": [operator], "ports": _tcp(DASHBOARD_PORT, AGENT_PORT)},
-            ],
+            "ingress": ingress,
         },
     }

@@ -10,6 +10,8 @@ Files, each a YAML stream with sorted keys so re-renders diff cleanly:
     rayservice.yaml      the RayService (`cluster.k8s.rayservice`)
     services.yaml        gRPC and HTTP Services (`cluster.k8s.services`)
     networkpolicy.yaml   the release's ingress policy (`cluster.k8s.network_policy`)
+    podmonitor.yaml      Prometheus scraping of every Ray pod's metrics export
+                         (kubernetes.monitoring.pod_monitor; `cluster.k8s.monitoring`)
     kustomization.yaml   lists the above, so the directory is a kustomize base
 
 Before building anything, `check` rejects what cannot run on Kubernetes, naming the
@@ -33,6 +35,7 @@ import yaml
 
 from cluster.config import ClusterConfig
 from cluster.k8s.groups import RenderError, plan_groups
+from cluster.k8s.monitoring import pod_monitor
 from cluster.k8s.network_policy import network_policy
 from cluster.k8s.pods import Manifest
 from cluster.k8s.rayservice import rayservice
@@ -167,6 +170,8 @@ def render(config: ClusterConfig, *, source: str = "cluster.yaml") -> list[Manif
     if config.kubernetes.network_policy.enabled:
         policy = (network_policy(config, name),)
         files.append(ManifestFile("networkpolicy.yaml", policy, source))
+    if config.kubernetes.monitoring.pod_monitor:
+        files.append(ManifestFile("podmonitor.yaml", (pod_monitor(config, name),), source))
     kustomization: Manifest = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",

@@ -212,6 +212,34 @@ class NetworkPolicySettings(BaseModel):
     )
 
 
+class MonitoringSettings(BaseModel):
+    """Prometheus (prometheus-operator) scraping of every Ray pod's metrics export,
+    which carries the metrics of each router, pool replica and rank actor on the pod."""
+
+    model_config = _STRICT
+
+    pod_monitor: bool = Field(
+        default=False,
+        description="Render a PodMonitor (podmonitor.yaml); the cluster needs the "
+        "monitoring.coreos.com CRDs of prometheus-operator.",
+    )
+    interval_s: int = Field(default=15, ge=1, le=3600, description="Scrape interval.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels on the PodMonitor, for the Prometheus' podMonitorSelector "
+        "(e.g. {release: kube-prometheus-stack}).",
+    )
+    prometheus_namespace: DnsLabel | None = Field(
+        default=None,
+        description="The NetworkPolicy admits scrapes from Prometheus pods in this "
+        "namespace; None: in any namespace.",
+    )
+    prometheus_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"},
+        description="Labels of the Prometheus pods the NetworkPolicy admits.",
+    )
+
+
 class NcclSettings(BaseModel):
     """Environment for NCCL (GPU collectives and KV transfer) and Gloo (CPU) in every
     Ray pod. See deploy/README.md for what each does."""
@@ -281,6 +309,9 @@ class KubernetesSettings(BaseModel):
     )
     network_policy: NetworkPolicySettings = Field(
         default_factory=lambda: NetworkPolicySettings.model_validate({})
+    )
+    monitoring: MonitoringSettings = Field(
+        default_factory=lambda: MonitoringSettings.model_validate({})
     )
     ray_auth_secret: SecretName | None = Field(
         default=None,

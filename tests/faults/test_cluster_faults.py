@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import statistics
 import time
@@ -59,6 +60,7 @@ STORM_CONCURRENCY = 10  # of the cancel storm (a refused one counts as not cance
 MAX_TOKENS = 160
 READ_TIMEOUT_S = 30.0
 SHORT = ["Hi there", "2 + 2 =", "The sky is", "Once upon a"]
+_INFLIGHT = re.compile(r"^pdserve_inflight_requests(?:\{[^}]*\})? (\S+)$", re.M)
 SAMPLING = Sampling(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
@@ -149,11 +151,8 @@ def _inflight_reads(cluster: ClusterHarness, reads: int = 6) -> list[float]:
     out = []
     for _ in range(reads):
         body = cluster.http("GET", "/metrics", timeout_s=10).body.decode()
-        out += [
-            float(x.rsplit(" ", 1)[1])
-            for x in body.splitlines()
-            if x.startswith("pdserve_inflight_requests ")
-        ]
+        out += [float(m[1]) for m in _INFLIGHT.finditer(body)]
+    assert out, "no pdserve_inflight_requests in /metrics"
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 from cluster_harness import free_port, greedy
 
-from cluster.redis_server import read_password
+from cluster.redis_state import read_password
 from engine import LLM
 
 REPO = Path(__file__).resolve().parents[3]
@@ -149,6 +149,14 @@ def test_up_status_generate_chat_down(
         assert talk.returncode == 0, talk.stderr
         assert talk.stdout.startswith(chat.stdout) and talk.stdout != chat.stdout
         assert talk.stdout.endswith("\n") and "pdserve:" not in talk.stderr
+
+        # the figures live, from the metrics export `up` recorded, refreshed twice
+        assert state["metrics_urls"], state
+        watched = _pdserve(["status", "--name", name, "--watch", "0.5", "--count", "2"], env)
+        assert watched.returncode == 0, watched.stderr
+        assert watched.stdout.count(f"cluster {name}: SERVING") == 2, watched.stdout
+        assert "1 router replicas, 1 pool processes" in watched.stdout, watched.stdout
+        assert "metrics (last " in watched.stdout and "  main " in watched.stdout
     finally:
         down = _pdserve(["down", "--name", name], env, timeout_s=180)
     assert down.returncode == 0, down.stdout + down.stderr

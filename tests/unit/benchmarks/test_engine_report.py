@@ -4,9 +4,11 @@ against oneDNN), the table, the history line, the peer's answer and the --march 
 from __future__ import annotations
 
 import json
+import subprocess
 
+from benchmarks import engine_isa
 from benchmarks.common import Bandwidth, HostInfo, SourceState, Timing
-from benchmarks.engine_isa import append_history, isa_class, without_flags
+from benchmarks.engine_isa import AVX2_CAPS, append_history, isa_class, without_flags
 from benchmarks.engine_peer import _parse
 from benchmarks.engine_report import (
     Report,
@@ -121,3 +123,17 @@ def test_march_children_get_the_other_flags() -> None:
     argv = ["--march", "native,x86-64-v3", "--batches", "1,32", "--peer-python=/p", "--quick"]
     assert without_flags(argv, ("--march", "--peer-python")) == ["--batches", "1,32", "--quick"]
     assert isa_class("x86-64-v3") == "AVX2" and isa_class("x86-64-v4") == "AVX-512"
+
+
+def test_an_avx2_child_runs_with_onednn_and_mkl_capped(monkeypatch, tmp_path) -> None:
+    envs: dict[str, dict[str, str]] = {}
+
+    def run(cmd: list[str], env: dict[str, str], **_: object) -> subprocess.CompletedProcess[str]:
+        envs[env[engine_isa.MARCH_ENV]] = env
+        return subprocess.CompletedProcess(cmd, 3 if "v3" in env[engine_isa.MARCH_ENV] else 0)
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(engine_isa.subprocess, "run", run)
+    assert engine_isa.run_per_march(["x86-64-v4", "x86-64-v3"], ["--quick"], tmp_path) == 3
+    assert all(envs["x86-64-v3"][k] == v for k, v in AVX2_CAPS.items())
+    assert "ONEDNN_MAX_CPU_ISA" not in envs["x86-64-v4"]

@@ -15,8 +15,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cluster import redis_server as rs
-from cluster.redis_server import (
-    RedisServer,
+from cluster.redis_server import RedisServer
+from cluster.redis_state import (
+    PASSWORD_FILE,
+    STATE_FILE,
     RedisServerError,
     read_password,
     read_state,
@@ -101,15 +103,15 @@ def test_always_a_generated_password_never_in_argv(tmp_path: Path) -> None:
         assert _redis_cli(server.port, "PING", password=password).strip() == "PONG"
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
         assert server.password.encode() not in cmdline
-        for path in (tmp_path / rs.PASSWORD_FILE, server.workdir / "redis.conf"):
+        for path in (tmp_path / PASSWORD_FILE, server.workdir / "redis.conf"):
             assert path.stat().st_mode & 0o777 == 0o600, path
         assert server.workdir.stat().st_mode & 0o077 == 0
     assert read_password(tmp_path) is None  # stop() removed it with the state file
 
 
 def test_password_file_readable_by_others_is_refused(tmp_path: Path) -> None:
-    (tmp_path / rs.PASSWORD_FILE).write_text("secret\n")
-    (tmp_path / rs.PASSWORD_FILE).chmod(0o644)
+    (tmp_path / PASSWORD_FILE).write_text("secret\n")
+    (tmp_path / PASSWORD_FILE).chmod(0o644)
     with pytest.raises(RedisServerError, match="readable by others"):
         read_password(tmp_path)
 
@@ -175,7 +177,7 @@ def test_stop_from_state_in_another_process(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", script], cwd=repo, check=True, timeout=30)
     state = read_state(run_dir)
     assert state is not None
-    assert (run_dir / rs.STATE_FILE).stat().st_mode & 0o777 == 0o600
+    assert (run_dir / STATE_FILE).stat().st_mode & 0o777 == 0o600
     assert read_password(run_dir) == "pw"
     assert redis.Redis.from_url(state.url, socket_timeout=2.0).ping()
     assert _alive(state.pid)

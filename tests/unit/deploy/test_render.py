@@ -350,3 +350,53 @@ def test_cli_renders_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 2
     assert "kv_transfer.transport: shm needs prefill and decode" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_pod_monitor_scrapes_every_ray_pod_and_the_policy_admits_it() -> None:
+    config = load_config(
+        None,
+        [
+            "kubernetes.monitoring.pod_monitor=true",
+            "kubernetes.monitoring.labels={release: kube-prometheus-stack}",
+            "kubernetes.monitoring.prometheus_namespace=monitoring",
+        ],
+    )
+    files = render(config)
+    assert "podmonitor.yaml" in [f.name for f in files]
+    (kust,) = [d for f in files for d in f.documents if d["kind"] == "Kustomization"]
+    assert "podmonitor.yaml" in kust["resources"]
+    docs = _docs(files)
+    pm = docs[("PodMonitor", "pdserve-metrics")]
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    # every Ray pod (head and workers) names the port the PodMonitor scrapes
+    rs = docs[("RayService", "pdserve")]
+    templates = [rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]]
+    templates += [g["template"] for g in _groups(rs).values()]
+    for t in templates:
+        labels = t["metadata"]["labels"]
+        assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        ports = {p["name"]: p["containerPort"] for p in t["spec"]["containers"][0]["ports"]}
+        assert ports[endpoint["port"]] == 8080
+    rules = docs[("NetworkPolicy", "pdserve-ingress")]["spec"]["ingress"]
+    scrape = [r for r in rules if r.get("ports") == [{"protocol": "TCP", "port": 8080}]]
+    assert len(scrape) == 1
+    (source,) = scrape[0]["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    assert errors(pm) == []
+    # the schema check is strict: a misspelt field or a bad interval fails it
+    bad = yaml.safe_load(yaml.safe_dump(pm))
+    bad["spec"]["podMetricsEndpoints"][0]["intervall"] = "15s"
+    bad["spec"]["podMetricsEndpoints"][0]["interval"] = "15 seconds"
+    assert len(errors(bad)) == 2
+    if CRD_DIR.is_dir():
+        assert [e for d in docs.values() for e in errors(d)] == []
+
+
+def test_no_pod_monitor_by_default() -> None:
+    files = render(load_config())
+    assert "podmonitor.yaml" not in [f.name for f in files]
+    rules = _docs(files)[("NetworkPolicy", "pdserve-ingress")]["spec"]["ingress"]
+    assert all({"protocol": "TCP", "port": 8080} not in r.get("ports", []) for r in rules)

@@ -23,7 +23,7 @@ from engine.cpu_linear import (
     pack_linears,
 )
 from engine.decode_gate import gate_fused_decode, time_decode_steps
-from engine.linear_choice import RowClasses, choose, time_interleaved
+from engine.linear_choice import RowClasses, choose, fewest_copies, time_interleaved
 
 QUIET = lambda: lambda: 0.0  # noqa: E731  # a busy meter that sees no other process
 ROWS = {"one": 1, "decode": 32, "prefill": 512}
@@ -178,6 +178,72 @@ def test_one_pick_keeps_one_packing(tmp_path) -> None:
     packing = pack_linears(model, torch.float32, "auto", measure=table, cache_dir=tmp_path)
     assert packing.paths == {"native"} and packing.extra_bytes == 0
     assert isinstance(model[0], NativeLinear) and isinstance(model[2], NativeLinear)
+
+
+# A measurement like an AVX-512 host's on SmolLM2 (ms): each class's fastest differs.
+SPREAD = {
+    "one": {"native": 18.5, "onednn": 28.8, "plain": 18.2},
+    "decode": {"native": 51.2, "onednn": 62.5, "plain": 199.2},
+    "prefill": {"native": 255.0, "onednn": 228.2, "plain": 230.8},
+}
+
+
+def test_fewest_copies_keeps_another_path_only_for_a_gain_worth_it() -> None:
+    # every class's fastest: three copies of the weights
+    assert fewest_copies(0.0)(SPREAD) == {"one": "plain", "decode": "native", "prefill": "onednn"}
+    # native serves one row 1.6% slower than plain, so plain's copy goes
+    assert fewest_copies(0.10, "onednn")(SPREAD) == {
+        "one": "native", "decode": "native", "prefill": "onednn",
+    }  # fmt: skip
+    # without the reference, plain may serve prefill (1.1% slower than oneDNN); native's
+    # prefill (11.7% slower) stays outside a 10% bound, but inside a 20% one: then one
+    # copy serves every class
+    assert fewest_copies(0.10)(SPREAD) == {"one": "plain", "decode": "native", "prefill": "plain"}
+    assert set(fewest_copies(0.20)(SPREAD).values()) == {"native"}
+    # oneDNN bounds every class it measured: native is within 20% of prefill's fastest,
+    # but slower than oneDNN there
+    assert fewest_copies(0.20, "onednn")(SPREAD)["prefill"] == "onednn"
+    with pytest.raises(ValueError, match="min_gain"):
+        fewest_copies(-0.1)
+
+
+def test_fewest_copies_prefers_the_set_that_loses_least() -> None:
+    seconds = {
+        "one": {"a": 1.0, "b": 1.05, "c": 1.04},
+        "decode": {"a": 2.0, "b": 1.9, "c": 1.85},
+    }
+    # a alone misses decode's bound; b and c each serve both; c loses less in total
+    assert fewest_copies(0.06)(seconds) == {"one": "c", "decode": "c"}
+    # a class that measured only some candidates is served by one of those
+    partial = {"one": {"a": 1.0}, "decode": {"a": 3.0, "b": 1.0}}
+    assert fewest_copies(0.5)(partial) == {"one": "a", "decode": "b"}
+
+
+def test_a_cached_choice_is_picked_again_under_the_callers_rule(tmp_path) -> None:
+    table = Table(SPREAD)
+    cache = tmp_path / "choice.json"
+    first = choose("t", ROWS, ("native", "onednn", "plain"), table, cache, "k", QUIET)
+    assert set(first.picked.values()) == {"plain", "native", "onednn"}
+    again = choose(
+        "t", ROWS, ("native", "onednn", "plain"), table, cache, "k", QUIET,
+        pick=fewest_copies(0.10, "onednn"),
+    )  # fmt: skip
+    assert again.from_cache and len(table.calls) == 3
+    assert again.picked == {"one": "native", "decode": "native", "prefill": "onednn"}
+
+
+@needs_both
+def test_auto_keeps_fewer_packings_for_small_gains(tmp_path) -> None:
+    model = tiny()
+    packing = pack_linears(model, torch.float32, "auto", measure=Table(SPREAD), cache_dir=tmp_path)
+    assert packing.paths == {"native", "onednn"}
+    assert isinstance(model[0], RoutedLinear) and set(model[0].parts) == {"native", "onednn"}
+    everything = pack_linears(
+        tiny(), torch.float32, "auto", measure=Table(SPREAD), cache_dir=tmp_path / "x",
+        min_gain=0.0,
+    )  # fmt: skip
+    assert everything.paths == {"native", "onednn", "plain"}
+    assert everything.extra_bytes > packing.extra_bytes
 
 
 @pytest.mark.parametrize("kind", ["native", "onednn", "plain"])

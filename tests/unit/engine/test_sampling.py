@@ -76,6 +76,15 @@ def test_top_k_and_top_p_restrict_support() -> None:
     assert cold[0] == 200
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-46, 1e-30])
+def test_a_top_p_near_zero_keeps_the_most_likely_token(top_p: float) -> None:
+    """Valid (in (0, 1]) yet 0 once compared in fp32: the draw is the top token, never
+    an all-masked row (which would fail the engine's whole step)."""
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    draws = _draws(logits, SamplingParams(temperature=1.0, top_p=top_p), 50)
+    assert draws[1] == 50
+
+
 def test_skip_draws_continues_another_generators_stream() -> None:
     """(seed, draws) is enough to continue a seeded request's random stream elsewhere,
     whatever the distributions the first draws came from."""

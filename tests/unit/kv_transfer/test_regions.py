@@ -9,16 +9,10 @@ from typing import cast
 import pytest
 import torch
 
-from kv_transfer import regions, word_sums
-from kv_transfer.regions import (
-    BlockRegion,
-    LayerSpan,
-    copy_into,
-    gather_checksummed,
-    region_of,
-    runs,
-    scatter_checksummed,
-)
+from kv_transfer import block_runs, word_sums
+from kv_transfer.block_runs import runs
+from kv_transfer.region_copies import copy_into, gather_checksummed, scatter_checksummed
+from kv_transfer.regions import BlockRegion, LayerSpan, region_of
 from kv_transfer.transport import in_parts, message_parts, region_parts, splits
 from kv_transfer.word_sums import checksum
 
@@ -39,8 +33,8 @@ def run_rule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         assert word_sums.by_id(torch.zeros(2, 1, 1, 1, 2)) is not None  # the kernel is here
         monkeypatch.setattr(word_sums, "by_id", lambda *args, **kwargs: None)
         floor = 1 << 62 if request.param == "by-index" else 1
-        monkeypatch.setattr(regions, "_MIN_RUN_BYTES", floor)
-        monkeypatch.setattr(regions, "_MIN_GATHER_RUN_BYTES", floor)
+        monkeypatch.setattr(block_runs, "MIN_RUN_BYTES", floor)
+        monkeypatch.setattr(block_runs, "MIN_GATHER_RUN_BYTES", floor)
     return str(request.param)
 
 

@@ -161,7 +161,18 @@ def test_http_400s_name_the_field_and_openapi_describes_the_bodies(
             assert op["responses"]["400"]["content"]["application/json"]["schema"] == {
                 "$ref": "#/components/schemas/Error"
             }
+            answers = op["responses"]
+            assert set(answers["200"]["content"]) == {"application/json", "text/event-stream"}
+            assert {"400", "401", "413", "429", "500", "503", "504"} <= set(answers)
         assert {"tools", "response_format", "messages"} <= set(schemas["ChatBody"]["properties"])
+        # what a request must carry, and the bounds of the one sampling rule
+        assert "prompt" in schemas["CompletionBody"]["required"]
+        assert "messages" in schemas["ChatBody"]["required"]
+        assert schemas["ChatBody"]["properties"]["messages"]["minItems"] == 1
+        top_p = schemas["CompletionBody"]["properties"]["top_p"]
+        assert (top_p["exclusiveMinimum"], top_p["maximum"]) == (0, 1)
+        metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+        assert set(metrics) == {"text/plain"}
         for name in ("ChatMessageBody", "TextPart", "StreamOptions", "Error"):
             assert name in schemas
         assert "$defs" not in json.dumps(doc)  # every reference resolves in components

@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from engine import SamplingParams
 from engine.sampling import SamplingError
+from protos.pdserve.v1 import pdserve_pb2
+from router.grpc_api import raw_request
 from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.tokenization import PromptEncoder
 from router.validation import (
@@ -174,6 +176,16 @@ def test_openai_names(validator: RequestValidator) -> None:
     assert err.value.field == "messages[0].role"
 
 
+def test_an_integer_may_be_written_as_a_number_without_a_fraction() -> None:
+    raw = CompletionBody.model_validate_json(
+        b'{"prompt": [1.0, 2], "max_tokens": 3.0, "seed": 0.0}'
+    ).to_raw()
+    assert raw.token_ids == (1, 2) and (raw.sampling.max_tokens, raw.sampling.seed) == (3, 0)
+    with pytest.raises(ValidationError) as err:
+        CompletionBody.model_validate_json(b'{"prompt": "a", "max_tokens": 3.5}')
+    assert first_error(err.value).field == "max_tokens"
+
+
 def test_openai_bodies() -> None:
     raw = CompletionBody.model_validate_json(
         b'{"prompt": [1, 2], "stop": "x", "max_tokens": 3}'
@@ -189,7 +201,9 @@ def test_openai_bodies() -> None:
     with pytest.raises(InvalidRequest, match=r"^n: "):
         CompletionBody.model_validate_json(b'{"prompt": "a", "n": 3}').to_raw()
     with pytest.raises(InvalidRequest, match=r"^top_logprobs: "):
-        ChatBody.model_validate_json(b'{"messages": [], "top_logprobs": 2}').to_raw(10)
+        ChatBody.model_validate_json(
+            b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}'
+        ).to_raw(10)
 
 
 @pytest.mark.parametrize(
@@ -198,6 +212,12 @@ def test_openai_bodies() -> None:
         (b'{"prompt": "a", "top_p": "high"}', "top_p"),
         (b'{"prompt": {"x": 1}}', "prompt"),
         (b'{"prompt": [1, "two"]}', "prompt"),  # a union: the field, not the member
+        (b'{"prompt": "a", "max_tokens": "5"}', "max_tokens"),  # strict: never coerced
+        (b'{"prompt": "a", "stream": 0}', "stream"),
+        (
+            b'{"prompt": "a", "stream_options": {"include_obfuscation": 0}}',
+            "stream_options.include_obfuscation",
+        ),
     ],
 )
 def test_schema_errors_name_the_field(body: bytes, field: str) -> None:
@@ -212,3 +232,19 @@ def test_chat_schema_error_names_message_field() -> None:
     assert first_error(err.value).field == "messages[0].role"
     with pytest.raises(InvalidRequest, match=r"^messages\[0\]\.content: is required"):
         ChatBody.model_validate_json(b'{"messages": [{"role": "user"}]}').to_raw(10)
+
+
+def test_grpc_penalties_reach_the_sampling_rule(validator: RequestValidator) -> None:
+    """The proto's penalties are carried as set, unset is 0, and the one rule names the
+    field by its proto path."""
+    msg = pdserve_pb2.GenerateRequest(prompt="Hello")
+    msg.sampling.presence_penalty = 0.5
+    msg.sampling.frequency_penalty = -1.25
+    params = validator.validate(raw_request(msg), PROTO_FIELDS).params
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.25)
+    unset = validator.validate(raw_request(pdserve_pb2.GenerateRequest(prompt="Hi")), PROTO_FIELDS)
+    assert (unset.params.presence_penalty, unset.params.frequency_penalty) == (0.0, 0.0)
+    msg.sampling.frequency_penalty = 2.5
+    with pytest.raises(InvalidRequest) as err:
+        validator.validate(raw_request(msg), PROTO_FIELDS)
+    assert err.value.field == "sampling.frequency_penalty"
