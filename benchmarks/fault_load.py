@@ -61,6 +61,8 @@ def rank_actor_pids() -> list[int]:
 @dataclass
 class StreamResult:
     tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    migrations: int | None = None  # from the final message's timings
     errors: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False  # saw `data: [DONE]`
     status: int | None = None
@@ -164,7 +166,10 @@ class SseStream(_StreamThread):
             else:
                 for choice in event["choices"]:
                     r.tokens.extend(choice["token_ids"])
+                    r.text += choice.get("text") or ""
                 r.timings = event.get("timings", r.timings)
+                if "timings" in event:
+                    r.migrations = event["timings"].get("migrations")
 
 
 class GrpcStream(_StreamThread):
@@ -192,8 +197,10 @@ class GrpcStream(_StreamThread):
                     for chunk in c.stream(self._prompt, self._sampling, timeout_s=self._timeout):
                         r.reads.append(time.monotonic())
                         r.tokens.extend(chunk.token_ids)
+                        r.text += chunk.text
                         if chunk.timings is not None:
                             r.timings = dataclasses.asdict(chunk.timings)
+                            r.migrations = chunk.timings.migrations
                 finally:
                     r.retries = c.retries
             r.done = True

@@ -70,6 +70,8 @@ GRPC_SERVICER_FUNCTIONS = [
 # The engines batch and queue requests themselves; Serve must not cap them at its
 # default of 5 in flight per replica.
 _WORKER_MAX_ONGOING = 4096
+# How often a stopping pool replica checks that its calls are over (Serve's default: 2 s)
+_DRAIN_POLL_S = 0.5
 _LOGGING = LoggingConfig(enable_access_log=False)
 _FULL = BackpressureConfig(status_code=429)  # a full ingress is the router's 429
 _PINNED = RequestRouterConfig.model_validate({"request_router_class": ROUTER_CLASS_PATH})
@@ -210,12 +212,14 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
             stream_idle_s=max(r.stream_idle_timeout_s, config.kv_transfer.timeout_s + 15.0),
             prefill_s=r.prefill_timeout_s,
             transfer_s=config.kv_transfer.timeout_s,
+            drain_s=config.generating_pool.graceful_shutdown_timeout_s / 2,
         ),
         max_inflight_requests=r.max_inflight_requests,
         max_request_bytes=int(r.max_request_bytes),
         view_refresh_interval_s=r.view_refresh_interval_s,
         default_chat_max_tokens=r.default_chat_max_tokens,
         max_dispatch_attempts=r.max_dispatch_attempts,
+        max_migrations=r.max_migrations,
         probe_timeout_s=r.probe_timeout_s,
         tokenizer_threads=r.tokenizer_threads,
         max_health_watches=r.max_health_watches,
@@ -253,7 +257,8 @@ def _pool_deployment(
         request_router_config=_PINNED,
         health_check_period_s=10.0,
         health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=30.0,
+        graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=_DRAIN_POLL_S,
         logging_config=_LOGGING,
     )
     return deployment.bind(worker_settings(config, pool, model_dir, redis_url))

@@ -196,6 +196,8 @@ def _describe(chunk: Chunk) -> str:
     if t is None or u is None:
         return f"[{chunk.finish_reason}]"
     path = "disaggregated" if t.disaggregated else "colocated"
+    if t.migrations:
+        path += f", migrated {t.migrations}x"
     return (
         f"[{chunk.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} tokens; "
         f"ttft {t.ttft_ms:.1f} ms (queue {t.queue_ms:.1f}, prefill {t.prefill_ms:.1f}, "

@@ -129,6 +129,14 @@ class PoolConfig(BaseModel):
     rank_start_timeout_s: float = Field(
         default=120.0, gt=0, description="TP/PP: longest the ranks of a new replica take to join."
     )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30.0,
+        ge=2.0,
+        le=3600.0,
+        description="How long a replica that Serve stops (scale-down, redeploy) keeps serving "
+        "its streams; a decode stream still running after half of it moves to another "
+        "instance.",
+    )
     engine: EngineLimits = Field(
         default_factory=lambda: EngineLimits.model_validate({}), description="Engine limits."
     )

@@ -92,6 +92,14 @@ class RouterConfig(BaseModel):
         description="Tries of a request whose decode instance fails before its first token, "
         "each on another instance (1: no retry).",
     )
+    max_migrations: int = Field(
+        default=2,
+        ge=0,
+        le=8,
+        description="Times a stream whose decode instance fails after tokens were sent "
+        "moves to another one, which computes the prompt and the tokens so far and goes on "
+        "(0: the error ends the stream).",
+    )
     probe_timeout_s: float = Field(
         default=1.0,
         gt=0,

@@ -18,12 +18,18 @@ Lifecycle of a replica:
                                         token from the transfer's header; on FAILED or
                                         timeout it is recomputed here (counted). Without
                                         room it is refused and prefilled here (counted)
-                    then TokenChunks until the finished one. If the caller goes away
+                    then TokenChunks until the finished one. A stream that moved here
+                    from a failed instance carries its tokens so far (engine.resume):
+                    they are computed with the prompt, here or by the remote prefill,
+                    and the chunks start after them. If the caller goes away
                     (client cancel, router abort) the request is aborted: the transfer
                     first, then the engine request, so its blocks return to the pool.
     abort()         the same abort, by request id (the router's explicit cleanup)
     check_health()  Serve's periodic probe: raises once the engine thread failed, or once
                     an idle keepalive found a TP/PP replica's other ranks unreachable
+    stop (Serve)    a scale-down or redeploy: Serve stops routing here at once and waits
+                    up to the pool's graceful_shutdown_timeout_s for the open streams;
+                    the router moves those still open at half of it (router.drain)
     __del__         deregister, abort what is pending, stop the thread, close the
                     receiver and the shared-memory segment
 
@@ -106,7 +112,9 @@ class DecodeWorker:
                 logger.warning("request %s: this pool prefills locally", req.request_id)
             elif not self._remote.start(req):
                 return
-        self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
+        self._rt.engine.add_request(
+            req.request_id, list(req.prompt_token_ids), req.params, req.resume
+        )
 
     def _abort(self, request_id: str) -> None:
         if self._remote is not None:

@@ -144,7 +144,7 @@ class RemoteKV:
         rid, tid = req.request_id, plan.transfer_id
         try:
             blocks = self._engine.reserve_remote_prefill(
-                rid, list(req.prompt_token_ids), req.params
+                rid, list(req.prompt_token_ids), req.params, resume=req.resume
             )
         except OutOfBlocksError as e:
             self._count_recompute(len(req.prompt_token_ids), FallbackReason.DECODE_FULL)

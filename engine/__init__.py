@@ -11,6 +11,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineLoad, RequestMetrics, RequestOutput
+from engine.resume import Resume
 from engine.sampling import SamplingParams, TokenLogprob
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "RequestMetrics",
     "RequestOutput",
+    "Resume",
     "SamplingParams",
     "TokenLogprob",
 ]

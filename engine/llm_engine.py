@@ -33,6 +33,7 @@ from engine.model_runner import ModelRunner
 from engine.model_source import resolve_model
 from engine.outputs import EngineLoad, RequestMetrics, RequestOutput
 from engine.parallel.comm import RankGroups
+from engine.resume import Resume
 from engine.sampling import Sampler, SamplingParams, TokenLogprob, skip_draws
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
@@ -123,19 +124,44 @@ class LLMEngine:
                 f"{self.max_model_len} (prompt plus at least one output token)"
             )
 
-    def _new_seq(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+    def _new_seq(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        resume: Resume | None = None,
+    ) -> Sequence:
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate(prompt, params)
+        done = list(resume.output_token_ids) if resume is not None else []
+        if resume is not None:
+            resume.validate(self.model_config.vocab_size, params.max_tokens)
+            if len(prompt) + len(done) >= self.max_model_len:
+                raise ValueError("resume.output_token_ids: no room left under max_model_len")
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
+            if not params.greedy:
+                skip_draws(gen, self.model_config.vocab_size, len(done))
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
-        seq = Sequence(request_id, list(prompt), params, self.config.block_size, detok, gen)
+        if resume is not None:
+            detok.resume(done, resume.text_chars_sent)
+        tokens = list(prompt) + done
+        seq = Sequence(request_id, tokens, params, self.config.block_size, detok, gen)
+        seq.num_resumed = len(done)
         return seq
 
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        seq = self._new_seq(request_id, prompt, params)
+    def add_request(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        resume: Resume | None = None,
+    ) -> None:
+        """Queue a request; with `resume`, one that another instance started
+        (engine.resume): its tokens so far are computed with the prompt."""
+        seq = self._new_seq(request_id, prompt, params, resume)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -175,15 +201,21 @@ class LLMEngine:
     # -- disaggregated prefill, decode side ------------------------------------------
 
     def reserve_remote_prefill(
-        self, request_id: str, prompt: list[int], params: SamplingParams, first_block: int = 0
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        first_block: int = 0,
+        resume: Resume | None = None,
     ) -> list[int]:
         """Queue a prompt that a prefill instance computes: the scheduler holds blocks
         for all of it, and returns those the transfer fills (prompt blocks
-        `first_block...`; the ones before come from the prefix cache).
+        `first_block...`; the ones before come from the prefix cache). With `resume`,
+        the prompt the prefill instance computes is the prompt and the resumed tokens.
 
         Raises OutOfBlocksError, holding nothing, if the pool cannot hold it now.
         """
-        seq = self._new_seq(request_id, prompt, params)
+        seq = self._new_seq(request_id, prompt, params, resume)
         blocks = self.scheduler.add_remote(seq, first_block)
         self._seqs[request_id] = seq
         return blocks
@@ -205,7 +237,8 @@ class LLMEngine:
         if not 0 <= first_token_id < vocab:
             raise ValueError(f"first_token_id {first_token_id} is outside [0, {vocab})")
         if seq.generator is not None and not seq.params.greedy:
-            skip_draws(seq.generator, vocab, sampler_draws)
+            # the draws the prefill instance made beyond those this generator skipped
+            skip_draws(seq.generator, vocab, sampler_draws - _draws(seq))
         self.scheduler.remote_kv_landed(seq)
         out = self._append_token(seq, first_token_id, logprob, time.monotonic())
         if out.finished:
@@ -273,7 +306,7 @@ class LLMEngine:
             return "stop", token
         if token in p.stop_token_ids:
             return "stop", token
-        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_generated >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length", None
         return None, None
 
@@ -282,8 +315,8 @@ class LLMEngine:
         finished = seq.finished
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt,
-            token_ids=list(seq.output),
+            prompt_token_ids=seq.prompt[: len(seq.prompt) - seq.num_resumed],
+            token_ids=seq.generated if seq.num_resumed else list(seq.output),
             text=seq.detok.text,
             finished=finished,
             finish_reason=seq.finish_reason,
@@ -297,10 +330,11 @@ class LLMEngine:
 
 
 def _draws(seq: Sequence) -> int:
-    """Tokens the request's own generator has sampled (each output token is one)."""
+    """Tokens the request's own generator has sampled (each generated token is one,
+    the resumed ones included)."""
     if seq.generator is None or seq.params.greedy:
         return 0
-    return len(seq.output)
+    return seq.num_generated
 
 
 def _metrics(seq: Sequence) -> RequestMetrics:

@@ -133,7 +133,7 @@ class ModelRunner:
             logits,
             [s.params for s in sampling],
             [s.generator for s in sampling],
-            [s.output for s in sampling],
+            [s.generated for s in sampling],
         )
 
     def _pipelines(self, out: SchedulerOutput) -> bool:
@@ -167,7 +167,7 @@ class ModelRunner:
                 part_logits,
                 [s.params for s in seqs],
                 [s.generator for s in seqs],
-                [s.output for s in seqs],
+                [s.generated for s in seqs],
             )
             tokens += t
             logprobs += lp

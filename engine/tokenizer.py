@@ -94,6 +94,18 @@ class IncrementalDetokenizer:
                 return True
         return False
 
+    def resume(self, token_ids: Sequence[int], chars_sent: int) -> None:
+        """Replay tokens another detokenizer already took, of whose text `chars_sent`
+        characters were returned; `delta` goes on after them."""
+        for i, tok in enumerate(token_ids):
+            if self.push(tok):
+                raise ValueError(f"resume.output_token_ids[{i}] ends the output at a stop string")
+        if chars_sent > len(self.text):
+            raise ValueError(
+                f"resume.text_chars_sent: {chars_sent}, but the tokens make {len(self.text)}"
+            )
+        self._emitted = chars_sent
+
     def delta(self, finished: bool) -> str:
         """Text not yet returned; while running, the possible stop-string prefix waits."""
         end = len(self.text) if finished or not self._stop else len(self.text) - self._holdback

@@ -164,9 +164,11 @@ class SendHook:
 
 
 def _first(out: RequestOutput) -> FirstToken:
-    lp = out.logprobs[0] if out.logprobs else None
+    # the token this engine sampled: the last one (a resumed request's output starts
+    # with the tokens another instance generated; its logprobs are only this engine's)
+    lp = out.logprobs[-1] if out.logprobs else None
     return FirstToken(
-        out.token_ids[0],
+        out.token_ids[-1],
         out.sampler_draws,
         lp.logprob if lp is not None else None,
         lp.top if lp is not None else (),

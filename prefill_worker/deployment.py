@@ -11,7 +11,9 @@ Lifecycle of a replica:
     prefill()    one prompt, sent by the router at the same time as the decode request:
                    register the transfer with every rank's hook, then on rank 0 queue
                    the prompt with
-                   max_tokens=1 (one engine command, so no step runs in between)
+                   max_tokens=1 (one engine command, so no step runs in between); a
+                   migrated stream's prompt comes with its tokens so far, which are
+                   computed and sent with it, and the token after them is sampled
                    the engine batches it with other prompts under its token budget and
                    chunked prefill; as each layer finishes, the hook queues that
                    layer's newly complete blocks to the sender, which pushes them into
@@ -158,10 +160,13 @@ class PrefillWorker:
         return SendSpec(req.transfer_id, dest, 0, req.timeout_s)
 
     def _start(self, req: PrefillRequest) -> None:
-        params = dataclasses.replace(req.params, max_tokens=1)
+        done = len(req.resume.output_token_ids) if req.resume is not None else 0
+        params = dataclasses.replace(req.params, max_tokens=done + 1)  # one more token
         self._hook.add(req.request_id, self._spec(req))
         try:
-            self._rt.engine.add_request(req.request_id, list(req.prompt_token_ids), params)
+            self._rt.engine.add_request(
+                req.request_id, list(req.prompt_token_ids), params, req.resume
+            )
         except BaseException:
             self._hook.discard(req.request_id, "request rejected")
             raise

@@ -13,7 +13,8 @@ session = await core.open(raw, names, protocol)
 async for delta in session.stream():
     the dispatcher runs the request on the chosen instances and streams deltas;
     the last one carries finish reason, usage and timings. A request whose decode
-    instance fails before the first delta is retried on another one (router.retry).
+    instance fails before the first delta is retried on another one (router.retry); a
+    stream that breaks after that moves to another one (router.migration).
     Every failure, expected or not, is raised as a RouterError, so that each front
     end can end the stream with its protocol's error.
 session.close()
@@ -24,6 +25,7 @@ session.close()
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -37,12 +39,13 @@ from router.admission import Admission
 from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
 from router.dispatch import Dispatcher
+from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
+from router.migration import MigrationPolicy, Progress, with_migration
 from router.pinning import probe_replica, watch_replica_deaths
 from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
 from router.results import Delta
-from router.retry import with_retries
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
@@ -92,13 +95,7 @@ class Session:
         outcome = "cancelled"
         tag = self.request.client_tag
         try:
-            async for delta in with_retries(
-                self._run,
-                lambda avoid: core.route(self.request, avoid),
-                self.route,
-                core.settings.max_dispatch_attempts,
-                lambda e: core.metrics.retries.labels(e.kind.value).inc(),
-            ):
+            async for delta in with_migration(self._run, self._reroute, self.route, self._policy()):
                 if delta.finish is not None:
                     e2e_s = time.monotonic() - self._arrival
                     core.metrics.finished(self._protocol, delta.finish, e2e_s)
@@ -126,11 +123,29 @@ class Session:
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
 
-    def _run(self, route: RouteDecision) -> AsyncIterator[Delta]:
+    def _policy(self) -> MigrationPolicy:
+        s, m = self._core.settings, self._core.metrics
+        return MigrationPolicy(
+            s.max_migrations,
+            s.max_dispatch_attempts,
+            lambda e: m.retries.labels(e.kind.value).inc(),
+            lambda e: m.migrations.labels(e.kind.value).inc(),
+        )
+
+    def _run(self, route: RouteDecision, progress: Progress) -> AsyncIterator[Delta]:
         self.route = route
         return self._core.dispatcher.run(
-            self.request_id, self.request, route, self._arrival, self._arrival_wall
+            self.request_id, self.request, route, self._arrival, self._arrival_wall, progress
         )
+
+    def _reroute(self, avoid: frozenset[str], progress: Progress) -> RouteDecision:
+        """A route for the request, or for its prompt and tokens so far once migrating
+        (their length decides disaggregation, their blocks the prefix-cache overlap)."""
+        req = self.request
+        if progress.token_ids:
+            prompt = req.prompt_token_ids + progress.token_ids
+            req = dataclasses.replace(req, prompt_token_ids=prompt)
+        return self._core.route(req, avoid)
 
     def close(self) -> None:
         if self._open:
@@ -181,9 +196,11 @@ class RouterCore:
             lambda info: probe_replica(pools[info.role], info.address),
             settings.probe_timeout_s,
         )
+        self.stopped = StoppedReplicas(settings.timeouts.drain_s)
         self._unwatch = watch_replica_deaths(
             lambda address: breaker.trip(address, "serve", "Serve dropped its replica")
         )
+        self._unwatch_stopped = watch_replica_deaths(self.stopped.stopped)
         self.policy = LoadBalancedPolicy(settings.disaggregation_threshold)
         self.admission = Admission(settings.max_inflight_requests)
         self.dispatcher = Dispatcher(
@@ -192,6 +209,7 @@ class RouterCore:
             self.view,
             settings.timeouts,
             self.metrics,
+            self.stopped,
         )
 
     async def start(self) -> None:
@@ -199,6 +217,7 @@ class RouterCore:
 
     async def stop(self) -> None:
         self._unwatch()
+        self._unwatch_stopped()
         await self.view.stop()
         self._redis.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)

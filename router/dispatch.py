@@ -24,7 +24,11 @@ task with a bound, so blocks and transfers are freed even when the client's
 cancellation interrupts a call; a failed prefill is aborted the same way. Every wait on
 a pool is bounded: the first chunk by `dispatch_timeout_s` (colocated) or
 `stream_idle_timeout_s` (disaggregated: it follows the transfer), each later one by
-`stream_idle_timeout_s`, the prefill by `prefill_timeout_s`.
+`stream_idle_timeout_s`, the prefill by `prefill_timeout_s`. A stream on a decode
+replica that Serve is stopping is relayed until its drain deadline (router.drain), then
+ends with UNAVAILABLE so that it moves. With a `Progress` (router.migration) the
+request continues a stream: the instances get the tokens so far with the prompt, under
+a request id of the segment's own.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ from typing import Any
 
 from kv_transfer.base import Parallelism
 from router.cluster_view import ClusterView
+from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
+from router.migration import Progress
 from router.pinning import PIN_KWARG
 from router.policy import RouteDecision
 from router.results import Delta, Finish, Timings, Usage
@@ -64,13 +70,15 @@ class DispatchTimeouts:
     prefill_s: float  # a whole remote prefill
     transfer_s: float  # the KV transfer's own deadline (both roles)
     abort_s: float = 10.0
+    drain_s: float = 15.0  # a stream on a replica Serve is stopping, before it moves
 
 
 @dataclass
 class _Call:
     """One request's calls in flight: the decode stream and, disaggregated, the prefill."""
 
-    rid: str
+    rid: str  # the client's request id
+    wid: str  # the request id the instances see (one per migration segment)
     route: RouteDecision
     arrival: float  # time.monotonic() at the router
     stream: Any  # the decode stream (a Serve response generator)
@@ -102,6 +110,7 @@ class Dispatcher:
         view: ClusterView,
         timeouts: DispatchTimeouts,
         metrics: RouterMetrics,
+        stopped: StoppedReplicas | None = None,
     ) -> None:
         self._decode = decode  # DeploymentHandle of the decode (or colocated) pool
         self._decode_stream = decode.options(stream=True)
@@ -109,14 +118,23 @@ class Dispatcher:
         self._view = view
         self._t = timeouts
         self._metrics = metrics
+        self._stopped = stopped  # replicas Serve is stopping (router.drain)
         self._cleanups: set[asyncio.Task[None]] = set()
         self._prefills: set[asyncio.Task[PrefillOutcome]] = set()
 
     async def run(
-        self, rid: str, req: ValidRequest, route: RouteDecision, arrival: float, arrival_wall: float
+        self,
+        rid: str,
+        req: ValidRequest,
+        route: RouteDecision,
+        arrival: float,
+        arrival_wall: float,
+        progress: Progress | None = None,
     ) -> AsyncIterator[Delta]:
-        """Stream the request's deltas; `arrival` is its time.monotonic() at the router."""
-        call = self._start(rid, req, route, arrival, arrival_wall)
+        """Stream the request's deltas; `arrival` is its time.monotonic() at the router.
+        With `progress` (router.migration), the tokens the client has are computed with
+        the prompt and the stream goes on after them."""
+        call = self._start(rid, req, route, arrival, arrival_wall, progress or Progress())
         try:
             async for delta in self._relay(call):
                 yield delta
@@ -124,26 +142,35 @@ class Dispatcher:
             self._close(call)
 
     def _start(
-        self, rid: str, req: ValidRequest, route: RouteDecision, arrival: float, wall: float
+        self,
+        rid: str,
+        req: ValidRequest,
+        route: RouteDecision,
+        arrival: float,
+        wall: float,
+        progress: Progress,
     ) -> _Call:
         """Send the decode request and, disaggregated, the prefill, at the same time."""
         remote = route.prefill if self._prefill is not None else None
         plan = self._plan(remote) if remote is not None else None
-        n_prompt = len(req.prompt_token_ids)
-        wreq = WorkerRequest(rid, req.prompt_token_ids, req.params, wall, plan)
-        self._view.sent(route.decode.instance_id, rid, 0 if plan else n_prompt)
+        resume = progress.resume
+        n_prompt = len(req.prompt_token_ids) + len(progress.token_ids)
+        wid = f"{rid}-m{progress.migrations}" if progress.migrations else rid
+        wreq = WorkerRequest(wid, req.prompt_token_ids, req.params, wall, plan, resume)
+        self._view.sent(route.decode.instance_id, wid, 0 if plan else n_prompt)
         stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: route.decode.address})
-        call = _Call(rid, route, arrival, stream)
+        call = _Call(rid, wid, route, arrival, stream, first_at=progress.first_at)
         if plan is not None and remote is not None:
-            self._view.sent(remote.instance_id, rid, n_prompt)
+            self._view.sent(remote.instance_id, wid, n_prompt)
             preq = PrefillRequest(
-                rid,
+                wid,
                 plan.transfer_id,
                 req.prompt_token_ids,
                 req.params,
                 route.decode.instance_id,
                 plan.timeout_s,
                 Parallelism(route.decode.tp, route.decode.pp),
+                resume,
             )
             call.prefill = asyncio.get_running_loop().create_task(self._run_prefill(call, preq))
             self._prefills.add(call.prefill)
@@ -163,7 +190,7 @@ class Dispatcher:
         it = call.stream.__aiter__()
         timeout = self._t.dispatch_s if call.prefill is None else self._t.stream_idle_s
         while not call.finished:
-            item = await self._next(it, timeout, "the decode instance", call.decode_pin)
+            item = await self._chunk(call, it, timeout)
             timeout = self._t.stream_idle_s
             if not isinstance(item, TokenChunk):
                 raise RouterError(ErrorKind.INTERNAL, f"unexpected {type(item).__name__}")
@@ -187,12 +214,31 @@ class Dispatcher:
         finish = self._finish(item, outcome, call)
         yield Delta(call.rid, item.token_ids, item.text, item.logprobs, finish)
 
-    async def _next(self, it: Any, timeout: float, what: str, pin: str) -> Any:
+    async def _chunk(self, call: _Call, it: Any, timeout: float) -> Any:
+        """The stream's next chunk. On a replica Serve is stopping (router.drain), it is
+        waited for only until the stream must move: then UNAVAILABLE, which migrates."""
+        what, pin = "the decode instance", call.decode_pin
+        deadline = self._stopped.deadline(pin) if self._stopped is not None else None
+        if deadline is None or deadline - time.monotonic() >= timeout:
+            return await self._next(it, timeout, what, pin)
+        moving = RouterError(ErrorKind.UNAVAILABLE, f"{what} is shutting down: the stream moves")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise moving
+        return await self._next(it, left, what, pin, late=moving)
+
+    async def _next(
+        self, it: Any, timeout: float, what: str, pin: str, late: RouterError | None = None
+    ) -> Any:
+        """The next item of `it`; after `timeout`, `late` if given, else UNAVAILABLE and
+        the instance is reported as failed."""
         try:
             return await asyncio.wait_for(it.__anext__(), timeout)
         except StopAsyncIteration:
             raise RouterError(ErrorKind.INTERNAL, f"{what} ended the stream early") from None
         except Exception as e:
+            if late is not None and isinstance(e, TimeoutError):
+                raise late from None
             self._view.failed(pin, e, what)
             raise worker_error(e, what) from e
 
@@ -211,12 +257,12 @@ class Dispatcher:
             self._view.failed(pin, e, "the prefill instance")
             out = PrefillOutcome(ok=False, reason=worker_error(e, "the prefill instance").message)
         finally:
-            self._view.done(call.route.prefill.instance_id, call.rid)
+            self._view.done(call.route.prefill.instance_id, call.wid)
         if not out.ok:
-            logger.warning("request %s: prefill failed: %s", call.rid, out.reason)
+            logger.warning("request %s: prefill failed: %s", call.wid, out.reason)
             self._metrics.prefill_failures.inc()
             if call.closed:  # the stream is over: nobody else will clean up
-                self._cleanup(call.rid, None, pin)
+                self._cleanup(call.wid, None, pin)
         return out
 
     async def _outcome(self, call: _Call) -> PrefillOutcome | None:
@@ -233,17 +279,17 @@ class Dispatcher:
         """Unless the stream finished, cancel it and abort the request on every instance
         involved; a prefill that failed is aborted either way."""
         call.closed = True
-        self._view.done(call.route.decode.instance_id, call.rid)
+        self._view.done(call.route.decode.instance_id, call.wid)
         running = call.prefill is not None and not call.prefill.done()
         prefill_pin = call.prefill_pin if running or call.prefill_failed else None
         if call.finished:
             if call.prefill_failed:
-                self._cleanup(call.rid, None, prefill_pin)
+                self._cleanup(call.wid, None, prefill_pin)
             return
         call.stream.cancel()
         if running and call.prefill is not None:
             call.prefill.cancel()
-        self._cleanup(call.rid, call.decode_pin, prefill_pin)
+        self._cleanup(call.wid, call.decode_pin, prefill_pin)
 
     @property
     def num_pending(self) -> int:

@@ -149,6 +149,7 @@ def response(delta: Delta) -> pdserve_pb2.GenerateResponse:
             ttft_ms=t.ttft_ms,
             mean_tpot_ms=t.mean_tpot_ms,
             disaggregated=t.disaggregated,
+            migrations=t.migrations,
         )
     )
     return msg

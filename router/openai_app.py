@@ -94,6 +94,7 @@ def _timings(f: Finish) -> dict[str, Any]:
         "ttft_ms": t.ttft_ms,
         "mean_tpot_ms": t.mean_tpot_ms,
         "disaggregated": t.disaggregated,
+        "migrations": t.migrations,
     }
 
 

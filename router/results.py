@@ -27,6 +27,7 @@ class Timings:
     ttft_ms: float
     mean_tpot_ms: float
     disaggregated: bool
+    migrations: int = 0  # times the stream moved to another decode instance
 
 
 @dataclass(frozen=True)

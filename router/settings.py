@@ -37,6 +37,7 @@ class RouterSettings:
     view_refresh_interval_s: float
     default_chat_max_tokens: int
     max_dispatch_attempts: int = 2  # tries before the first token, each elsewhere
+    max_migrations: int = 2  # moves of a stream that broke mid-way (0: none)
     probe_timeout_s: float = 1.0  # probing an excluded instance before it returns
     tokenizer_threads: int = 2  # threads that tokenize prompts, off the event loop
     max_health_watches: int = 32  # concurrent gRPC health Watch streams

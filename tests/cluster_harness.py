@@ -108,6 +108,15 @@ def wait_until(cond: Callable[[], bool], timeout_s: float, what: str, step_s: fl
     return time.monotonic() - start
 
 
+def replica_pid(pool: str, unique_id: str) -> int:
+    """The pid of a live Serve replica actor (from Ray's actor table)."""
+    name = f"SERVE_REPLICA::{APP_NAME}#{pool}#{unique_id}"
+    for info in ray._private.state.actors().values():
+        if info["Name"] == name and info["State"] == "ALIVE":
+            return int(info["Pid"])
+    raise AssertionError(f"no live actor {name}")
+
+
 def tiny_config(model_dir: str, name: str, overrides: list[str]) -> ClusterConfig:
     base = [
         f"name={name}",
@@ -133,9 +142,11 @@ class HttpReply:
 
 
 class ClusterHarness:
-    def __init__(self, config: ClusterConfig, model_dir: str) -> None:
+    def __init__(self, config: ClusterConfig, model_dir: str, scalable: bool = False) -> None:
+        """`scalable`: the app takes Serve's external scaling calls (`scale`)."""
         self.config = config
         self.model_dir = model_dir
+        self.scalable = scalable
         self.redis = RedisServer()
         self.grpc_target = f"127.0.0.1:{config.server.grpc_port}"
         self.http_url = f"http://127.0.0.1:{config.server.http_port}"
@@ -177,7 +188,7 @@ class ClusterHarness:
         http, grpc = serve_options(self.config)
         serve.start(http_options=http, grpc_options=grpc)
         app = build_app(self.config, model_dir=self.model_dir, redis_url=self.redis.url)
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/", external_scaler_enabled=self.scalable)
         with self.client() as c:
             wait_until(lambda: c.healthy() and c.cluster_status().ready, START_TIMEOUT_S, "ready")
         self._baseline = {s.instance_id: s for s in self.worker_states()}
@@ -258,6 +269,18 @@ class ClusterHarness:
                 if payload == "[DONE]":
                     return
                 yield json.loads(payload)
+
+    def scale(self, pool: str, replicas: int) -> None:
+        """Set a pool's replica count through Serve's external scaling API (the app must
+        be `scalable`): Serve starts or stops replicas as for an autoscaling decision."""
+        from ray.serve._private.common import DeploymentID
+        from ray.serve.context import _get_global_client
+
+        controller = _get_global_client()._controller
+        ray.get(
+            controller.update_deployment_replicas.remote(DeploymentID(pool, APP_NAME), replicas),
+            timeout=30,
+        )
 
     def _handle(self, pool: str) -> Any:
         return serve.get_deployment_handle(pool, app_name=APP_NAME)

@@ -135,9 +135,14 @@ class FakeInstance:
 
 @dataclass
 class DecodeBehaviour:
-    tokens: tuple[int, ...] = (5, 6, 7)
+    tokens: tuple[int, ...] = (5, 6, 7)  # the whole output: a resumed request goes on
     fail_before_first: BaseException | None = None
     refuse: bool = False  # no room for the transfer: prefill locally
+    # the stream breaks with `die_with` once this many chunks went out (the instance
+    # died mid-stream)
+    die_after: int | None = None
+    die_with: BaseException | None = None
+    chunk_delay_s: float = 0.0  # between two chunks
 
 
 class FakeDecode(FakeInstance):
@@ -146,6 +151,7 @@ class FakeDecode(FakeInstance):
         self.transfers = transfers
         self.behaviour = DecodeBehaviour()
         self.streams: list[FakeStream] = []
+        self.requests: list[WorkerRequest] = []
 
     # the handle ------------------------------------------------------------------------
 
@@ -162,6 +168,7 @@ class FakeDecode(FakeInstance):
     def _open(self, replica: str | None, req: WorkerRequest) -> FakeStream:
         self.check_pin(replica)
         self.calls.append("generate")
+        self.requests.append(req)
         stream = FakeStream(self._generate(req), self)
         self.streams.append(stream)
         return stream
@@ -182,17 +189,35 @@ class FakeDecode(FakeInstance):
                 except TimeoutError:
                     reason = f"transfer failed: timed out after {plan.timeout_s:g}s"
             disagg = tid is not None and not reason
-            for i, token in enumerate(b.tokens):
-                last = i == len(b.tokens) - 1
+            for sent, i in enumerate(range(_resumed(req, b.tokens), len(b.tokens))):
+                if b.die_after is not None and sent >= b.die_after:
+                    raise b.die_with or RuntimeError("the instance died")
+                token, last = b.tokens[i], i == len(b.tokens) - 1
                 final = _final(req, len(b.tokens), disagg, reason) if last else None
                 yield TokenChunk(
-                    (token,), f"t{token}", (), last, "length" if last else None, None, final
+                    (token,), text_of((token,)), (), last, "length" if last else None, None, final
                 )
-                await asyncio.sleep(0)
+                await asyncio.sleep(b.chunk_delay_s)
         finally:
             if tid is not None:
                 self.transfers.end(tid)
             self.active.discard(rid)
+
+
+def text_of(tokens: tuple[int, ...]) -> str:
+    """The fake model's text of its tokens."""
+    return "".join(f"t{t}" for t in tokens)
+
+
+def _resumed(req: WorkerRequest, tokens: tuple[int, ...]) -> int:
+    """Where a resumed request goes on, after checking that it resumes this output with
+    the text the client has."""
+    if req.resume is None:
+        return 0
+    done = req.resume.output_token_ids
+    assert done == tokens[: len(done)], f"resumed from {done}, not a prefix of {tokens}"
+    assert req.resume.text_chars_sent == len(text_of(done)), "resumed with the wrong text"
+    return len(done)
 
 
 def _final(req: WorkerRequest, n: int, disagg: bool, reason: str) -> FinalStats:
@@ -259,6 +284,29 @@ class FakePrefill(FakeInstance):
             )
         finally:
             self.active.discard(preq.request_id)
+
+
+class FakeDecodePool:
+    """Several fake decode instances behind one handle, as Serve's pinned router
+    reaches them: each call goes to the instance its pin names."""
+
+    def __init__(self, *instances: FakeDecode) -> None:
+        self.by_address = {i.address: i for i in instances}
+
+    def options(self, stream: bool = False) -> FakeDecodePool:
+        return self
+
+    @property
+    def generate(self) -> _Method:
+        return _Method(lambda replica, *a: self._at(replica).generate.remote(*a, replica=replica))
+
+    @property
+    def abort(self) -> _Method:
+        return _Method(lambda replica, *a: self._at(replica).abort.remote(*a, replica=replica))
+
+    def _at(self, replica: str | None) -> FakeDecode:
+        assert replica in self.by_address, f"no fake decode instance {replica!r}"
+        return self.by_address[replica]
 
 
 async def settle(*instances: FakeInstance) -> None:

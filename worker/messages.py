@@ -10,6 +10,11 @@ decode pool and a `PrefillRequest` with the same transfer id to the prefill pool
 same time. The decode stream is `TokenChunk`s; the last chunk has `finished` set and
 carries `FinalStats`. The prompt's first token travels with its KV (kv_transfer's
 header), so the prefill's `PrefillOutcome` only reports success and timings.
+
+A stream that broke mid-way continues on another decode instance with the same
+request plus a `Resume` (engine.resume): its tokens so far are computed with the
+prompt, by the prefill pool or by the decode instance, and the stream goes on from
+the next token.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from engine import SamplingParams, TokenLogprob
+from engine import Resume, SamplingParams, TokenLogprob
 from engine.config import EngineConfig
 from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
@@ -78,6 +83,9 @@ class WorkerRequest:
     params: SamplingParams
     arrival_wall: float  # time.time() when the router received the request
     remote: RemotePrefillPlan | None = None
+    # a migrated stream: the tokens another decode instance generated and the text the
+    # client has; they are computed with the prompt (remotely when `remote` is set)
+    resume: Resume | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class PrefillRequest:
     dest_parallel: Parallelism = field(
         default_factory=Parallelism
     )  # the decode instance's TP/PP layout
+    resume: Resume | None = None  # a migrated stream's tokens so far, computed too
 
 
 @dataclass(frozen=True)

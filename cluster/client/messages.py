@@ -89,6 +89,7 @@ class Timings:
     ttft_ms: float
     mean_tpot_ms: float
     disaggregated: bool
+    migrations: int = 0  # times the stream moved to another decode instance
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,13 @@ def chunk_from(msg: pdserve_pb2.GenerateResponse) -> Chunk:
     if msg.HasField("timings"):
         t = msg.timings
         timings = Timings(
-            t.queue_ms, t.prefill_ms, t.kv_transfer_ms, t.ttft_ms, t.mean_tpot_ms, t.disaggregated
+            t.queue_ms,
+            t.prefill_ms,
+            t.kv_transfer_ms,
+            t.ttft_ms,
+            t.mean_tpot_ms,
+            t.disaggregated,
+            t.migrations,
         )
     return Chunk(
         msg.request_id,

@@ -96,6 +96,8 @@ BAD = [
     (["router.tokenizer_threads=0"], "router.tokenizer_threads"),
     (["router.max_queued_requests=0"], "router.max_queued_requests"),
     (["router.health_watch_max_s=0"], "router.health_watch_max_s"),
+    (["router.max_migrations=-1"], "router.max_migrations"),
+    (["pools.decode.graceful_shutdown_timeout_s=1"], "pools.decode.graceful_shutdown_timeout_s"),
     (["name=has:colon"], "name"),
     (["model.dtype=int4"], "model.dtype"),
     (["kv_transfer.faults=[{kind: explode}]"], "kv_transfer.faults.0.kind"),
@@ -218,6 +220,21 @@ def test_serve_queues_are_bounded(tiny_model_dir: Path) -> None:
     assert [(p.name, p.max_queued_requests) for p in pools] == [("decode", 40), ("prefill", 40)]
     rs = router_settings(c, str(tiny_model_dir), "redis://x")
     assert (rs.max_health_watches, rs.health_watch_max_s) == (5, 300.0)
+
+
+def test_streams_move_and_drain_as_configured(tiny_model_dir: Path) -> None:
+    c = _tiny(
+        tiny_model_dir, "router.max_migrations=3", "pools.decode.graceful_shutdown_timeout_s=12"
+    )
+    rs = router_settings(c, str(tiny_model_dir), "redis://x")
+    assert rs.max_migrations == 3 and rs.timeouts.drain_s == 6.0  # half the decode pool's
+    app = build_app(c, model_dir=str(tiny_model_dir), redis_url="redis://127.0.0.1:1/0")
+    pools = {
+        a._bound_deployment.name: a._bound_deployment for a in app._bound_deployment.init_args[1:]
+    }
+    timeouts = {n: d._deployment_config.graceful_shutdown_timeout_s for n, d in pools.items()}
+    assert timeouts == {"decode": 12, "prefill": 30}
+    assert _tiny(tiny_model_dir).router.max_migrations == 2  # on by default
 
 
 def test_kv_transfer_secret_reaches_every_pool_and_nothing_prints_it(

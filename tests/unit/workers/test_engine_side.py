@@ -18,8 +18,9 @@ import pytest
 
 from decode_worker.chunks import ChunkBuilder
 from decode_worker.remote_kv import RemoteKV
-from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine import LLM, EngineConfig, LLMEngine, Resume, SamplingParams
 from engine.block_pins import BlockPins
+from engine.tokenizer import IncrementalDetokenizer
 from kv_transfer.base import InstanceRef, LocalRank, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.fake import FakeFabric
@@ -144,17 +145,23 @@ class Pair:
     store: MemoryRendezvous
 
     async def prefill_prompt(
-        self, rid: str, params: SamplingParams, prompt: list[int] = PROMPT
+        self,
+        rid: str,
+        params: SamplingParams,
+        prompt: list[int] = PROMPT,
+        resume: Resume | None = None,
     ) -> TransferStatus:
         """What the prefill worker does: compute and push (the first token with the
-        KV), wait for the send, unpin; the sender's end state."""
+        KV; a resumed request's tokens so far are computed and pushed too, and the token
+        after them sampled), wait for the send, unpin; the sender's end state."""
         stream = self.prefill.open_stream(rid)
         tid = f"x-{rid}"
 
         def start() -> None:
             self.hook.add(rid, SendSpec(tid, InstanceRef("decode-0"), 0, 10.0))
-            first = dataclasses.replace(params, max_tokens=1)
-            self.prefill.engine.add_request(rid, prompt, first)
+            done = len(resume.output_token_ids) if resume is not None else 0
+            first = dataclasses.replace(params, max_tokens=done + 1)
+            self.prefill.engine.add_request(rid, prompt, first, resume)
 
         await self.prefill.call(start)
         while not (await stream.get(WAIT_S))[-1].finished:
@@ -189,11 +196,12 @@ class Pair:
 
         async def both() -> tuple[list[TokenChunk], TransferStatus]:
             rid = req.request_id
+            prefill = self.prefill_prompt(rid, params, PROMPT, req.resume)
             if decode_first:
                 chunks = asyncio.ensure_future(self.decode_chunks(req))
-                sent = await self.prefill_prompt(rid, params)
+                sent = await prefill
             else:  # the prefill's sender waits for the registration
-                sending = asyncio.ensure_future(self.prefill_prompt(rid, params))
+                sending = asyncio.ensure_future(prefill)
                 await asyncio.sleep(0.05)
                 chunks = asyncio.ensure_future(self.decode_chunks(req))
                 sent = await sending
@@ -299,6 +307,32 @@ def test_a_seeded_request_continues_the_prefill_engines_random_stream(
     want = reference.generate([PROMPT], params)[0]
     chunks, _ = pair.run(_request("s", params), params)
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    pair.assert_clean()
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_a_moved_stream_resumes_through_a_remote_prefill(
+    pair: Pair, reference: LLM, k: int
+) -> None:
+    """A stream that broke after k tokens: the prefill engine computes the prompt and
+    those tokens and samples the next one with the generator past k draws; the decode
+    side goes on with the rest of the undisturbed run's tokens and text."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_tokens=MAX_TOKENS)
+    params = dataclasses.replace(params, ignore_eos=True)
+    want = reference.generate([PROMPT], params)[0]
+    detok = IncrementalDetokenizer(reference.engine.tokenizer, PROMPT, [])
+    for token in want.token_ids[:k]:
+        detok.push(token)
+    text_before = detok.text  # what the broken stream's instance had made of them
+    sent_chars = max(0, len(text_before) - 1)  # the last character still held back, say
+    resume = Resume(tuple(want.token_ids[:k]), sent_chars)
+    req = dataclasses.replace(_request(f"m{k}", params), resume=resume)
+    chunks, status = pair.run(req, params)
+    assert status.state is TransferState.DONE
+    assert want.token_ids[:k] + [t for c in chunks for t in c.token_ids] == want.token_ids
+    assert text_before[:sent_chars] + "".join(c.text for c in chunks) == want.text
+    final = chunks[-1].final
+    assert final is not None and final.disaggregated and final.completion_tokens == MAX_TOKENS
     pair.assert_clean()
 
 
