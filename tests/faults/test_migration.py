@@ -25,8 +25,8 @@ from cluster_harness import (
     tiny_config,
     wait_until,
 )
-from fault_load import MAX_MODEL_LEN, GrpcStream, SseStream, StreamResult
 
+from benchmarks.fault_load import MAX_MODEL_LEN, GrpcStream, SseStream, StreamResult
 from cluster.client import Sampling
 from engine import LLM
 
