@@ -62,7 +62,6 @@ def rank_actor_pids() -> list[int]:
 class StreamResult:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    migrations: int | None = None  # from the final message's timings
     errors: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False  # saw `data: [DONE]`
     status: int | None = None
@@ -168,8 +167,6 @@ class SseStream(_StreamThread):
                     r.tokens.extend(choice["token_ids"])
                     r.text += choice.get("text") or ""
                 r.timings = event.get("timings", r.timings)
-                if "timings" in event:
-                    r.migrations = event["timings"].get("migrations")
 
 
 class GrpcStream(_StreamThread):
@@ -200,7 +197,6 @@ class GrpcStream(_StreamThread):
                         r.text += chunk.text
                         if chunk.timings is not None:
                             r.timings = dataclasses.asdict(chunk.timings)
-                            r.migrations = chunk.timings.migrations
                 finally:
                     r.retries = c.retries
             r.done = True

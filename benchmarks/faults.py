@@ -254,7 +254,7 @@ def run_fault(
     at = fault_at[0] if fault_at else time.monotonic()
     res.sent = len(results)
     for prompt, r in results:
-        res.migrated += r.migrations or 0
+        res.migrated += int(r.timings.get("migrations") or 0)
         res.retried += r.retries
         res.longest_stall_s = max(res.longest_stall_s, r.longest_gap_after(at))
         if r.failure.startswith(("cut", "stall")) or (not r.done and not r.failure):

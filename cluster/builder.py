@@ -48,6 +48,7 @@ from router.dispatch import DispatchTimeouts
 from router.pinning import ROUTER_CLASS_PATH
 from router.settings import PoolSpec, RouterSettings
 from router.validation import Limits
+from telemetry import TracingSettings
 from worker.messages import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,18 @@ def _reveal(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
+def tracing_settings(config: ClusterConfig) -> TracingSettings:
+    t = config.tracing
+    return TracingSettings(
+        enabled=t.enabled,
+        sample_ratio=t.sample_ratio,
+        otlp_endpoint=t.otlp_endpoint,
+        max_requests=t.max_requests,
+        max_spans_per_request=t.max_spans_per_request,
+        retention_s=t.retention_s,
+    )
+
+
 def worker_settings(
     config: ClusterConfig, pool: PoolConfig, model_dir: str, redis_url: str
 ) -> WorkerSettings:
@@ -179,6 +192,7 @@ def worker_settings(
         if pool.role is Role.PREFILL
         else (),
         transfer_secret=_reveal(config.kv_transfer.secret),
+        tracing=tracing_settings(config),
     )
 
 
@@ -228,6 +242,7 @@ def router_settings(config: ClusterConfig, model_dir: str, redis_url: str) -> Ro
         slo_tpot_s=r.slo_tpot_s,
         grpc_bearer_token=s.grpc_bearer_token.get_secret_value() if s.grpc_bearer_token else None,
         http_api_key=s.api_key.get_secret_value() if s.api_key else None,
+        tracing=tracing_settings(config),
     )
 
 

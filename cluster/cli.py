@@ -9,6 +9,7 @@
     pdserve render k8s -c cluster.yaml --out DIR      KubeRay manifests (cluster/k8s)
     pdserve profile -c cluster.yaml [--out FILE]      measure the engine (cluster/plan_cli)
     pdserve plan --profile FILE --ttft-slo S ...      pick a layout (cluster/plan_cli)
+    pdserve trace REQUEST_ID [--name N]               a request's spans (cluster/trace_cli)
 
 `up` starts local Ray (or joins `--address`), an embedded Redis unless a URL is
 configured, deploys, and waits until every pool is registered and the health service
@@ -40,6 +41,8 @@ from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
 from cluster.launcher import Launcher, LaunchError, RunState, pid_alive, run_dir_for, stop_running
 from cluster.plan_cli import add_parsers as add_plan_parsers
+from cluster.trace_cli import REDIS_URL_ENV
+from cluster.trace_cli import add_parsers as add_trace_parsers
 from kv_transfer.transport import TransportKind
 
 DEFAULT_TARGET = "127.0.0.1:9000"
@@ -154,7 +157,6 @@ def _target(args: argparse.Namespace) -> str:
 
 
 TOKEN_ENV = "PDSERVE_GRPC_BEARER_TOKEN"
-REDIS_URL_ENV = "PDSERVE_REDIS_URL"
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -360,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("-o", "--out", required=True, help="output directory")
     render.set_defaults(func=cmd_render)
     add_plan_parsers(sub)
+    add_trace_parsers(sub)
     return parser
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlparse
 
 from pydantic import (
     BaseModel,
@@ -245,6 +246,41 @@ class KVTransferConfig(BaseModel):
         return v
 
 
+class TracingConfig(BaseModel):
+    """Request traces (OpenTelemetry spans) from every process on the request path."""
+
+    model_config = _STRICT
+
+    enabled: bool = Field(default=True, description="Record spans for requests.")
+    sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of requests traced, decided at the router."
+    )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint (http[s]://host:4318/v1/traces); unset: the "
+        "last `max_requests` requests' spans stay in the cluster's Redis for `pdserve trace`.",
+    )
+    max_requests: int = Field(
+        default=256, ge=1, le=100_000, description="Requests whose spans the store keeps."
+    )
+    max_spans_per_request: int = Field(
+        default=4096, ge=16, le=1_000_000, description="Spans kept per request."
+    )
+    retention_s: float = Field(
+        default=3600.0, gt=0, description="A stored trace expires this long after its last span."
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        url = urlparse(v)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"must be an http(s) URL with a host, got {v!r}")
+        return v
+
+
 class RayConfig(BaseModel):
     model_config = _STRICT
 
@@ -284,6 +320,7 @@ class ClusterConfig(BaseModel):
         default_factory=lambda: KVTransferConfig.model_validate({})
     )
     ray: RayConfig = Field(default_factory=lambda: RayConfig.model_validate({}))
+    tracing: TracingConfig = Field(default_factory=lambda: TracingConfig.model_validate({}))
     kubernetes: KubernetesSettings = Field(
         default_factory=lambda: KubernetesSettings.model_validate({}),
         description="Only for `pdserve render k8s` (cluster/k8s/settings.py).",

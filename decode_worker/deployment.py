@@ -33,6 +33,10 @@ Lifecycle of a replica:
     __del__         deregister, abort what is pending, stop the thread, close the
                     receiver and the shared-memory segment
 
+Spans (under the router's `dispatch`): `decode` for the whole call; `decode.first_token`
+from the call to the first chunk with tokens, then `decode.stream` to the last one;
+for a remote prefill, `decode.wait_kv` and `decode.join` (`decode_worker.remote_kv`).
+
 Every wait is bounded: engine commands by `_COMMAND_TIMEOUT_S`, the gap between two
 outputs of a request by the stream timeout (longer than the transfer timeout, since a
 remote prefill either lands or falls back within it).
@@ -49,6 +53,8 @@ from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
 from kv_transfer.transport import TransportKind
 from registry import Role
+from telemetry import TraceContext, tracing
+from telemetry.context import REQUEST_ID
 from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
 from worker.messages import (
     TokenChunk,
@@ -105,12 +111,12 @@ class DecodeWorker:
 
     # -- engine thread --------------------------------------------------------------------
 
-    def _start(self, req: WorkerRequest) -> None:
+    def _start(self, req: WorkerRequest, trace: TraceContext | None) -> None:
         """Queue the request: waiting for its remote KV, or to prefill here."""
         if req.remote is not None:
             if self._remote is None:
                 logger.warning("request %s: this pool prefills locally", req.request_id)
-            elif not self._remote.start(req):
+            elif not self._remote.start(req, trace):
                 return
         self._rt.engine.add_request(
             req.request_id, list(req.prompt_token_ids), req.params, req.resume
@@ -129,19 +135,35 @@ class DecodeWorker:
     ) -> AsyncIterator[TokenChunk]:
         self._rt.check_pin(replica)
         rid = request.request_id
+        REQUEST_ID.set(rid)  # this call's task: its log lines name the request
+        span = tracing.start("decode", request.trace, {"remote": request.remote is not None})
+        phase = tracing.start("decode.first_token", span)
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         finished = False
+        error = "cancelled"
         try:
-            await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
+            trace = tracing.context_of(span)
+            await loop.call(lambda: self._start(request, trace), _COMMAND_TIMEOUT_S)
             builder = ChunkBuilder(len(request.prompt_token_ids))
+            first = True
             while not finished:
                 outs = await stream.get(self._stream_timeout_s)
                 info = self._remote.info(rid) if self._remote is not None else None
                 chunk = builder.build(outs, info)
                 finished = chunk.finished
+                if first and chunk.token_ids:
+                    first = False
+                    tracing.end(phase)
+                    phase = tracing.start("decode.stream", span)
                 yield chunk
+            error = ""
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
         finally:
+            tracing.end(phase, error)
+            tracing.end(span, error)
             loop.close_stream(rid)
             if self._remote is not None:
                 self._remote.forget(rid)

@@ -23,6 +23,10 @@ Lifecycle of one remote prefill (the router sent the prefill at the same time):
                           land after it returns), then the engine request, whose blocks
                           return to the pool
 
+Spans (under the decode call's span): `decode.wait_kv`, from holding the blocks to the
+transfer settling (an error when it fell back), and `decode.join`, the sequence joining
+the running batch with the first token.
+
 Nothing here polls on the engine thread. `info(request_id)` tells the stream what
 happened: disaggregated or fallen back (and why), and the time from the first token's
 sampling to its landing here.
@@ -49,6 +53,7 @@ from kv_transfer.base import (
     failed,
 )
 from kv_transfer.receiver import KVReceiver
+from telemetry import TraceContext, tracing
 from worker.messages import FallbackReason, WorkerRequest
 from worker.ranks import RemoteRanks, combine
 
@@ -66,6 +71,8 @@ class _Pending:
     local: TransferStatus | None = None  # this rank's terminal status, once known
     others: TransferStatus | None = None  # the other ranks', once all are terminal
     done_wall: float = 0.0  # time.time() when this rank's receiver ended
+    trace: TraceContext | None = None  # the decode call's span
+    start_ns: int = 0  # when the blocks were held
     num_blocks: int = 0  # the prompt's blocks the transfer fills
 
 
@@ -137,8 +144,9 @@ class RemoteKV:
 
     # -- engine thread ----------------------------------------------------------------
 
-    def start(self, req: WorkerRequest) -> str:
-        """Hold blocks and expect the transfer; "" or why not (then nothing is held)."""
+    def start(self, req: WorkerRequest, trace: TraceContext | None = None) -> str:
+        """Hold blocks and expect the transfer; "" or why not (then nothing is held).
+        `trace`: the span that this request's wait and join spans go under."""
         plan = req.remote
         assert plan is not None
         rid, tid = req.request_id, plan.transfer_id
@@ -151,7 +159,9 @@ class RemoteKV:
             return self._refuse(rid, tid, f"decode_full (no free KV blocks: {e})")
         source = InstanceRef(plan.source_instance, plan.source_parallel)
         spec = RecvSpec(tid, tuple(blocks), source, 0, plan.timeout_s)
-        self._pending[tid] = _Pending(rid, num_blocks=len(blocks))
+        self._pending[tid] = _Pending(
+            rid, num_blocks=len(blocks), trace=trace, start_ns=tracing.now_ns()
+        )
         self._by_request[rid] = tid
         try:
             self._expect(spec)
@@ -260,6 +270,8 @@ class RemoteKV:
 
     def _commit(self, transfer_id: str, p: _Pending, first: FirstToken) -> None:
         self._drop(transfer_id)
+        joined_ns = tracing.now_ns()
+        tracing.record("decode.wait_kv", p.trace, p.start_ns, joined_ns)
         kv_s = max(0.0, p.done_wall - first.sampled_wall)
         self._set_info(p.request_id, RemoteInfo(True, kv_s, ""))
         lp = (
@@ -272,10 +284,13 @@ class RemoteKV:
         except ValueError as e:  # a first token this engine cannot take
             self._recompute(p, f"transfer failed: {e}")
             return
+        tracing.record("decode.join", p.trace, joined_ns, tracing.now_ns())
         self._post(out)
 
     def _fall_back(self, transfer_id: str, p: _Pending, reason: str) -> None:
         self._drop(transfer_id)
+        if p.trace is not None:
+            tracing.end(tracing.start("decode.wait_kv", p.trace, None, p.start_ns), reason)
         self.transfer_failures += 1
         if p.local is None or p.local.state is not TransferState.FAILED:
             self.receiver.abort(transfer_id, reason)

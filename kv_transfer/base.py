@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from telemetry import TraceContext
+
 MAX_TRANSFER_ID_BYTES = 64
 MAX_INSTANCE_NAME_BYTES = 64
 MAX_TOP_LOGPROBS = 20  # top logprobs a first token carries at most (header field size)
@@ -280,6 +282,7 @@ class SendSpec:
     dest: InstanceRef
     first_block: int = 0
     timeout_s: float = 30.0
+    trace: TraceContext | None = None  # the span this rank's sends are recorded under
 
     def __post_init__(self) -> None:
         _check_name("transfer_id", self.transfer_id, MAX_TRANSFER_ID_BYTES)

@@ -16,6 +16,10 @@ ends with a CRC32 of the bytes before it. The kinds:
   in a fixed-size block that every message has (zeros unless the flag says so).
 * ABORT says a sender rank gave up on a transfer.
 
+DATA and END may carry a trace context (`telemetry.TraceContext`: the 128-bit trace
+id, the 64-bit id of the sender's span that sent the message, the sampled flag), so the
+receiver's spans join the request's trace; zeros unless the flag says so.
+
 `seq` numbers DATA/END/ABORT per connection from 0, so a lost message shows as a gap.
 Decoding validates every field it can without context and raises ProtocolError.
 """
@@ -37,9 +41,10 @@ from kv_transfer.base import (
     FirstToken,
     ProtocolError,
 )
+from telemetry import TraceContext
 
 MAGIC = b"PDKV"
-VERSION = 3  # 3: the first-token block
+VERSION = 4  # 3: the first-token block; 4: the trace context
 MAX_DIMS = 6
 
 _DTYPE_CODES: dict[torch.dtype, int] = {
@@ -66,17 +71,22 @@ _FLAG_CHECKSUM = 1
 _FLAG_PARTS = 2
 _FLAG_FIRST = 4  # END carries the first token
 _FLAG_LOGPROB = 8  # ... and its logprob
-_FLAGS = _FLAG_CHECKSUM | _FLAG_PARTS | _FLAG_FIRST | _FLAG_LOGPROB
+_FLAG_TRACE = 16  # a trace context
+_FLAG_SAMPLED = 32  # ... whose trace is sampled
+_FLAGS = _FLAG_CHECKSUM | _FLAG_PARTS | _FLAG_FIRST | _FLAG_LOGPROB | _FLAG_TRACE | _FLAG_SAMPLED
+_MASK64 = (1 << 64) - 1
 
 # magic, version, kind, dtype, flags, transfer id, src rank, seq, layer, head start,
 # head count, block start, block count, layer count, ndim, shape[6], payload bytes,
 # checksum.
 # checksum, then the first-token block: token id, draws, number of top logprobs,
-# sampling time, logprob, top token ids, top logprobs.
+# sampling time, logprob, top token ids, top logprobs; then the trace context: trace id
+# (high and low 64 bits), span id.
 _HEADER = struct.Struct(
-    f"<4sBBBB{MAX_TRANSFER_ID_BYTES}s9I{MAX_DIMS}IQQ3Idf{MAX_TOP_LOGPROBS}I{MAX_TOP_LOGPROBS}f"
+    f"<4sBBBB{MAX_TRANSFER_ID_BYTES}s9I{MAX_DIMS}IQQ3Idf{MAX_TOP_LOGPROBS}I{MAX_TOP_LOGPROBS}f3Q"
 )
 _NO_FIRST = (0, 0, 0, 0.0, 0.0, *([0] * MAX_TOP_LOGPROBS), *([0.0] * MAX_TOP_LOGPROBS))
+_FIRST_FIELDS = len(_NO_FIRST)
 # magic, version, kind, two pad bytes, instance, rank, tp, pp, group token.
 _HELLO = struct.Struct(f"<4sBB2x{MAX_INSTANCE_NAME_BYTES}s3I16s")
 _CRC = struct.Struct("<I")
@@ -111,6 +121,7 @@ class Header:
     layer_count: int = 1  # layers layer .. layer + layer_count - 1, same heads and blocks
     parts: bool = False  # the payload moves as one part per layer and K/V, not whole
     first: FirstToken | None = None  # END only: the prompt's first token
+    trace: TraceContext | None = None  # DATA and END: the sending span, for tracing
 
     @property
     def layers(self) -> range:
@@ -124,6 +135,9 @@ class Header:
 
     def in_parts(self, parts: bool) -> Header:
         return self._with(parts=parts)
+
+    def traced(self, trace: TraceContext | None) -> Header:
+        return self._with(trace=trace)
 
     def _with(self, **changes: object) -> Header:
         """A copy with `changes`. Every message is stamped on its way out, so this
@@ -150,6 +164,13 @@ class Header:
         if self.first is not None:
             first = _pack_first(self.first)
             flags |= _FLAG_FIRST | (_FLAG_LOGPROB if self.first.logprob is not None else 0)
+        trace = (0, 0, 0)
+        if self.trace is not None:
+            if self.kind is MessageKind.ABORT:
+                raise ValueError("ABORT carries no trace context")
+            t = self.trace
+            trace = (t.trace_id >> 64, t.trace_id & _MASK64, t.span_id)
+            flags |= _FLAG_TRACE | (_FLAG_SAMPLED if t.sampled else 0)
         body = _HEADER.pack(
             MAGIC,
             VERSION,
@@ -170,6 +191,7 @@ class Header:
             self.nbytes,
             self.checksum or 0,
             *first,
+            *trace,
         )
         return body + _CRC.pack(zlib.crc32(body))
 
@@ -277,9 +299,10 @@ def _decode_header(kind: MessageKind, body: bytes) -> Header:
     if flags & _FLAG_LOGPROB and not flags & _FLAG_FIRST:
         raise ProtocolError("a logprob without a first token")
     try:
-        first = _unpack_first(flags, fields[17 + MAX_DIMS :])
+        first = _unpack_first(flags, fields[17 + MAX_DIMS : 17 + MAX_DIMS + _FIRST_FIELDS])
     except ValueError as e:
         raise ProtocolError(f"bad first token: {e}") from None
+    trace = _unpack_trace(kind, flags, fields[17 + MAX_DIMS + _FIRST_FIELDS :])
     if ndim > MAX_DIMS or any(shape_all[ndim:]):
         raise ProtocolError(f"bad shape rank {ndim}")
     return Header(
@@ -299,4 +322,21 @@ def _decode_header(kind: MessageKind, body: bytes) -> Header:
         nl,
         bool(flags & _FLAG_PARTS),
         first,
+        trace,
     )
+
+
+def _unpack_trace(
+    kind: MessageKind, flags: int, fields: tuple[int | float, ...]
+) -> TraceContext | None:
+    hi, lo, span = (int(f) for f in fields)
+    if not flags & _FLAG_TRACE:
+        if flags & _FLAG_SAMPLED or hi or lo or span:
+            raise ProtocolError("trace fields without the trace flag")
+        return None
+    if kind is MessageKind.ABORT:
+        raise ProtocolError("ABORT with a trace context")
+    try:
+        return TraceContext((hi << 64) | lo, span, bool(flags & _FLAG_SAMPLED))
+    except ValueError as e:
+        raise ProtocolError(f"bad trace context: {e}") from None

@@ -52,6 +52,7 @@ class Inbound:
     writing: int = 0  # payloads being received straight into the blocks
     peers: set[Peer] = field(default_factory=set)  # connections that announced data
     first: FirstToken | None = None  # brought by an END
+    request_id: str = ""  # the request whose KV this is, for its log lines
     # For metrics: when the first payload landed, the payload bytes landed, and the
     # prompt block after the last one landed.
     first_landed: float | None = None

@@ -47,6 +47,7 @@ class Outbound:
     finish_pumped: bool = False  # the pump has processed finish()
     released: threading.Event = field(default_factory=threading.Event)  # sources unread
     registered: set[int] = field(default_factory=set)  # receiver ranks seen registered
+    request_id: str = ""  # the request whose KV this is, for its log lines
     # For metrics: when the first data message went, its payload bytes handed over,
     # and the prompt block after the last one sent.
     first_sent: float | None = None
@@ -64,6 +65,7 @@ class SliceJob:
     block_ids: tuple[int, ...]
     first_block: int
     ready: torch.cuda.Event | None
+    queued_ns: int = 0  # when the engine thread queued it, for tracing (0: untraced)
 
 
 @dataclass(frozen=True)

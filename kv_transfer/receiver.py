@@ -36,7 +36,8 @@ A terminal transfer first waits for payloads being received straight into its bl
 then is revoked at the endpoint, and only then changes state: once `poll` reports DONE
 or FAILED no write into its blocks can follow, and the caller may free or reuse them.
 Messages for unknown or terminal transfers are dropped. A watchdog thread enforces
-deadlines even when nobody polls.
+deadlines even when nobody polls. A DATA message whose header carries a trace context
+is recorded as a `kv.land` span (its landing) under the sender's `kv.message`.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ from kv_transfer.region_copies import scatter_checksummed
 from kv_transfer.registration import RecordWriter, Registration
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.transport import Endpoint, Peer, Target
+from telemetry import request_scope, tracing
+from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,7 @@ class KVReceiver:
             raise ValueError(f"block id {max(spec.block_ids)} >= num_blocks {num_blocks}")
         routes = routes_to(plan(self._geo, spec.source.parallel, self.me.parallel), self.me.rank)
         inb = Inbound.planned(spec, routes, self._layers, time.monotonic() + spec.timeout_s)
+        inb.request_id = REQUEST_ID.get()  # the caller's (bound on the request path)
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("receiver is closed")
@@ -253,7 +257,11 @@ class KVReceiver:
         if header.kind is MessageKind.DATA:
             if target is not None:
                 assert isinstance(target, InboundTarget)
+                start = tracing.now_ns() if header.trace is not None else 0
                 self._land(peer, header, target, payload)
+                if start:
+                    attrs = {"layer": header.layer, "layers": header.layer_count}
+                    tracing.record("kv.land", header.trace, start, tracing.now_ns(), attrs)
             return
         with self._lock:
             inb = self._active.get(header.transfer_id)
@@ -353,7 +361,10 @@ class KVReceiver:
             while len(self._history) > self._cfg.history:
                 self._history.popitem(last=False)
         if status.reason is not None:
-            logger.warning("transfer %s failed on receiver %s: %s", tid, self.me.id, status.reason)
+            with request_scope(inb.request_id):
+                logger.warning(
+                    "transfer %s failed on receiver %s: %s", tid, self.me.id, status.reason
+                )
         if self._on_end is not None:
             try:
                 self._on_end(tid, status)

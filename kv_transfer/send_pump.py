@@ -12,6 +12,7 @@
 
 Links are created lazily per receiver rank and reused; a broken one is dropped and the
 next message to that rank connects again. The pump checks deadlines every `tick_s`.
+A traced transfer's messages and layer sends are spans (kv_transfer/send_spans.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from kv_transfer.outbound import AbortJob, FinishJob, Job, Outbound, Outbounds, 
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of
 from kv_transfer.registration import wait_open
 from kv_transfer.rendezvous import RendezvousStore
+from kv_transfer.send_spans import MessageSpan, message_span
 from kv_transfer.transport import Completion, Connector, Link
+from telemetry import request_scope
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +78,10 @@ class SendPump:
             if not self._book.terminate_locked(out, failed(reason)):
                 return
             stuck = list(out.links) if teardown and out.inflight else []
-        logger.warning(
-            "transfer %s failed on sender %s: %s", out.spec.transfer_id, self.me.id, reason
-        )
+        with request_scope(out.request_id):
+            logger.warning(
+                "transfer %s failed on sender %s: %s", out.spec.transfer_id, self.me.id, reason
+            )
         for link in stuck:
             self._drop_link(link)
         if notify and not stuck:
@@ -173,12 +177,17 @@ class SendPump:
         header: Header,
         region: BlockRegion | LayerSpan | None,
         checksum: bool = False,
+        span: MessageSpan | None = None,
     ) -> None:
+        if span is not None:
+            header = header.traced(span.context)
         start = time.monotonic()
         try:
             done = link.send(header, region, checksum)
-        except TransferError:
+        except TransferError as e:
             self._drop_link(link)
+            if span is not None:
+                span.ended(str(e))
             raise
         with self._book.lock:
             out.inflight += 1
@@ -189,9 +198,13 @@ class SendPump:
                 if out.first_sent is None:
                     out.first_sent = start
                 out.block_end = max(out.block_end, header.block_start + header.block_count)
-        done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d))
+        done.add_done_callback(lambda d: self._on_sent(out, link, header.nbytes, d, span))
 
-    def _on_sent(self, out: Outbound, link: Link, nbytes: int, done: Completion) -> None:
+    def _on_sent(
+        self, out: Outbound, link: Link, nbytes: int, done: Completion, span: MessageSpan | None
+    ) -> None:
+        if span is not None:
+            span.ended("" if done.error is None else str(done.error))
         book = self._book
         with book.lock:
             out.inflight -= 1
@@ -296,7 +309,10 @@ class SendPump:
             self._wait_for_room(out)
             if out.status.terminal:
                 return
-            self._send(out, self._link(out, route.dst), header, source, self._checksum)
+            layers = [(job.layer, job.queued_ns) for job in group]
+            span = message_span(out.spec.trace, "DATA", route.dst, source.nbytes, layers)
+            link = self._link(out, route.dst)
+            self._send(out, link, header, source, self._checksum, span)
 
     def _send_control(
         self, out: Outbound, kind: MessageKind, first: FirstToken | None = None
@@ -308,7 +324,8 @@ class SendPump:
             if kind is MessageKind.END:
                 self._await_registered(out, dst)
                 header = Header(kind, out.spec.transfer_id, self.me.rank, first=first)
-                self._send(out, self._link(out, dst), header, None)
+                span = message_span(out.spec.trace, "END", dst, 0)
+                self._send(out, self._link(out, dst), header, None, span=span)
                 continue
             header = Header(kind, out.spec.transfer_id, self.me.rank)
             try:  # ABORT is best effort: the receiver's deadline is the backstop

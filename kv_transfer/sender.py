@@ -59,7 +59,9 @@ from kv_transfer.mapping import KVGeometry, plan, routes_by_layer, routes_from
 from kv_transfer.outbound import FinishJob, Outbound, Outbounds, SliceJob
 from kv_transfer.rendezvous import RendezvousStore
 from kv_transfer.send_pump import SendPump
+from kv_transfer.send_spans import queued_at
 from kv_transfer.transport import Connector
+from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class KVSender:
             if spec.transfer_id in book.active or spec.transfer_id in book.history:
                 raise ValueError(f"transfer {spec.transfer_id!r} already exists")
             book.active[spec.transfer_id] = Outbound(
-                spec, by_layer, time.monotonic() + spec.timeout_s
+                spec, by_layer, time.monotonic() + spec.timeout_s, request_id=REQUEST_ID.get()
             )
             book.unreleased.add(spec.transfer_id)
 
@@ -155,7 +157,8 @@ class KVSender:
         if self._on_cuda:
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
-        self._pump.put(SliceJob(out, layer, ids, first_block + skip, ready))
+        queued = queued_at(out.spec.trace)
+        self._pump.put(SliceJob(out, layer, ids, first_block + skip, ready, queued))
 
     def finish(self, transfer_id: str, wait: bool = True, first: FirstToken | None = None) -> None:
         with self._book.lock:

@@ -42,6 +42,10 @@ Lifecycle of a replica:
                  prefill, when it comes, is refused at once (rather than waiting for
                  a registration the decode replica, aborted too, never writes)
     __del__      deregister, stop the engine thread, close the sender
+
+Spans (under the router's `prefill.call`): `prefill` for the whole call, the engine's
+`prefill.queue`, `prefill.chunk` and `prefill.layer` (`worker.layer_spans`), and
+`prefill.wait_sent`, from the first token to every rank's sender reporting DONE.
 """
 
 from __future__ import annotations
@@ -52,14 +56,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from opentelemetry.trace import Span
+
 from engine import RequestOutput
 from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
 from registry import Role
+from telemetry import TraceContext, request_scope, tracing
 from worker.engine_loop import OutputStream
 from worker.kv_roles import local_rank, sender_connector, transfer_host
+from worker.layer_spans import LayerSpans
 from worker.messages import (
     PrefillOutcome,
     PrefillRequest,
@@ -129,11 +137,13 @@ class PrefillWorker:
         if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")
         self._hook = SendHook(settings.engine.block_size, first_token=True)
+        self._spans = LayerSpans(self._hook)
         self._rt = WorkerRuntime(
             settings,
             replica_unique_id(),
-            layer_hook=self._hook,
+            layer_hook=self._spans,
             output_hook=self._hook.on_outputs,
+            tick=self._spans.mark_step,
         )
         rendezvous = self._rt.rendezvous()
         connector = sender_connector(settings, rendezvous, transfer_host(settings.transfer_host))
@@ -155,53 +165,69 @@ class PrefillWorker:
     # -- engine thread --------------------------------------------------------------------
 
     @staticmethod
-    def _spec(req: PrefillRequest) -> SendSpec:
+    def _spec(req: PrefillRequest, trace: TraceContext | None) -> SendSpec:
+        """`trace`: the span this request's sends are recorded under, on every rank."""
         dest = InstanceRef(req.dest_instance, req.dest_parallel)
-        return SendSpec(req.transfer_id, dest, 0, req.timeout_s)
+        return SendSpec(req.transfer_id, dest, 0, req.timeout_s, trace)
 
-    def _start(self, req: PrefillRequest) -> None:
+    def _start(self, req: PrefillRequest, trace: TraceContext | None) -> None:
         done = len(req.resume.output_token_ids) if req.resume is not None else 0
         params = dataclasses.replace(req.params, max_tokens=done + 1)  # one more token
-        self._hook.add(req.request_id, self._spec(req))
+        self._hook.add(req.request_id, self._spec(req, trace))
+        self._spans.add(req.request_id, trace)
         try:
             self._rt.engine.add_request(
                 req.request_id, list(req.prompt_token_ids), params, req.resume
             )
         except BaseException:
             self._hook.discard(req.request_id, "request rejected")
+            self._spans.discard(req.request_id)
             raise
 
     def _abort(self, request_id: str) -> None:
         self._hook.discard(request_id)
+        self._spans.discard(request_id)
         self._rt.engine.abort_request(request_id)
 
     # -- the deployment's methods -----------------------------------------------------------
 
     async def prefill(self, request: PrefillRequest, replica: str | None = None) -> PrefillOutcome:
         self._rt.check_pin(replica)
+        span = tracing.start("prefill", request.trace, {"transfer": request.transfer_id})
+        with request_scope(request.request_id):
+            out = await self._prefill(request, span)
+        tracing.end(span, "" if out.ok else out.reason)
+        return out
+
+    async def _prefill(self, request: PrefillRequest, span: Span) -> PrefillOutcome:
         rid = request.request_id
         if self._aborted_early.pop(rid, None) is not None:
             return PrefillOutcome(ok=False, reason="aborted before it arrived")
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         settled = False
+        trace = tracing.context_of(span)
         try:
             if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
-                await self._ranks.acall("add_transfer", rid, self._spec(request))
+                await self._ranks.acall("add_transfer", rid, self._spec(request, trace))
             try:
-                await loop.call(lambda: self._start(request), _COMMAND_TIMEOUT_S)
+                await loop.call(lambda: self._start(request, trace), _COMMAND_TIMEOUT_S)
             except ValueError as e:
                 settled = True
                 self._abort_ranks(request, "request rejected")
                 return PrefillOutcome(ok=False, reason=f"rejected: {e}")
             deadline = time.monotonic() + request.timeout_s
             final = await self._first_token(stream, deadline)
-            sent = await self._sent(request.transfer_id, deadline)
+            with tracing.span("prefill.wait_sent", span):
+                sent = await self._sent(request.transfer_id, deadline)
             settled = True
             if isinstance(sent, str):
                 self._abort_ranks(request, sent)
                 return PrefillOutcome(ok=False, reason=sent)
             return _outcome(final, sent)
+        except BaseException as e:
+            tracing.end(span, type(e).__name__)
+            raise
         finally:
             loop.close_stream(rid)
             if not settled:  # cancelled, timed out or failed: stop the send, free blocks

@@ -25,6 +25,7 @@ session.close()
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import time
@@ -34,7 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import Span
+
 from registry import LoadReport, Registry, Role, connect
+from registry.traces import REQUEST_ID_ATTR, start_tracing
 from router.admission import Admission
 from router.breaker import CircuitBreaker
 from router.cluster_view import ClusterView
@@ -49,6 +53,8 @@ from router.results import Delta
 from router.settings import PoolSpec, RouterSettings
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
+from telemetry import TraceContext, install_log_records, tracing
+from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +86,10 @@ class Session:
         arrival: float,
         arrival_wall: float,
         protocol: str,
+        span: Span,
     ) -> None:
         self.request_id = request_id
+        self.span = span  # the request's root span, ended by close()
         self.request = request
         self.route = route
         self._core = core
@@ -111,13 +119,16 @@ class Session:
         except RouterError as e:
             outcome = e.kind.value
             logger.warning("request %s (tag %r) failed: %s", self.request_id, tag, e.message)
+            tracing.mark_error(self.span, e.message)
             raise
         except Exception as e:  # a bug or an unexpected pool error: still a proper ending
             outcome = ErrorKind.INTERNAL.value
             logger.exception("request %s (tag %r) failed", self.request_id, tag)
+            tracing.mark_error(self.span, f"internal error: {type(e).__name__}")
             raise RouterError(ErrorKind.INTERNAL, f"internal error: {type(e).__name__}") from e
         finally:
             if outcome:
+                self.span.set_attribute("outcome", outcome)
                 core.metrics.failed(self._protocol, outcome)
                 if outcome == "cancelled":
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
@@ -135,7 +146,13 @@ class Session:
     def _run(self, route: RouteDecision, progress: Progress) -> AsyncIterator[Delta]:
         self.route = route
         return self._core.dispatcher.run(
-            self.request_id, self.request, route, self._arrival, self._arrival_wall, progress
+            self.request_id,
+            self.request,
+            route,
+            self._arrival,
+            self._arrival_wall,
+            progress,
+            self.span,
         )
 
     def _reroute(self, avoid: frozenset[str], progress: Progress) -> RouteDecision:
@@ -150,12 +167,18 @@ class Session:
     def close(self) -> None:
         if self._open:
             self._open = False
+            self.span.end()
             self._core.admission.release()
             self._core.metrics.inflight.set(self._core.admission.inflight)
 
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex}"
+
+
+def bind_request_id(rid: str) -> None:
+    """Tag the log records of the calling task (a front end's handler) with `rid`."""
+    REQUEST_ID.set(rid)
 
 
 def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
@@ -177,6 +200,7 @@ class RouterCore:
         """`identity` labels the metrics this replica exports through Ray (pool,
         replica, rank)."""
         self.settings = settings
+        install_log_records()
         self.metrics = RouterMetrics(
             identity, slo_ttft_s=settings.slo_ttft_s, slo_tpot_s=settings.slo_tpot_s
         )
@@ -187,6 +211,7 @@ class RouterCore:
         )
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-router")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
+        start_tracing(settings.tracing, self._redis, settings.cluster, "router")
         breaker = CircuitBreaker(on_trip=lambda kind: self.metrics.exclusions.labels(kind).inc())
         pools = {Role.DECODE: decode, Role.PREFILL: prefill}
         self.view = ClusterView(
@@ -221,14 +246,25 @@ class RouterCore:
         await self.view.stop()
         self._redis.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        tracing.shutdown()
 
     async def open(
-        self, raw: RawRequest, names: FieldNames, protocol: str, rid: str | None = None
+        self,
+        raw: RawRequest,
+        names: FieldNames,
+        protocol: str,
+        rid: str | None = None,
+        parent: TraceContext | None = None,
     ) -> Session:
         """A session for `raw` under the id `rid` (a new one when None); a refusal is
-        logged as one WARNING line with the id and raised as a RouterError."""
+        logged as one WARNING line with the id and raised as a RouterError. `parent`: the
+        client's trace context (its `traceparent`), whose sampled flag then decides."""
         arrival, arrival_wall = time.monotonic(), time.time()
         rid = rid or new_request_id()
+        bind_request_id(rid)
+        root = tracing.start(
+            "request", parent, {REQUEST_ID_ATTR: rid, "protocol": protocol}, int(arrival_wall * 1e9)
+        )
         admitted = self.admission.try_acquire()
         self.metrics.admitted(admitted)
         if not admitted:
@@ -238,27 +274,47 @@ class RouterCore:
                 f"the router holds {self.admission.max_inflight} requests; retry later",
             )
             log_refusal(rid, protocol, error)
+            tracing.end(root, error.message)
             raise error
         self.metrics.inflight.set(self.admission.inflight)
         try:
-            checked = self.validator.check(raw, names)
-            req = await asyncio.get_running_loop().run_in_executor(
-                self._tokenize_pool, self.validator.finish, checked, names
-            )
-            route = self.route(req)
+            req, route = await self._prepare(raw, names, root)
         except InvalidRequest as e:
             self._reject(protocol, ErrorKind.INVALID_ARGUMENT)
             error = RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field)
             log_refusal(rid, protocol, error)
+            tracing.end(root, error.message)
             raise error from None
         except RouterError as e:
             self._reject(protocol, e.kind)
             log_refusal(rid, protocol, e)
+            tracing.end(root, e.message)
             raise
-        except BaseException:
+        except BaseException as e:
             self._reject(protocol, ErrorKind.INTERNAL)
+            tracing.end(root, type(e).__name__)
             raise
-        return Session(self, rid, req, route, arrival, arrival_wall, protocol)
+        return Session(self, rid, req, route, arrival, arrival_wall, protocol, root)
+
+    async def _prepare(
+        self, raw: RawRequest, names: FieldNames, root: Span
+    ) -> tuple[ValidRequest, RouteDecision]:
+        """Validate, tokenize (in a tokenizer thread, with this task's log context) and
+        route, each in its span under `root`."""
+        with tracing.span("validate", root):
+            checked = self.validator.check(raw, names)
+        with tracing.span("tokenize", root) as span:
+            ctx = contextvars.copy_context()
+            req = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, ctx.run, self.validator.finish, checked, names
+            )
+            span.set_attribute("tokens", len(req.prompt_token_ids))
+        with tracing.span("route", root) as span:
+            route = self.route(req)
+            span.set_attribute("decode", route.decode.instance_id)
+            if route.prefill is not None:
+                span.set_attribute("prefill", route.prefill.instance_id)
+        return req, route
 
     def _reject(self, protocol: str, kind: ErrorKind) -> None:
         self.admission.release()

@@ -29,6 +29,12 @@ replica that Serve is stopping is relayed until its drain deadline (router.drain
 ends with UNAVAILABLE so that it moves. With a `Progress` (router.migration) the
 request continues a stream: the instances get the tokens so far with the prompt, under
 a request id of the segment's own.
+
+Spans, under the request's root span: `dispatch` (one attempt), and under it
+`prefill.call` (the prefill call, whose context the prefill replica's spans hang
+under), `decode.wait` (sending the decode request to its first token: the wait for
+the decode stream) and `decode.stream` (the first token to the last chunk). The decode
+request carries the `dispatch` span's context.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import INVALID_SPAN, Span
+
 from kv_transfer.base import Parallelism
 from router.cluster_view import ClusterView
 from router.drain import StoppedReplicas
@@ -52,6 +60,7 @@ from router.policy import RouteDecision
 from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
 from router.worker_errors import worker_error
+from telemetry import tracing
 from worker.messages import (
     PrefillOutcome,
     PrefillRequest,
@@ -86,6 +95,8 @@ class _Call:
     finished: bool = False
     closed: bool = False
     first_at: float | None = None  # time.monotonic() of the first token
+    span: Span = INVALID_SPAN  # this attempt's `dispatch` span
+    phase: Span = INVALID_SPAN  # decode.wait, then decode.stream
 
     @property
     def prefill_failed(self) -> bool:
@@ -130,15 +141,23 @@ class Dispatcher:
         arrival: float,
         arrival_wall: float,
         progress: Progress | None = None,
+        parent: Span = INVALID_SPAN,
     ) -> AsyncIterator[Delta]:
-        """Stream the request's deltas; `arrival` is its time.monotonic() at the router.
-        With `progress` (router.migration), the tokens the client has are computed with
-        the prompt and the stream goes on after them."""
-        call = self._start(rid, req, route, arrival, arrival_wall, progress or Progress())
+        """Stream the request's deltas; `arrival` is its time.monotonic() at the router,
+        `parent` the request's span. With `progress` (router.migration), the tokens the
+        client has are computed with the prompt and the stream goes on after them."""
+        span = tracing.start("dispatch", parent, {"decode": route.decode.instance_id})
+        call = self._start(rid, req, route, arrival, arrival_wall, progress or Progress(), span)
+        error = ""
         try:
             async for delta in self._relay(call):
                 yield delta
+        except BaseException as e:
+            error = e.message if isinstance(e, RouterError) else type(e).__name__
+            raise
         finally:
+            tracing.end(call.phase, error)
+            tracing.end(span, error)
             self._close(call)
 
     def _start(
@@ -149,6 +168,7 @@ class Dispatcher:
         arrival: float,
         wall: float,
         progress: Progress,
+        span: Span,
     ) -> _Call:
         """Send the decode request and, disaggregated, the prefill, at the same time."""
         remote = route.prefill if self._prefill is not None else None
@@ -156,12 +176,18 @@ class Dispatcher:
         resume = progress.resume
         n_prompt = len(req.prompt_token_ids) + len(progress.token_ids)
         wid = f"{rid}-m{progress.migrations}" if progress.migrations else rid
-        wreq = WorkerRequest(wid, req.prompt_token_ids, req.params, wall, plan, resume)
+        trace = tracing.context_of(span)
+        wreq = WorkerRequest(wid, req.prompt_token_ids, req.params, wall, plan, resume, trace)
         self._view.sent(route.decode.instance_id, wid, 0 if plan else n_prompt)
+        phase = tracing.start("decode.wait", span)
         stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: route.decode.address})
-        call = _Call(rid, wid, route, arrival, stream, first_at=progress.first_at)
+        call = _Call(
+            rid, wid, route, arrival, stream, first_at=progress.first_at, span=span, phase=phase
+        )
         if plan is not None and remote is not None:
             self._view.sent(remote.instance_id, wid, n_prompt)
+            span.set_attribute("prefill", remote.instance_id)
+            prefill_span = tracing.start("prefill.call", span, {"prefill": remote.instance_id})
             preq = PrefillRequest(
                 wid,
                 plan.transfer_id,
@@ -171,8 +197,11 @@ class Dispatcher:
                 plan.timeout_s,
                 Parallelism(route.decode.tp, route.decode.pp),
                 resume,
+                tracing.context_of(prefill_span),
             )
-            call.prefill = asyncio.get_running_loop().create_task(self._run_prefill(call, preq))
+            call.prefill = asyncio.get_running_loop().create_task(
+                self._run_prefill(call, preq, prefill_span)
+            )
             self._prefills.add(call.prefill)
             call.prefill.add_done_callback(self._prefills.discard)
         return call
@@ -196,6 +225,8 @@ class Dispatcher:
                 raise RouterError(ErrorKind.INTERNAL, f"unexpected {type(item).__name__}")
             if item.token_ids and call.first_at is None:
                 call.first_at = time.monotonic()
+                tracing.end(call.phase)
+                call.phase = tracing.start("decode.stream", call.span)
             if not item.finished:
                 yield Delta(call.rid, item.token_ids, item.text, item.logprobs)
                 continue
@@ -242,13 +273,16 @@ class Dispatcher:
             self._view.failed(pin, e, what)
             raise worker_error(e, what) from e
 
-    async def _run_prefill(self, call: _Call, preq: PrefillRequest) -> PrefillOutcome:
+    async def _run_prefill(
+        self, call: _Call, preq: PrefillRequest, span: Span = INVALID_SPAN
+    ) -> PrefillOutcome:
         """The prefill call, bounded; its failure is an outcome (the decode instance
         falls back by itself), and then the prefill instance is told to abort."""
         assert self._prefill is not None and call.route.prefill is not None
         pin = call.route.prefill.address
+        out: PrefillOutcome | None = None
         try:
-            out: PrefillOutcome = await asyncio.wait_for(
+            out = await asyncio.wait_for(
                 self._prefill.prefill.remote(preq, **{PIN_KWARG: pin}), self._t.prefill_s
             )
         except asyncio.CancelledError:
@@ -258,6 +292,8 @@ class Dispatcher:
             out = PrefillOutcome(ok=False, reason=worker_error(e, "the prefill instance").message)
         finally:
             self._view.done(call.route.prefill.instance_id, call.wid)
+            tracing.end(span, "cancelled" if out is None else out.reason if not out.ok else "")
+        assert out is not None  # only a cancellation leaves it unset, and that raised
         if not out.ok:
             logger.warning("request %s: prefill failed: %s", call.wid, out.reason)
             self._metrics.prefill_failures.inc()

@@ -13,6 +13,11 @@ failed request with its traceback; `QuietStatusErrors` drops those records for a
 GrpcStatusError, which the router has already logged as one line (a WARNING for a
 refused request).
 
+Request ids: a well-formed `x-request-id` in the call's metadata becomes the request's
+id, else the router makes one; the call's trailing metadata returns it as
+`x-request-id` (next to Serve's own `request_id`), as does every GenerateResponse. A
+W3C `traceparent` in the metadata makes the request's spans part of the client's trace.
+
 Health: `Check` answers SERVING for "" and "pdserve.v1.PDServe" while the router sees a
 live decode instance, NOT_SERVING otherwise, NOT_FOUND for other names; `Watch` streams
 the same status whenever it changes. Health calls need no token, so Watch is bounded:
@@ -34,10 +39,12 @@ from grpc_health.v1 import health_pb2
 
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from registry import Role
-from router.core import RouterCore, log_refusal, new_request_id
+from router.core import RouterCore, log_refusal
 from router.errors import ErrorKind, GrpcStatusError, RouterError
+from router.request_ids import grpc_metadata, grpc_request_id
 from router.results import Delta
 from router.validation import PROTO_FIELDS, ChatMessageIn, RawRequest, RawSampling
+from telemetry.context import parse_traceparent
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -180,7 +187,7 @@ class GrpcFrontend:
     ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
         """The request's responses; an error sets the call's status and raises
         GrpcStatusError (logged once, by the core or here)."""
-        rid = new_request_id()
+        rid = grpc_request_id(context)
         limit = self._core.settings.max_request_bytes
         try:
             self._authorize(context)
@@ -197,7 +204,8 @@ class GrpcFrontend:
             log_refusal(rid, "grpc", RouterError(ErrorKind.UNAUTHENTICATED, "bad bearer token"))
             raise
         try:
-            session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc", rid)
+            parent = parse_traceparent(grpc_metadata(context, "traceparent"))
+            session = await self._core.open(raw_request(request), PROTO_FIELDS, "grpc", rid, parent)
         except RouterError as e:  # logged by the core
             raise fail(context, e) from None
         try:

@@ -17,6 +17,12 @@ Serve cancels the handler and the request is aborted on every pool.
 
 Each choice also carries the generated `token_ids`, and the last message `timings`
 (the TTFT breakdown), as pdserve extensions.
+
+Request ids: a well-formed `x-request-id` on the request (1-128 of `A-Za-z0-9._:-`;
+Serve's HTTP proxy adds one of its own when the client sent none) becomes the request's
+id, else the router makes one. Every reply names it in `x-request-id`: Serve's proxy
+echoes the header it passed in, and the app adds the header when it chose the id. A
+W3C `traceparent` header makes the request's spans part of the client's trace.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from router.core import RouterCore, Session, log_refusal, new_request_id
+from router.core import RouterCore, Session, log_refusal
 from router.errors import HTTP_STATUS, ErrorKind, RouterError
 from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.openapi_doc import openapi_document
+from router.request_ids import RequestId
 from router.results import Delta, Finish
 from router.validation import OPENAI_FIELDS, InvalidRequest
+from telemetry.context import parse_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +56,12 @@ def _error(kind: ErrorKind, message: str, param: str | None = None) -> JSONRespo
     return JSONResponse(body, status_code=HTTP_STATUS[kind])
 
 
-def _from(e: RouterError, status: int | None = None, rid: str | None = None) -> JSONResponse:
+def _from(e: RouterError, status: int | None = None, rid: RequestId | None = None) -> JSONResponse:
     reply = _error(e.kind, e.message, e.field)
     if status is not None:
         reply.status_code = status
     if rid is not None:
-        reply.headers["x-request-id"] = rid
+        reply.headers.update(rid.headers)
     return reply
 
 
@@ -160,10 +168,13 @@ class OpenAIApp:
         return app
 
     async def _handle(self, request: Request, chat: bool) -> Response:
-        rid = new_request_id()
+        rid = RequestId(request)
         if not self._authorized(request):
-            log_refusal(rid, "http", RouterError(ErrorKind.UNAUTHENTICATED, "missing or wrong key"))
-            return self._unauthorized()
+            error = RouterError(ErrorKind.UNAUTHENTICATED, "missing or wrong key")
+            log_refusal(rid.value, "http", error)
+            reply = self._unauthorized()
+            reply.headers.update(rid.headers)
+            return reply
         try:
             body = await _read_body(request, self._core.settings.max_request_bytes)
         except _TooLarge:
@@ -186,7 +197,8 @@ class OpenAIApp:
             self._refused(rid, error)
             return _from(error, rid=rid)
         try:
-            session = await self._core.open(raw, OPENAI_FIELDS, "http", rid)
+            parent = parse_traceparent(request.headers.get("traceparent"))
+            session = await self._core.open(raw, OPENAI_FIELDS, "http", rid.value, parent)
         except RouterError as e:  # logged by the core
             return _from(e, rid=rid)
         renderer = _Renderer(self._core.settings.served_model, chat, self._tok, session.request_id)
@@ -194,27 +206,30 @@ class OpenAIApp:
             return StreamingResponse(
                 self._sse(session, renderer, parsed.include_usage),
                 media_type="text/event-stream",
+                headers=rid.headers,
                 background=BackgroundTask(session.close),  # if the stream never starts
             )
-        return await self._complete(session, renderer)
+        return await self._complete(session, renderer, rid)
 
-    def _refused(self, rid: str, error: RouterError) -> None:
+    def _refused(self, rid: RequestId, error: RouterError) -> None:
         self._core.metrics.failed("http", error.kind.value)
-        log_refusal(rid, "http", error)
+        log_refusal(rid.value, "http", error)
 
-    async def _complete(self, session: Session, r: _Renderer) -> Response:
+    async def _complete(self, session: Session, r: _Renderer, rid: RequestId) -> Response:
         deltas: list[Delta] = []
         try:
             async for delta in session.stream():
                 deltas.append(delta)
         except RouterError as e:
-            return _from(e)
+            return _from(e, rid=rid)
         except Exception:
             logger.exception("request %s: rendering failed", session.request_id)
-            return _error(ErrorKind.INTERNAL, "internal error")
+            reply = _error(ErrorKind.INTERNAL, "internal error")
+            reply.headers.update(rid.headers)
+            return reply
         finally:
             session.close()
-        return JSONResponse(r.whole(deltas))
+        return JSONResponse(r.whole(deltas), headers=rid.headers)
 
     async def _sse(
         self, session: Session, r: _Renderer, include_usage: bool

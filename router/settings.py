@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from registry import Role
 from router.dispatch import DispatchTimeouts
 from router.validation import Limits
+from telemetry import TracingSettings
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class RouterSettings:
     slo_tpot_s: float = float("inf")
     grpc_bearer_token: str | None = None
     http_api_key: str | None = None
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @property
     def has_prefill_pool(self) -> bool:

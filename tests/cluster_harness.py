@@ -34,6 +34,7 @@ from cluster.launcher import local_ray_metrics
 from cluster.redis_server import RedisServer
 from engine import LLM, SamplingParams
 from registry import Registry, connect
+from registry.traces import is_trace_key
 from router.pinning import PIN_KWARG
 from worker.messages import WorkerState
 
@@ -218,7 +219,9 @@ class ClusterHarness:
                     if left:
                         problems.append(f"registry still lists {left}")
                     stray = sorted(
-                        k for k in registry.namespace_keys() if not k.endswith(":prefix-events")
+                        k
+                        for k in registry.namespace_keys()
+                        if not k.endswith(":prefix-events") and not is_trace_key(k)
                     )
                     if stray:
                         problems.append(f"keys left in Redis: {stray}")

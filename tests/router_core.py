@@ -61,6 +61,7 @@ class CallContext:
         self.code: Any = None
         self.details = ""
         self._metadata = metadata
+        self.trailing: list[tuple[str, str]] = []
 
     def set_code(self, code: Any) -> None:
         self.code = code
@@ -70,3 +71,6 @@ class CallContext:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
+
+    def set_trailing_metadata(self, metadata: list[tuple[str, str]]) -> None:
+        self.trailing = list(metadata)

@@ -5,7 +5,9 @@ Lifecycle:
 
     EngineLoop(engine, name=...).start()   the thread starts and idles
     submit(fn) / await call(fn)            fn(engine) runs on the engine thread between
-                                           steps; its result or exception comes back
+                                           steps, in a copy of the caller's context (so
+                                           its log lines carry the caller's request id);
+                                           its result or exception comes back
     open_stream(request_id)                an asyncio queue for the request's outputs;
                                            the engine thread posts every RequestOutput
                                            of that request to it (and drops the stream
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -148,11 +151,13 @@ class EngineLoop:
             fut.set_exception(EngineStopped(f"engine loop {self.name} is not running"))
             return fut
 
+        ctx = contextvars.copy_context()
+
         def run() -> None:
             if not fut.set_running_or_notify_cancel():
                 return
             try:
-                fut.set_result(fn())
+                fut.set_result(ctx.run(fn))
             except BaseException as e:
                 fut.set_exception(e)
 

@@ -15,6 +15,10 @@ A stream that broke mid-way continues on another decode instance with the same
 request plus a `Resume` (engine.resume): its tokens so far are computed with the
 prompt, by the prefill pool or by the decode instance, and the stream goes on from
 the next token.
+
+Each request carries its trace context (`trace`: the trace id and the router's span
+that the pool's spans hang under; None when tracing is off or the request was not
+sampled in), so one request's spans form one trace across processes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from kv_transfer.base import Parallelism
 from kv_transfer.faults import Fault
 from kv_transfer.transport import TransportKind
 from registry.types import Role
+from telemetry import TraceContext, TracingSettings
 
 
 class FallbackReason(StrEnum):
@@ -62,6 +67,7 @@ class WorkerSettings:
     faults: tuple[Fault, ...] = ()  # a fault drill's injected KV-transfer faults
     # the cluster secret sealing KV control HELLOs (kv_transfer.auth); None: unsealed
     transfer_secret: str | None = field(default=None, repr=False)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class WorkerRequest:
     # a migrated stream: the tokens another decode instance generated and the text the
     # client has; they are computed with the prompt (remotely when `remote` is set)
     resume: Resume | None = None
+    trace: TraceContext | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ class PrefillRequest:
         default_factory=Parallelism
     )  # the decode instance's TP/PP layout
     resume: Resume | None = None  # a migrated stream's tokens so far, computed too
+    trace: TraceContext | None = None
 
 
 @dataclass(frozen=True)

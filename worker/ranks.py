@@ -63,6 +63,8 @@ from kv_transfer.sender import KVSender
 from kv_transfer.shm import ShmKVStorage
 from kv_transfer.transport import TransportKind
 from registry import Role, connect
+from registry.traces import start_tracing
+from telemetry import install_log_records, request_scope, tracing
 from worker.kv_roles import (
     local_rank,
     receiver_endpoint,
@@ -155,6 +157,8 @@ class RankActor:
         self.metrics = pool_metrics(settings.pool, replica, rank, settings.role.value)
         record = TransferMetrics(self.metrics).record
         self._redis = connect(settings.redis_url, client_name=f"{instance_id}-rank{rank}")
+        install_log_records()
+        start_tracing(settings.tracing, self._redis, settings.cluster, f"{instance_id}-rank{rank}")
         rendezvous = RedisRendezvous(self._redis, settings.cluster)
         self._hook: _LockedHook | None = None
         self._sender: KVSender | None = None
@@ -196,7 +200,8 @@ class RankActor:
 
     def add_transfer(self, request_id: str, spec: SendSpec) -> None:
         assert self._hook is not None, "add_transfer on a rank that does not send"
-        self._hook.add(request_id, spec)
+        with request_scope(request_id):  # the sender keeps it for its log lines
+            self._hook.add(request_id, spec)
 
     def abort_send(self, request_id: str, transfer_id: str, reason: str) -> None:
         if self._hook is not None and self._sender is not None:
@@ -242,6 +247,7 @@ class RankActor:
             self._receiver.close()
         if self._storage is not None and self._storage.segment is not None:
             self._storage.segment.close()
+        tracing.shutdown()
         self._redis.close()
 
 

@@ -14,7 +14,9 @@ Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads p
 to the pool's CPU share) and the loop; with tp x pp > 1 it first starts the replica's
 other ranks (`worker.ranks.RemoteRanks`) and runs the engine as rank 0.
 `start()` starts the engine thread, then registers; `stop()` deregisters first (the
-router stops sending here), then stops the engine thread and the other ranks.
+router stops sending here), then stops the engine thread and the other ranks, and
+flushes this process's spans. Tracing and the request-id log context are set up first,
+so every line the replica logs on a request's behalf names the request.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from engine.llm_engine import KVStorage, OutputHook
 from kv_transfer.mapping import KVGeometry
 from kv_transfer.rendezvous import RedisRendezvous
 from registry import InstanceInfo, Registry, connect
+from registry.traces import start_tracing
+from telemetry import install_log_records, tracing
 from worker.engine_loop import EngineLoop
 from worker.errors import InstanceUnavailable
 from worker.kv_roles import transfer_host
@@ -64,9 +68,11 @@ class WorkerRuntime:
         self.settings = settings
         self.replica_id = replica_id
         self.instance_id = f"{settings.pool}-{replica_id}"
+        install_log_records()
         self.metrics = pool_metrics(settings.pool, replica_id, 0, settings.role.value)
         self.transfer_metrics = TransferMetrics(self.metrics)
         self.redis = connect(settings.redis_url, client_name=self.instance_id)
+        start_tracing(settings.tracing, self.redis, settings.cluster, self.instance_id)
         self.registry = Registry(self.redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
         info = InstanceInfo(
             instance_id=self.instance_id,
@@ -131,6 +137,7 @@ class WorkerRuntime:
             if not self.loop.running:
                 self.engine.shutdown()  # STOP to the other ranks
             self.ranks.close()
+        tracing.shutdown()
         self.redis.close()
 
     def check_pin(self, replica: str | None) -> None:

@@ -13,9 +13,18 @@ from pathlib import Path
 
 import pytest
 import ray
-from cluster_harness import MAX_TOKENS, ClusterHarness, greedy, greedy_references, tiny_config
+from cluster_harness import (
+    MAX_TOKENS,
+    ClusterHarness,
+    greedy,
+    greedy_references,
+    tiny_config,
+    wait_until,
+)
 
 from cluster.client import AsyncClient, Sampling
+from cluster.launcher import metrics_urls
+from cluster.scrape import Samples, scrape
 from engine import LLM
 
 pytestmark = pytest.mark.slow
@@ -109,3 +118,29 @@ def test_http_stream_through_the_parallel_pools(
     events = cluster.sse("/v1/completions", {**body, "stream": True})
     tokens = [t for e in events for t in e["choices"][0]["token_ids"]]
     assert tokens == expected.token_ids
+
+
+def test_every_rank_exports_its_own_transfers(cluster: ClusterHarness) -> None:
+    prompt = (
+        "A cartographer drew the coast twice, once at low tide and once at high tide, and "
+        "the two maps disagreed about almost every rock, bay and sandbar along the shore."
+    )
+    with cluster.client() as c:
+        assert c.generate(prompt, GREEDY).timings.disaggregated
+    urls = metrics_urls()
+
+    def ranks(s: Samples, role: str, pool: str) -> set[str]:
+        series = s.get("pdserve_kv_transfers_completed_total", role=role, pool=pool)
+        return {x.labels["rank"] for x in series if x.value >= 1}
+
+    def every_rank() -> bool:
+        s = scrape(urls)
+        up = {(x.labels["pool"], x.labels["rank"]) for x in s.get("pdserve_up")}
+        return (
+            {("prefill", "0"), ("prefill", "1"), ("decode", "0"), ("decode", "1")} <= up
+            and ranks(s, "send", "prefill") == {"0", "1"}
+            and ranks(s, "recv", "decode") == {"0", "1"}
+        )
+
+    # each rank actor, a process of its own, reports under its replica and rank
+    wait_until(every_rank, 60, "every rank's transfers in one scrape", step_s=0.5)

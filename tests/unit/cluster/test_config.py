@@ -101,6 +101,11 @@ BAD = [
     (["name=has:colon"], "name"),
     (["model.dtype=int4"], "model.dtype"),
     (["kv_transfer.faults=[{kind: explode}]"], "kv_transfer.faults.0.kind"),
+    (["tracing.sample_ratio=1.5"], "tracing.sample_ratio"),
+    (["tracing.otlp_endpoint=collector:4318"], "tracing.otlp_endpoint"),
+    (["tracing.otlp_endpoint=grpc://collector:4317"], "tracing.otlp_endpoint"),
+    (["tracing.max_requests=0"], "tracing.max_requests"),
+    (["tracing.sampling=0.5"], "tracing.sampling"),  # a typo is not ignored
 ]
 
 
@@ -109,6 +114,24 @@ def test_invalid_config_names_the_problem(overrides: list[str], message: str) ->
     with pytest.raises(ConfigError, match="invalid cluster config") as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_tracing_settings_reach_every_deployment(tiny_model_dir: Path) -> None:
+    c = load_config(
+        None,
+        [
+            "tracing.sample_ratio=0.25",
+            "tracing.otlp_endpoint=http://127.0.0.1:4318/v1/traces",
+            "tracing.max_requests=9",
+        ],
+    )
+    t = router_settings(c, str(tiny_model_dir), "redis://x").tracing
+    assert (t.enabled, t.sample_ratio, t.otlp_endpoint, t.max_requests) == (
+        True, 0.25, "http://127.0.0.1:4318/v1/traces", 9,
+    )  # fmt: skip
+    for pool in c.pools:
+        assert worker_settings(c, pool, str(tiny_model_dir), "redis://x").tracing == t
+    assert not load_config(None, ["tracing.enabled=false"]).tracing.enabled
 
 
 def test_bad_override_syntax_and_files(tmp_path: Path) -> None:

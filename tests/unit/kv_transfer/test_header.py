@@ -11,6 +11,7 @@ import torch
 from kv_transfer.base import MAX_TOP_LOGPROBS, FirstToken, ProtocolError
 from kv_transfer.header import MESSAGE_SIZE, Header, Hello, MessageKind, decode
 from kv_transfer.transport import staging_for
+from telemetry import TraceContext
 
 
 def _data(**kw: object) -> Header:
@@ -163,3 +164,45 @@ def test_a_first_token_on_data_or_too_many_top_logprobs_is_rejected() -> None:
     n_top_at = struct.calcsize("<4sBBBB64s9I6IQQ2I")
     with pytest.raises(ProtocolError, match="top logprobs"):
         decode(restamp(end, n_top_at, struct.pack("<I", MAX_TOP_LOGPROBS + 1)))
+
+
+def _restamp(buf: bytes, at: int, value: bytes) -> bytes:
+    body = bytearray(buf[:-4])
+    body[at : at + len(value)] = value
+    return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+
+
+@pytest.mark.parametrize(
+    "trace",
+    [
+        TraceContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7),
+        TraceContext((1 << 128) - 1, (1 << 64) - 1, sampled=False),
+        TraceContext(1, 1),
+    ],
+)
+def test_a_trace_context_round_trips_on_data_and_end(trace: TraceContext) -> None:
+    data = _data(trace=trace)
+    assert decode(data.pack()) == data
+    assert decode(data.with_seq(9).pack()) == data.with_seq(9)
+    end = Header(MessageKind.END, "x", 1, first=FirstToken(5), trace=trace)
+    assert decode(end.pack()) == end
+    assert len(data.pack()) == len(_data().pack()) == MESSAGE_SIZE
+    assert decode(_data().traced(trace).pack()) == data
+
+
+def test_a_bad_trace_context_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        Header(MessageKind.ABORT, "x", 1, trace=TraceContext(1, 1)).pack()
+    flags_at = 7
+    trace_at = MESSAGE_SIZE - 4 - 24  # the trace block ends the body
+    plain = _data().pack()
+    with pytest.raises(ProtocolError, match="trace"):  # ids without the flag
+        decode(_restamp(plain, trace_at, struct.pack("<3Q", 0, 1, 1)))
+    with pytest.raises(ProtocolError, match="trace"):  # the flag with zero ids
+        decode(_restamp(plain, flags_at, bytes([plain[flags_at] | 16])))
+    with pytest.raises(ProtocolError, match="trace"):  # sampled without a context
+        decode(_restamp(plain, flags_at, bytes([plain[flags_at] | 32])))
+    abort = Header(MessageKind.ABORT, "x", 1).pack()
+    traced = _restamp(abort, trace_at, struct.pack("<3Q", 0, 1, 1))
+    with pytest.raises(ProtocolError, match="ABORT"):
+        decode(_restamp(traced, flags_at, bytes([traced[flags_at] | 16])))

@@ -138,7 +138,8 @@ def test_a_stream_that_breaks_after_k_tokens_goes_on_elsewhere(k: int) -> None:
         assert (resumed.remote is not None) == (40 + k >= THRESHOLD)
         assert rig.reroutes == [(frozenset({"decode-0-replica"}), k)]
         assert (
-            rig.counted("pdserve_migrations") == 1 and rig.counted("pdserve_request_retries") == 0
+            rig.counted("pdserve_stream_migrations") == 1
+            and rig.counted("pdserve_request_retries") == 0
         )
         await rig.assert_clean()
 
@@ -157,7 +158,7 @@ def test_moves_are_bounded_and_the_last_error_ends_the_stream() -> None:
         assert e.value.kind is ErrorKind.UNAVAILABLE
         assert _tokens(got) == OUTPUT[:3]  # one token from each of three instances
         assert [len(d.requests) for d in rig.decodes] == [1, 1, 1, 0]
-        assert rig.counted("pdserve_migrations") == 2
+        assert rig.counted("pdserve_stream_migrations") == 2
         await rig.assert_clean()
 
     asyncio.run(run())
@@ -169,7 +170,7 @@ def test_without_moves_a_mid_stream_error_ends_the_stream() -> None:
         _die(rig.decodes[0], 2)
         with pytest.raises(RouterError):
             await rig.collect(max_migrations=0)
-        assert rig.decodes[1].requests == [] and rig.counted("pdserve_migrations") == 0
+        assert rig.decodes[1].requests == [] and rig.counted("pdserve_stream_migrations") == 0
         await rig.assert_clean()
 
     asyncio.run(run())
@@ -195,7 +196,7 @@ def test_a_resumed_segment_that_fails_before_its_first_token_is_retried() -> Non
         rig.decodes[1].behaviour.fail_before_first = ActorDiedError()
         deltas = await rig.collect()
         assert _tokens(deltas) == OUTPUT
-        assert rig.counted("pdserve_migrations") == 1
+        assert rig.counted("pdserve_stream_migrations") == 1
         assert rig.counted("pdserve_request_retries") == 1
         (resumed,) = rig.decodes[2].requests
         assert resumed.resume is not None and resumed.resume.output_token_ids == OUTPUT[:4]
@@ -212,7 +213,7 @@ def test_an_internal_failure_of_the_instance_migrates_too() -> None:
         _die(rig.decodes[0], 5, RuntimeError("engine thread failed"))
         deltas = await rig.collect()
         assert _tokens(deltas) == OUTPUT
-        assert rig.counted("pdserve_migrations", "internal") == 1
+        assert rig.counted("pdserve_stream_migrations", "internal") == 1
         await rig.assert_clean()
 
     asyncio.run(run())
@@ -247,7 +248,7 @@ def test_a_stream_that_ends_within_the_grace_stays() -> None:
         rig = _rig(2, stopped)
         deltas = await rig.collect()
         assert _tokens(deltas) == OUTPUT and rig.decodes[1].requests == []
-        assert rig.counted("pdserve_migrations") == 0
+        assert rig.counted("pdserve_stream_migrations") == 0
         await rig.assert_clean()
 
     asyncio.run(run())

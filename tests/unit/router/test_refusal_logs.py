@@ -155,3 +155,43 @@ def test_http_errors_before_parsing_are_in_openai_s_shape(
 
     asyncio.run(run())
     assert core.admission.inflight == 0
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("client-id-7", True), ("two words", False), ("x" * 200, False), (None, False)],
+)
+def test_a_well_formed_client_request_id_is_the_request_s_id(
+    router_core: RouterCore, caplog: pytest.LogCaptureFixture, given: str | None, kept: bool
+) -> None:
+    """A kept id is echoed by Serve's proxy (not by the app); a new one is in the reply."""
+    app = OpenAIApp(router_core).build()
+    caplog.set_level(logging.INFO)
+    headers = {"x-request-id": given} if given is not None else {}
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    reply = asyncio.run(call(app, "POST", "/v1/chat/completions", body, headers))
+    assert reply.status == 503
+    records = _router_records(caplog)
+    assert [r.levelno for r in records] == [logging.WARNING], records
+    if kept:
+        assert "x-request-id" not in reply.headers
+        assert given is not None and given in records[0].getMessage()
+    else:
+        rid = reply.headers["x-request-id"]
+        assert rid.startswith("req-") and rid in records[0].getMessage()
+
+
+def test_grpc_takes_the_client_s_request_id_and_returns_it(router_core: RouterCore) -> None:
+    frontend = GrpcFrontend(router_core)
+
+    async def run(metadata: tuple[tuple[str, str], ...]) -> CallContext:
+        context = CallContext(metadata)
+        with pytest.raises(GrpcStatusError):  # no pool answers: UNAVAILABLE
+            [m async for m in frontend.generate(pdserve_pb2.GenerateRequest(prompt="a"), context)]
+        return context
+
+    context = asyncio.run(run((("x-request-id", "grpc-client-1"),)))
+    assert context.trailing == [("x-request-id", "grpc-client-1")]
+    context = asyncio.run(run((("x-request-id", "bad id"),)))
+    [(key, rid)] = context.trailing
+    assert key == "x-request-id" and rid.startswith("req-")
