@@ -30,8 +30,8 @@ Lifecycle of a replica:
     stop (Serve)    a scale-down or redeploy: Serve stops routing here at once and waits
                     up to the pool's graceful_shutdown_timeout_s for the open streams;
                     the router moves those still open at half of it (router.drain)
-    __del__         deregister, abort what is pending, stop the thread, close the
-                    receiver and the shared-memory segment
+    __del__         (close) deregister, abort what is pending, stop the thread, close
+                    the receiver and the shared-memory segment
 
 Spans (under the router's `dispatch`): `decode` for the whole call; `decode.first_token`
 from the call to the first chunk with tokens, then `decode.stream` to the last one;
@@ -70,14 +70,17 @@ _COMMAND_TIMEOUT_S = 30.0
 
 
 class DecodeWorker:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, replica_id: str | None = None) -> None:
+        """`replica_id` is Serve's unique id of this replica, which Serve supplies when
+        None; an in-process replica outside Serve names itself."""
         if settings.role is Role.PREFILL:
             raise ValueError("DecodeWorker serves decode and colocated pools")
+        self._closed = False
         self._storage = ShmKVStorage() if settings.transport is TransportKind.SHM else None
         takes_remote = settings.role is Role.DECODE
         self._rt = WorkerRuntime(
             settings,
-            replica_unique_id(),
+            replica_id or replica_unique_id(),
             kv_storage=self._storage if takes_remote else None,
         )
         self._stream_timeout_s = max(60.0, settings.transfer_timeout_s + 15.0)
@@ -215,9 +218,14 @@ class DecodeWorker:
         self._rt.loop.check()
 
     def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Deregister and release everything (idempotent; Serve gets here by `__del__`)."""
         rt = getattr(self, "_rt", None)
-        if rt is None:
+        if rt is None or getattr(self, "_closed", False):
             return
+        self._closed = True
         rt.presence.stop()
         remote = self._remote
         if remote is not None and rt.loop.running:

@@ -170,11 +170,11 @@ class PrefillWorker:
         dest = InstanceRef(req.dest_instance, req.dest_parallel)
         return SendSpec(req.transfer_id, dest, 0, req.timeout_s, trace)
 
-    def _start(self, req: PrefillRequest, trace: TraceContext | None) -> None:
+    def _start(self, req: PrefillRequest, trace: TraceContext | None, since_ns: int) -> None:
         done = len(req.resume.output_token_ids) if req.resume is not None else 0
         params = dataclasses.replace(req.params, max_tokens=done + 1)  # one more token
         self._hook.add(req.request_id, self._spec(req, trace))
-        self._spans.add(req.request_id, trace)
+        self._spans.add(req.request_id, trace, since_ns)
         try:
             self._rt.engine.add_request(
                 req.request_id, list(req.prompt_token_ids), params, req.resume
@@ -206,12 +206,12 @@ class PrefillWorker:
         loop = self._rt.loop
         stream = loop.open_stream(rid)
         settled = False
-        trace = tracing.context_of(span)
+        trace, arrived = tracing.context_of(span), tracing.now_ns()
         try:
             if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
                 await self._ranks.acall("add_transfer", rid, self._spec(request, trace))
             try:
-                await loop.call(lambda: self._start(request, trace), _COMMAND_TIMEOUT_S)
+                await loop.call(lambda: self._start(request, trace, arrived), _COMMAND_TIMEOUT_S)
             except ValueError as e:
                 settled = True
                 self._abort_ranks(request, "request rejected")

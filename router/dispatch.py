@@ -147,7 +147,10 @@ class Dispatcher:
         `parent` the request's span. With `progress` (router.migration), the tokens the
         client has are computed with the prompt and the stream goes on after them."""
         span = tracing.start("dispatch", parent, {"decode": route.decode.instance_id})
-        call = self._start(rid, req, route, arrival, arrival_wall, progress or Progress(), span)
+        progress = progress or Progress()
+        if progress.migrations:
+            span.set_attribute("migration", progress.migrations)
+        call = self._start(rid, req, route, arrival, arrival_wall, progress, span)
         error = ""
         try:
             async for delta in self._relay(call):
@@ -177,7 +180,7 @@ class Dispatcher:
         n_prompt = len(req.prompt_token_ids) + len(progress.token_ids)
         wid = f"{rid}-m{progress.migrations}" if progress.migrations else rid
         trace = tracing.context_of(span)
-        wreq = WorkerRequest(wid, req.prompt_token_ids, req.params, wall, plan, resume, trace)
+        wreq = WorkerRequest(wid, req.prompt_token_ids, req.params, wall, plan, resume, trace=trace)
         self._view.sent(route.decode.instance_id, wid, 0 if plan else n_prompt)
         phase = tracing.start("decode.wait", span)
         stream = self._decode_stream.generate.remote(wreq, **{PIN_KWARG: route.decode.address})
@@ -197,7 +200,7 @@ class Dispatcher:
                 plan.timeout_s,
                 Parallelism(route.decode.tp, route.decode.pp),
                 resume,
-                tracing.context_of(prefill_span),
+                trace=tracing.context_of(prefill_span),
             )
             call.prefill = asyncio.get_running_loop().create_task(
                 self._run_prefill(call, preq, prefill_span)

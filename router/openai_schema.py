@@ -71,8 +71,31 @@ def _check(body: BaseModel, rules: _Rules) -> None:
             raise InvalidRequest(name, why)
 
 
+def _only(noops: dict[str, tuple[Any, ...]], required: tuple[str, ...] = ()) -> ConfigDict:
+    """The strict config, and a JSON schema that says which values of the refused
+    fields are accepted (the ones that ask for nothing) and which fields must be there
+    and not null, so that /openapi.json describes what the server takes."""
+
+    def document(schema: JsonDict) -> None:
+        props: Any = schema["properties"]
+        for name, values in noops.items():
+            props[name]["enum"] = list(values)
+        for name in required:
+            prop = props[name]
+            prop.pop("default", None)
+            prop["anyOf"] = [x for x in prop["anyOf"] if x != {"type": "null"}]
+            listed: Any = schema.get("required", [])
+            schema["required"] = [*listed, name]
+
+    return ConfigDict(extra="forbid", strict=True, json_schema_extra=document)
+
+
+def _noops(*rules: _Rules) -> dict[str, tuple[Any, ...]]:
+    return {name: noops for r in rules for name, (noops, _) in r.items()}
+
+
 class StreamOptions(BaseModel):
-    model_config = _STRICT
+    model_config = _only({"include_obfuscation": (None, False)})
 
     include_usage: bool = False
     include_obfuscation: bool | None = None
@@ -136,6 +159,8 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
+    model_config = _only(_noops(_COMMON_RULES, _COMPLETION_RULES))
+
     prompt: str | list[Integer]
     logprobs: Integer | None = _bounded(minimum=0)
     echo: bool | None = None
@@ -163,8 +188,11 @@ class TextPart(BaseModel):
     text: str
 
 
+_MESSAGE_REFUSED = ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal")
+
+
 class ChatMessageBody(BaseModel):
-    model_config = _STRICT
+    model_config = _only({name: (None,) for name in _MESSAGE_REFUSED}, required=("content",))
 
     # the roles the chat template takes (`developer` is `system`), checked with it
     role: str = Field(
@@ -179,7 +207,7 @@ class ChatMessageBody(BaseModel):
     audio: Any = None
 
     def to_message(self, i: int) -> ChatMessageIn:
-        for name in ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal"):
+        for name in _MESSAGE_REFUSED:
             if getattr(self, name) is not None:
                 raise InvalidRequest(f"messages[{i}].{name}", "is not supported")
         if self.content is None:
@@ -193,6 +221,8 @@ class ChatMessageBody(BaseModel):
 
 
 class ChatBody(_Body):
+    model_config = _only(_noops(_COMMON_RULES, _CHAT_RULES))
+
     messages: list[ChatMessageBody] = Field(min_length=1)
     max_completion_tokens: Integer | None = _bounded(minimum=1)
     logprobs: bool = False
@@ -222,6 +252,8 @@ class ChatBody(_Body):
             raise InvalidRequest("top_logprobs", "needs logprobs: true")
         if self.user and self.safety_identifier:
             raise InvalidRequest("safety_identifier", "set it or user, not both")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise InvalidRequest("max_tokens", "set it or max_completion_tokens, not both")
         n_logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = (
             self.max_completion_tokens

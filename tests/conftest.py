@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: model directories and their HF references."""
+"""Fixtures shared by the whole suite: model directories and their HF references, and
+the fuzz tests' figures, printed in the run's summary."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ TINY_CONFIG = dict(
     eos_token_id=2,
     initializer_range=0.2,
 )
+
+
+_FUZZ_FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def fuzz_figures() -> list[str]:
+    """Lines a fuzz test appends (cases, outcomes, wall time) for the run's summary."""
+    return _FUZZ_FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FUZZ_FIGURES:
+        terminalreporter.section("fuzz")
+        for line in _FUZZ_FIGURES:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,7 +1,8 @@
 """Spans of a prefill engine's steps, per traced request, recorded on the engine thread
 around the replica's LayerHook (which it forwards every call to):
 
-    prefill.queue    the request's registration to the start of its first chunk's step
+    prefill.queue    the request's arrival at the replica (`add`'s `since_ns`) to the
+                     start of its first chunk's step
     prefill.chunk    one engine step that computes a chunk of the prompt (chunk=k)
       prefill.layer  one layer of that step: from the previous layer's end (the step's
                      start for layer 0, so it includes scheduling and the embedding) to
@@ -37,10 +38,11 @@ class LayerSpans:
         self._traced: dict[str, _Traced] = {}
         self._step_ns = 0
 
-    def add(self, request_id: str, parent: TraceContext | None) -> None:
-        """Trace the request's steps under `parent` (engine thread; None: untraced)."""
+    def add(self, request_id: str, parent: TraceContext | None, since_ns: int = 0) -> None:
+        """Trace the request's steps under `parent` (engine thread; None: untraced);
+        its queue span starts at `since_ns` (0: now)."""
         if parent is not None and parent.sampled and tracing.enabled():
-            self._traced[request_id] = _Traced(parent, tracing.now_ns())
+            self._traced[request_id] = _Traced(parent, since_ns or tracing.now_ns())
 
     def discard(self, request_id: str) -> None:
         t = self._traced.pop(request_id, None)

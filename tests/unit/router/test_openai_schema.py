@@ -171,6 +171,10 @@ def test_http_400s_name_the_field_and_openapi_describes_the_bodies(
         assert schemas["ChatBody"]["properties"]["messages"]["minItems"] == 1
         top_p = schemas["CompletionBody"]["properties"]["top_p"]
         assert (top_p["exclusiveMinimum"], top_p["maximum"]) == (0, 1)
+        # a refused field's document lists the values that ask for nothing
+        assert schemas["CompletionBody"]["properties"]["n"]["enum"] == [None, 1]
+        assert schemas["ChatBody"]["properties"]["tools"]["enum"] == [None]
+        assert "content" in schemas["ChatMessageBody"]["required"]
         metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
         assert set(metrics) == {"text/plain"}
         for name in ("ChatMessageBody", "TextPart", "StreamOptions", "Error"):

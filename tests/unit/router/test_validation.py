@@ -200,6 +200,11 @@ def test_openai_bodies() -> None:
     )
     with pytest.raises(InvalidRequest, match=r"^n: "):
         CompletionBody.model_validate_json(b'{"prompt": "a", "n": 3}').to_raw()
+    with pytest.raises(InvalidRequest, match=r"^max_tokens: set it or max_completion_tokens"):
+        ChatBody.model_validate_json(
+            b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0,'
+            b' "max_completion_tokens": 1}'
+        ).to_raw(10)
     with pytest.raises(InvalidRequest, match=r"^top_logprobs: "):
         ChatBody.model_validate_json(
             b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}'
