@@ -46,9 +46,7 @@ import argparse
 import contextlib
 import itertools
 import logging
-import os
 import secrets
-import signal
 import sys
 import tempfile
 import threading
@@ -60,14 +58,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.fault_load import (
-    GrpcStream,
-    HealthWatch,
-    SseStream,
-    StreamResult,
-    rank_actor_pids,
-    replica_pids,
-)
+from benchmarks.fault_kinds import FAULTS, FULL
+from benchmarks.fault_load import GrpcStream, HealthWatch, SseStream, StreamResult, rank_actor_pids
 from cluster.client import Client, Sampling
 from cluster.config import ClusterConfig
 from cluster.config_file import load_config
@@ -262,7 +254,7 @@ def run_fault(
     at = fault_at[0] if fault_at else time.monotonic()
     res.sent = len(results)
     for prompt, r in results:
-        res.migrated += int(r.timings.get("migrations", 0) or 0)
+        res.migrated += int(r.timings.get("migrations") or 0)
         res.retried += r.retries
         res.longest_stall_s = max(res.longest_stall_s, r.longest_gap_after(at))
         if r.failure.startswith(("cut", "stall")) or (not r.done and not r.failure):
@@ -276,68 +268,6 @@ def run_fault(
     with contextlib.suppress(Exception):
         res.retried += int(bench.metric("pdserve_request_retries_total") - retries0)
     return res
-
-
-# -- the faults --------------------------------------------------------------------------
-
-
-def _wait_transfer(bench: Bench) -> None:
-    (address,) = [a for pool, _, a in bench.instances() if pool == "prefill"]
-    deadline = time.monotonic() + 30.0
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if bench.state("prefill", address).active_transfers > 0:
-                return
-        time.sleep(0.02)
-
-
-def kill_decode(bench: Bench) -> str:
-    decode = [(i, a) for pool, i, a in bench.instances() if pool == "decode"]
-    streams = {a: bench.state("decode", a).num_streams for _, a in decode}
-    victim = max(streams, key=lambda a: streams[a])
-    os.kill(replica_pids("decode")[victim], signal.SIGKILL)
-    return f"decode replica {victim} held {streams[victim]} streams"
-
-
-def kill_prefill(bench: Bench) -> str:
-    _wait_transfer(bench)
-    (address,) = [a for pool, _, a in bench.instances() if pool == "prefill"]
-    os.kill(replica_pids("prefill")[address], signal.SIGKILL)
-    return "prefill rank 0 killed with a transfer in flight"
-
-
-def kill_rank(bench: Bench) -> str:
-    _wait_transfer(bench)
-    (pid,) = rank_actor_pids()
-    os.kill(pid, signal.SIGKILL)
-    return "prefill rank 1 killed with a transfer in flight"
-
-
-def pause_redis(bench: Bench) -> str:
-    os.kill(bench.redis_pid, signal.SIGSTOP)
-    try:
-        time.sleep(bench.args.pause_s)
-    finally:
-        os.kill(bench.redis_pid, signal.SIGCONT)
-    return f"redis-server paused {bench.args.pause_s:g} s"
-
-
-def kill_router(bench: Bench) -> str:
-    routers = replica_pids("router")
-    victim = sorted(routers)[0]
-    os.kill(routers[victim], signal.SIGKILL)
-    return f"router replica {victim} killed ({len(routers)} running)"
-
-
-# (name, kill, whether an instance should be excluded, cluster)
-FAULTS: dict[str, tuple[str, Callable[[Bench], str], bool, str]] = {
-    "decode": ("decode SIGKILL", kill_decode, True, "A"),
-    "prefill": ("prefill SIGKILL during transfers", kill_prefill, True, "A"),
-    "rank": ("prefill rank-1 actor SIGKILL", kill_rank, True, "A"),
-    "redis": ("Redis paused (SIGSTOP)", pause_redis, False, "A"),
-    "router": ("router replica SIGKILL (of 2)", kill_router, False, "B"),
-}
-FULL = {"A": ({"decode": 2, "prefill": 1}, 1), "B": ({"decode": 1, "prefill": 1}, 0)}
 
 
 def cluster_config(which: str, model_dir: str) -> ClusterConfig:

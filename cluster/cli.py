@@ -39,8 +39,9 @@ from cluster.chat import ChatSession, converse
 from cluster.client import Chunk, Client, ClientError, Sampling
 from cluster.config import ClusterConfig, ConfigError
 from cluster.config_file import load_config
-from cluster.launcher import Launcher, LaunchError, RunState, pid_alive, run_dir_for, stop_running
+from cluster.launcher import Launcher, LaunchError
 from cluster.plan_cli import add_parsers as add_plan_parsers
+from cluster.run_state import RunState, pid_alive, run_dir_for, stop_running
 from cluster.trace_cli import REDIS_URL_ENV
 from cluster.trace_cli import add_parsers as add_trace_parsers
 from kv_transfer.transport import TransportKind

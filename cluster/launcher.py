@@ -37,7 +37,6 @@ stops the embedded Redis from its state file.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -45,55 +44,24 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cluster.client import Client
 from cluster.config import ClusterConfig, ConfigError
 from cluster.redis_server import RedisServer
-from cluster.redis_state import stop_from_state
 from cluster.resources import alive_node_resources, resource_problems
-from engine.model_source import cache_root, resolve_model
+from cluster.run_state import STATE_FILE, RunState, pid_alive, run_dir_for
+from engine.model_source import resolve_model
 from registry import Registry, connect
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "cluster.json"
 Echo = Callable[[str], None]
 
 
 class LaunchError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class RunState:
-    cluster: str
-    pid: int
-    status: str  # starting | ready
-    grpc_target: str
-    http_url: str
-    redis_url: str
-    embedded_redis: bool
-    ray_address: str | None
-    log_file: str | None = None
-    metrics_urls: list[str] = field(default_factory=list)  # every node's metrics export
-
-    def write(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / (STATE_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(self), fh)
-        tmp.replace(run_dir / STATE_FILE)
-
-    @classmethod
-    def read(cls, run_dir: Path) -> RunState | None:
-        try:
-            return cls(**json.loads((run_dir / STATE_FILE).read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
-            return None
 
 
 def local_ray_metrics(config: ClusterConfig) -> dict[str, Any]:
@@ -117,24 +85,6 @@ def metrics_urls() -> list[str]:
             host = _connect_host(str(node.get("NodeManagerAddress", "127.0.0.1")))
             urls.append(f"http://{host}:{port}/metrics")
     return sorted(urls)
-
-
-def run_dir_for(name: str, root: Path | None = None) -> Path:
-    return (root or cache_root() / "run") / name
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own exited child) is not alive
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _connect_host(host: str) -> str:
@@ -422,27 +372,3 @@ class Launcher:
             self.echo(f"redis: removed {n} keys of cluster {self.config.name}")
         except Exception as e:
             logger.warning("purging cluster keys failed: %s", e)
-
-
-def stop_running(
-    name: str, *, run_dir: Path | None = None, timeout_s: float = 120.0, echo: Echo = print
-) -> bool:
-    """`pdserve down`: stop the cluster recorded under `name`. False if none was."""
-    directory = run_dir or run_dir_for(name)
-    state = RunState.read(directory)
-    if state is None:
-        return stop_from_state(directory)  # an embedded Redis left by a killed `up`
-    if pid_alive(state.pid):
-        echo(f"stopping cluster {name!r} (pid {state.pid})")
-        os.kill(state.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while pid_alive(state.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if pid_alive(state.pid):
-            echo(f"pid {state.pid} did not exit in {timeout_s:.0f}s; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.pid, signal.SIGKILL)
-    if stop_from_state(directory):
-        echo("stopped the embedded redis-server it left behind")
-    (directory / STATE_FILE).unlink(missing_ok=True)
-    return True

@@ -23,7 +23,7 @@ from typing import Any
 
 from cluster.client import Client, ClientError, ClusterState
 from cluster.figures import Figures
-from cluster.launcher import RunState, pid_alive, run_dir_for
+from cluster.run_state import RunState, pid_alive, run_dir_for
 from cluster.scrape import Samples, scrape
 
 MIN_WATCH_S, MAX_WATCH_S = 0.5, 3600.0

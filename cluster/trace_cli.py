@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from cluster.launcher import RunState, run_dir_for
+from cluster.run_state import RunState, run_dir_for
 from registry import connect
 from registry.traces import TraceStore
 from telemetry.records import SpanRecord

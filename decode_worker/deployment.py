@@ -50,6 +50,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.generator import COMMAND_TIMEOUT_S, Generator
+from decode_worker.rank_role import DecodeRankRole
 from registry import Role
 from worker.messages import (
     TokenChunk,
@@ -71,7 +72,12 @@ class DecodeWorker:
             raise ValueError("DecodeWorker serves decode and colocated pools")
         takes_remote = settings.role is Role.DECODE
         storage = Generator.kv_storage(settings, takes_remote)
-        self._rt = WorkerRuntime(settings, replica_id or replica_unique_id(), kv_storage=storage)
+        self._rt = WorkerRuntime(
+            settings,
+            replica_id or replica_unique_id(),
+            kv_storage=storage,
+            rank_role=DecodeRankRole if takes_remote else None,
+        )
         self._gen = Generator(self._rt, storage, takes_remote)
         self._rt.start()
 

@@ -17,13 +17,14 @@ import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.chunks import ChunkBuilder
+from decode_worker.rank_role import receiver_endpoint
 from decode_worker.remote_kv import RemoteKV
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.shm import ShmEndpoint, ShmKVStorage
 from kv_transfer.transport import TransportKind
 from telemetry import TraceContext, tracing
 from telemetry.context import REQUEST_ID
-from worker.kv_roles import local_rank, receiver_endpoint, transfer_host
+from worker.kv_rank import local_rank, transfer_host
 from worker.messages import TokenChunk, WorkerRequest, WorkerSettings
 from worker.runtime import WorkerRuntime
 

@@ -11,8 +11,9 @@ Lifecycle of one remote prefill (the router sent the prefill at the same time):
                           the caller prefills the prompt here
     the transfer ends     this rank's receiver calls `ended` from its own thread (the
                           last slice and the END with the first token landed, or it
-                          failed or timed out); with TP/PP a thread polls the other
-                          ranks' receivers for the transfers still in flight there.
+                          failed or timed out); with TP/PP the other ranks' receivers
+                          report theirs to a thread here as they end
+                          (`RemoteRanks.watch_ended`, one long-poll per rank).
                           Each queues a command on the engine thread, which settles
                           the request once every rank is terminal:
                             all DONE  -> the sequence joins the running batch with the
@@ -61,8 +62,6 @@ logger = logging.getLogger(__name__)
 
 Submit = Callable[[Callable[[], None]], Future[None]]
 Recomputed = Callable[[int, str], None]  # (prompt blocks, FallbackReason value)
-_RANK_POLL_S = 0.002  # how often the other ranks are asked about transfers in flight
-_RANK_POLL_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -103,14 +102,20 @@ class RemoteKV:
         self._lock = threading.Lock()  # guards _info (streams read it) and _in_flight
         self._info: dict[str, RemoteInfo] = {}
         self._in_flight: set[str] = set()  # transfers still running on the other ranks
+        # what each other rank reported of a transfer in flight, by rank (under _lock)
+        self._reported: dict[str, dict[int, TransferStatus]] = {}
         self.transfer_failures = 0
         self.landed = 0  # remote prefills whose KV and first token landed here
         self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         if ranks is not None:
-            self._poller = threading.Thread(target=self._poll_ranks, name="rank-poller")
-            self._poller.daemon = True
-            self._poller.start()
+            self._watcher = threading.Thread(
+                target=ranks.watch_ended,
+                args=(self._stop, self._ranks_ended, self._rank_lost),
+                name="rank-endings",
+                daemon=True,
+            )
+            self._watcher.start()
 
     def bind(self, receiver: KVReceiver) -> None:
         self._receiver = receiver
@@ -178,13 +183,17 @@ class RemoteKV:
         """Every rank expects it; only this one (which drives the engine) asks for the
         first token. Undone on every rank if one cannot."""
         if self._ranks is not None:
-            try:
-                self._ranks.call("expect", spec)
-            except Exception as e:
-                self._ranks.send("abort_recv", spec.transfer_id, "another rank cannot expect it")
-                raise RuntimeError(f"the other ranks cannot expect the transfer: {e}") from e
-            with self._lock:
+            with self._lock:  # before any rank can report it ended
                 self._in_flight.add(spec.transfer_id)
+            try:
+                self._ranks.call("role_call", "expect", spec)
+            except Exception as e:
+                with self._lock:
+                    self._forget_locked(spec.transfer_id)
+                self._ranks.send(
+                    "role_call", "abort_recv", spec.transfer_id, "another rank cannot expect it"
+                )
+                raise RuntimeError(f"the other ranks cannot expect the transfer: {e}") from e
         else:
             self._pending[spec.transfer_id].others = TransferStatus(TransferState.DONE)
         try:
@@ -202,7 +211,7 @@ class RemoteKV:
         self._set_info(request_id, RemoteInfo(False, 0.0, reason, FallbackReason.DECODE_FULL))
         self.receiver.refuse(transfer_id, reason)
         if self._ranks is not None:
-            self._ranks.send("refuse", transfer_id, reason)
+            self._ranks.send("role_call", "refuse", transfer_id, reason)
         return reason
 
     def abort(self, request_id: str) -> None:
@@ -218,8 +227,8 @@ class RemoteKV:
         for rid in list(self._by_request):
             self.abort(rid)
         self._stop.set()
-        if self._poller is not None:
-            self._poller.join(5.0)
+        if self._watcher is not None:
+            self._watcher.join(5.0)
 
     def _drop(self, transfer_id: str) -> _Pending | None:
         p = self._pending.pop(transfer_id, None)
@@ -231,9 +240,9 @@ class RemoteKV:
         if self._ranks is None:
             return
         with self._lock:
-            self._in_flight.discard(transfer_id)
+            self._forget_locked(transfer_id)
         try:
-            self._ranks.call("abort_recv", transfer_id, reason)
+            self._ranks.call("role_call", "abort_recv", transfer_id, reason)
         except Exception:
             logger.exception("aborting %s on the other ranks", transfer_id)
 
@@ -310,26 +319,37 @@ class RemoteKV:
 
     # -- the other ranks (TP/PP) --------------------------------------------------------
 
-    def _poll_ranks(self) -> None:
-        assert self._ranks is not None
-        while not self._stop.wait(_RANK_POLL_S):
-            with self._lock:
-                ids = list(self._in_flight)
-            if not ids:
-                continue
-            try:
-                per_rank = self._ranks.call("poll", ids, "recv", timeout_s=_RANK_POLL_TIMEOUT_S)
-                statuses = [combine([r[i] for r in per_rank]) for i in range(len(ids))]
-            except Exception as e:
-                logger.warning("polling the other ranks failed: %s", e)
-                statuses = [failed(f"another rank is unreachable: {e}") for _ in ids]
-            for tid, status in zip(ids, statuses, strict=True):
-                if status.terminal:
-                    self._other_ranks_ended(tid, status)
+    def _ranks_ended(self, rank: int, ended: dict[str, TransferStatus]) -> None:
+        """Rank `rank` ended these transfers (the watcher's thread). A transfer in
+        flight is settled for the other ranks once one failed or all ended it."""
+        settled = []
+        num_others = len(self._ranks.actors) if self._ranks is not None else 0
+        with self._lock:
+            for tid, status in ended.items():
+                if tid not in self._in_flight:
+                    continue  # aborted, or settled already
+                seen = self._reported.setdefault(tid, {})
+                seen[rank] = status
+                if status.state is TransferState.FAILED or len(seen) == num_others:
+                    settled.append((tid, combine(list(seen.values()))))
+        for tid, status in settled:
+            self._other_ranks_ended(tid, status)
+
+    def _rank_lost(self, rank: int, error: Exception) -> None:
+        """Rank `rank` cannot report: every transfer in flight fails."""
+        logger.warning("rank %d cannot report its transfers: %s", rank, error)
+        with self._lock:
+            ids = list(self._in_flight)
+        for tid in ids:
+            self._other_ranks_ended(tid, failed(f"another rank is unreachable: {error}"))
+
+    def _forget_locked(self, transfer_id: str) -> None:
+        self._in_flight.discard(transfer_id)
+        self._reported.pop(transfer_id, None)
 
     def _other_ranks_ended(self, transfer_id: str, status: TransferStatus) -> None:
         with self._lock:
             if transfer_id not in self._in_flight:
                 return
-            self._in_flight.discard(transfer_id)
+            self._forget_locked(transfer_id)
         self._submit(lambda: self._others_ended(transfer_id, status))

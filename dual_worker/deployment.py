@@ -14,7 +14,7 @@ Lifecycle of a replica:
                  and, for the shm transport, its KV cache in shared memory for the
                  decode half (`Generator`: lands remote KV); then both halves, the
                  engine thread and the registry presence. With tp x pp > 1 every other
-                 rank builds both halves too (`worker.ranks`)
+                 rank holds both halves' rank roles too (`dual_worker.rank_role`)
     prefill()    as a prefill instance: prefill the prompt and push its KV and first
                  token to the decode instance the router chose (`Pusher.prefill`)
     generate()   as a decode instance: wait for the remote KV, or prefill a short
@@ -34,6 +34,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.generator import COMMAND_TIMEOUT_S, Generator
+from dual_worker.rank_role import DualRankRole
 from prefill_worker.pusher import Pusher
 from registry import Role
 from worker.messages import (
@@ -64,6 +65,7 @@ class DualWorker:
             output_hook=hooks.send.on_outputs,
             tick=hooks.spans.mark_step,
             kv_storage=storage,
+            rank_role=DualRankRole,
         )
         self._pusher = Pusher(self._rt, hooks)
         self._gen = Generator(self._rt, storage, takes_remote=True)

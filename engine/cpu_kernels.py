@@ -5,7 +5,8 @@ OpenMP by its soname and is loaded after torch, so it shares torch's OpenMP runt
 threads.
 
 `load_kernels()` returns None, with the reason logged once, when there is no compiler
-or the build fails; callers fall back to another matmul and say so.
+or the build fails; callers fall back to another matmul and say so. The fused decode
+layer's argument structs live in engine/decode_args.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from engine.decode_args import DecodeLayer, DecodeStep, LayerArgs, StepArgs
 from engine.kernel_build import KernelBuildError, build_library
 
 log = logging.getLogger(__name__)
@@ -27,103 +29,13 @@ _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
 
-class _LayerArgs(ctypes.Structure):
-    _fields_ = [
-        ("input_norm", _ptr),
-        ("qkv", _ptr),
-        ("qkv_bias", _ptr),
-        ("o", _ptr),
-        ("post_norm", _ptr),
-        ("gate_up", _ptr),
-        ("down", _ptr),
-        ("hidden", _i64),
-        ("q_heads", _i64),
-        ("kv_heads", _i64),
-        ("head_dim", _i64),
-        ("intermediate", _i64),
-        ("eps", ctypes.c_float),
-        ("scale", ctypes.c_float),
-    ]
-
-
-class _StepArgs(ctypes.Structure):
-    _fields_ = [
-        ("tokens", _i64),
-        ("block_size", _i64),
-        ("table_stride", _i64),
-        ("positions", _ptr),
-        ("slots", _ptr),
-        ("tables", _ptr),
-        ("lens", _ptr),
-        ("cos", _ptr),
-        ("sin", _ptr),
-        ("scratch", _ptr),
-        ("threads", ctypes.c_int),
-    ]
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    """One decoder layer as the fused decode kernel reads it: packed matmul weights
-    (`CpuKernels.pack`), norm weights and shapes, all fp32 on the CPU."""
-
-    input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    hidden: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    eps: float
-    scale: float
-
-
-class DecodeLayer:
-    """A layer's arguments, built once; holds its tensors alive."""
-
-    def __init__(self, w: LayerWeights) -> None:
-        for t in (w.input_norm, w.post_norm, w.qkv_bias):
-            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
-                raise ValueError("decode layer norms and bias must be contiguous fp32")
-        self.weights = w
-        self.args = _LayerArgs(
-            w.input_norm.data_ptr(),
-            w.qkv.data_ptr(),
-            None if w.qkv_bias is None else w.qkv_bias.data_ptr(),
-            w.o.data_ptr(),
-            w.post_norm.data_ptr(),
-            w.gate_up.data_ptr(),
-            w.down.data_ptr(),
-            w.hidden,
-            w.q_heads,
-            w.kv_heads,
-            w.head_dim,
-            w.intermediate,
-            w.eps,
-            w.scale,
-        )
-
-
-class DecodeStep:
-    """One decode-only step's shared arguments and scratch; holds its tensors alive."""
-
-    def __init__(self, args: _StepArgs, keep: tuple[torch.Tensor, ...]) -> None:
-        self.args = args
-        self._keep = keep
-
-
 class CpuKernels:
     """Typed entry points into the loaded library."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lib = ctypes.CDLL(str(path))
-        layer, step = ctypes.POINTER(_LayerArgs), ctypes.POINTER(_StepArgs)
+        layer, step = ctypes.POINTER(LayerArgs), ctypes.POINTER(StepArgs)
         f32, i32 = ctypes.c_float, ctypes.c_int
         self._linear = self._bind("pd_linear", None, _ptr, _i64, _ptr, _ptr, _ptr, *[_i64] * 4, i32)
         self._rms_norm = self._bind(
@@ -265,7 +177,7 @@ class CpuKernels:
         tokens = positions.numel()
         floats = int(self._decode_scratch_floats(ctypes.byref(layer.args), tokens))
         scratch = torch.empty(floats, dtype=torch.float32)
-        args = _StepArgs(
+        args = StepArgs(
             tokens,
             block_size,
             block_tables.stride(0),

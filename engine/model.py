@@ -18,8 +18,9 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention, write_kv
 from engine.config import ModelConfig, RopeConfig
-from engine.cpu_kernels import CpuKernels, DecodeLayer, LayerWeights
+from engine.cpu_kernels import CpuKernels
 from engine.cpu_linear import NativeLinear, native_part
+from engine.decode_args import DecodeLayer, LayerWeights
 from engine.kv_cache import KVCache
 from engine.linear_choice import Choice
 

@@ -306,28 +306,7 @@ class ControlServer:
             if self._pipelined:
                 lander = Lander(self._inbox, peer, session, sock, self._name, self._window)
             sock.settimeout(self._guard.idle_timeout_s)  # close() shuts waiting ones down
-            seq = 0
-            while not self._closing.is_set():
-                try:
-                    raw = _recv_exact(sock, MESSAGE_SIZE)
-                except TimeoutError:
-                    raise TransferError(
-                        f"idle for over {self._guard.idle_timeout_s:g}s (or a message cut short)"
-                    ) from None
-                if raw is None:
-                    break
-                header = decode(raw)
-                if not isinstance(header, Header) or header.seq != seq:
-                    raise ProtocolError(f"expected message {seq}, got {header}")
-                seq += 1
-                item = self._start(peer, session, header, lander)
-                if lander is not None:
-                    lander.put(item)
-                else:
-                    payload = finish_receive(self._inbox, item)
-                    self._inbox.land(peer, header, item.target, payload)
-                    if payload is not None:
-                        session.done(payload)
+            self._read_messages(sock, peer, session, lander)
         except (TransferError, OSError) as e:
             reason = str(e)
             if not self._closing.is_set():
@@ -338,18 +317,56 @@ class ControlServer:
             reason = f"internal error: {e!r}"
             logger.exception("%s: connection from %s failed", self._name, peer.id if peer else "?")
         finally:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # the sender tears its side down
+            self._hang_up(sock, peer, session, lander, reason)
+
+    def _read_messages(
+        self, sock: socket.socket, peer: Peer, session: Session, lander: Lander | None
+    ) -> None:
+        """Read headers in order until the peer closes or the server does; each DATA
+        message's receive is posted, then landed here or by the lander (pipelined)."""
+        seq = 0
+        while not self._closing.is_set():
+            try:
+                raw = _recv_exact(sock, MESSAGE_SIZE)
+            except TimeoutError:
+                raise TransferError(
+                    f"idle for over {self._guard.idle_timeout_s:g}s (or a message cut short)"
+                ) from None
+            if raw is None:
+                return
+            header = decode(raw)
+            if not isinstance(header, Header) or header.seq != seq:
+                raise ProtocolError(f"expected message {seq}, got {header}")
+            seq += 1
+            item = self._start(peer, session, header, lander)
             if lander is not None:
-                # what arrived lands before the loss is reported
-                reason = lander.close(self._closing) or reason
-            if peer is not None:
-                self._inbox.on_peer_lost(peer, reason)
-            if session is not None:
-                session.close()
-            sock.close()
-            with self._lock:
-                self._conns.pop(sock, None)
+                lander.put(item)
+            else:
+                payload = finish_receive(self._inbox, item)
+                self._inbox.land(peer, header, item.target, payload)
+                if payload is not None:
+                    session.done(payload)
+
+    def _hang_up(
+        self,
+        sock: socket.socket,
+        peer: Peer | None,
+        session: Session | None,
+        lander: Lander | None,
+        reason: str,
+    ) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # the sender tears its side down
+        if lander is not None:
+            # what arrived lands before the loss is reported
+            reason = lander.close(self._closing) or reason
+        if peer is not None:
+            self._inbox.on_peer_lost(peer, reason)
+        if session is not None:
+            session.close()
+        sock.close()
+        with self._lock:
+            self._conns.pop(sock, None)
 
     def _start(
         self, peer: Peer, session: Session, header: Header, lander: Lander | None

@@ -6,12 +6,21 @@ rank, and the checks of each DATA header against the transfer's plan. The receiv
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.base import PENDING, FirstToken, RecvSpec, TransferStatus, failed
+from kv_transfer.base import (
+    PENDING,
+    FirstToken,
+    RecvSpec,
+    TransferRecord,
+    TransferState,
+    TransferStatus,
+    failed,
+)
 from kv_transfer.header import Header
 from kv_transfer.mapping import Route
 from kv_transfer.regions import BlockRegion, LayerSpan, region_of
@@ -99,6 +108,18 @@ class Inbound:
         return failed(
             f"timed out after {self.spec.timeout_s:g}s with {missing} of "
             f"{slices} layer slices incomplete{first}"
+        )
+
+    def record(self, status: TransferStatus) -> TransferRecord:
+        """The transfer's figures at its terminal `status`, for the receiver's sink."""
+        start = self.first_landed
+        return TransferRecord(
+            "recv",
+            status.state is TransferState.DONE,
+            status.reason,
+            self.landed_bytes,
+            max(0, self.block_end - self.spec.first_block) if start is not None else 0,
+            time.monotonic() - start if start is not None else 0.0,
         )
 
     def destination(

@@ -58,8 +58,6 @@ from kv_transfer.base import (
     LocalRank,
     RecordSink,
     RecvSpec,
-    TransferRecord,
-    TransferState,
     TransferStatus,
     failed,
 )
@@ -377,17 +375,8 @@ class KVReceiver:
 
     def _report(self, inb: Inbound, status: TransferStatus) -> None:
         assert self._on_record is not None
-        start = inb.first_landed
-        record = TransferRecord(
-            "recv",
-            status.state is TransferState.DONE,
-            status.reason,
-            inb.landed_bytes,
-            max(0, inb.block_end - inb.spec.first_block) if start is not None else 0,
-            time.monotonic() - start if start is not None else 0.0,
-        )
         try:
-            self._on_record(record)
+            self._on_record(inb.record(status))
         except Exception:
             logger.exception("transfer %s: on_record failed", inb.spec.transfer_id)
 

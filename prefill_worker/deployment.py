@@ -7,7 +7,7 @@ Lifecycle of a replica:
                  (`worker.engine_loop`) and register in the registry. With
                  tp x pp > 1 this replica is rank 0, and every other rank (a Ray actor
                  in the replica's placement group) has its own hook and sender for its
-                 own KV slices (`worker.ranks`)
+                 own KV slices (`prefill_worker.rank_role`)
     prefill()    one prompt, sent by the router at the same time as the decode request:
                    register the transfer with every rank's hook, then on rank 0 queue
                    the prompt with
@@ -56,6 +56,7 @@ import dataclasses
 import logging
 
 from prefill_worker.pusher import COMMAND_TIMEOUT_S, Pusher, release_when_unread
+from prefill_worker.rank_role import PrefillRankRole
 from registry import Role
 from worker.messages import (
     PrefillOutcome,
@@ -81,6 +82,7 @@ class PrefillWorker:
             layer_hook=hooks.spans,
             output_hook=hooks.send.on_outputs,
             tick=hooks.spans.mark_step,
+            rank_role=PrefillRankRole,
         )
         self._pusher = Pusher(self._rt, hooks)
         self._rt.start()

@@ -2,8 +2,9 @@
 instance. The prefill pool's replicas run one (`prefill_worker.deployment`), and so
 does every switchable replica (`dual_worker`), whichever role it holds.
 
-Lifecycle: `hook = Pusher.layer_hook(settings)` goes into the engine (`WorkerRuntime`'s
-`layer_hook` and `output_hook`) before it is built; then `Pusher(runtime, hook)` binds
+Lifecycle: `hooks = Pusher.hooks(settings)` go into the engine (`WorkerRuntime`'s
+`layer_hook`, `output_hook` and `tick`) before it is built, with the pool's rank role
+(`prefill_worker.rank_role`) for ranks 1..N-1; then `Pusher(runtime, hooks)` binds
 the hook to a `KVSender` over the configured transport. `prefill()` is one request
 (the steps are in `prefill_worker.deployment`'s docstring); `discard` (engine thread)
 drops a request's transfer; `close()` closes the sender. A request the hook was not
@@ -26,9 +27,10 @@ from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
+from prefill_worker.rank_role import sender_connector
 from telemetry import TraceContext, request_scope, tracing
 from worker.engine_loop import OutputStream
-from worker.kv_roles import local_rank, sender_connector, transfer_host
+from worker.kv_rank import local_rank, transfer_host
 from worker.layer_spans import LayerSpans
 from worker.messages import PrefillOutcome, PrefillRequest, WorkerSettings
 from worker.ranks import RemoteRanks, combine
@@ -194,7 +196,8 @@ class Pusher:
         trace, arrived = tracing.context_of(span), tracing.now_ns()
         try:
             if self._ranks is not None:  # the other ranks first: rank 0 starts the steps
-                await self._ranks.acall("add_transfer", rid, self._spec(request, trace))
+                spec = self._spec(request, trace)
+                await self._ranks.acall("role_call", "add_transfer", rid, spec)
             try:
                 await loop.call(lambda: self._start(request, trace, arrived), COMMAND_TIMEOUT_S)
             except ValueError as e:
@@ -243,7 +246,7 @@ class Pusher:
             return True
         if self._ranks is None:
             return False
-        return any(await self._ranks.acall("reading", transfer_id))
+        return any(await self._ranks.acall("role_call", "reading", transfer_id))
 
     async def _first_token(self, stream: OutputStream, deadline: float) -> RequestOutput:
         while True:
@@ -256,14 +259,14 @@ class Pusher:
 
     def _abort_ranks(self, req: PrefillRequest, reason: str) -> None:
         if self._ranks is not None:
-            self._ranks.send("abort_send", req.request_id, req.transfer_id, reason)
+            self._ranks.send("role_call", "abort_send", req.request_id, req.transfer_id, reason)
 
     async def _status(self, transfer_id: str) -> TransferStatus:
         """The transfer over every rank (the other ranks are asked once rank 0 is done)."""
         status = self.sender.poll(transfer_id)
         if self._ranks is None or status.state is not TransferState.DONE:
             return status
-        per_rank = await self._ranks.acall("poll", [transfer_id], "send")
+        per_rank = await self._ranks.acall("poll", [transfer_id])
         return combine([status, *(r[0] for r in per_rank)])
 
     async def _sent(self, transfer_id: str, deadline: float) -> TransferStatus | str:

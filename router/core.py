@@ -225,10 +225,7 @@ class RouterCore:
             lambda info: probe_replica(pools.get(info.pool, by_role[info.role]), info.address),
             settings.probe_timeout_s,
         )
-        self.demand = Demand(f"router-{uuid.uuid4().hex[:12]}")
-        self.view.on_refresh.append(
-            lambda: registry.routing.report_admission(self.demand.report(self.admission.inflight))
-        )
+        self.demand = self._report_demand(registry)
         self.stopped = StoppedReplicas(settings.timeouts.drain_s)
         self._unwatch = watch_replica_deaths(
             lambda address: breaker.trip(address, "serve", "Serve dropped its replica")
@@ -245,6 +242,14 @@ class RouterCore:
             self.stopped,
             {name: h for name, h in pools.items() if h is not None},
         )
+
+    def _report_demand(self, registry: Registry) -> Demand:
+        """This router's demand counters, reported at each refresh of the view."""
+        demand = Demand(f"router-{uuid.uuid4().hex[:12]}")
+        self.view.on_refresh.append(
+            lambda: registry.routing.report_admission(demand.report(self.admission.inflight))
+        )
+        return demand
 
     async def start(self) -> None:
         await self.view.start()
@@ -282,15 +287,7 @@ class RouterCore:
         admitted = self.admission.try_acquire()
         self.metrics.admitted(admitted)
         if not admitted:
-            self.demand.refused += 1
-            self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
-            error = RouterError(
-                ErrorKind.RESOURCE_EXHAUSTED,
-                f"the router holds {self.admission.max_inflight} requests; retry later",
-            )
-            log_refusal(rid, protocol, error)
-            tracing.end(root, error.message)
-            raise error
+            raise self._full(rid, protocol, root)
         self.metrics.inflight.set(self.admission.inflight)
         try:
             req, route = await self._prepare(raw, names, root)
@@ -312,6 +309,16 @@ class RouterCore:
             tracing.end(root, type(e).__name__)
             raise
         return Session(self, rid, req, route, arrival, arrival_wall, protocol, root)
+
+    def _full(self, rid: str, protocol: str, root: Span) -> RouterError:
+        """A request past the admission bound: counted, logged, its root span ended."""
+        self.demand.refused += 1
+        self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
+        msg = f"the router holds {self.admission.max_inflight} requests; retry later"
+        error = RouterError(ErrorKind.RESOURCE_EXHAUSTED, msg)
+        log_refusal(rid, protocol, error)
+        tracing.end(root, error.message)
+        return error
 
     async def _prepare(
         self, raw: RawRequest, names: FieldNames, root: Span

@@ -7,25 +7,22 @@ Ranks 1..N-1 are `RankActor`s that `RemoteRanks` places in bundles 1..N-1.
 
 Lifecycle:
 
-    RemoteRanks(...)      rank 0 starts a TCPStore, creates the actors (each joins the
-                          instance's groups over it, loads its model shard, allocates its
-                          KV cache and builds its kv_transfer role), and joins the groups
-                          itself; that join returns once every rank is in (bounded)
+    RemoteRanks(...)      rank 0 starts a TCPStore, creates the actors (each builds its
+                          pool's `RankRole` (worker/rank_role.py), joins the instance's
+                          groups over the store, loads its model shard, allocates its KV
+                          cache and starts its role on it), and joins the groups itself;
+                          that join returns once every rank is in (bounded)
     steps                 rank 0's engine broadcasts each step; every actor runs its share
-                          on its own thread (`engine.parallel.worker.RankWorker.serve`)
+                          on its own thread (`engine.parallel.worker.RankWorker.serve`),
+                          with its role's layer hook when it has one
     metrics               each actor records its own transfers, labelled with the
                           pool, the replica and its rank (worker.pool_metrics)
-    transfers             every rank moves its own KV slices (kv_transfer's M:N plan):
-                            prefill  rank 0 registers the request on every rank's
-                                     SendHook (`add_transfer`) before the engine sees it;
-                                     the transfer is sent once every rank reports DONE;
-                                     rank 0's block pins cover every rank's sources,
-                                     until no rank's sender reads them
-                            decode   rank 0's `RemoteKV` (decode_worker/remote_kv.py)
-                                     expects the transfer on every rank; it is DONE
-                                     once every rank's receiver is
+    transfers             every rank moves its own KV slices (kv_transfer's M:N plan);
+                          rank 0 reaches each rank's role with `call("role_call", ...)`
+                          and combines their `poll`s (`combine`). The prefill and decode
+                          roles live in their pools' packages
     close()               after rank 0's engine broadcast STOP: each actor's thread ends,
-                          its role objects close, and the actors are killed
+                          its role closes, and the actors are killed
 
 Every call to an actor is bounded by a timeout; an actor that died fails the transfers
 it took part in, never the caller's thread.
@@ -36,96 +33,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from engine.forward_hooks import ScheduledChunk
 from engine.parallel.comm import RankGroups, StoreAddress, serve_store
 from engine.parallel.layout import ParallelLayout
 from engine.parallel.worker import RankWorker
-from engine.step_inputs import request_tag
-from kv_transfer.base import (
-    PENDING,
-    TRANSFERRING,
-    RecvSpec,
-    SendSpec,
-    TransferState,
-    TransferStatus,
-    failed,
-)
-from kv_transfer.engine_hook import SendHook
+from kv_transfer.base import PENDING, TRANSFERRING, TransferState, TransferStatus, failed
 from kv_transfer.mapping import KVGeometry
-from kv_transfer.receiver import KVReceiver
 from kv_transfer.rendezvous import RedisRendezvous
-from kv_transfer.sender import KVSender
-from kv_transfer.shm import ShmKVStorage
-from kv_transfer.transport import TransportKind
-from registry import Role, connect
+from registry import connect
 from registry.traces import start_tracing
-from telemetry import install_log_records, request_scope, tracing
-from worker.kv_roles import (
-    local_rank,
-    receiver_endpoint,
-    sender_connector,
-    transfer_host,
-)
+from telemetry import install_log_records, tracing
+from worker.kv_rank import local_rank, transfer_host
 from worker.messages import WorkerSettings
 from worker.pool_metrics import TransferMetrics, pool_metrics
+from worker.rank_role import RankContext, RankRole
 
 logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 30.0  # one round of calls to every actor
-
-
-class _HeldByRankZero:
-    """The source pins of ranks 1..N-1. Rank 0's engine hands out every rank's block
-    ids, and its own pins keep a transfer's ids from being handed out again until no
-    rank's sender reads them (`RankActor.reading`); so `finish` need not wait here
-    either, and there is nothing to hold."""
-
-    def pin(self, key: str, block_ids: Sequence[int]) -> None:
-        del key, block_ids
-
-
-class _LockedHook:
-    """A SendHook that Ray's method thread (add, discard) and the rank's step thread
-    (the layer callbacks) share, with the request tags the step carries."""
-
-    def __init__(self, hook: SendHook) -> None:
-        self._hook = hook
-        self._lock = threading.Lock()
-        self._tags: dict[int, str] = {}
-
-    def add(self, request_id: str, spec: SendSpec) -> None:
-        with self._lock:
-            self._hook.add(request_id, spec)
-            self._tags[request_tag(request_id)] = request_id
-
-    def discard(self, request_id: str, reason: str) -> None:
-        with self._lock:
-            self._hook.discard(request_id, reason)
-            self._tags.pop(request_tag(request_id), None)
-
-    def resolve(self, tag: int) -> str | None:
-        with self._lock:
-            return self._tags.get(tag)
-
-    def on_layer_done(self, layer: int, chunks: Sequence[ScheduledChunk]) -> None:
-        with self._lock:
-            self._hook.on_layer_done(layer, chunks)
-
-    def on_step_done(self, chunks: Sequence[ScheduledChunk]) -> None:
-        with self._lock:
-            self._hook.on_step_done(chunks)
-            for c in chunks:
-                if c.completes_prompt:
-                    self._tags.pop(request_tag(c.request_id), None)
+ENDED_WAIT_S = 0.5  # longest wait of one `take_ended` long-poll
 
 
 class RankActor:
-    """Rank `rank` (>= 1) of one replica: its engine shard plus its kv_transfer role.
+    """Rank `rank` (>= 1) of one replica: its engine shard plus its pool's `RankRole`.
     Wrapped with `ray.remote` by `RemoteRanks`; the methods are its remote calls."""
 
     def __init__(
@@ -134,62 +69,48 @@ class RankActor:
         instance_id: str,
         rank: int,
         store: StoreAddress,
+        role_cls: type[RankRole] | None,
     ) -> None:
         host = transfer_host(settings.transfer_host)  # this actor's node, for "auto"
-        # A switchable replica's ranks hold both roles' transfer objects.
-        sends = settings.role is Role.PREFILL or settings.switchable
-        receives = settings.role is Role.DECODE or settings.switchable
-        self._storage = (
-            ShmKVStorage() if settings.transport is TransportKind.SHM and receives else None
-        )
+        self._role = role_cls(settings) if role_cls is not None else None
         self._worker = RankWorker(
             settings.engine,
             rank,
             store,
             settings.rank_timeout_s,
-            kv_storage=self._storage,
+            kv_storage=self._role.kv_storage() if self._role is not None else None,
             host=host,
             setup_timeout_s=max(settings.rank_start_timeout_s, settings.rank_timeout_s),
         )
-        mc = self._worker.model_config
-        geometry = KVGeometry(mc.num_layers, mc.num_kv_heads)
-        me = local_rank(settings, instance_id, rank)
         replica = instance_id.removeprefix(f"{settings.pool}-")
         self.metrics = pool_metrics(settings.pool, replica, rank, settings.role.value)
-        record = TransferMetrics(self.metrics).record
         self._redis = connect(settings.redis_url, client_name=f"{instance_id}-rank{rank}")
         install_log_records()
         start_tracing(settings.tracing, self._redis, settings.cluster, f"{instance_id}-rank{rank}")
-        rendezvous = RedisRendezvous(self._redis, settings.cluster)
-        self._hook: _LockedHook | None = None
-        self._sender: KVSender | None = None
-        self._receiver: KVReceiver | None = None
-        if sends:
-            connector = sender_connector(settings, rendezvous, host)
-            self._sender = KVSender(
-                me, self._worker.kv, geometry, connector, registry=rendezvous, on_record=record
-            )
-            hook = SendHook(
-                settings.engine.block_size,
-                self._sender,
+        if self._role is not None:
+            mc = self._worker.model_config
+            ctx = RankContext(
+                settings,
+                local_rank(settings, instance_id, rank),
+                self._worker.kv,
+                KVGeometry(mc.num_layers, mc.num_kv_heads),
+                RedisRendezvous(self._redis, settings.cluster),
+                host,
                 self._worker.layer_offset,
-                pins=_HeldByRankZero(),
+                TransferMetrics(self.metrics).record,
             )
-            self._hook = _LockedHook(hook)
-        if receives:
-            segment = self._storage.segment if self._storage is not None else None
-            endpoint = receiver_endpoint(settings, rendezvous, host, segment, geometry)
-            self._receiver = KVReceiver(
-                me, self._worker.kv, geometry, endpoint, registry=rendezvous, on_record=record
-            )
+            self._role.start(ctx)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._serve, name=f"rank-{rank}", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        hook = self._hook
+        hooked = self._role.step_hook() if self._role is not None else None
         try:
-            self._worker.serve(hook, hook.resolve if hook is not None else None)
+            if hooked is None:
+                self._worker.serve()
+            else:
+                self._worker.serve(*hooked)
         except BaseException as e:  # a dead peer: the collective failed
             logger.exception("rank %d stopped with an error", self._worker.layout.rank)
             self._error = e
@@ -197,65 +118,49 @@ class RankActor:
     def ready(self) -> bool:
         return self._thread.is_alive()
 
-    # -- prefill ranks -------------------------------------------------------------------
+    def role_call(self, method: str, *args: Any) -> Any:
+        """Call the role's public method `method` (the pool's own remote calls)."""
+        if self._role is None or method.startswith("_") or method in _GENERIC:
+            raise AttributeError(f"rank role has no remote call {method!r}")
+        return getattr(self._role, method)(*args)
 
-    def add_transfer(self, request_id: str, spec: SendSpec) -> None:
-        assert self._hook is not None, "add_transfer on a rank that does not send"
-        with request_scope(request_id):  # the sender keeps it for its log lines
-            self._hook.add(request_id, spec)
-
-    def abort_send(self, request_id: str, transfer_id: str, reason: str) -> None:
-        if self._hook is not None and self._sender is not None:
-            self._hook.discard(request_id, reason)
-            self._sender.abort(transfer_id, reason)
-
-    def reading(self, transfer_id: str) -> bool:
-        """Whether this rank's sender may still read the transfer's source blocks."""
-        return self._sender is not None and self._sender.reading(transfer_id)
-
-    # -- decode ranks --------------------------------------------------------------------
-
-    def expect(self, spec: RecvSpec) -> None:
-        assert self._receiver is not None, "expect on a rank that does not receive"
-        self._receiver.expect(spec)
-
-    def abort_recv(self, transfer_id: str, reason: str) -> None:
-        if self._receiver is not None:
-            self._receiver.abort(transfer_id, reason)
-
-    def refuse(self, transfer_id: str, reason: str) -> None:
-        if self._receiver is not None:
-            self._receiver.refuse(transfer_id, reason)
-
-    # -- both ----------------------------------------------------------------------------
-
-    def poll(self, transfer_ids: list[str], side: str = "") -> list[TransferStatus]:
-        """The transfers' states on this rank's sender (`side` "send") or receiver
-        ("recv"); "" asks whichever this rank has (the sender if both)."""
-        role: Any = self._receiver if side == "recv" else self._sender
-        if role is None and side == "":
-            role = self._receiver
-        if role is None:
-            return [failed(f"rank has no {side or 'transfer'} side") for _ in transfer_ids]
+    def poll(self, transfer_ids: list[str]) -> list[TransferStatus]:
         if self._error is not None or not self._thread.is_alive():
             return [failed(f"rank {self._worker.layout.rank} stopped") for _ in transfer_ids]
-        return [role.poll(t) for t in transfer_ids]
+        if self._role is None:
+            raise RuntimeError("this rank moves no KV")
+        return self._role.poll(transfer_ids)
+
+    def take_ended(self, timeout_s: float) -> dict[str, TransferStatus]:
+        """The transfers that ended on this rank since the last call, once one has or
+        after `timeout_s`; raises once the rank's step thread has stopped."""
+        if self._role is None:
+            raise RuntimeError("this rank moves no KV")
+        self._check_running()
+        ended = self._role.take_ended(timeout_s)
+        self._check_running()
+        return ended
+
+    def _check_running(self) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise RuntimeError(f"rank {self._worker.layout.rank} stopped")
 
     def num_active(self) -> int:
-        roles: list[Any] = [r for r in (self._sender, self._receiver) if r is not None]
-        return sum(int(r.num_active) for r in roles)
+        return self._role.num_active() if self._role is not None else 0
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """After rank 0 broadcast STOP: end the step thread and close the role objects."""
+        """After rank 0 broadcast STOP: end the step thread and close the role."""
         self._thread.join(timeout_s)
-        if self._sender is not None:
-            self._sender.close()
-        if self._receiver is not None:
-            self._receiver.close()
-        if self._storage is not None and self._storage.segment is not None:
-            self._storage.segment.close()
+        if self._role is not None:
+            self._role.close()
         tracing.shutdown()
         self._redis.close()
+
+
+# The role's methods that the actor calls itself, never by name from the pool.
+_GENERIC = frozenset(
+    {"kv_storage", "start", "step_hook", "poll", "num_active", "take_ended", "close"}
+)
 
 
 class RemoteRanks:
@@ -267,37 +172,13 @@ class RemoteRanks:
         instance_id: str,
         host: str,
         resources: dict[str, float],
+        role_cls: type[RankRole] | None = None,
     ) -> None:
-        import ray
-        from ray.util.placement_group import get_current_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         engine_config = settings.engine
-        world = engine_config.tp * engine_config.pp
         setup_s = max(settings.rank_start_timeout_s, settings.rank_timeout_s)
         self._store, address = serve_store(setup_s, host)
-        pg = get_current_placement_group()
-        if pg is None:
-            logger.warning(
-                "%s: no placement group; its ranks go wherever Ray puts them", instance_id
-            )
-        res = dict(resources)
-        options: dict[str, Any] = {
-            "num_cpus": res.pop("CPU", 0.0),
-            "num_gpus": res.pop("GPU", 0.0),
-            "resources": res,
-            "max_concurrency": 4,  # polls need not wait behind a slow call
-        }
-        actor_cls: Any = ray.remote(RankActor)
         self.actors: list[Any] = []
-        for rank in range(1, world):
-            if pg is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=rank
-                )
-            self.actors.append(
-                actor_cls.options(name=None, **options).remote(settings, instance_id, rank, address)
-            )
+        self._spawn(settings, instance_id, address, resources, role_cls)
         try:
             self.groups = RankGroups(
                 ParallelLayout(engine_config.tp, engine_config.pp, 0),
@@ -311,6 +192,44 @@ class RemoteRanks:
             self.kill()
             raise
         self.call("ready")  # surfaces an actor that failed after joining
+
+    def _spawn(
+        self,
+        settings: WorkerSettings,
+        instance_id: str,
+        address: StoreAddress,
+        resources: dict[str, float],
+        role_cls: type[RankRole] | None,
+    ) -> None:
+        """Create the actors of ranks 1..N-1, rank r in bundle r of this replica's
+        placement group; they join the groups over the store at `address`."""
+        import ray
+        from ray.util.placement_group import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = get_current_placement_group()
+        if pg is None:
+            logger.warning(
+                "%s: no placement group; its ranks go wherever Ray puts them", instance_id
+            )
+        res = dict(resources)
+        options: dict[str, Any] = {
+            "num_cpus": res.pop("CPU", 0.0),
+            "num_gpus": res.pop("GPU", 0.0),
+            "resources": res,
+            "max_concurrency": 4,  # polls need not wait behind a slow call
+        }
+        actor_cls: Any = ray.remote(RankActor)
+        for rank in range(1, settings.engine.tp * settings.engine.pp):
+            if pg is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank
+                )
+            self.actors.append(
+                actor_cls.options(name=None, **options).remote(
+                    settings, instance_id, rank, address, role_cls
+                )
+            )
 
     # -- calls to every actor --------------------------------------------------------------
 
@@ -329,6 +248,55 @@ class RemoteRanks:
         """Call `method` on every actor without waiting (best effort)."""
         for a in self.actors:
             getattr(a, method).remote(*args)
+
+    def watch_ended(
+        self,
+        stop: threading.Event,
+        on_ended: Callable[[int, dict[str, TransferStatus]], None],
+        on_lost: Callable[[int, Exception], None],
+        wait_s: float = ENDED_WAIT_S,
+    ) -> None:
+        """Until `stop`: hand `on_ended(rank, ended)` the transfers each rank's role
+        reports ended, as soon as it does. One long-poll (`take_ended`, bounded by
+        `wait_s`) is out per rank; a rank whose call fails or is not answered within
+        `wait_s + CALL_TIMEOUT_S` is reported (`on_lost`) and asked again after `wait_s`."""
+        import ray
+
+        calls: dict[Any, tuple[int, float]] = {}  # ref -> (actor index, issued at)
+        retry_at: dict[int, float] = {}
+
+        def ask(i: int) -> None:
+            calls[self.actors[i].take_ended.remote(wait_s)] = (i, time.monotonic())
+
+        for i in range(len(self.actors)):
+            ask(i)
+        while not stop.is_set():
+            ready: list[Any] = []
+            if calls:
+                ready, _ = ray.wait(list(calls), num_returns=1, timeout=wait_s)
+            else:
+                stop.wait(wait_s)
+            now = time.monotonic()
+            for ref in ready:
+                i, _ = calls.pop(ref)
+                try:
+                    ended = ray.get(ref, timeout=CALL_TIMEOUT_S)
+                except Exception as e:
+                    on_lost(i + 1, e)
+                    retry_at[i] = now + wait_s
+                    continue
+                if ended:
+                    on_ended(i + 1, ended)
+                ask(i)
+            for ref, (i, issued) in list(calls.items()):
+                if now - issued > wait_s + CALL_TIMEOUT_S:
+                    del calls[ref]
+                    on_lost(i + 1, TimeoutError(f"no answer in {now - issued:.0f}s"))
+                    retry_at[i] = now + wait_s
+            for i, at in list(retry_at.items()):
+                if now >= at:
+                    del retry_at[i]
+                    ask(i)
 
     def close(self, timeout_s: float = 15.0) -> None:
         """After the engine's STOP: let the actors wind down, then kill them."""

@@ -12,7 +12,8 @@ kv_transfer sender or receiver reports each transfer to `transfer_metrics`.
 
 Lifecycle: `WorkerRuntime(settings, ...)` builds the engine (its torch threads pinned
 to the pool's CPU share) and the loop; with tp x pp > 1 it first starts the replica's
-other ranks (`worker.ranks.RemoteRanks`) and runs the engine as rank 0.
+other ranks (`worker.ranks.RemoteRanks`, each with the pool's `rank_role`) and runs
+the engine as rank 0.
 `start()` starts the engine thread, then registers; `stop()` deregisters first (the
 router stops sending here), then stops the engine thread and the other ranks, and
 flushes this process's spans. Tracing and the request-id log context are set up first,
@@ -34,10 +35,11 @@ from registry.traces import start_tracing
 from telemetry import install_log_records, tracing
 from worker.engine_loop import EngineLoop
 from worker.errors import InstanceUnavailable
-from worker.kv_roles import transfer_host
+from worker.kv_rank import transfer_host
 from worker.messages import WorkerSettings
 from worker.pool_metrics import EngineMetrics, TransferMetrics, pool_metrics
 from worker.presence import Presence
+from worker.rank_role import RankRole
 from worker.ranks import RemoteRanks
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class WorkerRuntime:
         output_hook: OutputHook | None = None,
         tick: Callable[[], None] | None = None,
         busy: Callable[[], bool] | None = None,
+        rank_role: type[RankRole] | None = None,
     ) -> None:
         self.settings = settings
         self.replica_id = replica_id
@@ -74,34 +77,11 @@ class WorkerRuntime:
         self.redis = connect(settings.redis_url, client_name=self.instance_id)
         start_tracing(settings.tracing, self.redis, settings.cluster, self.instance_id)
         self.registry = Registry(self.redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
-        info = InstanceInfo(
-            instance_id=self.instance_id,
-            pool=settings.pool,
-            role=settings.role.routing_role,
-            address=replica_id,
-            tp=settings.engine.tp,
-            pp=settings.engine.pp,
-            block_size=settings.engine.block_size,
-            switchable=settings.switchable,
-        )
-        self.presence = Presence(
-            self.registry,
-            info,
-            lambda: self.loop.load_report(),
-            interval_s=settings.load_report_interval_s,
-        )
-        config = settings.engine
-        self.ranks: RemoteRanks | None = None
-        if config.tp * config.pp > 1:
-            self.ranks = RemoteRanks(
-                settings,
-                self.instance_id,
-                transfer_host(settings.transfer_host),
-                settings.rank_resources,
-            )
+        self.presence = self._presence()
+        self.ranks = self._start_ranks(rank_role)
         try:
             self.engine = LLMEngine(
-                config,
+                settings.engine,
                 layer_hook=layer_hook,
                 kv_storage=kv_storage,
                 cache_listener=self.presence.on_cache_event,
@@ -120,6 +100,39 @@ class WorkerRuntime:
             tick=tick,
             busy=busy,
             metrics=EngineMetrics(self.metrics),
+        )
+
+    def _start_ranks(self, rank_role: type[RankRole] | None) -> RemoteRanks | None:
+        """With tp x pp > 1, ranks 1..N-1, each with the pool's `rank_role`."""
+        settings = self.settings
+        if settings.engine.tp * settings.engine.pp == 1:
+            return None
+        return RemoteRanks(
+            settings,
+            self.instance_id,
+            transfer_host(settings.transfer_host),
+            settings.rank_resources,
+            rank_role,
+        )
+
+    def _presence(self) -> Presence:
+        """This instance's registry entry and heartbeat (started by `start`)."""
+        settings = self.settings
+        info = InstanceInfo(
+            instance_id=self.instance_id,
+            pool=settings.pool,
+            role=settings.role.routing_role,
+            address=self.replica_id,
+            tp=settings.engine.tp,
+            pp=settings.engine.pp,
+            block_size=settings.engine.block_size,
+            switchable=settings.switchable,
+        )
+        return Presence(
+            self.registry,
+            info,
+            lambda: self.loop.load_report(),
+            interval_s=settings.load_report_interval_s,
         )
 
     def rendezvous(self) -> RedisRendezvous:
