@@ -17,6 +17,7 @@ import dataclasses
 import http.client
 import itertools
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,19 +44,28 @@ def replica_pids(deployment: str) -> dict[str, int]:
 
 
 def rank_actor_pids() -> list[int]:
-    """Pids of the live TP/PP rank actors on this host (Ray titles an actor's process
-    `ray::<class>...`)."""
+    """Pids of the live TP/PP rank actors of the Ray cluster this process started (Ray
+    titles an actor's process `ray::<class>...`; local Ray's raylet is a child of the
+    process that started it, and the actors are the raylet's children), so that another
+    cluster on the same host is not counted."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
+            if cmdline.startswith(b"ray::RankActor") and _parent(_parent(int(entry.name))) == (
+                os.getpid()
+            ):
+                pids.append(int(entry.name))
         except OSError:
             continue
-        if cmdline.startswith(b"ray::RankActor"):
-            pids.append(int(entry.name))
     return pids
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 @dataclass

@@ -31,8 +31,8 @@ request: the gRPC proxy, an ingress replica and one streaming handle hop, with n
 routing, engine or transfer. "Beyond the floor" is the added latency minus the floor:
 what pdserve's own code and the engine's slowdown inside the cluster add.
 
-Target: p50 added latency under 5 ms for the short prompts. It prints a table and
-writes JSON to benchmarks/results/. On a shared machine, run it twice.
+Target: p50 latency beyond Serve's floor of at most 5 ms, for both prompt sets. It
+prints a table and writes JSON to benchmarks/results/. On a shared machine, run it twice.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results"
 KV_CACHE = "128MiB"
 MAX_MODEL_LEN = 1024
-TARGET_ADDED_MS = 5.0
+TARGET_BEYOND_FLOOR_MS = 5.0
 
 
 @dataclass(frozen=True)
@@ -237,9 +237,10 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
             "server_ttft_p50_ms": p50([s.server_ttft_ms for s in ss]),
             "mean_tpot_p50_ms": p50([s.mean_tpot_ms for s in ss]),
         }
-    if "short" in out:
-        out["target_added_ms"] = TARGET_ADDED_MS
-        out["target_met"] = out["short"]["added_p50_ms"] < TARGET_ADDED_MS
+    for name in ("short", "long"):
+        if name in out:
+            out[name]["target_met"] = out[name]["beyond_floor_p50_ms"] <= TARGET_BEYOND_FLOOR_MS
+    out["target_beyond_floor_ms"] = TARGET_BEYOND_FLOOR_MS
     return out
 
 
@@ -269,14 +270,12 @@ def print_report(samples: list[Sample], summary: dict[str, Any]) -> None:
             f"(outside the engine {r['outside_engine_p50_ms']:.2f}; queue {r['queue_p50_ms']:.2f}, "
             f"prefill {r['prefill_p50_ms']:.2f}, kv {r['kv_transfer_p50_ms']:.2f})"
         )
-    if "target_met" in summary:
-        verdict = "met" if summary["target_met"] else "NOT met"
-        print(f"target: short-prompt p50 added latency < {TARGET_ADDED_MS} ms: {verdict}")
-        floor = summary["short"]["serve_floor_p50_ms"]
-        if floor >= TARGET_ADDED_MS:
+    for name in ("short", "long"):
+        if name in summary:
+            verdict = "met" if summary[name]["target_met"] else "NOT met"
             print(
-                f"  Serve's own floor here (proxy + one handle hop, trivial deployments) is "
-                f"{floor:.2f} ms, at or above the target"
+                f"target: {name} prompts' p50 latency beyond Serve's floor <= "
+                f"{TARGET_BEYOND_FLOOR_MS} ms: {verdict}"
             )
 
 

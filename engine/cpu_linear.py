@@ -17,7 +17,8 @@ measured fastest on the model's own shapes (`engine/linear_choice.py`); a layer 
 dispatches each call on its row count (`RoutedLinear`). Each path costs a copy of the
 weights, so a class gets a path of its own only where that measured more than
 `min_gain` faster than the paths kept for the others, and never one slower than oneDNN
-(`linear_choice.fewest_copies`).
+(`linear_choice.fewest_copies`); native's packing stays wherever it was fastest at a
+decode class, since the fused decode layer runs on it.
 
 Same math in fp32; the summation order differs from MKL's, as between any two BLAS
 builds. `pack_linears` applies a backend from outside the model, after loading and
@@ -206,7 +207,8 @@ def pack_linears(
         where = cache_dir or (cache_root() / "kernels" if kernels is None else kernels.path.parent)
         choice = choose(
             "CPU matmul path per row class", rows, candidates, measure,
-            where / f"linear-choice-{key}.json", key, pick=fewest_copies(min_gain, "onednn"),
+            where / f"linear-choice-{key}.json", key,
+            pick=fewest_copies(min_gain, "onednn", keep=_native_for_decode),
         )  # fmt: skip
         picked = choice.picked
     paths = sorted(set(picked.values()))
@@ -227,6 +229,14 @@ def pack_linears(
         )  # fmt: skip
     log.debug("packed %d linear layers for the CPU: %s", len(linears), picked)
     return Packing(picked, kernels if "native" in paths else None, extra, choice)
+
+
+def _native_for_decode(seconds: Mapping[str, Mapping[str, float]]) -> set[str]:
+    """Native, where it measured fastest at one row or a decode batch: the fused decode
+    layer (engine/decode_gate.py), which may beat every per-op path there, runs only on
+    native's packing."""
+    fastest = {min(t, key=t.__getitem__) for c, t in seconds.items() if c in ("one", "decode")}
+    return {"native"} & fastest
 
 
 def time_linears(

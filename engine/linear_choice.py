@@ -112,12 +112,16 @@ def fastest(seconds: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
     return {cls: min(times, key=times.__getitem__) for cls, times in seconds.items()}
 
 
-def fewest_copies(min_gain: float, reference: str | None = None) -> Pick:
+def fewest_copies(
+    min_gain: float,
+    reference: str | None = None,
+    keep: Callable[[Mapping[str, Mapping[str, float]]], set[str]] = lambda _: set(),
+) -> Pick:
     """A `Pick` for candidates that each cost a copy of the weights: the smallest set of
     candidates that serves every class with one that is at most `min_gain` (a fraction)
     slower than the class's fastest and, where the class measured `reference`, no
     slower than it; among sets of that size, the one whose classes lose the least time
-    (summed relative to each class's fastest)."""
+    (summed relative to each class's fastest). The set always holds `keep(seconds)`."""
     if min_gain < 0:
         raise ValueError(f"min_gain must be >= 0, got {min_gain}")
 
@@ -130,9 +134,12 @@ def fewest_copies(min_gain: float, reference: str | None = None) -> Pick:
             return c in times and times[c] <= bound
 
         names = sorted({c for times in seconds.values() for c in times})
-        for size in range(1, len(names) + 1):
+        kept_anyway = keep(seconds) & set(names)
+        for size in range(max(1, len(kept_anyway)), len(names) + 1):
             best: tuple[float, dict[str, str]] | None = None
             for kept in itertools.combinations(names, size):
+                if not kept_anyway <= set(kept):
+                    continue
                 if not all(any(ok(cls, c) for c in kept) for cls in seconds):
                     continue
                 picked = {

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from cluster_harness import MAX_TOKENS, ClusterHarness, greedy, tiny_config, wait_until
 
+from benchmarks.fault_load import rank_actor_pids
 from cluster.client import ClientError, Sampling
 from engine import LLM
 
@@ -40,21 +41,6 @@ def cluster(tiny_model_dir: Path) -> Iterator[ClusterHarness]:
     harness.stop()
 
 
-def _rank_actors() -> list[int]:
-    """Pids of the live rank actors (Ray titles an actor's process `ray::<class>...`)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"ray::RankActor"):
-            pids.append(int(entry.name))
-    return pids
-
-
 def test_a_killed_rank_fails_requests_fast_and_the_replica_is_replaced(
     cluster: ClusterHarness, reference_llm: LLM
 ) -> None:
@@ -62,7 +48,7 @@ def test_a_killed_rank_fails_requests_fast_and_the_replica_is_replaced(
     with cluster.client() as c:
         assert list(c.generate(PROMPT, GREEDY).token_ids) == want
     (before,) = [i.instance_id for i in cluster.registry.live_instances()]  # type: ignore[union-attr]
-    (pid,) = _rank_actors()
+    (pid,) = rank_actor_pids()
     os.kill(pid, signal.SIGKILL)
 
     began = time.monotonic()
@@ -84,4 +70,4 @@ def test_a_killed_rank_fails_requests_fast_and_the_replica_is_replaced(
             return False
 
     wait_until(recovered, RECOVERY_S, "a replacement replica serving the same tokens", 2.0)
-    assert len(_rank_actors()) == 1
+    assert len(rank_actor_pids()) == 1

@@ -219,6 +219,19 @@ def test_fewest_copies_prefers_the_set_that_loses_least() -> None:
     assert fewest_copies(0.5)(partial) == {"one": "a", "decode": "b"}
 
 
+def test_fewest_copies_holds_what_keep_names() -> None:
+    # like a host where plain serves every class within 10%, but native is fastest at
+    # a decode batch (where the fused decode layer would run on its packing)
+    seconds = {
+        "one": {"native": 10.73, "onednn": 16.12, "plain": 9.23},
+        "decode": {"native": 27.47, "onednn": 32.01, "plain": 30.19},
+        "prefill": {"native": 278.37, "onednn": 242.55, "plain": 247.26},
+    }
+    assert set(fewest_copies(0.10, "onednn")(seconds).values()) == {"plain", "onednn"}
+    kept = fewest_copies(0.10, "onednn", keep=lambda _: {"native"})(seconds)
+    assert kept == {"one": "plain", "decode": "native", "prefill": "onednn"}
+
+
 def test_a_cached_choice_is_picked_again_under_the_callers_rule(tmp_path) -> None:
     table = Table(SPREAD)
     cache = tmp_path / "choice.json"
@@ -236,7 +249,7 @@ def test_a_cached_choice_is_picked_again_under_the_callers_rule(tmp_path) -> Non
 def test_auto_keeps_fewer_packings_for_small_gains(tmp_path) -> None:
     model = tiny()
     packing = pack_linears(model, torch.float32, "auto", measure=Table(SPREAD), cache_dir=tmp_path)
-    assert packing.paths == {"native", "onednn"}
+    assert packing.picked == {"one": "native", "decode": "native", "prefill": "onednn"}
     assert isinstance(model[0], RoutedLinear) and set(model[0].parts) == {"native", "onednn"}
     everything = pack_linears(
         tiny(), torch.float32, "auto", measure=Table(SPREAD), cache_dir=tmp_path / "x",
