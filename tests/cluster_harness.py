@@ -218,15 +218,27 @@ class ClusterHarness:
                     left = [i.instance_id for i in registry.live_instances()]
                     if left:
                         problems.append(f"registry still lists {left}")
-                    stray = sorted(
-                        k
-                        for k in registry.namespace_keys()
-                        if not k.endswith((":prefix-events", ":decisions")) and not is_trace_key(k)
-                    )
+                    stray = self._stray_keys(registry)
                     if stray:
                         problems.append(f"keys left in Redis: {stray}")
             self._stop_redis()
         assert not problems, "leaks at teardown: " + "; ".join(problems)
+
+    @staticmethod
+    def _stray_keys(registry: Registry, wait_s: float = 8.0) -> list[str]:
+        """Keys left in the cluster's namespace, once those under a TTL had the time to
+        expire: a process killed in a test leaves its leased records (an instance's
+        lease, a router's admission report) to expire, as in production."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            stray = sorted(
+                k
+                for k in registry.namespace_keys()
+                if not k.endswith((":prefix-events", ":decisions")) and not is_trace_key(k)
+            )
+            if not stray or time.monotonic() > deadline:
+                return stray
+            time.sleep(0.25)
 
     # -- access ----------------------------------------------------------------------------
 
