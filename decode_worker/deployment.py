@@ -46,6 +46,7 @@ remote prefill either lands or falls back within it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -87,8 +88,10 @@ class DecodeWorker:
         self, request: WorkerRequest, replica: str | None = None
     ) -> AsyncIterator[TokenChunk]:
         self._rt.check_pin(replica)
-        async for chunk in self._gen.generate(request):
-            yield chunk
+        # Closed here, not left to the collector, when Serve drops this generator.
+        async with contextlib.aclosing(self._gen.generate(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)

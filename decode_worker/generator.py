@@ -14,7 +14,7 @@ its transfer; `close_pending` (engine thread) and `close()` end it all.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from decode_worker.chunks import ChunkBuilder
 from decode_worker.rank_role import receiver_endpoint
@@ -24,6 +24,7 @@ from kv_transfer.shm import ShmEndpoint, ShmKVStorage
 from kv_transfer.transport import TransportKind
 from telemetry import TraceContext, tracing
 from telemetry.context import REQUEST_ID
+from worker.errors import RequestAborted
 from worker.kv_rank import local_rank, transfer_host
 from worker.messages import TokenChunk, WorkerRequest, WorkerSettings
 from worker.runtime import WorkerRuntime
@@ -86,11 +87,13 @@ class Generator:
         )
 
     def abort(self, request_id: str) -> None:
-        """Engine thread: the request's transfer first, then the request."""
+        """Engine thread: the request's transfer first, then the request, then its
+        stream (if its reader is still there it ends with RequestAborted)."""
         if self.remote is not None:
             self.remote.abort(request_id)
         else:
             self._rt.engine.abort_request(request_id)
+        self._rt.loop.end_stream(request_id, RequestAborted(f"request {request_id} aborted"))
 
     def shm_slots(self) -> dict[str, int]:
         endpoint = self.remote.receiver.endpoint if self.remote is not None else None
@@ -100,7 +103,7 @@ class Generator:
 
     # -- one request --------------------------------------------------------------------
 
-    async def generate(self, request: WorkerRequest) -> AsyncIterator[TokenChunk]:
+    async def generate(self, request: WorkerRequest) -> AsyncGenerator[TokenChunk, None]:
         rid = request.request_id
         REQUEST_ID.set(rid)  # this call's task: its log lines name the request
         span = tracing.start("decode", request.trace, {"remote": request.remote is not None})

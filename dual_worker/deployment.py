@@ -29,6 +29,7 @@ after a flip to prefill, prompts after a flip to decode) finish on this engine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -81,8 +82,10 @@ class DualWorker:
         self, request: WorkerRequest, replica: str | None = None
     ) -> AsyncIterator[TokenChunk]:
         self._rt.check_pin(replica)
-        async for chunk in self._gen.generate(request):
-            yield chunk
+        # Closed here, not left to the collector, when Serve drops this generator.
+        async with contextlib.aclosing(self._gen.generate(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def _abort(self, request_id: str) -> None:
         self._pusher.discard(request_id)

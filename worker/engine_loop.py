@@ -182,6 +182,14 @@ class EngineLoop:
         with self._lock:
             self._streams.pop(request_id, None)
 
+    def end_stream(self, request_id: str, error: BaseException) -> None:
+        """Drop the request's stream and end its reader with `error` (an abort: the
+        reader may be suspended where a cancellation cannot reach it)."""
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.post(error)
+
     def has_stream(self, request_id: str) -> bool:
         with self._lock:
             return request_id in self._streams

@@ -21,3 +21,8 @@ class WorkerError(Exception):
 
 class InstanceUnavailable(WorkerError):
     """The instance cannot serve this call; another instance may."""
+
+
+class RequestAborted(WorkerError):
+    """The request was aborted (by the router, or by the client through it) while its
+    stream was open; its reader gets no more outputs."""
