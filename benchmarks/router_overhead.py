@@ -3,6 +3,7 @@
     python -m benchmarks.router_overhead [--model smollm2-135m-instruct | --tiny]
                                          [--requests 30] [--short 16] [--long 160]
                                          [--max-tokens 4] [--threshold 64] [--colocated]
+                                         [--set KEY=VALUE ...]
 
 The same prompts (random token ids, a fresh prompt per request, so no prefix-cache hit
 helps either side) run twice, one request at a time:
@@ -145,7 +146,9 @@ def direct_ttft_ms(engine: LLMEngine, rid: str, ids: list[int], max_tokens: int)
     return (first - start) * 1000
 
 
-def cluster_config(model: str, threshold: int, colocated: bool) -> ClusterConfig:
+def cluster_config(
+    model: str, threshold: int, colocated: bool, overrides: tuple[str, ...] = ()
+) -> ClusterConfig:
     pools = (
         [f"pools=[{{name: main, role: colocated, engine: {{kv_cache_bytes: {KV_CACHE}}}}}]"]
         if colocated
@@ -162,6 +165,7 @@ def cluster_config(model: str, threshold: int, colocated: bool) -> ClusterConfig
             f"model.max_model_len={MAX_MODEL_LEN}",
             *pools,
             f"router.disaggregation_threshold={threshold}",
+            *overrides,
         ],
     )
 
@@ -293,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--threshold", type=int, default=64)
     parser.add_argument("--colocated", action="store_true", help="one colocated pool, no prefill")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a cluster config override, as `pdserve up --set` takes (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not args.short < args.threshold <= args.long:
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"direct engine: {model_dir}")
         engine = direct_engine(model_dir)
 
-        config = cluster_config(model_dir, args.threshold, args.colocated)
+        config = cluster_config(model_dir, args.threshold, args.colocated, tuple(args.overrides))
         launcher = Launcher(config, echo=lambda m: print(f"  {m}", flush=True))
         launcher.start()
         samples: list[Sample] = []
