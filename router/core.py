@@ -33,12 +33,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import Span
 
-from registry import LoadReport, Registry, Role, connect
+from registry import Registry, Role, connect
 from registry.traces import REQUEST_ID_ATTR, start_tracing
 from router.admission import Admission, Demand
 from router.breaker import CircuitBreaker
@@ -52,7 +51,8 @@ from router.pinning import probe_replica, watch_replica_deaths
 from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
 from router.request_ids import bind_request_id, new_request_id
 from router.results import Delta
-from router.settings import PoolSpec, RouterSettings
+from router.settings import RouterSettings
+from router.status import PoolStatus, pool_status
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
 from telemetry import TraceContext, install_log_records, tracing
@@ -60,21 +60,6 @@ from telemetry import TraceContext, install_log_records, tracing
 logger = logging.getLogger(__name__)
 
 REGISTRY_STALE_S = 2.0  # a view older than this: Redis is unreachable
-
-
-@dataclass(frozen=True)
-class InstanceStatus:
-    instance_id: str
-    pool: str
-    role: Role
-    load: LoadReport | None
-    age_s: float  # age of the load report
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    spec: PoolSpec
-    instances: tuple[InstanceStatus, ...]
 
 
 class Session:
@@ -104,7 +89,10 @@ class Session:
         outcome = "cancelled"
         tag = self.request.client_tag
         try:
-            async for delta in with_migration(self._run, self._reroute, self.route, self._policy()):
+            migrating = with_migration(
+                self._run, self._reroute, self.route, self._policy(), self._resumed()
+            )
+            async for delta in migrating:
                 if delta.finish is not None:
                     e2e_s = time.monotonic() - self._arrival
                     core.metrics.finished(self._protocol, delta.finish, e2e_s)
@@ -137,6 +125,12 @@ class Session:
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
 
+    def _resumed(self) -> Progress:
+        """What the client has already: nothing, or the tokens and text of the stream
+        it continues (`resume`), which the stream goes on after, as after a move."""
+        r = self.request.resume
+        return Progress(r.output_token_ids, r.text_chars_sent) if r is not None else Progress()
+
     def _policy(self) -> MigrationPolicy:
         s, m = self._core.settings, self._core.metrics
         return MigrationPolicy(
@@ -164,7 +158,7 @@ class Session:
         req = self.request
         if progress.token_ids:
             prompt = req.prompt_token_ids + progress.token_ids
-            req = dataclasses.replace(req, prompt_token_ids=prompt)
+            req = dataclasses.replace(req, prompt_token_ids=prompt, resume=None)
         return self._core.route(req, avoid)
 
     def close(self) -> None:
@@ -348,6 +342,9 @@ class RouterCore:
     def route(self, req: ValidRequest, avoid: frozenset[str] = frozenset()) -> RouteDecision:
         """The routing decision over the current view, never to a decode instance whose
         address is in `avoid` (raises RouterError UNAVAILABLE when none is left)."""
+        if req.resume is not None:  # the prompt the instances compute includes them
+            prompt = req.prompt_token_ids + req.resume.output_token_ids
+            req = dataclasses.replace(req, prompt_token_ids=prompt, resume=None)
         hashes = self.encoder.block_hashes(req.prompt_token_ids)
         decode = self.view.candidates(Role.DECODE, hashes, avoid)
         prefill = []
@@ -381,20 +378,4 @@ class RouterCore:
         return fresh and self.view.has_role(Role.DECODE)
 
     def status(self) -> list[PoolStatus]:
-        now = time.time()
-        views = self.view.instances()
-        out = []
-        for spec in self.settings.pools:
-            instances = tuple(
-                InstanceStatus(
-                    v.info.instance_id,
-                    spec.name,
-                    spec.role,
-                    v.load,
-                    max(0.0, now - v.load.ts) if v.load is not None else 0.0,
-                )
-                for v in views
-                if v.info.pool == spec.name
-            )
-            out.append(PoolStatus(spec, instances))
-        return out
+        return pool_status(self.view, self.settings.pools)
