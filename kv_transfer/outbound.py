@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -130,15 +129,8 @@ class Outbounds:
 
     def _report(self, out: Outbound, status: TransferStatus) -> None:
         assert self._on_record is not None
-        start = out.first_sent
-        record = TransferRecord(
-            "send",
-            status.state is TransferState.DONE,
-            status.reason,
-            out.sent_bytes,
-            max(0, out.block_end - out.spec.first_block) if start is not None else 0,
-            time.monotonic() - start if start is not None else 0.0,
-        )
+        blocks = out.block_end - out.spec.first_block
+        record = TransferRecord.ended("send", status, out.sent_bytes, blocks, out.first_sent)
         try:
             self._on_record(record)
         except Exception:

@@ -29,7 +29,7 @@ from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
 from prefill_worker.rank_role import sender_connector
 from telemetry import TraceContext, request_scope, tracing
-from worker.engine_loop import OutputStream
+from worker.engine_loop import COMMAND_TIMEOUT_S, OutputStream
 from worker.kv_rank import local_rank, transfer_host
 from worker.layer_spans import LayerSpans
 from worker.messages import PrefillOutcome, PrefillRequest, WorkerSettings
@@ -38,7 +38,6 @@ from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
-COMMAND_TIMEOUT_S = 30.0
 _ABORTED_MEMORY_S = 120.0  # how long an abort that came before its prefill is kept
 _SEND_POLL_S = 0.001
 # Sends in flight end within their transport's operation timeout (then the pair is
