@@ -25,6 +25,11 @@ Lifecycle of a replica:
                     (client cancel, router abort) the request is aborted: the transfer
                     first, then the engine request, so its blocks return to the pool.
     abort()         the same abort, by request id (the router's explicit cleanup)
+    prefill_failed()
+                    the router saw the request's remote prefill fail (the call raised,
+                    the instance died, or its transfer failed): the KV will not come, so
+                    the prompt is recomputed here at once (counted), not at the
+                    transfer's timeout
                     (the request path itself is `decode_worker.generator.Generator`,
                     which switchable replicas share)
     check_health()  Serve's periodic probe: raises once the engine thread failed, or once
@@ -100,6 +105,14 @@ class DecodeWorker(PoolReplica):
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
         await self._rt.loop.call(lambda: self._gen.abort(request_id), COMMAND_TIMEOUT_S)
+
+    async def prefill_failed(
+        self, request_id: str, reason: str, replica: str | None = None
+    ) -> None:
+        """The router saw the request's remote prefill fail: recompute it now."""
+        self._rt.check_pin(replica)
+        fail = self._gen.prefill_failed
+        await self._rt.loop.call(lambda: fail(request_id, reason), COMMAND_TIMEOUT_S)
 
     def _state(self) -> WorkerState:
         remote = self._gen.remote

@@ -19,6 +19,8 @@ Lifecycle of a replica:
                  token to the decode instance the router chose (`Pusher.prefill`)
     generate()   as a decode instance: wait for the remote KV, or prefill a short
                  prompt here, and stream tokens (`Generator.generate`)
+    prefill_failed()
+                 as a decode instance: the request's remote prefill failed; recompute it
     abort()      a request of either kind: its outgoing transfer, its incoming
                  transfer, then the engine request
     state(), suspend_heartbeat(), resume_heartbeat(), check_health()
@@ -102,6 +104,14 @@ class DualWorker(PoolReplica):
         self._rt.check_pin(replica)
         self._pusher.note_abort(request_id)
         await self._rt.loop.call(lambda: self._abort(request_id), COMMAND_TIMEOUT_S)
+
+    async def prefill_failed(
+        self, request_id: str, reason: str, replica: str | None = None
+    ) -> None:
+        """The router saw the request's remote prefill fail: recompute it now."""
+        self._rt.check_pin(replica)
+        fail = self._gen.prefill_failed
+        await self._rt.loop.call(lambda: fail(request_id, reason), COMMAND_TIMEOUT_S)
 
     def _state(self) -> WorkerState:
         remote = self._gen.remote
