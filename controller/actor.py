@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 
 from controller.controller import Controller
 from controller.metrics import RayMetrics
+from controller.refusals import MetricsScraper
 from controller.scaler import ServeScaler
 from controller.settings import ControllerSettings
 from registry import Registry, connect
@@ -73,6 +74,7 @@ class ControllerActor:
             scaler,
             RayMetrics(settings.cluster),
             Path(record) if record else None,
+            MetricsScraper(settings.app_name).read,
         )
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lease = Leadership(
