@@ -166,11 +166,20 @@ class HttpReply:
 
 
 class ClusterHarness:
-    def __init__(self, config: ClusterConfig, model_dir: str, scalable: bool = False) -> None:
-        """`scalable`: the app takes Serve's external scaling calls (`scale`)."""
+    def __init__(
+        self,
+        config: ClusterConfig,
+        model_dir: str,
+        scalable: bool = False,
+        controller: bool = False,
+    ) -> None:
+        """`scalable`: the app takes Serve's external scaling calls (`scale`).
+        `controller`: with `planner.enabled`, the app runs the controller as a deployment
+        of its own, as a cluster deployed from a Serve config (KubeRay) does."""
         self.config = config
         self.model_dir = model_dir
         self.scalable = scalable
+        self.controller = controller
         self.redis = RedisServer()
         self.grpc_target = f"127.0.0.1:{config.server.grpc_port}"
         self.http_url = f"http://127.0.0.1:{config.server.http_port}"
@@ -211,7 +220,12 @@ class ClusterHarness:
         )
         http, grpc = serve_options(self.config)
         serve.start(http_options=http, grpc_options=grpc)
-        app = build_app(self.config, model_dir=self.model_dir, redis_url=self.redis.url)
+        app = build_app(
+            self.config,
+            model_dir=self.model_dir,
+            redis_url=self.redis.url,
+            controller=self.controller,
+        )
         serve.run(app, name=APP_NAME, route_prefix="/", external_scaler_enabled=self.scalable)
         with self.client() as c:
             wait_until(lambda: c.healthy() and c.cluster_status().ready, START_TIMEOUT_S, "ready")
