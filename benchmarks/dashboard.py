@@ -150,6 +150,8 @@ async def _load(launcher: Launcher, token: str, args: argparse.Namespace, vocab:
 
 
 def run(args: argparse.Namespace, model_dir: str, tmp: Path) -> int:
+    """Cluster, Prometheus and load; then every panel's queries, the table and the
+    figure. 0: written; 1: a panel has no data."""
     from engine.config import ModelConfig
 
     dash = Dashboard.load(args.dashboard)
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace, model_dir: str, tmp: Path) -> int:
     title = (
         f"{dash.title}: deploy/grafana/pdserve.json evaluated by Prometheus {version} against a "
         f"real run ({stamp}): 2 routers, 1 prefill + 2 decode replicas, "
-        f"{Path(model_dir).name}, CPU; drawn by benchmarks.dashboard"
+        f"{'a random tiny model' if args.tiny else args.model}, CPU; drawn by benchmarks.dashboard"
     )
     fig = draw(dash, {i: [s for r in rs for s in r.series] for i, rs in results.items()},
                (start, end), steps, title)  # fmt: skip

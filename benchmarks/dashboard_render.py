@@ -130,7 +130,7 @@ def _panel_box(fig: Figure, box: Rect, size: tuple[int, int]) -> None:
             facecolor=PANEL,
             edgecolor=GRID,
             linewidth=0.6,
-            zorder=0,
+            zorder=-1,
         )
     )
 
@@ -200,8 +200,9 @@ def _style_axes(ax: Axes, unit: str, start: datetime, end: datetime) -> None:
     ax.set_xlim(start, end)  # type: ignore[arg-type]
     ax.set_ylim(bottom=0)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(unit, v)))
-    clock = mdates.DateFormatter("%H:%M", tz=UTC)  # type: ignore[no-untyped-call]
-    ax.xaxis.set_major_formatter(clock)
+    ax.xaxis.set_major_locator(mdates.AutoDateLocator(tz=UTC, maxticks=7))  # type: ignore[no-untyped-call]
+    fmt = "%H:%M" if (end - start).total_seconds() > 600 else "%H:%M:%S"
+    ax.xaxis.set_major_formatter(mdates.DateFormatter(fmt, tz=UTC))  # type: ignore[no-untyped-call]
     ax.tick_params(colors=TEXT, labelsize=7, length=0)
     ax.grid(color=GRID, linewidth=0.5)
     for spine in ax.spines.values():
