@@ -41,7 +41,7 @@ from pathlib import Path
 
 from benchmarks.dashboard_load import LoadResult, drive, plan
 from benchmarks.dashboard_panels import Dashboard, QueryContext, legend, promql
-from benchmarks.dashboard_render import Series, draw
+from benchmarks.dashboard_render import Series, draw, save_png
 from benchmarks.prometheus import PrometheusError, PrometheusServer, find_prometheus
 from benchmarks.serving import free_port
 from benchmarks.serving_driver import wait_idle, warm_up
@@ -184,18 +184,32 @@ def run(args: argparse.Namespace, model_dir: str, tmp: Path) -> int:
     if empty:
         print(f"\nFAILED: no data in panel(s) {empty}: a query or an exporter is wrong", flush=True)
         return 1
-    stamp = datetime.fromtimestamp(end, UTC).strftime("%Y-%m-%d %H:%M UTC")
-    title = (
-        f"{dash.title}: deploy/grafana/pdserve.json evaluated by Prometheus {version} against a "
-        f"real run ({stamp}): 2 routers, 1 prefill + 2 decode replicas, "
-        f"{'a random tiny model' if args.tiny else args.model}, CPU; drawn by benchmarks.dashboard"
-    )
     fig = draw(dash, {i: [s for r in rs for s in r.series] for i, rs in results.items()},
-               (start, end), steps, title)  # fmt: skip
+               (start, end), steps, _title(dash, args, version, (start, end), load))  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=fig.dpi, facecolor=fig.get_facecolor())
-    print(f"\nwrote {args.out} ({args.out.stat().st_size // 1024} KiB)", flush=True)
+    size = save_png(fig, args.out)
+    print(f"\nwrote {args.out} ({size // 1024} KiB)", flush=True)
     return 0
+
+
+def _title(
+    dash: Dashboard,
+    args: argparse.Namespace,
+    version: str,
+    window: tuple[float, float],
+    load: LoadResult,
+) -> str:
+    day, a, b = (datetime.fromtimestamp(t, UTC).strftime(f) for t, f in
+                 ((window[0], "%Y-%m-%d"), (window[0], "%H:%M"), (window[1], "%H:%M")))  # fmt: skip
+    model = "a random tiny model" if args.tiny else args.model
+    return (
+        f"{dash.title}: the panels of deploy/grafana/pdserve.json, their queries evaluated by "
+        f"Prometheus {version} against a real run and drawn by benchmarks.dashboard "
+        f"(not a Grafana screenshot)\n{day} {a}-{b} UTC: 2 router replicas, 1 prefill + 2 "
+        f"decode replicas of {model} on CPU; {len(load.grpc) + len(load.http)} streamed "
+        f"requests (after 3 to warm up), short and long prompts, over gRPC and HTTP at "
+        f"{args.rate:g} req/s"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,16 +10,18 @@ plot in list mode. `data` maps each panel's index in `dashboard.panels` to its
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import matplotlib.dates as mdates
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MultipleLocator
 
 from benchmarks.dashboard_panels import (
     DASHBOARD_WIDTH_PX,
@@ -37,7 +39,10 @@ BACKGROUND, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
 PALETTE: tuple[str, ...] = ("#73bf69", "#f2cc0c", "#8ab8ff", "#ff780a", "#f2495c", "#5794f2")
 PALETTE += ("#b877d9", "#705da0", "#37872d", "#fade2a", "#447ebc", "#c15c17", "#890f02")
 TITLE_PX, LEGEND_ROW_PX, AXIS_PX, Y_LABELS_PX, PAD_PX = 24, 13, 18, 56, 6
+HEADER_PX = 60  # the figure's two title lines
 LEGEND_COLUMNS = 2
+TICKS_S = (10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
+PNG_COLORS = 128  # the saved figure's palette: a small file, the same look
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def format_value(unit: str, value: float) -> str:
 
 
 def figure_size_px(dashboard: Dashboard) -> tuple[int, int]:
-    return DASHBOARD_WIDTH_PX, grid_height(dashboard) * GRID_ROW_PX + TITLE_PX * 2
+    return DASHBOARD_WIDTH_PX, grid_height(dashboard) * GRID_ROW_PX + HEADER_PX
 
 
 def _frac(rect: Rect, size: tuple[int, int], top_px: float) -> Rect:
@@ -162,8 +167,8 @@ def draw(
     size = figure_size_px(dashboard)
     total = grid_height(dashboard)
     fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, facecolor=BACKGROUND)
-    fig.text(0.005, 1 - 6 / size[1], title, color=TEXT, fontsize=11, va="top")
-    header = TITLE_PX * 2
+    fig.text(0.005, 1 - 6 / size[1], title, color=TEXT, fontsize=10, va="top", linespacing=1.5)
+    header = HEADER_PX
     for row in dashboard.rows:
         box = _frac(grid_rect(row.grid, total), size, header)
         fig.text(box.left + 0.004, box.bottom + box.height / 2, row.title, color=TEXT,
@@ -179,7 +184,7 @@ def draw(
         ax = fig.add_axes((r.left, r.bottom, r.width, r.height), facecolor=PANEL)
         ax.set_title(panel.title, alpha=0)  # invisible: names the axes for lookups
         _draw_series(ax, series, step_s.get(i, 1.0))
-        _style_axes(ax, panel.unit, start, end)
+        _style_axes(ax, panel.unit, start, end, max_ticks=max(3, panel.grid.w - 1))
         if series:
             ax.legend(
                 loc="upper left",
@@ -196,12 +201,14 @@ def draw(
     return fig
 
 
-def _style_axes(ax: Axes, unit: str, start: datetime, end: datetime) -> None:
+def _style_axes(ax: Axes, unit: str, start: datetime, end: datetime, max_ticks: int) -> None:
     ax.set_xlim(start, end)  # type: ignore[arg-type]
     ax.set_ylim(bottom=0)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(unit, v)))
-    ax.xaxis.set_major_locator(mdates.AutoDateLocator(tz=UTC, maxticks=7))  # type: ignore[no-untyped-call]
-    fmt = "%H:%M" if (end - start).total_seconds() > 600 else "%H:%M:%S"
+    span_s = (end - start).total_seconds()
+    tick_s = next((t for t in TICKS_S if span_s / t <= max_ticks), TICKS_S[-1])
+    ax.xaxis.set_major_locator(MultipleLocator(tick_s / 86_400))  # date units are days
+    fmt = "%H:%M" if tick_s % 60 == 0 else "%H:%M:%S"
     ax.xaxis.set_major_formatter(mdates.DateFormatter(fmt, tz=UTC))  # type: ignore[no-untyped-call]
     ax.tick_params(colors=TEXT, labelsize=7, length=0)
     ax.grid(color=GRID, linewidth=0.5)
@@ -216,3 +223,15 @@ def panel_axes(fig: Figure) -> dict[str, Axes]:
 
 def grid_of(dashboard: Dashboard, title: str) -> GridPos:
     return next(p.grid for p in dashboard.panels if p.title == title)
+
+
+def save_png(fig: Figure, path: Path) -> int:
+    """Write `fig` as a palette PNG (`PNG_COLORS` colours); returns its size in bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, facecolor=fig.get_facecolor())
+    buf.seek(0)
+    with Image.open(buf) as img:
+        img.convert("RGB").quantize(PNG_COLORS).save(path, optimize=True)
+    return path.stat().st_size
