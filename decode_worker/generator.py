@@ -26,14 +26,13 @@ from kv_transfer.shm import ShmEndpoint, ShmKVStorage
 from kv_transfer.transport import TransportKind
 from telemetry import TraceContext, tracing
 from telemetry.context import REQUEST_ID
+from worker.engine_loop import COMMAND_TIMEOUT_S
 from worker.errors import RequestAborted
 from worker.kv_rank import local_rank, transfer_host
 from worker.messages import TokenChunk, WorkerRequest, WorkerSettings
 from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
-
-COMMAND_TIMEOUT_S = 30.0
 
 
 class Generator:

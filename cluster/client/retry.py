@@ -16,6 +16,9 @@ from the next token, so the caller's iterator goes on with no token repeated or
 missing (greedy output is the undisturbed run's). Each such call is a resume
 (`max_resumes`, counted in the client's `resumes`); before its own first chunk it is
 retried like any call. A stream whose last chunk arrived is never continued.
+
+Both clients' resend loops drive a `StreamCalls` for each Generate, which holds these
+decisions; the loops differ only in how they read the stream and sleep.
 """
 
 from __future__ import annotations
