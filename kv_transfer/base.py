@@ -159,6 +159,8 @@ class TransferRecord:
 
 
 RecordSink = Callable[[TransferRecord], None]  # called once per transfer; must not block
+# a transfer's id and terminal status, once per transfer; must not block
+EndSink = Callable[[str, TransferStatus], None]
 
 
 class TransferError(RuntimeError):

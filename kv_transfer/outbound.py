@@ -17,6 +17,7 @@ import torch
 
 from kv_transfer.base import (
     PENDING,
+    EndSink,
     FirstToken,
     RecordSink,
     SendSpec,
@@ -92,10 +93,17 @@ class Outbounds:
     transport's completion callbacks all change them. Methods ending in `_locked` are
     called with `lock` held."""
 
-    def __init__(self, history: int, on_record: RecordSink | None = None) -> None:
-        """`on_record` gets each transfer's figures as it becomes terminal."""
+    def __init__(
+        self,
+        history: int,
+        on_record: RecordSink | None = None,
+        on_end: EndSink | None = None,
+    ) -> None:
+        """`on_record` gets each transfer's figures as it becomes terminal, and `on_end`
+        its id and terminal status (both under the lock: they must not block)."""
         self.lock = threading.Lock()
         self._on_record = on_record
+        self._on_end = on_end
         self.room = threading.Condition(self.lock)  # notified as bytes in flight drop
         self.active: dict[str, Outbound] = {}
         self.unreleased: set[str] = set()  # transfers whose sources a send may still read
@@ -125,6 +133,11 @@ class Outbounds:
         self.room.notify_all()
         if self._on_record is not None:
             self._report(out, status)
+        if self._on_end is not None:
+            try:
+                self._on_end(out.spec.transfer_id, status)
+            except Exception:
+                logger.exception("transfer %s: on_end failed", out.spec.transfer_id)
         return True
 
     def _report(self, out: Outbound, status: TransferStatus) -> None:
