@@ -56,8 +56,6 @@ logger = logging.getLogger(__name__)
 
 
 class DualWorker(DecodingReplica):
-    _count_rank_transfers = True  # every rank sends and receives its own KV slices
-
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role not in (Role.PREFILL, Role.DECODE):
             raise ValueError("DualWorker serves prefill and decode pools, not colocated ones")
