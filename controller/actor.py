@@ -68,11 +68,12 @@ class ControllerActor:
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-controller")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
         scaler = ServeScaler(settings.app_name) if settings.planner.scaling else None
+        self._metrics = RayMetrics(settings.cluster)
         self._ctl = Controller(
             settings,
             registry,
             scaler,
-            RayMetrics(settings.cluster),
+            self._metrics,
             Path(record) if record else None,
             MetricsScraper(settings.app_name).read,
         )
@@ -113,6 +114,7 @@ class ControllerActor:
         elif self._leading and not held:
             logger.warning("controller %s lost the lease", self._lease.holder)
         self._leading = held
+        self._metrics.leading(held)
         return held
 
     def ready(self) -> bool:
@@ -137,6 +139,7 @@ class ControllerActor:
         except (RedisError, OSError) as e:
             logger.warning("clearing the routing table failed: %s", e)
         self._leading = False
+        self._metrics.leading(False)
         self._redis.close()
 
 
