@@ -6,7 +6,9 @@ controller asks Serve, through the external scaler, for a second prefill replica
 starts it without redeploying: every replica that ran before (router and pools) is the
 same actor, with the same pid, afterwards. The new replica registers, greedy outputs
 still match the single-process engine, and the run ends with the leak checks, the
-controller having cleared the routing table and released its lease."""
+controller having cleared the routing table and released its lease. A controller
+replica killed outright is replaced by Serve, and the new one acts once the dead one's
+lease expired."""
 
 from __future__ import annotations
 
@@ -150,3 +152,36 @@ def test_queued_prefills_add_a_prefill_replica_without_a_redeploy(
 
     assert _send(cluster, AFTER, 2) == {p: reference[p] for p in AFTER}
     assert _scales(cluster) == [scale]  # the cooldown holds
+
+
+def test_a_killed_controller_is_replaced_and_the_new_one_takes_the_lease(
+    cluster: ClusterHarness,
+) -> None:
+    assert cluster.registry is not None
+    lease = cluster.registry.keys.controller
+    redis = cluster.redis_client
+    holder = redis.get(lease)
+    assert holder is not None
+    prefix = f"SERVE_REPLICA::{APP_NAME}#controller#"
+    (name,) = [n for n in _replica_actors() if n.startswith(prefix)]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    # Serve replaces the replica (once its health check finds it dead); the new one
+    # acts once the dead one's lease expired.
+    wait_until(
+        lambda: [n for n in _replica_actors() if n.startswith(prefix) and n != name] != [],
+        120.0,
+        "a new controller replica",
+        step_s=0.5,
+    )
+    handle = serve.get_deployment_handle("controller", app_name=APP_NAME)
+
+    def leads() -> bool:
+        try:
+            return bool(handle.leading.remote().result(timeout_s=10))
+        except Exception:  # still routed to the dead replica, or the new one starting
+            return False
+
+    wait_until(leads, 90.0, "the new controller holds the lease", step_s=0.5)
+    assert redis.get(lease) not in (None, holder)
+    assert cluster.registry.routing.read().threshold == 16  # reset as configured
+    assert _running("prefill") == 2  # the pool keeps the count the first one set
