@@ -60,6 +60,29 @@ LONG_PROMPTS = [
     "remember that distant afternoon when his father took him to discover ice in the town.",
 ]
 
+# For the clusters whose pools each have their own TP/PP layout: prefill TP=2 and
+# decode PP=2, half a CPU per rank, small KV caches; prompts of about 40 tokens, and
+# two below a threshold of 16.
+SPLIT_LAYOUTS = [
+    "pools.prefill.tp=2",
+    "pools.decode.pp=2",
+    "pools.prefill.resources_per_rank={CPU: 0.5}",
+    "pools.decode.resources_per_rank={CPU: 0.5}",
+    "pools.prefill.engine.kv_cache_bytes=4MiB",
+    "pools.decode.engine.kv_cache_bytes=4MiB",
+]
+LAYOUT_LONG_PROMPTS = [
+    "A lighthouse keeper kept a log of every ship that passed the point, the weather at "
+    "dawn and dusk, and the state of the lamp, for forty years without missing a night.",
+    "The recipe calls for two cups of flour, a pinch of salt, three eggs beaten until pale, "
+    "and enough milk to make a batter that coats the back of a wooden spoon.",
+    "Rivers carve valleys slowly: a few millimetres a year, but over a million years that "
+    "is kilometres of rock carried grain by grain down to the delta and out to sea.",
+    "When the orchestra tuned, the oboe gave the A, the strings followed, and the hall "
+    "went quiet as the conductor raised her baton above the score on the stand.",
+]
+LAYOUT_SHORT_PROMPTS = ["Hello", "Name a colour:"]
+
 
 def greedy(max_tokens: int = MAX_TOKENS) -> SamplingParams:
     """The engine-side twin of the clients' greedy sampling."""
