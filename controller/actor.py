@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -143,12 +144,35 @@ class ControllerActor:
         self._redis.close()
 
 
+def log_to(handlers: list[logging.Handler]) -> None:
+    """Send the controller's log lines (INFO and up: every decision) to `handlers`, in
+    a Ray process whose root logger would drop them."""
+    log = logging.getLogger("controller")
+    if log.handlers:
+        return
+    for handler in handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class DetachedController(ControllerActor):
+    """The actor `start` creates: its log lines go to the actor's stderr, which Ray
+    keeps in the worker's log file (and shows on the driver that logs to it)."""
+
+    def __init__(self, settings: ControllerSettings, record: str | None = None) -> None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+        log_to([handler])
+        super().__init__(settings, record)
+
+
 def start(settings: ControllerSettings, record: str | None = None) -> Any:
     """Create the cluster's controller actor (the caller is connected to Ray) and wait,
     bounded, until its loop runs; returns the actor handle."""
     import ray
 
-    cls: Any = ray.remote(ControllerActor)
+    cls: Any = ray.remote(DetachedController)
     handle = cls.options(
         name=actor_name(settings.cluster),
         namespace=NAMESPACE,
