@@ -1,7 +1,8 @@
 """One controller tick: read the cluster, decide, act, and account for it.
 
-    ctl = Controller(settings, registry, scaler, metrics)
-    actions = ctl.tick(t, slow)    read a `Snapshot` (one Redis round), turn it into an
+    ctl = Controller(settings, registry, scaler, metrics, ingress=source)
+    actions = ctl.tick(t, slow)    read a `Snapshot` (one Redis round, and Serve's ingress
+                                   refusals from `ingress` when given), turn it into an
                                    `Observation`, run the policy's fast loop (and its
                                    slow loop when `slow`), then apply each action:
                                      flip/repair  the routing table's role for the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from redis.exceptions import RedisError
@@ -28,6 +30,7 @@ from redis.exceptions import RedisError
 from controller.metrics import Metrics
 from controller.observe import Observer, Snapshot
 from controller.policy import Action, ActionKind, Policy, pressures
+from controller.refusals import IngressCounts
 from controller.scaler import Scaler
 from controller.settings import ControllerSettings
 from registry import Registry, Role
@@ -43,8 +46,10 @@ class Controller:
         scaler: Scaler | None = None,
         metrics: Metrics | None = None,
         record: Path | None = None,
+        ingress: Callable[[], IngressCounts | None] | None = None,
     ) -> None:
         self.settings = settings
+        self._ingress = ingress
         self._registry = registry
         self._scaler = scaler
         self._metrics = metrics
@@ -70,7 +75,8 @@ class Controller:
         self._registry.routing.clear()
 
     def tick(self, t: float, slow: bool) -> list[Action]:
-        snap = Snapshot.read(self._registry, t)
+        counts = self._ingress() if self._ingress is not None else None
+        snap = Snapshot.read(self._registry, t, counts)
         if self._record is not None:
             with self._record.open("a") as fh:
                 fh.write(snap.to_json() + "\n")

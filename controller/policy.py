@@ -62,12 +62,13 @@ class Demand:
 
     interval_s: float = 0.0
     arrived: int = 0  # refused ones included
-    refused: int = 0
+    refused: int = 0  # by the routers, or before them by Serve's proxies
     finished: int = 0
     mean_queue_s: float | None = None
     mean_remote_queue_s: float | None = None  # of those prefilled remotely
     mean_ttft_s: float | None = None
     mean_tpot_s: float | None = None
+    refused_at_ingress: int = 0  # of `refused`: by Serve's proxies (`controller.refusals`)
 
     @property
     def arrival_rate(self) -> float:
@@ -122,6 +123,7 @@ class Action:
             "n_decode": p.n_decode,
             "arrival_rate": round(d.arrival_rate, 4),
             "refused": d.refused,
+            "refused_at_ingress": d.refused_at_ingress,
             "mean_queue_s": d.mean_queue_s,
             "mean_remote_queue_s": d.mean_remote_queue_s,
             "mean_tpot_s": d.mean_tpot_s,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -22,10 +21,9 @@ from cluster.client.messages import (
     build_request,
     chunk_from,
     completion_from,
-    error_from,
     state_from,
 )
-from cluster.client.retry import RetryPolicy
+from cluster.client.retry import RetryPolicy, Tries
 from cluster.client.sync import APPLICATION, call_metadata, channel_credentials
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2, pdserve_pb2_grpc
 
@@ -74,26 +72,19 @@ class AsyncClient:
     async def stream_request(
         self, request: pdserve_pb2.GenerateRequest, timeout_s: float | None = None
     ) -> AsyncIterator[Chunk]:
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        attempt = 0
+        tries = Tries(self.retry, timeout_s or self.timeout_s)
         while True:
             started = False
-            call: Any = self._stub.Generate(
-                request, timeout=max(0.0, deadline - time.monotonic()), metadata=self._md
-            )
+            call: Any = self._stub.Generate(request, timeout=tries.left_s(), metadata=self._md)
             try:
                 async for msg in call:
                     started = True
                     yield chunk_from(msg)
                 return
             except grpc.RpcError as e:
-                error = error_from(e)
-                wait = self.retry.delay(error.code, started, attempt, deadline - time.monotonic())
-                if wait < 0:
-                    raise error from None
+                wait = tries.after_failure(e, started)
             finally:
                 call.cancel()
-            attempt += 1
             self.retries += 1
             await asyncio.sleep(wait)
 

@@ -20,8 +20,8 @@ def test_each_fallback_kind_is_its_own_label() -> None:
         r.value: _sample(m, "pdserve_remote_prefill_fallbacks_total", {"reason": r.value})
         for r in FallbackReason
     }
-    assert counts == {"decode_full": 2, "transfer": 1}
-    # only a failed transfer is also a transfer failure
+    assert counts == {"decode_full": 2, "transfer": 1, "prefill_failed": 1}
+    # only a failed transfer is also a transfer failure (the router counts failed prefills)
     assert _sample(m, "pdserve_kv_transfer_failures_total") == 1
 
 
