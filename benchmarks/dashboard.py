@@ -1,7 +1,7 @@
 """The Grafana dashboard (deploy/grafana/pdserve.json) against a real run, evaluated by
 a real Prometheus and drawn in the dashboard's layout.
 
-    python -m benchmarks.dashboard                    # about 8 min
+    python -m benchmarks.dashboard                    # about 6 min
         [--duration-s 180] [--rate 0.3] [--scrape-interval-s 2] [--out PNG] [--tiny]
 
 1. Start a local cluster with `pdserve up`'s launcher: 2 router replicas, 1 prefill
