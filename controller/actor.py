@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -68,11 +69,12 @@ class ControllerActor:
         self._redis = connect(settings.redis_url, client_name=f"{settings.cluster}-controller")
         registry = Registry(self._redis, settings.cluster, lease_ttl_s=settings.lease_ttl_s)
         scaler = ServeScaler(settings.app_name) if settings.planner.scaling else None
+        self._metrics = RayMetrics(settings.cluster)
         self._ctl = Controller(
             settings,
             registry,
             scaler,
-            RayMetrics(settings.cluster),
+            self._metrics,
             Path(record) if record else None,
             MetricsScraper(settings.app_name).read,
         )
@@ -113,6 +115,7 @@ class ControllerActor:
         elif self._leading and not held:
             logger.warning("controller %s lost the lease", self._lease.holder)
         self._leading = held
+        self._metrics.leading(held)
         return held
 
     def ready(self) -> bool:
@@ -137,7 +140,31 @@ class ControllerActor:
         except (RedisError, OSError) as e:
             logger.warning("clearing the routing table failed: %s", e)
         self._leading = False
+        self._metrics.leading(False)
         self._redis.close()
+
+
+def log_to(handlers: list[logging.Handler]) -> None:
+    """Send the controller's log lines (INFO and up: every decision) to `handlers`, in
+    a Ray process whose root logger would drop them."""
+    log = logging.getLogger("controller")
+    if log.handlers:
+        return
+    for handler in handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class DetachedController(ControllerActor):
+    """The actor `start` creates: its log lines go to the actor's stderr, which Ray
+    keeps in the worker's log file (and shows on the driver that logs to it)."""
+
+    def __init__(self, settings: ControllerSettings, record: str | None = None) -> None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+        log_to([handler])
+        super().__init__(settings, record)
 
 
 def start(settings: ControllerSettings, record: str | None = None) -> Any:
@@ -145,7 +172,7 @@ def start(settings: ControllerSettings, record: str | None = None) -> Any:
     bounded, until its loop runs; returns the actor handle."""
     import ray
 
-    cls: Any = ray.remote(ControllerActor)
+    cls: Any = ray.remote(DetachedController)
     handle = cls.options(
         name=actor_name(settings.cluster),
         namespace=NAMESPACE,

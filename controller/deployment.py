@@ -5,6 +5,7 @@
                                      (`cluster.builder.build_app(controller=True)`);
                                      runs the same loop as the detached actor
                                      (`controller.actor.ControllerActor`)
+                                     and logs into the replica's log file
     check_health()                   Serve's periodic health check: fails once the loop
                                      thread has ended, so Serve replaces the replica
     __del__()                        Serve's shutdown of the replica (a redeploy, the
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 
-from controller.actor import ControllerActor
+from controller.actor import ControllerActor, log_to
 from controller.settings import ControllerSettings
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ DEPLOYMENT_NAME = "controller"
 
 class ControllerDeployment:
     def __init__(self, settings: ControllerSettings) -> None:
+        # Into the replica's log file, with Serve's own lines.
+        log_to(list(logging.getLogger("ray.serve").handlers))
         self._loop = ControllerActor(settings)
         logger.info("controller of cluster %s started", settings.cluster)
 

@@ -31,7 +31,8 @@ The fast loop, one tick:
    [threshold_min, threshold_max], at most once per `threshold_cooldown_s`.
 
 The slow loop adds a replica to the pool of the busier role while its mean pressure
-since the last slow tick is at least `scale_up_at` or routers refused requests, and
+since the last slow tick is at least `scale_up_at` or requests were refused (by the
+routers or by Serve's proxies before them), and
 removes one from the pool of the less busy role while both are below `scale_down_at`;
 within [min_replicas, max_replicas], at most once per `scale_cooldown_s`.
 """
@@ -121,11 +122,15 @@ class Action:
             "decode_pressure": round(p.decode, 4),
             "n_prefill": p.n_prefill,
             "n_decode": p.n_decode,
+            "interval_s": round(d.interval_s, 3),
+            "arrived": d.arrived,
             "arrival_rate": round(d.arrival_rate, 4),
             "refused": d.refused,
             "refused_at_ingress": d.refused_at_ingress,
+            "finished": d.finished,
             "mean_queue_s": d.mean_queue_s,
             "mean_remote_queue_s": d.mean_remote_queue_s,
+            "mean_ttft_s": d.mean_ttft_s,
             "mean_tpot_s": d.mean_tpot_s,
         }
         if self.kind in (ActionKind.FLIP, ActionKind.REPAIR):
@@ -177,7 +182,7 @@ class Policy:
         self._last_scale = -float("inf")
         self._streak: tuple[str, int] = ("", 0)  # wanted move, ticks in a row
         self._slow_sum = [0.0, 0.0, 0]  # P, D, ticks since the last slow tick
-        self._slow_refused = 0
+        self._window: list[Demand] = []  # the demand of those ticks
 
     # -- fast loop ----------------------------------------------------------------------
 
@@ -186,7 +191,7 @@ class Policy:
         self._slow_sum[0] += p.prefill
         self._slow_sum[1] += p.decode
         self._slow_sum[2] += 1
-        self._slow_refused += obs.demand.refused
+        self._window.append(obs.demand)
         repair = self._repair(obs, p)
         if repair is not None:
             return [repair]
@@ -304,9 +309,10 @@ class Policy:
         n = self._slow_sum[2]
         p_mean = self._slow_sum[0] / n if n else 0.0
         d_mean = self._slow_sum[1] / n if n else 0.0
-        refused = self._slow_refused
+        window = _total(self._window)
+        refused = window.refused
         self._slow_sum = [0.0, 0.0, 0]
-        self._slow_refused = 0
+        self._window = []
         if not cfg.scaling or n == 0 or obs.t - self._last_scale < cfg.scale_cooldown_s:
             return []
         now = pressures(obs, cfg)
@@ -327,6 +333,16 @@ class Policy:
             return []
         self.replicas[pool] = new
         self._last_scale = obs.t
-        return [
-            Action(ActionKind.SCALE, obs.t, p, obs.demand, reason, pool=pool, replicas=(old, new))
-        ]
+        return [Action(ActionKind.SCALE, obs.t, p, window, reason, pool=pool, replicas=(old, new))]
+
+
+def _total(demands: list[Demand]) -> Demand:
+    """The counts of the slow loop's window, summed (its inputs besides the mean
+    pressures; the per-tick means are left out)."""
+    return Demand(
+        interval_s=sum(d.interval_s for d in demands),
+        arrived=sum(d.arrived for d in demands),
+        refused=sum(d.refused for d in demands),
+        finished=sum(d.finished for d in demands),
+        refused_at_ingress=sum(d.refused_at_ingress for d in demands),
+    )

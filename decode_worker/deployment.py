@@ -31,6 +31,7 @@ Lifecycle of a replica:
                     the prompt is recomputed here at once (counted), not at the
                     transfer's timeout
                     (the request path itself is `decode_worker.generator.Generator`,
+                    and these two calls `decode_worker.replica.DecodingReplica`'s,
                     which switchable replicas share)
     check_health()  Serve's periodic probe: raises once the engine thread failed, or once
                     an idle keepalive found a TP/PP replica's other ranks unreachable
@@ -53,27 +54,23 @@ remote prefill either lands or falls back within it).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 from decode_worker.generator import Generator
 from decode_worker.rank_role import DecodeRankRole
+from decode_worker.replica import DecodingReplica
 from registry import Role
 from worker.engine_loop import COMMAND_TIMEOUT_S
 from worker.messages import (
-    TokenChunk,
-    WorkerRequest,
     WorkerSettings,
     WorkerState,
 )
-from worker.replica import PoolReplica
 from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
 
 
-class DecodeWorker(PoolReplica):
+class DecodeWorker(DecodingReplica):
     def __init__(self, settings: WorkerSettings, replica_id: str | None = None) -> None:
         """`replica_id` is Serve's unique id of this replica, which Serve supplies when
         None; an in-process replica outside Serve names itself."""
@@ -93,26 +90,9 @@ class DecodeWorker(PoolReplica):
 
     # -- the deployment's methods -------------------------------------------------------
 
-    async def generate(
-        self, request: WorkerRequest, replica: str | None = None
-    ) -> AsyncIterator[TokenChunk]:
-        self._rt.check_pin(replica)
-        # Closed here, not left to the collector, when Serve drops this generator.
-        async with contextlib.aclosing(self._gen.generate(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
         await self._rt.loop.call(lambda: self._gen.abort(request_id), COMMAND_TIMEOUT_S)
-
-    async def prefill_failed(
-        self, request_id: str, reason: str, replica: str | None = None
-    ) -> None:
-        """The router saw the request's remote prefill fail: recompute it now."""
-        self._rt.check_pin(replica)
-        fail = self._gen.prefill_failed
-        await self._rt.loop.call(lambda: fail(request_id, reason), COMMAND_TIMEOUT_S)
 
     def _state(self) -> WorkerState:
         remote = self._gen.remote

@@ -21,6 +21,7 @@ Lifecycle of a replica:
                  prompt here, and stream tokens (`Generator.generate`)
     prefill_failed()
                  as a decode instance: the request's remote prefill failed; recompute it
+                 (both as the decode pool's replicas: `decode_worker.replica`)
     abort()      a request of either kind: its outgoing transfer, its incoming
                  transfer, then the engine request
     state(), suspend_heartbeat(), resume_heartbeat(), check_health()
@@ -34,12 +35,11 @@ after a flip to prefill, prompts after a flip to decode) finish on this engine.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
 
 from decode_worker.generator import Generator
+from decode_worker.replica import DecodingReplica
 from dual_worker.rank_role import DualRankRole
 from prefill_worker.pusher import Pusher
 from registry import Role
@@ -47,20 +47,15 @@ from worker.engine_loop import COMMAND_TIMEOUT_S
 from worker.messages import (
     PrefillOutcome,
     PrefillRequest,
-    TokenChunk,
-    WorkerRequest,
     WorkerSettings,
     WorkerState,
 )
-from worker.replica import PoolReplica
 from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
 
 
-class DualWorker(PoolReplica):
-    _count_rank_transfers = True  # every rank sends and receives its own KV slices
-
+class DualWorker(DecodingReplica):
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role not in (Role.PREFILL, Role.DECODE):
             raise ValueError("DualWorker serves prefill and decode pools, not colocated ones")
@@ -87,15 +82,6 @@ class DualWorker(PoolReplica):
         self._rt.check_pin(replica)
         return await self._pusher.prefill(request)
 
-    async def generate(
-        self, request: WorkerRequest, replica: str | None = None
-    ) -> AsyncIterator[TokenChunk]:
-        self._rt.check_pin(replica)
-        # Closed here, not left to the collector, when Serve drops this generator.
-        async with contextlib.aclosing(self._gen.generate(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
     def _abort(self, request_id: str) -> None:
         self._pusher.discard(request_id)
         self._gen.abort(request_id)
@@ -104,14 +90,6 @@ class DualWorker(PoolReplica):
         self._rt.check_pin(replica)
         self._pusher.note_abort(request_id)
         await self._rt.loop.call(lambda: self._abort(request_id), COMMAND_TIMEOUT_S)
-
-    async def prefill_failed(
-        self, request_id: str, reason: str, replica: str | None = None
-    ) -> None:
-        """The router saw the request's remote prefill fail: recompute it now."""
-        self._rt.check_pin(replica)
-        fail = self._gen.prefill_failed
-        await self._rt.loop.call(lambda: fail(request_id, reason), COMMAND_TIMEOUT_S)
 
     def _state(self) -> WorkerState:
         remote = self._gen.remote

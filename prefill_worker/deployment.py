@@ -76,8 +76,6 @@ __all__ = ["PrefillWorker", "release_when_unread"]
 
 
 class PrefillWorker(PoolReplica):
-    _count_rank_transfers = True  # every rank sends its own KV slices
-
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")

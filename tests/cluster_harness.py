@@ -279,6 +279,10 @@ class ClusterHarness:
 
     # -- access ----------------------------------------------------------------------------
 
+    @property
+    def redis_client(self) -> Any:
+        return self._redis_client
+
     def client(self, token: str | None = "default") -> Client:
         return Client(
             self.grpc_target, token=self.token if token == "default" else token, timeout_s=120

@@ -11,7 +11,6 @@ first checks that a pinned call reached the replica it named.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 from worker.engine_loop import COMMAND_TIMEOUT_S
 from worker.messages import WorkerState
@@ -20,14 +19,13 @@ from worker.runtime import WorkerRuntime
 
 class PoolReplica:
     _rt: WorkerRuntime
-    # Whether `state` adds the transfers still active on ranks 1..N-1.
-    _count_rank_transfers: ClassVar[bool] = False
 
     async def state(self, replica: str | None = None) -> WorkerState:
         self._rt.check_pin(replica)
         state = await self._rt.loop.call(self._state, COMMAND_TIMEOUT_S)
-        if not self._count_rank_transfers or self._rt.ranks is None:
+        if self._rt.ranks is None:
             return state
+        # every rank sends or receives its own KV slices
         others = sum(await self._rt.ranks.acall("num_active"))
         return dataclasses.replace(state, active_transfers=state.active_transfers + others)
 
