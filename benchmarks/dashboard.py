@@ -1,7 +1,7 @@
 """The Grafana dashboard (deploy/grafana/pdserve.json) against a real run, evaluated by
 a real Prometheus and drawn in the dashboard's layout.
 
-    python -m benchmarks.dashboard                    # about 8 min
+    python -m benchmarks.dashboard                    # about 6 min
         [--duration-s 180] [--rate 0.3] [--scrape-interval-s 2] [--out PNG] [--tiny]
 
 1. Start a local cluster with `pdserve up`'s launcher: 2 router replicas, 1 prefill
@@ -202,8 +202,10 @@ def _title(
     day, a, b = (datetime.fromtimestamp(t, UTC).strftime(f) for t, f in
                  ((window[0], "%Y-%m-%d"), (window[0], "%H:%M"), (window[1], "%H:%M")))  # fmt: skip
     model = "a random tiny model" if args.tiny else args.model
+    path = args.dashboard.resolve()
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     return (
-        f"{dash.title}: the panels of deploy/grafana/pdserve.json, their queries evaluated by "
+        f"{dash.title}: the panels of {name}, their queries evaluated by "
         f"Prometheus {version} against a real run and drawn by benchmarks.dashboard "
         f"(not a Grafana screenshot)\n{day} {a}-{b} UTC: 2 router replicas, 1 prefill + 2 "
         f"decode replicas of {model} on CPU; {len(load.grpc) + len(load.http)} streamed "

@@ -21,9 +21,10 @@ from cluster.client.messages import (
     build_request,
     chunk_from,
     completion_from,
+    error_from,
     state_from,
 )
-from cluster.client.retry import RetryPolicy, Tries
+from cluster.client.retry import RetryPolicy, StreamCalls
 from cluster.client.sync import APPLICATION, call_metadata, channel_credentials
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2, pdserve_pb2_grpc
 
@@ -54,6 +55,7 @@ class AsyncClient:
         self.timeout_s = timeout_s
         self.retry = retry if retry is not None else RetryPolicy()
         self.retries = 0
+        self.resumes = 0
 
     async def close(self) -> None:
         await self._channel.close()
@@ -72,20 +74,23 @@ class AsyncClient:
     async def stream_request(
         self, request: pdserve_pb2.GenerateRequest, timeout_s: float | None = None
     ) -> AsyncIterator[Chunk]:
-        tries = Tries(self.retry, timeout_s or self.timeout_s)
+        calls = StreamCalls(request, self.retry, timeout_s or self.timeout_s)
         while True:
-            started = False
-            call: Any = self._stub.Generate(request, timeout=tries.left_s(), metadata=self._md)
+            call: Any = self._stub.Generate(
+                calls.request(), timeout=calls.timeout(), metadata=self._md
+            )
             try:
                 async for msg in call:
-                    started = True
-                    yield chunk_from(msg)
+                    yield calls.took(chunk_from(msg))
                 return
             except grpc.RpcError as e:
-                wait = tries.after_failure(e, started)
+                kind, wait = calls.after(error_from(e))  # raises what goes to the caller
             finally:
-                call.cancel()
-            self.retries += 1
+                call.cancel()  # no-op once the call completed
+            if kind == "resume":
+                self.resumes += 1
+            else:
+                self.retries += 1
             await asyncio.sleep(wait)
 
     def stream(

@@ -87,22 +87,26 @@ static inline __attribute__((always_inline)) void store(pd_vf v, const float *bi
 }
 
 /* `rows` rows of x against one column block (cols of its 32 columns are real). With
- * pf, step kk also prefetches row kk of the panel at pf into L2. */
+ * pf, every pfs-th step also prefetches the next row of the panel at pf into L2. */
 static inline __attribute__((always_inline)) void tile(
-    const float *x, int64_t ldx, const float *wb, const float *pf, const float *bias, float *y,
-    int64_t ldy, const int rows, int64_t k, int64_t cols, int accumulate) {
+    const float *x, int64_t ldx, const float *wb, const float *pf, int pfs, const float *bias,
+    float *y, int64_t ldy, const int rows, int64_t k, int64_t cols, int accumulate) {
   const int nv = TILE_NV(rows), ku = TILE_KU(rows);
   for (int c0 = 0; c0 < cols; c0 += nv * PD_VW) {
     pd_vf acc[PD_TILE_ROWS][PD_MAX_ACC];
     for (int r = 0; r < rows; r++)
       for (int i = 0; i < nv * ku; i++) acc[r][i] = pd_vzero();
     const float *wk = wb + c0;
+    const float *pp = c0 == 0 ? pf : 0;
+    int left = 1;
     int64_t kk = 0;
     for (; kk + ku <= k; kk += ku, wk += ku * PD_BLOCK)
       for (int u = 0; u < ku; u++) {
-        if (pf && c0 == 0) {
-          __builtin_prefetch(pf + (kk + u) * PD_BLOCK, 0, 2);
-          __builtin_prefetch(pf + (kk + u) * PD_BLOCK + 16, 0, 2);
+        if (pp && --left == 0) {
+          __builtin_prefetch(pp, 0, 2);
+          __builtin_prefetch(pp + 16, 0, 2);
+          pp += PD_BLOCK;
+          left = pfs;
         }
         pd_vf w[4];
         for (int j = 0; j < nv; j++) w[j] = pd_vload(wk + u * PD_BLOCK + j * PD_VW);
@@ -129,14 +133,16 @@ static inline __attribute__((always_inline)) void tile(
 }
 
 #define TILE_CASE(n) \
-  case n: tile(xr, ldx, wb, pf, bias, yr, ldy, n, k, cols, acc); break;
+  case n: tile(xr, ldx, wb, pf, pfs, bias, yr, ldy, n, k, cols, acc); break;
 
 /* All m rows against one column block, in tiles of near-equal height. One tile
  * prefetches its own stream PD_AHEAD floats ahead (past the block's end, that is the
  * next block: the blocks lie back to back). With several tiles, only the first reads
- * the block's weights from memory; the last prefetches the next block's (`next`, may
- * be NULL), so that the next first tile finds them in L2 rather than stalling on
- * memory (the LM head at 32 rows ran about a fifth faster so). */
+ * the block's weights from memory, and every tile prefetches its share of the next
+ * block's (`next`, may be NULL) into L2, spread evenly over its steps, so that the
+ * fetch of the next block overlaps the whole of this one's compute and the next first
+ * tile finds it in L2 rather than stalling on memory. (Fetched by the last tile alone,
+ * the 32-row decode matmuls and LM head ran 10-25% slower, one thread, CPU time.) */
 static void column_block(const float *x, int64_t ldx, const float *wb, const float *next,
                          const float *bias, float *y, int64_t ldy, int64_t m, int64_t k,
                          int64_t cols, int acc) {
@@ -145,7 +151,10 @@ static void column_block(const float *x, int64_t ldx, const float *wb, const flo
   for (int64_t t = 0; t < tiles; t++) {
     const int64_t left = tiles - t, rows = (m - r + left - 1) / left;
     const float *xr = x + r * ldx;
-    const float *pf = tiles == 1 ? wb + PD_AHEAD : t == tiles - 1 ? next : 0;
+    /* one tile: its own stream, PD_AHEAD ahead; several: tile t fetches rows
+     * [t k / tiles, (t + 1) k / tiles) of the next block, one every `tiles` steps */
+    const float *pf = tiles == 1 ? wb + PD_AHEAD : next ? next + t * k / tiles * PD_BLOCK : 0;
+    const int pfs = tiles == 1 ? 1 : (int)tiles;
     float *yr = y + r * ldy;
     switch (rows) {
       TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4)

@@ -172,3 +172,13 @@ def test_every_panel_is_drawn_in_its_place_with_its_legend() -> None:
     assert [b.y0 for b in left_col] == sorted((b.y0 for b in left_col), reverse=True)
     r = plot_rect(grid_rect(dash.panels[0].grid, grid_height(dash)), size, 6)
     assert r.height > 0.02  # a panel with six legend entries keeps room to plot
+
+
+def test_without_prometheus_the_benchmark_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.dashboard import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no prometheus here
+    assert main([]) == 2
+    assert "apt-get install -y prometheus" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.sampling import Sampler, SamplingError, skip_draws
+from engine.sampling import Sampler, SamplingError, greedy_tokens, skip_draws
 
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], [42] * 20]
 
@@ -53,6 +53,25 @@ def _draws(logits: torch.Tensor, params: SamplingParams, n: int) -> torch.Tensor
     gen = torch.Generator().manual_seed(0)
     toks = [s.sample(logits[None], [params], [gen])[0][0] for _ in range(n)]
     return torch.bincount(torch.tensor(toks), minlength=logits.numel()).float()
+
+
+def test_greedy_tokens_follow_torch_argmax_on_ties_infinities_and_nans() -> None:
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor(
+        [
+            [0.5, 2.0, 2.0, -1.0],  # a tie: the first
+            [-inf, -inf, -inf, -inf],  # all -inf: the first
+            [1.0, nan, 3.0, nan],  # a NaN counts as the largest: the first NaN
+            [inf, 1.0, inf, 0.0],
+            [-0.0, 0.0, -1.0, -2.0],  # -0 == 0: the first
+        ]
+    )
+    wide = torch.randn(8, 49152)
+    wide[3, 100] = wide[3, 40000] = wide[3].max() + 1
+    for logits in (rows, wide, wide[:, ::2], wide.t().contiguous().t()):
+        got = greedy_tokens(logits)
+        assert got.dtype == torch.int64
+        assert got.tolist() == logits.argmax(dim=-1).tolist()
 
 
 def test_distribution_matches_softmax() -> None:
