@@ -33,8 +33,9 @@ The fast loop, one tick:
 The slow loop adds a replica to the pool of the busier role while its mean pressure
 since the last slow tick is at least `scale_up_at` or requests were refused (by the
 routers or by Serve's proxies before them), and
-removes one from the pool of the less busy role while both are below `scale_down_at`;
-within [min_replicas, max_replicas], at most once per `scale_cooldown_s`.
+removes one from the pool of the less busy role (or of the other role, when that pool
+is at `min_replicas`) while both are below `scale_down_at`; within [min_replicas,
+max_replicas], at most once per `scale_cooldown_s`.
 """
 
 from __future__ import annotations
@@ -323,8 +324,10 @@ class Policy:
             pool, delta = self.pools[busy], 1
             reason = f"mean P {p_mean:.2f} D {d_mean:.2f}, {refused} refused: add to {busy.value}"
         elif max(p_mean, d_mean) < cfg.scale_down_at and refused == 0:
-            pool, delta = self.pools[idle], -1
-            reason = f"mean P {p_mean:.2f} D {d_mean:.2f}: remove from {idle.value}"
+            # The less busy role's pool, or the other one if that is at its fewest.
+            shrink = idle if self.replicas[self.pools[idle]] > cfg.min_replicas else busy
+            pool, delta = self.pools[shrink], -1
+            reason = f"mean P {p_mean:.2f} D {d_mean:.2f}: remove from {shrink.value}"
         else:
             return []
         old = self.replicas[pool]
