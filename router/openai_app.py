@@ -31,7 +31,6 @@ W3C `traceparent` header makes the request's spans part of the client's trace.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +47,7 @@ from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.openapi_doc import openapi_document
 from router.request_ids import RequestId
 from router.results import Delta, Finish
+from router.sse import DONE, error_event, event
 from router.validation import OPENAI_FIELDS, InvalidRequest, RawRequest
 from telemetry import TraceContext
 from telemetry.context import parse_traceparent
@@ -264,27 +264,19 @@ class OpenAIApp:
     ) -> AsyncIterator[bytes]:
         try:
             if r.chat:
-                yield _event(r.chunk_head())
+                yield event(r.chunk_head())
             async for delta in session.stream():
-                yield _event(r.chunk(delta))
+                yield event(r.chunk(delta))
                 if delta.finish is not None and include_usage:
-                    yield _event(r.usage_chunk(delta.finish))
+                    yield event(r.usage_chunk(delta.finish))
         except RouterError as e:
-            yield _error_event(e.kind, e.message, e.field)
+            yield error_event(e.kind, e.message, e.field)
         except Exception:  # rendering failed: the client still gets a proper ending
             logger.exception("request %s: streaming failed", session.request_id)
-            yield _error_event(ErrorKind.INTERNAL, "internal error", None)
+            yield error_event(ErrorKind.INTERNAL, "internal error", None)
         finally:
             session.close()
-        yield b"data: [DONE]\n\n"
-
-
-def _event(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _error_event(kind: ErrorKind, message: str, param: str | None) -> bytes:
-    return _event({"error": {"message": message, "type": kind.value, "param": param}})
+        yield DONE
 
 
 class _Renderer:
