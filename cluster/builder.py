@@ -59,6 +59,7 @@ from router.deployment import Router
 from router.dispatch import DispatchTimeouts
 from router.pinning import ROUTER_CLASS_PATH
 from router.settings import PoolSpec, RouterSettings
+from router.sse_guard import CALLBACK_ENV, CALLBACK_PATH
 from router.validation import Limits
 from telemetry import TracingSettings
 from worker.messages import WorkerSettings
@@ -92,11 +93,13 @@ _PINNED = RequestRouterConfig.model_validate({"request_router_class": ROUTER_CLA
 
 def serve_process_env(config: ClusterConfig) -> dict[str, str]:
     """Environment for the processes of a local Ray that will run this config: the
-    low-latency switches, and the gRPC proxy's message limit (Serve's default is 2 GiB)
+    low-latency switches, the gRPC proxy's message limit (Serve's default is 2 GiB)
     cut to the router's request bound, so an oversized message is refused by gRPC
-    itself before anything parses it."""
+    itself before anything parses it, and the HTTP proxy's middleware that ends an
+    event stream whose router replica died with an error event, not a cut."""
     env = dict(LOW_LATENCY_SERVE_ENV) if config.router.low_latency_serve else {}
     env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(int(config.router.max_request_bytes) + (64 << 10))
+    env[CALLBACK_ENV] = CALLBACK_PATH
     return env
 
 

@@ -16,6 +16,7 @@ from cluster.cli import main
 from cluster.config import ConfigError
 from cluster.config_file import load_config
 from cluster.k8s.render import ManifestFile, render, write
+from router.sse_guard import CALLBACK_ENV, CALLBACK_PATH
 
 Doc = dict[str, Any]
 
@@ -72,6 +73,8 @@ def test_defaults_render_a_cpu_dev_cluster() -> None:
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     groups = _groups(rs)
     assert list(groups) == ["router", "prefill", "decode"]
+    for g in (cluster["headGroupSpec"], *groups.values()):  # Serve's HTTP proxy's hook
+        assert _env(_container(g))[CALLBACK_ENV] == CALLBACK_PATH
     for name in ("prefill", "decode"):
         g = groups[name]
         assert g["replicas"] == g["minReplicas"] == g["maxReplicas"] == 1
