@@ -43,6 +43,22 @@ def replica_pids(deployment: str) -> dict[str, int]:
     }
 
 
+def replica_loads(deployment: str, samples: int = 5) -> dict[str, int]:
+    """Replica unique id -> its ongoing requests, as Serve's replica counts them: the
+    least of `samples` reads 20 ms apart, so that a short call (a health check) is not
+    counted."""
+    names = {u: f"SERVE_REPLICA::{APP_NAME}#{deployment}#{u}" for u in replica_pids(deployment)}
+    actors = {u: ray.get_actor(name, namespace="serve") for u, name in names.items()}
+    loads = dict.fromkeys(actors, 1 << 30)
+    for _ in range(samples):
+        counts: list[int] = ray.get(
+            [a.get_num_ongoing_requests.remote() for a in actors.values()], timeout=10
+        )
+        loads = {u: min(loads[u], n) for u, n in zip(actors, counts, strict=True)}
+        time.sleep(0.02)
+    return loads
+
+
 def rank_actor_pids() -> list[int]:
     """Pids of the live TP/PP rank actors of the Ray cluster this process started (Ray
     titles an actor's process `ray::<class>...`; local Ray's raylet is a child of the

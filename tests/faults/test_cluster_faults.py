@@ -15,9 +15,10 @@ greedy text, each ending with leak checks:
   - the prefill replica's second pipeline rank (an actor) SIGKILLed while transfers
     are in flight: every request still gets its text (the decode instance prefills
     what the broken instance cannot), and Serve replaces the instance;
-  - one of the two router replicas SIGKILLed: streams it carried break with
+  - one of the two router replicas SIGKILLed: gRPC streams it carried break with
     UNAVAILABLE, and the client library continues each on the other router with the
-    tokens it has (no break, the greedy text); new calls succeed.
+    tokens it has (no break, the greedy text); an HTTP stream it carried ends with an
+    `unavailable` error event and [DONE], not a cut connection; new calls succeed.
 The routers' health checks are asked every 0.25 s throughout (1 s deadline); they
 must answer in time through every fault but the overload (whose 80 arrivals share
 Serve's proxy with them) and the router's own death, where the figures are reported
@@ -47,6 +48,7 @@ from benchmarks.fault_load import (
     SseStream,
     StreamResult,
     rank_actor_pids,
+    replica_loads,
     replica_pids,
 )
 from cluster.client import Client, ClientError, Sampling
@@ -371,27 +373,43 @@ def test_a_killed_router_replica_costs_a_client_retry(
     port = cluster.config.server.http_port
     prompts = [*LONG_PROMPTS[:4], *SHORT]
     with HealthWatch(cluster.grpc_target, port) as watch:
-        # 6 streams, and 2 calls at a time after the death: the surviving router holds
-        # them all (CAPACITY) however the proxy split the streams.
-        running = {p: _grpc(cluster, p) for p in prompts[:6]}
+        # 2 HTTP streams, then 5 gRPC streams, and 2 calls at a time after the death: the
+        # surviving router holds them all (CAPACITY) however the proxy split the streams.
+        # The victim carries an HTTP stream (and, of two that do, more gRPC streams).
+        sse = {p: _sse(cluster, p) for p in LONG_PROMPTS[4:6]}
+        wait_until(lambda: all(s.result.reads for s in sse.values()), 60.0, "first events")
+        on = replica_loads("router")
+        running = {p: _grpc(cluster, p) for p in prompts[:5]}
         wait_until(lambda: all(s.result.reads for s in running.values()), 60.0, "first tokens")
-        victim = sorted(routers.values())[0]
+        loads = replica_loads("router")
+        victim = routers[max(routers, key=lambda u: (on[u] > 0, loads[u]))]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         with Client(cluster.grpc_target, timeout_s=120) as client, ThreadPoolExecutor(2) as pool:
             after = list(pool.map(lambda p: client.generate(p, SAMPLING).token_ids, prompts))
             retried_after = client.retries
         results = _join(running)  # type: ignore[arg-type]
+        http = _join(sse)  # type: ignore[arg-type]
     # A stream cut by the death ends with UNAVAILABLE; the client library continues it
     # on the other router with what it had (`resume`), and its caller sees no break.
     resumed = {p: r.resumes for p, r in results.items() if r.resumes}
+    # An HTTP stream the death broke ends with an `unavailable` error event and [DONE]
+    # (Serve's HTTP proxy would cut it): a prefix of the greedy text, never a cut.
+    broke = {p: r for p, r in http.items() if r.errors}
     print(
         f"\nrouter SIGKILL: {len(results)} streams, {len(resumed)} continued by the client "
         f"({sum(resumed.values())} resumes), client retries after the death {retried_after}; "
-        + _health_report("", watch, killed_at)
+        f"{len(http)} HTTP streams (loads {on} then {loads}), {len(broke)} ended by an error "
+        "event; " + _health_report("", watch, killed_at)
     )
     assert resumed, "the killed router carried no stream"
     assert not _wrong(results, reference)
+    assert broke, "the killed router carried no HTTP stream"
+    for p, r in http.items():
+        assert r.ended_properly, f"{p[:20]!r}: {r.failure}"
+        assert r.tokens == reference[p][: len(r.tokens)], f"{p[:20]!r}: not the greedy text"
+        assert p in broke or r.tokens == reference[p], f"{p[:20]!r}: {len(r.tokens)} tokens"
+    assert [e["type"] for r in broke.values() for e in r.errors] == ["unavailable"] * len(broke)
     assert [list(t) for t in after] == reference.many(prompts)
     # The retry is bounded: a dead address still fails.
     with pytest.raises(ClientError), Client("127.0.0.1:1", timeout_s=5) as client:
