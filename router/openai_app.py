@@ -14,7 +14,8 @@ and parsed with the schemas in `openai_schema`; any bad field is a 400 in OpenAI
 error shape, with the field named in `param`. With an API key configured, every route
 but /health needs `Authorization: Bearer <key>`. Streams are server-sent events
 ending in `data: [DONE]`; an error after the stream started, whatever its cause, is
-sent as an `error` event followed by `data: [DONE]`, never as a cut connection. When
+sent as an `error` event followed by `data: [DONE]`, never as a cut connection (when
+this replica dies mid-stream, `router.sse_guard` on Serve's HTTP proxy sends them). When
 the client goes away, Serve cancels the handler and the request is aborted on every
 pool.
 
