@@ -8,6 +8,7 @@ given back and each test ends with none held."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from typing import Any
 
@@ -99,7 +100,8 @@ def test_a_full_router_refuses_grpc_in_the_call_s_first_step(router_core: Router
     try:
         step = frontend.generate(pdserve_pb2.GenerateRequest(prompt="hello"), context).__anext__()
         with pytest.raises(GrpcStatusError):
-            step.send(None)
+            # in a context of its own, as a task would be: the call binds its request id
+            contextvars.copy_context().run(step.send, None)
     finally:
         _empty(router_core, n)
     assert context.code is grpc.StatusCode.RESOURCE_EXHAUSTED
