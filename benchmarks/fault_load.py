@@ -81,6 +81,7 @@ class StreamResult:
     reads: list[float] = field(default_factory=list)  # time.monotonic() of each event
     timings: dict[str, Any] = field(default_factory=dict)  # of the final message
     retries: int = 0  # the client library's own retries (gRPC)
+    resumes: int = 0  # the client library's continuations of a broken stream (gRPC)
 
     @property
     def ended_properly(self) -> bool:
@@ -208,7 +209,7 @@ class GrpcStream(_StreamThread):
                         if chunk.timings is not None:
                             r.timings = dataclasses.asdict(chunk.timings)
                 finally:
-                    r.retries = c.retries
+                    r.retries, r.resumes = c.retries, c.resumes
             r.done = True
         except ClientError as e:
             r.reads.append(time.monotonic())

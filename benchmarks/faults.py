@@ -30,10 +30,11 @@ flight).
 Per fault: requests sent; identical (ended properly with exactly the single engine's
 greedy tokens); migrated (the final message's `migrations` timing, where the server
 reports it); retried (the routers' `pdserve_request_retries` plus the gRPC client's
-own retries); failed (ended with an error event or status, or refused); truncated (a
-cut stream, or one with no byte for 30 s); the longest wait for a byte after the fault;
-and the time from the fault to the router's exclusion of the instance
-(`pdserve_instance_exclusions`, polled every 50 ms; "-" where no instance is excluded).
+own retries); resumed (gRPC streams the client library continued after a break);
+failed (ended with an error event or status, or refused); truncated (a cut stream, or
+one with no byte for 30 s); the longest wait for a byte after the fault; and the time
+from the fault to the router's exclusion of the instance (`pdserve_instance_exclusions`,
+polled every 50 ms; "-" where no instance is excluded).
 On cluster B the metrics come from whichever router the proxy picks, so the router
 retries there are a lower bound.
 
@@ -92,6 +93,7 @@ class FaultResult:
     identical: int = 0
     migrated: int = 0
     retried: int = 0
+    resumed: int = 0  # streams the gRPC client continued after a break (`resume`)
     failed: int = 0
     truncated: int = 0
     longest_stall_s: float = 0.0
@@ -256,6 +258,7 @@ def run_fault(
     for prompt, r in results:
         res.migrated += int(r.timings.get("migrations") or 0)
         res.retried += r.retries
+        res.resumed += r.resumes
         res.longest_stall_s = max(res.longest_stall_s, r.longest_gap_after(at))
         if r.failure.startswith(("cut", "stall")) or (not r.done and not r.failure):
             res.truncated += 1
@@ -326,7 +329,8 @@ def run_cluster(
 
 
 HEADER = (
-    f"{'fault':<34} {'sent':>5} {'identical':>9} {'migrated':>8} {'retried':>7} {'failed':>6} "
+    f"{'fault':<34} {'sent':>5} {'identical':>9} {'migrated':>8} {'retried':>7} {'resumed':>7} "
+    f"{'failed':>6} "
     f"{'truncated':>9} {'longest stall':>13} {'to exclusion':>12}"
 )
 
@@ -334,7 +338,7 @@ HEADER = (
 def _row(r: FaultResult) -> str:
     excl = f"{r.exclusion_s:.2f} s" if r.exclusion_s is not None else "-"
     return (
-        f"{r.fault:<34} {r.sent:>5} {r.identical:>9} {r.migrated:>8} {r.retried:>7} "
+        f"{r.fault:<34} {r.sent:>5} {r.identical:>9} {r.migrated:>8} {r.retried:>7} {r.resumed:>7} "
         f"{r.failed:>6} {r.truncated:>9} {r.longest_stall_s:>11.1f} s {excl:>12}"
     )
 

@@ -10,8 +10,12 @@ The graph, one Serve application named "pdserve" with the router as its ingress:
     prefill replicas --KV via kv_transfer--> decode replicas   (outside Serve)
 
 With the controller enabled (`planner.enabled`) both pools deploy `DualWorker`
-instead: every replica serves both roles, and the controller (a detached actor that
-`pdserve up` starts with `controller_settings`) flips them in the routing table.
+instead: every replica serves both roles, and the controller flips them in the routing
+table. `pdserve up` starts it as a detached actor (`controller_settings`); an
+application built from a Serve config (`build_app(controller=True)`, KubeRay) has it as
+a deployment of its own:
+      '-> controller     ControllerDeployment, one replica (its handle is bound to
+                         the router only so that Serve deploys it; nothing calls it)
     every replica <--> Redis: registry leases, load reports, kv rendezvous, prefix index
 
 Each pool is one deployment with the pool's name and replica count. A replica asks Ray
@@ -38,6 +42,8 @@ from ray.serve.schema import LoggingConfig
 
 from cluster.client.sync import APPLICATION
 from cluster.config import ClusterConfig, ConfigError, PoolConfig
+from controller.deployment import DEPLOYMENT_NAME as CONTROLLER_DEPLOYMENT
+from controller.deployment import ControllerDeployment
 from controller.settings import ControllerSettings
 from decode_worker.deployment import DecodeWorker
 from dual_worker.deployment import DualWorker
@@ -305,13 +311,38 @@ def _pool_deployment(
     return deployment.bind(worker_settings(config, pool, model_dir, redis_url))
 
 
-def build_app(config: ClusterConfig, *, model_dir: str, redis_url: str) -> Any:
+def _controller_deployment(config: ClusterConfig, redis_url: str) -> Any:
+    if CONTROLLER_DEPLOYMENT in {p.name for p in config.pools}:
+        raise ConfigError(
+            f"pools: with planner.enabled the controller is the application's deployment "
+            f"{CONTROLLER_DEPLOYMENT!r}; rename that pool"
+        )
+    deployment: Any = serve.deployment(ControllerDeployment)
+    deployment = deployment.options(
+        name=CONTROLLER_DEPLOYMENT,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=8,
+        health_check_period_s=10.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=20.0,
+        logging_config=_LOGGING,
+    )
+    return deployment.bind(controller_settings(config, redis_url))
+
+
+def build_app(
+    config: ClusterConfig, *, model_dir: str, redis_url: str, controller: bool = False
+) -> Any:
     """The Serve application for `config` (a `serve.Application`).
 
     `model_dir` is the model as an HF-format directory (`engine.model_source.
     resolve_model` makes one from any source); `redis_url` the cluster's Redis. Every
     pool gets the config's KV-transfer secret in its settings (the deployments' init
     args), or one generated here for all of them; it never goes through Redis.
+    With `controller` and `planner.enabled` the application includes the controller
+    deployment (for a cluster deployed from a Serve config; `pdserve up` starts the
+    controller as a detached actor instead).
     """
     check_against_model(config, model_dir)
     if config.kv_transfer.secret is None:
@@ -333,4 +364,8 @@ def build_app(config: ClusterConfig, *, model_dir: str, redis_url: str) -> Any:
         graceful_shutdown_timeout_s=10.0,
         logging_config=_LOGGING,
     )
-    return router.bind(router_settings(config, model_dir, redis_url), decode, prefill)
+    settings = router_settings(config, model_dir, redis_url)
+    if controller and config.planner.enabled:
+        ctl = _controller_deployment(config, redis_url)
+        return router.bind(settings, decode, prefill, controller=ctl)
+    return router.bind(settings, decode, prefill)

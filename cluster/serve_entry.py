@@ -3,7 +3,12 @@
 KubeRay's serveConfigV2 (rendered by `pdserve render k8s`) names `IMPORT_PATH` as the
 application's import path, with `entry_args(config)` as its args. Serve's controller
 imports this module in the cluster and calls `app(args)` once per deploy of the config;
-it returns the same application `pdserve up` deploys (`cluster.builder.build_app`).
+it returns the same application `pdserve up` deploys (`cluster.builder.build_app`),
+with, when `planner.enabled`, the controller as a deployment of it: `pdserve up`
+starts a detached actor, but a cluster deployed from a Serve config has no step of its
+own to start one, and as a deployment Serve keeps exactly one replica of it running
+(replaced when it dies or fails its health check), deletes it with the application,
+and upgrades it with the rest of the config.
 
 The args hold the cluster config without secrets. What must not be written into a
 manifest comes from the Ray pods' environment, filled from Secrets:
@@ -107,4 +112,4 @@ def app(args: dict[str, Any]) -> Any:
         model_dir,
         ", ".join(f"{p.name}({p.role.value}) x{p.replicas}" for p in config.pools),
     )
-    return build_app(config, model_dir=model_dir, redis_url=config.redis.url)
+    return build_app(config, model_dir=model_dir, redis_url=config.redis.url, controller=True)

@@ -31,9 +31,11 @@ The fast loop, one tick:
    [threshold_min, threshold_max], at most once per `threshold_cooldown_s`.
 
 The slow loop adds a replica to the pool of the busier role while its mean pressure
-since the last slow tick is at least `scale_up_at` or routers refused requests, and
-removes one from the pool of the less busy role while both are below `scale_down_at`;
-within [min_replicas, max_replicas], at most once per `scale_cooldown_s`.
+since the last slow tick is at least `scale_up_at` or requests were refused (by the
+routers or by Serve's proxies before them), and
+removes one from the pool of the less busy role (or of the other role, when that pool
+is at `min_replicas`) while both are below `scale_down_at`; within [min_replicas,
+max_replicas], at most once per `scale_cooldown_s`.
 """
 
 from __future__ import annotations
@@ -62,12 +64,13 @@ class Demand:
 
     interval_s: float = 0.0
     arrived: int = 0  # refused ones included
-    refused: int = 0
+    refused: int = 0  # by the routers, or before them by Serve's proxies
     finished: int = 0
     mean_queue_s: float | None = None
     mean_remote_queue_s: float | None = None  # of those prefilled remotely
     mean_ttft_s: float | None = None
     mean_tpot_s: float | None = None
+    refused_at_ingress: int = 0  # of `refused`: by Serve's proxies (`controller.refusals`)
 
     @property
     def arrival_rate(self) -> float:
@@ -120,10 +123,15 @@ class Action:
             "decode_pressure": round(p.decode, 4),
             "n_prefill": p.n_prefill,
             "n_decode": p.n_decode,
+            "interval_s": round(d.interval_s, 3),
+            "arrived": d.arrived,
             "arrival_rate": round(d.arrival_rate, 4),
             "refused": d.refused,
+            "refused_at_ingress": d.refused_at_ingress,
+            "finished": d.finished,
             "mean_queue_s": d.mean_queue_s,
             "mean_remote_queue_s": d.mean_remote_queue_s,
+            "mean_ttft_s": d.mean_ttft_s,
             "mean_tpot_s": d.mean_tpot_s,
         }
         if self.kind in (ActionKind.FLIP, ActionKind.REPAIR):
@@ -175,7 +183,7 @@ class Policy:
         self._last_scale = -float("inf")
         self._streak: tuple[str, int] = ("", 0)  # wanted move, ticks in a row
         self._slow_sum = [0.0, 0.0, 0]  # P, D, ticks since the last slow tick
-        self._slow_refused = 0
+        self._window: list[Demand] = []  # the demand of those ticks
 
     # -- fast loop ----------------------------------------------------------------------
 
@@ -184,7 +192,7 @@ class Policy:
         self._slow_sum[0] += p.prefill
         self._slow_sum[1] += p.decode
         self._slow_sum[2] += 1
-        self._slow_refused += obs.demand.refused
+        self._window.append(obs.demand)
         repair = self._repair(obs, p)
         if repair is not None:
             return [repair]
@@ -302,9 +310,10 @@ class Policy:
         n = self._slow_sum[2]
         p_mean = self._slow_sum[0] / n if n else 0.0
         d_mean = self._slow_sum[1] / n if n else 0.0
-        refused = self._slow_refused
+        window = _total(self._window)
+        refused = window.refused
         self._slow_sum = [0.0, 0.0, 0]
-        self._slow_refused = 0
+        self._window = []
         if not cfg.scaling or n == 0 or obs.t - self._last_scale < cfg.scale_cooldown_s:
             return []
         now = pressures(obs, cfg)
@@ -315,8 +324,10 @@ class Policy:
             pool, delta = self.pools[busy], 1
             reason = f"mean P {p_mean:.2f} D {d_mean:.2f}, {refused} refused: add to {busy.value}"
         elif max(p_mean, d_mean) < cfg.scale_down_at and refused == 0:
-            pool, delta = self.pools[idle], -1
-            reason = f"mean P {p_mean:.2f} D {d_mean:.2f}: remove from {idle.value}"
+            # The less busy role's pool, or the other one if that is at its fewest.
+            shrink = idle if self.replicas[self.pools[idle]] > cfg.min_replicas else busy
+            pool, delta = self.pools[shrink], -1
+            reason = f"mean P {p_mean:.2f} D {d_mean:.2f}: remove from {shrink.value}"
         else:
             return []
         old = self.replicas[pool]
@@ -325,6 +336,16 @@ class Policy:
             return []
         self.replicas[pool] = new
         self._last_scale = obs.t
-        return [
-            Action(ActionKind.SCALE, obs.t, p, obs.demand, reason, pool=pool, replicas=(old, new))
-        ]
+        return [Action(ActionKind.SCALE, obs.t, p, window, reason, pool=pool, replicas=(old, new))]
+
+
+def _total(demands: list[Demand]) -> Demand:
+    """The counts of the slow loop's window, summed (its inputs besides the mean
+    pressures; the per-tick means are left out)."""
+    return Demand(
+        interval_s=sum(d.interval_s for d in demands),
+        arrived=sum(d.arrived for d in demands),
+        refused=sum(d.refused for d in demands),
+        finished=sum(d.finished for d in demands),
+        refused_at_ingress=sum(d.refused_at_ingress for d in demands),
+    )

@@ -25,10 +25,18 @@ Lifecycle of a replica:
                     (client cancel, router abort) the request is aborted: the transfer
                     first, then the engine request, so its blocks return to the pool.
     abort()         the same abort, by request id (the router's explicit cleanup)
+    prefill_failed()
+                    the router saw the request's remote prefill fail (the call raised,
+                    the instance died, or its transfer failed): the KV will not come, so
+                    the prompt is recomputed here at once (counted), not at the
+                    transfer's timeout
                     (the request path itself is `decode_worker.generator.Generator`,
+                    and these two calls `decode_worker.replica.DecodingReplica`'s,
                     which switchable replicas share)
     check_health()  Serve's periodic probe: raises once the engine thread failed, or once
                     an idle keepalive found a TP/PP replica's other ranks unreachable
+                    (with state() and the heartbeat drills, as every pool's replica
+                    answers them: `worker.replica.PoolReplica`)
     stop (Serve)    a scale-down or redeploy: Serve stops routing here at once and waits
                     up to the pool's graceful_shutdown_timeout_s for the open streams;
                     the router moves those still open at half of it (router.drain)
@@ -39,23 +47,21 @@ Spans (under the router's `dispatch`): `decode` for the whole call; `decode.firs
 from the call to the first chunk with tokens, then `decode.stream` to the last one;
 for a remote prefill, `decode.wait_kv` and `decode.join` (`decode_worker.remote_kv`).
 
-Every wait is bounded: engine commands by `_COMMAND_TIMEOUT_S`, the gap between two
+Every wait is bounded: engine commands by `COMMAND_TIMEOUT_S`, the gap between two
 outputs of a request by the stream timeout (longer than the transfer timeout, since a
 remote prefill either lands or falls back within it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 
-from decode_worker.generator import COMMAND_TIMEOUT_S, Generator
+from decode_worker.generator import Generator
 from decode_worker.rank_role import DecodeRankRole
+from decode_worker.replica import DecodingReplica
 from registry import Role
+from worker.engine_loop import COMMAND_TIMEOUT_S
 from worker.messages import (
-    TokenChunk,
-    WorkerRequest,
     WorkerSettings,
     WorkerState,
 )
@@ -64,7 +70,7 @@ from worker.runtime import WorkerRuntime, replica_unique_id
 logger = logging.getLogger(__name__)
 
 
-class DecodeWorker:
+class DecodeWorker(DecodingReplica):
     def __init__(self, settings: WorkerSettings, replica_id: str | None = None) -> None:
         """`replica_id` is Serve's unique id of this replica, which Serve supplies when
         None; an in-process replica outside Serve names itself."""
@@ -84,53 +90,19 @@ class DecodeWorker:
 
     # -- the deployment's methods -------------------------------------------------------
 
-    async def generate(
-        self, request: WorkerRequest, replica: str | None = None
-    ) -> AsyncIterator[TokenChunk]:
-        self._rt.check_pin(replica)
-        # Closed here, not left to the collector, when Serve drops this generator.
-        async with contextlib.aclosing(self._gen.generate(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
     async def abort(self, request_id: str, replica: str | None = None) -> None:
         self._rt.check_pin(replica)
         await self._rt.loop.call(lambda: self._gen.abort(request_id), COMMAND_TIMEOUT_S)
 
-    async def state(self, replica: str | None = None) -> WorkerState:
-        self._rt.check_pin(replica)
-        return await self._rt.loop.call(self._state, COMMAND_TIMEOUT_S)
-
     def _state(self) -> WorkerState:
-        engine = self._rt.engine
         remote = self._gen.remote
-        return WorkerState(
-            instance_id=self._rt.instance_id,
-            pool=self._rt.settings.pool,
-            role=self._rt.settings.role,
-            num_requests=engine.num_requests,
-            num_streams=self._rt.loop.num_streams,
-            free_blocks=engine.block_pool.num_free,
-            total_blocks=engine.block_pool.num_blocks,
+        return self._worker_state(
             active_transfers=remote.num_active if remote is not None else 0,
             pending_remote_prefills=remote.num_pending if remote is not None else 0,
-            remote_prefill_fallbacks=engine.num_remote_prefill_fallbacks,
+            remote_prefill_fallbacks=self._rt.engine.num_remote_prefill_fallbacks,
             transfer_failures=remote.transfer_failures if remote is not None else 0,
-            heartbeat_running=self._rt.presence.heartbeat_running,
             extra=self._gen.shm_slots(),
         )
-
-    async def suspend_heartbeat(self, replica: str | None = None) -> None:
-        """Stop renewing the lease without deregistering (for fault drills)."""
-        self._rt.check_pin(replica)
-        self._rt.presence.suspend()
-
-    async def resume_heartbeat(self, replica: str | None = None) -> None:
-        self._rt.check_pin(replica)
-        self._rt.presence.resume()
-
-    def check_health(self) -> None:
-        self._rt.loop.check()
 
     def __del__(self) -> None:
         self.close()

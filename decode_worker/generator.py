@@ -8,7 +8,9 @@ engine (`WorkerRuntime`'s `kv_storage`: the shm transport lands KV straight in a
 shared-memory cache); then `Generator(runtime, storage, takes_remote)` builds the KV
 receiver when it takes remote prefills. `generate()` is one request (the steps are in
 `decode_worker.deployment`'s docstring); `abort` (engine thread) aborts a request with
-its transfer; `close_pending` (engine thread) and `close()` end it all.
+its transfer; `prefill_failed` (engine thread) recomputes a prompt whose remote prefill
+the router saw fail, without waiting for its transfer's timeout; `close_pending`
+(engine thread) and `close()` end it all.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from kv_transfer.shm import ShmEndpoint, ShmKVStorage
 from kv_transfer.transport import TransportKind
 from telemetry import TraceContext, tracing
 from telemetry.context import REQUEST_ID
+from worker.engine_loop import COMMAND_TIMEOUT_S
 from worker.errors import RequestAborted
 from worker.kv_rank import local_rank, transfer_host
 from worker.messages import TokenChunk, WorkerRequest, WorkerSettings
 from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
-
-COMMAND_TIMEOUT_S = 30.0
 
 
 class Generator:
@@ -94,6 +95,11 @@ class Generator:
         else:
             self._rt.engine.abort_request(request_id)
         self._rt.loop.end_stream(request_id, RequestAborted(f"request {request_id} aborted"))
+
+    def prefill_failed(self, request_id: str, reason: str) -> None:
+        """Engine thread: the router saw the request's remote prefill fail."""
+        if self.remote is not None:
+            self.remote.prefill_failed(request_id, reason)
 
     def shm_slots(self) -> dict[str, int]:
         endpoint = self.remote.receiver.endpoint if self.remote is not None else None

@@ -20,6 +20,10 @@ Lifecycle of one remote prefill (the router sent the prefill at the same time):
                                          first token (and sampler draws) from the header
                             a FAILED  -> the transfer is aborted on every rank, then the
                                          prompt is recomputed here (a counted fallback)
+    prefill_failed(id)    engine thread: the router saw the prefill fail; as on FAILED, at
+                          once rather than at the transfer's timeout (a no-op once it
+                          settled). One that comes before `start` is remembered, bounded
+                          in time and number, and `start` refuses the transfer
     abort(request_id)     engine thread: the transfer on every rank first (no write can
                           land after it returns), then the engine request, whose blocks
                           return to the pool
@@ -59,6 +63,9 @@ from worker.messages import FallbackReason, WorkerRequest
 from worker.ranks import RemoteRanks, combine
 
 logger = logging.getLogger(__name__)
+
+_FAILED_EARLY_S = 60.0  # how long a prefill failure that came before its request is kept
+_FAILED_EARLY_MAX = 1024  # and how many at most (the oldest go first)
 
 Submit = Callable[[Callable[[], None]], Future[None]]
 Recomputed = Callable[[int, str], None]  # (prompt blocks, FallbackReason value)
@@ -101,6 +108,8 @@ class RemoteKV:
         self._by_request: dict[str, str] = {}  # request id -> transfer id (engine thread)
         self._lock = threading.Lock()  # guards _info (streams read it) and _in_flight
         self._info: dict[str, RemoteInfo] = {}
+        # prefill failures told before their request came: request id -> (monotonic, why)
+        self._failed_early: dict[str, tuple[float, str]] = {}
         self._in_flight: set[str] = set()  # transfers still running on the other ranks
         # what each other rank reported of a transfer in flight, by rank (under _lock)
         self._reported: dict[str, dict[int, TransferStatus]] = {}
@@ -156,13 +165,15 @@ class RemoteKV:
         plan = req.remote
         assert plan is not None
         rid, tid = req.request_id, plan.transfer_id
+        early = self._failed_early.pop(rid, None)
+        if early is not None:  # its prefill failed already: the KV will never come
+            return self._refuse(req, f"prefill failed: {early[1]}", FallbackReason.PREFILL_FAILED)
         try:
             blocks = self._engine.reserve_remote_prefill(
                 rid, list(req.prompt_token_ids), req.params, resume=req.resume
             )
         except OutOfBlocksError as e:
-            self._count_recompute(len(req.prompt_token_ids), FallbackReason.DECODE_FULL)
-            return self._refuse(rid, tid, f"decode_full (no free KV blocks: {e})")
+            return self._refuse(req, f"decode_full (no free KV blocks: {e})")
         source = InstanceRef(plan.source_instance, plan.source_parallel)
         spec = RecvSpec(tid, tuple(blocks), source, 0, plan.timeout_s)
         self._pending[tid] = _Pending(
@@ -174,8 +185,7 @@ class RemoteKV:
         except (RuntimeError, ValueError) as e:  # no transfer slot, or a bad spec
             self._drop(tid)
             self._engine.abort_request(rid)
-            self._count_recompute(len(req.prompt_token_ids), FallbackReason.DECODE_FULL)
-            return self._refuse(rid, tid, f"decode_full (cannot expect the transfer: {e})")
+            return self._refuse(req, f"decode_full (cannot expect the transfer: {e})")
         self._set_info(rid, RemoteInfo(disaggregated=True))
         return ""
 
@@ -207,14 +217,40 @@ class RemoteKV:
             size = self._engine.config.block_size
             self._recomputed(-(-prompt_tokens // size), reason.value)
 
-    def _refuse(self, request_id: str, transfer_id: str, reason: str) -> str:
-        self._set_info(request_id, RemoteInfo(False, 0.0, reason, FallbackReason.DECODE_FULL))
+    def _refuse(
+        self, req: WorkerRequest, reason: str, kind: FallbackReason = FallbackReason.DECODE_FULL
+    ) -> str:
+        """Count the prompt's recompute, and refuse its transfer (its senders fail)."""
+        assert req.remote is not None
+        request_id, transfer_id = req.request_id, req.remote.transfer_id
+        self._count_recompute(len(req.prompt_token_ids), kind)
+        self._set_info(request_id, RemoteInfo(False, 0.0, reason, kind))
         self.receiver.refuse(transfer_id, reason)
         if self._ranks is not None:
             self._ranks.send("role_call", "refuse", transfer_id, reason)
         return reason
 
+    def prefill_failed(self, request_id: str, reason: str) -> None:
+        """The request's remote prefill failed (the router saw it): fall back now."""
+        tid = self._by_request.get(request_id)
+        if tid is not None:
+            why = f"prefill failed: {reason}"
+            self._fall_back(tid, self._pending[tid], why, FallbackReason.PREFILL_FAILED)
+        elif self.info(request_id) is None:  # not started yet (or its stream is over)
+            now = time.monotonic()
+            early = self._failed_early
+            for rid, (at, _) in list(early.items()):
+                if now - at > _FAILED_EARLY_S or len(early) >= _FAILED_EARLY_MAX:
+                    del early[rid]
+            early[request_id] = (now, reason)
+
+    @property
+    def num_failed_early(self) -> int:
+        """Prefill failures remembered for requests not started (engine thread)."""
+        return len(self._failed_early)
+
     def abort(self, request_id: str) -> None:
+        self._failed_early.pop(request_id, None)
         tid = self._by_request.get(request_id)
         if tid is not None:
             self._drop(tid)
@@ -298,22 +334,31 @@ class RemoteKV:
         tracing.record("decode.join", p.trace, joined_ns, tracing.now_ns())
         self._post(out)
 
-    def _fall_back(self, transfer_id: str, p: _Pending, reason: str) -> None:
+    def _fall_back(
+        self,
+        transfer_id: str,
+        p: _Pending,
+        reason: str,
+        kind: FallbackReason = FallbackReason.TRANSFER_FAILED,
+    ) -> None:
         self._drop(transfer_id)
         if p.trace is not None:
             tracing.end(tracing.start("decode.wait_kv", p.trace, None, p.start_ns), reason)
-        self.transfer_failures += 1
+        if kind is FallbackReason.TRANSFER_FAILED:
+            self.transfer_failures += 1
         if p.local is None or p.local.state is not TransferState.FAILED:
             self.receiver.abort(transfer_id, reason)
         if p.others is None:
             self._abort_others(transfer_id, reason)
-        self._recompute(p, reason)
+        self._recompute(p, reason, kind)
 
-    def _recompute(self, p: _Pending, reason: str) -> None:
+    def _recompute(
+        self, p: _Pending, reason: str, kind: FallbackReason = FallbackReason.TRANSFER_FAILED
+    ) -> None:
         logger.warning("request %s: %s; prefilling locally", p.request_id, reason)
         if self._recomputed is not None and p.num_blocks:
-            self._recomputed(p.num_blocks, FallbackReason.TRANSFER_FAILED.value)
-        info = RemoteInfo(False, 0.0, reason, FallbackReason.TRANSFER_FAILED)
+            self._recomputed(p.num_blocks, kind.value)
+        info = RemoteInfo(False, 0.0, reason, kind)
         self._set_info(p.request_id, info)
         self._engine.fail_remote_prefill(p.request_id)
 

@@ -19,8 +19,14 @@ Lifecycle of a replica:
                  token to the decode instance the router chose (`Pusher.prefill`)
     generate()   as a decode instance: wait for the remote KV, or prefill a short
                  prompt here, and stream tokens (`Generator.generate`)
+    prefill_failed()
+                 as a decode instance: the request's remote prefill failed; recompute it
+                 (both as the decode pool's replicas: `decode_worker.replica`)
     abort()      a request of either kind: its outgoing transfer, its incoming
                  transfer, then the engine request
+    state(), suspend_heartbeat(), resume_heartbeat(), check_health()
+                 as every pool's replica answers them (`worker.replica.PoolReplica`);
+                 state() adds the transfers still active on the other ranks
     __del__      deregister, abort what is pending, stop the thread, close both halves
 
 A flip changes only which new requests arrive: requests already running here (decodes
@@ -29,20 +35,18 @@ after a flip to prefill, prompts after a flip to decode) finish on this engine.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
 
-from decode_worker.generator import COMMAND_TIMEOUT_S, Generator
+from decode_worker.generator import Generator
+from decode_worker.replica import DecodingReplica
 from dual_worker.rank_role import DualRankRole
 from prefill_worker.pusher import Pusher
 from registry import Role
+from worker.engine_loop import COMMAND_TIMEOUT_S
 from worker.messages import (
     PrefillOutcome,
     PrefillRequest,
-    TokenChunk,
-    WorkerRequest,
     WorkerSettings,
     WorkerState,
 )
@@ -51,7 +55,7 @@ from worker.runtime import WorkerRuntime, replica_unique_id
 logger = logging.getLogger(__name__)
 
 
-class DualWorker:
+class DualWorker(DecodingReplica):
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role not in (Role.PREFILL, Role.DECODE):
             raise ValueError("DualWorker serves prefill and decode pools, not colocated ones")
@@ -78,15 +82,6 @@ class DualWorker:
         self._rt.check_pin(replica)
         return await self._pusher.prefill(request)
 
-    async def generate(
-        self, request: WorkerRequest, replica: str | None = None
-    ) -> AsyncIterator[TokenChunk]:
-        self._rt.check_pin(replica)
-        # Closed here, not left to the collector, when Serve drops this generator.
-        async with contextlib.aclosing(self._gen.generate(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
     def _abort(self, request_id: str) -> None:
         self._pusher.discard(request_id)
         self._gen.abort(request_id)
@@ -96,49 +91,20 @@ class DualWorker:
         self._pusher.note_abort(request_id)
         await self._rt.loop.call(lambda: self._abort(request_id), COMMAND_TIMEOUT_S)
 
-    async def state(self, replica: str | None = None) -> WorkerState:
-        self._rt.check_pin(replica)
-        state = await self._rt.loop.call(self._state, COMMAND_TIMEOUT_S)
-        if self._rt.ranks is None:
-            return state
-        others = sum(await self._rt.ranks.acall("num_active"))
-        return dataclasses.replace(state, active_transfers=state.active_transfers + others)
-
     def _state(self) -> WorkerState:
-        engine = self._rt.engine
         remote = self._gen.remote
         assert remote is not None
-        return WorkerState(
-            instance_id=self._rt.instance_id,
-            pool=self._rt.settings.pool,
-            role=self._rt.settings.role,
-            num_requests=engine.num_requests,
-            num_streams=self._rt.loop.num_streams,
-            free_blocks=engine.block_pool.num_free,
-            total_blocks=engine.block_pool.num_blocks,
+        return self._worker_state(
             active_transfers=remote.num_active + self._pusher.sender.num_active,
             pending_remote_prefills=remote.num_pending + self._pusher.num_requests,
-            remote_prefill_fallbacks=engine.num_remote_prefill_fallbacks,
+            remote_prefill_fallbacks=self._rt.engine.num_remote_prefill_fallbacks,
             transfer_failures=remote.transfer_failures,
-            heartbeat_running=self._rt.presence.heartbeat_running,
             extra={
                 **self._gen.shm_slots(),
                 "prefills_pushed": self._pusher.pushed,
                 "remote_prefills_landed": remote.landed,
             },
         )
-
-    async def suspend_heartbeat(self, replica: str | None = None) -> None:
-        """Stop renewing the lease without deregistering (for fault drills)."""
-        self._rt.check_pin(replica)
-        self._rt.presence.suspend()
-
-    async def resume_heartbeat(self, replica: str | None = None) -> None:
-        self._rt.check_pin(replica)
-        self._rt.presence.resume()
-
-    def check_health(self) -> None:
-        self._rt.loop.check()
 
     def __del__(self) -> None:
         rt = getattr(self, "_rt", None)

@@ -136,8 +136,31 @@ class TransferRecord:
     blocks: int
     duration_s: float
 
+    @classmethod
+    def ended(
+        cls,
+        role: str,
+        status: TransferStatus,
+        nbytes: int,
+        blocks: int,
+        first_data: float | None,
+    ) -> TransferRecord:
+        """The figures of a transfer that reached its terminal `status` just now:
+        `first_data` is when (time.monotonic) its first data message moved, None when
+        none did (then no blocks count)."""
+        return cls(
+            role,
+            status.state is TransferState.DONE,
+            status.reason,
+            nbytes,
+            max(0, blocks) if first_data is not None else 0,
+            time.monotonic() - first_data if first_data is not None else 0.0,
+        )
+
 
 RecordSink = Callable[[TransferRecord], None]  # called once per transfer; must not block
+# a transfer's id and terminal status, once per transfer; must not block
+EndSink = Callable[[str, TransferStatus], None]
 
 
 class TransferError(RuntimeError):

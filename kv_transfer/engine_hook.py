@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -131,12 +131,17 @@ class SendHook:
             return -(-chunk.end // self._bs)
         return chunk.end // self._bs
 
-    def on_layer_done(self, layer: int, chunks: Sequence[ScheduledChunk]) -> None:
+    def _streamed(
+        self, chunks: Sequence[ScheduledChunk]
+    ) -> Iterator[tuple[ScheduledChunk, _Request, int]]:
+        """The chunks of requests this hook streams, each with its request and `_upto`."""
         for chunk in chunks:
             req = self._requests.get(chunk.request_id)
-            if req is None:
-                continue
-            upto = self._upto(chunk)
+            if req is not None:
+                yield chunk, req, self._upto(chunk)
+
+    def on_layer_done(self, layer: int, chunks: Sequence[ScheduledChunk]) -> None:
+        for chunk, req, upto in self._streamed(chunks):
             if upto > req.cursor:
                 self._sender.send_layer(
                     req.transfer_id,
@@ -146,11 +151,7 @@ class SendHook:
                 )
 
     def on_step_done(self, chunks: Sequence[ScheduledChunk]) -> None:
-        for chunk in chunks:
-            req = self._requests.get(chunk.request_id)
-            if req is None:
-                continue
-            upto = self._upto(chunk)
+        for chunk, req, upto in self._streamed(chunks):
             if upto > req.cursor:
                 if self._pins is not None:
                     self._pins.pin(req.transfer_id, chunk.block_ids[req.cursor : upto])

@@ -6,7 +6,6 @@ rank, and the checks of each DATA header against the transfer's plan. The receiv
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +16,6 @@ from kv_transfer.base import (
     FirstToken,
     RecvSpec,
     TransferRecord,
-    TransferState,
     TransferStatus,
     failed,
 )
@@ -112,15 +110,8 @@ class Inbound:
 
     def record(self, status: TransferStatus) -> TransferRecord:
         """The transfer's figures at its terminal `status`, for the receiver's sink."""
-        start = self.first_landed
-        return TransferRecord(
-            "recv",
-            status.state is TransferState.DONE,
-            status.reason,
-            self.landed_bytes,
-            max(0, self.block_end - self.spec.first_block) if start is not None else 0,
-            time.monotonic() - start if start is not None else 0.0,
-        )
+        blocks = self.block_end - self.spec.first_block
+        return TransferRecord.ended("recv", status, self.landed_bytes, blocks, self.first_landed)
 
     def destination(
         self, cache: torch.Tensor, layer0: int, head0: int, peer: Peer, h: Header

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import torch
 
 from kv_transfer.base import (
     PENDING,
+    EndSink,
     FirstToken,
     RecordSink,
     SendSpec,
@@ -93,10 +93,17 @@ class Outbounds:
     transport's completion callbacks all change them. Methods ending in `_locked` are
     called with `lock` held."""
 
-    def __init__(self, history: int, on_record: RecordSink | None = None) -> None:
-        """`on_record` gets each transfer's figures as it becomes terminal."""
+    def __init__(
+        self,
+        history: int,
+        on_record: RecordSink | None = None,
+        on_end: EndSink | None = None,
+    ) -> None:
+        """`on_record` gets each transfer's figures as it becomes terminal, and `on_end`
+        its id and terminal status (both under the lock: they must not block)."""
         self.lock = threading.Lock()
         self._on_record = on_record
+        self._on_end = on_end
         self.room = threading.Condition(self.lock)  # notified as bytes in flight drop
         self.active: dict[str, Outbound] = {}
         self.unreleased: set[str] = set()  # transfers whose sources a send may still read
@@ -126,19 +133,17 @@ class Outbounds:
         self.room.notify_all()
         if self._on_record is not None:
             self._report(out, status)
+        if self._on_end is not None:
+            try:
+                self._on_end(out.spec.transfer_id, status)
+            except Exception:
+                logger.exception("transfer %s: on_end failed", out.spec.transfer_id)
         return True
 
     def _report(self, out: Outbound, status: TransferStatus) -> None:
         assert self._on_record is not None
-        start = out.first_sent
-        record = TransferRecord(
-            "send",
-            status.state is TransferState.DONE,
-            status.reason,
-            out.sent_bytes,
-            max(0, out.block_end - out.spec.first_block) if start is not None else 0,
-            time.monotonic() - start if start is not None else 0.0,
-        )
+        blocks = out.block_end - out.spec.first_block
+        record = TransferRecord.ended("send", status, out.sent_bytes, blocks, out.first_sent)
         try:
             self._on_record(record)
         except Exception:

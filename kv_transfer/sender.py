@@ -49,6 +49,7 @@ import torch
 from engine.kv_cache import KVCache
 from kv_transfer.base import (
     TRANSFERRING,
+    EndSink,
     FirstToken,
     LocalRank,
     RecordSink,
@@ -95,9 +96,11 @@ class KVSender:
         config: SenderConfig = SenderConfig(),
         registry: RendezvousStore | None = None,
         on_record: RecordSink | None = None,
+        on_end: EndSink | None = None,
     ) -> None:
-        """`on_record` gets each transfer's figures once it is terminal (under the
-        records' lock: it must not block nor call back into the sender)."""
+        """`on_record` gets each transfer's figures once it is terminal, and `on_end`
+        its id and terminal status (under the records' lock: they must not block nor
+        call back into the sender)."""
         self.me, self._geo, self._cfg = me, geometry, config
         tensor = cache.tensor
         self._on_cuda = tensor.device.type == "cuda"
@@ -108,7 +111,7 @@ class KVSender:
                 f"cache holds {cache.layout.num_layers} layers x {cache.layout.num_kv_heads} "
                 f"heads; rank {me} owns {len(self._layers)} x {len(heads)}"
             )
-        self._book = Outbounds(config.history, on_record)
+        self._book = Outbounds(config.history, on_record, on_end)
         self._pump = SendPump(
             me,
             tensor,

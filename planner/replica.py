@@ -16,6 +16,8 @@ decode token uses one), admitting a new prompt only while the replica holds fewe
 step with prompts waiting prefills only them, and running sequences wait. The step's
 length comes from the replica's `StepCost`. `plan` changes nothing but admitting
 arrived sequences; `finish`, called once with the step's end time, applies the step.
+A simulator runs one step at a time on a replica: `start` plans it and holds it as the
+running `step`, `end` finishes it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ class Job:
     def context(self) -> int:
         return self.req.prompt_tokens + self.generated
 
+    def first_token_at(self, now: float) -> bool:
+        """The first token came at `now` (with the last prompt chunk); True when it is
+        also the last."""
+        self.first_token = self.last_token = now
+        self.generated = 1
+        return self.req.output_tokens <= 1
+
 
 @dataclass
 class Step:
@@ -73,7 +82,7 @@ class Replica:
     waiting: deque[Job] = field(default_factory=deque)
     arrived: deque[Job] = field(default_factory=deque)
     running: list[Job] = field(default_factory=list)
-    busy: bool = False
+    step: Step | None = None  # the step running now
     assigned: int = 0  # sequences routed here and not finished (routing load)
     busy_seconds: float = 0.0
 
@@ -98,6 +107,28 @@ class Replica:
         context = sum(j.context for j in decodes)
         seconds = self.cost.step([(k, j.prefilled) for j, k in chunks], len(decodes), context)
         return Step(chunks, decodes, seconds)
+
+    def start(self) -> Step | None:
+        """Plan the next step and hold it as running, unless one runs already or there
+        is nothing to run: the step started, or None."""
+        if self.step is not None:
+            return None
+        self.step = self.plan()
+        return self.step
+
+    def end(self, now: float) -> tuple[list[Job], list[Job]]:
+        """The running step ended at `now`: `finish` it."""
+        step, self.step = self.step, None
+        assert step is not None
+        return self.finish(step, now)
+
+    def land(self, job: Job, now: float) -> bool:
+        """A job whose KV and first token came from a prefill replica at `now`: True
+        when that token was its last, else it waits in `arrived` to join the batch."""
+        if job.first_token_at(now):
+            return True
+        self.arrived.append(job)
+        return False
 
     def _chunks(self, budget: int) -> list[tuple[Job, int]]:
         """Prompt chunks from the head of the queue under `budget` tokens."""
@@ -137,9 +168,7 @@ class Replica:
             self.waiting = deque(j for j in self.waiting if id(j) not in gone)
         for job in prefilled:  # the first token comes from the last prompt chunk
             if self.keeps(job):
-                job.first_token = job.last_token = now
-                job.generated = 1
-                if job.req.output_tokens <= 1:
+                if job.first_token_at(now):
                     finished.append(job)
                 else:
                     self.running.append(job)

@@ -22,18 +22,15 @@ the workload's seed fixes everything.
 
 from __future__ import annotations
 
-import heapq
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from planner.costs import ZERO_TRANSFER, StepCost, TransferCost
+from planner.events import ARRIVAL, KV, STEP, Events, sim_result
 from planner.layout import Layout
-from planner.metrics import RequestTiming, SimResult
-from planner.replica import Job, Replica, Role, Step
+from planner.metrics import SimResult
+from planner.replica import Job, Replica, Role
 from planner.workload import SimRequest
-
-_ARRIVAL, _STEP, _KV = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -64,36 +61,19 @@ class _Sim:
                 Replica(i, Role.PREFILL, pcost, layout.prefill_budget, layout.max_num_seqs)
                 for i in range(layout.prefill.replicas)
             ]
-        self.heap: list[tuple[float, int, int, int, int]] = []
-        self.order = 0
-        self.steps: dict[tuple[int, int], Step] = {}  # (pool, replica) -> running step
+        self.events = Events(requests)
         self.jobs: list[Job | None] = [None] * len(requests)
         self.done: list[Job | None] = [None] * len(requests)
 
-    def push(self, t: float, kind: int, a: int, b: int = 0) -> None:
-        heapq.heappush(self.heap, (t, self.order, kind, a, b))
-        self.order += 1
-
     def run(self) -> list[Job]:
-        for i, r in enumerate(self.requests):
-            self.push(r.arrival, _ARRIVAL, i)
-        while self.heap:
-            t, _, kind, a, b = heapq.heappop(self.heap)
-            if kind == _ARRIVAL:
+        while self.events:
+            t, kind, a, b = self.events.pop()
+            if kind == ARRIVAL:
                 self.arrive(a, t)
-            elif kind == _STEP:
+            elif kind == STEP:
                 self.step_done(a, b, t)
             else:
-                job = self.jobs[a]
-                assert job is not None
-                dest = self.gen[job.decode_replica]
-                job.first_token = job.last_token = t
-                job.generated = 1
-                if job.req.output_tokens <= 1:
-                    self.finish(job, dest)
-                else:
-                    dest.arrived.append(job)
-                    self.kick(dest, 0, t)
+                self.landed(a, t)
         missing = [i for i, j in enumerate(self.done) if j is None]
         if missing:
             raise RuntimeError(f"simulation ended with {len(missing)} requests unfinished")
@@ -116,27 +96,29 @@ class _Sim:
             self.kick(dest, 0, t)
 
     def kick(self, replica: Replica, pool: int, t: float) -> None:
-        if replica.busy:
-            return
-        step = replica.plan()
-        if step is None:
-            return
-        replica.busy = True
-        self.steps[(pool, replica.index)] = step
-        self.push(t + step.seconds, _STEP, pool, replica.index)
+        step = replica.start()
+        if step is not None:
+            self.events.push(t + step.seconds, STEP, pool, replica.index)
 
     def step_done(self, pool: int, index: int, t: float) -> None:
         replica = (self.gen, self.pre)[pool][index]
-        step = self.steps.pop((pool, index))
-        replica.busy = False
-        prefilled, finished = replica.finish(step, t)
+        prefilled, finished = replica.end(t)
         for job in finished:
             self.finish(job, replica)
         if pool == 1:
             for job in prefilled:
                 nbytes = job.req.prompt_tokens * self.model.kv_bytes_per_token
-                self.push(t + self.model.transfer.time(nbytes), _KV, job.index)
+                self.events.push(t + self.model.transfer.time(nbytes), KV, job.index)
         self.kick(replica, pool, t)
+
+    def landed(self, i: int, t: float) -> None:
+        job = self.jobs[i]
+        assert job is not None
+        dest = self.gen[job.decode_replica]
+        if dest.land(job, t):
+            self.finish(job, dest)
+        else:
+            self.kick(dest, 0, t)
 
     def finish(self, job: Job, replica: Replica) -> None:
         replica.assigned -= 1
@@ -145,19 +127,4 @@ class _Sim:
 
 def simulate(layout: Layout, model: ClusterModel, requests: Sequence[SimRequest]) -> SimResult:
     """Replay `requests` (sorted by arrival) on `layout`; per-request timings."""
-    jobs = _Sim(layout, model, requests).run()
-    timings = [
-        RequestTiming(
-            arrival=j.req.arrival,
-            ttft=j.first_token - j.req.arrival,
-            tpot=(
-                (j.last_token - j.first_token) / (j.req.output_tokens - 1)
-                if j.req.output_tokens > 1
-                else math.nan
-            ),
-            e2e=j.last_token - j.req.arrival,
-            local_prefill=j.local_prefill,
-        )
-        for j in jobs
-    ]
-    return SimResult(timings)
+    return sim_result(_Sim(layout, model, requests).run())

@@ -25,19 +25,18 @@ compute share.
 
 from __future__ import annotations
 
-import heapq
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from controller.policy import Action, ActionKind, Demand, InstanceLoad, Observation, Policy
 from planner.costs import ZERO_TRANSFER, StepCost, TransferCost
-from planner.metrics import RequestTiming, SimResult
-from planner.replica import Job, Replica, Role, Step
+from planner.events import ARRIVAL, KV, STEP, Events, sim_result
+from planner.metrics import SimResult
+from planner.replica import Job, Replica, Role
 from planner.workload import SimRequest
 from registry.types import Role as RoutedRole
 
-_ARRIVAL, _STEP, _KV, _TICK = 0, 1, 2, 3
+_TICK = 3  # the controller's fast period
 PREFILL_POOL, DECODE_POOL = "prefill", "decode"
 
 
@@ -93,9 +92,7 @@ class _Sim:
         ]
         self.routed = list(self.home)
         self.threshold = setup.threshold
-        self.heap: list[tuple[float, int, int, int]] = []
-        self.order = 0
-        self.steps: dict[int, Step] = {}
+        self.events = Events(requests)
         self.jobs: list[Job | None] = [None] * len(requests)
         self.left = len(requests)
         self.actions: list[Action] = []
@@ -103,26 +100,20 @@ class _Sim:
         self.done: list[Job] = []  # finished since the last tick
         self.arrived = 0
 
-    def push(self, t: float, kind: int, a: int) -> None:
-        heapq.heappush(self.heap, (t, self.order, kind, a))
-        self.order += 1
-
     def run(self) -> list[Job]:
-        for i, r in enumerate(self.requests):
-            self.push(r.arrival, _ARRIVAL, i)
         if self.policy is not None:
-            self.push(self.s.period_s, _TICK, 0)
-        while self.heap:
-            t, _, kind, a = heapq.heappop(self.heap)
-            if kind == _ARRIVAL:
+            self.events.push(self.s.period_s, _TICK, 0)
+        while self.events:
+            t, kind, a, _ = self.events.pop()
+            if kind == ARRIVAL:
                 self.arrive(a, t)
-            elif kind == _STEP:
+            elif kind == STEP:
                 self.step_done(a, t)
-            elif kind == _KV:
+            elif kind == KV:
                 self.landed(a, t)
             elif self.left:
                 self.tick(t)
-                self.push(t + self.s.period_s, _TICK, 0)
+                self.events.push(t + self.s.period_s, _TICK, 0)
         if self.left:
             raise RuntimeError(f"simulation ended with {self.left} requests unfinished")
         return [j for j in self.jobs if j is not None]
@@ -147,26 +138,19 @@ class _Sim:
             self.kick(dest, t)
 
     def kick(self, replica: Replica, t: float) -> None:
-        if replica.busy:
-            return
-        step = replica.plan()
-        if step is None:
-            return
-        replica.busy = True
-        self.steps[replica.index] = step
-        self.push(t + step.seconds, _STEP, replica.index)
+        step = replica.start()
+        if step is not None:
+            self.events.push(t + step.seconds, STEP, replica.index)
 
     def step_done(self, index: int, t: float) -> None:
         replica = self.reps[index]
-        step = self.steps.pop(index)
-        replica.busy = False
-        prefilled, finished = replica.finish(step, t)
+        prefilled, finished = replica.end(t)
         for job in prefilled:
             if replica.keeps(job):
                 self.firsts.append(job)
             else:
                 nbytes = job.req.prompt_tokens * self.s.kv_bytes_per_token
-                self.push(t + self.s.transfer.time(nbytes), _KV, job.index)
+                self.events.push(t + self.s.transfer.time(nbytes), KV, job.index)
         for job in finished:
             self.finish(job)
         self.kick(replica, t)
@@ -175,13 +159,10 @@ class _Sim:
         job = self.jobs[i]
         assert job is not None
         dest = self.reps[job.decode_replica]
-        job.first_token = job.last_token = t
-        job.generated = 1
         self.firsts.append(job)
-        if job.req.output_tokens <= 1:
+        if dest.land(job, t):
             self.finish(job)
         else:
-            dest.arrived.append(job)
             self.kick(dest, t)
 
     def finish(self, job: Job) -> None:
@@ -254,19 +235,4 @@ def simulate_switching(
 ) -> SwitchingRun:
     """Replay `requests` (sorted by arrival) on `setup`, under `policy` if given."""
     sim = _Sim(setup, requests, policy)
-    jobs = sim.run()
-    timings = [
-        RequestTiming(
-            arrival=j.req.arrival,
-            ttft=j.first_token - j.req.arrival,
-            tpot=(
-                (j.last_token - j.first_token) / (j.req.output_tokens - 1)
-                if j.req.output_tokens > 1
-                else math.nan
-            ),
-            e2e=j.last_token - j.req.arrival,
-            local_prefill=j.local_prefill,
-        )
-        for j in jobs
-    ]
-    return SwitchingRun(SimResult(timings), sim.actions)
+    return SwitchingRun(sim_result(sim.run()), sim.actions)

@@ -43,6 +43,9 @@ Lifecycle of a replica:
                  a registration the decode replica, aborted too, never writes)
                  (the prefill-and-push itself is `prefill_worker.pusher.Pusher`, which
                  switchable replicas share)
+    state(), suspend_heartbeat(), resume_heartbeat(), check_health()
+                 as every pool's replica answers them (`worker.replica.PoolReplica`);
+                 state() adds the transfers still active on the other ranks
     __del__      deregister, stop the engine thread, close the sender
 
 Spans (under the router's `prefill.call`): `prefill` for the whole call, the engine's
@@ -52,18 +55,19 @@ Spans (under the router's `prefill.call`): `prefill` for the whole call, the eng
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
-from prefill_worker.pusher import COMMAND_TIMEOUT_S, Pusher, release_when_unread
+from prefill_worker.pusher import Pusher, release_when_unread
 from prefill_worker.rank_role import PrefillRankRole
 from registry import Role
+from worker.engine_loop import COMMAND_TIMEOUT_S
 from worker.messages import (
     PrefillOutcome,
     PrefillRequest,
     WorkerSettings,
     WorkerState,
 )
+from worker.replica import PoolReplica
 from worker.runtime import WorkerRuntime, replica_unique_id
 
 logger = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PrefillWorker", "release_when_unread"]
 
 
-class PrefillWorker:
+class PrefillWorker(PoolReplica):
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.role is not Role.PREFILL:
             raise ValueError("PrefillWorker serves prefill pools")
@@ -102,42 +106,13 @@ class PrefillWorker:
         self._pusher.note_abort(request_id)
         await self._rt.loop.call(lambda: self._abort(request_id), COMMAND_TIMEOUT_S)
 
-    async def state(self, replica: str | None = None) -> WorkerState:
-        self._rt.check_pin(replica)
-        state = await self._rt.loop.call(self._state, COMMAND_TIMEOUT_S)
-        if self._rt.ranks is None:
-            return state
-        others = sum(await self._rt.ranks.acall("num_active"))
-        return dataclasses.replace(state, active_transfers=state.active_transfers + others)
-
     def _state(self) -> WorkerState:
-        engine = self._rt.engine
-        return WorkerState(
-            instance_id=self._rt.instance_id,
-            pool=self._rt.settings.pool,
-            role=self._rt.settings.role,
-            num_requests=engine.num_requests,
-            num_streams=self._rt.loop.num_streams,
-            free_blocks=engine.block_pool.num_free,
-            total_blocks=engine.block_pool.num_blocks,
+        return self._worker_state(
             active_transfers=self._pusher.sender.num_active,
             pending_remote_prefills=self._pusher.num_requests,
             remote_prefill_fallbacks=0,
             transfer_failures=0,
-            heartbeat_running=self._rt.presence.heartbeat_running,
         )
-
-    async def suspend_heartbeat(self, replica: str | None = None) -> None:
-        """Stop renewing the lease without deregistering (for fault drills)."""
-        self._rt.check_pin(replica)
-        self._rt.presence.suspend()
-
-    async def resume_heartbeat(self, replica: str | None = None) -> None:
-        self._rt.check_pin(replica)
-        self._rt.presence.resume()
-
-    def check_health(self) -> None:
-        self._rt.loop.check()
 
     def __del__(self) -> None:
         rt = getattr(self, "_rt", None)

@@ -25,11 +25,12 @@ from opentelemetry.trace import Span
 from engine import RequestOutput
 from engine.block_pins import BlockPins
 from kv_transfer.base import InstanceRef, SendSpec, TransferState, TransferStatus
+from kv_transfer.end_waits import EndWaits
 from kv_transfer.engine_hook import SendHook
 from kv_transfer.sender import KVSender
 from prefill_worker.rank_role import sender_connector
 from telemetry import TraceContext, request_scope, tracing
-from worker.engine_loop import OutputStream
+from worker.engine_loop import COMMAND_TIMEOUT_S, OutputStream
 from worker.kv_rank import local_rank, transfer_host
 from worker.layer_spans import LayerSpans
 from worker.messages import PrefillOutcome, PrefillRequest, WorkerSettings
@@ -38,9 +39,10 @@ from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
-COMMAND_TIMEOUT_S = 30.0
 _ABORTED_MEMORY_S = 120.0  # how long an abort that came before its prefill is kept
-_SEND_POLL_S = 0.001
+# A wait for rank 0's end re-checks the status at least this often (a lost wake-up
+# costs at most this much).
+_END_WAIT_S = 0.5
 # Sends in flight end within their transport's operation timeout (then the pair is
 # torn down); past this bound a transfer's pins are released regardless.
 _UNREAD_TIMEOUT_S = 60.0
@@ -109,6 +111,7 @@ class Pusher:
 
     def __init__(self, rt: WorkerRuntime, hooks: PushHooks) -> None:
         self._rt = rt
+        self._ends = EndWaits()  # rank 0's sends end on the sender's threads
         self._hook = hooks.send
         self._spans = hooks.spans
         rendezvous = rt.rendezvous()
@@ -121,6 +124,7 @@ class Pusher:
             connector,
             registry=rendezvous,
             on_record=rt.transfer_metrics.record,
+            on_end=self._ends.ended,
         )
         self._pins = BlockPins(rt.engine.block_pool)
         self._hook.bind(self.sender, self._pins)
@@ -270,17 +274,23 @@ class Pusher:
         return combine([status, *(r[0] for r in per_rank)])
 
     async def _sent(self, transfer_id: str, deadline: float) -> TransferStatus | str:
-        """The DONE status once every rank's sender reports it; otherwise why not."""
-        while True:
-            status = await self._status(transfer_id)
-            if status.state is TransferState.DONE:
-                return status
-            if status.state is TransferState.FAILED:
-                return f"transfer failed: {status.reason}"
-            if time.monotonic() > deadline:
-                self.sender.abort(transfer_id, "send timed out")
-                return "transfer timed out on the sender"
-            await asyncio.sleep(_SEND_POLL_S)
+        """The DONE status once every rank's sender reports it; otherwise why not.
+        Rank 0's end wakes this wait; the other ranks are then asked until they agree."""
+        async with self._ends.waiting(transfer_id) as ended:
+            while True:
+                status = await self._status(transfer_id)
+                if status.state is TransferState.DONE:
+                    return status
+                if status.state is TransferState.FAILED:
+                    return f"transfer failed: {status.reason}"
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.sender.abort(transfer_id, "send timed out")
+                    return "transfer timed out on the sender"
+                if ended.ended:  # rank 0 is done; other ranks are behind
+                    await asyncio.sleep(_UNREAD_POLL_S)
+                else:
+                    await ended.wait(min(remaining, _END_WAIT_S))
 
     def close(self) -> None:
         self.sender.close()

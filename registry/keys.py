@@ -11,6 +11,7 @@ Layout (`<id>` is an instance id):
     pdserve:<cluster>:threshold        STRING: the controller's disaggregation threshold
     pdserve:<cluster>:admission:<r>    STRING, AdmissionReport JSON of router replica <r> (TTL)
     pdserve:<cluster>:decisions        STREAM of the controller's decisions, capped
+    pdserve:<cluster>:controller       STRING: the id of the controller that acts   (TTL)
 
 Other components (kv_transfer rendezvous) add their own keys under the same prefix;
 `Keyspace.pattern` matches all of them.
@@ -81,6 +82,10 @@ class Keyspace:
     @property
     def decisions(self) -> str:
         return f"{self.prefix}decisions"
+
+    @property
+    def controller(self) -> str:
+        return f"{self.prefix}controller"
 
     def admission(self, router_id: str) -> str:
         return self.admission_prefix + router_id

@@ -1,7 +1,8 @@
 """The router's request pipeline, shared by the gRPC servicer and the OpenAI app.
 
 session = await core.open(raw, names, protocol)
-    admission (RESOURCE_EXHAUSTED beyond the bound), the cheap checks with the
+    admission (RESOURCE_EXHAUSTED beyond the bound, before any await: HTTP calls
+    `admit` before reading the body, then `open(admitted=True)`), the cheap checks with the
     protocol's field names (the input's size bounded in characters first), then
     tokenization and the token limits in the router's tokenizer threads (never on the
     event loop), the prompt's block hashes, the routing decision and a server-side
@@ -32,12 +33,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import Span
 
-from registry import LoadReport, Registry, Role, connect
+from registry import Registry, Role, connect
 from registry.traces import REQUEST_ID_ATTR, start_tracing
 from router.admission import Admission, Demand
 from router.breaker import CircuitBreaker
@@ -49,31 +49,17 @@ from router.metrics import RouterMetrics
 from router.migration import MigrationPolicy, Progress, with_migration
 from router.pinning import probe_replica, watch_replica_deaths
 from router.policy import LoadBalancedPolicy, NoInstanceAvailable, RouteDecision, RouteRequest
+from router.request_ids import bind_request_id, new_request_id
 from router.results import Delta
-from router.settings import PoolSpec, RouterSettings
+from router.settings import RouterSettings
+from router.status import PoolStatus, pool_status
 from router.tokenization import PromptEncoder
 from router.validation import FieldNames, InvalidRequest, RawRequest, RequestValidator, ValidRequest
 from telemetry import TraceContext, install_log_records, tracing
-from telemetry.context import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
 REGISTRY_STALE_S = 2.0  # a view older than this: Redis is unreachable
-
-
-@dataclass(frozen=True)
-class InstanceStatus:
-    instance_id: str
-    pool: str
-    role: Role
-    load: LoadReport | None
-    age_s: float  # age of the load report
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    spec: PoolSpec
-    instances: tuple[InstanceStatus, ...]
 
 
 class Session:
@@ -103,7 +89,10 @@ class Session:
         outcome = "cancelled"
         tag = self.request.client_tag
         try:
-            async for delta in with_migration(self._run, self._reroute, self.route, self._policy()):
+            migrating = with_migration(
+                self._run, self._reroute, self.route, self._policy(), self._resumed()
+            )
+            async for delta in migrating:
                 if delta.finish is not None:
                     e2e_s = time.monotonic() - self._arrival
                     core.metrics.finished(self._protocol, delta.finish, e2e_s)
@@ -136,6 +125,12 @@ class Session:
                     logger.info("request %s (tag %r) cancelled", self.request_id, tag)
             self.close()
 
+    def _resumed(self) -> Progress:
+        """What the client has already: nothing, or the tokens and text of the stream
+        it continues (`resume`), which the stream goes on after, as after a move."""
+        r = self.request.resume
+        return Progress(r.output_token_ids, r.text_chars_sent) if r is not None else Progress()
+
     def _policy(self) -> MigrationPolicy:
         s, m = self._core.settings, self._core.metrics
         return MigrationPolicy(
@@ -163,7 +158,7 @@ class Session:
         req = self.request
         if progress.token_ids:
             prompt = req.prompt_token_ids + progress.token_ids
-            req = dataclasses.replace(req, prompt_token_ids=prompt)
+            req = dataclasses.replace(req, prompt_token_ids=prompt, resume=None)
         return self._core.route(req, avoid)
 
     def close(self) -> None:
@@ -172,15 +167,6 @@ class Session:
             self.span.end()
             self._core.admission.release()
             self._core.metrics.inflight.set(self._core.admission.inflight)
-
-
-def new_request_id() -> str:
-    return f"req-{uuid.uuid4().hex}"
-
-
-def bind_request_id(rid: str) -> None:
-    """Tag the log records of the calling task (a front end's handler) with `rid`."""
-    REQUEST_ID.set(rid)
 
 
 def log_refusal(rid: str, protocol: str, error: RouterError) -> None:
@@ -273,26 +259,24 @@ class RouterCore:
         protocol: str,
         rid: str | None = None,
         parent: TraceContext | None = None,
+        admitted: bool = False,
     ) -> Session:
         """A session for `raw` under the id `rid` (a new one when None); a refusal is
         logged as one WARNING line with the id and raised as a RouterError. `parent`: the
-        client's trace context (its `traceparent`), whose sampled flag then decides."""
+        client's trace context (its `traceparent`), whose sampled flag then decides.
+        `admitted`: the caller took the admission slot (`admit`), which this now owns."""
         arrival, arrival_wall = time.monotonic(), time.time()
         rid = rid or new_request_id()
         bind_request_id(rid)
+        if not admitted:
+            self.admit(rid, protocol, parent)
         root = tracing.start(
             "request", parent, {REQUEST_ID_ATTR: rid, "protocol": protocol}, int(arrival_wall * 1e9)
         )
-        self.demand.arrived += 1
-        admitted = self.admission.try_acquire()
-        self.metrics.admitted(admitted)
-        if not admitted:
-            raise self._full(rid, protocol, root)
-        self.metrics.inflight.set(self.admission.inflight)
         try:
             req, route = await self._prepare(raw, names, root)
         except InvalidRequest as e:
-            self._reject(protocol, ErrorKind.INVALID_ARGUMENT)
+            self.reject(protocol, ErrorKind.INVALID_ARGUMENT.value)
             error = RouterError(ErrorKind.INVALID_ARGUMENT, str(e), e.field)
             log_refusal(rid, protocol, error)
             tracing.end(root, error.message)
@@ -300,25 +284,34 @@ class RouterCore:
         except RouterError as e:
             if e.kind in (ErrorKind.UNAVAILABLE, ErrorKind.RESOURCE_EXHAUSTED):
                 self.demand.refused += 1
-            self._reject(protocol, e.kind)
+            self.reject(protocol, e.kind.value)
             log_refusal(rid, protocol, e)
             tracing.end(root, e.message)
             raise
         except BaseException as e:
-            self._reject(protocol, ErrorKind.INTERNAL)
+            self.reject(protocol, ErrorKind.INTERNAL.value)
             tracing.end(root, type(e).__name__)
             raise
         return Session(self, rid, req, route, arrival, arrival_wall, protocol, root)
 
-    def _full(self, rid: str, protocol: str, root: Span) -> RouterError:
-        """A request past the admission bound: counted, logged, its root span ended."""
+    def admit(self, rid: str, protocol: str, parent: TraceContext | None = None) -> None:
+        """Take an admission slot, synchronously: a request past the bound is refused
+        now (RESOURCE_EXHAUSTED: counted, logged, its root span ended), before it waits
+        on anything."""
+        self.demand.arrived += 1
+        admitted = self.admission.try_acquire()
+        self.metrics.admitted(admitted)
+        if admitted:
+            self.metrics.inflight.set(self.admission.inflight)
+            return
         self.demand.refused += 1
         self.metrics.failed(protocol, ErrorKind.RESOURCE_EXHAUSTED.value)
         msg = f"the router holds {self.admission.max_inflight} requests; retry later"
         error = RouterError(ErrorKind.RESOURCE_EXHAUSTED, msg)
         log_refusal(rid, protocol, error)
+        root = tracing.start("request", parent, {REQUEST_ID_ATTR: rid, "protocol": protocol})
         tracing.end(root, error.message)
-        return error
+        raise error
 
     async def _prepare(
         self, raw: RawRequest, names: FieldNames, root: Span
@@ -340,14 +333,18 @@ class RouterCore:
                 span.set_attribute("prefill", route.prefill.instance_id)
         return req, route
 
-    def _reject(self, protocol: str, kind: ErrorKind) -> None:
+    def reject(self, protocol: str, outcome: str) -> None:
+        """Give back an admitted request's slot, unopened; counted under `outcome`."""
         self.admission.release()
         self.metrics.inflight.set(self.admission.inflight)
-        self.metrics.failed(protocol, kind.value)
+        self.metrics.failed(protocol, outcome)
 
     def route(self, req: ValidRequest, avoid: frozenset[str] = frozenset()) -> RouteDecision:
         """The routing decision over the current view, never to a decode instance whose
         address is in `avoid` (raises RouterError UNAVAILABLE when none is left)."""
+        if req.resume is not None:  # the prompt the instances compute includes them
+            prompt = req.prompt_token_ids + req.resume.output_token_ids
+            req = dataclasses.replace(req, prompt_token_ids=prompt, resume=None)
         hashes = self.encoder.block_hashes(req.prompt_token_ids)
         decode = self.view.candidates(Role.DECODE, hashes, avoid)
         prefill = []
@@ -381,20 +378,4 @@ class RouterCore:
         return fresh and self.view.has_role(Role.DECODE)
 
     def status(self) -> list[PoolStatus]:
-        now = time.time()
-        views = self.view.instances()
-        out = []
-        for spec in self.settings.pools:
-            instances = tuple(
-                InstanceStatus(
-                    v.info.instance_id,
-                    spec.name,
-                    spec.role,
-                    v.load,
-                    max(0.0, now - v.load.ts) if v.load is not None else 0.0,
-                )
-                for v in views
-                if v.info.pool == spec.name
-            )
-            out.append(PoolStatus(spec, instances))
-        return out
+        return pool_status(self.view, self.settings.pools)

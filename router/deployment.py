@@ -39,9 +39,11 @@ logger = logging.getLogger(__name__)
 @serve.ingress()
 class Router:
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
-        self, settings: RouterSettings, decode: Any, prefill: Any = None
+        self, settings: RouterSettings, decode: Any, prefill: Any = None, controller: Any = None
     ) -> None:
-        """`decode` and `prefill` are the pools' DeploymentHandles (prefill may be None)."""
+        """`decode` and `prefill` are the pools' DeploymentHandles (prefill may be None).
+        `controller`, the controller deployment's handle when the application has one,
+        is bound here only so that Serve deploys it; the router never calls it."""
         # Serve logs a traceback for every exception a method raises; a gRPC status the
         # router set is already logged by the router, as one line.
         logging.getLogger("ray.serve").addFilter(QuietStatusErrors())

@@ -18,10 +18,12 @@ router assigned.
                                           first token to the decode instance; its result
                                           only feeds metrics and the final timings
 
-The router only relays the decode stream. Cleanup: unless the stream finished, the
-decode stream is cancelled and `abort` goes to every instance involved, in a background
-task with a bound, so blocks and transfers are freed even when the client's
-cancellation interrupts a call; a failed prefill is aborted the same way. Every wait on
+The router only relays the decode stream. Cleanup (router.cleanup): unless the stream
+finished, the decode stream is cancelled and `abort` goes to every instance involved,
+in a background task with a bound, so blocks and transfers are freed even when the
+client's cancellation interrupts a call; a failed prefill is aborted the same way, and
+while the stream runs the decode instance is told (`prefill_failed`), so that it
+recomputes the prompt at once instead of waiting out the transfer's timeout. Every wait on
 a pool is bounded: the first chunk by `dispatch_timeout_s` (colocated) or
 `stream_idle_timeout_s` (disaggregated: it follows the transfer), each later one by
 `stream_idle_timeout_s`, the prefill by `prefill_timeout_s`. A stream on a decode
@@ -50,13 +52,14 @@ from typing import Any
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from kv_transfer.base import Parallelism
+from router.cleanup import Cleanups
 from router.cluster_view import ClusterView
 from router.drain import StoppedReplicas
 from router.errors import ErrorKind, RouterError
 from router.metrics import RouterMetrics
 from router.migration import Progress
 from router.pinning import PIN_KWARG
-from router.policy import Candidate, RouteDecision
+from router.policy import RouteDecision
 from router.results import Delta, Finish, Timings, Usage
 from router.validation import ValidRequest
 from router.worker_errors import worker_error
@@ -135,7 +138,7 @@ class Dispatcher:
         self._t = timeouts
         self._metrics = metrics
         self._stopped = stopped  # replicas Serve is stopping (router.drain)
-        self._cleanups: set[asyncio.Task[None]] = set()
+        self._cleanups = Cleanups(decode, prefill, self._pools, timeouts.abort_s)
         self._prefills: set[asyncio.Task[PrefillOutcome]] = set()
 
     async def run(
@@ -285,16 +288,16 @@ class Dispatcher:
     async def _run_prefill(
         self, call: _Call, preq: PrefillRequest, span: Span = INVALID_SPAN
     ) -> PrefillOutcome:
-        """The prefill call, bounded; its failure is an outcome (the decode instance
-        falls back by itself), and then the prefill instance is told to abort."""
+        """The prefill call, bounded; its failure is an outcome: the decode instance
+        is told to recompute the prompt, and the prefill instance to abort."""
         assert self._prefill is not None and call.route.prefill is not None
         target = call.route.prefill
         pin = target.address
+        handle = self._cleanups.handle(target, self._prefill)
         out: PrefillOutcome | None = None
         try:
             out = await asyncio.wait_for(
-                self._handle(target, self._prefill).prefill.remote(preq, **{PIN_KWARG: pin}),
-                self._t.prefill_s,
+                handle.prefill.remote(preq, **{PIN_KWARG: pin}), self._t.prefill_s
             )
         except asyncio.CancelledError:
             raise
@@ -309,7 +312,9 @@ class Dispatcher:
             logger.warning("request %s: prefill failed: %s", call.wid, out.reason)
             self._metrics.prefill_failures.inc()
             if call.closed:  # the stream is over: nobody else will clean up
-                self._cleanup(call.wid, None, target)
+                self._cleanups.abort(call.wid, None, target)
+            else:  # its KV will not come: the decode instance need not wait for it
+                self._cleanups.prefill_failed(call.wid, call.route.decode, out.reason)
         return out
 
     async def _outcome(self, call: _Call) -> PrefillOutcome | None:
@@ -332,17 +337,17 @@ class Dispatcher:
         prefill = prefill if running or call.prefill_failed else None
         if call.finished:
             if call.prefill_failed:
-                self._cleanup(call.wid, None, prefill)
+                self._cleanups.abort(call.wid, None, prefill)
             return
         call.stream.cancel()
         if running and call.prefill is not None:
             call.prefill.cancel()
-        self._cleanup(call.wid, call.route.decode, prefill)
+        self._cleanups.abort(call.wid, call.route.decode, prefill)
 
     @property
     def num_pending(self) -> int:
         """Prefill calls and cleanups still running (for leak checks)."""
-        return len(self._prefills) + len(self._cleanups)
+        return len(self._prefills) + self._cleanups.num_pending
 
     def _finish(self, item: TokenChunk, outcome: PrefillOutcome | None, call: _Call) -> Finish:
         final = item.final
@@ -370,26 +375,3 @@ class Dispatcher:
         )
         usage = Usage(final.prompt_tokens, final.completion_tokens, cached)
         return Finish(item.finish_reason or "stop", item.stop_reason, usage, timings)
-
-    def _handle(self, target: Candidate, default: Any) -> Any:
-        """The handle of the deployment that serves `target`."""
-        return self._pools.get(target.pool, default)
-
-    def _cleanup(self, rid: str, decode: Candidate | None, prefill: Candidate | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._abort(rid, decode, prefill))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-
-    async def _abort(self, rid: str, decode: Candidate | None, prefill: Candidate | None) -> None:
-        calls = []
-        if decode is not None:
-            handle = self._handle(decode, self._decode)
-            calls.append(handle.abort.remote(rid, **{PIN_KWARG: decode.address}))
-        if prefill is not None and self._prefill is not None:
-            handle = self._handle(prefill, self._prefill)
-            calls.append(handle.abort.remote(rid, **{PIN_KWARG: prefill.address}))
-        for call in calls:
-            try:
-                await asyncio.wait_for(call, self._t.abort_s)
-            except Exception as e:
-                logger.warning("aborting %s: %s", rid, e)

@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from engine import Resume
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2
 from registry import Role
 from router.core import RouterCore, log_refusal
@@ -118,6 +119,9 @@ def raw_request(req: pdserve_pb2.GenerateRequest) -> RawRequest:
         sampling=sampling,
         model=req.model,
         client_tag=req.client_tag,
+        resume=Resume(tuple(req.resume.token_ids), req.resume.text_chars)
+        if req.HasField("resume")
+        else None,
     )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 from prometheus_client import generate_latest
 
+from router.errors import ErrorKind
 from router.policy import RouteDecision
 from router.results import Finish
 from worker.messages import FallbackReason
@@ -41,8 +42,16 @@ _KV_BUCKETS: tuple[float, ...] = (
 _KV_BUCKETS += (0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def _c(name: str, help: str, labels: tuple[str, ...] = ()) -> MetricDef:
-    return MetricDef(name, Kind.COUNTER, help, labels)
+def _c(
+    name: str, help: str, labels: tuple[str, ...] = (), initial: tuple[tuple[str, ...], ...] = ()
+) -> MetricDef:
+    return MetricDef(name, Kind.COUNTER, help, labels, initial=initial)
+
+
+# The label values of the failure counters, whose series start at zero: the kinds of
+# error that the router retries (router.retry) and migrates (router.migration).
+_RETRIED = ((ErrorKind.UNAVAILABLE.value,),)
+_MIGRATED = ((ErrorKind.UNAVAILABLE.value,), (ErrorKind.INTERNAL.value,))
 
 
 def _h(name: str, help: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()) -> MetricDef:
@@ -75,27 +84,34 @@ FALLBACKS = _c(
     "pdserve_remote_prefill_fallbacks",
     "Remote prefills recomputed on the decode instance",
     ("reason",),
+    tuple((r.value,) for r in FallbackReason),
 )
-PREFILL_FAILURES = _c("pdserve_prefill_failures", "Remote prefill calls that failed")
-TRANSFER_FAILURES = _c("pdserve_kv_transfer_failures", "KV transfers that failed")
+PREFILL_FAILURES = _c("pdserve_prefill_failures", "Remote prefill calls that failed", (), ((),))
+TRANSFER_FAILURES = _c("pdserve_kv_transfer_failures", "KV transfers that failed", (), ((),))
 EXCLUSIONS = _c(
     "pdserve_instance_exclusions",
     "Instances taken out of routing after a failure (call: a pool call failed; "
     "serve: Serve dropped the replica; probe: a probe failed)",
     ("kind",),
+    (("call",), ("serve",), ("probe",)),
 )
 RETRIES = _c(
     "pdserve_request_retries",
     "Requests sent to another instance after failing before their first token",
     ("reason",),
+    _RETRIED,
 )
 MIGRATIONS = _c(
     "pdserve_stream_migrations",
     "Streams that broke mid-way and continued on another decode instance",
     ("reason",),
+    _MIGRATED,
 )
 ADMISSIONS = _c(
-    "pdserve_admissions", "Requests admitted or refused by the in-flight bound", ("outcome",)
+    "pdserve_admissions",
+    "Requests admitted or refused by the in-flight bound",
+    ("outcome",),
+    (("accepted",), ("refused",)),
 )
 ROUTES = _c(
     "pdserve_routing_decisions",

@@ -17,6 +17,8 @@ after the first has a worker-side request id of its own, so a late abort of an e
 segment can never reach it. The client sees one stream: the same request id, no token
 twice or missing, and the final message's timings carry the number of moves and the
 TTFT of the first token. A request error (a bad field, a deadline) is never migrated.
+A client that continues a broken stream itself (a request with `resume`) starts as a
+moved segment does: its tokens so far are the starting progress.
 """
 
 from __future__ import annotations
@@ -82,9 +84,14 @@ class MigrationPolicy:
 
 
 async def with_migration(
-    run: Run, reroute: Reroute, route: RouteDecision, policy: MigrationPolicy
+    run: Run,
+    reroute: Reroute,
+    route: RouteDecision,
+    policy: MigrationPolicy,
+    start: Progress | None = None,
 ) -> AsyncIterator[Delta]:
-    progress = Progress()
+    """`start`: what the client already has (a stream it continues), else nothing."""
+    progress = start or Progress()
     broken: frozenset[str] = frozenset()  # decode instances that broke this stream
     current = route
 

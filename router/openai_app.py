@@ -7,13 +7,16 @@
     GET  /health                200 while a decode instance is live, else 503 (no key)
     GET  /metrics               Prometheus text format
 
-Bodies are read with a size bound (413 beyond it) and parsed with the schemas in
-`openai_schema`; any bad field is a 400 in OpenAI's error shape, with the field named
-in `param`. With an API key configured, every route but /health needs
-`Authorization: Bearer <key>`. Streams are server-sent events ending in `data: [DONE]`;
-an error after the stream started, whatever its cause, is sent as an `error` event
-followed by `data: [DONE]`, never as a cut connection. When the client goes away,
-Serve cancels the handler and the request is aborted on every pool.
+A request past the router's admission bound is refused (429) before its body is
+read: on Serve's HTTP proxy the body is a call back into the proxy, which queues behind
+every other arrival in an overload. Bodies are read with a size bound (413 beyond it)
+and parsed with the schemas in `openai_schema`; any bad field is a 400 in OpenAI's
+error shape, with the field named in `param`. With an API key configured, every route
+but /health needs `Authorization: Bearer <key>`. Streams are server-sent events
+ending in `data: [DONE]`; an error after the stream started, whatever its cause, is
+sent as an `error` event followed by `data: [DONE]`, never as a cut connection. When
+the client goes away, Serve cancels the handler and the request is aborted on every
+pool.
 
 Each choice also carries the generated `token_ids`, and the last message `timings`
 (the TTFT breakdown), as pdserve extensions.
@@ -45,7 +48,8 @@ from router.openai_schema import ChatBody, CompletionBody, first_error
 from router.openapi_doc import openapi_document
 from router.request_ids import RequestId
 from router.results import Delta, Finish
-from router.validation import OPENAI_FIELDS, InvalidRequest
+from router.validation import OPENAI_FIELDS, InvalidRequest, RawRequest
+from telemetry import TraceContext
 from telemetry.context import parse_traceparent
 
 logger = logging.getLogger(__name__)
@@ -81,6 +85,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise _TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _parse(
+    body: bytes, chat: bool, default_chat_max_tokens: int
+) -> tuple[ChatBody | CompletionBody, RawRequest]:
+    """The body by its schema, and the request it makes."""
+    if chat:
+        chat_body = ChatBody.model_validate_json(body)
+        return chat_body, chat_body.to_raw(default_chat_max_tokens)
+    parsed = CompletionBody.model_validate_json(body)
+    return parsed, parsed.to_raw()
 
 
 def _usage(f: Finish) -> dict[str, Any]:
@@ -175,32 +190,15 @@ class OpenAIApp:
             reply = self._unauthorized()
             reply.headers.update(rid.headers)
             return reply
-        try:
-            body = await _read_body(request, self._core.settings.max_request_bytes)
-        except _TooLarge:
-            limit = self._core.settings.max_request_bytes
-            error = RouterError(ErrorKind.INVALID_ARGUMENT, f"body exceeds {limit} bytes")
-            self._refused(rid, error)
-            return _from(error, status=413, rid=rid)
-        parsed: ChatBody | CompletionBody
-        try:
-            if chat:
-                chat_body = ChatBody.model_validate_json(body)
-                raw = chat_body.to_raw(self._core.settings.default_chat_max_tokens)
-                parsed = chat_body
-            else:
-                parsed = CompletionBody.model_validate_json(body)
-                raw = parsed.to_raw()
-        except (ValidationError, InvalidRequest) as e:
-            err = first_error(e) if isinstance(e, ValidationError) else e
-            error = RouterError(ErrorKind.INVALID_ARGUMENT, str(err), err.field)
-            self._refused(rid, error)
-            return _from(error, rid=rid)
-        try:
-            parent = parse_traceparent(request.headers.get("traceparent"))
-            session = await self._core.open(raw, OPENAI_FIELDS, "http", rid.value, parent)
+        parent = parse_traceparent(request.headers.get("traceparent"))
+        try:  # before the body is read: a full router refuses without waiting on it
+            self._core.admit(rid.value, "http", parent)
         except RouterError as e:  # logged by the core
             return _from(e, rid=rid)
+        opened = await self._open(request, chat, rid, parent)
+        if isinstance(opened, Response):
+            return opened
+        session, parsed = opened
         renderer = _Renderer(self._core.settings.served_model, chat, self._tok, session.request_id)
         if parsed.stream:
             return StreamingResponse(
@@ -211,8 +209,38 @@ class OpenAIApp:
             )
         return await self._complete(session, renderer, rid)
 
+    async def _open(
+        self, request: Request, chat: bool, rid: RequestId, parent: TraceContext | None
+    ) -> tuple[Session, ChatBody | CompletionBody] | Response:
+        """Read and parse the body and open the session on the slot `admit` took, or
+        the refusal; every way out without a session gives the slot back."""
+        limit = self._core.settings.max_request_bytes
+        try:
+            body = await _read_body(request, limit)
+            parsed, raw = _parse(body, chat, self._core.settings.default_chat_max_tokens)
+        except _TooLarge:
+            error = RouterError(ErrorKind.INVALID_ARGUMENT, f"body exceeds {limit} bytes")
+            self._refused(rid, error)
+            return _from(error, status=413, rid=rid)
+        except (ValidationError, InvalidRequest) as e:
+            err = first_error(e) if isinstance(e, ValidationError) else e
+            error = RouterError(ErrorKind.INVALID_ARGUMENT, str(err), err.field)
+            self._refused(rid, error)
+            return _from(error, rid=rid)
+        except BaseException:  # the client went away while sending its body
+            self._core.reject("http", "cancelled")
+            raise
+        try:
+            session = await self._core.open(
+                raw, OPENAI_FIELDS, "http", rid.value, parent, admitted=True
+            )
+        except RouterError as e:  # logged by the core, which gave the slot back
+            return _from(e, rid=rid)
+        return session, parsed
+
     def _refused(self, rid: RequestId, error: RouterError) -> None:
-        self._core.metrics.failed("http", error.kind.value)
+        """An admitted request refused before its session opened: the slot goes back."""
+        self._core.reject("http", error.kind.value)
         log_refusal(rid.value, "http", error)
 
     async def _complete(self, session: Session, r: _Renderer, rid: RequestId) -> Response:

@@ -10,12 +10,22 @@ starting with a letter or digit (it goes into log lines and headers).
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from fastapi import Request
 
-from router.core import bind_request_id, new_request_id
 from telemetry import valid_request_id
+from telemetry.context import REQUEST_ID
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+def bind_request_id(rid: str) -> None:
+    """Tag the log records of the calling task (a front end's handler) with `rid`."""
+    REQUEST_ID.set(rid)
 
 
 class RequestId:

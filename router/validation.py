@@ -11,6 +11,11 @@ token ids, so a huge prompt is refused before any tokenizing. `finish` tokenizes
 chat template included) and applies the token-count limits: prompt below the context
 length and `prompt + max_tokens` within it; the router runs it in a thread pool, never
 on the event loop. `validate` does both, for callers without a loop.
+
+A resumed request (`resume`: a broken stream that the client continues) is bounded the
+same way: its token ids in `check` (at most the context length, each in the
+vocabulary), then in `finish` fewer than max_tokens, and its characters of text at
+most what those tokens decode to after the prompt.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from engine import SamplingParams
+from engine import Resume, SamplingParams
 from engine.sampling import SamplingError
+from engine.tokenizer import IncrementalDetokenizer
 from router.tokenization import PromptEncoder
 
 
@@ -50,6 +56,7 @@ class FieldNames:
     frequency_penalty: str
     client_tag: str
     model: str
+    resume: str
 
     def of(self, sampling_field: str) -> str:
         """The protocol's name for a `SamplingError` field (`stop[2]` and the like)."""
@@ -74,6 +81,7 @@ PROTO_FIELDS = FieldNames(
     frequency_penalty="sampling.frequency_penalty",
     client_tag="client_tag",
     model="model",
+    resume="resume",
 )
 
 OPENAI_FIELDS = FieldNames(
@@ -93,6 +101,7 @@ OPENAI_FIELDS = FieldNames(
     frequency_penalty="frequency_penalty",
     client_tag="user",
     model="model",
+    resume="resume",  # not in the HTTP API
 )
 
 
@@ -130,6 +139,7 @@ class RawRequest:
     # max_tokens when unset; None: the engine's default of 16. Either way it is cut to
     # what the context has left.
     default_max_tokens: int | None = None
+    resume: Resume | None = None  # a broken stream's tokens and text, to continue
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,7 @@ class ValidRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     client_tag: str
+    resume: Resume | None = None  # the client continues a broken stream after these
 
 
 _ENGINE_DEFAULT_MAX_TOKENS = 16
@@ -197,7 +208,23 @@ class RequestValidator:
             )
         params = self._check_sampling(raw.sampling, names)
         self._check_input_size(raw, names)
+        if raw.resume is not None:
+            self._check_resume(raw.resume, names.resume)
         return CheckedRequest(raw, params)
+
+    def _check_resume(self, resume: Resume, field: str) -> None:
+        ids = resume.output_token_ids
+        if not ids:
+            raise InvalidRequest(f"{field}.token_ids", "must not be empty")
+        if len(ids) >= self.limits.max_model_len:
+            raise InvalidRequest(
+                f"{field}.token_ids",
+                f"{len(ids)} tokens; at most {self.limits.max_model_len - 1} are allowed",
+            )
+        vocab = self.encoder.vocab_size
+        for i, tok in enumerate(ids):
+            if not 0 <= tok < vocab:
+                raise InvalidRequest(f"{field}.token_ids[{i}]", f"{tok} is outside [0, {vocab})")
 
     def finish(self, checked: CheckedRequest, names: FieldNames) -> ValidRequest:
         """Tokenizes a checked request and applies the token-count limits."""
@@ -227,7 +254,28 @@ class RequestValidator:
         else:
             max_tokens = s.max_tokens
         params = dataclasses.replace(checked.params, max_tokens=max_tokens)
-        return ValidRequest(tuple(prompt), params, raw.client_tag)
+        if raw.resume is not None:
+            self._finish_resume(raw.resume, prompt, params, names.resume)
+        return ValidRequest(tuple(prompt), params, raw.client_tag, raw.resume)
+
+    def _finish_resume(
+        self, resume: Resume, prompt: list[int], params: SamplingParams, field: str
+    ) -> None:
+        """Fewer resumed tokens than max_tokens, and no more text than they make."""
+        n = len(resume.output_token_ids)
+        if n >= params.max_tokens:
+            raise InvalidRequest(
+                f"{field}.token_ids",
+                f"{n} tokens leave none of max_tokens ({params.max_tokens}) to generate",
+            )
+        detok = IncrementalDetokenizer(self.encoder.tokenizer, prompt, params.stop)
+        for tok in resume.output_token_ids:
+            detok.push(tok)
+        if resume.text_chars_sent > len(detok.text):
+            raise InvalidRequest(
+                f"{field}.text_chars",
+                f"{resume.text_chars_sent}; those tokens make {len(detok.text)} characters",
+            )
 
     def _check_sampling(self, s: RawSampling, names: FieldNames) -> SamplingParams:
         """The request's sampling, checked by the engine's rule (`SamplingParams.validate`)

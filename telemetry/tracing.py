@@ -1,14 +1,18 @@
-"""This process's tracer: OpenTelemetry spans, exported to an OTLP collector or, without
-one, handed as `SpanRecord`s to a sink (the cluster's bounded trace store).
+"""This process's tracer: spans recorded into a buffer on the recording thread, and
+exported in batches on the recorder's own thread (`telemetry.spans`) to an OTLP
+collector or, without one, as `SpanRecord`s to a sink (the cluster's bounded trace
+store).
 
 Lifecycle: each process on the request path (router replica, pool replica, rank actor)
 calls `configure(settings, service, sink)` once when it starts and `shutdown()` when it
 stops. Until then, and with tracing off, every helper here is a no-op that costs one
-attribute check. Spans are batched and exported on the SDK's own thread, never on the
-request path.
+attribute check. Recording a span costs its thread a few microseconds; building export
+objects and serializing happen off the request path.
 
-Sampling is decided once per request, at the router (`sample_ratio`); every other
-process follows the sampled flag that the `TraceContext` carries.
+Sampling is decided once per request, at the router (`sample_ratio`, by the trace id as
+OpenTelemetry's ratio sampler does); every other process follows the sampled flag that
+the `TraceContext` carries. Spans are OpenTelemetry API spans, so callers hold
+`opentelemetry.trace.Span`s and the invalid span when tracing is off.
 """
 
 from __future__ import annotations
@@ -19,20 +23,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode, TraceFlags
 
 from telemetry.context import TraceContext
 from telemetry.records import Attr, SpanRecord
+from telemetry.spans import Ended, LiveSpan, Recorder, new_span_id, new_trace_id, sample
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +56,12 @@ class TracingSettings:
 
 
 class _State:
-    provider: TracerProvider | None = None
-    tracer: trace.Tracer | None = None
+    recorder: Recorder | None = None
+    sample_ratio: float = 1.0
 
 
 _state = _State()
+_BUFFERED_SPANS = 65536  # spans a process holds between two exports
 
 
 def configure(settings: TracingSettings, service: str, sink: Sink | None = None) -> bool:
@@ -70,50 +70,49 @@ def configure(settings: TracingSettings, service: str, sink: Sink | None = None)
     shutdown()
     if not settings.enabled:
         return False
-    exporter: SpanExporter
+    export: Callable[[list[Ended]], bool]
+    close: Callable[[], None] | None = None
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint)
+        otlp = OTLPSpanExporter(endpoint=settings.otlp_endpoint)
+        export, close = _OtlpExport(otlp, service), otlp.shutdown
     elif sink is not None:
-        exporter = RecordExporter(sink)
+        export = _SinkExport(sink, service)
     else:
         raise ValueError("tracing needs an OTLP endpoint or a sink for its spans")
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": service}),
-        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
-    )
-    provider.add_span_processor(
-        BatchSpanProcessor(exporter, schedule_delay_millis=settings.export_delay_s * 1000)
-    )
-    _state.provider = provider
-    _state.tracer = provider.get_tracer("pdserve")
+    _state.sample_ratio = settings.sample_ratio
+    recorder = Recorder(service, export, settings.export_delay_s, _BUFFERED_SPANS, close)
+    _state.recorder = recorder.start()
     return True
 
 
 def shutdown() -> None:
-    """Flush and stop this process's tracer (bounded by the SDK's export timeout)."""
-    provider, _state.provider, _state.tracer = _state.provider, None, None
-    if provider is not None:
-        provider.shutdown()
+    """Export what is buffered and stop this process's tracer (bounded)."""
+    recorder, _state.recorder = _state.recorder, None
+    if recorder is not None:
+        recorder.stop()
 
 
 def flush(timeout_s: float = 5.0) -> bool:
-    provider = _state.provider
-    return provider.force_flush(int(timeout_s * 1000)) if provider is not None else True
+    recorder = _state.recorder
+    return recorder.flush(timeout_s) if recorder is not None else True
 
 
 def enabled() -> bool:
-    return _state.tracer is not None
+    return _state.recorder is not None
 
 
-def _parent(ctx: TraceContext | Span | None) -> otel_context.Context | None:
+def _parent(ctx: TraceContext | Span | None) -> tuple[int, int, bool] | None:
+    """(trace id, parent span id, sampled) of a parent, None for a new trace."""
     if ctx is None:
         return None
     if isinstance(ctx, TraceContext):
-        flags = TraceFlags(TraceFlags.SAMPLED if ctx.sampled else TraceFlags.DEFAULT)
-        ctx = NonRecordingSpan(SpanContext(ctx.trace_id, ctx.span_id, True, flags))
-    return trace.set_span_in_context(ctx)
+        return ctx.trace_id, ctx.span_id, ctx.sampled
+    sc = ctx.get_span_context()
+    if not sc.is_valid:
+        return None
+    return sc.trace_id, sc.span_id, sc.trace_flags.sampled
 
 
 def start(
@@ -123,11 +122,21 @@ def start(
     start_ns: int | None = None,
 ) -> Span:
     """A started span under `parent` (a new trace when None); end it with `end`. With
-    tracing off, the invalid span (its methods do nothing)."""
-    tracer = _state.tracer
-    if tracer is None:
+    tracing off, the invalid span; in a trace not sampled, a span that records nothing
+    but carries the trace's context (its methods do nothing)."""
+    recorder = _state.recorder
+    if recorder is None:
         return trace.INVALID_SPAN
-    return tracer.start_span(name, _parent(parent), attributes=attributes, start_time=start_ns)
+    up = _parent(parent)
+    if up is None:
+        trace_id, parent_id = new_trace_id(), 0
+        sampled = sample(trace_id, _state.sample_ratio)
+    else:
+        trace_id, parent_id, sampled = up
+    if not sampled:
+        return NonRecordingSpan(SpanContext(trace_id, new_span_id(), False, TraceFlags(0)))
+    begin = start_ns if start_ns is not None else time.time_ns()
+    return LiveSpan(recorder, name, trace_id, parent_id, begin, attributes)
 
 
 def end(span: Span, error: str = "", end_ns: int | None = None) -> None:
@@ -147,9 +156,13 @@ def record(
     end_ns: int,
     attributes: Mapping[str, Attr] | None = None,
 ) -> None:
-    """A span that already happened, from its two timestamps."""
-    if _state.tracer is not None and parent is not None:
-        start(name, parent, attributes, start_ns).end(end_ns)
+    """A span that already happened, from its two timestamps (under a sampled parent)."""
+    recorder = _state.recorder
+    if recorder is None or parent is None:
+        return
+    up = _parent(parent)
+    if up is not None and up[2]:
+        recorder.add(Ended(name, up[0], new_span_id(), up[1], start_ns, end_ns, attributes, ""))
 
 
 @contextmanager
@@ -180,41 +193,44 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-class RecordExporter(SpanExporter):
-    """Hands finished spans to a sink as `SpanRecord`s (on the SDK's export thread)."""
+class _SinkExport:
+    """Hands a batch to a sink as `SpanRecord`s (on the recorder's export thread)."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, service: str) -> None:
         self._sink = sink
-        self._failures = 0
+        self._service = service
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        records = [to_record(s) for s in spans]
+    def __call__(self, spans: list[Ended]) -> bool:
         try:
-            self._sink(records)
+            self._sink([s.to_record(self._service) for s in spans])
         except Exception as e:
-            self._failures += 1
-            if self._failures in (1, 10) or self._failures % 1000 == 0:
-                logger.warning("trace export failed (%d times): %s", self._failures, e)
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
+            logger.warning("trace export to the store failed: %s", e)
+            return False
+        return True
 
 
-def to_record(s: ReadableSpan) -> SpanRecord:
-    ctx = s.context
-    assert ctx is not None
-    service = s.resource.attributes.get("service.name", "")
-    status = s.status
-    return SpanRecord(
-        trace_id=f"{ctx.trace_id:032x}",
-        span_id=f"{ctx.span_id:016x}",
-        parent_id=f"{s.parent.span_id:016x}" if s.parent is not None else "",
-        name=s.name,
-        service=str(service),
-        start_ns=s.start_time or 0,
-        end_ns=s.end_time or 0,
-        attributes={k: v for k, v in (s.attributes or {}).items() if isinstance(v, Attr)},
-        error=(status.description or "error") if status.status_code is StatusCode.ERROR else "",
-    )
+class _OtlpExport:
+    """Hands a batch to an OpenTelemetry exporter as SDK spans."""
+
+    def __init__(self, exporter: SpanExporter, service: str) -> None:
+        self._exporter = exporter
+        self._resource = Resource.create({"service.name": service})
+
+    def __call__(self, spans: list[Ended]) -> bool:
+        batch: Sequence[ReadableSpan] = [self._readable(s) for s in spans]
+        return self._exporter.export(batch) is SpanExportResult.SUCCESS
+
+    def _readable(self, s: Ended) -> ReadableSpan:
+        flags = TraceFlags(TraceFlags.SAMPLED)
+        parent = SpanContext(s.trace_id, s.parent_id, True, flags) if s.parent_id else None
+        status = Status(StatusCode.ERROR, s.error) if s.error else Status(StatusCode.UNSET)
+        return ReadableSpan(
+            name=s.name,
+            context=SpanContext(s.trace_id, s.span_id, False, flags),
+            parent=parent,
+            resource=self._resource,
+            attributes=dict(s.attributes) if s.attributes else {},
+            status=status,
+            start_time=s.start_ns,
+            end_time=s.end_ns,
+        )

@@ -60,6 +60,29 @@ LONG_PROMPTS = [
     "remember that distant afternoon when his father took him to discover ice in the town.",
 ]
 
+# For the clusters whose pools each have their own TP/PP layout: prefill TP=2 and
+# decode PP=2, half a CPU per rank, small KV caches; prompts of about 40 tokens, and
+# two below a threshold of 16.
+SPLIT_LAYOUTS = [
+    "pools.prefill.tp=2",
+    "pools.decode.pp=2",
+    "pools.prefill.resources_per_rank={CPU: 0.5}",
+    "pools.decode.resources_per_rank={CPU: 0.5}",
+    "pools.prefill.engine.kv_cache_bytes=4MiB",
+    "pools.decode.engine.kv_cache_bytes=4MiB",
+]
+LAYOUT_LONG_PROMPTS = [
+    "A lighthouse keeper kept a log of every ship that passed the point, the weather at "
+    "dawn and dusk, and the state of the lamp, for forty years without missing a night.",
+    "The recipe calls for two cups of flour, a pinch of salt, three eggs beaten until pale, "
+    "and enough milk to make a batter that coats the back of a wooden spoon.",
+    "Rivers carve valleys slowly: a few millimetres a year, but over a million years that "
+    "is kilometres of rock carried grain by grain down to the delta and out to sea.",
+    "When the orchestra tuned, the oboe gave the A, the strings followed, and the hall "
+    "went quiet as the conductor raised her baton above the score on the stand.",
+]
+LAYOUT_SHORT_PROMPTS = ["Hello", "Name a colour:"]
+
 
 def greedy(max_tokens: int = MAX_TOKENS) -> SamplingParams:
     """The engine-side twin of the clients' greedy sampling."""
@@ -143,11 +166,20 @@ class HttpReply:
 
 
 class ClusterHarness:
-    def __init__(self, config: ClusterConfig, model_dir: str, scalable: bool = False) -> None:
-        """`scalable`: the app takes Serve's external scaling calls (`scale`)."""
+    def __init__(
+        self,
+        config: ClusterConfig,
+        model_dir: str,
+        scalable: bool = False,
+        controller: bool = False,
+    ) -> None:
+        """`scalable`: the app takes Serve's external scaling calls (`scale`).
+        `controller`: with `planner.enabled`, the app runs the controller as a deployment
+        of its own, as a cluster deployed from a Serve config (KubeRay) does."""
         self.config = config
         self.model_dir = model_dir
         self.scalable = scalable
+        self.controller = controller
         self.redis = RedisServer()
         self.grpc_target = f"127.0.0.1:{config.server.grpc_port}"
         self.http_url = f"http://127.0.0.1:{config.server.http_port}"
@@ -188,7 +220,12 @@ class ClusterHarness:
         )
         http, grpc = serve_options(self.config)
         serve.start(http_options=http, grpc_options=grpc)
-        app = build_app(self.config, model_dir=self.model_dir, redis_url=self.redis.url)
+        app = build_app(
+            self.config,
+            model_dir=self.model_dir,
+            redis_url=self.redis.url,
+            controller=self.controller,
+        )
         serve.run(app, name=APP_NAME, route_prefix="/", external_scaler_enabled=self.scalable)
         with self.client() as c:
             wait_until(lambda: c.healthy() and c.cluster_status().ready, START_TIMEOUT_S, "ready")
@@ -241,6 +278,10 @@ class ClusterHarness:
             time.sleep(0.25)
 
     # -- access ----------------------------------------------------------------------------
+
+    @property
+    def redis_client(self) -> Any:
+        return self._redis_client
 
     def client(self, token: str | None = "default") -> Client:
         return Client(

@@ -33,6 +33,7 @@ class FakeTransfers:
     def __init__(self) -> None:
         self._registered: dict[str, asyncio.Event] = {}
         self._early: set[str] = set()
+        self.failures: dict[str, str] = {}  # transfer id -> why its KV will not come
 
     def register(self, transfer_id: str) -> asyncio.Event:
         event = self._registered[transfer_id] = asyncio.Event()
@@ -48,9 +49,15 @@ class FakeTransfers:
         else:
             event.set()
 
+    def fail(self, transfer_id: str, reason: str) -> None:
+        """The decode side learnt that the KV will not come (a registered transfer)."""
+        self.failures[transfer_id] = reason
+        self._registered[transfer_id].set()
+
     def end(self, transfer_id: str) -> None:
         self._registered.pop(transfer_id, None)
         self._early.discard(transfer_id)
+        self.failures.pop(transfer_id, None)
 
     @property
     def num_registered(self) -> int:
@@ -152,6 +159,9 @@ class FakeDecode(FakeInstance):
         self.behaviour = DecodeBehaviour()
         self.streams: list[FakeStream] = []
         self.requests: list[WorkerRequest] = []
+        self.waiting: dict[str, str] = {}  # request id -> the transfer it waits for
+        self.failed_early: dict[str, str] = {}  # prefill failures told before the request
+        self.told: list[str] = []  # the requests whose prefill failure it was told
 
     # the handle ------------------------------------------------------------------------
 
@@ -163,7 +173,23 @@ class FakeDecode(FakeInstance):
     def generate(self) -> _Method:
         return _Method(self._open)
 
+    @property
+    def prefill_failed(self) -> _Method:
+        return _Method(lambda replica, *a: self.task(self._prefill_failed(replica, *a)))
+
     # the instance ----------------------------------------------------------------------
+
+    async def _prefill_failed(self, replica: str | None, rid: str, reason: str) -> None:
+        """As the real instance: a transfer still awaited ends now; before the request
+        came, the failure is remembered for it; after it settled, nothing."""
+        self.check_pin(replica)
+        self.calls.append("prefill_failed")
+        self.told.append(rid)
+        tid = self.waiting.get(rid)
+        if tid is not None:
+            self.transfers.fail(tid, reason)
+        elif rid not in self.active and rid not in {r.request_id for r in self.requests}:
+            self.failed_early[rid] = reason
 
     def _open(self, replica: str | None, req: WorkerRequest) -> FakeStream:
         self.check_pin(replica)
@@ -182,12 +208,11 @@ class FakeDecode(FakeInstance):
             if b.fail_before_first is not None:
                 raise b.fail_before_first
             reason = "decode_full (no free KV blocks)" if plan is not None and b.refuse else ""
+            early = self.failed_early.pop(rid, None)
+            if tid is not None and early is not None:  # refused: its prefill failed already
+                reason, tid = f"prefill failed: {early}", None
             if tid is not None and plan is not None:
-                event = self.transfers.register(tid)
-                try:
-                    await asyncio.wait_for(event.wait(), plan.timeout_s)
-                except TimeoutError:
-                    reason = f"transfer failed: timed out after {plan.timeout_s:g}s"
+                reason = await self._wait(rid, tid, plan.timeout_s)
             disagg = tid is not None and not reason
             for sent, i in enumerate(range(_resumed(req, b.tokens), len(b.tokens))):
                 if b.die_after is not None and sent >= b.die_after:
@@ -202,6 +227,19 @@ class FakeDecode(FakeInstance):
             if tid is not None:
                 self.transfers.end(tid)
             self.active.discard(rid)
+
+    async def _wait(self, rid: str, tid: str, timeout_s: float) -> str:
+        """Until the transfer lands: "" then, else why not."""
+        event = self.transfers.register(tid)
+        self.waiting[rid] = tid
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            return f"transfer failed: timed out after {timeout_s:g}s"
+        finally:
+            self.waiting.pop(rid, None)
+        failure = self.transfers.failures.get(tid)
+        return f"prefill failed: {failure}" if failure is not None else ""
 
 
 def text_of(tokens: tuple[int, ...]) -> str:
@@ -241,6 +279,8 @@ def _kind(reason: str) -> FallbackReason | None:
         return None
     if reason.startswith("decode_full"):
         return FallbackReason.DECODE_FULL
+    if reason.startswith("prefill failed"):
+        return FallbackReason.PREFILL_FAILED
     return FallbackReason.TRANSFER_FAILED
 
 
@@ -249,6 +289,7 @@ class PrefillBehaviour:
     delay_s: float = 0.0
     fail: BaseException | None = None  # the call raises
     refused: bool = False  # the decode side refused: ok=False
+    failed_send: bool = False  # its send failed: ok=False, and the transfer never lands
     stall_s: float | None = None  # never completes the transfer; answers after this
     answer_delay_s: float = 0.0  # between completing the transfer and answering
 
@@ -277,6 +318,8 @@ class FakePrefill(FakeInstance):
                 return PrefillOutcome(ok=False, reason="transfer timed out on the sender")
             if b.refused:
                 return PrefillOutcome(ok=False, reason="transfer failed: receiver refused it")
+            if b.failed_send:
+                return PrefillOutcome(ok=False, reason="transfer failed: connection reset")
             self.transfers.complete(preq.transfer_id)
             await asyncio.sleep(b.answer_delay_s)
             return PrefillOutcome(
@@ -304,6 +347,12 @@ class FakeDecodePool:
     def abort(self) -> _Method:
         return _Method(lambda replica, *a: self._at(replica).abort.remote(*a, replica=replica))
 
+    @property
+    def prefill_failed(self) -> _Method:
+        return _Method(
+            lambda replica, *a: self._at(replica).prefill_failed.remote(*a, replica=replica)
+        )
+
     def _at(self, replica: str | None) -> FakeDecode:
         assert replica in self.by_address, f"no fake decode instance {replica!r}"
         return self.by_address[replica]
@@ -325,3 +374,4 @@ def assert_idle(transfers: FakeTransfers, *instances: FakeInstance) -> None:
         assert not inst.active, f"{inst.name} still holds {inst.active}"
         assert not inst.tasks, f"{inst.name} has calls still running"
     assert transfers.num_registered == 0, "a transfer is still registered"
+    assert not transfers.failures, "a transfer failure is still recorded"

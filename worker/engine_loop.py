@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Command = Callable[[], None]
 
+COMMAND_TIMEOUT_S = 30.0  # the default bound of one engine command (`call`)
+
 
 class EngineStopped(InstanceUnavailable):
     """The engine loop stopped or failed; no more outputs will come."""
@@ -164,7 +166,7 @@ class EngineLoop:
         self._inbox.put(run)
         return fut
 
-    async def call(self, fn: Callable[[], T], timeout_s: float = 30.0) -> T:
+    async def call(self, fn: Callable[[], T], timeout_s: float = COMMAND_TIMEOUT_S) -> T:
         return await asyncio.wait_for(asyncio.wrap_future(self.submit(fn)), timeout_s)
 
     # -- streams ----------------------------------------------------------------------

@@ -43,6 +43,10 @@ class FallbackReason(StrEnum):
     # the KV transfer (with the first token) failed or timed out, the prefill instance's
     # failure included: its sender aborts the transfer
     TRANSFER_FAILED = "transfer"
+    # the router saw the remote prefill fail (the call raised, the instance died, or it
+    # reported a failed transfer) and told the decode instance, which did not wait for
+    # the transfer's timeout
+    PREFILL_FAILED = "prefill_failed"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ A daemon thread re-records each exported gauge's latest value every second, sinc
 agent drops gauge series that are not refreshed.
 Callers on hot paths bind their label values once (`Metric.labels`) and record on the
 bound child.
+
+A counter of rare events (failures, retries, migrations) names the label values it
+can take in `MetricDef.initial`: those series exist from the start at zero, so a
+dashboard shows a healthy cluster's zero instead of no data, which would look the
+same as a missing exporter.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class MetricDef:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    # label values whose series start at zero (counters); `((),)` for one unlabelled
+    initial: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -77,6 +84,10 @@ class MetricDef:
             raise ValueError(f"metric {self.name!r}: buckets go with histograms only")
         if list(self.buckets) != sorted(set(self.buckets)) or any(b <= 0 for b in self.buckets):
             raise ValueError(f"metric {self.name!r}: buckets must be positive and increasing")
+        if self.initial and (
+            self.kind is not Kind.COUNTER or any(len(v) != len(self.labels) for v in self.initial)
+        ):
+            raise ValueError(f"metric {self.name!r}: initial values are label values of a counter")
         known = DEFINED.setdefault(self.name, self)
         if known != self:
             raise ValueError(f"metric {self.name!r} is defined twice, differently")
@@ -153,6 +164,14 @@ class Child:
         if self._ray is not None:
             self._ray.inc(value, self._tags)
 
+    def zero(self) -> None:
+        """Make a counter's series exist at zero in both sinks (prometheus_client made it
+        when the child was created). Ray's `Counter.inc` refuses zero; `_record` is the
+        call it makes after that check, and Ray's recorder exports a zero point."""
+        record = getattr(self._ray, "_record", None)
+        if record is not None:
+            record(0.0, self._tags)
+
     def set(self, value: float) -> None:
         self._prom.set(value)
         if self._ray is not None:
@@ -199,6 +218,10 @@ class Metric:
             raise ValueError(f"{self.definition.name} has labels {self.definition.labels}")
         return self._plain
 
+    def zero(self, *values: str) -> None:
+        """The series of these label values exists from now on (a counter's, at 0)."""
+        (self.labels(*values) if values else self._unlabelled()).zero()
+
     def inc(self, value: float = 1.0) -> None:
         self._unlabelled().inc(value)
 
@@ -231,7 +254,9 @@ class MetricSet:
         for d in defs:
             if d.name in self._metrics:
                 raise ValueError(f"metric {d.name!r} defined twice")
-            self._metrics[d.name] = Metric(d, self._prom(d), self._ray(d))
+            metric = self._metrics[d.name] = Metric(d, self._prom(d), self._ray(d))
+            for values in d.initial:
+                metric.zero(*values)
 
     def __getitem__(self, d: MetricDef) -> Metric:
         return self._metrics[d.name]

@@ -45,7 +45,10 @@ PREFIX_HITS = MetricDef(
     "pdserve_engine_prefix_cache_hit_blocks", Kind.COUNTER, "Looked-up blocks found cached"
 )
 PREEMPTIONS = MetricDef(
-    "pdserve_engine_preemptions", Kind.COUNTER, "Sequences preempted (recomputed later)"
+    "pdserve_engine_preemptions",
+    Kind.COUNTER,
+    "Sequences preempted (recomputed later)",
+    initial=((),),
 )
 STEP_SECONDS = MetricDef(
     "pdserve_engine_step_seconds", Kind.HISTOGRAM, "Engine step time", buckets=_STEP_BUCKETS

@@ -13,7 +13,10 @@ A stream that is abandoned (a `break`, an exception, a cancelled task) cancels t
 call, and the server aborts the request on every pool. Errors are `ClientError`s with
 the gRPC status code and the server's message (which names the bad field). A Generate
 that fails with UNAVAILABLE before its first chunk is sent again, a bounded number of
-times (`RetryPolicy`, counted in the client's `retries`).
+times (`RetryPolicy`, counted in the client's `retries`); one that breaks with
+UNAVAILABLE after some chunks (its router replica died) is continued on another router
+with the tokens and text received so far (the request's `resume`), so the iterator
+goes on with no token repeated or missing (counted in `resumes`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -25,7 +24,7 @@ from cluster.client.messages import (
     error_from,
     state_from,
 )
-from cluster.client.retry import RetryPolicy
+from cluster.client.retry import RetryPolicy, StreamCalls
 from cluster.client.sync import APPLICATION, call_metadata, channel_credentials
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2, pdserve_pb2_grpc
 
@@ -56,6 +55,7 @@ class AsyncClient:
         self.timeout_s = timeout_s
         self.retry = retry if retry is not None else RetryPolicy()
         self.retries = 0
+        self.resumes = 0
 
     async def close(self) -> None:
         await self._channel.close()
@@ -74,27 +74,23 @@ class AsyncClient:
     async def stream_request(
         self, request: pdserve_pb2.GenerateRequest, timeout_s: float | None = None
     ) -> AsyncIterator[Chunk]:
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        attempt = 0
+        calls = StreamCalls(request, self.retry, timeout_s or self.timeout_s)
         while True:
-            started = False
             call: Any = self._stub.Generate(
-                request, timeout=max(0.0, deadline - time.monotonic()), metadata=self._md
+                calls.request(), timeout=calls.timeout(), metadata=self._md
             )
             try:
                 async for msg in call:
-                    started = True
-                    yield chunk_from(msg)
+                    yield calls.took(chunk_from(msg))
                 return
             except grpc.RpcError as e:
-                error = error_from(e)
-                wait = self.retry.delay(error.code, started, attempt, deadline - time.monotonic())
-                if wait < 0:
-                    raise error from None
+                kind, wait = calls.after(error_from(e))  # raises what goes to the caller
             finally:
-                call.cancel()
-            attempt += 1
-            self.retries += 1
+                call.cancel()  # no-op once the call completed
+            if kind == "resume":
+                self.resumes += 1
+            else:
+                self.retries += 1
             await asyncio.sleep(wait)
 
     def stream(

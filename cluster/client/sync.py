@@ -24,7 +24,7 @@ from cluster.client.messages import (
     error_from,
     state_from,
 )
-from cluster.client.retry import RetryPolicy
+from cluster.client.retry import RetryPolicy, StreamCalls
 from protos.pdserve.v1 import SERVICE_NAME, pdserve_pb2, pdserve_pb2_grpc
 
 # The Serve application the cluster deploys (cluster.builder.APP_NAME). Serve's gRPC
@@ -46,7 +46,9 @@ class Client:
     """Blocking client. `tls=True` (with optional `root_certificates`) for a TLS front;
     `application` is the Serve application its calls name (None: name none). A
     Generate that fails with UNAVAILABLE before its first chunk is sent again under
-    `retry` (see `cluster.client.retry`); `retries` counts those tries."""
+    `retry` (see `cluster.client.retry`), and one that breaks with UNAVAILABLE after
+    some chunks is continued from what it streamed; `retries` and `resumes` count
+    those calls."""
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class Client:
         self.timeout_s = timeout_s
         self.retry = retry if retry is not None else RetryPolicy()
         self.retries = 0
+        self.resumes = 0
 
     def close(self) -> None:
         self._channel.close()
@@ -88,27 +91,23 @@ class Client:
     def stream_request(
         self, request: pdserve_pb2.GenerateRequest, timeout_s: float | None = None
     ) -> Iterator[Chunk]:
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        attempt = 0
+        calls = StreamCalls(request, self.retry, timeout_s or self.timeout_s)
         while True:
-            started = False
             call: Any = self._stub.Generate(
-                request, timeout=max(0.0, deadline - time.monotonic()), metadata=self._md
+                calls.request(), timeout=calls.timeout(), metadata=self._md
             )
             try:
                 for msg in call:
-                    started = True
-                    yield chunk_from(msg)
+                    yield calls.took(chunk_from(msg))
                 return
             except grpc.RpcError as e:
-                error = error_from(e)
-                wait = self.retry.delay(error.code, started, attempt, deadline - time.monotonic())
-                if wait < 0:
-                    raise error from None
+                kind, wait = calls.after(error_from(e))  # raises what goes to the caller
             finally:
                 call.cancel()  # no-op once the call completed
-            attempt += 1
-            self.retries += 1
+            if kind == "resume":
+                self.resumes += 1
+            else:
+                self.retries += 1
             time.sleep(wait)
 
     def stream(

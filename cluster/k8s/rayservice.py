@@ -19,6 +19,11 @@ application is RUNNING, then deletes the old one; a change of serveConfigV2 alon
 applied in place. With GCS fault tolerance the head keeps the cluster's metadata in
 Redis (address and password from the pod's environment, see `cluster.k8s.pods`), so a
 restarted head picks the running replicas up again.
+
+With the controller's slow loop (`planner.scaling`), each pool's worker group may hold
+from `planner.min_replicas` to `planner.max_replicas` replicas' pods, and Ray's
+autoscaler (`enableInTreeAutoscaling`) adds a pod when a replica the controller asked
+Serve for cannot be placed, and removes pods left idle; without it the groups are fixed.
 """
 
 from __future__ import annotations
@@ -54,6 +59,19 @@ def _ray_start_params(plan: GroupPlan, gcs_ft: bool) -> dict[str, str]:
     return params
 
 
+def _pod_range(config: ClusterConfig, plan: GroupPlan, scaling: bool) -> dict[str, int]:
+    """minReplicas and maxReplicas of a worker group: its pods, or with the controller's
+    scaling the pods of a pool's fewest and most replicas."""
+    if not scaling or plan.pool is None:
+        return {"minReplicas": plan.pods, "maxReplicas": plan.pods}
+    per_replica = plan.pods // plan.pool.replicas
+    p = config.planner
+    return {
+        "minReplicas": per_replica * min(p.min_replicas, plan.pool.replicas),
+        "maxReplicas": per_replica * max(p.max_replicas, plan.pool.replicas),
+    }
+
+
 def rayservice(
     config: ClusterConfig, pod_config: ClusterConfig, name: str, plans: list[GroupPlan]
 ) -> Manifest:
@@ -62,12 +80,12 @@ def rayservice(
     head, workers = plans[0], plans[1:]
     assert head.kind == "head"
     annotations = {"ray.io/ft-enabled": "true"} if gcs_ft else {}
+    scaling = config.planner.enabled and config.planner.scaling
     worker_groups = [
         {
             "groupName": plan.name,
             "replicas": plan.pods,
-            "minReplicas": plan.pods,
-            "maxReplicas": plan.pods,
+            **_pod_range(config, plan, scaling),
             "rayStartParams": _ray_start_params(plan, gcs_ft),
             "template": pod_template(config, pod_config, name, plan),
         }
@@ -87,7 +105,7 @@ def rayservice(
             "serveConfigV2": serve_config_v2(pod_config),
             "rayClusterConfig": {
                 "rayVersion": version("ray"),
-                "enableInTreeAutoscaling": False,
+                "enableInTreeAutoscaling": scaling,
                 "authOptions": auth,
                 "headGroupSpec": {
                     "rayStartParams": _ray_start_params(head, gcs_ft),

@@ -43,6 +43,7 @@ from cluster.k8s.redis import redis_servers
 from cluster.k8s.serve_config import pod_config
 from cluster.k8s.services import client_services, namespace
 from cluster.k8s.settings import DNS_LABEL
+from controller.deployment import DEPLOYMENT_NAME as CONTROLLER_DEPLOYMENT
 from engine.model_source import DEFAULT_MODEL
 from kv_transfer.transport import TransportKind
 
@@ -151,6 +152,11 @@ def check(config: ClusterConfig) -> None:
             "runs in pods of its own worker group; use torch_dist"
         )
     _check_model(config)
+    if config.planner.enabled and CONTROLLER_DEPLOYMENT in {p.name for p in config.pools}:
+        raise RenderError(
+            f"pools: with planner.enabled the controller is the application's deployment "
+            f"{CONTROLLER_DEPLOYMENT!r}; rename that pool"
+        )
 
 
 def render(config: ClusterConfig, *, source: str = "cluster.yaml") -> list[ManifestFile]:

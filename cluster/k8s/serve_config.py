@@ -14,7 +14,11 @@ nothing else, changed:
 
 `serve_config_v2(config)` is the Serve config KubeRay submits to the head: the
 proxies' options from `cluster.builder.serve_options`, and one application built in
-the cluster by `cluster.serve_entry.app` from the pod config.
+the cluster by `cluster.serve_entry.app` from the pod config. With `planner.enabled`
+that application includes the controller deployment (`controller.deployment`), and
+with `planner.scaling` it is deployed with `external_scaler_enabled`, which lets the
+controller set the pools' replica counts. KubeRay submits serveConfigV2 again only when
+it changes, so it does not undo them; a new serveConfigV2 deploys the config's counts.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ def pod_config(config: ClusterConfig) -> ClusterConfig:
 def serve_config_v2(config: ClusterConfig) -> str:
     """serveConfigV2 (a YAML string) for the pod config `config`."""
     http, grpc = serve_options(config)
+    application: dict[str, Any] = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "args": entry_args(config),
+    }
+    if config.planner.enabled and config.planner.scaling:
+        application["external_scaler_enabled"] = True
     doc: dict[str, Any] = {
         "proxy_location": "EveryNode",
         "http_options": {"host": http.host, "port": http.port},
@@ -58,14 +70,7 @@ def serve_config_v2(config: ClusterConfig) -> str:
             "grpc_servicer_functions": list(grpc.grpc_servicer_functions),
             "enable_reflection": grpc.enable_reflection,
         },
-        "applications": [
-            {
-                "name": APP_NAME,
-                "route_prefix": "/",
-                "import_path": IMPORT_PATH,
-                "args": entry_args(config),
-            }
-        ],
+        "applications": [application],
     }
     return yaml.safe_dump(doc, sort_keys=True, default_flow_style=False)
 

@@ -1,5 +1,6 @@
 """Fixtures for tests that need Redis: one real redis-server per session, and per test a client
-and a `Registry` on a cluster name of its own, checked clean at the end."""
+and a `Registry` on a cluster name of its own, checked clean at the end. And `spans`: this
+process's tracing on, every span it exports collected in a list."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import redis
 
 from cluster.redis_server import RedisServer
 from registry import Registry, connect
+from telemetry import TracingSettings, tracing
+from telemetry.records import SpanRecord
 
 RegistryFactory = Callable[..., Registry]
 
@@ -69,3 +72,11 @@ def assert_registry_clean(reg: Registry) -> None:
 @pytest.fixture
 def assert_clean() -> Callable[[Registry], None]:
     return assert_registry_clean
+
+
+@pytest.fixture
+def spans() -> Iterator[list[SpanRecord]]:
+    got: list[SpanRecord] = []
+    assert tracing.configure(TracingSettings(enabled=True, export_delay_s=0.05), "t", got.extend)
+    yield got
+    tracing.shutdown()

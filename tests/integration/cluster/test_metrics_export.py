@@ -98,6 +98,10 @@ def test_one_scrape_sees_every_replica(cluster: ClusterHarness) -> None:
     routers = _replicas(s, "router")
     assert {p for p, _ in routers} == {"router"} and len(routers) == 2
     assert _replicas(s, "prefill") | _replicas(s, "decode") == pools
+    # Counters of rare events are exported at zero by every router before any event.
+    migrations = s.get("pdserve_stream_migrations_total", reason="unavailable")
+    assert {("router", x.labels["replica"]) for x in migrations} == routers
+    assert sum(x.value for x in migrations) == 0
     assert len(_replicas(s, "decode")) == 2 and len(_replicas(s, "prefill")) == 1
     steps = s.get("pdserve_engine_step_seconds_count")
     engines = {(x.labels["pool"], x.labels["replica"]) for x in steps}

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import ray
 from cluster_harness import (
+    LAYOUT_LONG_PROMPTS,
+    LAYOUT_SHORT_PROMPTS,
     MAX_TOKENS,
+    SPLIT_LAYOUTS,
     ClusterHarness,
     greedy,
     greedy_references,
@@ -30,17 +33,7 @@ from engine import LLM
 pytestmark = pytest.mark.slow
 
 THRESHOLD = 16
-LONG = [
-    "A lighthouse keeper kept a log of every ship that passed the point, the weather at "
-    "dawn and dusk, and the state of the lamp, for forty years without missing a night.",
-    "The recipe calls for two cups of flour, a pinch of salt, three eggs beaten until pale, "
-    "and enough milk to make a batter that coats the back of a wooden spoon.",
-    "Rivers carve valleys slowly: a few millimetres a year, but over a million years that "
-    "is kilometres of rock carried grain by grain down to the delta and out to sea.",
-    "When the orchestra tuned, the oboe gave the A, the strings followed, and the hall "
-    "went quiet as the conductor raised her baton above the score on the stand.",
-]
-SHORT = ["Hello", "Name a colour:"]
+LONG, SHORT = LAYOUT_LONG_PROMPTS, LAYOUT_SHORT_PROMPTS
 GREEDY = Sampling(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
@@ -51,12 +44,7 @@ def cluster(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Cl
         f"layouts-{request.param.replace('_', '-')}",
         [
             f"kv_transfer.transport={request.param}",
-            "pools.prefill.tp=2",
-            "pools.decode.pp=2",
-            "pools.prefill.resources_per_rank={CPU: 0.5}",
-            "pools.decode.resources_per_rank={CPU: 0.5}",
-            "pools.prefill.engine.kv_cache_bytes=4MiB",
-            "pools.decode.engine.kv_cache_bytes=4MiB",
+            *SPLIT_LAYOUTS,
             f"router.disaggregation_threshold={THRESHOLD}",
         ],
     )

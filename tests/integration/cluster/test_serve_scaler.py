@@ -45,7 +45,10 @@ def test_replicas_change_without_restarting_the_first(app: None) -> None:
     handle = serve.get_app_handle(APP)
     first = handle.remote().result(timeout_s=30)
     scaler = ServeScaler(APP)
+    assert scaler.targets() == {"echo": 1}
     scaler.scale("echo", 2)
+    assert scaler.targets() == {"echo": 2}  # what a controller taking over starts from
+    assert ServeScaler("no-such-app").targets() == {}
     wait_until(lambda: _running() == 2, 60.0, "two replicas")
     seen = {handle.remote().result(timeout_s=30) for _ in range(40)}
     assert first in seen and len(seen) == 2

@@ -1,5 +1,6 @@
-"""The clients send Generate again on UNAVAILABLE before the first chunk, and only then:
-against a real gRPC server whose Generate fails a set number of times."""
+"""The clients send Generate again on UNAVAILABLE before the first chunk, and continue a
+stream that broke with UNAVAILABLE after some chunks with a `resume` of what they
+have: against a real gRPC server whose Generate fails a set number of times."""
 
 from __future__ import annotations
 
@@ -63,6 +64,44 @@ def serve() -> Iterator[Any]:
 
 
 FAST = RetryPolicy(max_retries=2, backoff_s=0.01, max_backoff_s=0.02)
+NO_RESUME = RetryPolicy(max_retries=2, backoff_s=0.01, max_backoff_s=0.02, max_resumes=0)
+OUTPUT = tuple(range(20, 30))
+
+
+def _text(ids: tuple[int, ...]) -> str:
+    return "".join(f"<{t}>" for t in ids)
+
+
+class BreakingStream(pdserve_pb2_grpc.PDServeServicer):
+    """Streams OUTPUT one token a message; each of the first calls in `breaks` streams
+    that many messages and then fails with UNAVAILABLE (a router replica died). A call
+    with `resume` must hold a prefix of OUTPUT and its text, and goes on after it."""
+
+    def __init__(self, breaks: list[int]) -> None:
+        self.breaks = list(breaks)
+        self.resumes: list[tuple[tuple[int, ...], int]] = []
+        self._lock = threading.Lock()
+
+    def Generate(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        done: tuple[int, ...] = ()
+        if request.HasField("resume"):
+            done = tuple(request.resume.token_ids)
+            assert done == OUTPUT[: len(done)] and request.resume.text_chars == len(_text(done))
+            self.resumes.append((done, request.resume.text_chars))
+        with self._lock:
+            cut = self.breaks.pop(0) if self.breaks else None
+        for i, t in enumerate(OUTPUT[len(done) :]):
+            if cut is not None and i == cut:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the router replica went away")
+            last = len(done) + i == len(OUTPUT) - 1
+            yield pdserve_pb2.GenerateResponse(
+                request_id=f"r{len(done)}",
+                token_ids=[t],
+                text=_text((t,)),
+                finish_reason=pdserve_pb2.FINISH_REASON_LENGTH if last else None,
+                usage=pdserve_pb2.Usage(completion_tokens=len(OUTPUT)) if last else None,
+                timings=pdserve_pb2.Timings(ttft_ms=1.0) if last else None,
+            )
 
 
 def test_unavailable_before_the_first_chunk_is_retried_and_counted(serve: Any) -> None:
@@ -92,7 +131,7 @@ def test_no_retry_after_a_chunk_or_on_other_codes(
     serve: Any, code: grpc.StatusCode, chunks_first: int
 ) -> None:
     servicer = FlakyGenerate(1, code, chunks_first)
-    with Client(serve(servicer), timeout_s=10, retry=FAST) as c:
+    with Client(serve(servicer), timeout_s=10, retry=NO_RESUME) as c:
         got: list[tuple[int, ...]] = []
         with pytest.raises(ClientError) as e:
             for chunk in c.stream("hi"):
@@ -100,6 +139,47 @@ def test_no_retry_after_a_chunk_or_on_other_codes(
         assert e.value.code == code
         assert len(got) == chunks_first and c.retries == 0
     assert servicer.calls == 1
+
+
+@pytest.mark.parametrize("breaks", [[3], [1, 4], [0, 2]])
+def test_a_stream_that_breaks_goes_on_with_what_the_client_has(
+    serve: Any, breaks: list[int]
+) -> None:
+    """Every token once, in order, with its text; a break before the continuation's
+    first message is a retry of it."""
+    servicer = BreakingStream(breaks)
+    with Client(serve(servicer), timeout_s=10, retry=FAST) as c:
+        chunks = list(c.stream("hi"))
+        assert tuple(t for ch in chunks for t in ch.token_ids) == OUTPUT
+        assert "".join(ch.text for ch in chunks) == _text(OUTPUT)
+        assert chunks[-1].finish_reason == "length"
+        resumes = sum(1 for b in breaks if b > 0)
+        assert (c.resumes, c.retries) == (resumes, len(breaks) - resumes)
+    had = [sum(b for b in breaks[: i + 1]) for i in range(len(breaks)) if breaks[i] > 0]
+    assert [len(done) for done, _ in servicer.resumes] == had
+
+
+def test_continuations_are_bounded(serve: Any) -> None:
+    servicer = BreakingStream([2, 2, 2])
+    with Client(serve(servicer), timeout_s=10, retry=FAST) as c:
+        got: list[int] = []
+        with pytest.raises(ClientError) as e:
+            for chunk in c.stream("hi"):
+                got.extend(chunk.token_ids)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert tuple(got) == OUTPUT[:6] and c.resumes == 2
+
+
+def test_the_async_client_continues_a_broken_stream(serve: Any) -> None:
+    servicer = BreakingStream([2, 0, 5])
+    target = serve(servicer)
+
+    async def run() -> tuple[tuple[int, ...], str, int, int]:
+        async with AsyncClient(target, timeout_s=10, retry=FAST) as c:
+            done = await c.generate("hi")
+            return done.token_ids, done.text, c.resumes, c.retries
+
+    assert asyncio.run(run()) == (OUTPUT, _text(OUTPUT), 2, 1)
 
 
 def test_the_async_client_retries_the_same_way(serve: Any) -> None:

@@ -258,6 +258,21 @@ def test_the_slow_loop_adds_on_pressure_or_refusals_and_removes_when_idle() -> N
     assert down.replicas is not None and down.replicas[1] == down.replicas[0] - 1
 
 
+def test_an_idle_cluster_shrinks_the_pool_above_its_fewest() -> None:
+    c = cfg(scaling=True, scale_cooldown_s=0.0, max_replicas=4, flip_at=1e9, threshold_ratio=1e9)
+    pol = Policy(c, "prefill", "decode", {"prefill": 3, "decode": 1}, 64)
+    idle = Observation(0.0, tuple(inst(i, h) for i, h in (("p0", P), ("d0", D))))
+    downs = []
+    for t in range(1, 5):
+        obs = dataclasses.replace(idle, t=float(t))
+        pol.fast(obs)
+        downs += pol.slow(obs)
+    # Both idle (P = D = 0): decode counts as the less busy role but is at its fewest,
+    # so prefill gives up replicas down to its fewest, then nothing moves.
+    assert [(a.pool, a.replicas) for a in downs] == [("prefill", (3, 2)), ("prefill", (2, 1))]
+    assert pol.replicas == {"prefill": 1, "decode": 1}
+
+
 def test_the_slow_loop_is_off_without_scaling() -> None:
     pol = policy(cfg(flip_at=1e9))
     pol.fast(prompt_heavy(0.0))

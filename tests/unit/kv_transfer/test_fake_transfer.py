@@ -18,6 +18,7 @@ import torch
 from engine.block_pool import BlockPool
 from engine.kv_cache import KVCache
 from kv_transfer.base import (
+    EndSink,
     InstanceRef,
     LocalRank,
     Parallelism,
@@ -83,6 +84,7 @@ class Cluster:
         faults: Sequence[Fault] = (),
         spans: bool = False,
         span_bytes: int | None = None,
+        on_end: EndSink | None = None,
     ) -> Instance:
         inst = _instance(self.geo, name, parallel, self.dtype)
         senders = []
@@ -91,7 +93,7 @@ class Cluster:
             if faults:
                 connector = FaultyConnector(connector, faults, on_kill=_sever, spans=spans)
             config = SenderConfig(max_span_bytes=span_bytes)
-            senders.append(KVSender(me, cache, self.geo, connector, config))
+            senders.append(KVSender(me, cache, self.geo, connector, config, on_end=on_end))
         inst.roles = senders
         self.prefills.append(inst)
         return inst
@@ -535,4 +537,26 @@ def test_random_interleavings(cluster_factory: list[Cluster]) -> None:
         else:
             assert states(recv_states) == {TransferState.DONE}
             assert_landed(c, dec, t)
+    assert_no_leaks(c)
+
+
+def test_on_end_reports_each_transfer_once_with_its_terminal_status(
+    cluster_factory: list[Cluster],
+) -> None:
+    c = Cluster(KVGeometry(4, 2))
+    cluster_factory.append(c)
+    ends: list[tuple[str, TransferState]] = []
+    pre = c.prefill("p", Parallelism(1, 1), on_end=lambda tid, s: ends.append((tid, s.state)))
+    dec = c.decode("d", Parallelism(1, 1))
+    t = start(c, pre, dec, "ok", num_blocks=3)
+    push(c, pre, t)
+    end(c, pre, dec, t)
+    gone = start(c, pre, dec, "gone", num_blocks=2)
+    push(c, pre, gone, finish=False)
+    for sender in pre.roles:
+        assert isinstance(sender, KVSender)
+        sender.abort("gone", "test abort")
+        sender.abort("gone", "a second abort changes nothing")
+    end(c, pre, dec, gone)
+    assert ends == [("ok", TransferState.DONE), ("gone", TransferState.FAILED)]
     assert_no_leaks(c)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,19 +19,11 @@ from kv_transfer.mapping import KVGeometry
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender, SenderConfig
 from kv_transfer.testing import fill, rank_layout, reference_kv
-from telemetry import TraceContext, TracingSettings, install_log_records, request_scope, tracing
+from telemetry import TraceContext, install_log_records, request_scope, tracing
 from telemetry.records import SpanRecord
 
 GEO = KVGeometry(num_layers=3, num_kv_heads=2)
 HEAD_DIM, BLOCK, NUM_BLOCKS = 8, 4, 16
-
-
-@pytest.fixture
-def spans() -> Iterator[list[SpanRecord]]:
-    got: list[SpanRecord] = []
-    assert tracing.configure(TracingSettings(enabled=True, export_delay_s=0.05), "t", got.extend)
-    yield got
-    tracing.shutdown()
 
 
 def _transfer(trace: TraceContext | None) -> None:

@@ -117,9 +117,12 @@ def test_build_check_cli_flags_stale_stubs(tmp_path: Path) -> None:
 
 
 def test_request_contract() -> None:
-    """Clients choose exactly one input and can set no internal id."""
+    """Clients choose exactly one input and can set no internal id (a resume carries
+    only what a broken stream gave the client: its tokens and their text's length)."""
     fields = {f.name for f in pdserve_pb2.GenerateRequest.DESCRIPTOR.fields}
-    assert fields == {"model", "prompt", "token_ids", "chat", "sampling", "client_tag"}
+    assert fields == {"model", "prompt", "token_ids", "chat", "sampling", "client_tag", "resume"}
+    resume = {f.name for f in pdserve_pb2.Resume.DESCRIPTOR.fields}
+    assert resume == {"token_ids", "text_chars"}
     oneof = pdserve_pb2.GenerateRequest.DESCRIPTOR.oneofs_by_name["input"]
     assert {f.name for f in oneof.fields} == {"prompt", "token_ids", "chat"}
 

@@ -128,19 +128,34 @@ def test_decode_failing_before_its_first_chunk_aborts_both() -> None:
     asyncio.run(run())
 
 
-def test_a_failed_prefill_is_counted_and_aborted_and_decode_recomputes() -> None:
+@pytest.mark.parametrize("failure", ["raised", "died", "send_failed"])
+def test_a_failed_prefill_is_counted_and_aborted_and_decode_recomputes_at_once(
+    failure: str,
+) -> None:
+    """The router tells the decode instance, pinned, that the KV will not come: it
+    recomputes the prompt then, not at the transfer's timeout (far beyond the test's
+    streams' bound here, so only the notice can end the wait)."""
+
     async def run() -> None:
-        rig = _rig()
-        rig.prefill.behaviour.fail = RuntimeError("boom")
+        rig = _rig(replace(TIMEOUTS, transfer_s=60.0))
+        if failure == "send_failed":
+            rig.prefill.behaviour.failed_send = True
+        else:
+            rig.prefill.behaviour.fail = (
+                RuntimeError("boom") if failure == "raised" else (ActorDiedError())
+            )
         deltas = await rig.collect()
         assert _tokens(deltas) == [5, 6, 7]  # the decode side recomputed the prompt
         finish = deltas[-1].finish
         assert finish is not None and not finish.timings.disaggregated
-        assert rig.fallbacks("transfer") == 1 and rig.prefill_failures() == 1
+        assert rig.fallbacks("prefill_failed") == 1 and rig.fallbacks("transfer") == 0
+        assert rig.prefill_failures() == 1
+        assert rig.decode.told == ["r1"]
+        assert rig.decode.calls == ["generate", "prefill_failed"]
         await rig.assert_clean()
         assert rig.prefill.aborted == ["r1"] and rig.decode.aborted == []
 
-    asyncio.run(run())
+    asyncio.run(asyncio.wait_for(run(), 30.0))
 
 
 def test_a_transfer_that_times_out_falls_back_and_the_stuck_prefill_is_aborted() -> None:

@@ -61,10 +61,10 @@ class Rig:
         p = Candidate(self.prefill.name, self.prefill.address, 0, 0, 100)
         return RouteDecision(d, p if n >= THRESHOLD else None, n)
 
-    async def collect(self, max_migrations: int = 2) -> list[Delta]:
-        return [d async for d in self.stream(max_migrations)]
+    async def collect(self, max_migrations: int = 2, start: Progress | None = None) -> list[Delta]:
+        return [d async for d in self.stream(max_migrations, start)]
 
-    def stream(self, max_migrations: int) -> AsyncIterator[Delta]:
+    def stream(self, max_migrations: int, start: Progress | None = None) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         arrival = loop.time()
         policy = MigrationPolicy(
@@ -73,13 +73,14 @@ class Rig:
             lambda e: self.metrics.retries.labels(e.kind.value).inc(),
             lambda e: self.metrics.migrations.labels(e.kind.value).inc(),
         )
-        first = self.route(frozenset(), Progress())
+        first = self.route(frozenset(), start or Progress())
         self.reroutes.clear()
         return with_migration(
             lambda r, p: self.dispatcher.run("r1", REQ, r, arrival, 0.0, p),
             self.route,
             first,
             policy,
+            start,
         )
 
     def counted(self, name: str, reason: str = "unavailable") -> float:
@@ -264,3 +265,31 @@ def test_stopped_replicas_keep_the_first_drop_time() -> None:
     assert stopped.deadline("a") == 104.0
     with pytest.raises(ValueError, match="grace_s"):
         StoppedReplicas(grace_s=0)
+
+
+@pytest.mark.parametrize("breaks_again", [False, True])
+def test_a_stream_the_client_continues_goes_on_after_its_tokens(breaks_again: bool) -> None:
+    """A request with `resume` (the client continues a stream a dead router carried):
+    the instances compute the prompt and those tokens, and the stream goes on after
+    them; should it break again, it moves with all of them."""
+
+    async def run() -> None:
+        rig = _rig()
+        if breaks_again:
+            _die(rig.decodes[0], 2)
+        have = OUTPUT[:4]
+        start = Progress(have, len(text_of(have)))
+        deltas = await rig.collect(start=start)
+        assert have + _tokens(deltas) == OUTPUT
+        assert text_of(have) + "".join(d.text for d in deltas) == text_of(OUTPUT)
+        first = rig.decodes[0].requests[0]
+        assert first.resume is not None and first.resume.output_token_ids == have
+        assert first.request_id == "r1"
+        finish = deltas[-1].finish
+        assert finish is not None and finish.usage.completion_tokens == len(OUTPUT)
+        if breaks_again:
+            (moved,) = rig.decodes[1].requests
+            assert moved.resume is not None and moved.resume.output_token_ids == OUTPUT[:6]
+        await rig.assert_clean()
+
+    asyncio.run(run())

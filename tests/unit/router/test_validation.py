@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -253,3 +254,38 @@ def test_grpc_penalties_reach_the_sampling_rule(validator: RequestValidator) -> 
     with pytest.raises(InvalidRequest) as err:
         validator.validate(raw_request(msg), PROTO_FIELDS)
     assert err.value.field == "sampling.frequency_penalty"
+
+
+def _resumed(validator: RequestValidator, ids: list[int], chars: int, max_tokens: int = 8) -> Any:
+    req = pdserve_pb2.GenerateRequest(prompt="Hello there")
+    req.sampling.max_tokens = max_tokens
+    req.resume.token_ids.extend(ids)
+    req.resume.text_chars = chars
+    return validator.validate(raw_request(req), PROTO_FIELDS)
+
+
+def test_a_resumed_request_carries_its_tokens_and_text(validator: RequestValidator) -> None:
+    ids = validator.encoder.encode(" and then")
+    ok = _resumed(validator, ids, 3)
+    assert ok.resume is not None
+    assert ok.resume.output_token_ids == tuple(ids) and ok.resume.text_chars_sent == 3
+    plain = validator.validate(RawRequest(prompt="Hello there"), PROTO_FIELDS)
+    assert plain.resume is None
+
+
+@pytest.mark.parametrize(
+    ("ids", "chars", "max_tokens", "field"),
+    [
+        ([], 0, 8, "resume.token_ids"),  # the field set, with no token
+        (list(range(MAX_LEN)), 0, 8, "resume.token_ids"),  # bounded before tokenizing
+        ([5, 10**6], 0, 8, "resume.token_ids[1]"),
+        ([5, 6, 7], 0, 3, "resume.token_ids"),  # leaves nothing of max_tokens
+        ([5, 6], 10**6, 8, "resume.text_chars"),  # more text than the tokens make
+    ],
+)
+def test_a_bad_resume_is_named(
+    validator: RequestValidator, ids: list[int], chars: int, max_tokens: int, field: str
+) -> None:
+    with pytest.raises(InvalidRequest) as e:
+        _resumed(validator, ids, chars, max_tokens)
+    assert e.value.field == field

@@ -494,3 +494,91 @@ def test_start_without_free_blocks_refuses_and_the_sender_fails_at_once(pair: Pa
     finally:
         _on(pair.decode, lambda: engine.block_pool.release(hog))
     pair.assert_clean()
+
+
+# -- the router tells the decode side that the prefill failed ------------------------------
+
+
+def test_a_failed_prefill_told_by_the_router_recomputes_at_once(pair: Pair, reference: LLM) -> None:
+    """The transfer would wait 60 s; the notice ends it now: the receive slot is freed,
+    the prompt recomputed here, counted under its own reason, with the same tokens."""
+    want = reference.generate([PROMPT], _greedy())[0]
+
+    async def run() -> list[TokenChunk]:
+        chunks = asyncio.ensure_future(pair.decode_chunks(_request("p", _greedy(), 60.0)))
+        while not await pair.decode.call(lambda: pair.remote.num_pending):
+            await asyncio.sleep(0.005)
+        assert pair.remote.num_active == 1  # the receive slot it holds
+        await pair.decode.call(lambda: pair.remote.prefill_failed("p", "the instance died"))
+        return await asyncio.wait_for(chunks, WAIT_S)
+
+    chunks = asyncio.run(run())
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    final = chunks[-1].final
+    assert final is not None and not final.disaggregated
+    assert final.fallback_reason == "prefill failed: the instance died"
+    assert final.fallback is FallbackReason.PREFILL_FAILED
+    assert pair.decode.engine.num_remote_prefill_fallbacks == 1
+    assert pair.remote.transfer_failures == 0  # no transfer failed: it never began
+    pair.assert_clean()
+
+
+def test_a_prefill_failure_told_before_the_request_came_refuses_its_transfer(
+    pair: Pair, reference: LLM
+) -> None:
+    """The router's two calls race: the notice is remembered, and the request, when it
+    comes, is prefilled here with no blocks held for a transfer; a sender that tries
+    after all is refused at once."""
+    want = reference.generate([PROMPT], _greedy())[0]
+    _on(pair.decode, lambda: pair.remote.prefill_failed("e", "boom"))
+    assert _on(pair.decode, lambda: pair.remote.num_failed_early) == 1
+    req = _request("e", _greedy(), 60.0)
+
+    async def run() -> tuple[list[TokenChunk], TransferStatus]:
+        stream = pair.decode.open_stream("e")
+        reason = await pair.decode.call(lambda: pair.remote.start(req))
+        assert reason == "prefill failed: boom"
+        await pair.decode.call(lambda: pair.decode.engine.add_request("e", PROMPT, _greedy()))
+        builder, chunks = ChunkBuilder(len(PROMPT)), list[TokenChunk]()
+        while not chunks or not chunks[-1].finished:
+            chunks.append(builder.build(await stream.get(WAIT_S), pair.remote.info("e")))
+        pair.decode.close_stream("e")
+        pair.remote.forget("e")
+        return chunks, await pair.prefill_prompt("e", _greedy())
+
+    chunks, sent = asyncio.run(run())
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    final = chunks[-1].final
+    assert final is not None and final.fallback is FallbackReason.PREFILL_FAILED
+    assert sent.state is TransferState.FAILED and "refused" in (sent.reason or "")
+    assert _on(pair.decode, lambda: pair.remote.num_failed_early) == 0
+    pair.assert_clean()
+
+
+def test_a_prefill_failure_told_after_the_kv_landed_changes_nothing(
+    pair: Pair, reference: LLM
+) -> None:
+    params = _greedy()
+    want = reference.generate([PROMPT], params)[0]
+    chunks, sent = pair.run(_request("l", params), params)
+    assert sent.state is TransferState.DONE
+    _on(pair.decode, lambda: pair.remote.prefill_failed("l", "late"))
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    final = chunks[-1].final
+    assert final is not None and final.disaggregated and final.fallback is None
+    assert pair.decode.engine.num_remote_prefill_fallbacks == 0
+    pair.assert_clean()
+
+
+def test_early_prefill_failures_are_bounded(pair: Pair) -> None:
+    from decode_worker import remote_kv
+
+    def tell(n: int) -> None:
+        for i in range(n):
+            pair.remote.prefill_failed(f"gone-{i}", "boom")
+
+    _on(pair.decode, lambda: tell(remote_kv._FAILED_EARLY_MAX + 10))
+    assert _on(pair.decode, lambda: pair.remote.num_failed_early) == remote_kv._FAILED_EARLY_MAX
+    _on(pair.decode, lambda: pair.remote.abort("gone-1023"))  # an abort forgets it too
+    assert _on(pair.decode, lambda: pair.remote.num_failed_early) == remote_kv._FAILED_EARLY_MAX - 1
+    pair.assert_clean()

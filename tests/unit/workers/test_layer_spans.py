@@ -4,12 +4,10 @@ requests."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
-import pytest
+from collections.abc import Sequence
 
 from engine.forward_hooks import ScheduledChunk
-from telemetry import TraceContext, TracingSettings, tracing
+from telemetry import TraceContext, tracing
 from telemetry.records import SpanRecord
 from worker.layer_spans import LayerSpans
 
@@ -23,14 +21,6 @@ class Recorder:
 
     def on_step_done(self, chunks: Sequence[ScheduledChunk]) -> None:
         self.calls.append(("step", len(chunks)))
-
-
-@pytest.fixture
-def spans() -> Iterator[list[SpanRecord]]:
-    got: list[SpanRecord] = []
-    assert tracing.configure(TracingSettings(enabled=True, export_delay_s=0.05), "t", got.extend)
-    yield got
-    tracing.shutdown()
 
 
 def _step(hook: LayerSpans, chunks: tuple[ScheduledChunk, ...], layers: int) -> None:

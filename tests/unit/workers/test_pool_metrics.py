@@ -23,6 +23,8 @@ from worker.pool_metrics import ENGINE, EngineMetrics, TransferMetrics, pool_met
         dict(name="pdserve_x", kind=Kind.GAUGE, buckets=(1.0,)),  # buckets on a gauge
         dict(name="pdserve_x", kind=Kind.GAUGE, labels=("pool",)),  # an identity label
         dict(name="pdserve_x_seconds", kind=Kind.HISTOGRAM, buckets=(2.0, 1.0)),
+        dict(name="pdserve_x", kind=Kind.GAUGE, initial=((),)),  # initial: counters only
+        dict(name="pdserve_x", kind=Kind.COUNTER, labels=("kind",), initial=((),)),
     ],
 )
 def test_definitions_follow_the_conventions(bad: dict[str, object]) -> None:
@@ -53,6 +55,16 @@ def test_each_set_has_its_own_registry_and_ignores_zero_increments() -> None:
     assert b.sample("pdserve_test_things_total", {"kind": "x"}) == 0
     with pytest.raises(ValueError, match="labels"):
         a[d].inc()
+
+
+def test_initial_series_exist_at_zero() -> None:
+    d = MetricDef("pdserve_test_rare", Kind.COUNTER, "h", ("kind",), initial=(("a",), ("b",)))
+    u = MetricDef("pdserve_test_rare_plain", Kind.COUNTER, "h", initial=((),))
+    m = MetricSet([d, u], ray_export=False)
+    names = {s.name: s.value for f in m.registry.collect() for s in f.samples}
+    assert names["pdserve_test_rare_plain_total"] == 0
+    samples = [s for f in m.registry.collect() for s in f.samples if s.name.endswith("rare_total")]
+    assert sorted((s.labels["kind"], s.value) for s in samples) == [("a", 0.0), ("b", 0.0)]
 
 
 def test_transfer_figures() -> None:
