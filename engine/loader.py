@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.cpu_kernels import load_kernels
 from engine.cpu_linear import pack_linears
 from engine.decode_gate import gate_fused_decode
 from engine.kv_cache import KVCacheLayout
@@ -45,8 +46,16 @@ def load_model(
             model, dtype, config.cpu_linear, classes, min_gain=config.cpu_linear_min_gain
         )
         model.linear_choice = packing.choice
-        if packing.kernels is not None:
-            model.use_cpu_kernels(packing.kernels)
+        kernels = packing.kernels
+        if kernels is None and config.cpu_linear == "auto" and dtype == torch.float32:
+            # No matmul runs native here, but the norms, the SwiGLU gate and decode
+            # attention still do: with onednn matmuls on the AVX2 build, a 32-row
+            # decode step took 0.88 of the time it took on torch's ops (one thread,
+            # CPU time, interleaved), decode attention reading the cache in place
+            # instead of gathering it.
+            kernels = load_kernels()
+        if kernels is not None:
+            model.use_cpu_kernels(kernels)
             gate = gate_fused_decode(model, config.cpu_linear, classes, packing.picked)
             model.fused_choice = gate
     kv_layout = KVCacheLayout.from_budget(
