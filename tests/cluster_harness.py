@@ -16,6 +16,7 @@ import math
 import os
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +28,7 @@ import ray
 from ray import serve
 
 from cluster.builder import APP_NAME, build_app, serve_options, serve_process_env
-from cluster.client import Client
+from cluster.client import Client, Sampling
 from cluster.config import ClusterConfig
 from cluster.config_file import load_config
 from cluster.launcher import local_ray_metrics
@@ -380,3 +381,36 @@ class ClusterHarness:
         with contextlib.suppress(AssertionError):
             wait_until(clean, timeout_s, "clean", step_s=0.2)
         return problems
+
+
+def generate_concurrently(
+    cluster: ClusterHarness, prompts: list[str], threads: int, sampling: Sampling
+) -> tuple[list[tuple[str, list[int]]], list[BaseException]]:
+    """Send `prompts` from `threads` clients at once, each waiting for its answer: the
+    (prompt, token ids) answered, and the errors (a client stops at its first)."""
+    done: list[tuple[str, list[int]]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    it = iter(prompts)
+
+    def client() -> None:
+        with cluster.client() as c:
+            while True:
+                with lock:
+                    prompt = next(it, None)
+                if prompt is None:
+                    return
+                try:
+                    out = c.generate(prompt, sampling)
+                except BaseException as e:
+                    errors.append(e)
+                    return
+                with lock:
+                    done.append((prompt, list(out.token_ids)))
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    return done, errors

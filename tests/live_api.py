@@ -20,11 +20,12 @@ slot, engine request, output stream, handle task or referenced KV block left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -247,3 +248,16 @@ class LiveRouter:
             assert reg.live_instances() == [] and reg.loads() == {}
         finally:
             client.close()
+
+
+@contextlib.contextmanager
+def live_router(model_dir: Path, redis_url: str) -> Iterator[LiveRouter]:
+    """A live router over a colocated replica; afterwards the replica is idle (no slot,
+    request, stream or block held), and once it is closed the registry is clean."""
+    router = LiveRouter(live_settings(model_dir, redis_url))
+    try:
+        yield router
+        router.assert_idle()
+    finally:
+        router.close()
+    router.assert_registry_clean()

@@ -12,13 +12,19 @@ it logged."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_harness import LONG_PROMPTS, MAX_TOKENS, ClusterHarness, tiny_config, wait_until
+from cluster_harness import (
+    LONG_PROMPTS,
+    MAX_TOKENS,
+    ClusterHarness,
+    generate_concurrently,
+    tiny_config,
+    wait_until,
+)
 
 from cluster.builder import controller_settings
 from cluster.client import Sampling
@@ -92,33 +98,7 @@ def _flips(cluster: ClusterHarness) -> list[dict[str, object]]:
 def _clients(
     cluster: ClusterHarness, prompts: list[str], threads: int
 ) -> tuple[list[tuple[str, list[int]]], list[BaseException]]:
-    """Send `prompts` from `threads` clients at once, each waiting for its answer."""
-    done: list[tuple[str, list[int]]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    it = iter(prompts)
-
-    def client() -> None:
-        with cluster.client() as c:
-            while True:
-                with lock:
-                    prompt = next(it, None)
-                if prompt is None:
-                    return
-                try:
-                    out = c.generate(prompt, GREEDY)
-                except BaseException as e:
-                    errors.append(e)
-                    return
-                with lock:
-                    done.append((prompt, list(out.token_ids)))
-
-    workers = [threading.Thread(target=client) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=300)
-    return done, errors
+    return generate_concurrently(cluster, prompts, threads, GREEDY)
 
 
 def _check(results: tuple[list[tuple[str, list[int]]], list[BaseException]], n: int,

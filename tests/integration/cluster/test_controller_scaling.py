@@ -12,13 +12,19 @@ lease expired."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
-from cluster_harness import LONG_PROMPTS, MAX_TOKENS, ClusterHarness, tiny_config, wait_until
+from cluster_harness import (
+    LONG_PROMPTS,
+    MAX_TOKENS,
+    ClusterHarness,
+    generate_concurrently,
+    tiny_config,
+    wait_until,
+)
 from ray import serve
 
 from cluster.builder import APP_NAME
@@ -96,33 +102,9 @@ def _scales(cluster: ClusterHarness) -> list[dict[str, object]]:
 
 
 def _send(cluster: ClusterHarness, prompts: list[str], threads: int) -> dict[str, list[int]]:
-    done: dict[str, list[int]] = {}
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    it = iter(prompts)
-
-    def client() -> None:
-        with cluster.client() as c:
-            while True:
-                with lock:
-                    prompt = next(it, None)
-                if prompt is None:
-                    return
-                try:
-                    out = c.generate(prompt, GREEDY)
-                except BaseException as e:
-                    errors.append(e)
-                    return
-                with lock:
-                    done[prompt] = list(out.token_ids)
-
-    workers = [threading.Thread(target=client) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=300)
+    done, errors = generate_concurrently(cluster, prompts, threads, GREEDY)
     assert not errors, errors
-    return done
+    return dict(done)
 
 
 def _prefill_instances(cluster: ClusterHarness) -> int:

@@ -29,7 +29,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from live_api import LiveRouter, live_settings
+from live_api import LiveRouter, live_router
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from cluster.redis_server import RedisServer
@@ -51,13 +51,8 @@ def fuzz_settings(cases: int) -> settings:
 
 @pytest.fixture(scope="module")
 def live(tiny_model_dir: Path, redis_server: RedisServer) -> Iterator[LiveRouter]:
-    router = LiveRouter(live_settings(tiny_model_dir, redis_server.url))
-    try:
+    with live_router(tiny_model_dir, redis_server.url) as router:
         yield router
-        router.assert_idle()
-    finally:
-        router.close()
-    router.assert_registry_clean()
 
 
 # -- gRPC -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_api import LiveRouter, live_settings
+from live_api import LiveRouter, live_router
 
 from cluster.redis_server import RedisServer
 from engine import SamplingParams
@@ -23,12 +23,8 @@ PROMPT = tuple(range(100, 140))
 
 @pytest.fixture(scope="module")
 def live(tiny_model_dir: Path, redis_server: RedisServer) -> Iterator[LiveRouter]:
-    router = LiveRouter(live_settings(tiny_model_dir, redis_server.url))
-    try:
+    with live_router(tiny_model_dir, redis_server.url) as router:
         yield router
-        router.assert_idle()
-    finally:
-        router.close()
 
 
 def _request(rid: str) -> WorkerRequest:
